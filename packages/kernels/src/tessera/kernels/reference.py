@@ -1,0 +1,169 @@
+"""Plain-torch reference implementations: the ground truth every other backend is tested against.
+
+Each function's signature is the op's contract (see `tessera.specs.kernels.CATALOGUE`). They favour
+clarity over speed, compute in float32 where precision matters, and run on any device.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
+
+
+def rms_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                      eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    h = x + residual
+    return rms_norm(h, weight, eps), h
+
+
+def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+    return F.silu(x @ w_gate.T) * (x @ w_up.T)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal_offset: int | None,
+          scale: float | None) -> torch.Tensor:
+    """q [Tq, Hq, D], k/v [Tk, Hkv, D] -> [Tq, Hq, D]. Query i sits at key position i + offset;
+    `causal_offset=None` means no mask."""
+    n_rep = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(n_rep, dim=1)
+    v = v.repeat_interleave(n_rep, dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale
+    if causal_offset is not None:
+        tq, tk = q.shape[0], k.shape[0]
+        qpos = torch.arange(tq, device=q.device)[:, None] + causal_offset
+        kpos = torch.arange(tk, device=q.device)[None, :]
+        scores = scores.masked_fill(kpos > qpos, float("-inf"))
+    probs = scores.softmax(-1)
+    return torch.einsum("hqk,khd->qhd", probs, v.float()).to(q.dtype)
+
+
+def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                      max_seqlen: int | None = None, causal: bool = True,
+                      scale: float | None = None) -> torch.Tensor:
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in itertools.pairwise(bounds):
+        if end > start:
+            out[start:end] = _sdpa(q[start:end], k[start:end], v[start:end], 0 if causal else None, scale)
+    return out
+
+
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    block_size = cache.shape[1]
+    n_blocks = -(-length // block_size)
+    blocks = cache[block_table[:n_blocks].long()]  # [n, BS, H, D]
+    return blocks.reshape(-1, *cache.shape[2:])[:length]
+
+
+def attention_prefill_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                            context_lens: torch.Tensor, max_seqlen_q: int | None = None,
+                            scale: float | None = None) -> torch.Tensor:
+    out = torch.empty_like(q)
+    bounds = cu_seqlens_q.tolist()
+    for i, (start, end) in enumerate(itertools.pairwise(bounds)):
+        if end == start:
+            continue
+        ctx = int(context_lens[i])
+        k = _gather_context(k_cache, block_tables[i], ctx)
+        v = _gather_context(v_cache, block_tables[i], ctx)
+        out[start:end] = _sdpa(q[start:end], k, v, ctx - (end - start), scale)
+    return out
+
+
+def attention_decode_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor,
+                           scale: float | None = None) -> torch.Tensor:
+    out = torch.empty_like(q)
+    for i in range(q.shape[0]):
+        ctx = int(context_lens[i])
+        if ctx == 0:
+            out[i] = 0
+            continue
+        k = _gather_context(k_cache, block_tables[i], ctx)
+        v = _gather_context(v_cache, block_tables[i], ctx)
+        out[i] = _sdpa(q[i : i + 1], k, v, ctx - 1, scale)[0]
+    return out
+
+
+def kv_cache_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+
+
+def matmul_int8_weight_only(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    w = w_q.float() * scale.float()[:, None]
+    return (x.float() @ w.T).to(x.dtype)
+
+
+def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
+    """[N, K // 2] uint8 -> [N, K] uint8 values in [0, 15]; even k in the low nibble."""
+    low = qweight & 0x0F
+    high = qweight >> 4
+    return torch.stack((low, high), dim=-1).reshape(qweight.shape[0], -1)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] integers in [0, 15] (K even) -> [N, K // 2] uint8; inverse of `unpack_int4`."""
+    if q.shape[-1] % 2:
+        raise ValueError(f"pack_int4 needs an even K, got {q.shape[-1]}")
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    group_size: int) -> torch.Tensor:
+    q = unpack_int4(qweight).float()
+    s = scales.float().repeat_interleave(group_size, dim=1)[:, : q.shape[1]]
+    z = zeros.float().repeat_interleave(group_size, dim=1)[:, : q.shape[1]]
+    return (q - z) * s
+
+
+def matmul_int4_awq(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    group_size: int) -> torch.Tensor:
+    w = dequantize_int4(qweight, scales, zeros, group_size)
+    return (x.float() @ w.T).to(x.dtype)
+
+
+FP8_MAX = 448.0
+
+
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-row E4M3 quantization: returns (x_q [M, K] float8_e4m3fn, scale [M] float32)."""
+    amax = x.float().abs().amax(dim=-1).clamp(min=1e-12)
+    scale = amax / FP8_MAX
+    x_q = (x.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return x_q, scale
+
+
+def matmul_fp8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    x_q, x_scale = quantize_fp8_rows(x)
+    ws = w_scale.float()
+    w = w_q.float() * (ws[:, None] if ws.numel() > 1 else ws)
+    return ((x_q.float() * x_scale[:, None]) @ w.T).to(x.dtype)
+
+
+REFERENCES = {
+    "rms_norm": rms_norm,
+    "rms_norm_residual": rms_norm_residual,
+    "swiglu": swiglu,
+    "attention.prefill": attention_prefill,
+    "attention.prefill_paged": attention_prefill_paged,
+    "attention.decode_paged": attention_decode_paged,
+    "kv_cache.write": kv_cache_write,
+    "matmul.int8_weight_only": matmul_int8_weight_only,
+    "matmul.int4_awq": matmul_int4_awq,
+    "matmul.fp8": matmul_fp8,
+}
