@@ -1,1 +1,5 @@
-"""tessera.model"""
+"""tessera.model: the decoder transformer, checkpoints, HF interop, tokenizer, interpretability."""
+
+from tessera.model.transformer import Transformer
+
+__all__ = ["Transformer"]

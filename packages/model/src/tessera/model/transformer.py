@@ -1,0 +1,93 @@
+"""`Transformer`: the decoder-only language model (RMSNorm, RoPE, GQA, SwiGLU, optional QK-norm,
+optional attention biases, tied or untied embeddings), with Hugging Face Llama/Qwen parameter names.
+
+    model = Transformer(ModelConfig.preset("tiny-student"))
+    logits = model(input_ids)                              # [B, T, vocab], causal within each row
+    logits = model(ids, positions=pos, kv=cache)           # cached prefill / decode through a KVContext
+    h, blocks = model.hidden_states(ids, collect=(0, 1))   # final-normed hidden + chosen block outputs
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from tessera.attn import KVContext, RotaryEmbedding
+from tessera.model.layers import DecoderLayer, RMSNorm
+from tessera.specs import ModelConfig
+
+
+class DecoderStack(nn.Module):
+    """Embeddings, decoder layers and the final norm (HF's `LlamaModel`)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg.head_dim or cfg.d_model // cfg.n_heads, cfg.rope_theta,
+                                          cfg.rope_scaling)
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer built from a `ModelConfig`; weights initialised N(0, init_std),
+    biases zero, norms one. `state_dict()` keys equal those of HF `LlamaForCausalLM` /
+    `Qwen2ForCausalLM` / `Qwen3ForCausalLM` for the same shape (`lm_head.weight` is the embedding
+    tensor itself when `tie_embeddings`)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderStack(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init_module)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _init_module(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                kv: KVContext | None = None) -> torch.Tensor:
+        """Logits `[B, T, vocab]` (the model's dtype) for `input_ids` `[B, T]` int64.
+
+        `positions` `[B, T]` int64 (default `0..T-1` in every row) index RoPE. With `kv=None`
+        attention is causal within each row; otherwise layer `i` calls `kv.attend(i, q, k, v)`.
+        """
+        h, _ = self.hidden_states(input_ids, positions, kv)
+        return self.lm_head(h)
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                      kv: KVContext | None = None,
+                      collect: Sequence[int] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """`(h, collected)`: `h` `[B, T, d_model]` is the final-normed hidden state (`lm_head(h)` gives
+        the logits); `collected[i]` is the output of block `i` for each `i` in `collect`.
+
+        Raises IndexError for a block index outside `[0, n_layers)` and ValueError for a
+        `positions` shape that differs from `input_ids`'.
+        """
+        n_layers = self.config.n_layers
+        wanted = set(collect)
+        bad = sorted(i for i in wanted if not 0 <= i < n_layers)
+        if bad:
+            raise IndexError(f"collect: block indices {bad} outside [0, n_layers={n_layers})")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        if positions is None:
+            b, t = input_ids.shape
+            positions = torch.arange(t, device=input_ids.device).expand(b, t)
+        elif positions.shape != input_ids.shape:
+            raise ValueError(f"positions shape {tuple(positions.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary_emb(positions, x.dtype)
+        collected: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, kv)
+            if i in wanted:
+                collected[i] = x
+        return self.model.norm(x), collected
