@@ -1,0 +1,79 @@
+"""`FlatKVCache`: a contiguous per-row KV cache for incremental decoding (tests, parity checks,
+simple generation). Every row holds the same number of tokens.
+
+    cache = FlatKVCache(cfg, batch_size=2, max_len=64)
+    logits = model(prompt, positions=cache.positions(prompt.shape[1]), kv=cache)
+    cache.advance(prompt.shape[1])
+    logits = model(next_ids, positions=cache.positions(1), kv=cache); cache.advance(1)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tessera.kernels import registry
+from tessera.specs import ModelConfig
+
+
+class FlatKVCache:
+    """Keys and values `[batch_size, max_len, n_kv_heads, head_dim]` per layer, filled left to right.
+
+    `attend(layer, q, k, v)` writes this step's `T` keys/values at `[length, length + T)` and
+    attends causally to everything before them; `advance(T)` then commits the step (call it once,
+    after the model's forward, not once per layer). Raises ValueError when a step would overflow
+    `max_len` or its batch differs from `batch_size`.
+
+    Attention runs through the registry's paged ops: each row is viewed as one block of
+    `max_len` slots, so the fast paged kernels serve this cache too.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"batch_size ({batch_size}) and max_len ({max_len}) must be positive")
+        head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
+        shape = (batch_size, max_len, cfg.n_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.batch_size, self.max_len = batch_size, max_len
+        self.length = 0
+        self._block_tables = torch.arange(batch_size, dtype=torch.int32, device=device)[:, None]
+
+    def positions(self, num_tokens: int) -> torch.Tensor:
+        """Positions `[batch_size, num_tokens]` int64 of the next step's tokens."""
+        pos = torch.arange(self.length, self.length + num_tokens, device=self.k[0].device)
+        return pos.expand(self.batch_size, num_tokens)
+
+    def advance(self, num_tokens: int) -> None:
+        """Commit `num_tokens` tokens written by the last forward."""
+        if not 0 <= self.length + num_tokens <= self.max_len:
+            raise ValueError(f"advance({num_tokens}) from length {self.length} leaves [0, max_len={self.max_len}]")
+        self.length += num_tokens
+
+    def truncate(self, length: int) -> None:
+        """Forget every token from `length` on (e.g. rejected speculative tokens)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"truncate({length}) outside [0, length={self.length}]")
+        self.length = length
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, t, hq, d = q.shape
+        if b != self.batch_size:
+            raise ValueError(f"batch of {b} rows given to a FlatKVCache of batch_size {self.batch_size}")
+        end = self.length + t
+        if end > self.max_len:
+            raise ValueError(f"{t} new tokens at length {self.length} overflow max_len={self.max_len}")
+        k_cache, v_cache = self.k[layer], self.v[layer]
+        k_cache[:, self.length:end] = k.to(k_cache.dtype)
+        v_cache[:, self.length:end] = v.to(v_cache.dtype)
+        context_lens = torch.full((b,), end, dtype=torch.int32, device=q.device)
+        if t == 1:
+            out = registry("attention.decode_paged", q[:, 0], k_cache, v_cache, self._block_tables, context_lens)
+            return out[:, None]
+        cu_seqlens = torch.arange(0, (b + 1) * t, t, dtype=torch.int32, device=q.device)
+        out = registry("attention.prefill_paged", q.reshape(b * t, hq, d), k_cache, v_cache, self._block_tables,
+                       cu_seqlens, context_lens, t)
+        return out.view(b, t, hq, d)

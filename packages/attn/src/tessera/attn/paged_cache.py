@@ -1,0 +1,110 @@
+"""Paged KV storage (`KVCacheSpec` layout "NHD") and the `KVContext` that a serving step runs through.
+
+The block manager (in tessera-serve) decides which blocks a sequence owns; this module only holds
+the tensors and runs the registry ops `kv_cache.write`, `attention.decode_paged` and
+`attention.prefill_paged` over them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tessera.kernels import registry
+from tessera.specs import KVCacheHandle, KVCacheSpec
+
+_UNSCALED_DTYPES = {"float32", "bfloat16", "float16", "float8_e4m3fn"}
+
+
+class PagedKVCache:
+    """`k[layer]`, `v[layer]`: `[num_blocks, block_size, n_kv_heads, head_dim]` in `spec.dtype`, zeroed.
+
+    Slot `s` is block `s // block_size`, offset `s % block_size`. Raises ValueError for
+    `spec.dtype == "int8"`, which would need per-block scales that this storage does not keep.
+    """
+
+    def __init__(self, spec: KVCacheSpec, device: torch.device | str | None = None) -> None:
+        if spec.dtype not in _UNSCALED_DTYPES:
+            raise ValueError(f"PagedKVCache cannot store KVCacheSpec.dtype={spec.dtype!r}; "
+                             f"supported: {sorted(_UNSCALED_DTYPES)}")
+        self.spec = spec
+        dtype = getattr(torch, spec.dtype)
+        shape = (spec.num_blocks, spec.block_size, spec.n_kv_heads, spec.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.n_layers)]
+
+    @property
+    def device(self) -> torch.device:
+        return self.k[0].device
+
+
+@dataclass
+class PagedAttentionMetadata:
+    """One step's view of the batch (all tensors on the cache's device).
+
+    `slot_mapping [N] int64`: cache slot of each new token (-1: padding lane, not written).
+    `block_tables [B, MB] int32`: each sequence's blocks, in order (unused entries arbitrary).
+    `context_lens [B] int32`: tokens cached per sequence AFTER this step's writes.
+    `cu_seqlens_q [B+1] int32`: sequence i owns new tokens `cu_seqlens_q[i]:cu_seqlens_q[i+1]`.
+    `max_seqlen_q`: the longest query length. `decode_only`: every query length is 1 (then N == B).
+    """
+
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    max_seqlen_q: int
+    decode_only: bool
+
+    @classmethod
+    def from_handles(cls, handles: Sequence[KVCacheHandle], query_lens: Sequence[int],
+                     device: torch.device | str | None = None) -> PagedAttentionMetadata:
+        """Metadata for a step in which sequence i appends its last `query_lens[i]` tokens; each
+        handle already counts them (`num_tokens` = context after the step). Raises ValueError when
+        the lengths disagree with the handles."""
+        if len(handles) != len(query_lens) or not handles:
+            raise ValueError(f"{len(handles)} handles for {len(query_lens)} query lengths")
+        slots: list[int] = []
+        for h, n in zip(handles, query_lens):
+            if not 1 <= n <= h.num_tokens:
+                raise ValueError(f"query length {n} outside [1, num_tokens={h.num_tokens}] of seq {h.seq_id}")
+            slots.extend(h.slot(p) for p in range(h.num_tokens - n, h.num_tokens))
+        width = max(len(h.block_ids) for h in handles)
+        tables = [list(h.block_ids) + [0] * (width - len(h.block_ids)) for h in handles]
+        cu = [0]
+        for n in query_lens:
+            cu.append(cu[-1] + n)
+        return cls(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
+            context_lens=torch.tensor([h.num_tokens for h in handles], dtype=torch.int32, device=device),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
+            max_seqlen_q=max(query_lens),
+            decode_only=all(n == 1 for n in query_lens),
+        )
+
+
+class PagedKVContext:
+    """`KVContext` over a `PagedKVCache` for one step: the model is called with every sequence's new
+    tokens packed into one row (`input_ids [1, N]`, `positions [1, N]`, batch order). `attend` writes
+    k/v by `slot_mapping`, then runs `attention.decode_paged` (`decode_only`) or
+    `attention.prefill_paged`. The decode path reads no tensor on the host.
+    """
+
+    def __init__(self, cache: PagedKVCache, meta: PagedAttentionMetadata) -> None:
+        self.cache, self.meta = cache, meta
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if q.shape[0] != 1:
+            raise ValueError(f"PagedKVContext expects the step packed as one row, got batch {q.shape[0]}")
+        meta = self.meta
+        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
+        registry("kv_cache.write", k[0], v[0], k_cache, v_cache, meta.slot_mapping)
+        if meta.decode_only:
+            out = registry("attention.decode_paged", q[0], k_cache, v_cache, meta.block_tables, meta.context_lens)
+        else:
+            out = registry("attention.prefill_paged", q[0], k_cache, v_cache, meta.block_tables,
+                           meta.cu_seqlens_q, meta.context_lens, meta.max_seqlen_q)
+        return out[None]

@@ -1,0 +1,72 @@
+"""Attention paths of tessera.attn against torch's own scaled_dot_product_attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tessera.attn import FlatKVCache, PagedAttentionMetadata, PagedKVCache, PagedKVContext, causal_attention
+from tessera.specs import KVCacheHandle, KVCacheSpec, ModelConfig
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """[B, T, H, D] layout in and out; GQA by repeating kv heads; bottom-right aligned causal mask."""
+    rep = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    tq, tk = q.shape[1], k.shape[1]
+    mask = torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq) if causal else None
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize(("hq", "hkv"), [(4, 4), (6, 2), (5, 1)])
+def test_causal_attention_matches_sdpa(hq: int, hkv: int) -> None:
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 11, hq, 8), torch.randn(3, 11, hkv, 8), torch.randn(3, 11, hkv, 8)
+    torch.testing.assert_close(causal_attention(q, k, v), _sdpa(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_flat_cache_attend_matches_sdpa_over_history() -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=8, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=8)
+    cache = FlatKVCache(cfg, batch_size=2, max_len=12)
+    ks, vs = torch.randn(2, 10, 2, 4), torch.randn(2, 10, 2, 4)
+    for start, n in [(0, 6), (6, 1), (7, 3)]:
+        q = torch.randn(2, n, 4, 4)
+        out = cache.attend(1, q, ks[:, start:start + n], vs[:, start:start + n])
+        cache.advance(n)
+        expect = _sdpa(q, ks[:, :start + n], vs[:, :start + n])
+        torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache.k[1][:, :10], ks, rtol=0, atol=0)
+    assert not cache.k[0].any()  # layer 0 was never written
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_paged_context_writes_slots_and_matches_sdpa(decode: bool) -> None:
+    torch.manual_seed(0)
+    spec = KVCacheSpec(n_layers=1, n_kv_heads=2, head_dim=8, block_size=3, num_blocks=9, dtype="float32")
+    cache = PagedKVCache(spec)
+    lens, qlens = [7, 4], ([1, 1] if decode else [3, 4])
+    handles = [KVCacheHandle(seq_id=0, block_ids=(8, 1, 4), num_tokens=7, block_size=3),
+               KVCacheHandle(seq_id=1, block_ids=(0, 6), num_tokens=4, block_size=3)]
+    hist_k = [torch.randn(n, 2, 8) for n in lens]
+    hist_v = [torch.randn(n, 2, 8) for n in lens]
+    for h, hk, hv, n in zip(handles, hist_k, hist_v, qlens):  # tokens cached by earlier steps
+        for p in range(h.num_tokens - n):
+            s = h.slot(p)
+            cache.k[0].view(-1, 2, 8)[s], cache.v[0].view(-1, 2, 8)[s] = hk[p], hv[p]
+    meta = PagedAttentionMetadata.from_handles(handles, qlens)
+    assert meta.decode_only == decode
+    q = torch.randn(1, sum(qlens), 6, 8)
+    new_k = torch.cat([hk[-n:] for hk, n in zip(hist_k, qlens)])[None]
+    new_v = torch.cat([hv[-n:] for hv, n in zip(hist_v, qlens)])[None]
+    out = PagedKVContext(cache, meta).attend(0, q, new_k, new_v)
+    at = 0
+    for hk, hv, n in zip(hist_k, hist_v, qlens):
+        expect = _sdpa(q[:, at:at + n], hk[None], hv[None])
+        torch.testing.assert_close(out[:, at:at + n], expect, rtol=1e-5, atol=1e-5)
+        at += n
+    for h, hk in zip(handles, hist_k):
+        for p in range(h.num_tokens):
+            torch.testing.assert_close(cache.k[0].view(-1, 2, 8)[h.slot(p)], hk[p], rtol=0, atol=0)
