@@ -70,3 +70,14 @@ def test_paged_context_writes_slots_and_matches_sdpa(decode: bool) -> None:
     for h, hk in zip(handles, hist_k):
         for p in range(h.num_tokens):
             torch.testing.assert_close(cache.k[0].view(-1, 2, 8)[h.slot(p)], hk[p], rtol=0, atol=0)
+
+
+def test_paged_context_rejects_misshapen_steps() -> None:
+    spec = KVCacheSpec(n_layers=1, n_kv_heads=1, head_dim=4, block_size=2, num_blocks=4, dtype="float32")
+    handles = [KVCacheHandle(seq_id=s, block_ids=(s,), num_tokens=1, block_size=2) for s in range(2)]
+    ctx = PagedKVContext(PagedKVCache(spec), PagedAttentionMetadata.from_handles(handles, [1, 1]))
+    q, kv = torch.randn(1, 3, 2, 4), torch.randn(1, 3, 1, 4)
+    with pytest.raises(ValueError, match="decode_only step with 3 tokens for 2 sequences"):
+        ctx.attend(0, q, kv, kv)
+    with pytest.raises(ValueError, match="packed as one row"):
+        ctx.attend(0, q.expand(2, -1, -1, -1), kv.expand(2, -1, -1, -1), kv.expand(2, -1, -1, -1))

@@ -100,6 +100,9 @@ class PagedKVContext:
         if q.shape[0] != 1:
             raise ValueError(f"PagedKVContext expects the step packed as one row, got batch {q.shape[0]}")
         meta = self.meta
+        if meta.decode_only and q.shape[1] != meta.block_tables.shape[0]:
+            raise ValueError(f"decode_only step with {q.shape[1]} tokens for {meta.block_tables.shape[0]} "
+                             "sequences: a decode step has exactly one token per sequence")
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
         registry("kv_cache.write", k[0], v[0], k_cache, v_cache, meta.slot_mapping)
         if meta.decode_only:
