@@ -78,6 +78,11 @@ class BlockManager:
     def can_append(self, handle: KVCacheHandle, num_tokens: int) -> bool:
         return self._append_cost(handle, num_tokens) <= self.num_free_blocks
 
+    def cached_prefix_tokens(self, token_ids: Sequence[int], num_tokens: int | None = None) -> int:
+        """Leading tokens of `token_ids[:num_tokens]` that `allocate_prefix` would serve from the cache."""
+        n = len(token_ids) if num_tokens is None else num_tokens
+        return len(self._match(token_ids, n)) * self.block_size
+
     def free_blocks_needed(self, token_ids: Sequence[int], num_tokens: int | None = None) -> int:
         """Free-pool blocks that `allocate_prefix(_, token_ids, num_tokens)` would consume now
         (fresh blocks plus cached hits that are currently evictable)."""

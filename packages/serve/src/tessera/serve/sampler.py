@@ -1,0 +1,229 @@
+"""Turning logits into tokens, vectorised over the batch on the logits' device.
+
+Per row, in order: repetition / frequency / presence penalties, the min_tokens ban on stop tokens,
+temperature, top-k, top-p, min-p, then a draw. Temperature 0 is argmax.
+
+Randomness is counter-based: every draw is a pure function of (the sequence's seed, the position
+of the token being drawn, a stream id, the vocabulary index), computed with an integer hash on the
+device. A sequence's draws therefore do not depend on what else is in the batch, nor on how often
+it was preempted and recomputed; and no per-request generator state has to be carried around.
+A draw from probabilities `p` is `argmax(p / E)` with `E ~ Exp(1)` i.i.d. per token (the
+exponential race; equivalent to the Gumbel-max trick).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from tessera.serve.sequence import Sequence
+
+SAMPLE, DRAFT, ACCEPT, RESIDUAL = 0, 1, 2, 3  # stream ids: independent draws for one position
+_M32 = 0xFFFFFFFF
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for completion `index` of a request seeded with `seed`."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _mul32(a: torch.Tensor, b: int) -> torch.Tensor:
+    # (a * b) mod 2**32 for 0 <= a, b < 2**32, split in 16-bit halves so no int64 product overflows.
+    return ((a & 0xFFFF) * b + ((((a >> 16) * b) & 0xFFFF) << 16)) & _M32
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def row_keys(seeds: torch.Tensor, positions: torch.Tensor, stream: int) -> torch.Tensor:
+    """[R] int64 keys in [0, 2**32) from 63-bit seeds and positions."""
+    h = _fmix32(seeds & _M32)
+    h = _fmix32(h ^ ((seeds >> 32) & _M32))
+    h = _fmix32(h ^ (positions & _M32))
+    return _fmix32(h ^ stream)
+
+
+def uniform(seeds: torch.Tensor, positions: torch.Tensor, stream: int, vocab: int | None = None) -> torch.Tensor:
+    """Uniform draws in (0, 1), float32: [R] when `vocab` is None, else [R, vocab]."""
+    key = row_keys(seeds, positions, stream)
+    if vocab is None:
+        bits = _fmix32(key ^ 0x5BD1E995)
+    else:
+        idx = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
+        bits = _fmix32(_fmix32(key[:, None] ^ _mul32(idx, 0x9E3779B1)[None, :]) ^ key[:, None])
+    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
+def exponential_race(probs: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, stream: int) -> torch.Tensor:
+    """One draw per row of `probs` [R, V] (unnormalised is fine): token ids [R] int64."""
+    e = -torch.log(uniform(seeds, positions, stream, probs.shape[-1]))
+    return (probs / e).argmax(dim=-1)
+
+
+@dataclass
+class SamplingRows:
+    """Per-row parameters as device tensors. Row r draws the token at `positions[r]` of a history
+    (`seq.token_ids + extra[r]`): `extra` holds draft tokens for speculative verification rows."""
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+    seeds: torch.Tensor
+    positions: torch.Tensor
+    greedy: torch.Tensor
+    repetition: torch.Tensor | None
+    frequency: torch.Tensor | None
+    presence: torch.Tensor | None
+    seen: torch.Tensor | None  # [R, V] bool: token occurs in prompt or output (repetition penalty)
+    counts: torch.Tensor | None  # [R, V] float: occurrences in the output (frequency/presence)
+    banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) masked to -inf (min_tokens)
+    all_greedy: bool
+    use_top_k: bool
+    use_top_p: bool
+    use_min_p: bool
+    num_logprobs: int | None  # the largest top-N asked for; None when no row wants logprobs
+
+    @classmethod
+    def build(cls, seqs: Seq[Sequence], vocab: int, device: torch.device | str, eos_token_id: int | None,
+              extra: Seq[Seq[int]] | None = None) -> SamplingRows:
+        extra = extra or [()] * len(seqs)
+        params = [s.sampling for s in seqs]
+
+        def col(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        temps = [p.temperature for p in params]
+        greedy = [t == 0.0 for t in temps]
+        top_k = [vocab if p.top_k < 0 else min(p.top_k, vocab) for p in params]
+        use_rep = any(p.repetition_penalty != 1.0 for p in params)
+        use_freq = any(p.frequency_penalty != 0.0 for p in params)
+        use_pres = any(p.presence_penalty != 0.0 for p in params)
+        histories = [[*s.token_ids, *x] for s, x in zip(seqs, extra)]
+        seen = counts = None
+        if use_rep:
+            seen = _scatter_rows(histories, vocab, device, torch.bool)
+        if use_freq or use_pres:
+            outs = [h[s.num_prompt_tokens:] for s, h in zip(seqs, histories)]
+            counts = _scatter_rows(outs, vocab, device, torch.float32)
+        banned_rows, banned_ids = [], []
+        for r, (s, h) in enumerate(zip(seqs, histories)):
+            if len(h) - s.num_prompt_tokens < s.sampling.min_tokens:
+                stops = set(s.sampling.stop_token_ids)
+                if eos_token_id is not None and not s.sampling.ignore_eos:
+                    stops.add(eos_token_id)
+                banned_rows += [r] * len(stops)
+                banned_ids += sorted(stops)
+        return cls(
+            temperature=col([1.0 if g else t for g, t in zip(greedy, temps)], torch.float32),
+            top_k=col(top_k, torch.int64),
+            top_p=col([p.top_p for p in params], torch.float32),
+            min_p=col([p.min_p for p in params], torch.float32),
+            seeds=col([s.seed for s in seqs], torch.int64),
+            positions=col([len(h) for h in histories], torch.int64),
+            greedy=col(greedy, torch.bool),
+            repetition=col([p.repetition_penalty for p in params], torch.float32) if use_rep else None,
+            frequency=col([p.frequency_penalty for p in params], torch.float32) if use_freq else None,
+            presence=col([p.presence_penalty for p in params], torch.float32) if use_pres else None,
+            seen=seen,
+            counts=counts,
+            banned=(col(banned_rows, torch.int64), col(banned_ids, torch.int64)) if banned_rows else None,
+            all_greedy=all(greedy),
+            use_top_k=any(k < vocab for k in top_k),
+            use_top_p=any(p.top_p < 1.0 for p in params),
+            use_min_p=any(p.min_p > 0.0 for p in params),
+            num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=None),
+        )
+
+
+def _scatter_rows(rows: list[list[int]], vocab: int, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.tensor([r + [vocab] * (width - len(r)) for r in rows], dtype=torch.int64, device=device)
+    out = torch.zeros(len(rows), vocab + 1, dtype=torch.float32, device=device)
+    out.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
+    out = out[:, :vocab]
+    return out > 0 if dtype == torch.bool else out
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [R] int64
+    logprobs: torch.Tensor | None  # [R] float32: log p(chosen) under the model (before processing)
+    top_ids: torch.Tensor | None  # [R, N]
+    top_logprobs: torch.Tensor | None  # [R, N]
+
+
+class Sampler:
+    """Stateless: `sample(logits, rows)` draws one token per row; `probs(logits, rows)` returns the
+    processed distribution each row draws from (one-hot argmax for greedy rows)."""
+
+    def process(self, logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
+        """Penalised, banned, temperature-scaled and filtered float32 logits [R, V]."""
+        x = logits.float()
+        if rows.seen is not None and rows.repetition is not None:
+            rp = rows.repetition[:, None]
+            x = torch.where(rows.seen, torch.where(x > 0, x / rp, x * rp), x)
+        if rows.counts is not None:
+            if rows.frequency is not None:
+                x = x - rows.frequency[:, None] * rows.counts
+            if rows.presence is not None:
+                x = x - rows.presence[:, None] * (rows.counts > 0).float()
+        if rows.banned is not None:
+            x = x.index_put(rows.banned, torch.tensor(float("-inf"), device=x.device))
+        if rows.all_greedy:
+            return x
+        x = x / rows.temperature[:, None]
+        if rows.use_top_k or rows.use_top_p:
+            x = self._top_k_top_p(x, rows)
+        if rows.use_min_p:
+            # p_i < min_p * p_max, compared in log space (invariant to the normaliser)
+            threshold = x.amax(-1, keepdim=True) + rows.min_p.clamp(min=1e-30).log()[:, None]
+            x = x.masked_fill((x < threshold) & (rows.min_p > 0)[:, None], float("-inf"))
+        return x
+
+    @staticmethod
+    def _top_k_top_p(x: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
+        sorted_x, order = x.sort(dim=-1, descending=True)
+        rank = torch.arange(x.shape[-1], device=x.device)[None, :]
+        drop = rank >= rows.top_k[:, None]
+        if rows.use_top_p:
+            p = sorted_x.masked_fill(drop, float("-inf")).softmax(-1)
+            before = p.cumsum(-1) - p
+            drop = drop | ((before >= rows.top_p[:, None]) & (rows.top_p < 1.0)[:, None])
+        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+        return torch.empty_like(x).scatter_(-1, order, sorted_x)
+
+    def probs(self, logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
+        """The distribution each row draws from, float32 [R, V]; greedy rows are one-hot at the argmax."""
+        x = self.process(logits, rows)
+        onehot = torch.zeros_like(x).scatter_(-1, x.argmax(-1, keepdim=True), 1.0)
+        if rows.all_greedy:
+            return onehot
+        return torch.where(rows.greedy[:, None], onehot, x.softmax(-1))
+
+    def sample(self, logits: torch.Tensor, rows: SamplingRows, stream: int = SAMPLE) -> SamplerOutput:
+        x = self.process(logits, rows)
+        if rows.all_greedy:
+            tokens = x.argmax(-1)
+        else:
+            drawn = exponential_race(x.softmax(-1), rows.seeds, rows.positions, stream)
+            tokens = torch.where(rows.greedy, x.argmax(-1), drawn)
+        return self.with_logprobs(logits, tokens, rows.num_logprobs)
+
+    @staticmethod
+    def with_logprobs(logits: torch.Tensor, tokens: torch.Tensor, num_logprobs: int | None) -> SamplerOutput:
+        """Attach the model's log-probabilities (before penalties and temperature) when any row asked."""
+        if num_logprobs is None:
+            return SamplerOutput(tokens, None, None, None)
+        logp = logits.float().log_softmax(-1)
+        top = logp.topk(min(num_logprobs, logp.shape[-1]), dim=-1)
+        return SamplerOutput(tokens, logp.gather(-1, tokens[:, None])[:, 0], top.indices, top.values)
