@@ -42,8 +42,8 @@ CLIP_TOKENS = 512
 CHUNK_TOKENS = 8192
 """Tokens per forward chunk when replaying a block: bounds the MLP's intermediate activations."""
 
-CLIP_ROWS = 64
-"""Output channels per step of the clipping search: bounds its [rows, tokens, groups] buffer."""
+CLIP_ELEMENTS = 1 << 24
+"""Elements of the clipping search's [rows, tokens, groups] partial-output buffer per step (64 MiB fp32)."""
 
 
 @dataclass
@@ -253,8 +253,9 @@ def _clip(linear: nn.Linear, x: torch.Tensor, config: AWQConfig) -> None:
     xg = x.reshape(x.shape[0], k // g, g)
     steps = max(1, round(config.max_shrink * config.clip_grid))
     clipped = torch.empty_like(w)
-    for r0 in range(0, n, CLIP_ROWS):
-        wg = w[r0 : r0 + CLIP_ROWS].reshape(-1, k // g, g)
+    rows = max(1, CLIP_ELEMENTS // (x.shape[0] * (k // g)))
+    for r0 in range(0, n, rows):
+        wg = w[r0 : r0 + rows].reshape(-1, k // g, g)
         ref = torch.einsum("tgk,rgk->rtg", xg, wg)
         hi0, lo0 = wg.amax(-1, keepdim=True).clamp(min=0), wg.amin(-1, keepdim=True).clamp(max=0)
         best_err = torch.full(wg.shape[:2], math.inf, device=w.device)
@@ -267,5 +268,5 @@ def _clip(linear: nn.Linear, x: torch.Tensor, config: AWQConfig) -> None:
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best = torch.where(better[..., None], cand, best)
-        clipped[r0 : r0 + CLIP_ROWS] = best.reshape(-1, k)
+        clipped[r0 : r0 + rows] = best.reshape(-1, k)
     linear.weight.copy_(clipped.to(linear.weight.dtype))

@@ -1,0 +1,360 @@
+"""Quantization quality and speed, every method against the float model measured in the same run.
+
+    python benchmarks/bench_quant.py --quality MODEL_DIR     # WikiText-2 test perplexity per method
+    python benchmarks/bench_quant.py --speed                 # Llama-3.2-1B shape on the GPU
+    python benchmarks/bench_quant.py --speed --tiny          # a small shape on CPU, in seconds
+
+Quality: float, int8, FP8, RTN-int4 and AWQ-int4 copies of one checkpoint scored with the protocol
+of ../shared/data/README.md (whole test file tokenized once with the model's tokenizer, non-
+overlapping windows of the context length, token-level); AWQ calibrates on wikitext-2/valid.txt.
+Checks: int8 <= +0.5%, FP8 <= +1% over float, AWQ's increase <= 0.7x RTN's.
+
+Speed: decode-step latency (one token per row against a FlatKVCache holding `--context` tokens,
+CUDA-graphed) at batch 1 and 16, prefill tokens/s, and weight memory for bf16, int8, AWQ-int4 and
+FP8 (random weights; AWQ calibrates on random tokens, so only its speed is meaningful). Each row
+states its ratio to bf16 and its fraction of the ceilings this script measures (device copy
+bandwidth, bf16 torch.mm FLOP/s). Targets: int8 >= 1.5x and AWQ >= 2x bf16 decode at batch 1,
+FP8 prefill >= 1.3x bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from _common import print_table, write_result
+from torch import nn
+
+from tessera.attn import FlatKVCache
+from tessera.kernels import registry
+from tessera.model import Transformer
+from tessera.quant import QuantLinear, quantize
+from tessera.specs import ModelConfig, QuantConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+QUALITY_METHODS = ("int8", "fp8", "int4_rtn", "awq")
+SPEED_METHODS = ("int8", "awq", "fp8")
+TINY = dict(vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=256, max_seq_len=128,
+            tie_embeddings=True)
+
+
+# ---------------------------------------------------------------- quality
+
+def group_size_for(model: nn.Module) -> int:
+    """The largest supported group size dividing every decoder linear's in_features."""
+    ins = {m.in_features for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
+    for g in (128, 64, 32):
+        if all(k % g == 0 for k in ins):
+            return g
+    raise ValueError(f"no int4 group size in (128, 64, 32) divides the layers' in_features {sorted(ins)}")
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, ids: torch.Tensor, window: int, batch: int, max_windows: int | None) -> float:
+    """Token-level perplexity over non-overlapping `window`-token windows of `ids` (the tail is dropped)."""
+    n = ids.numel() // window
+    if max_windows:
+        n = min(n, max_windows)
+    if n == 0:
+        raise ValueError(f"{ids.numel()} tokens do not fill one window of {window}")
+    windows = ids[: n * window].view(n, window)
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for chunk in windows.split(batch):
+        chunk = chunk.to(device)
+        logits = model(chunk[:, :-1]).float()
+        nll += float(F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum"))
+        count += chunk[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+def quality(args: argparse.Namespace) -> dict:
+    from tessera.model import load_model
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    model, tok = load_model(args.quality, device=device, dtype=dtype)
+    if tok is None:
+        raise SystemExit(f"{args.quality} has no tokenizer.json; perplexity needs the model's tokenizer")
+    model.eval()
+    window = args.window or model.config.max_seq_len
+    test_ids = torch.tensor(tok.encode((args.data / "wikitext-2" / "test.txt").read_text()))
+    calib = [tok.encode((args.data / "wikitext-2" / "valid.txt").read_text())]
+    group = args.group_size or group_size_for(model)
+    configs = {
+        "int8": QuantConfig(method="int8"), "fp8": QuantConfig(method="fp8"),
+        "int4_rtn": QuantConfig(method="int4_rtn", group_size=group),
+        "awq": QuantConfig(method="awq", group_size=group, calib_samples=args.calib_samples,
+                           calib_seq_len=min(args.calib_seq_len, model.config.max_seq_len)),
+    }
+    ppl = {"float": perplexity(model, test_ids, window, args.batch, args.max_windows)}
+    for method, cfg in configs.items():
+        q = quantize(copy.deepcopy(model), cfg, calib if method == "awq" else None)
+        ppl[method] = perplexity(q, test_ids, window, args.batch, args.max_windows)
+        del q
+    rise = {m: ppl[m] / ppl["float"] - 1 for m in configs}
+    checks = {
+        "int8 <= +0.5%": rise["int8"] <= 0.005,
+        "fp8 <= +1%": rise["fp8"] <= 0.01,
+        "awq rise <= 0.7x rtn rise": rise["awq"] <= 0.7 * rise["int4_rtn"],
+    }
+    rows = [{"method": m, "perplexity": p, "rise %": 100 * (p / ppl["float"] - 1)} for m, p in ppl.items()]
+    n_tokens = min(test_ids.numel() // window, args.max_windows or 1 << 62) * window
+    print_table(rows, f"WikiText-2 test perplexity ({args.dtype or dtype}, window {window}, {n_tokens} tokens, "
+                      f"tokenizer {tok.vocab_size} BPE of {args.quality}, int4 group {group})")
+    for name, ok in checks.items():
+        print(f"  {'PASS' if ok else 'FAIL'}  {name}")
+    return {"quality": {"model": str(args.quality), "window": window, "tokens": n_tokens, "dtype": str(dtype),
+                        "group_size": group, "perplexity": ppl, "rise": rise, "checks": checks,
+                        "awq_over_rtn": rise["awq"] / rise["int4_rtn"] if rise["int4_rtn"] > 0 else None}}
+
+
+# ---------------------------------------------------------------- speed
+
+class Timer:
+    """Median milliseconds of `fn` over `reps` runs after `warmup`: CUDA events on a GPU, perf_counter else."""
+
+    def __init__(self, device: torch.device, warmup: int, reps: int) -> None:
+        self.cuda = device.type == "cuda"
+        self.warmup, self.reps = warmup, reps
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        for _ in range(self.reps):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(1e3 * (time.perf_counter() - t0))
+        return statistics.median(times)
+
+
+def ceilings(device: torch.device, timer: Timer, tiny: bool) -> dict[str, float]:
+    """Measured peaks: device copy bandwidth (bytes/s, read + write) and bf16 (fp32 on CPU) mm FLOP/s."""
+    n_bytes = (64 << 20) if tiny else (2 << 30)
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = timer(lambda: dst.copy_(src))
+    n = 512 if tiny else 8192
+    mm_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    a = torch.randn(n, n, device=device, dtype=mm_dtype)
+    b = torch.randn(n, n, device=device, dtype=mm_dtype)
+    mm_ms = timer(lambda: a @ b)
+    return {"bandwidth": 2 * n_bytes / (copy_ms * 1e-3), "flops": 2 * n**3 / (mm_ms * 1e-3)}
+
+
+def weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of every stored tensor (tied ones once), and of the decoder layers' linears alone."""
+    seen: set[int] = set()
+    total = linears = 0
+    for name, t in model.state_dict(keep_vars=True).items():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+        if ".layers." in name and "proj" in name:
+            linears += t.numel() * t.element_size()
+    return {"total": total, "linears": linears}
+
+
+def step_bytes(model: nn.Module, cfg: ModelConfig, batch: int, context: int, dtype: torch.dtype) -> int:
+    """Bytes one decode step must read: every weight except the embedding table (only `batch` rows of
+    it are gathered, unless it is also the float lm_head), plus the KV cache."""
+    sizes = weight_bytes(model)["total"]
+    emb = model.model.embed_tokens.weight
+    if not (cfg.tie_embeddings and isinstance(model.lm_head, nn.Linear)):
+        sizes -= emb.numel() * emb.element_size()
+    head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
+    kv = 2 * cfg.n_layers * batch * context * cfg.n_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+    return sizes + kv
+
+
+def decode_ms(model: Transformer, batch: int, context: int, dtype: torch.dtype, timer: Timer,
+              use_graph: bool) -> tuple[float, bool]:
+    """Median latency of one decode step (batch rows, one token each, `context` tokens cached).
+    The step is replayed at the same position, so each replay does identical work."""
+    cfg = model.config
+    device = next(model.parameters()).device
+    cache = FlatKVCache(cfg, batch, context + 1, dtype=dtype, device=device)
+    gen = torch.Generator(device="cpu").manual_seed(batch)
+    prompt = torch.randint(0, cfg.vocab_size, (batch, context), generator=gen).to(device)
+    model(prompt, positions=cache.positions(context), kv=cache)
+    cache.advance(context)
+    tok = torch.randint(0, cfg.vocab_size, (batch, 1), generator=gen).to(device)
+    pos = cache.positions(1)
+
+    def step() -> torch.Tensor:
+        return model(tok, positions=pos, kv=cache)
+
+    if use_graph:
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):  # autotuning and lazy init happen here, outside the capture
+                    step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            return timer(graph.replay), True
+        except RuntimeError as exc:
+            print(f"  (CUDA graph capture failed, timing eagerly: {str(exc).splitlines()[0]})")
+    return timer(step), False
+
+
+def prefill_ms(model: Transformer, batch: int, length: int, timer: Timer) -> float:
+    """Median latency of a prefill of `batch` x `length` tokens (hidden states, then last-token logits)."""
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+
+    def run() -> torch.Tensor:
+        h, _ = model.hidden_states(ids)
+        return model.lm_head(h[:, -1])
+
+    return timer(run)
+
+
+def backends(model: nn.Module, dtype: torch.dtype, batch: int) -> str:
+    """Which registry backend each quantized op resolves to for an input of `batch` rows."""
+    picked = {}
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear) and mod.op not in picked:
+            x = torch.zeros(batch, mod.in_features, dtype=dtype, device=next(mod.buffers()).device)
+            picked[mod.op] = registry.get(mod.op, x, *mod._op_args()).backend
+    return ",".join(f"{op.split('.')[-1]}={b}" for op, b in picked.items()) or "-"
+
+
+def linear_flops_per_token(cfg: ModelConfig) -> int:
+    hd = cfg.head_dim or cfg.d_model // cfg.n_heads
+    per_layer = cfg.d_model * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd + cfg.n_heads * hd * cfg.d_model
+    per_layer += 3 * cfg.d_model * cfg.d_ff
+    return 2 * cfg.n_layers * per_layer
+
+
+@torch.inference_mode()
+def speed(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    tiny = args.tiny
+    cfg = ModelConfig(**TINY) if tiny else ModelConfig.preset("llama-3.2-1b")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    timer = Timer(device, warmup=1 if tiny else 5, reps=3 if tiny else args.reps)
+    peak = ceilings(device, timer, tiny)
+    context, pre_b, pre_t = (16, 1, 32) if tiny else (args.context, args.prefill_batch, args.prefill_len)
+    torch.manual_seed(0)
+    with torch.device(device):
+        base = Transformer(cfg).to(dtype).eval()
+    calib = torch.randint(0, cfg.vocab_size, (2 if tiny else 16, 32 if tiny else 256))
+    # gpt-fast's convention: the output projection is quantized too (it is a fifth of this shape's
+    # weights); --float-lm-head keeps it in the float dtype, as the quality configs do.
+    skip = ("lm_head",) if args.float_lm_head else ()
+    configs = {"int8": QuantConfig(method="int8", skip=skip), "fp8": QuantConfig(method="fp8", skip=skip),
+               "awq": QuantConfig(method="awq", skip=skip, n_grid=5 if tiny else 20, clip_grid=10 if tiny else 20,
+                                  calib_samples=calib.shape[0], calib_seq_len=calib.shape[1])}
+    label = "fp32" if dtype == torch.float32 else "bf16"
+    rows, results = [], {}
+    graphed = device.type == "cuda" and not args.no_graph
+    for method in (label, *SPEED_METHODS):
+        model = base if method == label else quantize(copy.deepcopy(base), configs[method], calib, progress=False)
+        entry: dict = {"weight_bytes": weight_bytes(model)}
+        for b in (1, 16):
+            ms, g = decode_ms(model, b, context, dtype, timer, graphed)
+            entry[f"decode_b{b}_ms"] = ms
+            entry[f"decode_b{b}_graphed"] = g
+            moved = step_bytes(model, cfg, b, context, dtype)
+            entry[f"decode_b{b}_bw_fraction"] = moved / (ms * 1e-3) / peak["bandwidth"]
+        ms = prefill_ms(model, pre_b, pre_t, timer)
+        entry["prefill_tokens_per_s"] = pre_b * pre_t / (ms * 1e-3)
+        hd = cfg.head_dim or cfg.d_model // cfg.n_heads
+        flops = linear_flops_per_token(cfg) * pre_b * pre_t + 2 * cfg.n_layers * pre_b * pre_t**2 * cfg.n_heads * hd
+        entry["prefill_flops_fraction"] = flops / (ms * 1e-3) / peak["flops"]
+        entry["backends"] = backends(model, dtype, 1) + " / " + backends(model, dtype, pre_b * pre_t)
+        results[method] = entry
+        if model is not base:
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    ref = results[label]
+    for method, e in results.items():
+        e["decode_b1_speedup"] = ref["decode_b1_ms"] / e["decode_b1_ms"]
+        e["decode_b16_speedup"] = ref["decode_b16_ms"] / e["decode_b16_ms"]
+        e["prefill_speedup"] = e["prefill_tokens_per_s"] / ref["prefill_tokens_per_s"]
+        rows.append({
+            "method": method, "weights MiB": e["weight_bytes"]["total"] / 2**20,
+            "b1 ms": e["decode_b1_ms"], "b1 x": e["decode_b1_speedup"], "b1 %BW": 100 * e["decode_b1_bw_fraction"],
+            "b16 ms": e["decode_b16_ms"], "b16 x": e["decode_b16_speedup"],
+            "b16 %BW": 100 * e["decode_b16_bw_fraction"],
+            "prefill tok/s": e["prefill_tokens_per_s"], "prefill x": e["prefill_speedup"],
+            "prefill %FLOP": 100 * e["prefill_flops_fraction"], "backends (b1 / prefill)": e["backends"],
+        })
+    checks = {
+        "int8 decode b1 >= 1.5x": results["int8"]["decode_b1_speedup"] >= 1.5,
+        "awq decode b1 >= 2x": results["awq"]["decode_b1_speedup"] >= 2.0,
+        "fp8 prefill >= 1.3x": results["fp8"]["prefill_speedup"] >= 1.3,
+    }
+    shape = "tiny" if tiny else "llama-3.2-1b"
+    head = "float lm_head" if args.float_lm_head else "lm_head quantized too"
+    print_table(rows, f"{shape} ({label}, random weights, {head}): decode step at context {context} "
+                      f"({'CUDA graph' if graphed else 'eager'}), prefill {pre_b}x{pre_t}; "
+                      f"ceilings {peak['bandwidth'] / 1e9:.1f} GB/s copy, {peak['flops'] / 1e9:.0f} GFLOP/s mm")
+    for name, ok in checks.items():
+        print(f"  {'PASS' if ok else 'FAIL'}  {name}")
+    return {"speed": {"shape": shape, "dtype": label, "lm_head": head, "context": context, "prefill": [pre_b, pre_t],
+                      "ceilings": peak, "methods": results, "checks": checks}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--quality", type=Path, metavar="MODEL_DIR", help="checkpoint to score on WikiText-2 test")
+    p.add_argument("--speed", action="store_true", help="decode/prefill speed of the Llama-3.2-1B shape")
+    p.add_argument("--tiny", action="store_true", help="with --speed: a small shape, fp32, for a CPU check")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="quality: compute dtype (default bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--data", type=Path, default=SHARED, help="folder holding wikitext-2/{test,valid}.txt")
+    p.add_argument("--window", type=int, help="perplexity window (default: the model's max_seq_len)")
+    p.add_argument("--batch", type=int, default=8, help="windows per forward when scoring")
+    p.add_argument("--max-windows", type=int, help="score only the first N windows (quick checks)")
+    p.add_argument("--group-size", type=int, choices=(32, 64, 128),
+                   help="int4 group size (default: the largest of 128/64/32 dividing every layer)")
+    p.add_argument("--calib-samples", type=int, default=128, help="AWQ calibration windows")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="AWQ calibration window length")
+    p.add_argument("--context", type=int, default=512, help="cached tokens during the timed decode step")
+    p.add_argument("--prefill-batch", type=int, default=4)
+    p.add_argument("--prefill-len", type=int, default=1024)
+    p.add_argument("--reps", type=int, default=50, help="timed repeats per measurement (GPU)")
+    p.add_argument("--float-lm-head", action="store_true", help="speed: keep lm_head in the float dtype")
+    p.add_argument("--no-graph", action="store_true", help="time the decode step eagerly, without a CUDA graph")
+    p.add_argument("--out", type=Path, help="result folder (default benchmarks/results)")
+    args = p.parse_args()
+    if not args.quality and not args.speed:
+        p.error("give --quality MODEL_DIR and/or --speed")
+    payload: dict = {}
+    if args.quality:
+        payload.update(quality(args))
+    if args.speed:
+        payload.update(speed(args))
+    path = write_result("quant", payload, args.out)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
