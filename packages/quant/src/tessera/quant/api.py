@@ -13,18 +13,21 @@ quantized modules' buffers (`<layer>.qweight/scales/zeros`, `<layer>.weight/weig
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import importlib.metadata
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from tessera.model import Transformer
+from tessera.model.checkpoint import (
+    library_versions,
+    load_state_dict,
+    read_model_card,
+    save_state_dict,
+    write_model_card,
+)
 from tessera.model.hf import empty_model
 from tessera.model.tokenizer import Tokenizer
 from tessera.quant.awq import apply_awq, calibration_batch
@@ -34,8 +37,6 @@ from tessera.specs import ModelCard, QuantConfig
 from tessera.specs.model_card import Lineage
 from tessera.specs.quant import AWQConfig, FP8Config, Int8Config, RTNInt4Config
 
-WEIGHTS_FILE = "model.safetensors"
-CARD_FILE = "modelcard.json"
 _FLOAT_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -120,29 +121,11 @@ def _float_dtype(model: nn.Module) -> str:
     return "float32"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _versions() -> dict[str, str]:
-    out = {"torch": torch.__version__.split("+")[0]}
-    for dist in ("tessera-quant", "tessera-model", "tessera-specs"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return out
-
-
 def save_quantized(model: Transformer, directory: str | Path, *, tokenizer: Tokenizer | None = None,
-                   lineage: Lineage | None = None) -> Path:
-    """Write a quantized `model` to `directory` (`model.safetensors`, `modelcard.json` with `quant`, and
-    `tokenizer.json` when given); returns the directory. Raises ValueError for a model `quantize`
-    has not processed."""
+                   lineage: Lineage | None = None, max_shard_bytes: int = 2**31) -> Path:
+    """Write a quantized `model` to `directory` in the tessera checkpoint layout (`model.safetensors`, or
+    shards + index above `max_shard_bytes`; `modelcard.json` with `quant`; `tokenizer.json` when
+    given); returns the directory. Raises ValueError for a model `quantize` has not processed."""
     config = getattr(model, "quant_config", None)
     if config is None:
         raise ValueError("model is not quantized: call tessera.quant.quantize(model, config, ...) first")
@@ -151,28 +134,24 @@ def save_quantized(model: Transformer, directory: str | Path, *, tokenizer: Toke
     state = model.state_dict()
     if model.config.tie_embeddings and isinstance(model.lm_head, nn.Linear):
         state.pop("lm_head.weight", None)  # the embedding itself; re-tied on load
-    path = directory / WEIGHTS_FILE
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path), metadata={"format": "pt"})
+    weights = save_state_dict(state, directory, max_shard_bytes=max_shard_bytes)
     tok_info = None
     if tokenizer is not None:
         tokenizer.save_dir(directory)
         tok_info = tokenizer.info()
     card = ModelCard(
         config=model.config, dtype=_float_dtype(model), quant=config, tokenizer=tok_info,
-        lineage=lineage or Lineage(method="quantize"), weights={WEIGHTS_FILE: _sha256(path)},
-        versions=_versions(), created=_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        lineage=lineage or Lineage(method="quantize"), weights=weights, versions=library_versions(),
+        created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     )
-    card.dump(directory / CARD_FILE)
+    write_model_card(card, directory)
     return directory
 
 
 def read_quant_card(directory: str | Path) -> ModelCard:
     """The `ModelCard` of a quantized checkpoint. Raises FileNotFoundError without `modelcard.json` and
     ValueError when the card records no quantization."""
-    path = Path(directory) / CARD_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory}: no {CARD_FILE}; not a tessera checkpoint directory")
-    card = ModelCard.load(path)
+    card = read_model_card(directory)
     if card.quant is None:
         raise ValueError(f"{directory}: the model card records no quantization; load it with "
                          "tessera.model.checkpoint.load_pretrained")
@@ -192,20 +171,6 @@ def check_config(card: ModelCard, expected: QuantConfig | str, where: str | Path
         diff = ", ".join(f"{k}: checkpoint {a.get(k)!r} vs requested {b.get(k)!r}"
                          for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k))
         raise QuantConfigMismatch(f"{where}: quantization settings differ from the checkpoint's ({diff})")
-
-
-def _read_tensors(directory: Path, card: ModelCard, device: str | torch.device) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for name, digest in card.weights.items():
-        path = directory / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{directory}: weight file {name!r} listed in the model card is missing")
-        actual = _sha256(path)
-        if actual != digest:
-            raise ValueError(f"{path}: sha256 {actual} does not match the model card's {digest}")
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
-    return tensors
 
 
 def _empty_quantized(name: str, linear: nn.Linear, config: QuantConfig, tensors: dict[str, torch.Tensor],
@@ -229,7 +194,8 @@ def _empty_quantized(name: str, linear: nn.Linear, config: QuantConfig, tensors:
 
 def load_quantized(directory: str | Path, *, device: str | torch.device = "cpu",
                    config: QuantConfig | str | None = None) -> Transformer:
-    """Load a checkpoint written by `save_quantized` onto `device` (sha256-verified, safetensors only).
+    """Load a checkpoint written by `save_quantized` onto `device` (sha256 of every file verified,
+    safetensors only).
 
     `config`, when given, must equal the card's settings (a method name checks the method only):
     otherwise QuantConfigMismatch names each differing field. Raises ValueError when a tensor's
@@ -239,7 +205,7 @@ def load_quantized(directory: str | Path, *, device: str | torch.device = "cpu",
     card = read_quant_card(directory)
     if config is not None:
         check_config(card, config, directory)
-    tensors = _read_tensors(directory, card, device)
+    tensors = {name: t.to(device) for name, t in load_state_dict(directory).items()}
     model = empty_model(card.config, device=device, dtype=getattr(torch, card.dtype))
     for name, linear in list(model.named_modules()):
         if isinstance(linear, nn.Linear):
