@@ -1,0 +1,231 @@
+"""Sample inputs for every catalogued op: fresh random tensors, odd sizes and non-contiguous views.
+
+`samples(op, dtype, device, seed, real=False)` returns named argument tuples for the op's reference
+signature. `real=False` gives tiny shapes (fast under Triton's CPU interpreter); `real=True` gives
+model-sized shapes for GPU runs. Used by the parity tests and by the benchmarks' `--tiny` mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tessera.kernels.reference import pack_int4
+
+
+@dataclass
+class Sample:
+    """One call of an op. `outputs(result, args)` picks what parity compares (in-place ops: the caches)."""
+
+    name: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    inplace: tuple[int, ...] = ()
+
+
+class _Rand:
+    def __init__(self, seed: int, device: torch.device | str) -> None:
+        self.gen = torch.Generator().manual_seed(seed)
+        self.device = torch.device(device)
+
+    def randn(self, *shape: int, dtype: torch.dtype = torch.float32, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=self.gen) * scale).to(dtype=dtype, device=self.device)
+
+    def randint(self, low: int, high: int, *shape: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        return torch.randint(low, high, shape, generator=self.gen).to(dtype=dtype, device=self.device)
+
+    def perm(self, n: int) -> torch.Tensor:
+        return torch.randperm(n, generator=self.gen)
+
+    def cu(self, lengths: list[int], dtype: torch.dtype = torch.int32) -> torch.Tensor:
+        return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=dtype, device=self.device)
+
+
+def _strided_rows(r: _Rand, rows: int, d: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """[rows, d] whose rows are not adjacent in memory (a column slice of a wider tensor)."""
+    return r.randn(rows, d + 5, dtype=dtype, scale=scale)[:, 3 : 3 + d]
+
+
+def _rms_norm(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
+    d = 4096 if real else 37
+    rows = (1024, 3) if real else (3, 5)
+    return [
+        Sample("3d", (r.randn(*rows, d, dtype=dtype), r.randn(d, dtype=dtype), 1e-6)),
+        Sample("one-row", (r.randn(1, 2 * d + 1, dtype=dtype), r.randn(2 * d + 1, dtype=dtype), 1e-5)),
+        Sample("strided", (_strided_rows(r, 13, d, dtype), r.randn(d, dtype=dtype), 1e-6)),
+        Sample("fp32-weight", (r.randn(7, d, dtype=dtype), r.randn(d), 1e-6)),
+    ]
+
+
+def _rms_norm_residual(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
+    d = 4096 if real else 37
+    rows = 2048 if real else 9
+    return [
+        Sample("2d", (r.randn(rows, d, dtype=dtype), r.randn(rows, d, dtype=dtype), r.randn(d, dtype=dtype), 1e-6)),
+        Sample("strided", (_strided_rows(r, 11, d, dtype), r.randn(11, d, dtype=dtype), r.randn(d, dtype=dtype),
+                           1e-6)),
+    ]
+
+
+def _swiglu(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
+    m, k, n = (300, 1024, 2816) if real else (7, 40, 33)
+    s = k**-0.5
+    return [
+        Sample("odd", (r.randn(m, k, dtype=dtype), r.randn(n, k, dtype=dtype, scale=s), r.randn(n, k, dtype=dtype,
+                                                                                               scale=s))),
+        Sample("transposed-x", (r.randn(k, 5, dtype=dtype).T, r.randn(n, k, dtype=dtype, scale=s),
+                                r.randn(n, k, dtype=dtype, scale=s))),
+        Sample("strided-w", (r.randn(m, k, dtype=dtype), _strided_rows(r, n, k, dtype, s),
+                             _strided_rows(r, n, k, dtype, s))),
+    ]
+
+
+def _qkv(r: _Rand, n: int, hq: int, hkv: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """q, k, v as head slices of one fused [N, Hq + 2 Hkv, D] projection (non-contiguous, as in a model)."""
+    qkv = r.randn(n, hq + 2 * hkv, d, dtype=dtype)
+    return qkv[:, :hq], qkv[:, hq : hq + hkv], qkv[:, hq + hkv :]
+
+
+def _prefill(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
+    out = []
+    cases = [([1000, 517, 1], 32, 8, 128), ([777, 64], 8, 8, 64)] if real else [([5, 19, 1], 4, 2, 64),
+                                                                                ([12, 7], 2, 2, 32)]
+    for lengths, hq, hkv, d in cases:
+        n = sum(lengths)
+        q, k, v = _qkv(r, n, hq, hkv, d, dtype)
+        cu = r.cu(lengths)
+        out.append(Sample(f"varlen-causal-{hq}/{hkv}-d{d}", (q, k, v, cu, max(lengths))))
+        out.append(Sample(f"varlen-full-{hq}/{hkv}-d{d}", (q, k, v, cu.long()), {"causal": False, "scale": 0.3}))
+    lengths = [256, 256] if real else [9, 9]
+    q, k, v = _qkv(r, sum(lengths), 4, 2, 64, dtype)
+    out.append(Sample("equal-lengths", (q, k, v, r.cu(lengths), lengths[0])))
+    return out
+
+
+def _paged_cache(r: _Rand, ctx: list[int], page: int, hkv: int, d: int, dtype: torch.dtype,
+                 spare_blocks: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random caches and a block table whose blocks are scattered (a random permutation)."""
+    per_seq = [-(-c // page) for c in ctx]
+    width = max(1, *per_seq) + 1
+    num_blocks = sum(per_seq) + spare_blocks
+    k_cache = r.randn(num_blocks, page, hkv, d, dtype=dtype)
+    v_cache = r.randn(num_blocks, page, hkv, d, dtype=dtype)
+    order = r.perm(num_blocks)
+    table = torch.zeros(len(ctx), width, dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(per_seq):
+        table[i, :n] = order[used : used + n].to(torch.int32)
+        used += n
+    return k_cache, v_cache, table.to(r.device)
+
+
+def _decode(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
+    cases = [([2048, 1, 3000, 517], 16, 32, 8, 128), ([8192], 16, 8, 8, 64)] if real else \
+        [([1, 37, 0, 70], 4, 4, 2, 64), ([50], 8, 2, 2, 32)]
+    out = []
+    for ctx, page, hq, hkv, d in cases:
+        k_cache, v_cache, table = _paged_cache(r, ctx, page, hkv, d, dtype)
+        q = r.randn(len(ctx), hq, d, dtype=dtype)
+        lens = torch.tensor(ctx, dtype=torch.int32, device=r.device)
+        out.append(Sample(f"ctx{ctx}-page{page}-{hq}/{hkv}", (q, k_cache, v_cache, table, lens)))
+    k_cache, v_cache, table = _paged_cache(r, [9, 4], 4, 2, 32, dtype)
+    q = r.randn(2, 3 * 4, 32, dtype=dtype)[:, ::3]
+    out.append(Sample("strided-q", (q, k_cache, v_cache, table, torch.tensor([9, 4], dtype=torch.int32,
+                                                                             device=r.device)), {"scale": 0.2}))
+    return out
+
+
+def _prefill_paged(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
+    cases = [([1500, 300, 64], [1500, 17, 64], 16, 32, 8, 128)] if real else \
+        [([9, 20, 3], [4, 20, 1], 4, 4, 2, 64), ([33], [5], 8, 2, 1, 32)]
+    out = []
+    for ctx, q_lens, page, hq, hkv, d in cases:
+        k_cache, v_cache, table = _paged_cache(r, ctx, page, hkv, d, dtype)
+        q, _, _ = _qkv(r, sum(q_lens), hq, hkv, d, dtype)
+        lens = torch.tensor(ctx, dtype=torch.int32, device=r.device)
+        out.append(Sample(f"ctx{ctx}-q{q_lens}-{hq}/{hkv}", (q, k_cache, v_cache, table, r.cu(q_lens), lens,
+                                                             max(q_lens))))
+    return out
+
+
+def _kv_write(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
+    nb, page, hkv, d, n = (512, 16, 8, 128, 300) if real else (6, 4, 2, 32, 7)
+    k_cache = r.randn(nb, page, hkv, d, dtype=dtype)
+    v_cache = r.randn(nb, page, hkv, d, dtype=dtype)
+    slots = r.perm(nb * page)[:n].to(r.device)
+    slots[1] = -1
+    slots[n - 2] = -1
+    k, v = r.randn(n, hkv, d, dtype=dtype), r.randn(n, 2 * hkv, d, dtype=dtype)[:, ::2]
+    return [Sample("scatter-with-padding", (k, v, k_cache, v_cache, slots), inplace=(2, 3))]
+
+
+def _int8(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
+    sizes = [(1, 4096, 4096), (16, 4096, 1000), (257, 1024, 768)] if real else [(1, 48, 33), (7, 100, 20)]
+    out = []
+    for m, k, n in sizes:
+        w_q = r.randint(-127, 128, n, k, dtype=torch.int8)
+        scale = (r.randn(n).abs() + 0.5).to(dtype) / 127 * k**-0.5
+        out.append(Sample(f"m{m}-k{k}-n{n}", (r.randn(m, k, dtype=dtype), w_q, scale)))
+    out.append(Sample("transposed-x", (r.randn(40, 3, dtype=dtype).T, r.randint(-127, 128, 9, 40, dtype=torch.int8),
+                                       r.randn(9).abs().to(dtype) / 127)))
+    return out
+
+
+def _int4(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
+    sizes = [(1, 4096, 4096), (16, 4000, 1000), (100, 1000, 256)] if real else [(1, 200, 9), (5, 80, 17)]
+    out = []
+    for m, k, n in sizes:
+        for g in (32, 64, 128):
+            groups = -(-k // g)
+            qweight = pack_int4(r.randint(0, 16, n, k))
+            scales = ((r.randn(n, groups).abs() + 0.2) * (k**-0.5) / 8).to(dtype)
+            zeros = r.randint(0, 16, n, groups).to(dtype)
+            out.append(Sample(f"m{m}-k{k}-n{n}-g{g}", (r.randn(m, k, dtype=dtype), qweight, scales, zeros, g)))
+    k, n = 96, 5
+    qweight, scales, zeros = pack_int4(r.randint(0, 16, n, k)), r.randn(n, 3).abs().to(dtype) / 16, r.randn(n, 3)
+    out.append(Sample("transposed-x", (r.randn(k, 3, dtype=dtype).T, qweight, scales, zeros.to(dtype), 32)))
+    return out
+
+
+def _fp8(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
+    sizes = [(1, 4096, 4096), (300, 4096, 1000), (1024, 2048, 2048)] if real else [(1, 48, 33), (7, 64, 20)]
+    out = []
+    for m, k, n in sizes:
+        w_q = (r.randn(n, k) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+        x = r.randn(m, k, dtype=dtype)
+        out.append(Sample(f"m{m}-k{k}-n{n}-tensor-scale", (x, w_q, r.randn(1).abs() * 1e-3 + 1e-4)))
+        out.append(Sample(f"m{m}-k{k}-n{n}-row-scale", (x, w_q, r.randn(n).abs() * 1e-3 + 1e-4)))
+    w_q = (r.randn(6, 32) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    out.append(Sample("strided-x", (_strided_rows(r, 5, 32, dtype), w_q, r.randn(6).abs() * 1e-3 + 1e-4)))
+    return out
+
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+SAMPLERS: dict[str, tuple[Callable[[_Rand, torch.dtype, bool], list[Sample]], tuple[torch.dtype, ...]]] = {
+    "rms_norm": (_rms_norm, _FLOATS),
+    "rms_norm_residual": (_rms_norm_residual, _FLOATS),
+    "swiglu": (_swiglu, _FLOATS),
+    "attention.prefill": (_prefill, _FLOATS),
+    "attention.prefill_paged": (_prefill_paged, _FLOATS),
+    "attention.decode_paged": (_decode, _FLOATS),
+    "kv_cache.write": (_kv_write, _FLOATS),
+    "matmul.int8_weight_only": (_int8, _FLOATS),
+    "matmul.int4_awq": (_int4, _FLOATS),
+    "matmul.fp8": (_fp8, _FLOATS),
+}
+
+
+def dtypes(op: str) -> tuple[torch.dtype, ...]:
+    """The activation dtypes `samples` can make for `op`."""
+    return SAMPLERS[op][1]
+
+
+def samples(op: str, dtype: torch.dtype, device: torch.device | str = "cpu", seed: int = 0,
+            real: bool = False) -> list[Sample]:
+    """Fresh inputs for `op` in `dtype` on `device`; raises KeyError naming an op with no sampler."""
+    if op not in SAMPLERS:
+        raise KeyError(f"no samples for op {op!r}; have {sorted(SAMPLERS)}")
+    return SAMPLERS[op][0](_Rand(seed, device), dtype, real)

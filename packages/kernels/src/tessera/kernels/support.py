@@ -1,0 +1,68 @@
+"""Building blocks of `supports(...)` checks: each returns the reasons a backend cannot run (empty = it can).
+
+Checks never read tensor values (no host sync), so dispatch stays cheap and CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterable
+
+import torch
+
+HALF = (torch.bfloat16, torch.float16)
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def triton_interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 when the backends were
+    imported: `triton.jit` reads it once, at decoration, so later changes are ignored here too)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def device_reasons(tensors: Iterable[torch.Tensor], *, allow_cpu: bool = False, hint: str = "") -> list[str]:
+    """All tensors must sit on one CUDA device (or the CPU when `allow_cpu`); `hint` ends the reason."""
+    tensors = list(tensors)
+    if not tensors:
+        if allow_cpu or torch.cuda.is_available():
+            return []
+        return ["no CUDA device" + hint]
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        return [f"tensors on several devices: {sorted(str(d) for d in devices)}"]
+    device = devices.pop()
+    if device.type == "cuda" or (allow_cpu and device.type == "cpu"):
+        return []
+    return [f"tensors on {device}, needs cuda" + hint]
+
+
+def triton_device_reasons(*tensors: torch.Tensor) -> list[str]:
+    """Triton kernels run on CUDA tensors, or on CPU tensors under the interpreter."""
+    return device_reasons(tensors, allow_cpu=triton_interpreting(), hint=" (or TRITON_INTERPRET=1 for CPU)")
+
+
+def dtype_reasons(name: str, t: torch.Tensor, allowed: Iterable[torch.dtype]) -> list[str]:
+    allowed = tuple(allowed)
+    if t.dtype in allowed:
+        return []
+    return [f"{name}.dtype={t.dtype} not in {[str(d).removeprefix('torch.') for d in allowed]}"]
+
+
+def same_dtype_reasons(**tensors: torch.Tensor) -> list[str]:
+    dtypes = {name: t.dtype for name, t in tensors.items()}
+    if len(set(dtypes.values())) <= 1:
+        return []
+    return ["dtypes differ: " + ", ".join(f"{n}={str(d).removeprefix('torch.')}" for n, d in dtypes.items())]
+
+
+def no_grad_reasons(*tensors: torch.Tensor) -> list[str]:
+    """For backends without a backward: refuse inputs that need gradients while autograd records."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return ["inputs require grad and this backend has no backward"]
+    return []
+
+
+def tensors_in(args: Iterable[object]) -> list[torch.Tensor]:
+    return [a for a in args if isinstance(a, torch.Tensor)]

@@ -1,0 +1,142 @@
+"""`matmul.fp8` in Triton: E4M3 x E4M3 on Hopper's fp8 tensor cores, float32 accumulation.
+
+Two launches: a row kernel quantizes x per row (scale amax / 448, the reference's rounding), then a
+GEMM multiplies the fp8 operands and applies both scales in the epilogue (per-tensor or per-row
+weight scale), writing x's dtype. w_q [N, K] is already K-major, the layout fp8 MMA wants for B.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tessera.kernels.support import HALF, dtype_reasons, no_grad_reasons, triton_device_reasons, triton_interpreting
+from tessera.kernels.triton.tuning import autotune, bucket
+from tessera.specs import KernelRegistry
+
+FP8_MAX = 448.0
+
+
+@triton.jit
+def _quantize_rows_kernel(X, XQ, XS, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(X + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.maximum(tl.max(amax, 0), 1e-12) / FP8_MAX
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(X + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+        xq = tl.clamp(x / scale, -FP8_MAX, FP8_MAX)
+        tl.store(XQ + row * stride_qm + offs, xq.to(XQ.dtype.element_ty, fp_downcast_rounding="rtne"), mask=offs < K)
+    tl.store(XS + row, scale)
+
+
+_INTERPRET = triton.Config({"BM": 16, "BN": 16, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=1)
+_CONFIGS = [
+    triton.Config({"BM": 128, "BN": 256, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 128, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BM": 256, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 64, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BM": 16, "BN": 64, "BK": 256, "GROUP_M": 8}, num_warps=4, num_stages=4),
+]
+
+
+@autotune(_CONFIGS, key=["M_BUCKET", "N", "K", "PER_ROW"], interpret=_INTERPRET)
+@triton.jit
+def _fp8_gemm_kernel(A, B, AS, BS, Y, M, N, K, stride_am, stride_bn, stride_ym, M_BUCKET, PER_ROW: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_m
+    pid_n = (pid % (GROUP_M * num_n)) // group_m
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+    b_ptrs = B + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k_ok = (k0 + offs_k) < K
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BK
+        b_ptrs += BK
+    a_scale = tl.load(AS + offs_m, mask=m_ok, other=0.0)
+    if PER_ROW:
+        b_scale = tl.load(BS + offs_n, mask=n_ok, other=0.0)
+    else:
+        b_scale = tl.load(BS + offs_n * 0)
+    y = acc * a_scale[:, None] * b_scale[None, :]
+    tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], y.to(Y.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of `reference.quantize_fp8_rows`: (x_q [M, K] float8_e4m3fn, scale [M] float32)."""
+    m, k = x.shape
+    xq = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+    xs = torch.empty((m,), dtype=torch.float32, device=x.device)
+    if m:
+        block = min(triton.next_power_of_2(k), 32 if triton_interpreting() else 2048)
+        _quantize_rows_kernel[(m,)](x, xq, xs, k, x.stride(0), xq.stride(0), BLOCK_K=block, num_warps=4)
+    return xq, xs
+
+
+@torch.library.custom_op("tessera::matmul_fp8", mutates_args=())
+def _fp8_op(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    m, k = x.shape
+    n = w_q.shape[0]
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    w_q, w_scale = w_q.contiguous(), w_scale.contiguous()
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m and n:
+        xq, xs = quantize_rows(x)
+        grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
+        _fp8_gemm_kernel[grid](xq, w_q, xs, w_scale, y, m, n, k, xq.stride(0), w_q.stride(0), y.stride(0), bucket(m),
+                               PER_ROW=w_scale.numel() > 1)
+    return y
+
+
+@_fp8_op.register_fake
+def _(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], w_q.shape[0]))
+
+
+def matmul_fp8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """Same contract as `reference.matmul_fp8`."""
+    return _fp8_op(x, w_q, w_scale)
+
+
+def supports(x: torch.Tensor | None = None, w_q: torch.Tensor | None = None,
+             w_scale: torch.Tensor | None = None) -> list[str]:
+    if x is None or w_q is None or w_scale is None:
+        reasons = triton_device_reasons()
+    else:
+        reasons = triton_device_reasons(x, w_q, w_scale) + dtype_reasons("x", x, (*HALF, torch.float32))
+        reasons += dtype_reasons("w_q", w_q, (torch.float8_e4m3fn,)) + dtype_reasons("w_scale", w_scale,
+                                                                                     (torch.float32,))
+        if x.dim() != 2 or w_q.dim() != 2 or x.shape[1] != w_q.shape[1]:
+            reasons.append(f"shapes x={tuple(x.shape)} w_q={tuple(w_q.shape)} are not [M, K], [N, K]")
+        elif w_scale.shape not in ((1,), (w_q.shape[0],)):
+            reasons.append(f"w_scale.shape={tuple(w_scale.shape)} is neither [1] nor [N={w_q.shape[0]}]")
+        if x.shape[-1] % 16:
+            reasons.append(f"K={x.shape[-1]} is not a multiple of 16 (fp8 MMA)")
+        reasons += no_grad_reasons(x)
+        if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 9):
+            reasons.append(f"{torch.cuda.get_device_name(x.device)} has no fp8 tensor cores (needs sm_89+)")
+    return reasons
+
+
+def register(reg: KernelRegistry) -> None:
+    reg.register("matmul.fp8", "triton", matmul_fp8, supports=supports, priority=20)

@@ -1,0 +1,293 @@
+"""Attention over a paged KV cache in Triton: `attention.decode_paged` and `attention.prefill_paged`.
+
+Cache layout [num_blocks, block_size, Hkv, D]; token t of sequence b sits in physical row
+block_tables[b, t // block_size] * block_size + t % block_size. Keys are gathered a tile at a time.
+
+Decode is GQA-aware: one program serves all Hq / Hkv query heads of a kv head, so each cached byte
+is read once, and the context is split across programs (split-K) when the batch alone cannot fill
+the GPU; a second kernel merges the splits by their log-sum-exp. The split count comes from the
+block table's width, never from context_lens, so decode needs no host sync (CUDA-graph capturable).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tessera.kernels.support import no_grad_reasons, triton_device_reasons, triton_interpreting
+from tessera.kernels.triton.flash_attention import LOG2E, attention_reasons
+from tessera.kernels.triton.tuning import dot_precision
+from tessera.specs import KernelRegistry
+
+
+@triton.jit
+def _decode_kernel(Q, K, V, O, O_PART, ML_PART, TABLES, CTX, scale_log2, stride_qb, stride_qh, stride_kr, stride_kh,
+                   stride_vr, stride_vh, stride_ob, stride_oh, stride_tb, tokens_per_split,
+                   N_REP: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+                   SPLITS: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(CTX + b)
+    offs_g = tl.arange(0, G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    heads = kv_head * N_REP + offs_g
+    g_ok = offs_g < N_REP
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_ok[:, None], other=0.0)
+    lo = split * tokens_per_split
+    hi = tl.minimum(lo + tokens_per_split, ctx)
+    m_i = tl.full((G,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((G,), dtype=tl.float32)
+    acc = tl.zeros((G, HEAD_DIM), dtype=tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    for start in range(lo, hi, BLOCK_N):
+        tok = start + offs_n
+        tok_ok = tok < hi
+        page = tl.load(TABLES + b.to(tl.int64) * stride_tb + tok // PAGE, mask=tok_ok, other=0)
+        row = page.to(tl.int64) * PAGE + tok % PAGE
+        k = tl.load(K + row[None, :] * stride_kr + kv_head * stride_kh + offs_d[:, None], mask=tok_ok[None, :],
+                    other=0.0)
+        qk = tl.dot(q, k, input_precision=PREC) * scale_log2
+        qk = tl.where(tok_ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + row[:, None] * stride_vr + kv_head * stride_vh + offs_d[None, :], mask=tok_ok[:, None],
+                    other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+        m_i = m_new
+    if SPLITS == 1:
+        out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
+        tl.store(O + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=g_ok[:, None])
+    else:
+        # Partials [B, Hq, SPLITS, D] (unnormalised) and [B, Hq, SPLITS, 2] (running max, sum).
+        part = (b.to(tl.int64) * tl.num_programs(1) * N_REP + heads) * SPLITS + split
+        tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_ok[:, None])
+        tl.store(ML_PART + part * 2, m_i, mask=g_ok)
+        tl.store(ML_PART + part * 2 + 1, l_i, mask=g_ok)
+
+
+@triton.jit
+def _merge_kernel(O, O_PART, ML_PART, stride_ob, stride_oh, HQ, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
+                  S_BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, S_BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_ok = offs_s < SPLITS
+    part = (b.to(tl.int64) * HQ + head) * SPLITS + offs_s
+    m = tl.load(ML_PART + part * 2, mask=s_ok, other=float("-inf"))
+    l = tl.load(ML_PART + part * 2 + 1, mask=s_ok, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.where(l > 0, tl.math.exp2(m - m_max), 0.0)
+    total = tl.sum(w * l, 0)
+    acc = tl.load(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], 0)
+    out = tl.where(total > 0, out / total, 0.0)
+    tl.store(O + b.to(tl.int64) * stride_ob + head * stride_oh + offs_d, out.to(O.dtype.element_ty))
+
+
+def _decode_plan(batch: int, hkv: int, max_ctx: int, block_n: int) -> tuple[int, int]:
+    """(splits, tokens_per_split): enough programs to fill the GPU, splits of at least 4 tiles."""
+    if triton_interpreting():
+        target = 1 if max_ctx <= 2 * block_n else 3
+    else:
+        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        target = triton.cdiv(2 * sms, batch * hkv)
+    splits = max(1, min(target, triton.cdiv(max_ctx, 4 * block_n), 64))
+    per_split = triton.cdiv(triton.cdiv(max_ctx, splits), block_n) * block_n
+    return triton.cdiv(max_ctx, per_split), per_split
+
+
+def _cache_strides(cache: torch.Tensor) -> tuple[int, int]:
+    """(row stride, head stride) treating [NB, BS, H, D] as rows of the flattened first two dims."""
+    return cache.stride(1), cache.stride(2)
+
+
+@torch.library.custom_op("tessera::paged_decode", mutates_args=())
+def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    batch, hq, d = q.shape
+    page, hkv = k_cache.shape[1], k_cache.shape[2]
+    n_rep = hq // hkv
+    o = torch.empty_like(q)
+    if batch == 0:
+        return o
+    block_n = 16 if triton_interpreting() else 64
+    splits, per_split = _decode_plan(batch, hkv, block_tables.shape[1] * page, block_n)
+    if splits > 1:
+        o_part = torch.empty((batch, hq, splits, d), dtype=torch.float32, device=q.device)
+        ml_part = torch.empty((batch, hq, splits, 2), dtype=torch.float32, device=q.device)
+    else:
+        o_part = ml_part = o
+    krs, khs = _cache_strides(k_cache)
+    vrs, vhs = _cache_strides(v_cache)
+    _decode_kernel[(batch, hkv, splits)](
+        q, k_cache, v_cache, o, o_part, ml_part, block_tables, context_lens, scale * LOG2E, q.stride(0), q.stride(1),
+        krs, khs, vrs, vhs, o.stride(0), o.stride(1), block_tables.stride(0), per_split, N_REP=n_rep,
+        G=max(16, triton.next_power_of_2(n_rep)), HEAD_DIM=d, PAGE=page, SPLITS=splits, PREC=dot_precision(q.dtype),
+        BLOCK_N=block_n, num_warps=4, num_stages=2)
+    if splits > 1:
+        _merge_kernel[(batch, hq)](o, o_part, ml_part, o.stride(0), o.stride(1), hq, HEAD_DIM=d, SPLITS=splits,
+                                   S_BLOCK=triton.next_power_of_2(splits), num_warps=4)
+    return o
+
+
+@_paged_decode_op.register_fake
+def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+      context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    return q.new_empty(q.shape)
+
+
+def attention_decode_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Same contract as `reference.attention_decode_paged` (a sequence with no context yields zeros)."""
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    return _paged_decode_op(q, k_cache, v_cache, block_tables, context_lens,
+                            q.shape[-1] ** -0.5 if scale is None else float(scale))
+
+
+@triton.jit
+def _prefill_paged_kernel(Q, K, V, O, TABLES, CU_Q, CTX, scale_log2, stride_qn, stride_qh, stride_kr, stride_kh,
+                          stride_vr, stride_vh, stride_on, stride_oh, stride_tb, N_REP: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    bos = tl.load(CU_Q + seq).to(tl.int64)
+    q_len = (tl.load(CU_Q + seq + 1) - bos).to(tl.int32)
+    if start_m >= q_len:
+        return
+    ctx = tl.load(CTX + seq)
+    kv_head = head // N_REP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < q_len
+    # Query row i is the token at cache position ctx - q_len + i.
+    pos = ctx - q_len + offs_m
+    q = tl.load(Q + (bos + offs_m[:, None]) * stride_qn + head * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    hi = tl.minimum(ctx, ctx - q_len + start_m + BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    table = TABLES + seq.to(tl.int64) * stride_tb
+    for start in range(0, hi, BLOCK_N):
+        tok = start + offs_n
+        tok_ok = tok < hi
+        page = tl.load(table + tok // PAGE, mask=tok_ok, other=0)
+        row = page.to(tl.int64) * PAGE + tok % PAGE
+        k = tl.load(K + row[None, :] * stride_kr + kv_head * stride_kh + offs_d[:, None], mask=tok_ok[None, :],
+                    other=0.0)
+        qk = tl.dot(q, k, input_precision=PREC) * scale_log2
+        qk = tl.where(tok_ok[None, :] & (tok[None, :] <= pos[:, None]), qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # Padding rows past q_len can see no key in a tile; keep their max finite so no NaN arises.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + row[:, None] * stride_vr + kv_head * stride_vh + offs_d[None, :], mask=tok_ok[:, None],
+                    other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+        m_i = m_new
+    out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
+    tl.store(O + (bos + offs_m[:, None]) * stride_on + head * stride_oh + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+@torch.library.custom_op("tessera::paged_prefill", mutates_args=())
+def _paged_prefill_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                      cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, max_seqlen_q: int,
+                      scale: float) -> torch.Tensor:
+    n, hq, d = q.shape
+    page, hkv = k_cache.shape[1], k_cache.shape[2]
+    o = torch.empty_like(q)
+    b = cu_seqlens_q.shape[0] - 1
+    if n == 0 or b == 0:
+        return o
+    t = int(cu_seqlens_q.diff().max()) if max_seqlen_q < 0 else max_seqlen_q
+    if triton_interpreting():
+        bm, bn, warps, stages = 16, 16, 4, 1
+    else:
+        bm, bn, warps, stages = (64, 64, 4, 2) if d <= 128 and q.dtype != torch.float32 else (32, 32, 4, 1)
+    krs, khs = _cache_strides(k_cache)
+    vrs, vhs = _cache_strides(v_cache)
+    _prefill_paged_kernel[(triton.cdiv(t, bm), hq, b)](
+        q, k_cache, v_cache, o, block_tables, cu_seqlens_q, context_lens, scale * LOG2E, q.stride(0), q.stride(1),
+        krs, khs, vrs, vhs, o.stride(0), o.stride(1), block_tables.stride(0), N_REP=hq // hkv, HEAD_DIM=d,
+        PAGE=page, PREC=dot_precision(q.dtype), BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    return o
+
+
+@_paged_prefill_op.register_fake
+def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+      cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, max_seqlen_q: int, scale: float) -> torch.Tensor:
+    return q.new_empty(q.shape)
+
+
+def attention_prefill_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
+                            max_seqlen_q: int | None = None, scale: float | None = None) -> torch.Tensor:
+    """Same contract as `reference.attention_prefill_paged`."""
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    return _paged_prefill_op(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
+                             -1 if max_seqlen_q is None else int(max_seqlen_q),
+                             q.shape[-1] ** -0.5 if scale is None else float(scale))
+
+
+def _cache_reasons(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   block_tables: torch.Tensor, context_lens: torch.Tensor) -> list[str]:
+    reasons = attention_reasons(q, k_cache, v_cache)
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        reasons.append(f"caches k={tuple(k_cache.shape)} v={tuple(v_cache.shape)} are not one [NB, BS, Hkv, D]")
+        return reasons
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if c.stride(-1) != 1 or c.stride(0) != c.shape[1] * c.stride(1):
+            reasons.append(f"{name} strides {c.stride()} do not let blocks be addressed as rows")
+    page = k_cache.shape[1]
+    if page & (page - 1):
+        reasons.append(f"block_size={page} is not a power of two")
+    for name, t in (("block_tables", block_tables), ("context_lens", context_lens)):
+        if t.dtype != torch.int32:
+            reasons.append(f"{name}.dtype={t.dtype} is not int32")
+    if block_tables.stride(-1) != 1:
+        reasons.append("block_tables' last dim is not contiguous")
+    return reasons
+
+
+def supports_decode(q: torch.Tensor | None = None, k_cache: torch.Tensor | None = None,
+                    v_cache: torch.Tensor | None = None, block_tables: torch.Tensor | None = None,
+                    context_lens: torch.Tensor | None = None, scale: float | None = None) -> list[str]:
+    if q is None or k_cache is None or v_cache is None or block_tables is None or context_lens is None:
+        return triton_device_reasons()
+    reasons = triton_device_reasons(q, k_cache, v_cache, block_tables, context_lens)
+    reasons += _cache_reasons(q, k_cache, v_cache, block_tables, context_lens)
+    if q.shape[-2] // max(1, k_cache.shape[-2]) > 64:
+        reasons.append(f"{q.shape[-2] // k_cache.shape[-2]} query heads per kv head > 64")
+    return reasons + no_grad_reasons(q, k_cache, v_cache)
+
+
+def supports_prefill(q: torch.Tensor | None = None, k_cache: torch.Tensor | None = None,
+                     v_cache: torch.Tensor | None = None, block_tables: torch.Tensor | None = None,
+                     cu_seqlens_q: torch.Tensor | None = None, context_lens: torch.Tensor | None = None,
+                     max_seqlen_q: int | None = None, scale: float | None = None) -> list[str]:
+    if q is None or k_cache is None or v_cache is None or block_tables is None or context_lens is None:
+        return triton_device_reasons()
+    reasons = triton_device_reasons(q, k_cache, v_cache, block_tables, context_lens)
+    reasons += _cache_reasons(q, k_cache, v_cache, block_tables, context_lens)
+    if cu_seqlens_q is None or cu_seqlens_q.dtype not in (torch.int32, torch.int64):
+        reasons.append("cu_seqlens_q must be an int32/int64 tensor")
+    return reasons + no_grad_reasons(q, k_cache, v_cache)
+
+
+def register(reg: KernelRegistry) -> None:
+    reg.register("attention.decode_paged", "triton", attention_decode_paged, supports=supports_decode, priority=20)
+    reg.register("attention.prefill_paged", "triton", attention_prefill_paged, supports=supports_prefill,
+                 priority=20)

@@ -1,0 +1,200 @@
+"""Weight-only quantized matmuls in Triton: int8 per-channel and AWQ-style int4 with group scales/zeros.
+
+Both dequantize inside the K loop, so the full-precision weight never exists in memory: the kernels
+stream 1 (int8) or 0.5 (int4) bytes per weight, which is the whole point for the memory-bound small-M
+(decode) shapes. int8: the per-output-channel scale factors out of the K sum and is applied once in
+the epilogue. int4: a K tile never spans two groups (the tile is at most the group size and both are
+powers of two), so each tile dequantizes under exactly one scale and zero per output channel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tessera.kernels.support import FLOATS, dtype_reasons, no_grad_reasons, triton_device_reasons
+from tessera.kernels.triton.tuning import autotune, bucket, dot_precision
+from tessera.specs import KernelRegistry
+
+_INTERPRET = triton.Config({"BM": 16, "BN": 16, "BK": 32}, num_warps=4, num_stages=1)
+_CONFIGS = [
+    triton.Config({"BM": 16, "BN": 32, "BK": 256}, num_warps=4, num_stages=4),
+    triton.Config({"BM": 16, "BN": 64, "BK": 256}, num_warps=4, num_stages=4),
+    triton.Config({"BM": 16, "BN": 16, "BK": 512}, num_warps=4, num_stages=3),
+    triton.Config({"BM": 16, "BN": 32, "BK": 512}, num_warps=4, num_stages=3),
+    triton.Config({"BM": 32, "BN": 64, "BK": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BM": 64, "BN": 128, "BK": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BM": 128, "BN": 128, "BK": 64}, num_warps=8, num_stages=3),
+]
+
+
+def _prune_by_m(configs: list, named_args: dict, **kwargs: object) -> list:
+    # Small M (decode) wants thin M tiles and long K tiles; large M wants square tiles.
+    m = named_args["M_BUCKET"]
+    kept = [c for c in configs if (c.kwargs["BM"] <= 32) == (m <= 32)]
+    return kept or configs[:1]
+
+
+@autotune(_CONFIGS, key=["M_BUCKET", "N", "K", "PREC"], interpret=_INTERPRET,
+          prune_configs_by={"early_config_prune": _prune_by_m})
+@triton.jit
+def _int8_kernel(X, W, S, Y, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, M_BUCKET, PREC: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k_ok = (k0 + offs_k) < K
+        x = tl.load(X + offs_m[:, None].to(tl.int64) * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(W + offs_n[None, :].to(tl.int64) * stride_wn + (k0 + offs_k)[:, None],
+                    mask=n_ok[None, :] & k_ok[:, None], other=0)
+        acc = tl.dot(x, w.to(x.dtype), acc, input_precision=PREC)
+    scale = tl.load(S + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    y = acc * scale[None, :]
+    tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], y.to(Y.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _grid(m: int, n: int):
+    return lambda meta: (triton.cdiv(n, meta["BN"]), triton.cdiv(m, meta["BM"]))
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@torch.library.custom_op("tessera::matmul_int8_weight_only", mutates_args=())
+def _int8_op(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    m, k = x.shape
+    n = w_q.shape[0]
+    w_q = w_q.contiguous()
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m and n:
+        _int8_kernel[_grid(m, n)](x, w_q, scale.contiguous(), y, m, n, k, x.stride(0), x.stride(1), w_q.stride(0),
+                                  y.stride(0), bucket(m), PREC=dot_precision(x.dtype))
+    return y
+
+
+@_int8_op.register_fake
+def _(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], w_q.shape[0]))
+
+
+def matmul_int8_weight_only(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Same contract as `reference.matmul_int8_weight_only`."""
+    return _int8_op(x, w_q, scale)
+
+
+def _prune_int4(configs: list, named_args: dict, **kwargs: object) -> list:
+    g = kwargs.get("GROUP", named_args.get("GROUP"))
+    kept = [c for c in _prune_by_m(configs, named_args) if c.kwargs["BK"] <= g]
+    if kept:
+        return kept
+    base = _prune_by_m(configs, named_args)[0]
+    return [triton.Config({**base.kwargs, "BK": g}, num_warps=base.num_warps, num_stages=base.num_stages)]
+
+
+@autotune(_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP", "PREC"], interpret=_INTERPRET,
+          prune_configs_by={"early_config_prune": _prune_int4})
+@triton.jit
+def _int4_kernel(X, QW, S, Z, Y, M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym,
+                 M_BUCKET, GROUP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 BK: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    n64 = offs_n.to(tl.int64)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + offs_k
+        k_ok = ks < K
+        x = tl.load(X + offs_m[:, None].to(tl.int64) * stride_xm + ks[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        packed = tl.load(QW + n64[None, :] * stride_qn + (ks // 2)[:, None], mask=n_ok[None, :] & k_ok[:, None],
+                         other=0)
+        q = ((packed >> ((ks % 2) * 4)[:, None].to(tl.uint8)) & 0xF).to(tl.float32)
+        g = k0 // GROUP
+        s = tl.load(S + n64 * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+        z = tl.load(Z + n64 * stride_zn + g, mask=n_ok, other=0.0).to(tl.float32)
+        w = (q - z[None, :]) * s[None, :]
+        acc = tl.dot(x, w.to(x.dtype), acc, input_precision=PREC)
+    tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+@torch.library.custom_op("tessera::matmul_int4_awq", mutates_args=())
+def _int4_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+             group_size: int) -> torch.Tensor:
+    m, k = x.shape
+    n = qweight.shape[0]
+    qweight, scales, zeros = (_rows(t) for t in (qweight, scales, zeros))
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m and n:
+        _int4_kernel[_grid(m, n)](x, qweight, scales, zeros, y, m, n, k, x.stride(0), x.stride(1), qweight.stride(0),
+                                  scales.stride(0), zeros.stride(0), y.stride(0), bucket(m), GROUP=group_size,
+                                  PREC=dot_precision(x.dtype))
+    return y
+
+
+@_int4_op.register_fake
+def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+      group_size: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+def matmul_int4_awq(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    group_size: int) -> torch.Tensor:
+    """Same contract as `reference.matmul_int4_awq` (group_size a power of two, >= 16)."""
+    return _int4_op(x, qweight, scales, zeros, int(group_size))
+
+
+def _x_reasons(x: torch.Tensor, n_k: int) -> list[str]:
+    reasons = dtype_reasons("x", x, FLOATS)
+    if x.dim() != 2 or x.shape[1] != n_k:
+        reasons.append(f"x.shape={tuple(x.shape)} is not [M, {n_k}]")
+    return reasons
+
+
+def supports_int8(x: torch.Tensor | None = None, w_q: torch.Tensor | None = None,
+                  scale: torch.Tensor | None = None) -> list[str]:
+    if x is None or w_q is None or scale is None:
+        return triton_device_reasons()
+    reasons = triton_device_reasons(x, w_q, scale) + dtype_reasons("w_q", w_q, (torch.int8,))
+    reasons += _x_reasons(x, w_q.shape[-1]) + dtype_reasons("scale", scale, FLOATS)
+    if scale.shape != w_q.shape[:1]:
+        reasons.append(f"scale.shape={tuple(scale.shape)} is not [N={w_q.shape[0]}]")
+    return reasons + no_grad_reasons(x)
+
+
+def supports_int4(x: torch.Tensor | None = None, qweight: torch.Tensor | None = None,
+                  scales: torch.Tensor | None = None, zeros: torch.Tensor | None = None,
+                  group_size: int = 128) -> list[str]:
+    if x is None or qweight is None or scales is None or zeros is None:
+        return triton_device_reasons()
+    reasons = triton_device_reasons(x, qweight, scales, zeros) + dtype_reasons("qweight", qweight, (torch.uint8,))
+    k = 2 * qweight.shape[-1]
+    reasons += _x_reasons(x, k)
+    if group_size < 16 or group_size & (group_size - 1):
+        reasons.append(f"group_size={group_size} is not a power of two >= 16")
+    else:
+        groups = -(-k // group_size)
+        for name, t in (("scales", scales), ("zeros", zeros)):
+            if t.shape != (qweight.shape[0], groups):
+                reasons.append(f"{name}.shape={tuple(t.shape)} is not [N, ceil(K / group_size)={groups}]")
+    return reasons + no_grad_reasons(x)
+
+
+def register(reg: KernelRegistry) -> None:
+    reg.register("matmul.int8_weight_only", "triton", matmul_int8_weight_only, supports=supports_int8, priority=20)
+    reg.register("matmul.int4_awq", "triton", matmul_int4_awq, supports=supports_int4, priority=20)

@@ -1,0 +1,99 @@
+"""SwiGLU as one GEMM: gate and up projections share each x tile, SiLU(gate) * up is the epilogue.
+
+y = silu(x @ w_gate.T) * (x @ w_up.T) never writes the two [M, N] intermediates to memory.
+Forward only: inputs that need gradients fall back to the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tessera.kernels.support import FLOATS, dtype_reasons, no_grad_reasons, same_dtype_reasons, triton_device_reasons
+from tessera.kernels.triton.tuning import autotune, bucket, dot_precision
+from tessera.specs import KernelRegistry
+
+_INTERPRET = triton.Config({"BM": 16, "BN": 16, "BK": 16, "GROUP_M": 8}, num_warps=4, num_stages=2)
+_CONFIGS = [
+    triton.Config({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 128, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 64, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BM": 64, "BN": 64, "BK": 128, "GROUP_M": 8}, num_warps=4, num_stages=3),
+]
+
+
+@autotune(_CONFIGS, key=["M_BUCKET", "N", "K", "PREC"], interpret=_INTERPRET)
+@triton.jit
+def _swiglu_kernel(X, WG, WU, Y, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+                   M_BUCKET, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                   GROUP_M: tl.constexpr):
+    # Grouped launch order: GROUP_M row-tiles share weight tiles while they sit in L2.
+    pid = tl.program_id(0)
+    num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_m
+    pid_n = (pid % (GROUP_M * num_n)) // group_m
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    x_ptrs = X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
+    w_off = offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k_ok = (k0 + offs_k) < K
+        x = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)
+        w_mask = k_ok[:, None] & (offs_n[None, :] < N)
+        wg = tl.load(WG + w_off, mask=w_mask, other=0.0)
+        wu = tl.load(WU + w_off, mask=w_mask, other=0.0)
+        acc_g = tl.dot(x, wg, acc_g, input_precision=PREC)
+        acc_u = tl.dot(x, wu, acc_u, input_precision=PREC)
+        x_ptrs += BK * stride_xk
+        w_off += BK * stride_wk
+    y = acc_g * tl.sigmoid(acc_g) * acc_u
+    y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@torch.library.custom_op("tessera::swiglu", mutates_args=())
+def _swiglu_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+    m, k = x.shape
+    n = w_gate.shape[0]
+    if w_up.stride() != w_gate.stride():
+        w_up = w_up.contiguous()
+        w_gate = w_gate.contiguous()
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m and n:
+        grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
+        _swiglu_kernel[grid](x, w_gate, w_up, y, m, n, k, x.stride(0), x.stride(1), w_gate.stride(0),
+                             w_gate.stride(1), y.stride(0), y.stride(1), bucket(m), PREC=dot_precision(x.dtype))
+    return y
+
+
+@_swiglu_op.register_fake
+def _(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], w_gate.shape[0]))
+
+
+def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+    return _swiglu_op(x, w_gate, w_up)
+
+
+def supports(x: torch.Tensor | None = None, w_gate: torch.Tensor | None = None,
+             w_up: torch.Tensor | None = None) -> list[str]:
+    if x is None or w_gate is None or w_up is None:
+        return triton_device_reasons()
+    reasons = triton_device_reasons(x, w_gate, w_up) + dtype_reasons("x", x, FLOATS)
+    reasons += same_dtype_reasons(x=x, w_gate=w_gate, w_up=w_up)
+    if x.dim() != 2 or w_gate.dim() != 2 or w_gate.shape != w_up.shape or w_gate.shape[1] != x.shape[-1]:
+        reasons.append(f"shapes x={tuple(x.shape)} w_gate={tuple(w_gate.shape)} w_up={tuple(w_up.shape)} "
+                       "are not [M, K], [N, K], [N, K]")
+    return reasons + no_grad_reasons(x, w_gate, w_up)
+
+
+def register(reg: KernelRegistry) -> None:
+    reg.register("swiglu", "triton", swiglu, supports=supports, priority=20)
