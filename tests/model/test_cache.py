@@ -45,7 +45,7 @@ def _chunks(draw, total: int) -> list[int]:
     return sizes
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(cfg=configs(), batch=st.integers(1, 3), data=st.data())
 @torch.no_grad()
 def test_flat_cache_chunked_prefill_then_decode_equals_full_forward(cfg, batch, data) -> None:
@@ -64,7 +64,7 @@ def test_flat_cache_chunked_prefill_then_decode_equals_full_forward(cfg, batch, 
     assert cache.length == length
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(cfg=configs(), data=st.data())
 @torch.no_grad()
 def test_paged_cache_equals_full_forward(cfg, data) -> None:
