@@ -4,7 +4,8 @@
 env:
 	@bash scripts/dev-env.sh
 
-demo: env
+demo:
+	@bash scripts/dev-env.sh runtime
 	.venv/bin/tessera demo
 
 test: env
