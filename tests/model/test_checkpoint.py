@@ -16,6 +16,7 @@ from tessera.model.checkpoint import (
     ChecksumError,
     load_pretrained,
     load_state_dict,
+    model_from_state_dict,
     read_model_card,
     save_pretrained,
 )
@@ -148,3 +149,18 @@ def test_tokenizer_saved_beside_weights(tmp_path: Path) -> None:
     assert card.tokenizer.eos_token_id == tok.eos_token_id
     again = Tokenizer.from_dir(tmp_path)
     assert again.encode(texts[-1]) == tok.encode(texts[-1])
+
+
+def test_model_from_state_dict_ties_and_names_mismatches() -> None:
+    model = _model(_cfg(tie_embeddings=True))
+    tensors = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    built = model_from_state_dict(model.config, tensors, dtype="float32")
+    assert built.lm_head.weight is built.model.embed_tokens.weight
+    assert all(p.requires_grad for p in built.parameters())
+    with torch.no_grad():
+        assert torch.equal(built(IDS), model(IDS))
+    built(IDS).sum().backward()  # trainable as built
+    assert built.model.layers[0].mlp.up_proj.weight.grad is not None
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        model_from_state_dict(model.config, tensors)

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tessera.model.transformer import Transformer
-from tessera.specs import Lineage, ModelCard, SpecVersionError
+from tessera.specs import Lineage, ModelCard, ModelConfig, SpecVersionError
 
 if TYPE_CHECKING:
     from tessera.model.tokenizer import Tokenizer
@@ -165,10 +165,22 @@ def load_pretrained(directory: str | Path, *, device: torch.device | str = "cpu"
     if card.quant is not None:
         raise ValueError(f"{directory} is a quantized checkpoint (quant.method={card.quant.method!r}); "
                          "load it with tessera.quant.load_quantized")
-    torch_dtype = _torch_dtype(dtype or card.dtype)
-    tensors = {k: (t.to(torch_dtype) if t.is_floating_point() else t).to(device)
-               for k, t in load_state_dict(directory).items()}
-    cfg = card.config
+    tensors = load_state_dict(directory)
+    try:
+        return model_from_state_dict(card.config, tensors, device=device, dtype=dtype or card.dtype)
+    except ValueError as err:
+        raise ValueError(f"weights in {directory} do not match its config: {err}") from None
+
+
+def model_from_state_dict(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], *,
+                          device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None) -> Transformer:
+    """A `Transformer(cfg)` (eval mode) holding `tensors` (state_dict names), moved to `device` and
+    cast to `dtype` (float tensors only; default: as given). Never initialises weights it will
+    overwrite. With `cfg.tie_embeddings`, `lm_head.weight` may be absent and is the embedding.
+    Raises ValueError naming missing, unexpected or misshapen tensors."""
+    torch_dtype = None if dtype is None else _torch_dtype(dtype)
+    tensors = {k: (t.to(torch_dtype) if torch_dtype is not None and t.is_floating_point() else t).to(device)
+               for k, t in tensors.items()}
     if cfg.tie_embeddings and EMBED_KEY in tensors:
         tensors[TIED_KEY] = tensors[EMBED_KEY]
     with torch.device("meta"):
@@ -176,7 +188,7 @@ def load_pretrained(directory: str | Path, *, device: torch.device | str = "cpu"
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as err:
-        raise ValueError(f"weights in {directory} do not match its config: {err}") from None
+        raise ValueError(str(err)) from None
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary_emb.to_empty(device=device)  # recomputes the non-persistent RoPE frequencies
