@@ -1,0 +1,308 @@
+"""Kernel benchmarks: every tessera backend against a peer measured in the same run, as a fraction of
+the ceilings this script measures (device copy bandwidth, bf16 torch.mm FLOP/s).
+
+    python benchmarks/bench_kernels.py                 # H200: all rows, JSON to benchmarks/results/
+    python benchmarks/bench_kernels.py --tiny          # CPU smoke run at tiny sizes, in seconds
+    python benchmarks/bench_kernels.py --out DIR --plot DIR/attention_tflops.png
+
+Rows: attention.prefill (causal, GQA 32/8, D 64/128, T 1k/4k/16k, bf16) in TFLOP/s against torch
+SDPA's FlashAttention-2 and cuDNN backends; attention.decode_paged (block 16) in KV bytes/s against
+SDPA over a contiguous cache; rms_norm 16k x 4096 against torch eager; int8/int4 weight-only at
+M 1/16 against bf16 torch.mm; fp8 at 8192^3 against bf16 torch.mm and torch._scaled_mm; fused swiglu
+against unfused torch. Targets: prefill >= 1.0x FA2 at D=128, T>=4k; decode >= 70% of copy at
+B=64, T=2048; rms_norm >= 80% of copy; int8 >= 1.5x bf16 mm; fp8 >= 1.3x bf16 mm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from _common import print_table, write_result
+
+from tessera.kernels import reference, registry
+from tessera.specs import KernelUnavailableError
+
+ROOT = Path(__file__).resolve().parents[1]
+HQ, HKV = 32, 8
+
+
+def timeit(device: torch.device, fn: Callable[..., Any], *args: Any, reps: int = 50, **kwargs: Any) -> float:
+    """Median seconds of `fn(*args, **kwargs)` after warm-up: CUDA events (L2 flushed between runs by
+    do_bench) on GPU, the host clock on CPU."""
+    if args or kwargs:
+        fn = functools.partial(fn, *args, **kwargs)
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=max(50, reps), return_mode="median") / 1e3
+    fn()
+    times = []
+    for _ in range(max(3, reps // 10)):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def ceilings(device: torch.device, tiny: bool) -> dict[str, float]:
+    """Copy bandwidth (bytes read + written per second) and bf16 matmul FLOP/s, measured here."""
+    n = (1 << 20) if tiny else (1 << 30)
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    copy_s = timeit(device, dst.copy_, src)
+    m = 256 if tiny else 8192
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    a, b = torch.randn(m, m, device=device, dtype=dtype), torch.randn(m, m, device=device, dtype=dtype)
+    mm_s = timeit(device, torch.mm, a, b)
+    return {"copy_bytes_per_s": 2 * n / copy_s, "mm_flops": 2 * m**3 / mm_s}
+
+
+def _impl(op: str, backend: str, *args: Any, **kwargs: Any) -> Callable[..., Any] | None:
+    try:
+        return registry.get(op, *args, backend=backend, **kwargs)
+    except KernelUnavailableError:
+        return None
+
+
+def bench_prefill(device: torch.device, dtype: torch.dtype, tiny: bool, ceil: dict[str, float]) -> list[dict]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rows = []
+    lengths = (64, 128) if tiny else (1024, 4096, 16384)
+    tokens = 256 if tiny else 16384
+    peers = {"sdpa-flash2": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION}
+    for d in (64, 128):
+        for t in lengths:
+            b = max(1, tokens // t)
+            n = b * t
+            q = torch.randn(n, HQ, d, device=device, dtype=dtype)
+            k = torch.randn(n, HKV, d, device=device, dtype=dtype)
+            v = torch.randn(n, HKV, d, device=device, dtype=dtype)
+            cu = torch.arange(0, n + 1, t, device=device, dtype=torch.int32)
+            flops = 4 * b * t * t * HQ * d / 2
+            results: dict[str, float] = {}
+            for backend in ("triton", "cuda"):
+                if backend == "cuda" and t > 4096:
+                    continue  # the plain CUDA kernel takes seconds here; its trend is clear by 4k
+                impl = _impl("attention.prefill", backend, q, k, v, cu, t)
+                if impl is not None:
+                    results[backend] = flops / timeit(device, impl, q, k, v, cu, t) / 1e12
+            # Peers get K/V repeated to Hq heads outside the timed region (their GQA paths differ by backend).
+            qb = q.view(b, t, HQ, d).transpose(1, 2)
+            kb = k.view(b, t, HKV, d).transpose(1, 2).repeat_interleave(HQ // HKV, 1)
+            vb = v.view(b, t, HKV, d).transpose(1, 2).repeat_interleave(HQ // HKV, 1)
+            for name, backend in peers.items():
+                if device.type != "cuda":
+                    continue
+                try:
+                    with sdpa_kernel(backend):
+                        sec = timeit(device, F.scaled_dot_product_attention, qb, kb, vb, is_causal=True)
+                    results[name] = flops / sec / 1e12
+                except RuntimeError as e:
+                    print(f"  {name} unavailable at D={d} T={t}: {str(e).splitlines()[0][:100]}")
+            if device.type != "cuda":
+                sec = timeit(device, F.scaled_dot_product_attention, qb, kb, vb, is_causal=True)
+                results["sdpa"] = flops / sec / 1e12
+            for backend, tflops in results.items():
+                rows.append({"op": "attention.prefill", "backend": backend, "D": d, "T": t, "B": b,
+                             "tflops": tflops, "of_mm_ceiling": tflops * 1e12 / ceil["mm_flops"],
+                             "vs_flash2": tflops / results["sdpa-flash2"] if "sdpa-flash2" in results else None,
+                             "vs_cudnn": tflops / results["sdpa-cudnn"] if "sdpa-cudnn" in results else None})
+    return rows
+
+
+def _paged(b: int, t: int, page: int, d: int, device: torch.device, dtype: torch.dtype) -> tuple:
+    per = -(-t // page)
+    blocks = b * per
+    k_cache = torch.randn(blocks, page, HKV, d, device=device, dtype=dtype)
+    v_cache = torch.randn(blocks, page, HKV, d, device=device, dtype=dtype)
+    table = torch.randperm(blocks, device=device).to(torch.int32).view(b, per)
+    return k_cache, v_cache, table
+
+
+def bench_decode(device: torch.device, dtype: torch.dtype, tiny: bool, ceil: dict[str, float]) -> list[dict]:
+    rows = []
+    shapes = [(4, 64), (1, 256)] if tiny else [(64, 2048), (1, 8192), (256, 512)]
+    d, page = 128, 16
+    for b, t in shapes:
+        k_cache, v_cache, table = _paged(b, t, page, d, device, dtype)
+        q = torch.randn(b, HQ, d, device=device, dtype=dtype)
+        lens = torch.full((b,), t, device=device, dtype=torch.int32)
+        kv_bytes = 2 * b * t * HKV * d * k_cache.element_size()
+        results = {}
+        impl = _impl("attention.decode_paged", "triton", q, k_cache, v_cache, table, lens)
+        if impl is not None:
+            results["triton"] = timeit(device, impl, q, k_cache, v_cache, table, lens)
+        else:
+            results["reference"] = timeit(device, reference.attention_decode_paged, q, k_cache, v_cache, table, lens)
+        # Peer: SDPA over a contiguous copy of the same cache; the Hq/Hkv query heads of a group are
+        # its query rows, so K/V are read once per kv head, as the paged kernel reads them.
+        kc = k_cache[table.long()].reshape(b, -1, HKV, d)[:, :t].transpose(1, 2).contiguous()
+        vc = v_cache[table.long()].reshape(b, -1, HKV, d)[:, :t].transpose(1, 2).contiguous()
+        qg = q.view(b, HKV, HQ // HKV, d)
+        results["sdpa-contiguous"] = timeit(device, F.scaled_dot_product_attention, qg, kc, vc)
+        for backend, sec in results.items():
+            rows.append({"op": "attention.decode_paged", "backend": backend, "B": b, "T": t, "us": sec * 1e6,
+                         "kv_GBps": kv_bytes / sec / 1e9, "of_copy_ceiling": kv_bytes / sec / ceil["copy_bytes_per_s"],
+                         "vs_sdpa": results["sdpa-contiguous"] / sec})
+    return rows
+
+
+def bench_rms_norm(device: torch.device, dtype: torch.dtype, tiny: bool, ceil: dict[str, float]) -> list[dict]:
+    rows_, d = (256, 512) if tiny else (16384, 4096)
+    x = torch.randn(rows_, d, device=device, dtype=dtype)
+    w = torch.randn(d, device=device, dtype=dtype)
+    moved = 2 * x.numel() * x.element_size() + w.numel() * w.element_size()
+    results = {"torch-eager": timeit(device, reference.rms_norm, x, w, 1e-6)}
+    for backend in ("triton", "cuda"):
+        impl = _impl("rms_norm", backend, x, w, 1e-6)
+        if impl is not None:
+            results[backend] = timeit(device, impl, x, w, 1e-6)
+    return [{"op": "rms_norm", "backend": b, "shape": f"{rows_}x{d}", "us": s * 1e6, "GBps": moved / s / 1e9,
+             "of_copy_ceiling": moved / s / ceil["copy_bytes_per_s"], "vs_torch_eager": results["torch-eager"] / s}
+            for b, s in results.items()]
+
+
+def bench_weight_only(device: torch.device, dtype: torch.dtype, tiny: bool, ceil: dict[str, float]) -> list[dict]:
+    rows = []
+    sizes = [64, 128] if tiny else [4096, 8192]
+    for kn in sizes:
+        for m in (1, 16):
+            x = torch.randn(m, kn, device=device, dtype=dtype)
+            w = torch.randn(kn, kn, device=device, dtype=dtype) * kn**-0.5
+            w_q = torch.randint(-127, 128, (kn, kn), device=device, dtype=torch.int8)
+            scale = torch.rand(kn, device=device, dtype=dtype) / 127
+            q4 = reference.pack_int4(torch.randint(0, 16, (kn, kn), device=device))
+            g = min(128, kn)
+            s4 = torch.rand(kn, kn // g, device=device, dtype=dtype) / 16
+            z4 = torch.randint(0, 16, (kn, kn // g), device=device).to(dtype)
+            mm = timeit(device, torch.mm, x, w.T)
+            rows.append({"op": "matmul (bf16 torch.mm)", "backend": "torch", "M": m, "K=N": kn, "us": mm * 1e6,
+                         "weight_GBps": w.numel() * w.element_size() / mm / 1e9,
+                         "of_copy_ceiling": w.numel() * w.element_size() / mm / ceil["copy_bytes_per_s"],
+                         "vs_bf16_mm": 1.0})
+            cases = [("matmul.int8_weight_only", (x, w_q, scale), w_q.numel()),
+                     ("matmul.int4_awq", (x, q4, s4, z4, g), q4.numel() + 2 * s4.numel() * s4.element_size())]
+            for op, args, wbytes in cases:
+                impl = _impl(op, "triton", *args)
+                backend = "triton" if impl is not None else "reference"
+                fn = impl or registry.get(op, backend="reference")
+                sec = timeit(device, fn, *args)
+                rows.append({"op": op, "backend": backend, "M": m, "K=N": kn, "us": sec * 1e6,
+                             "weight_GBps": wbytes / sec / 1e9,
+                             "of_copy_ceiling": wbytes / sec / ceil["copy_bytes_per_s"],
+                             "vs_bf16_mm": mm / sec})
+    return rows
+
+
+def bench_fp8(device: torch.device, dtype: torch.dtype, tiny: bool, ceil: dict[str, float]) -> list[dict]:
+    n = 256 if tiny else 8192
+    flops = 2 * n**3
+    x = torch.randn(n, n, device=device, dtype=dtype)
+    w = torch.randn(n, n, device=device, dtype=dtype)
+    w_scale = (w.float().abs().amax(1) / 448).clamp_min(1e-12)
+    w_q = (w.float() / w_scale[:, None]).to(torch.float8_e4m3fn)
+    results = {"torch.mm bf16": timeit(device, torch.mm, x, w.T)}
+    impl = _impl("matmul.fp8", "triton", x, w_q, w_scale)
+    if impl is not None:
+        results["triton (with x quantization)"] = timeit(device, impl, x, w_q, w_scale)
+        from tessera.kernels.triton.fp8_matmul import quantize_rows
+
+        results["triton quantize x only"] = timeit(device, quantize_rows, x)
+    if device.type == "cuda":
+        xq, xs = reference.quantize_fp8_rows(x)
+        results["torch._scaled_mm (x pre-quantized)"] = timeit(
+            device, torch._scaled_mm, xq, w_q.T, scale_a=xs[:, None].contiguous(),
+            scale_b=w_scale[None, :].contiguous(), out_dtype=dtype)
+    rows = []
+    for backend, sec in results.items():
+        rows.append({"op": "matmul.fp8", "backend": backend, "MNK": n, "us": sec * 1e6,
+                     "tflops": flops / sec / 1e12 if "only" not in backend else None,
+                     "of_mm_ceiling": flops / sec / ceil["mm_flops"] if "only" not in backend else None,
+                     "vs_bf16_mm": results["torch.mm bf16"] / sec,
+                     "vs_scaled_mm": (results["torch._scaled_mm (x pre-quantized)"] / sec
+                                      if "torch._scaled_mm (x pre-quantized)" in results else None)})
+    return rows
+
+
+def bench_swiglu(device: torch.device, dtype: torch.dtype, tiny: bool, ceil: dict[str, float]) -> list[dict]:
+    m, d, f = (128, 256, 512) if tiny else (8192, 4096, 14336)
+    x = torch.randn(m, d, device=device, dtype=dtype)
+    wg = torch.randn(f, d, device=device, dtype=dtype) * d**-0.5
+    wu = torch.randn(f, d, device=device, dtype=dtype) * d**-0.5
+    flops = 4 * m * d * f
+    results = {"torch unfused": timeit(device, reference.swiglu, x, wg, wu)}
+    impl = _impl("swiglu", "triton", x, wg, wu)
+    if impl is not None:
+        results["triton fused"] = timeit(device, impl, x, wg, wu)
+    return [{"op": "swiglu", "backend": b, "M,D,F": f"{m},{d},{f}", "us": s * 1e6, "tflops": flops / s / 1e12,
+             "of_mm_ceiling": flops / s / ceil["mm_flops"], "vs_unfused": results["torch unfused"] / s}
+            for b, s in results.items()]
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, d in zip(axes, (64, 128)):
+        for backend in sorted({r["backend"] for r in rows if r["op"] == "attention.prefill"}):
+            pts = sorted((r["T"], r["tflops"]) for r in rows if r["op"] == "attention.prefill" and r["D"] == d
+                         and r["backend"] == backend)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=backend)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"causal prefill, GQA {HQ}/{HKV}, D={d}, bf16")
+        ax.set_xlabel("sequence length T")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("TFLOP/s")
+    axes[1].legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+SECTIONS = {"prefill": bench_prefill, "decode": bench_decode, "rms_norm": bench_rms_norm,
+            "weight_only": bench_weight_only, "fp8": bench_fp8, "swiglu": bench_swiglu}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes (runs on CPU in seconds)")
+    parser.add_argument("--out", type=Path, default=None, help="directory for the JSON (default benchmarks/results)")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "attention_tflops.png",
+                        help="PNG of attention TFLOP/s vs T per backend")
+    parser.add_argument("--only", nargs="*", choices=sorted(SECTIONS), help="run only these sections")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    ceil = ceilings(device, args.tiny)
+    print(f"device {device}: copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s (read+write), "
+          f"{'bf16' if device.type == 'cuda' else 'fp32'} mm {ceil['mm_flops'] / 1e12:.1f} TFLOP/s")
+    sections: dict[str, list[dict]] = {}
+    for name in args.only or SECTIONS:
+        start = time.perf_counter()
+        sections[name] = SECTIONS[name](device, dtype, args.tiny, ceil)
+        print_table(sections[name], title=f"{name} ({time.perf_counter() - start:.0f}s)")
+    if "prefill" in sections and not (args.tiny and args.plot == parser.get_default("plot")):
+        plot(sections["prefill"], args.plot)
+    path = write_result("kernels" + ("-tiny" if args.tiny else ""), {"ceilings": ceil, "dtype": str(dtype),
+                                                                       "sections": sections}, args.out)
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
