@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +17,15 @@ import uvicorn
 
 from tessera.model.tokenizer import Tokenizer
 from tessera.serve.errors import RequestRejected
-from tessera.specs import CompletionOutput, GenerateRequest, RequestMetrics, RequestOutput, TokenLogprob
+from tessera.specs import (
+    CompletionOutput,
+    EngineConfig,
+    GenerateRequest,
+    ModelConfig,
+    RequestMetrics,
+    RequestOutput,
+    TokenLogprob,
+)
 
 CORPUS = ("the quick brown fox jumps over the lazy dog. " * 20 + "hello world, a small test of text. " * 20
           + "Sphinx of black quartz, judge my vow! 0123456789 " * 10)
@@ -125,7 +134,9 @@ class LiveServer:
     """uvicorn on 127.0.0.1 and a free port, in a thread; `url` is the base URL."""
 
     def __init__(self, app: Any) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted sockets only when the listener has it, and
+        # without it every response (headers and body are separate writes) waits ~40 ms on delayed ACKs.
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
@@ -149,7 +160,7 @@ class LiveServer:
         self.sock.close()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def live() -> Iterator[type[LiveServer]]:
     yield LiveServer
 
@@ -173,3 +184,31 @@ def make_engine(tokenizer: Tokenizer) -> Any:
 @pytest.fixture
 def until() -> Any:
     return wait_until
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tokenizer: Tokenizer) -> Path:
+    """A tiny random-weight model with a trained tokenizer, saved as a tessera checkpoint."""
+    import torch
+
+    from tessera.model import Transformer
+    from tessera.model.checkpoint import save_pretrained
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                      max_seq_len=256, eos_token_id=tokenizer.eos_token_id)
+    return save_pretrained(Transformer(cfg), tmp_path_factory.mktemp("tiny") / "model", tokenizer=tokenizer)
+
+
+ENGINE_CONFIG = EngineConfig(device="cpu", dtype="float32", max_model_len=256, num_blocks=512, block_size=16,
+                             max_num_seqs=256, max_num_batched_tokens=2048)
+
+
+@pytest.fixture(scope="module")
+def acceptance_engine(tiny_checkpoint: Path) -> Iterator[Any]:
+    """The real AsyncEngine over the tiny checkpoint (one per test module; shut down after it)."""
+    from tessera.serve import AsyncEngine
+
+    engine = AsyncEngine.from_path(tiny_checkpoint, config=ENGINE_CONFIG)
+    yield engine
+    asyncio.run(engine.shutdown(drain=False, timeout=10))

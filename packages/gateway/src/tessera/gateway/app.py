@@ -17,14 +17,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from tessera.gateway import errors, prepare
+from tessera.gateway import errors, prepare, render
 from tessera.gateway import protocol as p
 from tessera.gateway.admission import Admission, Ticket
 from tessera.gateway.errors import APIError
 from tessera.gateway.generation import ClientDisconnected, engine_error, outputs, unless_disconnected
 from tessera.gateway.metrics import GatewayMetrics
 from tessera.gateway.middleware import APIKeyMiddleware, BodyLimitMiddleware
-from tessera.gateway.render import DONE, Progress, chat_logprobs, completion_logprobs, sse, usage
 from tessera.specs import RequestOutput
 
 if TYPE_CHECKING:
@@ -84,6 +83,9 @@ class Gateway:
             self.metrics.reject(exc.status)
             raise
 
+    def _engine_error(self, exc: Exception, chat: bool) -> APIError:
+        return engine_error(exc, self.engine, self.settings.retry_after_s, "messages" if chat else "prompt")
+
     async def _prompts(self, body: p.CompletionRequest | p.ChatCompletionRequest) -> list[tuple[int, ...]]:
         tok = self.engine.tokenizer
         if isinstance(body, p.ChatCompletionRequest):
@@ -124,7 +126,7 @@ class Gateway:
         except APIError:
             raise
         except Exception as exc:
-            raise engine_error(exc, self.engine, self.settings.retry_after_s) from exc
+            raise self._engine_error(exc, chat) from exc
         finally:
             if ticket is not None:
                 with anyio.CancelScope(shield=True):
@@ -132,69 +134,53 @@ class Gateway:
                 self.admission.release(ticket)
         if any(o.outputs[0].finish_reason == "abort" for o in finals):
             raise APIError(503, "the engine aborted the request (shutting down?)", code="aborted")
-        created = int(time.time())
-        if chat:
-            return _json(_chat_response(plan, finals, self.engine.tokenizer, self.model_name, created))
-        return _json(_completion_response(plan, finals, self.engine.tokenizer, self.model_name, created))
+        build = render.chat_response if chat else render.completion_response
+        return _json(build(plan.request_id, self.model_name, self.engine.tokenizer, plan.prompt_tokens, finals,
+                           plan.requests[0].sampling.logprobs))
 
     async def _stream(self, plan: prepare.Plan, body: p.CompletionRequest | p.ChatCompletionRequest,
                       gen: AsyncIterator[tuple[int, RequestOutput]], first: tuple[int, RequestOutput] | None,
                       ticket: Ticket) -> AsyncIterator[str]:
+        """The SSE body. Owns `gen` and `ticket`: closing this generator (the client left) aborts what is
+        unfinished and releases the room."""
         chat = isinstance(body, p.ChatCompletionRequest)
-        tok, created, model = self.engine.tokenizer, int(time.time()), self.model_name
-        progress = [Progress.for_stop(r.sampling.stop) for r in plan.requests]
-        with_logprobs = body.logprobs is not None and body.logprobs is not False
-        with_top = bool(body.logprobs) if not chat else True
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        writer = render.ChunkWriter(chat=chat, id=plan.request_id, model=self.model_name,
+                                    tokenizer=self.engine.tokenizer, logprobs=plan.requests[0].sampling.logprobs,
+                                    include_usage=bool(body.stream_options and body.stream_options.include_usage))
+        progress = [render.Progress.for_stop(r.sampling.stop) for r in plan.requests]
+        ending = "disconnect"
         try:
-            if chat:
-                for i in range(len(plan.requests)):
-                    role = p.ChatChunkChoice(index=i, delta=p.Delta(role="assistant", content=""))
-                    yield sse(p.ChatCompletionChunk(id=plan.request_id, created=created, model=model, choices=[role]),
-                              with_usage=include_usage)
+            for event in writer.opening(len(plan.requests)):
+                yield event
             item = first
             while item is not None:
                 i, out = item
-                state = progress[i]
-                step = state.step(out)
                 if out.finished and out.outputs[0].finish_reason == "abort":
                     raise APIError(503, "the engine aborted the request (shutting down?)", code="aborted")
-                if step.text or step.logprobs or step.finished:
-                    if chat:
-                        lp = chat_logprobs(tok, step.logprobs) if with_logprobs else None
-                        choice = p.ChatChunkChoice(index=i, delta=p.Delta(content=step.text or None), logprobs=lp,
-                                                   finish_reason=step.finish_reason)
-                        yield sse(p.ChatCompletionChunk(id=plan.request_id, created=created, model=model,
-                                                        choices=[choice]), with_usage=include_usage)
-                    else:
-                        lp = None
-                        if with_logprobs:
-                            lp, state.offset = completion_logprobs(tok, step.logprobs, state.offset, with_top)
-                        choice = p.CompletionChoice(index=i, text=step.text, logprobs=lp,
-                                                    finish_reason=step.finish_reason)
-                        yield sse(p.CompletionResponse(id=plan.request_id, created=created, model=model,
-                                                       choices=[choice]), with_usage=include_usage)
+                event = writer.delta(i, progress[i], progress[i].step(out))
+                if event is not None:
+                    yield event
                 item = await anext(gen, None)
-            if include_usage:
-                finals = [s.final for s in progress if s.final is not None]
-                use = usage(plan.prompt_tokens, finals)
-                cls = p.ChatCompletionChunk if chat else p.CompletionResponse
-                yield sse(cls(id=plan.request_id, created=created, model=model, choices=[], usage=use))
+            ending = "done"
+            if writer.include_usage:
+                yield writer.usage(render.usage(plan.prompt_tokens, [s.final for s in progress if s.final]))
         except TimeoutError:
-            self.metrics.abort("timeout")
-            yield sse(APIError(504, "request did not finish within the per-request timeout of "
-                               f"{self.settings.request_timeout_s} s", code="timeout").body())
+            ending = "timeout"
+            yield render.sse(APIError(504, "request did not finish within the per-request timeout of "
+                                      f"{self.settings.request_timeout_s} s", code="timeout").body())
         except APIError as exc:
-            yield sse(exc.body())
+            ending = "error"
+            yield render.sse(exc.body())
         except Exception as exc:
-            yield sse(engine_error(exc, self.engine, self.settings.retry_after_s).body())
+            ending = "error"
+            yield render.sse(self._engine_error(exc, chat).body())
         finally:
             with anyio.CancelScope(shield=True):
                 await gen.aclose()  # type: ignore[attr-defined]
             self.admission.release(ticket)
-            if not all(s.done for s in progress):
-                self.metrics.abort("disconnect")
-        yield DONE
+            if ending in ("disconnect", "timeout"):
+                self.metrics.abort(ending)
+        yield render.DONE
 
 
 async def _collect(gen: AsyncIterator[tuple[int, RequestOutput]], count: int) -> list[RequestOutput]:
@@ -207,32 +193,6 @@ async def _collect(gen: AsyncIterator[tuple[int, RequestOutput]], count: int) ->
 
 def _json(model: Any) -> Response:
     return Response(model.model_dump_json(), media_type="application/json")
-
-
-def _completion_response(plan: prepare.Plan, finals: list[RequestOutput], tok: Any, model: str,
-                         created: int) -> p.CompletionResponse:
-    choices = []
-    for i, out in enumerate(finals):
-        comp, sampling = out.outputs[0], plan.requests[i].sampling
-        lp = None
-        if sampling.logprobs is not None:
-            lp, _ = completion_logprobs(tok, comp.logprobs or (), 0, sampling.logprobs > 0)
-        choices.append(p.CompletionChoice(index=i, text=comp.text, logprobs=lp,
-                                          finish_reason=comp.finish_reason))
-    return p.CompletionResponse(id=plan.request_id, created=created, model=model, choices=choices,
-                                usage=usage(plan.prompt_tokens, finals))
-
-
-def _chat_response(plan: prepare.Plan, finals: list[RequestOutput], tok: Any, model: str,
-                   created: int) -> p.ChatCompletionResponse:
-    choices = []
-    for i, out in enumerate(finals):
-        comp, sampling = out.outputs[0], plan.requests[i].sampling
-        lp = chat_logprobs(tok, comp.logprobs or ()) if sampling.logprobs is not None else None
-        choices.append(p.ChatChoice(index=i, message=p.AssistantMessage(content=comp.text), logprobs=lp,
-                                    finish_reason=comp.finish_reason))
-    return p.ChatCompletionResponse(id=plan.request_id, created=created, model=model, choices=choices,
-                                    usage=usage(plan.prompt_tokens, finals))
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {

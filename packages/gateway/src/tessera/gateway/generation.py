@@ -19,7 +19,7 @@ from starlette.requests import Request
 
 from tessera.gateway.errors import APIError
 from tessera.gateway.metrics import GatewayMetrics
-from tessera.serve.errors import EngineOverloaded, RequestRejected
+from tessera.serve.errors import EngineDeadError, EngineOverloaded, RequestRejected
 from tessera.specs import GenerateRequest, RequestOutput
 
 log = logging.getLogger("tessera.gateway")
@@ -30,13 +30,15 @@ class ClientDisconnected(Exception):
     """The HTTP client went away before its answer was ready."""
 
 
-def engine_error(exc: Exception, engine: Any, retry_after_s: int) -> APIError:
-    """The HTTP face of an engine exception."""
+def engine_error(exc: Exception, engine: Any, retry_after_s: int, prompt_field: str = "prompt") -> APIError:
+    """The HTTP face of an engine exception. The engine names its own fields; `prompt_token_ids` is
+    reported as the API field the prompt came in (`prompt` or `messages`)."""
     if isinstance(exc, RequestRejected):
-        return APIError(400, str(exc), param=exc.field, code="invalid_value")
+        field = prompt_field if exc.field in ("prompt", "prompt_token_ids") else exc.field
+        return APIError(400, str(exc), param=field, code="invalid_value")
     if isinstance(exc, EngineOverloaded):
         return APIError(429, str(exc), code="engine_overloaded", headers={"Retry-After": str(retry_after_s)})
-    if not engine.healthy:
+    if isinstance(exc, EngineDeadError) or not engine.healthy:
         return APIError(503, f"the engine is not running ({type(exc).__name__}: {exc})", code="engine_dead")
     log.error("engine request failed", exc_info=exc)
     return APIError(500, f"engine error: {type(exc).__name__}", code="internal_error")

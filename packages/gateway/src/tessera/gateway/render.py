@@ -8,6 +8,7 @@ engine later cuts off is never streamed: the streamed text always concatenates t
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,6 +100,71 @@ class Progress:
         if out.finished:
             self.done, self.final = True, out
         return Step(text, entries, finish_reason(comp) if out.finished else None, out.finished)
+
+
+@dataclass
+class ChunkWriter:
+    """Server-sent events for one streamed request, in OpenAI's chunk format for its endpoint."""
+
+    chat: bool
+    id: str
+    model: str
+    tokenizer: Any
+    logprobs: int | None
+    include_usage: bool
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def _event(self, choices: list[Any], usage: p.Usage | None = None) -> str:
+        cls = p.ChatCompletionChunk if self.chat else p.CompletionResponse
+        return sse(cls(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage),
+                   with_usage=self.include_usage)
+
+    def opening(self, choices: int) -> list[str]:
+        """Chat streams open each choice with an empty assistant delta; completions have no opening."""
+        if not self.chat:
+            return []
+        return [self._event([p.ChatChunkChoice(index=i, delta=p.Delta(role="assistant", content=""))])
+                for i in range(choices)]
+
+    def delta(self, index: int, state: Progress, step: Step) -> str | None:
+        """The event for one step of choice `index`, or None when it carries nothing."""
+        if not (step.text or step.logprobs or step.finished):
+            return None
+        if self.chat:
+            lp = chat_logprobs(self.tokenizer, step.logprobs) if self.logprobs is not None else None
+            return self._event([p.ChatChunkChoice(index=index, delta=p.Delta(content=step.text or None), logprobs=lp,
+                                                  finish_reason=step.finish_reason)])
+        lp = None
+        if self.logprobs is not None:
+            lp, state.offset = completion_logprobs(self.tokenizer, step.logprobs, state.offset, self.logprobs > 0)
+        return self._event([p.CompletionChoice(index=index, text=step.text, logprobs=lp,
+                                               finish_reason=step.finish_reason)])
+
+    def usage(self, use: p.Usage) -> str:
+        return self._event([], use)
+
+
+def completion_response(request_id: str, model: str, tok: Any, prompt_tokens: int, finals: Sequence[RequestOutput],
+                        logprobs: int | None) -> p.CompletionResponse:
+    choices = []
+    for i, out in enumerate(finals):
+        comp = out.outputs[0]
+        lp = completion_logprobs(tok, comp.logprobs or (), 0, logprobs > 0)[0] if logprobs is not None else None
+        choices.append(p.CompletionChoice(index=i, text=comp.text, logprobs=lp, finish_reason=finish_reason(comp)))
+    return p.CompletionResponse(id=request_id, created=int(time.time()), model=model, choices=choices,
+                                usage=usage(prompt_tokens, finals))
+
+
+def chat_response(request_id: str, model: str, tok: Any, prompt_tokens: int, finals: Sequence[RequestOutput],
+                  logprobs: int | None) -> p.ChatCompletionResponse:
+    choices = []
+    for i, out in enumerate(finals):
+        comp = out.outputs[0]
+        lp = chat_logprobs(tok, comp.logprobs or ()) if logprobs is not None else None
+        choices.append(p.ChatChoice(index=i, message=p.AssistantMessage(content=comp.text), logprobs=lp,
+                                    finish_reason=finish_reason(comp)))
+    return p.ChatCompletionResponse(id=request_id, created=int(time.time()), model=model, choices=choices,
+                                    usage=usage(prompt_tokens, finals))
 
 
 def sse(obj: BaseModel | dict[str, Any], *, with_usage: bool = True) -> str:
