@@ -1,0 +1,88 @@
+"""The pieces of a decoder block as pure functions of arrays: RMSNorm, RoPE, attention, SwiGLU.
+
+Numerics follow the torch references (`tessera.kernels.reference`) and Hugging Face Llama/Qwen:
+RMSNorm and softmax run in float32 and cast back; RoPE is "rotate_half" with float32 angles cast to
+the activation dtype; attention accumulates in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tessera.specs import RopeScaling
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """`x * rsqrt(mean(x^2) + eps) * weight` over the last axis, in float32, returned in `x.dtype`."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
+    """Inverse frequencies `[head_dim // 2]` float32: `theta ** (-2i / head_dim)`, then scaled.
+
+    `linear` divides every frequency by `factor`; `llama3` divides the low band (wavelength above
+    `original_max_position_embeddings / low_freq_factor`) by `factor`, keeps the high band
+    (wavelength below `original / high_freq_factor`) and blends linearly in between. Computed on
+    the host in float32, as the torch model does, so both see the same table.
+    """
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
+    if scaling is None:
+        return inv_freq
+    factor = np.float32(scaling.factor)
+    if scaling.type == "linear":
+        return inv_freq / factor
+    old_len = scaling.original_max_position_embeddings
+    low, high = scaling.low_freq_factor, scaling.high_freq_factor
+    wavelen = np.float32(2 * math.pi) / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (np.float32(old_len) / wavelen - np.float32(low)) / np.float32(high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    """`positions [B, T]` int -> `(cos, sin)` each `[B, T, head_dim]` in `dtype` (angles in float32)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate `x [B, T, H, D]` by `cos`/`sin [B, T, D]`, pairing dim i with dim i + D/2."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+    """Causal grouped-query attention.
+
+    q `[B, Tq, Hq, D]`, k/v `[B, Tk, Hkv, D]` (Hq % Hkv == 0; query head h reads kv head
+    h // (Hq // Hkv)), `q_pos [B, Tq]` and `k_pos [B, Tk]` absolute positions: query i sees key j
+    iff `k_pos[j] <= q_pos[i]`. Scores and softmax in float32, scale `D ** -0.5`; returns
+    `[B, Tq, Hq, D]` in `q.dtype`.
+    """
+    b, tq, hq, d = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(b, tq, hkv, hq // hkv, d)
+    scores = jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    visible = k_pos[:, None, None, None, :] <= q_pos[:, None, None, :, None]
+    scores = jnp.where(visible, scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bgrts,bsgd->btgrd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, tq, hq, d).astype(q.dtype)
+
+
+def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array) -> jax.Array:
+    """`silu(x @ w_gate) * (x @ w_up)` with weights `[D, F]`."""
+    return jax.nn.silu(x @ w_gate) * (x @ w_up)
