@@ -121,13 +121,13 @@ def test_missing_unexpected_and_misshapen_tensors_are_named(tmp_path: Path) -> N
     good = dict(tensors)
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, str(directory / "model.safetensors"))
-    with pytest.raises(KeyError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
         load_hf(directory)
     save_file({**good, "model.layers.0.extra.weight": torch.zeros(2)}, str(directory / "model.safetensors"))
-    with pytest.raises(KeyError, match=r"model\.layers\.0\.extra\.weight"):
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.extra\.weight"):
         load_hf(directory)
     save_file({**good, "model.norm.weight": torch.ones(31)}, str(directory / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"model\.norm\.weight has shape \(31,\)"):
+    with pytest.raises(ValueError, match=r"model\.norm\.weight.*\[31\]"):
         load_hf(directory)
     (directory / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors"):

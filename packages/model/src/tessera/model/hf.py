@@ -19,18 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from tessera.model.checkpoint import INDEX, SINGLE, model_from_state_dict, save_state_dict
 from tessera.model.tokenizer import Tokenizer
 from tessera.model.transformer import Transformer
 from tessera.specs import ModelConfig, RopeScaling
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Buffers some older exports saved; RoPE frequencies are recomputed from the config instead.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -194,7 +191,7 @@ def weight_files(directory: str | Path) -> list[Path]:
     else `model.safetensors`, else every `*.safetensors`. Raises ValueError when only pickle weights
     exist (naming them) and FileNotFoundError when there are no weights or a listed shard is missing."""
     directory = Path(directory)
-    index = directory / INDEX_FILE
+    index = directory / INDEX
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         pickles = [n for n in names if not n.endswith(".safetensors")]
@@ -205,8 +202,8 @@ def weight_files(directory: str | Path) -> list[Path]:
         if missing:
             raise FileNotFoundError(f"{index} lists shards that are missing: {missing}")
         return files
-    if (directory / SINGLE_FILE).is_file():
-        return [directory / SINGLE_FILE]
+    if (directory / SINGLE).is_file():
+        return [directory / SINGLE]
     files = sorted(directory.glob("*.safetensors"))
     if files:
         return files
@@ -217,67 +214,28 @@ def weight_files(directory: str | Path) -> list[Path]:
     raise FileNotFoundError(f"no *.safetensors weights in {directory}")
 
 
-def _stored_dtype(files: list[Path]) -> torch.dtype:
-    with safe_open(str(files[0]), framework="pt") as f:
-        for name in f.keys():
-            t = f.get_slice(name)
-            dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(t.get_dtype())
-            if dtype is not None:
-                return dtype
-    raise ValueError(f"{files[0]} holds no floating-point tensor")
-
-
 def load_hf(directory: str | Path, *, device: str | torch.device = "cpu",
             dtype: torch.dtype | None = None) -> Transformer:
     """Load an HF Llama / Qwen2 / Qwen3 directory (config.json + single or sharded safetensors) as a
     `Transformer` in eval mode on `device`, in `dtype` (default: the dtype the weights are stored in).
 
     Raises FileNotFoundError (no config.json / weights), UnsupportedModelError (see `config_from_hf`),
-    ValueError for pickle-only weights, and KeyError naming missing or unexpected tensors.
+    and ValueError for pickle-only weights or tensors that are missing, unexpected or misshapen.
     """
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"no config.json in {directory}")
     cfg = config_from_hf(json.loads(config_path.read_text()))
-    files = weight_files(directory)
-    dtype = dtype or _stored_dtype(files)
-    model = empty_model(cfg, device=device, dtype=dtype)
-    expected = set(model.state_dict())
+    tensors: dict[str, torch.Tensor] = {}
+    for path in weight_files(directory):
+        tensors.update((k, v) for k, v in load_file(str(path)).items() if not k.endswith(_IGNORED_SUFFIXES))
     if cfg.tie_embeddings:
-        expected.discard("lm_head.weight")
-    targets = model.state_dict()  # tensors sharing storage with the parameters
-    seen: set[str] = set()
-    for path in files:
-        tensors = {k: v for k, v in load_file(str(path)).items() if not k.endswith(_IGNORED_SUFFIXES)}
-        if cfg.tie_embeddings:
-            tensors.pop("lm_head.weight", None)  # some exports store the tied copy too
-        unexpected = sorted(set(tensors) - expected)
-        if unexpected:
-            raise KeyError(f"{path.name}: tensors this {cfg.family} model does not have: {unexpected[:8]}")
-        for name, tensor in tensors.items():
-            if targets[name].shape != tensor.shape:
-                raise ValueError(f"{path.name}: tensor {name} has shape {tuple(tensor.shape)}, the config implies "
-                                 f"{tuple(targets[name].shape)}")
-            with torch.no_grad():
-                targets[name].copy_(tensor)
-        seen.update(tensors)
-    missing = sorted(expected - seen)
-    if missing:
-        raise KeyError(f"{directory}: weights missing for {missing[:8]}" + (" ..." if len(missing) > 8 else ""))
-    return model.eval()
-
-
-def empty_model(cfg: ModelConfig, *, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32) -> Transformer:
-    """A `Transformer` with uninitialised parameters on `device` (no time spent on random init),
-    embeddings re-tied when `cfg.tie_embeddings`; fill it before use."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to_empty(device=device)
-    if cfg.tie_embeddings:  # materialising gives each module its own tensor; restore the sharing
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.to(dtype)
+        tensors.pop("lm_head.weight", None)  # some exports store the tied copy too
+    try:
+        return model_from_state_dict(cfg, tensors, device=device, dtype=dtype)
+    except ValueError as err:
+        raise ValueError(f"weights in {directory} do not fit its config.json: {err}") from None
 
 
 def export_hf(model: Transformer, directory: str | Path, tokenizer: Tokenizer | None = None, *,
@@ -296,7 +254,7 @@ def export_hf(model: Transformer, directory: str | Path, tokenizer: Tokenizer | 
     hf_cfg = hf_config_from(cfg, dtype)
     tensors = dict(_export_tensors(model, hf_cfg["model_type"], dtype))
     (directory / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-    _write_shards(tensors, directory, max_shard_bytes)
+    save_state_dict(tensors, directory, max_shard_bytes=max_shard_bytes)
     if tokenizer is not None:
         tokenizer.save_dir(directory)
     return directory
@@ -324,27 +282,3 @@ def _export_tensors(model: Transformer, model_type: str, dtype: torch.dtype) -> 
             yield f"{attn}.v_proj.bias", torch.zeros(cfg.n_kv_heads * hd, dtype=dtype)
         if model_type == "qwen3" and cfg.attention_bias:
             yield f"{attn}.o_proj.bias", torch.zeros(cfg.d_model, dtype=dtype)
-
-
-def _write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    metadata = {"format": "pt"}  # transformers checks this tag before loading
-    if len(shards) == 1:
-        save_file(shards[0], str(directory / SINGLE_FILE), metadata=metadata)
-        return
-    weight_map: dict[str, str] = {}
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / fname), metadata=metadata)
-        weight_map.update(dict.fromkeys(shard, fname))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
