@@ -7,6 +7,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from tessera.serve.detokenizer import IncrementalDetokenizer
 from tessera.specs import KVCacheHandle, SamplingParams, TokenLogprob
 
 
@@ -40,11 +41,11 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     text: str = ""
+    detok: IncrementalDetokenizer | None = None
     logprobs: list[TokenLogprob] | None = None
     cumulative_logprob: float = 0.0
     first_token_time: float | None = None
     finished_time: float | None = None
-    token_times: list[float] = field(default_factory=list)
     num_preemptions: int = 0
     num_cached_tokens: int = 0
     spec_draft_tokens: int = 0

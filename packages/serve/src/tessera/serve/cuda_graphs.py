@@ -1,0 +1,78 @@
+"""CUDA graphs for decode steps: one graph per bucketed batch size, all reading the same static
+input buffers, captured largest first so they share one memory pool.
+
+A step of B sequences replays the graph of the smallest bucket >= B. Lanes B.. are padding: token 0
+at position 0, slot -1 (nothing written), a block table pointing only at the reserved null block and
+a context of one token, so their attention reads the null block and their logits are discarded.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+import torch
+
+from tessera.attn import PagedAttentionMetadata, PagedKVCache, PagedKVContext
+from tessera.model import Transformer
+
+
+class DecodeGraphs:
+    def __init__(self, model: Transformer, cache: PagedKVCache, null_block: int, max_blocks_per_seq: int,
+                 batch_sizes: Sequence[int]) -> None:
+        self.sizes = sorted(set(batch_sizes))
+        self.max_batch_size = self.sizes[-1]
+        self.null_block = null_block
+        dev, n = cache.device, self.max_batch_size
+        self.ids = torch.zeros(1, n, dtype=torch.int64, device=dev)
+        self.pos = torch.zeros(1, n, dtype=torch.int64, device=dev)
+        self.slots = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        self.tables = torch.full((n, max_blocks_per_seq), null_block, dtype=torch.int32, device=dev)
+        self.ctx = torch.ones(n, dtype=torch.int32, device=dev)
+        self.cu = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.logits = torch.empty(n, model.config.vocab_size, dtype=model.lm_head.weight.dtype, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        pool = None
+        with torch.inference_mode():
+            for bs in reversed(self.sizes):
+                meta = PagedAttentionMetadata(self.slots[:bs], self.tables[:bs], self.ctx[:bs], self.cu[:bs + 1],
+                                              max_seqlen_q=1, decode_only=True)
+                kv = PagedKVContext(cache, meta)
+
+                def run(bs: int = bs, kv: PagedKVContext = kv) -> None:
+                    h, _ = model.hidden_states(self.ids[:, :bs], self.pos[:, :bs], kv)
+                    self.logits[:bs] = model.lm_head(h[0])
+
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    run()  # warm-up: lazy initialisation and autotuning must not happen during capture
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    run()
+                pool = graph.pool()
+                self.graphs[bs] = graph
+        torch.cuda.synchronize()
+
+    def run(self, ids: list[int], positions: list[int], slots: list[int],
+            tables: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Logits [B, vocab] for one decode token per sequence (B <= max_batch_size)."""
+        b = len(ids)
+        bs = self.sizes[bisect.bisect_left(self.sizes, b)]
+        width = max(len(t) for t in tables)
+        host = torch.tensor([ids, positions, slots], dtype=torch.int64)
+        host_tables = torch.tensor([list(t) + [self.null_block] * (width - len(t)) for t in tables], dtype=torch.int32)
+        self.ids[0, :b].copy_(host[0], non_blocking=True)
+        self.pos[0, :b].copy_(host[1], non_blocking=True)
+        self.slots[:b].copy_(host[2], non_blocking=True)
+        self.ctx[:b].copy_((host[1] + 1).to(torch.int32), non_blocking=True)
+        self.tables[:b, :width].copy_(host_tables, non_blocking=True)
+        if bs > b:
+            self.ids[0, b:bs] = 0
+            self.pos[0, b:bs] = 0
+            self.slots[b:bs] = -1
+            self.ctx[b:bs] = 1
+            self.tables[b:bs, 0] = self.null_block
+        self.graphs[bs].replay()
+        return self.logits[:b]

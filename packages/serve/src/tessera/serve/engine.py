@@ -1,0 +1,406 @@
+"""`LLMEngine`: requests in, one scheduler step at a time, cumulative outputs out.
+
+    engine = LLMEngine(model, tokenizer, EngineConfig(...))
+    engine.add_request(GenerateRequest(request_id="a", prompt="Hello", sampling=SamplingParams(max_tokens=8)))
+    while engine.has_unfinished():
+        for out in engine.step(): ...
+
+Not thread-safe: one thread drives it (`AsyncEngine` runs it on its own thread).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tessera.model import Transformer
+from tessera.serve.block_manager import BlockManager
+from tessera.serve.detokenizer import Decoder, IncrementalDetokenizer
+from tessera.serve.errors import RequestRejected
+from tessera.serve.model_runner import ModelRunner, StepInput, kv_cache_spec
+from tessera.serve.sampler import Sampler, SamplingRows, derive_seed
+from tessera.serve.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
+from tessera.serve.sequence import Sequence
+from tessera.serve.speculative import DraftProposer, NgramProposer, target_rows, verify
+from tessera.specs import (
+    CompletionOutput,
+    EngineConfig,
+    GenerateRequest,
+    RequestMetrics,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    num_preemptions: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    generation_tokens_total: int
+    prompt_tokens_total: int
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    arrival_time: float
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.seqs)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class LLMEngine:
+    """Owns the block manager, scheduler, model runner(s) and sampler for one model (and an optional
+    draft). The model must already sit on its device in its serving dtype; the KV cache takes that dtype."""
+
+    def __init__(self, model: Transformer, tokenizer: Decoder | None = None, config: EngineConfig | None = None, *,
+                 draft_model: Transformer | None = None, model_name: str = "model") -> None:
+        self.config = config = config or EngineConfig()
+        self.model_name = model_name
+        self.tokenizer = tokenizer
+        weight = model.model.embed_tokens.weight
+        self.device, dtype = weight.device, weight.dtype
+        self.vocab_size = model.config.vocab_size
+        self.max_model_len = config.max_model_len or model.config.max_seq_len
+        if self.max_model_len > model.config.max_seq_len:
+            raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's max_seq_len "
+                             f"({model.config.max_seq_len})")
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos_token_id = eos if eos is not None else model.config.eos_token_id
+        spec = config.speculative
+        if spec is not None and spec.method == "draft":
+            if draft_model is None:
+                raise ValueError(f"speculative.method='draft' but no draft model was given for {spec.draft_model!r}")
+            if draft_model.config.vocab_size != self.vocab_size:
+                raise ValueError(f"draft vocab_size {draft_model.config.vocab_size} != target vocab_size "
+                                 f"{self.vocab_size}")
+        num_lookahead = spec.num_speculative_tokens if spec is not None else 0
+        bs = config.block_size
+        self.num_blocks = config.num_blocks or self._auto_num_blocks(model, draft_model, dtype)
+        self.bm = BlockManager(self.num_blocks, bs, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.bm, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens, max_waiting=config.max_waiting,
+                                   enable_chunked_prefill=config.enable_chunked_prefill, num_lookahead=num_lookahead)
+        runner_args = dict(num_blocks=self.num_blocks, block_size=bs, max_model_len=self.max_model_len,
+                           device=self.device, cuda_graph_batch_sizes=[b for b in config.cuda_graph_batch_sizes
+                                                                        if b <= config.max_num_seqs],
+                           enforce_eager=config.enforce_eager)
+        self.runner = ModelRunner(model, dtype=dtype, **runner_args)
+        self.sampler = Sampler()
+        self.proposer: DraftProposer | NgramProposer | None = None
+        if spec is not None and spec.method == "draft":
+            assert draft_model is not None
+            draft_runner = ModelRunner(draft_model, dtype=draft_model.model.embed_tokens.weight.dtype, **runner_args)
+            self.proposer = DraftProposer(draft_runner, self.sampler, self.eos_token_id)
+        elif spec is not None:
+            self.proposer = NgramProposer(self.vocab_size, spec.ngram_min, spec.ngram_max, self.device)
+        self.requests: dict[str, Request] = {}
+        self._rng = random.Random(config.seed)
+        self._next_seq_id = 0
+        self.generation_tokens_total = 0
+        self.prompt_tokens_total = 0
+
+    def _auto_num_blocks(self, model: Transformer, draft: Transformer | None, dtype: torch.dtype) -> int:
+        bs = self.config.block_size
+        per_block = kv_cache_spec(model, 1, bs, dtype).bytes_per_block
+        if draft is not None:
+            per_block += kv_cache_spec(draft, 1, bs, draft.model.embed_tokens.weight.dtype).bytes_per_block
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * self.config.kv_cache_memory_fraction)
+        else:
+            budget = self.config.kv_cache_bytes
+        useful = self.config.max_num_seqs * -(-self.max_model_len // bs)
+        blocks = min(budget // per_block, useful)
+        if blocks < 1:
+            raise ValueError(f"KV cache budget of {budget} bytes holds no block of {per_block} bytes")
+        return blocks
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    def add_request(self, request: GenerateRequest) -> None:
+        """Validate and queue. Raises RequestRejected (never servable as given) or EngineOverloaded."""
+        ids = self.check_request(request)
+        sp = request.sampling
+        seed = sp.seed if sp.seed is not None else self._rng.getrandbits(63)
+        arrival = request.arrival_time or time.time()
+        seqs = []
+        for i in range(sp.n):
+            seqs.append(Sequence(seq_id=self._next_seq_id, request_id=request.request_id, prompt_token_ids=list(ids),
+                                 sampling=sp, seed=derive_seed(seed, i), max_model_len=self.max_model_len, index=i,
+                                 arrival_time=arrival, prompt=request.prompt))
+            self._next_seq_id += 1
+        self.scheduler.add(seqs)
+        for s in seqs:
+            if self.tokenizer is not None:
+                s.detok = IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens)
+        self.requests[request.request_id] = Request(request.request_id, request.prompt, ids, seqs, arrival)
+        self.prompt_tokens_total += len(ids)
+
+    def check_request(self, request: GenerateRequest) -> list[int]:
+        """The request's prompt token ids; raises RequestRejected if it can never be served."""
+        if request.request_id in self.requests:
+            raise RequestRejected("request_id", request.request_id, "a request with this id is already running")
+        ids = self._prompt_ids(request)
+        self._validate(ids, request.sampling)
+        return ids
+
+    def _prompt_ids(self, request: GenerateRequest) -> list[int]:
+        if request.prompt_token_ids is not None:
+            ids = list(request.prompt_token_ids)
+            bad = [t for t in ids if t >= self.vocab_size]
+            if bad:
+                raise RequestRejected("prompt_token_ids", bad[0], f"token id outside [0, {self.vocab_size})")
+            return ids
+        if self.tokenizer is None:
+            raise RequestRejected("prompt", request.prompt, "this model has no tokenizer; send prompt_token_ids")
+        ids = self.tokenizer.encode(request.prompt)  # type: ignore[attr-defined]
+        if not ids:
+            raise RequestRejected("prompt", request.prompt, "the prompt is empty")
+        return ids
+
+    def _validate(self, ids: list[int], sp: SamplingParams) -> None:
+        n, limit = len(ids), self.max_model_len
+        if n >= limit:
+            raise RequestRejected("prompt", f"{n} tokens", f"leaves no room to generate within max_model_len {limit}")
+        if n + sp.max_tokens > limit:
+            raise RequestRejected("max_tokens", sp.max_tokens,
+                                  f"prompt ({n} tokens) + max_tokens exceeds max_model_len {limit}")
+        capacity = self.num_blocks * self.config.block_size
+        if self.bm.blocks_for(n + sp.max_tokens) > self.num_blocks:
+            raise RequestRejected("max_tokens", sp.max_tokens,
+                                  f"prompt ({n} tokens) + max_tokens exceeds the KV cache capacity "
+                                  f"of {capacity} tokens")
+        if not self.config.enable_chunked_prefill and n > self.config.max_num_batched_tokens:
+            raise RequestRejected("prompt", f"{n} tokens", f"longer than max_num_batched_tokens "
+                                  f"{self.config.max_num_batched_tokens} with chunked prefill off")
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request and free its blocks; returns its final output (None if unknown or done)."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        now = time.time()
+        for s in req.seqs:
+            if not s.finished:
+                self.scheduler.finish(s)
+                s.finish_reason, s.finished_time = "abort", now
+        return self._output(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+                           kv_usage=self.bm.usage, num_preemptions=self.scheduler.num_preemptions,
+                           prefix_cache_queries=self.bm.prefix_queries, prefix_cache_hits=self.bm.prefix_hits,
+                           generation_tokens_total=self.generation_tokens_total,
+                           prompt_tokens_total=self.prompt_tokens_total)
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; cumulative outputs of every request that advanced (finished ones last time)."""
+        out = self.scheduler.schedule()
+        if out.empty:
+            return []
+        self.runner.copy_blocks(out.copies)
+        if isinstance(self.proposer, DraftProposer):
+            self.proposer.runner.copy_blocks(out.copies)
+        if self.proposer is None:
+            touched = self._plain_step(out)
+        else:
+            touched = self._speculative_step(out)
+        for s in out.scheduled:
+            if s.seq.handle is not None and not s.seq.finished:
+                done = s.seq.num_computed
+                if isinstance(self.proposer, DraftProposer):
+                    done = min(done, s.seq.num_draft_computed)
+                self.bm.cache_blocks(s.seq.handle, s.seq.token_ids, done)
+        outputs = []
+        for req in {self.requests[s.request_id] for s in touched if s.request_id in self.requests}:
+            outputs.append(self._output(req))
+            if req.finished:
+                del self.requests[req.request_id]
+        return outputs
+
+    def _plain_step(self, out: SchedulerOutput) -> list[Sequence]:
+        tokens, starts, rows, sampled = [], [], [], []
+        n = 0
+        for s in out.scheduled:
+            seq = s.seq
+            tokens.append(seq.token_ids[seq.num_computed:seq.num_computed + s.num_new_tokens])
+            starts.append(seq.num_computed)
+            n += s.num_new_tokens
+            if s.samples:
+                rows.append(n - 1)
+                sampled.append(seq)
+        logits = self.runner.forward(StepInput([s.seq.handle for s in out.scheduled], tokens, starts, rows))
+        for s in out.scheduled:
+            s.seq.num_computed += s.num_new_tokens
+        if not sampled:
+            return []
+        result = self.sampler.sample(logits, SamplingRows.build(sampled, self.vocab_size, self.device,
+                                                                 self.eos_token_id))
+        new = result.token_ids.tolist()
+        lps = self._logprob_lists(result)
+        for i, (seq, tok) in enumerate(zip(sampled, new)):
+            self._append(seq, tok, lps[i] if lps else None)
+        return sampled
+
+    def _speculative_step(self, out: SchedulerOutput) -> list[Sequence]:
+        assert self.proposer is not None
+        decodes = [s for s in out.scheduled if s.seq.is_decode]
+        prefills = [s for s in out.scheduled if not s.seq.is_decode]
+        proposal = self.proposer.propose(decodes, prefills)
+        drafts = proposal.tokens
+        tokens, starts, rows = [], [], []
+        n = 0
+        for s, d in zip(decodes, drafts):
+            tokens.append([s.seq.token_ids[-1], *d])
+            starts.append(s.seq.num_computed)
+            rows += range(n, n + len(d) + 1)
+            n += len(d) + 1
+        sampled = []
+        for s in prefills:
+            seq = s.seq
+            tokens.append(seq.token_ids[seq.num_computed:seq.num_computed + s.num_new_tokens])
+            starts.append(seq.num_computed)
+            n += s.num_new_tokens
+            if s.samples:
+                rows.append(n - 1)
+                sampled.append(seq)
+        handles = [s.seq.handle for s in (*decodes, *prefills)]
+        logits = self.runner.forward(StepInput(handles, tokens, starts, rows))
+        n_verify = sum(len(d) + 1 for d in drafts)
+        touched = self._verify(decodes, drafts, proposal.q, logits[:n_verify]) if decodes else []
+        for s in prefills:
+            s.seq.num_computed += s.num_new_tokens
+        if sampled:
+            result = self.sampler.sample(logits[n_verify:], SamplingRows.build(sampled, self.vocab_size, self.device,
+                                                                                self.eos_token_id))
+            lps = self._logprob_lists(result)
+            for i, (seq, tok) in enumerate(zip(sampled, result.token_ids.tolist())):
+                self._append(seq, tok, lps[i] if lps else None)
+        return touched + sampled
+
+    def _verify(self, decodes: list[ScheduledSeq], drafts: list[list[int]], q: torch.Tensor,
+                logits: torch.Tensor) -> list[Sequence]:
+        k = q.shape[1]
+        row_seqs, extra = target_rows(decodes, drafts)
+        rows = SamplingRows.build(row_seqs, self.vocab_size, self.device, self.eos_token_id, extra)
+        flat_p = self.sampler.probs(logits, rows)
+        b = len(decodes)
+        p = torch.zeros(b, k + 1, self.vocab_size, device=self.device)
+        index = [(i, j) for i, d in enumerate(drafts) for j in range(len(d) + 1)]
+        bi = torch.tensor([i for i, _ in index], device=self.device)
+        bj = torch.tensor([j for _, j in index], device=self.device)
+        p[bi, bj] = flat_p
+        draft_t = torch.tensor([d + [0] * (k - len(d)) for d in drafts], dtype=torch.int64, device=self.device)
+        num_draft = torch.tensor([len(d) for d in drafts], device=self.device)
+        seeds = torch.tensor([s.seq.seed for s in decodes], dtype=torch.int64, device=self.device)
+        first = torch.tensor([s.seq.num_tokens for s in decodes], dtype=torch.int64, device=self.device)
+        emitted, accepted = verify(p, q, draft_t.view(b, k), num_draft, seeds, first)
+        emitted_l, accepted_l = emitted.tolist(), accepted.tolist()
+        want_lp = rows.num_logprobs is not None
+        lp_rows = None
+        if want_lp:
+            flat_tokens = emitted[bi, bj]
+            lp_rows = self._logprob_lists(Sampler.with_logprobs(logits, flat_tokens, rows.num_logprobs))
+        offsets = [0]
+        for d in drafts:
+            offsets.append(offsets[-1] + len(d) + 1)
+        for i, s in enumerate(decodes):
+            seq, a = s.seq, accepted_l[i]
+            base = seq.num_tokens
+            seq.spec_draft_tokens += len(drafts[i])
+            seq.spec_accepted_tokens += a
+            for j in range(a + 1):
+                self._append(seq, emitted_l[i][j], lp_rows[offsets[i] + j] if lp_rows else None)
+                if seq.finished:
+                    break
+            if not seq.finished:
+                seq.num_computed = base + a
+                seq.num_draft_computed = min(seq.num_draft_computed, base + a)
+                seq.handle = self.bm.truncate(seq.handle, base + a)
+        return [s.seq for s in decodes]
+
+    @staticmethod
+    def _logprob_lists(result) -> list[tuple[float, dict[int, float]]] | None:
+        if result.logprobs is None:
+            return None
+        chosen = result.logprobs.tolist()
+        ids, vals = result.top_ids.tolist(), result.top_logprobs.tolist()
+        return [(c, dict(zip(i, v))) for c, i, v in zip(chosen, ids, vals)]
+
+    # ---- output and stop conditions ------------------------------------------------------------
+
+    def _append(self, seq: Sequence, token: int, logprob: tuple[float, dict[int, float]] | None) -> None:
+        now = time.time()
+        seq.token_ids.append(token)
+        self.generation_tokens_total += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        sp = seq.sampling
+        if logprob is not None and seq.logprobs is not None:
+            top = dict(list(logprob[1].items())[: sp.logprobs or 0])
+            seq.logprobs.append(TokenLogprob(token_id=token, logprob=logprob[0], top=top))
+            seq.cumulative_logprob += logprob[0]
+        old_len = len(seq.text)
+        if seq.detok is not None:
+            seq.text += seq.detok.step(seq.output_token_ids)
+        reason, stop = None, None
+        past_min = seq.num_output_tokens >= sp.min_tokens
+        if past_min and token == self.eos_token_id and not sp.ignore_eos:
+            reason = "stop"
+        elif past_min and token in sp.stop_token_ids:
+            reason, stop = "stop", token
+        elif past_min and sp.stop:
+            for s in sp.stop:
+                at = seq.text.find(s, max(0, old_len - len(s) + 1))
+                if at >= 0:
+                    seq.text, reason, stop = seq.text[:at], "stop", s
+                    break
+        if reason is None and (seq.num_output_tokens >= sp.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None and seq.detok is not None and not isinstance(stop, str):
+            seq.text += seq.detok.flush(seq.output_token_ids)
+        if reason is not None:
+            seq.finish_reason, seq.stop_reason, seq.finished_time = reason, stop, now
+            self.scheduler.finish(seq)
+
+    def _output(self, req: Request) -> RequestOutput:
+        outs = tuple(CompletionOutput(
+            index=s.index, text=s.text, token_ids=tuple(s.output_token_ids), finish_reason=s.finish_reason,
+            stop_reason=s.stop_reason, cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
+            logprobs=tuple(s.logprobs) if s.logprobs is not None else None) for s in req.seqs)
+        firsts = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
+        finished = req.finished
+        metrics = RequestMetrics(
+            arrival_time=req.arrival_time, first_token_time=min(firsts) if firsts else None,
+            finished_time=max(s.finished_time or 0.0 for s in req.seqs) if finished else None,
+            num_preemptions=sum(s.num_preemptions for s in req.seqs),
+            num_cached_tokens=max(s.num_cached_tokens for s in req.seqs),
+            spec_draft_tokens=sum(s.spec_draft_tokens for s in req.seqs),
+            spec_accepted_tokens=sum(s.spec_accepted_tokens for s in req.seqs))
+        return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=tuple(req.prompt_token_ids),
+                             outputs=outs, finished=finished, metrics=metrics)
+

@@ -1,0 +1,122 @@
+"""Runs one model over one step's packed tokens against its paged KV cache.
+
+The cache holds `num_blocks` blocks for the block manager plus one reserved block that padding lanes
+point at, so nothing a padding lane reads or computes touches a real sequence (their slot is -1: they
+write nothing). Only the rows that are sampled go through `lm_head`. Decode-only steps replay a CUDA
+graph captured at the smallest bucketed batch size that fits (see `cuda_graphs.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tessera.attn import PagedAttentionMetadata, PagedKVCache, PagedKVContext
+from tessera.model import Transformer
+from tessera.serve.cuda_graphs import DecodeGraphs
+from tessera.specs import KVCacheHandle, KVCacheSpec, dtype_name
+
+log = logging.getLogger(__name__)
+
+
+def kv_cache_spec(model: Transformer, num_blocks: int, block_size: int, dtype: torch.dtype) -> KVCacheSpec:
+    cfg = model.config
+    head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
+    return KVCacheSpec(n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=head_dim,
+                       block_size=block_size, num_blocks=num_blocks, dtype=dtype_name(dtype))
+
+
+@dataclass
+class StepInput:
+    """Sequence i feeds `tokens[i]` at positions `starts[i]...`; its handle has slots for them.
+    `logit_rows` index the packed token list: the rows whose logits are returned, in that order."""
+
+    handles: Sequence[KVCacheHandle]
+    tokens: Sequence[Sequence[int]]
+    starts: Sequence[int]
+    logit_rows: Sequence[int]
+
+    @property
+    def decode_only(self) -> bool:
+        return all(len(t) == 1 for t in self.tokens)
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, *, num_blocks: int, block_size: int, max_model_len: int,
+                 dtype: torch.dtype, device: torch.device, cuda_graph_batch_sizes: Sequence[int] = (),
+                 enforce_eager: bool = True) -> None:
+        self.model = model.eval()
+        self.device = device
+        self.block_size = block_size
+        self.null_block = num_blocks
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.cache = PagedKVCache(kv_cache_spec(model, num_blocks + 1, block_size, dtype), device)
+        self.graphs: DecodeGraphs | None = None
+        self.graph_error: str | None = None
+        if device.type == "cuda" and not enforce_eager and cuda_graph_batch_sizes:
+            try:
+                self.graphs = DecodeGraphs(self.model, self.cache, self.null_block, self.max_blocks_per_seq,
+                                           cuda_graph_batch_sizes)
+            except RuntimeError as exc:  # a kernel that syncs with the host cannot be captured
+                self.graph_error = f"{type(exc).__name__}: {exc}"
+                log.warning("CUDA graphs disabled, decoding eagerly: %s", self.graph_error)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    @torch.inference_mode()
+    def forward(self, step: StepInput) -> torch.Tensor:
+        """Logits [len(step.logit_rows), vocab] in the model's dtype."""
+        if self.graphs is not None and step.decode_only and len(step.tokens) <= self.graphs.max_batch_size:
+            ids = [t[0] for t in step.tokens]
+            slots = [h.slot(p) for h, p in zip(step.handles, step.starts)]
+            tables = [h.block_ids for h in step.handles]
+            logits = self.graphs.run(ids, list(step.starts), slots, tables)
+            return logits if list(step.logit_rows) == list(range(len(ids))) else logits[list(step.logit_rows)]
+        ids, pos, meta = self._prepare(step)
+        h, _ = self.model.hidden_states(ids, pos, PagedKVContext(self.cache, meta))
+        rows = torch.tensor(step.logit_rows, dtype=torch.int64, device=self.device)
+        return self.model.lm_head(h[0].index_select(0, rows))
+
+    def _prepare(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, PagedAttentionMetadata]:
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        cu = [0]
+        ctx: list[int] = []
+        for h, toks, start in zip(step.handles, step.tokens, step.starts):
+            end = start + len(toks)
+            if end > h.num_tokens:
+                raise ValueError(f"seq {h.seq_id}: tokens up to position {end} but the handle has {h.num_tokens} slots")
+            ids += toks
+            pos += range(start, end)
+            slots += (h.slot(p) for p in range(start, end))
+            cu.append(cu[-1] + len(toks))
+            ctx.append(end)
+        width = max(-(-c // self.block_size) for c in ctx)
+        tables = [list(h.block_ids[:width]) + [self.null_block] * (width - min(width, len(h.block_ids)))
+                  for h in step.handles]
+        dev = self.device
+
+        def t(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
+
+        meta = PagedAttentionMetadata(
+            slot_mapping=t(slots, torch.int64), block_tables=t(tables, torch.int32), context_lens=t(ctx, torch.int32),
+            cu_seqlens_q=t(cu, torch.int32), max_seqlen_q=max(len(x) for x in step.tokens),
+            decode_only=step.decode_only)
+        return t(ids, torch.int64)[None], t(pos, torch.int64)[None], meta
+
+    @torch.inference_mode()
+    def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Apply copy-on-write pairs from the block manager: block dst := block src, every layer."""
+        if not pairs:
+            return
+        src = torch.tensor([p[0] for p in pairs], device=self.device)
+        dst = torch.tensor([p[1] for p in pairs], device=self.device)
+        for cache in (*self.cache.k, *self.cache.v):
+            cache[dst] = cache[src]
