@@ -88,10 +88,11 @@ class TPLayout:
         return range(self.rank * n, min((self.rank + 1) * n, self.cfg.vocab_size))
 
     def local_config(self) -> ModelConfig:
-        """The shape of this rank's `Transformer` (bos/eos dropped: they index the full vocabulary)."""
+        """The shape of this rank's `Transformer`: its heads and MLP units. `vocab_size` stays the full
+        vocabulary, which is what the model's logits cover (the embedding and head hold a slice)."""
         return self.cfg.model_copy(update={
             "n_heads": len(self.q_heads), "n_kv_heads": len(self.kv_heads), "head_dim": self.head_dim,
-            "d_ff": len(self.ff), "vocab_size": self.vocab_per_rank, "bos_token_id": None, "eos_token_id": None,
+            "d_ff": len(self.ff),
         })
 
     def split(self, name: str) -> tuple[int, int, int] | None:
@@ -167,14 +168,16 @@ def build_tp_model(cfg: ModelConfig, read: SliceReader, *, group: dist.ProcessGr
     """This rank's shard of `cfg` in eval mode, its parameters filled by `read(name, split)`, which
     returns the whole tensor `name` (split None) or its slice `split = (dim, start, stop)`.
 
-    The returned model's `config` is the local shape; its logits cover the full vocabulary.
+    The returned model's `config` is the local shape (`TPLayout.local_config`); its logits cover the
+    full vocabulary.
     """
     layout = TPLayout(cfg, dist.get_rank(group), dist.get_world_size(group))
     local = layout.local_config()
     with torch.device("meta"):
         model = Transformer(local)
-        model.model.embed_tokens = VocabParallelEmbedding(local.vocab_size, cfg.d_model, layout.vocab.start, group)
-        model.lm_head = VocabParallelLMHead(cfg.d_model, local.vocab_size, cfg.vocab_size, group)
+        rows = layout.vocab_per_rank
+        model.model.embed_tokens = VocabParallelEmbedding(rows, cfg.d_model, layout.vocab.start, group)
+        model.lm_head = VocabParallelLMHead(cfg.d_model, rows, cfg.vocab_size, group)
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             attn.o_proj = RowParallelLinear(attn.o_proj.in_features, cfg.d_model, group)
