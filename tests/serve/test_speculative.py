@@ -1,0 +1,132 @@
+"""Speculative decoding: the rejection rule reproduces the target distribution (and a wrong rule is
+caught by the same test), target-as-own-draft accepts everything, speculative greedy == plain greedy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tessera.serve.sampler import ACCEPT, RESIDUAL, exponential_race, uniform
+from tessera.serve.speculative import NgramProposer, verify
+from tessera.specs import SamplingParams, SpeculativeConfig
+
+from .conftest import engine, run
+from .helpers import chi2_pvalue
+from .test_engine import GREEDY, prompts
+
+V, K, N = 6, 3, 20000
+
+
+def scenario(seed: int = 0):
+    """Fixed target p_i and draft q_i per position (history-independent), and drafts drawn from q."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.softmax(torch.randn(K + 1, V, generator=g) * 1.5, -1)
+    q = torch.softmax(torch.randn(K, V, generator=g) * 1.5, -1)
+    draft = torch.stack([torch.multinomial(q[i], N, replacement=True, generator=g) for i in range(K)], 1)
+    seeds = torch.arange(N, dtype=torch.int64) + 1000 * seed
+    return p.expand(N, -1, -1), q.expand(N, -1, -1), draft, torch.full((N,), K), seeds, torch.zeros(N, dtype=torch.long)
+
+
+def fidelity(rule) -> float:
+    """Smallest chi-square p-value of the emitted tokens at positions 0 and 1 against p_0 and p_1."""
+    p, q, draft, num, seeds, pos = scenario()
+    tokens, accepted = rule(p, q, draft, num, seeds, pos)
+    first = torch.bincount(tokens[:, 0], minlength=V)
+    second = torch.bincount(tokens[accepted >= 1, 1], minlength=V)  # given token 0 was accepted
+    return min(chi2_pvalue(first, p[0, 0]), chi2_pvalue(second, p[0, 1]))
+
+
+def resample_from_target(p, q, draft, num, seeds, pos):
+    """A plausible-looking but wrong rule: on rejection, draw from p instead of norm(max(0, p - q))."""
+    n, k = draft.shape
+    steps = torch.arange(k)
+    u = uniform(seeds.repeat_interleave(k), (pos[:, None] + steps).reshape(-1), ACCEPT).view(n, k)
+    ok = u * q.gather(-1, draft[..., None])[..., 0] <= p[:, :k].gather(-1, draft[..., None])[..., 0]
+    accepted = ok.int().cumprod(-1).sum(-1)
+    last = exponential_race(p[torch.arange(n), accepted], seeds, pos + accepted, RESIDUAL)
+    tokens = torch.cat([draft, torch.zeros(n, 1, dtype=torch.long)], 1)
+    tokens[torch.arange(n), accepted] = last
+    return tokens, accepted
+
+
+def accept_by_inverse_ratio(p, q, draft, num, seeds, pos):
+    """Another wrong rule: accept with min(1, q/p) (p and q swapped)."""
+    return verify(q_pad(q), p[:, :-1], draft, num, seeds, pos)
+
+
+def q_pad(q):
+    return torch.cat([q, q[:, -1:]], 1)
+
+
+def test_verify_keeps_the_target_distribution() -> None:
+    assert fidelity(verify) > 1e-3
+
+
+@pytest.mark.parametrize("wrong", [resample_from_target, accept_by_inverse_ratio])
+def test_the_same_test_catches_a_wrong_rule(wrong) -> None:
+    assert fidelity(wrong) < 1e-6
+
+
+def test_greedy_verification_is_argmax_matching() -> None:
+    p = torch.nn.functional.one_hot(torch.tensor([[2, 4, 1, 5]]), V).float()
+    q = torch.nn.functional.one_hot(torch.tensor([[2, 4, 3]]), V).float()
+    tokens, accepted = verify(p, q, torch.tensor([[2, 4, 3]]), torch.tensor([3]), torch.tensor([1]), torch.tensor([0]))
+    assert accepted.item() == 2 and tokens[0, :3].tolist() == [2, 4, 1]
+
+
+def test_ngram_lookup() -> None:
+    prop = NgramProposer(V, 1, 3, torch.device("cpu"))
+    assert prop.lookup([1, 2, 3, 9, 1, 2, 3], 3) == [9, 1, 2]  # the 3-gram match wins
+    assert prop.lookup([5, 1, 7, 4, 2, 8, 1], 2) == [7, 4]  # falls back to the latest 1-gram
+    assert prop.lookup([1, 2, 3], 2) == []
+
+
+def test_target_as_own_draft_accepts_everything(model) -> None:
+    spec = SpeculativeConfig(method="draft", draft_model="self", num_speculative_tokens=4)
+    outs = run(engine(model, speculative=spec, draft_model=model), prompts(4, seed=3), GREEDY)
+    for o in outs:
+        assert o.metrics.spec_draft_tokens > 0 and o.metrics.acceptance_rate == 1.0
+
+
+@pytest.mark.parametrize("method", ["draft", "ngram"])
+def test_speculative_greedy_equals_plain_greedy(model, draft, method) -> None:
+    ps = prompts(5, seed=4)
+    ps[0] = ps[0] * 3  # repetition for the n-gram proposer to find
+    plain = run(engine(model), ps, GREEDY)
+    spec = SpeculativeConfig(method=method, draft_model="d" if method == "draft" else None, num_speculative_tokens=3)
+    eng = engine(model, speculative=spec, draft_model=draft if method == "draft" else None)
+    fast = run(eng, ps, GREEDY)
+    for a, b in zip(plain, fast):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    assert sum(o.metrics.spec_draft_tokens for o in fast) > 0
+    assert eng.bm.num_free_blocks == eng.num_blocks
+
+
+def test_speculative_stops_at_eos_inside_a_round(model) -> None:
+    p = prompts(1, seed=8)[0]
+    plain = run(engine(model), [p], GREEDY)[0].outputs[0].token_ids
+    stop = plain[5]
+    spec = SpeculativeConfig(method="draft", draft_model="self", num_speculative_tokens=4)
+    sp = SamplingParams(temperature=0, max_tokens=12, stop_token_ids=(stop,))
+    out = run(engine(model, speculative=spec, draft_model=model), [p], sp)[0].outputs[0]
+    assert out.token_ids == plain[: plain.index(stop) + 1] and out.finish_reason == "stop"
+
+
+def test_sampled_speculative_matches_target_distribution(model, draft) -> None:
+    """The second generated token (the first one that goes through verification) against its exact
+    marginal computed from the target alone: sum over t1 of p(t1) p(t2 | t1)."""
+    prompt = [3, 1, 4, 1, 5]
+    sp = [SamplingParams(temperature=1.0, max_tokens=2, seed=s, ignore_eos=True) for s in range(1500)]
+    spec = SpeculativeConfig(method="draft", draft_model="d", num_speculative_tokens=2)
+    eng = engine(model, speculative=spec, draft_model=draft, num_blocks=1500 * 2, max_num_seqs=256,
+                 max_num_batched_tokens=2048)
+    outs = run(eng, [prompt] * len(sp), sp)
+    second = torch.tensor([o.outputs[0].token_ids[1] for o in outs])
+    with torch.no_grad():
+        p1 = model(torch.tensor([prompt]))[0, -1].float().softmax(-1)
+        vocab = p1.shape[0]
+        batch = torch.tensor([[*prompt, t] for t in range(vocab)])
+        p2 = model(batch)[:, -1].float().softmax(-1)
+    marginal = (p1[:, None] * p2).sum(0)
+    assert sum(o.metrics.spec_draft_tokens for o in outs) > 0
+    assert chi2_pvalue(torch.bincount(second, minlength=vocab), marginal) > 1e-3
