@@ -28,7 +28,6 @@ from tessera.model.checkpoint import (
     save_state_dict,
     write_model_card,
 )
-from tessera.model.hf import empty_model
 from tessera.model.tokenizer import Tokenizer
 from tessera.quant.awq import apply_awq, calibration_batch
 from tessera.quant.linear import FP8Linear, Int4Linear, Int8Linear, QuantLinear
@@ -195,29 +194,41 @@ def _empty_quantized(name: str, linear: nn.Linear, config: QuantConfig, tensors:
 def load_quantized(directory: str | Path, *, device: str | torch.device = "cpu",
                    config: QuantConfig | str | None = None) -> Transformer:
     """Load a checkpoint written by `save_quantized` onto `device` (sha256 of every file verified,
-    safetensors only).
+    safetensors only; no weight is initialised and then overwritten).
 
     `config`, when given, must equal the card's settings (a method name checks the method only):
     otherwise QuantConfigMismatch names each differing field. Raises ValueError when a tensor's
-    shape or dtype does not match the recorded method and settings.
+    name, shape or dtype does not match the recorded method and settings.
     """
     directory = Path(directory)
     card = read_quant_card(directory)
     if config is not None:
         check_config(card, config, directory)
-    tensors = {name: t.to(device) for name, t in load_state_dict(directory).items()}
-    model = empty_model(card.config, device=device, dtype=getattr(torch, card.dtype))
+    tensors = load_state_dict(directory)
+    with torch.device("meta"):
+        model = Transformer(card.config).to(getattr(torch, card.dtype))
     for name, linear in list(model.named_modules()):
         if isinstance(linear, nn.Linear):
-            module = _empty_quantized(name, linear, card.quant, tensors, device)
+            module = _empty_quantized(name, linear, card.quant, tensors, "meta")
             if module is not None:
                 model.set_submodule(name, module)
-    if card.config.tie_embeddings and isinstance(model.lm_head, nn.Linear) and "lm_head.weight" not in tensors:
-        tensors["lm_head.weight"] = tensors.get("model.embed_tokens.weight")
+    tied = card.config.tie_embeddings and isinstance(model.lm_head, nn.Linear)
+    if tied and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    expected = model.state_dict()
+    wrong = [f"{k}: {t.dtype} (expected {expected[k].dtype})" for k, t in tensors.items()
+             if k in expected and t.dtype != expected[k].dtype]
+    if wrong:
+        raise ValueError(f"{directory}: tensors of the wrong dtype for method={card.quant.method!r}: {wrong[:4]}")
     try:
-        model.load_state_dict(tensors, strict=True)
+        model.load_state_dict({k: t.to(device) for k, t in tensors.items()}, strict=True, assign=True)
     except RuntimeError as exc:
         raise ValueError(f"{directory}: tensors do not match method={card.quant.method!r} "
                          f"with these settings: {exc}") from None
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    for module in model.modules():  # non-persistent buffers (RoPE frequencies) are recomputed on materialising
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            module.to_empty(device=device, recurse=False)
     model.quant_config = card.quant
     return model.eval()
