@@ -1,0 +1,39 @@
+"""Start `world` processes of a script the way torchrun would (RANK, WORLD_SIZE, MASTER_ADDR/PORT set)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script: Path, args: list[str], world: int, timeout: float = 120.0) -> None:
+    """Run `python script *args` on `world` ranks over gloo; raises with every rank's output if one fails."""
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        procs.append(subprocess.Popen([sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    for p in procs:
+        try:
+            outputs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    if any(p.returncode for p in procs):
+        detail = "\n".join(f"--- rank {i} (exit {p.returncode}):\n{o[-3000:]}" for i, (p, o) in
+                           enumerate(zip(procs, outputs)))
+        raise RuntimeError(f"{script.name} failed on {world} ranks:\n{detail}")
