@@ -65,6 +65,15 @@ class Strategy(ABC):
     def memory_report(self) -> dict[str, float]:
         """Per-rank bytes of parameters, gradients and optimizer state against 16 Psi / N."""
 
+    @abstractmethod
+    def param_shapes(self) -> dict[str, torch.Size]:
+        """Full shape of every parameter, by canonical name (the first of its tied names)."""
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device:
+        """Where this rank's parameters live."""
+
 
 def _torch_optimizer(params, opt: OptimizerConfig) -> torch.optim.Optimizer:
     cls = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
@@ -114,6 +123,13 @@ class Zero3Strategy(Strategy):
     def memory_report(self) -> dict[str, float]:
         return self.engine.memory_report(self.optimizer.state_bytes())
 
+    def param_shapes(self) -> dict[str, torch.Size]:
+        return {slot.name: slot.shape for unit in self.engine.all_units() for slot in unit.slots}
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.root.shard.device
+
 
 class _TorchOptimStrategy(Strategy):
     """Shared by `none` and `fsdp2`: a torch optimizer over `module.parameters()`."""
@@ -129,6 +145,13 @@ class _TorchOptimStrategy(Strategy):
     @abstractmethod
     def _sync_grads(self) -> None:
         """Make every gradient the rank average."""
+
+    def param_shapes(self) -> dict[str, torch.Size]:
+        return {name: p.shape for name, p in self.params.items()}
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.params.values())).device
 
     def step(self, lr: float, max_norm: float) -> torch.Tensor:
         self._sync_grads()
@@ -213,6 +236,10 @@ class PlainStrategy(_TorchOptimStrategy):
 
     def _full(self, t: torch.Tensor) -> torch.Tensor:
         return t
+
+    def pieces(self) -> Iterator[Piece]:
+        # every rank holds the same replica; rank 0 writes it once
+        return super().pieces() if self.group.rank == 0 else iter(())
 
 
 class FSDP2Strategy(_TorchOptimStrategy):
