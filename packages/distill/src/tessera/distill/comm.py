@@ -69,9 +69,10 @@ def barrier(group: Group) -> None:
         dist.barrier(group=group.pg)
 
 
-def init_from_env(device: str = "auto") -> tuple[Group, torch.device]:
+def init_from_env(device: str = "auto", need_group: bool = False) -> tuple[Group, torch.device]:
     """Join the process group described by torchrun's environment (WORLD_SIZE > 1), NCCL on CUDA and gloo on
-    CPU, and pick this process's device ("auto": cuda:LOCAL_RANK when CUDA exists, else cpu)."""
+    CPU, and pick this process's device ("auto": cuda:LOCAL_RANK when CUDA exists, else cpu). With
+    `need_group`, a single process gets a process group of its own (FSDP2 needs one)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
@@ -82,6 +83,9 @@ def init_from_env(device: str = "auto") -> tuple[Group, torch.device]:
             dev = torch.device(f"cuda:{local_rank}")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+        dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
+    elif need_group and not dist.is_initialized():
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return Group.of(), dev
