@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _parity import ACCUM, LR, MAX_NORM, STEPS, batch, lm_loss, make_model, micro
 
+from tessera.distill.sharded_checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tessera.distill.strategy import make_strategy
 from tessera.specs.distill import OptimizerConfig, ParallelConfig
 
@@ -40,6 +41,16 @@ def run(strategy: str, dtype: str, out: Path) -> None:
         full = strat.full_state_dict()
         tensors.update({f"step{step}/{k}": v.contiguous() for k, v in full.items() if k != "lm_head.weight"})
     report = strat.memory_report()
+    if dtype == "float32" and strategy == "zero3":
+        save_checkpoint(out / "ckpt", STEPS, strat, {"from": "zero3"})
+    if dtype == "float32" and strategy == "fsdp2":
+        # the ZeRO-3 checkpoint, loaded into the other strategy
+        fresh = make_model()
+        other = make_strategy(fresh, list(fresh.model.layers), ParallelConfig(strategy="fsdp2"), opt)
+        load_checkpoint(latest_checkpoint(out / "ckpt"), other)
+        loaded = {k: v.contiguous() for k, v in other.full_state_dict().items() if k != "lm_head.weight"}
+        if rank == 0:
+            save_file(loaded, str(out / "fsdp2-from-zero3-ckpt.safetensors"))
     if rank == 0:
         save_file(tensors, str(out / f"{strategy}-{dtype}.safetensors"))
     reports = [None] * world

@@ -19,6 +19,7 @@ from _launch import launch  # noqa: E402
 from _parity import ACCUM, CFG, LR, MAX_NORM, STEPS, batch, lm_loss, make_model, micro, reference_run  # noqa: E402
 
 from tessera.distill.sharded_adam import ShardedAdam  # noqa: E402
+from tessera.distill.sharded_checkpoint import latest_checkpoint, load_checkpoint, read_manifest  # noqa: E402
 from tessera.distill.strategy import make_strategy  # noqa: E402
 from tessera.distill.zero3 import Zero3  # noqa: E402
 from tessera.specs.distill import OptimizerConfig, ParallelConfig  # noqa: E402
@@ -100,6 +101,7 @@ def test_ranks_match_torch_adamw_and_fsdp2(world: int, dtypes: tuple[str, ...], 
         # bf16 compute with fp32 master weights and fp32 gradient reduction, the same recipe on both sides
         assert runs["zero3-bfloat16"]["losses"] == pytest.approx(runs["fsdp2-bfloat16"]["losses"], rel=1e-2)
         assert runs["zero3-bfloat16"]["losses"] == pytest.approx(ref_losses, rel=1e-2)
+    _check_checkpoint_across_world_sizes(tmp_path, world, z3)
     psi = CFG.num_params()
     units = CFG.n_layers + 1
     for report in runs["zero3-float32"]["memory"]:
@@ -109,3 +111,30 @@ def test_ranks_match_torch_adamw_and_fsdp2(world: int, dtypes: tuple[str, ...], 
         assert formula <= report["measured_sharded_bytes"] <= formula + padding_bound
         print(f"world {world}: {report['measured_sharded_bytes']} B/rank sharded vs 16 Psi/N = {formula:.0f} B; "
               f"peak gathered {report['peak_gathered_bytes']} B")
+
+
+def _check_checkpoint_across_world_sizes(out: Path, world: int, z3: dict[str, torch.Tensor]) -> None:
+    """The ZeRO-3 checkpoint written by `world` ranks loads into FSDP2 there and into one process here."""
+    final = {k[len(f"step{STEPS - 1}/"):]: v for k, v in z3.items() if k.startswith(f"step{STEPS - 1}/")}
+    for name, t in load_file(str(out / "fsdp2-from-zero3-ckpt.safetensors")).items():
+        assert torch.equal(t, final[name]), name
+    path = latest_checkpoint(out / "ckpt")
+    assert path is not None and read_manifest(path)["world_size"] == world
+    opt = OptimizerConfig(name="adamw", lr=LR, betas=(0.9, 0.95), weight_decay=0.1, warmup_steps=0)
+    strategies = []
+    for kind in ("zero3", "none"):
+        model = make_model()
+        strat = make_strategy(model, list(model.model.layers), ParallelConfig(strategy=kind), opt)
+        load_checkpoint(path, strat)
+        assert strat.step_count == STEPS
+        for name, t in strat.full_state_dict().items():
+            if name != "lm_head.weight":
+                assert torch.equal(t, final[name]), f"{kind}: {name}"
+        strategies.append(strat)
+    # optimizer moments came along too: one more step agrees between the two
+    for strat in strategies:
+        lm_loss(strat.module, batch(STEPS, 1)).backward()
+        strat.step(LR, MAX_NORM)
+    a, b = (s.full_state_dict() for s in strategies)
+    for name in a:
+        assert (a[name] - b[name]).abs().max().item() <= ATOL, name
