@@ -18,16 +18,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from tessera.jaxref import (
-    init_params,
-    make_grad_fn,
-    make_mesh,
-    make_optimizer,
-    make_train_step,
-    place_params,
-    save_checkpoint,
-    to_hf_state,
-)
+from tessera.jaxref import init_params, save_checkpoint, to_hf_state
+from tessera.jaxref.optim import make_optimizer
+from tessera.jaxref.sharding import make_mesh
+from tessera.jaxref.train import make_grad_fn, make_train_step, place_params
 from tessera.specs import LossConfig, ModelConfig, OptimizerConfig
 
 jax.config.update("jax_enable_x64", False)

@@ -33,6 +33,10 @@ def test_round_trip(tmp_path: Path, shard_bytes: int) -> None:
     assert (INDEX in card.weights) == (shard_bytes < 2**31)
     loaded, cfg = load_checkpoint(tmp_path)
     assert cfg == CFG and _equal(loaded, params)
+    save_checkpoint(params, CFG, tmp_path, max_shard_bytes=2**31 if shard_bytes < 2**31 else 2048)
+    left = sorted(p.name for p in tmp_path.glob("model[.-]*"))
+    assert left == sorted(ModelCard.load(tmp_path / "modelcard.json").weights), "earlier weight files left behind"
+    assert _equal(load_checkpoint(tmp_path)[0], params)
     loaded16, _ = load_checkpoint(tmp_path, dtype="bfloat16")
     assert {str(x.dtype) for x in to_hf_state(loaded16, CFG).values()} == {"bfloat16"}
 
@@ -93,7 +97,8 @@ def test_mixed_dtypes_are_refused(tmp_path: Path) -> None:
 
 
 def test_importing_jaxref_never_imports_torch(tmp_path: Path) -> None:
-    code = ("import sys, tessera.jaxref, tessera.jaxref.train; "
+    code = ("import sys, tessera.jaxref; "
+            "assert 'optax' not in sys.modules, 'inference imported optax'; import tessera.jaxref.train; "
             "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'tessera.model', "
             "'tessera.attn', 'tessera.kernels'))); print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tessera.jaxref import kd_divergence
+from tessera.jaxref.losses import kd_divergence
 from tessera.model.checkpoint import load_pretrained
 from tessera.specs import LossConfig
 

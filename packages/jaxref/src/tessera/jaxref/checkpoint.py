@@ -176,8 +176,9 @@ def save_checkpoint(params: Params, cfg: ModelConfig, path: str | Path, *, linea
                     max_shard_bytes: int = 2**31) -> Path:
     """Write `params` as a tessera checkpoint (`model.safetensors` or shards + index, `modelcard.json`).
 
-    Tensors keep the parameters' dtype (all must share one of float32/bfloat16/float16). Returns
-    the directory. Raises ValueError for mixed or unsupported dtypes.
+    Tensors keep the parameters' dtype (all must share one of float32/bfloat16/float16); weight
+    files of an earlier checkpoint in `path` are replaced. Returns the directory. Raises ValueError
+    for mixed or unsupported dtypes.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -187,6 +188,9 @@ def save_checkpoint(params: Params, cfg: ModelConfig, path: str | Path, *, linea
         raise ValueError(f"parameters must share one dtype of {sorted(_DTYPES)}, got {dtypes}")
     stored = dtypes[0]
     shards = _shards(state, max_shard_bytes)
+    # Weight files of an earlier checkpoint here would otherwise outlive the card that stops listing them.
+    for stale in [path / SINGLE, path / INDEX, *path.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)
     weights: dict[str, str] = {}
     if len(shards) == 1:
         save_file(shards[0], str(path / SINGLE))
