@@ -77,7 +77,7 @@ class Strategy(ABC):
 
 def _torch_optimizer(params, opt: OptimizerConfig) -> torch.optim.Optimizer:
     cls = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay, foreach=False)
+    return cls(params, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
