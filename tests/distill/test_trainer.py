@@ -104,3 +104,31 @@ def test_loader_is_deterministic_and_resumable() -> None:
     one = PackedLoader(tokens, 10, 3, 2, Group(None, 0, 1), seed=5)
     single = torch.cat(one.next_step() + one.next_step())[:, 0]
     assert sorted(both.tolist()) == sorted(single.tolist())
+
+
+def test_torchrun_two_ranks_then_resume_in_one_process(corpus: Path, tmp_path: Path) -> None:
+    """`tessera train` under torchrun on 2 gloo ranks; its checkpoint resumes in 1 process with the same
+    global batch (grad_accum doubled) and continues with the same losses (up to the order in which the
+    two runs sum the same micro-batch gradients)."""
+    import os
+    import subprocess
+    import sys
+
+    from ._launch import free_port
+
+    out = tmp_path / "run"
+    cfg = _cfg(corpus, out)
+    (tmp_path / "cfg.yaml").write_text(cfg.to_yaml())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(free_port()), "-m", "tessera.cli", "train", "--config", str(tmp_path / "cfg.yaml"), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert read_model_card(out / "final").lineage.notes.startswith("strategy=zero3 world=2")
+    shutil.rmtree(out / "checkpoints" / "step-00000006")
+    one = _cfg(corpus, out, data={"grad_accum": 4})
+    resumed = DistillTrainer(one, progress=False).fit()
+    assert resumed.resumed_from == 3
+    assert [r["loss"] for r in resumed.metrics[3:]] == pytest.approx([r["loss"] for r in rows[3:]], abs=1e-5)

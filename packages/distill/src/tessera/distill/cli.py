@@ -85,9 +85,15 @@ def _run(cfg: DistillConfig, args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_yaml())
         return 0
+    import torch.distributed as dist
+
     from tessera.distill.trainer import DistillTrainer
 
-    result = DistillTrainer(cfg, progress=not args.no_progress).fit()
+    try:
+        result = DistillTrainer(cfg, progress=not args.no_progress).fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if result.final_dir is not None:
         last = result.metrics[-1] if result.metrics else {}
         print(json.dumps({"final": str(result.final_dir), "step": last.get("step"), "loss": last.get("loss"),

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from tessera.distill.comm import Group, all_reduce_sum, init_from_env
+from tessera.distill.comm import Group, all_reduce_sum, barrier, init_from_env
 from tessera.distill.data import PackedLoader, obtain_tokenizer, read_texts, tokenize
 from tessera.distill.metrics import MetricsLog, plot_loss_curves
 from tessera.distill.objective import DistillObjective
@@ -108,6 +108,7 @@ class DistillTrainer:
         if log is not None:
             plot_loss_curves({"loss": [(r["step"], r["loss"]) for r in log.rows]}, out / "loss_curve.png",
                              title=f"{'distill' if teacher is not None else 'pretrain'}: {self._student_name()}")
+        barrier(group)  # no rank returns (and maybe exits) while rank 0 is still writing
         return result
 
     def _student_name(self) -> str:
