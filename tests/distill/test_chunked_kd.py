@@ -65,6 +65,15 @@ def test_bf16_close_to_fp32() -> None:
                                   w_t=w_t.bfloat16(), mask=mask)
     assert low.dtype == torch.float32
     assert low.item() == pytest.approx(ref.item(), rel=2e-2)
+    # under autocast the matmuls run in bf16 and the gradients come back in the inputs' dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto, _ = chunked_distill_loss(h_s, w_s, labels, spec, h_t=h_t.bfloat16(), w_t=w_t.bfloat16(), mask=mask)
+    g_auto = torch.autograd.grad(auto, (h_s, w_s))
+    g_ref = torch.autograd.grad(ref, (h_s, w_s))
+    assert auto.item() == pytest.approx(ref.item(), rel=2e-2)
+    for a, b in zip(g_auto, g_ref):
+        assert a.dtype == torch.float32
+        assert (a - b).norm() <= 5e-2 * b.norm()
 
 
 def test_peak_memory_below_naive() -> None:

@@ -39,18 +39,30 @@ class _ChunkedLMLoss(torch.autograd.Function):
         want_grad = h_s.requires_grad or w_s.requires_grad
         n = max(int(rows.numel()), 1)
         acc = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+        dev = h_s.device.type
+        # Under autocast the matmuls run in its dtype; the casts are explicit so that the gradients come back
+        # in the inputs' own dtypes.
+        compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h_s.dtype
+        with torch.autocast(dev, enabled=False):
+            return _ChunkedLMLoss._run(ctx, h_s, w_s, h_t, w_t, labels, rows, spec, parts, want_grad, n, acc,
+                                       compute)
+
+    @staticmethod
+    def _run(ctx, h_s, w_s, h_t, w_t, labels, rows, spec, parts, want_grad, n, acc, compute) -> torch.Tensor:
+        w_c = w_s.to(compute)
+        w_tc = w_t.to(compute) if w_t is not None else None
         grad_h = torch.zeros_like(h_s) if want_grad else None
         grad_w = torch.zeros(w_s.shape, dtype=acc, device=w_s.device) if want_grad else None
         kd_sum = torch.zeros((), dtype=acc, device=h_s.device)
         ce_sum = torch.zeros((), dtype=acc, device=h_s.device)
         t2 = spec.temperature ** 2
         for chunk in rows.split(spec.chunk_tokens):
-            hs = h_s.index_select(0, chunk)
-            z_s = F.linear(hs, w_s).to(acc).requires_grad_(want_grad)
+            hs = h_s.index_select(0, chunk).to(compute)
+            z_s = F.linear(hs, w_c).to(acc).requires_grad_(want_grad)
             with torch.enable_grad() if want_grad else torch.no_grad():
                 objective = torch.zeros((), dtype=acc, device=h_s.device)
                 if spec.kd_weight > 0:
-                    z_t = F.linear(h_t.index_select(0, chunk), w_t)
+                    z_t = F.linear(h_t.index_select(0, chunk).to(compute), w_tc)
                     kd = divergence(z_s, z_t, spec.kind, spec.temperature, spec.beta).sum()
                     objective = objective + spec.kd_weight * t2 * kd
                     kd_sum += kd.detach()
@@ -61,8 +73,8 @@ class _ChunkedLMLoss(torch.autograd.Function):
                 objective = objective / n
             if want_grad:
                 (dz,) = torch.autograd.grad(objective, z_s)
-                dz = dz.to(w_s.dtype)
-                grad_h.index_copy_(0, chunk, dz @ w_s)
+                dz = dz.to(compute)
+                grad_h.index_copy_(0, chunk, (dz @ w_c).to(grad_h.dtype))
                 grad_w += (dz.t() @ hs).to(acc)
         ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
         ctx.w_dtype = w_s.dtype
