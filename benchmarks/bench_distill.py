@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -97,15 +99,18 @@ def _quality_data(args: argparse.Namespace) -> tuple[list[str], str, str]:
     if not args.tiny:
         raise SystemExit(f"shared corpora not found under {data} (pass --data-dir)")
     docs = builtin_corpus(max_chars=120_000)
-    out = Path(args.out) / "tiny-data"
+    out = Path(tempfile.mkdtemp(prefix="tessera-distill-tiny-data-"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "train.txt").write_text("\n\n".join(docs[: len(docs) * 9 // 10]))
     return [str(out / "train.txt")], "\n\n".join(docs[len(docs) * 9 // 10:]), "built-in corpus (held-out 10%)"
 
 
 def run_quality(args: argparse.Namespace, device: torch.device) -> dict:
-    out = Path(args.out) / "distill-quality"
+    # checkpoints and weights go to a scratch folder; only JSON, metrics and PNGs to --out
+    out = Path(args.work_dir or tempfile.mkdtemp(prefix="tessera-distill-quality-"))
     out.mkdir(parents=True, exist_ok=True)
+    results_dir = Path(args.out)
+    results_dir.mkdir(parents=True, exist_ok=True)
     train_files, test_text, test_name = _quality_data(args)
     teacher_preset, student_preset = ("tiny-teacher", "tiny-student") if args.tiny else ("teacher-40m", "student-6m")
     vocab = ModelConfig.preset(student_preset).vocab_size
@@ -141,6 +146,10 @@ def run_quality(args: argparse.Namespace, device: torch.device) -> dict:
         ppl = file_perplexity(model, tok, test_text, window, batch_size=16,
                               dtype=torch.bfloat16 if device.type == "cuda" else None)
         curves[name] = [(r["step"], r["ce"]) for r in fit.metrics]
+        for src, dst in (("metrics.jsonl", f"distill-quality-{name}-metrics.jsonl"),
+                         ("loss_curve.png", f"distill-quality-{name}-loss.png")):
+            if (Path(cfg["output_dir"]) / src).exists():
+                shutil.copyfile(Path(cfg["output_dir"]) / src, results_dir / dst)
         results[name] = {"preset": cfg["student"], "params": model.config.num_params(), "test_ppl": ppl["ppl"],
                          "test_tokens": ppl["tokens"], "final_train_loss": fit.metrics[-1]["loss"],
                          "seconds": time.perf_counter() - t}
@@ -148,7 +157,7 @@ def run_quality(args: argparse.Namespace, device: torch.device) -> dict:
     ppl_t, ppl_kd, ppl_ce = (results[k]["test_ppl"] for k in ("teacher", "student_kd", "student_ce"))
     gap = (ppl_ce - ppl_kd) / (ppl_ce - ppl_t) if ppl_ce != ppl_t else float("nan")
     png = plot_loss_curves({"teacher (CE)": curves["teacher"], "student KD (its CE term)": curves["student_kd"],
-                            "student CE only": curves["student_ce"]}, Path(args.out) / "distill-quality-loss.png",
+                            "student CE only": curves["student_ce"]}, results_dir / "distill-quality-loss.png",
                            title="next-token cross-entropy on training batches", ylabel="cross-entropy (nats)")
     rows = [{"model": k, **{c: v for c, v in r.items() if c != "params"}, "params_M": r["params"] / 1e6}
             for k, r in results.items()]
@@ -314,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="small presets, few steps (CPU smoke run)")
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"), help="shared corpora folder")
     p.add_argument("--out", default=None, help="where JSON and PNGs go (default benchmarks/results)")
+    p.add_argument("--work-dir", default=None, help="scratch folder for the quality runs' checkpoints and weights "
+                                                     "(default: a new temporary folder)")
     p.add_argument("--steps", type=int, default=None, help="training steps of each student (default 400)")
     p.add_argument("--teacher-steps", type=int, default=None, help="teacher training steps (default: --steps)")
     p.add_argument("--batch-size", type=int, default=None, help="per-GPU batch (quality 16, throughput 8)")
