@@ -38,8 +38,8 @@ def _interpreted(backend: str) -> dict[str, str]:
 
 
 @functools.cache
-def _in_process(backend: str, device: str, real: bool) -> dict[str, str]:
-    return parity.run(backend, device=device, seed=SEED, real=real)
+def _in_process(backend: str, op: str, device: str, real: bool) -> dict[str, str]:
+    return parity.run(backend, device=device, seed=SEED, real=real, ops=[op])
 
 
 def _check(results: dict[str, str], op: str, backend: str, dtype: torch.dtype) -> None:
@@ -61,13 +61,13 @@ def _id(case: tuple) -> str:
 def test_parity(case: tuple) -> None:
     op, backend, dtype = case
     if torch.cuda.is_available():
-        results = _in_process(backend, "cuda", False)
+        results = _in_process(backend, op, "cuda", False)
     elif backend == "triton":
         results = _interpreted(backend)
     elif backend == "cuda":
         pytest.skip("the CUDA C++ backend needs a CUDA device (its sources are compile-tested separately)")
     else:
-        results = _in_process(backend, "cpu", False)
+        results = _in_process(backend, op, "cpu", False)
     _check(results, op, backend, dtype)
 
 
@@ -75,4 +75,4 @@ def test_parity(case: tuple) -> None:
 @pytest.mark.parametrize("case", CASES, ids=_id)
 def test_parity_real_shapes(case: tuple) -> None:
     op, backend, dtype = case
-    _check(_in_process(backend, "cuda", True), op, backend, dtype)
+    _check(_in_process(backend, op, "cuda", True), op, backend, dtype)

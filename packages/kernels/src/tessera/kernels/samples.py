@@ -178,7 +178,7 @@ def _int4(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
     sizes = [(1, 4096, 4096), (16, 4000, 1000), (100, 1000, 256)] if real else [(1, 200, 9), (5, 80, 17)]
     out = []
     for m, k, n in sizes:
-        for g in (32, 64, 128):
+        for g in (16, 32, 64, 128):  # 16: a 32-wide K tile spans two groups
             groups = -(-k // g)
             qweight = pack_int4(r.randint(0, 16, n, k))
             scales = ((r.randn(n, groups).abs() + 0.2) * (k**-0.5) / 8).to(dtype)
@@ -214,7 +214,7 @@ SAMPLERS: dict[str, tuple[Callable[[_Rand, torch.dtype, bool], list[Sample]], tu
     "kv_cache.write": (_kv_write, _FLOATS),
     "matmul.int8_weight_only": (_int8, _FLOATS),
     "matmul.int4_awq": (_int4, _FLOATS),
-    "matmul.fp8": (_fp8, _FLOATS),
+    "matmul.fp8": (_fp8, (torch.bfloat16, torch.float16)),
 }
 
 

@@ -3,8 +3,9 @@
 Both dequantize inside the K loop, so the full-precision weight never exists in memory: the kernels
 stream 1 (int8) or 0.5 (int4) bytes per weight, which is the whole point for the memory-bound small-M
 (decode) shapes. int8: the per-output-channel scale factors out of the K sum and is applied once in
-the epilogue. int4: a K tile never spans two groups (the tile is at most the group size and both are
-powers of two), so each tile dequantizes under exactly one scale and zero per output channel.
+the epilogue. int4: every weight is dequantized with the scale and zero of its own group (gathered
+per k, k // group_size), so a K tile that spans several groups, or a K that is not a multiple of the
+tile, never applies one group's scale to another group's weights.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from tessera.specs import KernelRegistry
 
 _INTERPRET = triton.Config({"BM": 16, "BN": 16, "BK": 32}, num_warps=4, num_stages=1)
 _CONFIGS = [
+    triton.Config({"BM": 16, "BN": 16, "BK": 1024}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 16, "BN": 32, "BK": 1024}, num_warps=8, num_stages=3),
     triton.Config({"BM": 16, "BN": 32, "BK": 256}, num_warps=4, num_stages=4),
     triton.Config({"BM": 16, "BN": 64, "BK": 256}, num_warps=4, num_stages=4),
     triton.Config({"BM": 16, "BN": 16, "BK": 512}, num_warps=4, num_stages=3),
@@ -92,17 +95,8 @@ def matmul_int8_weight_only(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Ten
     return _int8_op(x, w_q, scale)
 
 
-def _prune_int4(configs: list, named_args: dict, **kwargs: object) -> list:
-    g = kwargs.get("GROUP", named_args.get("GROUP"))
-    kept = [c for c in _prune_by_m(configs, named_args) if c.kwargs["BK"] <= g]
-    if kept:
-        return kept
-    base = _prune_by_m(configs, named_args)[0]
-    return [triton.Config({**base.kwargs, "BK": g}, num_warps=base.num_warps, num_stages=base.num_stages)]
-
-
 @autotune(_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP", "PREC"], interpret=_INTERPRET,
-          prune_configs_by={"early_config_prune": _prune_int4})
+          prune_configs_by={"early_config_prune": _prune_by_m})
 @triton.jit
 def _int4_kernel(X, QW, S, Z, Y, M, N, K, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym,
                  M_BUCKET, GROUP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -124,10 +118,11 @@ def _int4_kernel(X, QW, S, Z, Y, M, N, K, stride_xm, stride_xk, stride_qn, strid
         packed = tl.load(QW + n64[None, :] * stride_qn + (ks // 2)[:, None], mask=n_ok[None, :] & k_ok[:, None],
                          other=0)
         q = ((packed >> ((ks % 2) * 4)[:, None].to(tl.uint8)) & 0xF).to(tl.float32)
-        g = k0 // GROUP
-        s = tl.load(S + n64 * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-        z = tl.load(Z + n64 * stride_zn + g, mask=n_ok, other=0.0).to(tl.float32)
-        w = (q - z[None, :]) * s[None, :]
+        g = (ks // GROUP)[:, None]
+        gmask = n_ok[None, :] & k_ok[:, None]
+        s = tl.load(S + n64[None, :] * stride_sn + g, mask=gmask, other=0.0).to(tl.float32)
+        z = tl.load(Z + n64[None, :] * stride_zn + g, mask=gmask, other=0.0).to(tl.float32)
+        w = (q - z) * s
         acc = tl.dot(x, w.to(x.dtype), acc, input_precision=PREC)
     tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
@@ -155,7 +150,7 @@ def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch
 
 def matmul_int4_awq(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                     group_size: int) -> torch.Tensor:
-    """Same contract as `reference.matmul_int4_awq` (group_size a power of two, >= 16)."""
+    """Same contract as `reference.matmul_int4_awq` (any positive group_size)."""
     return _int4_op(x, qweight, scales, zeros, int(group_size))
 
 
@@ -185,8 +180,8 @@ def supports_int4(x: torch.Tensor | None = None, qweight: torch.Tensor | None = 
     reasons = triton_device_reasons(x, qweight, scales, zeros) + dtype_reasons("qweight", qweight, (torch.uint8,))
     k = 2 * qweight.shape[-1]
     reasons += _x_reasons(x, k)
-    if group_size < 16 or group_size & (group_size - 1):
-        reasons.append(f"group_size={group_size} is not a power of two >= 16")
+    if group_size < 1:
+        reasons.append(f"group_size={group_size} is not positive")
     else:
         groups = -(-k // group_size)
         for name, t in (("scales", scales), ("zeros", zeros)):
