@@ -51,6 +51,30 @@ def test_one_process_matches_torch_adam(adamw: bool) -> None:
         _assert_params_close(strat.full_state_dict(), ref_params[step], step)
 
 
+def test_one_process_fsdp2_matches_the_same_reference() -> None:
+    import torch.distributed as dist
+
+    ref_losses, ref_params = reference_run(world=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = make_model()
+        opt = OptimizerConfig(name="adamw", lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
+        strat = make_strategy(model, list(model.model.layers), ParallelConfig(strategy="fsdp2"), opt)
+        losses = []
+        for step in range(STEPS):
+            ids, total = batch(step, 1), 0.0
+            for m in range(ACCUM):
+                loss = lm_loss(strat.module, micro(ids, 0, 1, m)) / ACCUM
+                loss.backward()
+                total += loss.item()
+            strat.step(LR, MAX_NORM)
+            losses.append(total)
+        assert losses == pytest.approx(ref_losses, abs=ATOL)
+        _assert_params_close(strat.full_state_dict(), ref_params[-1], STEPS - 1)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_full_params_not_resident_between_uses() -> None:
     model = make_model()
     engine = Zero3(model, list(model.model.layers), prefetch=True)
