@@ -18,15 +18,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _parity import ACCUM, LR, MAX_NORM, STEPS, batch, lm_loss, make_model, micro
 
 from tessera.distill.sharded_checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from tessera.distill.strategy import make_strategy
+from tessera.distill.strategy import Zero3Strategy, make_strategy
 from tessera.specs.distill import OptimizerConfig, ParallelConfig
 
 
 def run(strategy: str, dtype: str, out: Path) -> None:
+    """`strategy` "zero3-rs" is ZeRO-3 with the backend's reduce-scatter instead of the rank-ordered sum."""
     rank, world = dist.get_rank(), dist.get_world_size()
     model = make_model()
     opt = OptimizerConfig(name="adamw", lr=LR, betas=(0.9, 0.95), weight_decay=0.1, warmup_steps=0)
-    strat = make_strategy(model, list(model.model.layers), ParallelConfig(strategy=strategy, compute_dtype=dtype), opt)
+    if strategy == "zero3-rs":
+        strat = Zero3Strategy(model, list(model.model.layers), ParallelConfig(strategy="zero3", compute_dtype=dtype),
+                              opt, ordered_reduce=False)
+    else:
+        parallel = ParallelConfig(strategy=strategy, compute_dtype=dtype)
+        strat = make_strategy(model, list(model.model.layers), parallel, opt)
     losses, tensors = [], {}
     for step in range(STEPS):
         ids = batch(step, world)
@@ -65,6 +71,9 @@ def main() -> None:
     for dtype in dtypes:
         for strategy in ("zero3", "fsdp2"):
             run(strategy, dtype, out)
+    if dist.get_world_size() == 2:
+        run("zero3-rs", "float32", out)
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -89,9 +89,10 @@ class Zero3Strategy(Strategy):
     name = "zero3"
 
     def __init__(self, module: nn.Module, units: Sequence[nn.Module], parallel: ParallelConfig,
-                 opt: OptimizerConfig) -> None:
+                 opt: OptimizerConfig, ordered_reduce: bool | None = None) -> None:
         self.module = module
-        self.engine = Zero3(module, units, compute_dtype=DTYPES[parallel.compute_dtype], prefetch=parallel.prefetch)
+        self.engine = Zero3(module, units, compute_dtype=DTYPES[parallel.compute_dtype], prefetch=parallel.prefetch,
+                            ordered_reduce=ordered_reduce)
         self.group = self.engine.group
         self.optimizer = ShardedAdam(self.engine.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps,
                                      weight_decay=opt.weight_decay, decoupled=opt.name == "adamw")
