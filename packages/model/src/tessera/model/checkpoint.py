@@ -197,8 +197,11 @@ def model_from_state_dict(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor],
 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that wrote a checkpoint (recorded in the card's `versions`)."""
-    return {"tessera": metadata.version("tessera-model"), "torch": torch.__version__,
-            "safetensors": safetensors.__version__}
+    try:
+        tessera_version = metadata.version("tessera-model")
+    except metadata.PackageNotFoundError:  # run from a source tree (PYTHONPATH) rather than installed
+        from tessera.specs import __version__ as tessera_version
+    return {"tessera": tessera_version, "torch": torch.__version__, "safetensors": safetensors.__version__}
 
 
 def sha256_file(path: str | Path) -> str:
