@@ -138,3 +138,19 @@ def test_logprobs_are_the_model_distribution() -> None:
     ref = torch.log_softmax(logits, -1)
     torch.testing.assert_close(out.logprobs, ref.gather(-1, out.token_ids[:, None])[:, 0])
     torch.testing.assert_close(out.top_logprobs, ref.topk(3).values)
+
+
+def test_rows_cache_matches_a_fresh_build() -> None:
+    from tessera.serve.sampler import RowsCache
+
+    cache = RowsCache()
+    seqs = [make_seq([1, 2], SamplingParams(temperature=0.7, seed=3)),
+            make_seq([4], SamplingParams(temperature=1.0, min_tokens=1, stop_token_ids=(2,)))]
+    logits = torch.randn(2, V)
+    for _ in range(3):
+        cached, fresh = cache.get(seqs, V, "cpu", 7), rows_for(seqs, eos=7)
+        assert torch.equal(cached.positions, fresh.positions)
+        assert (cached.banned is None) == (fresh.banned is None)
+        assert torch.equal(Sampler().sample(logits, cached).token_ids, Sampler().sample(logits, fresh).token_ids)
+        for s in seqs:
+            s.token_ids.append(5)

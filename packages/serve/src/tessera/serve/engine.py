@@ -21,7 +21,7 @@ from tessera.serve.block_manager import BlockManager
 from tessera.serve.detokenizer import Decoder, IncrementalDetokenizer
 from tessera.serve.errors import RequestRejected
 from tessera.serve.model_runner import ModelRunner, StepInput, kv_cache_spec
-from tessera.serve.sampler import Sampler, SamplingRows, derive_seed
+from tessera.serve.sampler import RowsCache, Sampler, SamplingRows, derive_seed
 from tessera.serve.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from tessera.serve.sequence import Sequence
 from tessera.serve.speculative import DraftProposer, NgramProposer, target_rows, verify
@@ -105,6 +105,7 @@ class LLMEngine:
                            enforce_eager=config.enforce_eager)
         self.runner = ModelRunner(model, dtype=dtype, **runner_args)
         self.sampler = Sampler()
+        self._rows = RowsCache()
         self.proposer: DraftProposer | NgramProposer | None = None
         if spec is not None and spec.method == "draft":
             assert draft_model is not None
@@ -258,8 +259,7 @@ class LLMEngine:
             s.seq.num_computed += s.num_new_tokens
         if not sampled:
             return []
-        result = self.sampler.sample(logits, SamplingRows.build(sampled, self.vocab_size, self.device,
-                                                                 self.eos_token_id))
+        result = self.sampler.sample(logits, self._rows.get(sampled, self.vocab_size, self.device, self.eos_token_id))
         new = result.token_ids.tolist()
         lps = self._logprob_lists(result)
         for i, (seq, tok) in enumerate(zip(sampled, new)):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -93,6 +93,10 @@ class SamplingRows:
     use_min_p: bool
     num_logprobs: int | None  # the largest top-N asked for; None when no row wants logprobs
 
+    @property
+    def history_dependent(self) -> bool:
+        return self.seen is not None or self.counts is not None or self.banned is not None
+
     @classmethod
     def build(cls, seqs: Seq[Sequence], vocab: int, device: torch.device | str, eos_token_id: int | None,
               extra: Seq[Seq[int]] | None = None) -> SamplingRows:
@@ -143,6 +147,28 @@ class SamplingRows:
             use_min_p=any(p.min_p > 0.0 for p in params),
             num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=None),
         )
+
+
+class RowsCache:
+    """Reuses the parameter tensors while the batch composition stays the same (the common decode
+    case): only the positions change, and greedy-only batches do not even need those. Rows whose
+    tensors depend on the history (penalties, a min_tokens ban) are rebuilt every step."""
+
+    def __init__(self) -> None:
+        self._key: tuple[int, ...] | None = None
+        self._rows: SamplingRows | None = None
+
+    def get(self, seqs: Seq[Sequence], vocab: int, device: torch.device | str,
+            eos_token_id: int | None) -> SamplingRows:
+        key = tuple(s.seq_id for s in seqs)
+        rows = self._rows
+        if rows is not None and key == self._key and not rows.history_dependent:
+            if not rows.all_greedy:
+                rows = replace(rows, positions=torch.tensor([s.num_tokens for s in seqs], dtype=torch.int64,
+                                                            device=device))
+            return rows
+        self._key, self._rows = key, SamplingRows.build(seqs, vocab, device, eos_token_id)
+        return self._rows
 
 
 def _scatter_rows(rows: list[list[int]], vocab: int, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
