@@ -5,6 +5,7 @@ and the older (`rope_theta` + `rope_scaling`) format."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,15 @@ VARIANTS = {
                                                                               "rope_theta": 1e6})),
     "qwen3": ("Qwen3ForCausalLM", dict(initializer_range=0.2, head_dim=24, tie_word_embeddings=True)),
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """These models are tiny: on a shared CPU, intra-op threads cost more in hand-offs than they save."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _to_legacy_config(path: Path) -> None:
