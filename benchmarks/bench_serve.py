@@ -1,0 +1,432 @@
+"""Serving: tessera-serve vs Hugging Face `transformers` generate on the same weights, in one run.
+
+Sections (each with its HF peer measured here, or stated as absent):
+  decode   batch-1 decode tokens/s, and weight bytes per step over the measured copy bandwidth
+           (roofline fraction), end to end through the engine and for the captured graph alone;
+           HF generate with its dynamic and static caches.
+  graphs   CUDA-graph decode == eager decode token for token; target-as-own-draft acceptance on the
+           graph path.
+  offline  N requests, input and output lengths uniform in [100, 1024], random ids, ignore_eos:
+           output tokens/s vs HF generate at its best static batch size (HF runs one batch per size).
+  online   Poisson arrivals at several rates: TTFT, TPOT, ITL p50/p99; HF peer: one request at a time
+           (generate per request, FCFS) on a few requests at the lowest rate.
+  spec     batch-1 speculative decoding: a draft model (--draft, default a smaller random one), the
+           target as its own draft, n-gram lookup; speedup over plain decode and acceptance; HF peer:
+           assisted generation with the same draft.
+
+    source scripts/gpu-env.sh && python3 benchmarks/bench_serve.py --out $OUT      # H200, ~5 min
+    python3 benchmarks/bench_serve.py --tiny                                       # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_table, write_result
+
+from tessera.model import Transformer
+from tessera.model.hf import export_hf
+from tessera.serve.bench import BenchRequest, offline_throughput, online_latency, random_requests
+from tessera.serve.engine import LLMEngine
+from tessera.serve.loader import load_for_serving
+from tessera.specs import EngineConfig, GenerateRequest, ModelConfig, SamplingParams, SpeculativeConfig
+
+
+def sync(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def event_time(fn: Callable[[], object], repeats: int, warmup: int, cuda: bool) -> float:
+    """Median seconds of `fn` (CUDA events on GPU, perf_counter on CPU) after warm-up."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def ceilings(device: torch.device, cuda: bool, tiny: bool) -> dict[str, float]:
+    n = (1 << 22) if tiny else (1 << 30)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_s = event_time(lambda: dst.copy_(src), 5 if tiny else 20, 2, cuda)
+    m = 256 if tiny else 8192
+    a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    mm_s = event_time(lambda: a @ b, 3 if tiny else 20, 1, cuda)
+    return {"copy_bytes_per_s": 2 * n / copy_s, "bf16_mm_flops": 2 * m**3 / mm_s}
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes a decode step reads: every distinct parameter once (a tied embedding is the lm_head)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def make_engine(model: Transformer, args: argparse.Namespace, draft: Transformer | None = None,
+                **cfg: Any) -> LLMEngine:
+    base = dict(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=8192,
+                kv_cache_memory_fraction=0.6, kv_cache_bytes=2**28)
+    base.update(cfg)
+    return LLMEngine(model, None, EngineConfig(**base), draft_model=draft)
+
+
+def generate_one(engine: LLMEngine, prompt: list[int], n: int, rid: str) -> tuple[list[int], float, Any]:
+    """Greedy generation of n tokens; returns (tokens, decode tokens/s after the first token, metrics)."""
+    engine.add_request(GenerateRequest(request_id=rid, prompt_token_ids=tuple(prompt),
+                                       sampling=SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)))
+    first = None
+    out = None
+    while engine.has_unfinished():
+        for o in engine.step():
+            if first is None and o.outputs[0].token_ids:
+                first = time.perf_counter()
+            out = o
+    end = time.perf_counter()
+    tokens = list(out.outputs[0].token_ids)
+    return tokens, (len(tokens) - 1) / (end - first), out.metrics
+
+
+# ---- Hugging Face peers ------------------------------------------------------------------------------
+
+def hf_from(model: Transformer, workdir: Path, name: str, device: torch.device, dtype: torch.dtype):
+    import transformers
+
+    path = export_hf(model, workdir / name)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path).to(device=device, dtype=dtype).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    return hf
+
+
+@torch.inference_mode()
+def hf_generate(hf, prompts: list[list[int]], new_tokens: int, cuda: bool, **kw: Any) -> float:
+    """Seconds for one static batch (left-padded), generating exactly `new_tokens` per row."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=hf.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=hf.device)
+    sync(cuda)
+    t0 = time.perf_counter()
+    hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, **kw)
+    sync(cuda)
+    return time.perf_counter() - t0
+
+
+def hf_decode_tok_s(hf, prompt: list[int], n: int, cuda: bool, **kw: Any) -> float:
+    hf_generate(hf, [prompt], 8, cuda, **kw)  # warm-up (and the static cache's allocation)
+    full = hf_generate(hf, [prompt], n, cuda, **kw)
+    one = hf_generate(hf, [prompt], 1, cuda, **kw)
+    return (n - 1) / (full - one)
+
+
+# ---- sections ------------------------------------------------------------------------------------------
+
+def section_decode(model, hf, args, ceil, cuda, rows, results) -> None:
+    prompt = random_requests(1, (args.decode_prompt, args.decode_prompt), (1, 1), model.config.vocab_size, 1)[0]
+    engine = make_engine(model, args)
+    generate_one(engine, prompt.prompt_token_ids, 16, "warm")
+    rates = [generate_one(engine, prompt.prompt_token_ids, args.decode_tokens, f"d{i}")[1] for i in range(3)]
+    ours = statistics.median(rates)
+    wbytes = weight_bytes(model)
+    roof = ceil["copy_bytes_per_s"] / wbytes
+    res: dict[str, Any] = {"weight_bytes": wbytes, "roofline_tok_s": roof, "engine_tok_s": ours,
+                           "engine_roofline_fraction": ours / roof, "graph_error": engine.runner.graph_error}
+    rows.append({"what": "batch-1 decode, engine", "tok/s": ours, "roofline": ours / roof})
+    graphs = engine.runner.graphs
+    if graphs is not None:
+        step = event_time(lambda: graphs.graphs[1].replay(), 50, 5, cuda)
+        res.update(graph_step_ms=step * 1e3, graph_roofline_fraction=(1 / step) / roof)
+        rows.append({"what": "batch-1 decode, graph replay only", "tok/s": 1 / step, "roofline": (1 / step) / roof})
+    if hf is not None:
+        for mode, kw in (("dynamic", {}), ("static", {"cache_implementation": "static"})):
+            try:
+                tok_s = hf_decode_tok_s(hf, prompt.prompt_token_ids, args.decode_tokens, cuda, **kw)
+            except Exception as exc:  # an HF cache mode this version cannot run is reported, not fatal
+                res[f"hf_{mode}_error"] = repr(exc)
+                continue
+            res[f"hf_{mode}_tok_s"] = tok_s
+            rows.append({"what": f"batch-1 decode, HF {mode} cache", "tok/s": tok_s, "roofline": tok_s / roof})
+        best = max((v for k, v in res.items() if k.startswith("hf_") and k.endswith("_tok_s")), default=None)
+        if best:
+            res["speedup_vs_hf_best"] = ours / best
+    results["decode"] = res
+    del engine
+    free_memory()
+
+
+def section_graphs(model, args, cuda, rows, results) -> None:
+    prompts = [r.prompt_token_ids for r in random_requests(4, (16, 64), (1, 1), model.config.vocab_size, 2)]
+    n = args.graph_tokens
+    eager = make_engine(model, args, enforce_eager=True, max_num_seqs=8)
+    want = [generate_one(eager, p, n, f"e{i}")[0] for i, p in enumerate(prompts)]
+    del eager
+    free_memory()
+    graph = make_engine(model, args, max_num_seqs=8)
+    got = [generate_one(graph, p, n, f"g{i}")[0] for i, p in enumerate(prompts)]
+    graphs_on = graph.runner.graphs is not None
+    del graph
+    free_memory()
+    spec = SpeculativeConfig(method="draft", draft_model="self", num_speculative_tokens=args.spec_tokens)
+    selfdraft = make_engine(model, args, draft=model, max_num_seqs=8, speculative=spec)
+    metrics = [generate_one(selfdraft, p, n, f"s{i}")[2] for i, p in enumerate(prompts)]
+    draft_graphs = selfdraft.proposer.runner.graphs is not None
+    del selfdraft
+    free_memory()
+    same = sum(a == b for a, b in zip(want, got))
+    acc = sum(m.spec_accepted_tokens for m in metrics) / max(1, sum(m.spec_draft_tokens for m in metrics))
+    results["graphs"] = {"cuda_graphs": graphs_on, "sequences_equal": same, "sequences": len(prompts),
+                         "tokens_each": n, "self_draft_acceptance": acc, "draft_used_graphs": draft_graphs}
+    rows.append({"what": f"graph == eager ({'graphs' if graphs_on else 'no graphs: eager both'})",
+                 "tok/s": None, "roofline": None, "note": f"{same}/{len(prompts)} sequences equal"})
+    rows.append({"what": "self-draft acceptance", "tok/s": None, "roofline": None, "note": f"{acc:.3f}"})
+
+
+def section_offline(model, hf, args, ceil, cuda, rows, results) -> None:
+    reqs = random_requests(args.num_requests, args.lengths, args.lengths, model.config.vocab_size, 3)
+    engine = make_engine(model, args)
+    offline_throughput(engine, reqs[: min(8, len(reqs))], progress=False)  # warm-up
+    res = offline_throughput(engine, reqs)
+    cfg = model.config
+    flops_per_token = 2 * cfg.num_params(include_embeddings=False) + 2 * cfg.vocab_size * cfg.d_model
+    res["mfu"] = res["total_tok_s"] * flops_per_token / ceil["bf16_mm_flops"]
+    rows.append({"what": f"offline {len(reqs)} requests, engine", "tok/s": res["output_tok_s"], "roofline": None,
+                 "note": f"{res['preemptions']} preemptions, MFU {res['mfu']:.2f}"})
+    results["offline"] = res
+    del engine
+    free_memory()
+    if hf is None:
+        return
+    hf_res = {}
+    for bs in args.hf_batch_sizes:
+        batch = reqs[:bs]
+        new = max(r.max_tokens for r in batch)
+        try:
+            seconds = hf_generate(hf, [r.prompt_token_ids for r in batch], new, cuda)
+        except torch.OutOfMemoryError as exc:
+            hf_res[f"bs{bs}_error"] = repr(exc)
+            free_memory()
+            continue
+        useful = sum(r.max_tokens for r in batch)
+        hf_res[f"bs{bs}"] = {"requests": len(batch), "seconds": seconds, "output_tok_s": useful / seconds}
+        rows.append({"what": f"offline HF static batch {bs} ({len(batch)} requests)", "tok/s": useful / seconds,
+                     "roofline": None})
+    best = max((v["output_tok_s"] for v in hf_res.values() if isinstance(v, dict)), default=None)
+    if best:
+        hf_res["best_output_tok_s"] = best
+        res["speedup_vs_hf_best"] = res["output_tok_s"] / best
+    results["offline_hf"] = hf_res
+
+
+def section_online(model, hf, args, cuda, rows, results) -> None:
+    reqs = random_requests(args.online_requests, args.lengths, args.lengths, model.config.vocab_size, 4)
+    engine = make_engine(model, args)
+    out = []
+    for rate in args.rates:
+        r = online_latency(engine, reqs, rate)
+        out.append(r)
+        rows.append({"what": f"online {rate:g} req/s, engine", "tok/s": r["output_tok_s"], "roofline": None,
+                     "note": f"TTFT {r['ttft_ms_p50']:.0f}/{r['ttft_ms_p99']:.0f} TPOT {r['tpot_ms_p50']:.1f}/"
+                             f"{r['tpot_ms_p99']:.1f} ITL {r['itl_ms_p50']:.1f}/{r['itl_ms_p99']:.1f} ms p50/p99"})
+    results["online"] = out
+    del engine
+    free_memory()
+    if hf is not None and args.hf_online_requests:
+        results["online_hf"] = hf_online(hf, reqs[: args.hf_online_requests], min(args.rates), cuda)
+        r = results["online_hf"]
+        n_hf = len(reqs[: args.hf_online_requests])
+        rows.append({"what": f"online {min(args.rates):g} req/s, HF one at a time ({n_hf} requests)",
+                     "tok/s": r["output_tok_s"], "roofline": None,
+                     "note": f"TTFT {r['ttft_ms_p50']:.0f}/{r['ttft_ms_p99']:.0f} TPOT {r['tpot_ms_p50']:.1f}/"
+                             f"{r['tpot_ms_p99']:.1f} ms p50/p99"})
+
+
+def hf_online(hf, reqs: list[BenchRequest], rate: float, cuda: bool) -> dict[str, float]:
+    """HF generate serving requests one at a time in arrival order (a streamer marks token times)."""
+    import random
+
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamps(BaseStreamer):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value: torch.Tensor) -> None:
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    rng = random.Random(0)
+    t, arrivals = 0.0, []
+    for _ in reqs:
+        t += rng.expovariate(rate)
+        arrivals.append(t)
+    start = time.perf_counter()
+    ttft, tpot, tokens = [], [], 0
+    for arrival, r in zip(arrivals, reqs):
+        wait = start + arrival - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        stamps = Stamps()
+        ids = torch.tensor([r.prompt_token_ids], device=hf.device)
+        with torch.inference_mode():
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=r.max_tokens, do_sample=False,
+                        streamer=stamps)
+        sync(cuda)
+        times = stamps.times[1:]  # the first put is the prompt
+        ttft.append((times[0] - (start + arrival)) * 1e3)
+        if len(times) > 1:
+            tpot.append((times[-1] - times[0]) * 1e3 / (len(times) - 1))
+        tokens += len(times)
+    seconds = time.perf_counter() - start
+
+    def pct(v: list[float], q: int) -> float:
+        if len(v) < 2:
+            return v[0] if v else float("nan")
+        return statistics.quantiles(v, n=100, method="inclusive")[q - 1]
+
+    return {"rate_req_s": rate, "requests": len(reqs), "seconds": seconds, "output_tok_s": tokens / seconds,
+            "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p99": pct(ttft, 99), "tpot_ms_p50": pct(tpot, 50),
+            "tpot_ms_p99": pct(tpot, 99)}
+
+
+def section_spec(model, draft, draft_name, hf, hf_draft, args, cuda, rows, results) -> None:
+    prompt = random_requests(1, (args.decode_prompt, args.decode_prompt), (1, 1), model.config.vocab_size, 5)[0]
+    n = args.spec_new_tokens
+    base = make_engine(model, args, max_num_seqs=8)
+    generate_one(base, prompt.prompt_token_ids, 16, "w")
+    plain_tokens, plain, _ = generate_one(base, prompt.prompt_token_ids, n, "p")
+    del base
+    free_memory()
+    out = {"plain_tok_s": plain, "new_tokens": n, "k": args.spec_tokens}
+    rows.append({"what": "batch-1 plain decode (spec baseline)", "tok/s": plain, "roofline": None})
+    variants = [(f"draft ({draft_name})", "draft", draft), ("target as own draft", "draft", model),
+                ("n-gram lookup", "ngram", None)]
+    for label, method, d in variants:
+        spec = SpeculativeConfig(method=method, draft_model="d" if method == "draft" else None,
+                                 num_speculative_tokens=args.spec_tokens)
+        eng = make_engine(model, args, draft=d, max_num_seqs=8, speculative=spec)
+        generate_one(eng, prompt.prompt_token_ids, 16, "w")
+        tokens, tok_s, m = generate_one(eng, prompt.prompt_token_ids, n, "s")
+        del eng
+        free_memory()
+        out[label] = {"tok_s": tok_s, "speedup": tok_s / plain, "acceptance": m.acceptance_rate,
+                      "same_as_plain_greedy": tokens == plain_tokens}
+        rows.append({"what": f"spec k={args.spec_tokens}: {label}", "tok/s": tok_s, "roofline": None,
+                     "note": f"speedup {tok_s / plain:.2f}x, acceptance {m.acceptance_rate or 0:.2f}, "
+                             f"greedy-equal {tokens == plain_tokens}"})
+    if hf is not None and hf_draft is not None:
+        try:
+            base_s = hf_generate(hf, [prompt.prompt_token_ids], n, cuda)
+            assisted_s = hf_generate(hf, [prompt.prompt_token_ids], n, cuda, assistant_model=hf_draft)
+            out["hf"] = {"plain_tok_s": n / base_s, "assisted_tok_s": n / assisted_s, "speedup": base_s / assisted_s}
+            rows.append({"what": "HF assisted generation (same draft)", "tok/s": n / assisted_s, "roofline": None,
+                         "note": f"speedup {base_s / assisted_s:.2f}x over HF plain {n / base_s:.0f} tok/s"})
+        except Exception as exc:  # reported, the rest of the run stands
+            out["hf_error"] = repr(exc)
+    results["speculative"] = out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny model, seconds")
+    p.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
+    p.add_argument("--preset", default="qwen3-0.6b", help="target shape when --target is not given (random weights)")
+    p.add_argument("--target", default=None, help="target model directory (default: random --preset weights)")
+    p.add_argument("--draft", default=None, help="draft model directory (default: a 4-layer random model)")
+    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--online-requests", type=int, default=64)
+    p.add_argument("--hf-online-requests", type=int, default=3)
+    p.add_argument("--rates", type=float, nargs="+", default=[2.0, 8.0, 32.0])
+    p.add_argument("--hf-batch-sizes", type=int, nargs="+", default=[32, 128])
+    p.add_argument("--spec-tokens", type=int, default=4)
+    p.add_argument("--skip-hf", action="store_true", help="no transformers peers")
+    args = p.parse_args()
+    cuda = torch.cuda.is_available() and not args.tiny
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if args.tiny:
+        args.preset, args.num_requests, args.online_requests, args.hf_online_requests = "tiny-student", 12, 8, 2
+        args.rates, args.hf_batch_sizes = [20.0], [4, 12]
+        args.lengths, args.max_model_len, args.max_num_seqs = (8, 32), 128, 16
+        args.decode_prompt, args.decode_tokens, args.graph_tokens, args.spec_new_tokens = 16, 24, 12, 24
+        torch.set_num_threads(1)
+    else:
+        args.lengths, args.max_model_len, args.max_num_seqs = (100, 1024), 2048, 256
+        args.decode_prompt, args.decode_tokens, args.graph_tokens, args.spec_new_tokens = 128, 512, 64, 256
+    torch.manual_seed(0)
+    if args.target:
+        model, _ = load_for_serving(args.target, device=device, dtype=dtype)
+        target_name = args.target
+    else:
+        model = Transformer(ModelConfig.preset(args.preset)).to(device=device, dtype=dtype).eval()
+        target_name = f"{args.preset} (random weights)"
+    if args.draft:
+        draft, _ = load_for_serving(args.draft, device=device, dtype=dtype)
+        draft_name = args.draft
+    else:
+        cfg = model.config.model_copy(update={"n_layers": max(1, model.config.n_layers // 7)})
+        draft = Transformer(cfg).to(device=device, dtype=dtype).eval()
+        draft_name = f"{cfg.n_layers}-layer random"
+    ceil = ceilings(device, cuda, args.tiny)
+    results: dict[str, Any] = {"target": target_name, "draft": draft_name, "dtype": str(dtype).removeprefix("torch."),
+                               "ceilings": ceil}
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = hf_draft = None
+        if not args.skip_hf:
+            hf = hf_from(model, Path(tmp), "target", device, dtype)
+            hf_draft = hf_from(draft, Path(tmp), "draft", device, dtype)
+            import transformers
+
+            results["transformers"] = transformers.__version__
+        t0 = time.perf_counter()
+        section_decode(model, hf, args, ceil, cuda, rows, results)
+        section_graphs(model, args, cuda, rows, results)
+        section_offline(model, hf, args, ceil, cuda, rows, results)
+        section_online(model, hf, args, cuda, rows, results)
+        section_spec(model, draft, draft_name, hf, hf_draft, args, cuda, rows, results)
+        results["seconds"] = time.perf_counter() - t0
+    rows = [{"what": r["what"], "tok/s": r.get("tok/s"), "roofline": r.get("roofline"), "note": r.get("note", "")}
+            for r in rows]
+    print_table(rows, title=f"tessera-serve vs transformers: {target_name}, {results['dtype']}, copy "
+                            f"{ceil['copy_bytes_per_s'] / 1e9:.0f} GB/s, mm {ceil['bf16_mm_flops'] / 1e12:.0f} TFLOP/s")
+    path = write_result("serve", results, args.out)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
