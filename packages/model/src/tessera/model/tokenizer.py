@@ -66,7 +66,7 @@ class Tokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2,
-              special_tokens: Sequence[str] = SPECIAL_TOKENS, show_progress: bool = False) -> Tokenizer:
+              special_tokens: Sequence[str] = SPECIAL_TOKENS, show_progress: bool = True) -> Tokenizer:
         """Train a byte-level BPE (GPT-2 style pre-tokenization, all 256 bytes in the base alphabet, so
         every string encodes and decodes losslessly) on `texts`.
 
