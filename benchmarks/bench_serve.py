@@ -370,7 +370,7 @@ def main() -> None:
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--online-requests", type=int, default=64)
     p.add_argument("--hf-online-requests", type=int, default=3)
-    p.add_argument("--rates", type=float, nargs="+", default=[2.0, 8.0, 32.0])
+    p.add_argument("--rates", type=float, nargs="+", default=[4.0, 16.0, 64.0])
     p.add_argument("--hf-batch-sizes", type=int, nargs="+", default=[32, 128])
     p.add_argument("--spec-tokens", type=int, default=4)
     p.add_argument("--skip-hf", action="store_true", help="no transformers peers")
@@ -386,7 +386,7 @@ def main() -> None:
         torch.set_num_threads(1)
     else:
         args.lengths, args.max_model_len, args.max_num_seqs = (100, 1024), 2048, 256
-        args.decode_prompt, args.decode_tokens, args.graph_tokens, args.spec_new_tokens = 128, 512, 64, 256
+        args.decode_prompt, args.decode_tokens, args.graph_tokens, args.spec_new_tokens = 128, 256, 64, 256
     torch.manual_seed(0)
     if args.target:
         model, _ = load_for_serving(args.target, device=device, dtype=dtype)
