@@ -130,3 +130,17 @@ def test_sampled_speculative_matches_target_distribution(model, draft) -> None:
     marginal = (p1[:, None] * p2).sum(0)
     assert sum(o.metrics.spec_draft_tokens for o in outs) > 0
     assert chi2_pvalue(torch.bincount(second, minlength=vocab), marginal) > 1e-3
+
+
+def test_speculative_logprobs_and_penalties_match_plain_decoding(model, draft) -> None:
+    ps = prompts(3, seed=13)
+    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2, repetition_penalty=1.3,
+                        frequency_penalty=0.4)
+    plain = run(engine(model), ps, sp)
+    spec = SpeculativeConfig(method="draft", draft_model="d", num_speculative_tokens=3)
+    fast = run(engine(model, speculative=spec, draft_model=draft), ps, sp)
+    for a, b in zip(plain, fast):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert x.token_id == y.token_id and x.logprob == pytest.approx(y.logprob, abs=1e-4)
+            assert x.top.keys() == y.top.keys()
