@@ -24,8 +24,10 @@ NVCC_FLAGS = ("-O3", "-lineinfo", "--use_fast_math", "-std=c++17", *ARCH_FLAGS)
 NAME = "tessera_cuda_kernels"
 
 
+@functools.cache
 def nvcc_path() -> str | None:
-    """nvcc from CUDA_HOME, else from PATH; None when there is no CUDA toolkit."""
+    """nvcc from CUDA_HOME, else from PATH; None when there is no CUDA toolkit. Looked up once per
+    process: `supports()` asks on every dispatch, and a file-system search there costs more than the op."""
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if home and (Path(home) / "bin" / "nvcc").exists():
         return str(Path(home) / "bin" / "nvcc")
