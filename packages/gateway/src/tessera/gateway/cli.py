@@ -10,6 +10,8 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
+import threading
 from typing import Any
 
 from tessera.specs import EngineConfig
@@ -76,10 +78,21 @@ async def serve(engine: Any, args: argparse.Namespace) -> None:
                      served_model_name=args.served_model_name)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="off",
                             timeout_graceful_shutdown=int(max(1, args.drain_timeout)))
+    # uvicorn stops gracefully on SIGINT/SIGTERM, then re-raises the signal to the handler that was in place
+    # before it started; with the default one the process would die there, before the engine drains.
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, _noted) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         await uvicorn.Server(config).serve()
     finally:
         await engine.shutdown(drain=True, timeout=args.drain_timeout)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _noted(sig: int, frame: Any) -> None:
+    logging.getLogger("tessera.gateway").info("signal %s: shutting down", signal.Signals(sig).name)
 
 
 async def _main(args: argparse.Namespace) -> None:

@@ -84,6 +84,12 @@ def _short(value: Any, limit: int = 80) -> str:
 def from_validation(errors: list[dict[str, Any]], *, in_body: bool = True) -> APIError:
     """One 400 for a list of pydantic errors: `param` names the first failing field, the message lists
     every failure with the value given."""
+    # A value that matches no member of a union (`prompt`: string, strings, ids, lists of ids) fails
+    # once per member; the members that failed on a value rather than on its type are the shape the
+    # client meant, so only their errors are reported.
+    specific = [e for e in errors if not str(e.get("type", "")).endswith("_type")]
+    if specific:
+        errors = specific
     parts, first_param = [], None
     for err in errors:
         loc = tuple(err.get("loc", ()))

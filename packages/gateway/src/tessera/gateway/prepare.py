@@ -87,15 +87,9 @@ def chat_prompt(req: ChatCompletionRequest, tokenizer: Any) -> tuple[int, ...]:
 
 
 def _check_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
-    if req.logit_bias:
-        raise bad_request("logit_bias", "logit_bias is not supported", code="unsupported")
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options", "stream_options is only allowed when stream is true")
     if isinstance(req, CompletionRequest):
-        if req.echo:
-            raise bad_request("echo", "echo is not supported", code="unsupported")
-        if req.suffix:
-            raise bad_request("suffix", "suffix is not supported", code="unsupported")
         if req.best_of is not None and req.best_of != req.n:
             raise bad_request("best_of", f"best_of must equal n ({req.n}) when given, got {req.best_of}",
                               code="unsupported")

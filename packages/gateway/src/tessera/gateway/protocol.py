@@ -2,8 +2,9 @@
 
 Requests forbid unknown fields, so a misspelt option is a 400 naming it rather than a silent default.
 Fields OpenAI defines but this server cannot honour (`suffix`, `logit_bias`, `echo`, `best_of` other than
-`n`) are accepted only at their neutral value; `top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
-`ignore_eos`, `stop_token_ids` and `skip_special_tokens` are the usual extensions over OpenAI's set.
+`n`) are accepted only at their neutral value, and the schema says so. `top_k`, `min_p`,
+`repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids` and `skip_special_tokens` are the usual
+extensions over OpenAI's set.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, SerializerFun
 MAX_N = 128
 MAX_STOP = 16
 
-Prompt = str | list[str] | list[NonNegativeInt] | list[list[NonNegativeInt]]
-Stop = str | Annotated[list[str], Field(max_length=MAX_STOP)] | None
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[NonNegativeInt], Field(min_length=1)]
+Prompt = NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1)] | TokenIds | Annotated[
+    list[TokenIds], Field(min_length=1)]
+Stop = NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP)] | None
 
 
 class _Strict(BaseModel):
@@ -40,7 +44,8 @@ class _SamplingFields(_Strict):
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logit_bias: dict[str, float] | None = Field(default=None, description="only empty or null is accepted")
+    logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = Field(
+        default=None, description="not supported: only empty or null is accepted")
     user: str | None = None
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
@@ -55,8 +60,8 @@ class CompletionRequest(_SamplingFields):
     prompt: Prompt
     max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=20)
-    echo: bool = Field(default=False, description="only false is accepted")
-    suffix: str | None = Field(default=None, description="only null is accepted")
+    echo: Literal[False] = Field(default=False, description="not supported: only false is accepted")
+    suffix: None = Field(default=None, description="not supported: only null is accepted")
     best_of: int | None = Field(default=None, ge=1, le=MAX_N, description="only null or n is accepted")
 
 

@@ -1,0 +1,78 @@
+"""`tessera serve` / `python -m tessera.gateway` as a user runs it: a subprocess on a loopback port,
+API key from the environment, and a SIGTERM that lets an in-flight stream finish before exiting."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tessera.gateway.cli import build_parser, main_serve
+
+
+def test_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main_serve(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--model", "--draft", "--quant", "--host", "--port", "--api-key", "--max-queue", "TESSERA_API_KEY"):
+        assert flag in text
+    assert build_parser().parse_args(["--model", "m"]).host == "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_subprocess_auth_and_graceful_shutdown(tiny_checkpoint: Path, until: Any) -> None:
+    port = free_port()
+    env = os.environ | {"TESSERA_API_KEY": "env-key"}
+    cmd = [sys.executable, "-m", "tessera.gateway", "--model", str(tiny_checkpoint), "--port", str(port),
+           "--device", "cpu", "--max-model-len", "256", "--num-blocks", "256", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up() -> bool:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                return httpx.get(url + "/health").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        until(up, timeout=90, what="server up")
+        assert httpx.get(url + "/v1/models").status_code == 401
+        auth = {"Authorization": "Bearer env-key"}
+        assert httpx.get(url + "/v1/models", headers=auth).status_code == 200
+        body = {"prompt": "hello", "max_tokens": 240, "n": 4, "temperature": 0, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        with httpx.Client(base_url=url, headers=auth, timeout=60) as c, c.stream("POST", "/v1/completions",
+                                                                                   json=body) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            proc.send_signal(signal.SIGTERM)
+
+            def refusing() -> bool:
+                try:
+                    httpx.get(url + "/health", timeout=1)
+                except httpx.TransportError:
+                    return True
+                return False
+
+            until(refusing, timeout=20, what="listening socket closed")
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]", rest[-3:]
+        assert '"completion_tokens":960' in rest[-2]  # the in-flight stream ran to its end
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
