@@ -48,7 +48,7 @@ def tiny_model(directory: Path) -> Path:
     from tessera.model.tokenizer import Tokenizer
     from tessera.specs import ModelConfig
 
-    tok = Tokenizer.train([Path(__file__).read_text() * 4], vocab_size=512)
+    tok = Tokenizer.train([Path(__file__).read_text() * 4], vocab_size=512, show_progress=False)
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
                       max_seq_len=512, eos_token_id=tok.eos_token_id)

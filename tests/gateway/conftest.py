@@ -34,7 +34,7 @@ CONTINUATION = "the quick brown fox jumps over the lazy dog. "
 
 @pytest.fixture(scope="session")
 def tokenizer() -> Tokenizer:
-    return Tokenizer.train([CORPUS], vocab_size=300)
+    return Tokenizer.train([CORPUS], vocab_size=300, show_progress=False)
 
 
 @dataclass
