@@ -79,21 +79,27 @@ def test_quantize_swaps_linears_and_stays_close(name: str) -> None:
     assert model.quant_config == CONFIGS[name]
 
 
-def test_awq_folding_preserves_the_float_function() -> None:
-    """Without clipping, AWQ's transform only moves scales between ops: the float model is unchanged."""
-    model = _model(MHA)
+@pytest.mark.parametrize("model_cfg", [MHA, CFG.model_copy(update={"attention_bias": True})], ids=["mha", "gqa"])
+def test_awq_folding_preserves_the_float_function(model_cfg: ModelConfig) -> None:
+    """Without clipping, AWQ's transform only moves scales between ops (norm -> q/k/v, v -> o when the
+    shapes match, norm -> gate/up, up -> down): the float model is unchanged."""
+    model = _model(model_cfg)
     ids = _ids(3)
     with torch.no_grad():
         ref = model(ids)
-        norms = [layer.input_layernorm.weight.clone() for layer in model.model.layers]
+        before = {n: p.clone() for n, p in model.named_parameters()}
     cfg = CONFIGS["awq"].model_copy(update={"clip_search": False})
     plan = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
     apply_awq(model, cfg, _ids(4, 4, 32), plan, progress=False)
     with torch.no_grad():
         torch.testing.assert_close(model(ids), ref, rtol=1e-4, atol=1e-4)
-    # and the search did move scales (the large-activation channels get s > 1)
-    moved = [not torch.equal(n, layer.input_layernorm.weight) for n, layer in zip(norms, model.model.layers)]
-    assert any(moved)
+    # and every scale group did move scales (alpha = 0 would leave its prev op untouched)
+    prevs = ["input_layernorm", "post_attention_layernorm", "mlp.up_proj"]
+    if model_cfg.n_kv_heads == model_cfg.n_heads:
+        prevs.append("self_attn.v_proj")
+    for prev in prevs:
+        name = f"model.layers.1.{prev}.weight"
+        assert not torch.equal(before[name], model.get_parameter(name)), name
 
 
 def test_awq_beats_rtn_on_outlier_channels() -> None:
