@@ -23,6 +23,7 @@ from tessera.specs.kernels import (
 from tessera.specs.kv_cache import KVCacheHandle, KVCacheManager, KVCacheSpec
 from tessera.specs.model_card import Lineage, ModelCard, TokenizerInfo
 from tessera.specs.model_config import PRESETS, ModelConfig, RopeScaling
+from tessera.specs.pipeline import PipelineConfig
 from tessera.specs.quant import AnyQuantConfig, AWQConfig, FP8Config, Int8Config, QuantConfig, RTNInt4Config
 from tessera.specs.sampling import SamplingParams
 from tessera.specs.serve_abi import (
@@ -64,6 +65,7 @@ __all__ = [
     "ModelConfig",
     "OptimizerConfig",
     "ParallelConfig",
+    "PipelineConfig",
     "QuantConfig",
     "RTNInt4Config",
     "RequestMetrics",

@@ -17,13 +17,14 @@ from tessera.specs.kernels import KernelSpec
 from tessera.specs.kv_cache import KVCacheHandle, KVCacheSpec
 from tessera.specs.model_card import ModelCard
 from tessera.specs.model_config import ModelConfig
+from tessera.specs.pipeline import PipelineConfig
 from tessera.specs.quant import QuantConfig
 from tessera.specs.sampling import SamplingParams
 from tessera.specs.serve_abi import GenerateRequest, RequestOutput
 from tessera.specs.tensor import TensorSpec
 
 SPECS = (ModelConfig, TensorSpec, KVCacheSpec, KVCacheHandle, KernelSpec, SamplingParams, EngineConfig,
-         SpeculativeConfig, GenerateRequest, RequestOutput, DistillConfig, QuantConfig, ModelCard)
+         SpeculativeConfig, GenerateRequest, RequestOutput, DistillConfig, QuantConfig, ModelCard, PipelineConfig)
 
 
 def schema_files() -> dict[str, dict[str, Any]]:
