@@ -76,3 +76,10 @@ def test_serve_subprocess_auth_and_graceful_shutdown(tiny_checkpoint: Path, unti
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_tensor_parallel_flag_reaches_the_engine_config() -> None:
+    from tessera.gateway.cli import build_parser, engine_config
+
+    args = build_parser().parse_args(["--model", "m", "--tensor-parallel", "4"])
+    assert engine_config(args).tensor_parallel_size == 4

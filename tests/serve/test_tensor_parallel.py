@@ -136,21 +136,11 @@ def test_step_encoding_round_trips() -> None:
 
 
 def test_tp_engine_generates_like_single_process(tmp_path: Path) -> None:
-    """Rank 0 schedules and samples, a spawned worker runs its shard in lockstep: greedy outputs equal
-    the single-process engine's for a batch of prompts of different lengths."""
-    from tessera.serve.engine import LLMEngine
-    from tessera.serve.tp_engine import launch_tp_engine
-    from tessera.specs import EngineConfig, GenerateRequest, SamplingParams
-
-    def run(engine: LLMEngine) -> list[tuple[int, ...]]:
-        for i, p in enumerate(prompts):
-            engine.add_request(GenerateRequest(request_id=str(i), prompt_token_ids=tuple(p), sampling=sampling))
-        got = {}
-        while engine.has_unfinished():
-            for out in engine.step():
-                if out.finished:
-                    got[out.request_id] = out.outputs[0].token_ids
-        return [got[str(i)] for i in range(len(prompts))]
+    """`LLM(..., tensor_parallel_size=2)`: rank 0 schedules and samples, a spawned worker runs its shard
+    in lockstep; greedy outputs equal the single-process engine's for prompts of different lengths
+    (one long enough to need chunked prefill)."""
+    from tessera.serve import LLM
+    from tessera.specs import SamplingParams
 
     cfg = CONFIGS["qwen3-kv-replicated"]
     torch.manual_seed(3)
@@ -158,10 +148,13 @@ def test_tp_engine_generates_like_single_process(tmp_path: Path) -> None:
     prompts = [[5, 6, 7, 8, 9], [1, 2], list(range(10, 40))]
     sampling = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     base = dict(device="cpu", num_blocks=64, block_size=4, max_num_batched_tokens=16, max_model_len=64)
-    want = run(LLMEngine(load_hf(tmp_path / "model"), None, EngineConfig(**base)))
-    handle = launch_tp_engine(tmp_path / "model", EngineConfig(tensor_parallel_size=2, **base))
+    want = [o.outputs[0].token_ids for o in LLM(tmp_path / "model", **base).generate(prompts, sampling)]
+    llm = LLM(tmp_path / "model", tensor_parallel_size=2, **base)
     try:
-        got = run(handle.engine)
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, sampling)]
     finally:
-        handle.close()
+        llm.tensor_parallel.close()
     assert got == want
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        LLM(tmp_path / "model", quant="int8", tensor_parallel_size=2, **base)
+

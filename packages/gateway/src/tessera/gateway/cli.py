@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     eng.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     eng.add_argument("--seed", type=int, default=0, help="engine seed")
+    eng.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                     help="split every layer across N ranks (N GPUs, or N CPU processes over gloo)")
     ap.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return ap
 
@@ -63,7 +65,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         max_waiting=args.max_waiting, num_blocks=args.num_blocks, block_size=args.block_size,
                         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
-                        seed=args.seed)
+                        seed=args.seed, tensor_parallel_size=args.tensor_parallel)
 
 
 async def serve(engine: Any, args: argparse.Namespace) -> None:

@@ -13,6 +13,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from tessera.model import Transformer
+from tessera.model.tokenizer import Tokenizer
 from tessera.serve.engine import LLMEngine, resolve_device
 from tessera.serve.loader import load_for_serving, serving_dtype
 from tessera.specs import EngineConfig, GenerateRequest, QuantConfig, RequestOutput, SamplingParams, SpeculativeConfig
@@ -35,14 +37,31 @@ class LLM:
                 method="draft", draft_model=str(draft), num_speculative_tokens=k).model_dump()})
         device = resolve_device(config.device)
         dtype = serving_dtype(config, device)
-        model, self.tokenizer = load_for_serving(path, device=device, dtype=dtype, quant=quant)
         draft_model = None
         if config.speculative is not None and config.speculative.method == "draft":
             assert config.speculative.draft_model is not None
             draft_model, _ = load_for_serving(config.speculative.draft_model, device=device, dtype=dtype)
-        self.engine = LLMEngine(model, self.tokenizer, config, draft_model=draft_model,
-                                model_name=Path(path).resolve().name)
+        if config.tensor_parallel_size > 1:
+            self.engine = self._launch_tensor_parallel(Path(path), config, quant, draft_model)
+        else:
+            model, self.tokenizer = load_for_serving(path, device=device, dtype=dtype, quant=quant)
+            self.engine = LLMEngine(model, self.tokenizer, config, draft_model=draft_model,
+                                    model_name=Path(path).resolve().name)
         self._calls = 0
+
+    def _launch_tensor_parallel(self, path: Path, config: EngineConfig, quant: QuantConfig | str | None,
+                                draft_model: Transformer | None) -> LLMEngine:
+        """Rank 0's engine over `tensor_parallel_size` ranks (workers spawned here, stopped at exit).
+        The draft model, if any, runs unsharded on rank 0."""
+        from tessera.serve.tp_engine import launch_tp_engine
+
+        if quant is not None:
+            raise ValueError(f"quant={quant!r} cannot be combined with tensor_parallel_size="
+                             f"{config.tensor_parallel_size}: quantized layers are not sharded")
+        self.tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
+        self.tensor_parallel = launch_tp_engine(path, config, tokenizer=self.tokenizer, draft_model=draft_model,
+                                                model_name=path.resolve().name)
+        return self.tensor_parallel.engine
 
     def generate(self, prompts: str | list[str] | list[list[int]] | list[int],
                  sampling: SamplingParams | list[SamplingParams] | None = None, *,
