@@ -360,6 +360,9 @@ def section_spec(model, draft, draft_name, hf, hf_draft, args, cuda, rows, resul
     results["speculative"] = out
 
 
+SECTIONS = ("decode", "graphs", "offline", "online", "spec")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny model, seconds")
@@ -374,6 +377,8 @@ def main() -> None:
     p.add_argument("--hf-batch-sizes", type=int, nargs="+", default=[32, 128])
     p.add_argument("--spec-tokens", type=int, default=4)
     p.add_argument("--skip-hf", action="store_true", help="no transformers peers")
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
+                   help="which sections to run, in this order (default: all)")
     args = p.parse_args()
     cuda = torch.cuda.is_available() and not args.tiny
     device = torch.device("cuda" if cuda else "cpu")
@@ -414,17 +419,25 @@ def main() -> None:
 
             results["transformers"] = transformers.__version__
         t0 = time.perf_counter()
-        section_decode(model, hf, args, ceil, cuda, rows, results)
-        section_graphs(model, args, cuda, rows, results)
-        section_offline(model, hf, args, ceil, cuda, rows, results)
-        section_online(model, hf, args, cuda, rows, results)
-        section_spec(model, draft, draft_name, hf, hf_draft, args, cuda, rows, results)
-        results["seconds"] = time.perf_counter() - t0
-    rows = [{"what": r["what"], "tok/s": r.get("tok/s"), "roofline": r.get("roofline"), "note": r.get("note", "")}
-            for r in rows]
-    print_table(rows, title=f"tessera-serve vs transformers: {target_name}, {results['dtype']}, copy "
-                            f"{ceil['copy_bytes_per_s'] / 1e9:.0f} GB/s, mm {ceil['bf16_mm_flops'] / 1e12:.0f} TFLOP/s")
-    path = write_result("serve", results, args.out)
+        sections = {
+            "decode": lambda: section_decode(model, hf, args, ceil, cuda, rows, results),
+            "graphs": lambda: section_graphs(model, args, cuda, rows, results),
+            "offline": lambda: section_offline(model, hf, args, ceil, cuda, rows, results),
+            "online": lambda: section_online(model, hf, args, cuda, rows, results),
+            "spec": lambda: section_spec(model, draft, draft_name, hf, hf_draft, args, cuda, rows, results),
+        }
+        title = (f"tessera-serve vs transformers: {target_name}, {results['dtype']}, copy "
+                 f"{ceil['copy_bytes_per_s'] / 1e9:.0f} GB/s, mm {ceil['bf16_mm_flops'] / 1e12:.0f} TFLOP/s")
+        for name in args.sections:
+            start = time.perf_counter()
+            sections[name]()
+            results.setdefault("section_seconds", {})[name] = time.perf_counter() - start
+            results["seconds"] = time.perf_counter() - t0
+            # report as each section ends, so a run cut short still leaves what it measured
+            table = [{"what": r["what"], "tok/s": r.get("tok/s"), "roofline": r.get("roofline"),
+                      "note": r.get("note", "")} for r in rows]
+            print_table(table, title=f"{title} (after {name}, {results['seconds']:.0f}s)")
+            path = write_result("serve", results, args.out)
     print(f"\nwrote {path}")
 
 
