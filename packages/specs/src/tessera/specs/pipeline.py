@@ -200,16 +200,18 @@ def _with(spec: Spec, changes: dict[str, Any]) -> Any:
     return type(spec).model_validate(data)
 
 
-def _stages(teacher: str | dict[str, Any], student: str | dict[str, Any], *, steps: int, vocab: int, seq_len: int,
-            batch: int, lr: float, warmup: int) -> dict[str, Any]:
-    """The teacher (CE) and student (KD + CE) stages over one model pair, sharing data and optimizer settings."""
+def _stages(teacher: str | dict[str, Any], student: str | dict[str, Any], *, steps: tuple[int, int], vocab: int,
+            seq_len: int, batch: int, lr: float, warmup: int) -> dict[str, Any]:
+    """The teacher (CE) and student (KD + CE) stages over one model pair, sharing data and optimizer settings;
+    `steps` = (teacher steps, student steps)."""
     common = {"optimizer": {"lr": lr, "warmup_steps": warmup, "weight_decay": 0.01},
-              "data": {"vocab_size": vocab, "seq_len": seq_len, "batch_size": batch}, "log_every": max(1, steps // 15),
-              "steps": steps}
+              "data": {"vocab_size": vocab, "seq_len": seq_len, "batch_size": batch}}
     return {
-        "teacher": {"student": teacher, "loss": {"kd_weight": 0.0, "ce_weight": 1.0}, **common},
+        "teacher": {"student": teacher, "loss": {"kd_weight": 0.0, "ce_weight": 1.0}, "steps": steps[0],
+                    "log_every": max(1, steps[0] // 20), **common},
         "student": {"teacher": TEACHER_STAGE, "student": student, "loss": {"kd_weight": 1.0, "ce_weight": 0.5},
-                    "temperature": {"kind": "constant", "start": 2.0}, **common},
+                    "temperature": {"kind": "constant", "start": 2.0}, "steps": steps[1],
+                    "log_every": max(1, steps[1] // 20), **common},
     }
 
 
@@ -222,18 +224,19 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
     # Seconds on a CPU: two micro models, a slice of the corpus, a few steps. Exercises every stage.
     "tiny": {
         "max_chars": 150_000, "output_dir": "runs/demo-tiny",
-        **_stages(_MICRO_TEACHER, _MICRO_STUDENT, steps=12, vocab=512, seq_len=64, batch=4, lr=3e-3, warmup=2),
+        **_stages(_MICRO_TEACHER, _MICRO_STUDENT, steps=(12, 12), vocab=512, seq_len=64, batch=4, lr=3e-3, warmup=2),
         "eval": {"window": 64, "max_tokens": 4_000},
         "serve": {"max_tokens": 12, "prompts": list(DEFAULT_PROMPTS[:2]),
                   "engine": {"max_num_seqs": 4, "max_num_batched_tokens": 512, "kv_cache_bytes": 8 * 2**20}},
     },
-    # The default demo: the tiny-teacher / tiny-student presets, about five minutes on two CPU cores.
-    "small": _stages("tiny-teacher", "tiny-student", steps=150, vocab=2048, seq_len=128, batch=16, lr=3e-3,
-                     warmup=15),
+    # The default demo: the tiny-teacher / tiny-student presets, a few minutes on two CPU cores.
+    "small": _stages("tiny-teacher", "tiny-student", steps=(300, 200), vocab=2048, seq_len=128, batch=16, lr=3e-3,
+                     warmup=30),
     # The distillation figures' pair (teacher-40m, student-6m) at full length: meant for a GPU.
     "real": {
         "max_chars": None, "output_dir": "runs/demo-real",
-        **_stages("teacher-40m", "student-6m", steps=3000, vocab=8192, seq_len=256, batch=32, lr=1e-3, warmup=100),
+        **_stages("teacher-40m", "student-6m", steps=(3000, 3000), vocab=8192, seq_len=256, batch=32, lr=1e-3,
+                  warmup=100),
         "eval": {"window": 256, "max_tokens": None},
         "serve": {"max_tokens": 128},
     },
