@@ -77,7 +77,8 @@ def _mb(n: float) -> str:
 def format_summary(s: dict[str, Any]) -> str:
     """The human-readable report of a `run_pipeline` summary."""
     ppl, serving, http = s["perplexity"], s["serving"], s["http"]
-    out = [f"Tessera demo: {s['seconds'] / 60:.1f} min on {s['device']} ({s['threads']} torch threads; "
+    threads = f"{s['threads']} torch thread" + ("s" if s["threads"] != 1 else "")
+    out = [f"Tessera demo: {s['seconds'] / 60:.1f} min on {s['device']} ({threads}; "
            f"{os.cpu_count()} CPU cores, load now {os.getloadavg()[0]:.1f})", ""]
     rows = [(name.replace("_", " "), f"{r['params'] / 1e6:.2f}M", _mb(r["checkpoint_bytes"]), f"{r['ppl']:.2f}")
             for name, r in ppl.items()]

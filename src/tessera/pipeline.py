@@ -261,10 +261,13 @@ def cpu_threads(requested: int | None) -> int:
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` is CUDA when available, else the CPU."""
+    """`auto` is CUDA when available, else the CPU. Raises ValueError for a CUDA device this machine lacks."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: CUDA is not available here (torch {torch.__version__}); use cpu or auto")
+    return device
 
 
 def run_pipeline(cfg: PipelineConfig, *, progress: bool = True, say: Say = print) -> dict[str, Any]:
@@ -307,11 +310,12 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True, say: Say = print
     quantized_dir = Path(summary["quantized"]["checkpoint"])
 
     header(f"perplexity on the held-out text (window {cfg.eval.window})")
-    _, tokenizer = load_model(teacher_dir, device="cpu")
-    if tokenizer is None:
+    if not (teacher_dir / "tokenizer.json").exists():
         raise ValueError(f"teacher {teacher_dir} has no tokenizer.json: the pipeline needs one to score text")
+    tokenizer = Tokenizer.from_dir(teacher_dir)
     tokens = heldout_tokens(cfg, tokenizer, split)
-    summary["eval"] = {"tokenizer": f"byte-level BPE, {tokenizer.vocab_size} tokens ({teacher_dir / 'tokenizer.json'})",
+    kind = "byte-level BPE trained on the training text" if cfg.teacher is not None else "the teacher's tokenizer"
+    summary["eval"] = {"tokenizer": f"{kind}, {tokenizer.vocab_size} tokens ({teacher_dir / 'tokenizer.json'})",
                        "window": cfg.eval.window, "tokens": tokens.numel() - 1}
     summary["perplexity"] = evaluate_stage(cfg, {"teacher": teacher_dir, "student": student_dir,
                                                  "quantized_student": quantized_dir}, tokens, device)

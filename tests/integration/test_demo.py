@@ -92,6 +92,29 @@ def test_rerun_resumes_and_another_pipeline_is_refused(run, tmp_path: Path) -> N
     assert refused.returncode == 2 and "too few" in refused.stderr
 
 
+@pytest.mark.slow
+def test_demo_on_your_own_text(tmp_path: Path) -> None:
+    text = tmp_path / "mine.txt"
+    text.write_text("".join(f"Entry {i}: the quick brown fox jumps over dog number {i % 13}.\n" for i in range(6000)))
+    proc = demo("--out", str(tmp_path / "run"), "--data", str(text))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["data"]["source"] == str(text) and s["data"]["heldout_documents"] >= 1
+    train = (tmp_path / "run" / "data" / "train.txt").read_text()
+    for doc in (tmp_path / "run" / "data" / "heldout.txt").read_text().split("\n\n"):
+        assert doc in text.read_text() and doc not in train  # held out = never trained on
+    assert s["perplexity"]["teacher"]["ppl"] < PipelineConfig.preset("tiny").teacher.student_config().vocab_size
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_demo_on_cuda(tmp_path: Path) -> None:
+    proc = demo("--out", str(tmp_path / "run"), "--device", "cuda")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["device"].startswith("cuda") and s["serving"]["speculative"]["same_text_as_teacher"]
+
+
 def test_an_output_dir_refuses_other_text(tmp_path: Path) -> None:
     cfg = PipelineConfig.preset("tiny").model_copy(update={"output_dir": str(tmp_path)})
     train = tmp_path / "train.txt"

@@ -230,7 +230,7 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
                   "engine": {"max_num_seqs": 4, "max_num_batched_tokens": 512, "kv_cache_bytes": 8 * 2**20}},
     },
     # The default demo: the tiny-teacher / tiny-student presets, a few minutes on two CPU cores.
-    "small": _stages("tiny-teacher", "tiny-student", steps=(300, 200), vocab=2048, seq_len=128, batch=16, lr=3e-3,
+    "small": _stages("tiny-teacher", "tiny-student", steps=(400, 250), vocab=2048, seq_len=128, batch=16, lr=3e-3,
                      warmup=30),
     # The distillation figures' pair (teacher-40m, student-6m) at full length: meant for a GPU.
     "real": {
