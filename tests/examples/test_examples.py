@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 import subprocess
 import sys
@@ -13,9 +14,14 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
+# One torch thread per example: the suite runs on as many workers as cores, and oversubscribed cores make
+# torch's threads wait on each other at every op.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def run(script: str, *args: str, cwd: Path, timeout: float = 150) -> str:
     proc = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd)
+                          timeout=timeout, cwd=cwd, env=ENV)
     assert proc.returncode == 0, f"{script} exited {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 

@@ -19,8 +19,10 @@ from tessera.specs import PipelineConfig
 
 
 def demo(*args: str, timeout: float = 170) -> subprocess.CompletedProcess:
+    """`tessera demo` at the tiny scale in a subprocess, on one CPU thread (the suite runs one worker per core)."""
     return subprocess.run([sys.executable, "-m", "tessera.cli", "demo", "--preset-scale", "tiny", "--no-progress",
-                           "--device", "cpu", *args], capture_output=True, text=True, timeout=timeout)
+                           "--device", "cpu", "--threads", "1", *args], capture_output=True, text=True,
+                          timeout=timeout)
 
 
 @pytest.fixture(scope="module")
