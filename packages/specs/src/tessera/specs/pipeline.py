@@ -201,11 +201,12 @@ def _with(spec: Spec, changes: dict[str, Any]) -> Any:
 
 
 def _stages(teacher: str | dict[str, Any], student: str | dict[str, Any], *, steps: tuple[int, int], vocab: int,
-            seq_len: int, batch: int, lr: float, warmup: int) -> dict[str, Any]:
-    """The teacher (CE) and student (KD + CE) stages over one model pair, sharing data and optimizer settings;
-    `steps` = (teacher steps, student steps)."""
+            seq_len: int, batch: int, lr: float, warmup: int, compute_dtype: str = "float32") -> dict[str, Any]:
+    """The teacher (CE) and student (KD + CE) stages over one model pair, sharing data, optimizer and compute
+    dtype; `steps` = (teacher steps, student steps)."""
     common = {"optimizer": {"lr": lr, "warmup_steps": warmup, "weight_decay": 0.01},
-              "data": {"vocab_size": vocab, "seq_len": seq_len, "batch_size": batch}}
+              "data": {"vocab_size": vocab, "seq_len": seq_len, "batch_size": batch},
+              "parallel": {"compute_dtype": compute_dtype}}
     return {
         "teacher": {"student": teacher, "loss": {"kd_weight": 0.0, "ce_weight": 1.0}, "steps": steps[0],
                     "log_every": max(1, steps[0] // 20), **common},
@@ -232,12 +233,13 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
     # The default demo: the tiny-teacher / tiny-student presets, a few minutes on two CPU cores.
     "small": _stages("tiny-teacher", "tiny-student", steps=(400, 250), vocab=2048, seq_len=128, batch=16, lr=3e-3,
                      warmup=30),
-    # The distillation figures' pair (teacher-40m, student-6m) at full length: meant for a GPU.
+    # The distillation figures' pair (teacher-40m, student-6m) on the whole corpus, in bfloat16: for a GPU
+    # (minutes there; hours on a CPU).
     "real": {
         "max_chars": None, "output_dir": "runs/demo-real",
-        **_stages("teacher-40m", "student-6m", steps=(3000, 3000), vocab=8192, seq_len=256, batch=32, lr=1e-3,
-                  warmup=100),
-        "eval": {"window": 256, "max_tokens": None},
+        **_stages("teacher-40m", "student-6m", steps=(1000, 600), vocab=8192, seq_len=512, batch=16, lr=1e-3,
+                  warmup=100, compute_dtype="bfloat16"),
+        "eval": {"window": 512, "max_tokens": None},
         "serve": {"max_tokens": 128},
     },
 }
