@@ -108,6 +108,26 @@ def test_demo_on_your_own_text(tmp_path: Path) -> None:
     assert s["perplexity"]["teacher"]["ppl"] < PipelineConfig.preset("tiny").teacher.student_config().vocab_size
 
 
+@pytest.mark.slow
+def test_demo_distills_from_an_existing_teacher(run, tmp_path: Path) -> None:
+    out, proc = run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    teacher = out / "teacher" / "final"
+    data = PipelineConfig.preset("tiny").model_dump(mode="json")
+    data["teacher"], data["student"]["teacher"] = None, str(teacher)
+    config = tmp_path / "pipeline.yaml"
+    PipelineConfig.model_validate(data).dump(config)
+    proc = subprocess.run([sys.executable, "-m", "tessera.cli", "demo", "--config", str(config), "--no-progress",
+                           "--threads", "1", "--out", str(tmp_path / "run")], capture_output=True, text=True,
+                          timeout=170)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[6/6]" in proc.stdout and "pretrain the teacher" not in proc.stdout
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["teacher"]["checkpoint"] == str(teacher) and "teacher's tokenizer" in s["eval"]["tokenizer"]
+    first = json.loads((out / "summary.json").read_text())
+    assert s["perplexity"]["teacher"]["ppl"] == pytest.approx(first["perplexity"]["teacher"]["ppl"], rel=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_demo_on_cuda(tmp_path: Path) -> None:
