@@ -1,12 +1,17 @@
 """Quantize a checkpoint to int4 with AWQ, compare it with round-to-nearest int4 and int8, and serve it.
 
-    python examples/quantize_awq.py --model runs/demo/student/final [--calib text.txt]
+    python examples/quantize_awq.py --model runs/demo/teacher/final [--calib text.txt]
     python examples/quantize_awq.py [--tiny]          # no model: pretrain a small one first
 
 AWQ (activation-aware weight quantization) searches, per layer, input-channel scales s = mean|x|^alpha from
 calibration activations, folds them into the preceding op so the float model is unchanged, then quantizes
 the scaled weights in groups of `group_size` input channels and searches a clipping range. Perplexity on
 held-out text shows what each method costs; the AWQ checkpoint is saved, reloaded and served with `LLM`.
+
+A barely trained model (what runs without --model) loses almost nothing to any method. On the default
+demo's teacher (`tessera demo`, then `--model runs/demo/teacher/final`) one run measured perplexity 105.06
+in float, 105.06 int8, 105.27 int4 round-to-nearest and 105.18 AWQ (group 64): AWQ recovered ~40% of
+what int4 cost.
 """
 
 from __future__ import annotations
