@@ -132,7 +132,8 @@ def main_demo(argv: list[str] | None = None) -> int:
         return 0
     t0 = time.perf_counter()
     print(f"tessera demo: pipeline -> {cfg.output_dir} (device {cfg.device})", flush=True)
-    from tessera.pipeline import RunMismatch, run_pipeline
+    from tessera.pipeline import run_pipeline
+    from tessera.pipeline_data import RunMismatch
 
     try:
         summary = run_pipeline(cfg, progress=not args.no_progress, say=lambda text: print(text, flush=True))

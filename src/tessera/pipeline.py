@@ -3,129 +3,39 @@
     result = run_pipeline(PipelineConfig.preset("tiny"))
     result["perplexity"]["student"]["ppl"], result["serving"]["speculative"]["acceptance_rate"]
 
-Stages: split the text into training and held-out documents; pretrain the teacher (`DistillTrainer`, CE
-only); distill the student from it; quantize the student; score the three models' perplexity on the
-held-out text; generate the same prompts with the teacher alone and with the student as speculative draft
-(batch 1, greedy: the speedup and the acceptance rate are measured, not modelled); serve the teacher + draft
-through the HTTP gateway on loopback and ask it a completion and a streaming chat. The result is a plain
-dict (also written to `summary.json`). Each stage's resolved config is written under `configs/` so the
-stage's own command (`tessera train/distill/quantize --config ...`) reruns it.
+Stages: split the text into training and held-out documents (`pipeline_data.py`); pretrain the teacher
+(`DistillTrainer`, CE only); distill the student from it; quantize the student; score the three models'
+perplexity on the held-out text; generate the same prompts with the teacher alone and with the student as
+speculative draft (batch 1, greedy: the speedup and the acceptance rate are measured, not modelled); serve
+the teacher + draft through the HTTP gateway on loopback and ask it a completion and a streaming chat
+(`pipeline_serving.py`). The result is a plain dict (also written to `summary.json`). Each stage's resolved
+config is written under `configs/` so the stage's own command (`tessera train/distill/quantize --config
+...`) reruns it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tessera.distill.corpus import builtin_corpus
 from tessera.distill.evaluate import perplexity
 from tessera.distill.trainer import DistillTrainer
 from tessera.model import load_model
 from tessera.model.checkpoint import read_model_card
 from tessera.model.tokenizer import Tokenizer
+from tessera.pipeline_data import DataSplit, claim_output_dir, split_data
+from tessera.pipeline_serving import http_stage, serving_stage
 from tessera.quant import load_quantized, quantize, save_quantized
-from tessera.serve import LLM
-from tessera.specs import SamplingParams
 from tessera.specs.model_card import Lineage
 from tessera.specs.pipeline import PipelineConfig
 
-# User text is cut into documents of about this many characters (at line ends) before the held-out split,
-# so that every file contributes to both sides.
-_DOC_CHARS = 2_000
-
 Say = Callable[[str], None]
-
-
-class RunMismatch(ValueError):
-    """The output directory holds a run of a different pipeline or different data."""
-
-
-@dataclass
-class DataSplit:
-    source: str
-    train_file: Path
-    heldout_file: Path
-    documents: int
-    heldout_documents: int
-    train_chars: int
-    heldout_chars: int
-
-
-def _chunks(text: str, size: int) -> list[str]:
-    out, current, length = [], [], 0
-    for line in text.splitlines(keepends=True):
-        current.append(line)
-        length += len(line)
-        if length >= size:
-            out.append("".join(current))
-            current, length = [], 0
-    if current:
-        out.append("".join(current))
-    return out
-
-
-def documents(cfg: PipelineConfig) -> tuple[list[str], str]:
-    """(documents, description of their source): the built-in corpus' docstrings, or the `data` files cut
-    into ~2,000-character pieces; at most `max_chars` characters. Raises FileNotFoundError for a missing file."""
-    if not cfg.data:
-        version = ".".join(map(str, sys.version_info[:3]))
-        return builtin_corpus(cfg.max_chars), f"built-in: docstrings of the Python {version} standard library"
-    docs: list[str] = []
-    total = 0
-    for name in cfg.data:
-        path = Path(name)
-        if not path.is_file():
-            raise FileNotFoundError(f"data path {name!r} is not a file")
-        for piece in _chunks(path.read_text(encoding="utf-8", errors="replace"), _DOC_CHARS):
-            if cfg.max_chars is not None and total + len(piece) > cfg.max_chars:
-                return docs, ", ".join(cfg.data)
-            docs.append(piece)
-            total += len(piece)
-    return docs, ", ".join(cfg.data)
-
-
-def split_data(cfg: PipelineConfig) -> DataSplit:
-    """Write `data/train.txt` and `data/heldout.txt` (every `eval.heldout_every`-th document held out).
-    Raises ValueError when there is too little text for both sides."""
-    docs, source = documents(cfg)
-    every = cfg.eval.heldout_every
-    heldout = [d for i, d in enumerate(docs) if i % every == every - 1]
-    train = [d for i, d in enumerate(docs) if i % every != every - 1]
-    if not heldout or not train:
-        raise ValueError(f"data: {len(docs)} documents (~{_DOC_CHARS:,} characters each) from {source} are too few "
-                         f"to hold out one in {every}; give more text or lower eval.heldout_every")
-    folder = cfg.path("data")
-    folder.mkdir(parents=True, exist_ok=True)
-    train_text, heldout_text = "\n\n".join(train), "\n\n".join(heldout)
-    (folder / "train.txt").write_text(train_text, encoding="utf-8")
-    (folder / "heldout.txt").write_text(heldout_text, encoding="utf-8")
-    return DataSplit(source, folder / "train.txt", folder / "heldout.txt", len(docs), len(heldout),
-                     len(train_text), len(heldout_text))
-
-
-def claim_output_dir(cfg: PipelineConfig, split: DataSplit) -> None:
-    """Record the pipeline and a digest of its text in `run.json`; a rerun of the same pipeline on the same
-    text resumes from the stages' checkpoints. Raises RunMismatch when the directory holds another run
-    (its checkpoints would otherwise be resumed by a different pipeline)."""
-    digest = hashlib.sha256(split.train_file.read_bytes()).hexdigest()
-    record = {"pipeline": cfg.model_dump(mode="json"), "train_sha256": digest}
-    path = Path(cfg.output_dir) / "run.json"
-    if path.exists():
-        previous = json.loads(path.read_text())
-        if previous != record:
-            what = "pipeline config" if previous.get("pipeline") != record["pipeline"] else "training text"
-            raise RunMismatch(f"{cfg.output_dir} holds a run with a different {what}; choose another output "
-                              "directory (--out) or delete it")
-    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _write_config(cfg: PipelineConfig, name: str, spec: Any) -> Path:
@@ -187,70 +97,6 @@ def evaluate_stage(cfg: PipelineConfig, checkpoints: dict[str, Path], tokens: to
     return out
 
 
-def _generate_one_by_one(llm: LLM, prompts: tuple[str, ...], sampling: SamplingParams) -> dict[str, Any]:
-    llm.generate(list(prompts[:1]), SamplingParams(temperature=0.0, max_tokens=2))  # warm-up: allocations, caches
-    texts, tokens, drafted, accepted = [], 0, 0, 0
-    t0 = time.perf_counter()
-    for prompt in prompts:
-        out = llm.generate(prompt, sampling)[0]
-        texts.append(out.outputs[0].text)
-        tokens += len(out.outputs[0].token_ids)
-        if out.metrics is not None:
-            drafted += out.metrics.spec_draft_tokens
-            accepted += out.metrics.spec_accepted_tokens
-    seconds = time.perf_counter() - t0
-    return {"texts": texts, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "draft_tokens": drafted, "accepted_tokens": accepted,
-            "acceptance_rate": accepted / drafted if drafted else None}
-
-
-def serving_stage(cfg: PipelineConfig, teacher_dir: Path, draft_dir: Path | None, quantized_dir: Path,
-                  say: Say) -> tuple[dict[str, Any], LLM]:
-    """Generate the prompts (batch 1, greedy, `max_tokens` each, EOS ignored so every run makes the same
-    number of tokens) with the teacher alone, the teacher + draft, and the quantized student alone.
-    Returns the measurements and the teacher + draft `LLM` (for the gateway)."""
-    sampling = SamplingParams(temperature=0.0, max_tokens=cfg.serve.max_tokens, ignore_eos=True)
-    prompts = cfg.serve.prompts
-    say("teacher alone")
-    plain = _generate_one_by_one(LLM(teacher_dir, config=cfg.engine_config(teacher_dir, None)), prompts, sampling)
-    result: dict[str, Any] = {"prompts": list(prompts), "max_tokens": cfg.serve.max_tokens, "teacher": plain}
-    served = LLM(teacher_dir, config=cfg.engine_config(teacher_dir, draft_dir))
-    if draft_dir is not None:
-        say(f"teacher + draft ({draft_dir.name}, k={cfg.serve.num_speculative_tokens})")
-        spec = _generate_one_by_one(served, prompts, sampling)
-        spec["speedup"] = plain["seconds"] / spec["seconds"]
-        spec["same_text_as_teacher"] = spec["texts"] == plain["texts"]
-        spec["draft"] = str(draft_dir)
-        spec["num_speculative_tokens"] = cfg.serve.num_speculative_tokens
-        result["speculative"] = spec
-    say(f"quantized student alone ({cfg.quant.method})")
-    small = LLM(quantized_dir, config=cfg.engine_config(quantized_dir, None))
-    result["quantized_student"] = _generate_one_by_one(small, prompts, sampling)
-    return result, served
-
-
-def http_stage(cfg: PipelineConfig, served: LLM, offline: dict[str, Any], say: Say) -> dict[str, Any]:
-    """Serve `served` through the gateway on `cfg.gateway`, ask a completion of the first prompt and a streaming
-    chat with the second (the first when there is one), then stop. The completion must agree with the offline
-    greedy text of the same prompt (a prefix of it: HTTP requests stop at EOS)."""
-    from tessera.loopback import Loopback, ask
-    from tessera.serve import AsyncEngine
-
-    prompts = cfg.serve.prompts
-    server = Loopback(AsyncEngine(served.engine), host=cfg.gateway.host, port=cfg.gateway.port,
-                      served_model_name="teacher").start()
-    say(f"listening on {server.url}")
-    try:
-        result = ask(server, prompts[0], prompts[min(1, len(prompts) - 1)], cfg.serve.max_tokens, say=say)
-    finally:
-        stopped = server.stop()
-    result["completion"]["matches_offline_greedy"] = offline["texts"][0].startswith(result["completion"]["text"])
-    result.update(stopped)
-    say(f"stopped: server {'yes' if stopped['server_stopped'] else 'NO'}, "
-        f"engine {'yes' if stopped['engine_stopped'] else 'NO'}")
-    return result
-
-
 def cpu_threads(requested: int | None) -> int:
     """`requested`, or torch's default less the cores other processes keep busy (1-minute load average), at
     least 1. Oversubscribed cores make torch's threads wait on each other's time slices at every op."""
@@ -272,7 +118,7 @@ def resolve_device(name: str) -> torch.device:
 
 def run_pipeline(cfg: PipelineConfig, *, progress: bool = True, say: Say = print) -> dict[str, Any]:
     """Run every stage of `cfg`; returns the summary (also written to `cfg.path("summary")`). `say` receives
-    the stage headers. Raises RunMismatch when `cfg.output_dir` holds a different run."""
+    the stage headers. Raises `pipeline_data.RunMismatch` when `cfg.output_dir` holds a different run."""
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
     torch.set_num_threads(cpu_threads(cfg.threads))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tessera.demo import main_demo
-from tessera.pipeline import DataSplit, RunMismatch, claim_output_dir
+from tessera.pipeline_data import DataSplit, RunMismatch, claim_output_dir
 from tessera.specs import PipelineConfig
 
 
