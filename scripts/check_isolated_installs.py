@@ -17,6 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {p.name: p for p in sorted((ROOT / "packages").iterdir()) if (p / "pyproject.toml").exists()}
 NO_TORCH = {"specs", "jaxref"}
+# Optional extras: the package must import without them; with them, every module must import.
+EXTRAS = {"kernels": "triton"}
 
 
 def internal_deps(name: str) -> list[str]:
@@ -44,7 +46,12 @@ def check(name: str, workdir: Path) -> None:
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = str(venv / "bin" / "python")
     paths = [str(PACKAGES[d]) for d in internal_deps(name)]
-    subprocess.run([py, "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints.txt"), *paths], check=True)
+    pip = [py, "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints.txt")]
+    subprocess.run([*pip, *paths], check=True)
+    if name in EXTRAS:
+        subprocess.run([py, "-c", f"import tessera.{name}"], check=True)
+        print(f"ok: tessera-{name} imports without its [{EXTRAS[name]}] extra")
+        subprocess.run([*pip, f"{PACKAGES[name]}[{EXTRAS[name]}]"], check=True)
     code = f"import importlib\nfor m in {modules(name)!r}:\n    importlib.import_module(m)\n"
     if name in NO_TORCH:
         code += "import importlib.util\nassert importlib.util.find_spec('torch') is None, 'torch is installed'\n"
