@@ -29,7 +29,7 @@ from tessera.distill.trainer import DistillTrainer
 from tessera.model import load_model
 from tessera.model.checkpoint import read_model_card
 from tessera.model.tokenizer import Tokenizer
-from tessera.pipeline_data import DataSplit, claim_output_dir, split_data
+from tessera.pipeline_data import DataSplit, split_data
 from tessera.pipeline_serving import http_stage, serving_stage
 from tessera.quant import load_quantized, quantize, save_quantized
 from tessera.specs.model_card import Lineage
@@ -132,7 +132,6 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True, say: Say = print
 
     header("data")
     split = split_data(cfg)
-    claim_output_dir(cfg, split)
     say(f"{split.source}: {split.documents:,} documents; one in {cfg.eval.heldout_every} held out "
         f"({split.heldout_documents:,} documents, {split.heldout_chars:,} chars); training text "
         f"{split.train_chars:,} chars -> {split.train_file}")

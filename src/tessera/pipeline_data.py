@@ -66,8 +66,9 @@ def documents(cfg: PipelineConfig) -> tuple[list[str], str]:
 
 
 def split_data(cfg: PipelineConfig) -> DataSplit:
-    """Write `data/train.txt` and `data/heldout.txt` (every `eval.heldout_every`-th document held out).
-    Raises ValueError when there is too little text for both sides."""
+    """Split the documents (one in `eval.heldout_every` held out), claim the output directory for them
+    (`claim_output_dir`), then write `data/train.txt` and `data/heldout.txt`. Raises ValueError when there is
+    too little text for both sides, RunMismatch (before writing anything) when the directory holds another run."""
     docs, source = documents(cfg)
     every = cfg.eval.heldout_every
     heldout = [d for i, d in enumerate(docs) if i % every == every - 1]
@@ -75,26 +76,29 @@ def split_data(cfg: PipelineConfig) -> DataSplit:
     if not heldout or not train:
         raise ValueError(f"data: {len(docs)} documents (~{_DOC_CHARS:,} characters each) from {source} are too few "
                          f"to hold out one in {every}; give more text or lower eval.heldout_every")
+    train_text, heldout_text = "\n\n".join(train), "\n\n".join(heldout)
+    claim_output_dir(cfg, hashlib.sha256(train_text.encode("utf-8")).hexdigest())
     folder = cfg.path("data")
     folder.mkdir(parents=True, exist_ok=True)
-    train_text, heldout_text = "\n\n".join(train), "\n\n".join(heldout)
     (folder / "train.txt").write_text(train_text, encoding="utf-8")
     (folder / "heldout.txt").write_text(heldout_text, encoding="utf-8")
     return DataSplit(source, folder / "train.txt", folder / "heldout.txt", len(docs), len(heldout),
                      len(train_text), len(heldout_text))
 
 
-def claim_output_dir(cfg: PipelineConfig, split: DataSplit) -> None:
-    """Record the pipeline and a digest of its text in `run.json`; a rerun of the same pipeline on the same
-    text resumes from the stages' checkpoints. Raises RunMismatch when the directory holds another run
-    (its checkpoints would otherwise be resumed by a different pipeline)."""
-    digest = hashlib.sha256(split.train_file.read_bytes()).hexdigest()
-    record = {"pipeline": cfg.model_dump(mode="json"), "train_sha256": digest}
+def claim_output_dir(cfg: PipelineConfig, train_sha256: str) -> None:
+    """Record in `run.json` what the stages' checkpoints depend on: the training stages' configs, the text
+    settings and a digest of the training text. A rerun that agrees resumes from those checkpoints (other
+    fields, such as the prompts or the quantization method, may change between runs). Raises RunMismatch when
+    the directory holds checkpoints of other stages or other text."""
+    record = {"stages": cfg.model_dump(mode="json", include={"data", "max_chars", "teacher", "student"})
+              | {"heldout_every": cfg.eval.heldout_every}, "train_sha256": train_sha256}
     path = Path(cfg.output_dir) / "run.json"
     if path.exists():
         previous = json.loads(path.read_text())
         if previous != record:
-            what = "pipeline config" if previous.get("pipeline") != record["pipeline"] else "training text"
-            raise RunMismatch(f"{cfg.output_dir} holds a run with a different {what}; choose another output "
-                              "directory (--out) or delete it")
+            what = "training stages" if previous.get("stages") != record["stages"] else "training text"
+            raise RunMismatch(f"{cfg.output_dir} holds a run with different {what}; its checkpoints would be "
+                              "resumed: choose another output directory (--out) or delete it")
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")

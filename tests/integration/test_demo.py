@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tessera.demo import main_demo
-from tessera.pipeline_data import DataSplit, RunMismatch, claim_output_dir
+from tessera.pipeline_data import RunMismatch, claim_output_dir
 from tessera.specs import PipelineConfig
 
 
@@ -87,8 +87,10 @@ def test_rerun_resumes_and_another_pipeline_is_refused(run, tmp_path: Path) -> N
         assert s[stage]["resumed_from"] == s[stage]["steps"]
     text = tmp_path / "mine.txt"
     text.write_text("A line of my own text.\n" * 4000)
+    before = (out / "data" / "train.txt").read_text()
     refused = demo("--out", str(out), "--data", str(text))
-    assert refused.returncode == 2 and "different pipeline config" in refused.stderr
+    assert refused.returncode == 2 and "different training stages" in refused.stderr
+    assert (out / "data" / "train.txt").read_text() == before  # refused before writing anything
     text.write_text("Too short.\n")
     refused = demo("--out", str(tmp_path / "other"), "--data", str(text))
     assert refused.returncode == 2 and "too few" in refused.stderr
@@ -137,16 +139,17 @@ def test_demo_on_cuda(tmp_path: Path) -> None:
     assert s["device"].startswith("cuda") and s["serving"]["speculative"]["same_text_as_teacher"]
 
 
-def test_an_output_dir_refuses_other_text(tmp_path: Path) -> None:
+def test_an_output_dir_refuses_other_stages_or_text(tmp_path: Path) -> None:
     cfg = PipelineConfig.preset("tiny").model_copy(update={"output_dir": str(tmp_path)})
-    train = tmp_path / "train.txt"
-    train.write_text("some text")
-    split = DataSplit("test", train, train, 2, 1, 9, 9)
-    claim_output_dir(cfg, split)
-    claim_output_dir(cfg, split)  # the same run again: resumable
-    train.write_text("other text")
+    claim_output_dir(cfg, "abc")
+    claim_output_dir(cfg, "abc")  # the same run again: resumable
+    changed = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"max_tokens": 3}), "threads": 2})
+    claim_output_dir(changed, "abc")  # serving and execution settings do not touch the checkpoints
     with pytest.raises(RunMismatch, match="different training text"):
-        claim_output_dir(cfg, split)
+        claim_output_dir(cfg, "def")
+    other = cfg.model_copy(update={"student": cfg.student.model_copy(update={"steps": 99})})
+    with pytest.raises(RunMismatch, match="different training stages"):
+        claim_output_dir(other, "abc")
 
 
 def test_print_config_is_the_preset_with_overrides(capsys: pytest.CaptureFixture) -> None:
