@@ -83,3 +83,18 @@ def test_tensor_parallel_flag_reaches_the_engine_config() -> None:
 
     args = build_parser().parse_args(["--model", "m", "--tensor-parallel", "4"])
     assert engine_config(args).tensor_parallel_size == 4
+
+
+def test_engine_config_file_with_flags_overriding(tmp_path) -> None:
+    from tessera.gateway.cli import build_parser, engine_config
+    from tessera.specs import EngineConfig
+
+    path = tmp_path / "engine.yaml"
+    EngineConfig(max_num_seqs=7, block_size=32, enable_prefix_caching=False, seed=5).dump(path)
+    cfg = engine_config(build_parser().parse_args(["--model", "m", "--config", str(path), "--seed", "9"]))
+    assert (cfg.max_num_seqs, cfg.block_size, cfg.enable_prefix_caching, cfg.seed) == (7, 32, False, 9)
+    assert cfg.model == "m"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_num_seqs: 0\n")
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        engine_config(build_parser().parse_args(["--model", "m", "--config", str(bad)]))

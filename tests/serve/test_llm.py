@@ -76,6 +76,19 @@ def test_generate_cli(ckpt, capsys) -> None:
     assert all(len(x["outputs"][0]["token_ids"]) <= 4 for x in lines)
 
 
+def test_generate_cli_takes_an_engine_config_file(ckpt, tmp_path, capsys) -> None:
+    from tessera.specs import EngineConfig
+
+    path = tmp_path / "engine.yaml"
+    EngineConfig(num_blocks=32, block_size=4, device="cpu").dump(path)
+    assert main_generate(["--model", str(ckpt), "--prompt", "lazy", "--max-tokens", "3", "--config", str(path),
+                          "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["outputs"][0]["token_ids"]) <= 3
+    (tmp_path / "bad.yaml").write_text("block_size: -4\n")
+    with pytest.raises(ValueError, match="block_size"):
+        main_generate(["--model", str(ckpt), "--prompt", "x", "--config", str(tmp_path / "bad.yaml")])
+
+
 def test_bench_cli(ckpt, tmp_path) -> None:
     out = tmp_path / "bench.json"
     assert main_bench(["--model", str(ckpt), "--num-requests", "4", "--input-len", "4", "12", "--output-len", "2",

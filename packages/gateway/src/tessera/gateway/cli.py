@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 from tessera.specs import EngineConfig
@@ -43,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     adm.add_argument("--retry-after", type=int, default=1, help="Retry-After seconds sent with a 429")
     adm.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight requests")
     eng = ap.add_argument_group("engine")
+    eng.add_argument("--config", type=Path, default=None,
+                     help="EngineConfig as YAML or JSON; the flags below override only the fields they are given for")
     eng.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     eng.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     eng.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
@@ -60,12 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# EngineConfig field -> (flag dest, how the flag's value maps onto the field)
+_FLAG_FIELDS = {
+    "device": "device", "dtype": "dtype", "max_model_len": "max_model_len", "max_num_seqs": "max_num_seqs",
+    "max_num_batched_tokens": "max_num_batched_tokens", "max_waiting": "max_waiting", "num_blocks": "num_blocks",
+    "block_size": "block_size", "enable_prefix_caching": "no_prefix_caching", "enforce_eager": "enforce_eager",
+    "seed": "seed", "tensor_parallel_size": "tensor_parallel",
+}
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                        max_waiting=args.max_waiting, num_blocks=args.num_blocks, block_size=args.block_size,
-                        enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
-                        seed=args.seed, tensor_parallel_size=args.tensor_parallel)
+    """`--config` (if any), then every engine flag the user changed from its default."""
+    defaults = build_parser().parse_args(["--model", args.model])
+    fields = EngineConfig.load(args.config).model_dump() if args.config else {}
+    for field, dest in _FLAG_FIELDS.items():
+        value = getattr(args, dest)
+        if value != getattr(defaults, dest) or not args.config:
+            fields[field] = (not value) if dest == "no_prefix_caching" else value
+    fields["model"] = args.model
+    return EngineConfig.model_validate(fields)
 
 
 async def serve(engine: Any, args: argparse.Namespace) -> None:

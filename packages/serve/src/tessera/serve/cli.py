@@ -11,6 +11,8 @@ from tessera.specs import EngineConfig, ModelConfig, SamplingParams, Speculative
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
+    g.add_argument("--config", type=Path, default=None,
+                   help="EngineConfig as YAML or JSON; the flags below override only the fields they are given for")
     g.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
@@ -24,16 +26,23 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--num-speculative-tokens", type=int, default=4)
 
 
-def _config(args: argparse.Namespace) -> EngineConfig:
-    spec = None
+_FLAG_FIELDS = ("device", "dtype", "max_model_len", "max_num_seqs", "num_blocks", "enforce_eager")
+
+
+def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> EngineConfig:
+    """`--config` (if any), then every flag the user changed from its default."""
+    fields = EngineConfig.load(args.config).model_dump() if args.config else {}
+    for name in _FLAG_FIELDS:
+        value = getattr(args, name)
+        if value != parser.get_default(name) or not args.config:
+            fields[name] = value
     if args.draft:
-        spec = SpeculativeConfig(method="draft", draft_model=args.draft,
-                                 num_speculative_tokens=args.num_speculative_tokens)
+        fields["speculative"] = SpeculativeConfig(method="draft", draft_model=args.draft,
+                                                  num_speculative_tokens=args.num_speculative_tokens).model_dump()
     elif args.ngram:
-        spec = SpeculativeConfig(method="ngram", num_speculative_tokens=args.num_speculative_tokens)
-    return EngineConfig(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-                        max_num_seqs=args.max_num_seqs, num_blocks=args.num_blocks, enforce_eager=args.enforce_eager,
-                        speculative=spec)
+        fields["speculative"] = SpeculativeConfig(method="ngram",
+                                                  num_speculative_tokens=args.num_speculative_tokens).model_dump()
+    return EngineConfig.model_validate(fields)
 
 
 def main_generate(argv: list[str]) -> int:
@@ -56,7 +65,7 @@ def main_generate(argv: list[str]) -> int:
     args = p.parse_args(argv)
     from tessera.serve.llm import LLM
 
-    llm = LLM(args.model, quant=args.quant, config=_config(args))
+    llm = LLM(args.model, quant=args.quant, config=_config(args, p))
     prompts = args.prompt
     if args.chat:
         if llm.tokenizer is None:
@@ -100,7 +109,7 @@ def main_bench(argv: list[str]) -> int:
     from tessera.serve.llm import LLM
     from tessera.serve.loader import serving_dtype
 
-    config = _config(args)
+    config = _config(args, p)
     if args.model:
         engine = LLM(args.model, quant=args.quant, config=config).engine
     else:
