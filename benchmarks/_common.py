@@ -87,3 +87,45 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
     return "" if v is None else str(v)
+
+
+def median_seconds(fn: Any, repeats: int, warmup: int, cuda: bool) -> float:
+    """Median seconds of `fn()` over `repeats` calls after `warmup` calls: CUDA events on a GPU (the
+    work is asynchronous), perf_counter on a CPU."""
+    import statistics
+    import time
+
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_ceilings(device: Any, cuda: bool, tiny: bool) -> dict[str, float]:
+    """The two ceilings every figure is a fraction of, measured on `device` in this run: device-copy
+    bandwidth (bytes/s, read + write, 1 GiB buffers) and bf16 matmul FLOP/s (8192^3, random data)."""
+    import torch
+
+    n = (1 << 22) if tiny else (1 << 30)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_s = median_seconds(lambda: dst.copy_(src), 5 if tiny else 20, 2, cuda)
+    m = 256 if tiny else 8192
+    a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    mm_s = median_seconds(lambda: a @ b, 3 if tiny else 20, 1, cuda)
+    return {"copy_bytes_per_s": 2 * n / copy_s, "bf16_mm_flops": 2 * m**3 / mm_s}

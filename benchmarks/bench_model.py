@@ -15,52 +15,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_result
+from _common import measure_ceilings, median_seconds, print_table, write_result
 
 from tessera.attn import PagedAttentionMetadata, PagedKVCache, PagedKVContext
 from tessera.kernels import registry
 from tessera.model import Transformer
 from tessera.specs import KVCacheHandle, KVCacheSpec, ModelConfig
-
-
-def timer(fn: Callable[[], object], repeats: int, warmup: int, cuda: bool) -> float:
-    """Median seconds of `fn` after `warmup` calls (CUDA events on GPU, perf_counter on CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def ceilings(device: torch.device, cuda: bool, tiny: bool) -> dict[str, float]:
-    """Measured device-copy bandwidth (bytes/s, read + write) and bf16 matmul FLOP/s."""
-    n = (1 << 22) if tiny else (1 << 29)
-    src = torch.empty(n, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    copy_s = timer(lambda: dst.copy_(src), 5 if tiny else 20, 2, cuda)
-    m = 256 if tiny else 8192
-    a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
-    b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
-    mm_s = timer(lambda: a @ b, 3 if tiny else 20, 1, cuda)
-    return {"copy_bytes_per_s": 2 * n / copy_s, "bf16_mm_flops": 2 * m**3 / mm_s}
 
 
 def hf_model(cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
@@ -136,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats, warmup = (3, 1) if args.tiny else (20, 3)
 
     torch.manual_seed(0)
-    peak = ceilings(device, cuda, args.tiny)
+    peak = measure_ceilings(device, cuda, args.tiny)
     with torch.device(device):
         ours = Transformer(cfg).to(dtype).eval()
     theirs = hf_model(cfg, ours.state_dict(), device, dtype)
@@ -146,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         for b, t in prefill:
             ids = torch.randint(0, cfg.vocab_size, (b, t), device=device)
             diff = (ours(ids).float() - theirs(ids).logits.float()).abs().max().item()
-            ours_s = timer(lambda ids=ids: ours(ids), repeats, warmup, cuda)
-            hf_s = timer(lambda ids=ids: theirs(ids), repeats, warmup, cuda)
+            ours_s = median_seconds(lambda ids=ids: ours(ids), repeats, warmup, cuda)
+            hf_s = median_seconds(lambda ids=ids: theirs(ids), repeats, warmup, cuda)
             flops = b * t * flops_per_token(cfg, t // 2)
             rows.append({"phase": "prefill", "shape": f"{b}x{t}", "tessera_ms": ours_s * 1e3, "hf_ms": hf_s * 1e3,
                          "hf/tessera": hf_s / ours_s, "tessera_tok_s": b * t / ours_s,
@@ -159,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         ours_times = []
         for s in range(steps):
             ctx = PagedKVContext(cache, metas[s])
-            ours_times.append(timer(lambda ctx=ctx, s=s: ours(step_ids, positions=positions[s], kv=ctx), 1, 0, cuda))
+            step = lambda ctx=ctx, s=s: ours(step_ids, positions=positions[s], kv=ctx)  # noqa: E731
+            ours_times.append(median_seconds(step, 1, 0, cuda))
         hf_times = hf_decode_times(theirs, cfg, batch, context, steps, device, cuda)
         ours_s, hf_s = statistics.median(ours_times[1:]), statistics.median(hf_times[1:])
         elt = torch.tensor([], dtype=dtype).element_size()
@@ -191,7 +157,7 @@ def hf_decode_times(model, cfg: ModelConfig, batch: int, context: int, steps: in
     for _ in range(steps):
         def run(cache=cache):
             return model(step, past_key_values=cache, use_cache=True)
-        times.append(timer(run, 1, 0, cuda))
+        times.append(median_seconds(run, 1, 0, cuda))
     return times
 
 

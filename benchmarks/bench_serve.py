@@ -26,14 +26,13 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_result
+from _common import measure_ceilings, median_seconds, print_table, write_result
 
 from tessera.model import Transformer
 from tessera.model.hf import export_hf
@@ -48,36 +47,8 @@ def sync(cuda: bool) -> None:
         torch.cuda.synchronize()
 
 
-def event_time(fn: Callable[[], object], repeats: int, warmup: int, cuda: bool) -> float:
-    """Median seconds of `fn` (CUDA events on GPU, perf_counter on CPU) after warm-up."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
-def ceilings(device: torch.device, cuda: bool, tiny: bool) -> dict[str, float]:
-    n = (1 << 22) if tiny else (1 << 30)
-    src = torch.empty(n, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    copy_s = event_time(lambda: dst.copy_(src), 5 if tiny else 20, 2, cuda)
-    m = 256 if tiny else 8192
-    a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
-    b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
-    mm_s = event_time(lambda: a @ b, 3 if tiny else 20, 1, cuda)
-    return {"copy_bytes_per_s": 2 * n / copy_s, "bf16_mm_flops": 2 * m**3 / mm_s}
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -167,7 +138,7 @@ def section_decode(model, hf, args, ceil, cuda, rows, results) -> None:
     rows.append({"what": "batch-1 decode, engine", "tok/s": ours, "roofline": ours / roof})
     graphs = engine.runner.graphs
     if graphs is not None:
-        step = event_time(lambda: graphs.graphs[1].replay(), 50, 5, cuda)
+        step = median_seconds(lambda: graphs.graphs[1].replay(), 50, 5, cuda)
         res.update(graph_step_ms=step * 1e3, graph_roofline_fraction=(1 / step) / roof)
         rows.append({"what": "batch-1 decode, graph replay only", "tok/s": 1 / step, "roofline": (1 / step) / roof})
     if hf is not None:
@@ -406,7 +377,7 @@ def main() -> None:
         cfg = model.config.model_copy(update={"n_layers": max(1, model.config.n_layers // 7)})
         draft = Transformer(cfg).to(device=device, dtype=dtype).eval()
         draft_name = f"{cfg.n_layers}-layer random"
-    ceil = ceilings(device, cuda, args.tiny)
+    ceil = measure_ceilings(device, cuda, args.tiny)
     results: dict[str, Any] = {"target": target_name, "draft": draft_name, "dtype": str(dtype).removeprefix("torch."),
                                "ceilings": ceil}
     rows: list[dict[str, Any]] = []
