@@ -352,33 +352,32 @@ class Zero3:
                     out[_qualname(self.module, owner, attr)] = t
         return out
 
-    def local_pieces(self, states: dict[str, Callable[[FlatUnit], torch.Tensor]]) -> Iterator[tuple[str, str, int,
-                                                                                                        torch.Tensor]]:
-        """For each parameter slice this rank owns: (state, parameter name, start, 1-D values), where `start`
-        indexes the parameter's flattened elements and `states[state](unit)` gives the unit's flat shard."""
+    def _owned_slices(self) -> Iterator[tuple[FlatUnit, str, int, int, int, int]]:
+        """For each parameter slice this rank owns: (unit, parameter name, start and stop in the parameter's
+        flattened elements, start and stop in the unit's flat shard)."""
         for unit in self.all_units():
             lo = self.group.rank * unit.shard_numel
             hi = lo + unit.shard_numel
             for slot in unit.slots:
                 a, b = max(lo, slot.offset), min(hi, slot.offset + slot.numel)
-                if a >= b:
-                    continue
-                for state, get in states.items():
-                    yield state, slot.name, a - slot.offset, get(unit)[a - lo:b - lo]
+                if a < b:
+                    yield unit, slot.name, a - slot.offset, b - slot.offset, a - lo, b - lo
+
+    def local_pieces(self, states: dict[str, Callable[[FlatUnit], torch.Tensor]]) -> Iterator[tuple[str, str, int,
+                                                                                                        torch.Tensor]]:
+        """For each parameter slice this rank owns: (state, parameter name, start, 1-D values), where `start`
+        indexes the parameter's flattened elements and `states[state](unit)` gives the unit's flat shard."""
+        for unit, name, start, _, lo, hi in self._owned_slices():
+            for state, get in states.items():
+                yield state, name, start, get(unit)[lo:hi]
 
     def load_pieces(self, states: dict[str, Callable[[FlatUnit], torch.Tensor]],
                     read: Callable[[str, str, int, int], torch.Tensor]) -> None:
         """Fill this rank's shards from `read(state, name, start, stop)` (flattened elements of the full tensor)."""
         with torch.no_grad():
-            for unit in self.all_units():
-                lo = self.group.rank * unit.shard_numel
-                hi = lo + unit.shard_numel
-                for slot in unit.slots:
-                    a, b = max(lo, slot.offset), min(hi, slot.offset + slot.numel)
-                    if a >= b:
-                        continue
-                    for state, get in states.items():
-                        get(unit)[a - lo:b - lo].copy_(read(state, slot.name, a - slot.offset, b - slot.offset))
+            for unit, name, start, stop, lo, hi in self._owned_slices():
+                for state, get in states.items():
+                    get(unit)[lo:hi].copy_(read(state, name, start, stop))
 
     def memory_report(self, optimizer_state_bytes: int) -> dict[str, float]:
         """Sharded bytes per rank against the 16 Psi / N formula: fp32 master shards, their fp32 gradient
