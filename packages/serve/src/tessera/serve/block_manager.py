@@ -141,6 +141,10 @@ class BlockManager:
             self._release(src)
             blocks[-1] = dst
             self._copies.append((src, dst))
+        elif num_tokens and handle.num_tokens % self.block_size:
+            # A cached block left partly filled by a truncate while shared, whose other owners have
+            # since gone: it is ours alone now and its tail is about to be overwritten.
+            self._uncache(blocks[-1])
         new_total = handle.num_tokens + num_tokens
         blocks += [self._take() for _ in range(self.blocks_for(new_total) - len(blocks))]
         return self._make(handle.seq_id, tuple(blocks), new_total)
