@@ -87,6 +87,9 @@ class KernelRegistry:
     catalogue: dict[str, KernelSpec] = field(default_factory=dict)
     _impls: dict[str, dict[str, KernelImpl]] = field(default_factory=dict)
     _pins: dict[str, str] = field(default_factory=dict)
+    # Dispatch runs on every op call (hundreds per decode step): keep it to dict lookups.
+    _order: dict[str, list[KernelImpl]] = field(default_factory=dict, repr=False)
+    _env_pins: tuple[str, dict[str, str]] = field(default=("", {}), repr=False)
 
     def register(self, op: str, backend: str, fn: Callable[..., Any], *,
                  supports: Supports | None = None, priority: int = 0) -> KernelImpl:
@@ -96,6 +99,7 @@ class KernelRegistry:
             raise UnknownOpError(f"cannot register {backend!r} for unknown op {op!r}; catalogued: {known}")
         impl = KernelImpl(op, backend, fn, supports or _always, -10**9 if backend == REFERENCE else priority)
         self._impls.setdefault(op, {})[backend] = impl
+        self._order.pop(op, None)
         return impl
 
     def ops(self) -> list[str]:
@@ -103,8 +107,14 @@ class KernelRegistry:
 
     def backends(self, op: str) -> list[str]:
         """Registered backends of `op`, best first."""
-        impls = self._impls_of(op)
-        return [b for b, _ in sorted(impls.items(), key=lambda kv: -kv[1].priority)]
+        return [impl.backend for impl in self._ordered(op)]
+
+    def _ordered(self, op: str) -> list[KernelImpl]:
+        order = self._order.get(op)
+        if order is None:
+            order = sorted(self._impls_of(op).values(), key=lambda impl: -impl.priority)
+            self._order[op] = order
+        return order
 
     def pin(self, op: str, backend: str | None) -> None:
         """Force `backend` for `op` (None removes the pin). Takes precedence over TESSERA_KERNELS."""
@@ -116,7 +126,13 @@ class KernelRegistry:
 
     def pins(self) -> dict[str, str]:
         """Effective pins: TESSERA_KERNELS first, then those set with `pin`."""
-        return {**parse_pins(os.environ.get(ENV_PINS, "")), **self._pins}
+        return dict(self._effective_pins())
+
+    def _effective_pins(self) -> dict[str, str]:
+        text = os.environ.get(ENV_PINS, "")
+        if text != self._env_pins[0]:  # parse only when the variable changed
+            self._env_pins = (text, parse_pins(text))
+        return {**self._env_pins[1], **self._pins} if self._pins else self._env_pins[1]
 
     def get(self, op: str, *args: Any, backend: str | None = None, **kwargs: Any) -> KernelImpl:
         """Best backend of `op` that supports the given example inputs (none given: device-free checks).
@@ -124,9 +140,9 @@ class KernelRegistry:
         `backend=` forces one. Raises `UnknownOpError` for an unknown op and `KernelUnavailableError`
         (listing each backend's reasons) when no allowed backend can run.
         """
-        impls = self._impls_of(op)
-        forced = backend or self.pins().get(op)
+        forced = backend or self._effective_pins().get(op)
         if forced is not None:
+            impls = self._impls_of(op)
             if forced not in impls:
                 raise KernelUnavailableError(
                     f"op {op!r} has no backend {forced!r}; registered: {self.backends(op)}"
@@ -136,11 +152,11 @@ class KernelRegistry:
                 raise KernelUnavailableError(f"op {op!r}: backend {forced!r} cannot run: {'; '.join(reasons)}")
             return impls[forced]
         why: dict[str, list[str]] = {}
-        for name in self.backends(op):
-            reasons = impls[name].supports(*args, **kwargs)
+        for impl in self._ordered(op):
+            reasons = impl.supports(*args, **kwargs)
             if not reasons:
-                return impls[name]
-            why[name] = reasons
+                return impl
+            why[impl.backend] = reasons
         detail = "; ".join(f"{b}: {', '.join(r)}" for b, r in why.items())
         raise KernelUnavailableError(f"op {op!r}: no backend can run these inputs ({detail})")
 
