@@ -8,9 +8,11 @@ the ceilings this script measures (device copy bandwidth, bf16 torch.mm FLOP/s).
 Rows: attention.prefill (causal, GQA 32/8, D 64/128, T 1k/4k/16k, bf16) in TFLOP/s against torch
 SDPA's FlashAttention-2 and cuDNN backends; attention.decode_paged (block 16) in KV bytes/s against
 SDPA over a contiguous cache; rms_norm 16k x 4096 against torch eager; int8/int4 weight-only at
-M 1/16 against bf16 torch.mm; fp8 at 8192^3 against bf16 torch.mm and torch._scaled_mm; fused swiglu
-against unfused torch. Targets: prefill >= 1.0x FA2 at D=128, T>=4k; decode >= 70% of copy at
-B=64, T=2048; rms_norm >= 80% of copy; int8 >= 1.5x bf16 mm; fp8 >= 1.3x bf16 mm.
+M 1/16 against bf16 torch.mm (square K = N and every Llama-3.2-1B projection, plus their sum over
+one decode step; `--only weight_only` runs just these); fp8 at 8192^3 against bf16 torch.mm and
+torch._scaled_mm; fused swiglu against unfused torch. Targets: prefill >= 1.0x FA2 at D=128,
+T>=4k; decode >= 70% of copy at B=64, T=2048; rms_norm >= 80% of copy; int8 >= 1.5x bf16 mm at
+M 1/16, K = N 4096/8192; fp8 >= 1.3x bf16 mm.
 """
 
 from __future__ import annotations
@@ -171,35 +173,51 @@ def bench_rms_norm(device: torch.device, dtype: torch.dtype, tiny: bool, ceil: d
             for b, s in results.items()]
 
 
+#: Llama-3.2-1B decode: (K, N) of each projection -> calls per step (16 layers of q/o, k/v, gate/up, down; lm_head).
+LLAMA_1B_DECODE = {(2048, 2048): 32, (2048, 512): 32, (2048, 8192): 32, (8192, 2048): 16, (2048, 128256): 1}
+_TINY_DECODE = {(64, 64): 32, (64, 16): 32, (64, 256): 32, (256, 64): 16, (64, 1000): 1}
+
+
 def bench_weight_only(device: torch.device, dtype: torch.dtype, tiny: bool, ceil: dict[str, float]) -> list[dict]:
+    """int8 / AWQ int4 (group 128, float32 scales and zeros as tessera.quant stores them) against bf16
+    torch.mm at decode M: square K = N, then every Llama-3.2-1B projection shape, and the matmul part of
+    one Llama-3.2-1B decode step summed over its projections."""
     rows = []
-    sizes = [64, 128] if tiny else [4096, 8192]
-    for kn in sizes:
+    decode = _TINY_DECODE if tiny else LLAMA_1B_DECODE
+    square = [(96, 96), (128, 128)] if tiny else [(4096, 4096), (8192, 8192)]
+    step: dict[tuple[int, str], float] = {}
+    for k, n in [*square, *decode]:
         for m in (1, 16):
-            x = torch.randn(m, kn, device=device, dtype=dtype)
-            w = torch.randn(kn, kn, device=device, dtype=dtype) * kn**-0.5
-            w_q = torch.randint(-127, 128, (kn, kn), device=device, dtype=torch.int8)
-            scale = torch.rand(kn, device=device, dtype=dtype) / 127
-            q4 = reference.pack_int4(torch.randint(0, 16, (kn, kn), device=device))
-            g = min(128, kn)
-            s4 = torch.rand(kn, kn // g, device=device, dtype=dtype) / 16
-            z4 = torch.randint(0, 16, (kn, kn // g), device=device).to(dtype)
-            mm = timeit(device, torch.mm, x, w.T)
-            rows.append({"op": "matmul (bf16 torch.mm)", "backend": "torch", "M": m, "K=N": kn, "us": mm * 1e6,
-                         "weight_GBps": w.numel() * w.element_size() / mm / 1e9,
-                         "of_copy_ceiling": w.numel() * w.element_size() / mm / ceil["copy_bytes_per_s"],
-                         "vs_bf16_mm": 1.0})
-            cases = [("matmul.int8_weight_only", (x, w_q, scale), w_q.numel()),
-                     ("matmul.int4_awq", (x, q4, s4, z4, g), q4.numel() + 2 * s4.numel() * s4.element_size())]
-            for op, args, wbytes in cases:
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            w = torch.randn(n, k, device=device, dtype=dtype) * k**-0.5
+            w_q = torch.randint(-127, 128, (n, k), device=device, dtype=torch.int8)
+            scale = torch.rand(n, device=device) / 127
+            q4 = reference.pack_int4(torch.randint(0, 16, (n, k), device=device))
+            g = min(128, k)
+            s4 = torch.rand(n, k // g, device=device) / 16
+            z4 = torch.randint(0, 16, (n, k // g), device=device).float()
+            cases = [("matmul (bf16 torch.mm)", "torch", w.numel() * w.element_size(),
+                      functools.partial(torch.mm, x, w.T))]
+            for op, args, wbytes in [("matmul.int8_weight_only", (x, w_q, scale), w_q.numel() + 4 * n),
+                                     ("matmul.int4_awq", (x, q4, s4, z4, g), q4.numel() + 8 * s4.numel())]:
                 impl = _impl(op, "triton", *args)
-                backend = "triton" if impl is not None else "reference"
                 fn = impl or registry.get(op, backend="reference")
-                sec = timeit(device, fn, *args)
-                rows.append({"op": op, "backend": backend, "M": m, "K=N": kn, "us": sec * 1e6,
-                             "weight_GBps": wbytes / sec / 1e9,
-                             "of_copy_ceiling": wbytes / sec / ceil["copy_bytes_per_s"],
+                cases.append((op, "triton" if impl is not None else "reference", wbytes, functools.partial(fn, *args)))
+            results = [(op, backend, wbytes, timeit(device, fn)) for op, backend, wbytes, fn in cases]
+            mm = results[0][3]
+            for op, backend, wbytes, sec in results:
+                gbps = wbytes / sec
+                rows.append({"op": op, "backend": backend, "M": m, "K": k, "N": n, "us": sec * 1e6,
+                             "weight_GBps": gbps / 1e9, "of_copy_ceiling": gbps / ceil["copy_bytes_per_s"],
                              "vs_bf16_mm": mm / sec})
+                if (k, n) in decode:
+                    step[(m, op)] = step.get((m, op), 0.0) + decode[(k, n)] * sec
+            del w, w_q, q4
+    model = "tiny decode step" if tiny else "llama-3.2-1b decode step"
+    for (m, op), sec in step.items():
+        rows.append({"op": f"{op} [{model}, all projections]", "backend": "sum", "M": m, "K": None, "N": None,
+                     "us": sec * 1e6, "weight_GBps": None, "of_copy_ceiling": None,
+                     "vs_bf16_mm": step[(m, "matmul (bf16 torch.mm)")] / sec})
     return rows
 
 

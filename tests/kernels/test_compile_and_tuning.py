@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tessera.kernels.cuda import build
-from tessera.kernels.triton import flash_attention, fp8_matmul, quant_matmul, swiglu
+from tessera.kernels.triton import flash_attention, fp8_matmul, quant_gemv, quant_matmul, swiglu
 from tessera.kernels.triton.tuning import bucket
 
 HERE = Path(__file__).resolve().parent
@@ -34,7 +34,8 @@ def test_bucket_is_the_next_power_of_two() -> None:
 
 
 @pytest.mark.parametrize("kernel", [flash_attention._fwd_kernel, swiglu._swiglu_kernel, quant_matmul._int8_kernel,
-                                    quant_matmul._int4_kernel, fp8_matmul._fp8_gemm_kernel])
+                                    quant_matmul._int4_kernel, quant_gemv._int8_tuned, quant_gemv._int4_tuned,
+                                    fp8_matmul._fp8_gemm_kernel])
 def test_tuning_keys_never_hold_a_raw_length(kernel: object) -> None:
     keys = kernel.keys
     assert any(k.endswith("_BUCKET") for k in keys), keys

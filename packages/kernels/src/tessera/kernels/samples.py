@@ -163,7 +163,9 @@ def _kv_write(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
 
 
 def _int8(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
-    sizes = [(1, 4096, 4096), (16, 4096, 1000), (257, 1024, 768)] if real else [(1, 48, 33), (7, 100, 20)]
+    # M <= 16 takes the split-K decode kernels, larger M the tiled ones; odd N, K not a multiple of any tile.
+    sizes = [(1, 4096, 4096), (1, 8192, 2048), (16, 4096, 1000), (5, 2000, 513), (257, 1024, 768)] if real else \
+        [(1, 48, 33), (7, 100, 20), (16, 200, 37), (17, 72, 19)]
     out = []
     for m, k, n in sizes:
         w_q = r.randint(-127, 128, n, k, dtype=torch.int8)
@@ -175,7 +177,9 @@ def _int8(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
 
 
 def _int4(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
-    sizes = [(1, 4096, 4096), (16, 4000, 1000), (100, 1000, 256)] if real else [(1, 200, 9), (5, 80, 17)]
+    # M <= 16 with a group of whole 32-wide tiles takes the split-K decode kernels; the last group is partial.
+    sizes = [(1, 4096, 4096), (1, 8192, 2048), (16, 4000, 1000), (100, 1000, 256)] if real else \
+        [(1, 200, 9), (5, 80, 17), (16, 160, 19), (20, 96, 11)]
     out = []
     for m, k, n in sizes:
         for g in (16, 32, 64, 128):  # 16: a 32-wide K tile spans two groups

@@ -6,6 +6,10 @@ stream 1 (int8) or 0.5 (int4) bytes per weight, which is the whole point for the
 the epilogue. int4: every weight is dequantized with the scale and zero of its own group (gathered
 per k, k // group_size), so a K tile that spans several groups, or a K that is not a multiple of the
 tile, never applies one group's scale to another group's weights.
+
+Decode shapes (M <= 16; int4 also needs a group of whole 32-wide tiles) go to `quant_gemv`'s split-K
+GEMV kernels instead: same ops, same results, built to stream weights at HBM bandwidth. The tiled
+kernels here serve prefill (large M) and any other group size.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import triton
 import triton.language as tl
 
 from tessera.kernels.support import FLOATS, dtype_reasons, no_grad_reasons, triton_device_reasons
+from tessera.kernels.triton import quant_gemv
 from tessera.kernels.triton.tuning import autotune, bucket, dot_precision
 from tessera.specs import KernelRegistry
 
@@ -79,7 +84,9 @@ def _int8_op(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -> torch.T
     n = w_q.shape[0]
     w_q = w_q.contiguous()
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m and n:
+    if m and n and quant_gemv.serves_int8(m):
+        quant_gemv.launch_int8(x, w_q, scale.contiguous(), y)
+    elif m and n:
         _int8_kernel[_grid(m, n)](x, w_q, scale.contiguous(), y, m, n, k, x.stride(0), x.stride(1), w_q.stride(0),
                                   y.stride(0), bucket(m), PREC=dot_precision(x.dtype))
     return y
@@ -135,7 +142,9 @@ def _int4_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
     n = qweight.shape[0]
     qweight, scales, zeros = (_rows(t) for t in (qweight, scales, zeros))
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m and n:
+    if m and n and quant_gemv.serves_int4(m, group_size):
+        quant_gemv.launch_int4(x, qweight, scales, zeros, group_size, y)
+    elif m and n:
         _int4_kernel[_grid(m, n)](x, qweight, scales, zeros, y, m, n, k, x.stride(0), x.stride(1), qweight.stride(0),
                                   scales.stride(0), zeros.stride(0), y.stride(0), bucket(m), GROUP=group_size,
                                   PREC=dot_precision(x.dtype))

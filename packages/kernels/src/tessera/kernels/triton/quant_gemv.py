@@ -1,0 +1,308 @@
+"""Decode-shape (M <= 16) weight-only quantized matmuls: int8 per-channel and AWQ int4, split along K.
+
+At small M these matmuls only stream weights, so the kernels are built for bandwidth: each program
+reads a [BN, BK] weight tile contiguously along K (int8 rows, or int4 bytes packed along K), and the
+K range is split over SPLIT_K programs so that a small N still puts enough programs in flight.
+M == 1 multiplies on the CUDA cores (broadcast-multiply, then a sum over K: no tensor-core tile is
+wasted on padding rows); 1 < M <= 16 pads M to 16 and uses `tl.dot`.
+
+Split-K partials are combined inside the same launch, deterministically: every program writes its
+float32 partial tile to a workspace and bumps a per-N-tile counter (acquire/release); the program
+that arrives last sums the SPLIT_K partials in split order, casts, stores, and resets the counter to
+zero for the next launch. One launch, no memset, no host sync, so it is CUDA-graph capturable; the
+counters are per device and stream.
+
+int8: the per-output-channel scale is applied once per program, before the partials are combined.
+int4: a K tile never spans two groups (BK divides the group size, tiles start at multiples of BK),
+so each tile applies its group's scale and zero once: s * (sum_k q_k x_k - z * sum_k x_k).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from tessera.kernels.triton.tuning import autotune, bucket, dot_precision
+
+#: Largest M this path serves; larger M goes to the tiled tl.dot kernels (prefill).
+MAX_M = 16
+#: Split-K only below this N: a wider N already fills the GPU, and the workspace stays small.
+SPLIT_MAX_N = 16384
+#: Counter slots per (device, stream): one per N tile of a split launch (N <= SPLIT_MAX_N, BN >= 4).
+_COUNTER_SLOTS = SPLIT_MAX_N // 4
+
+
+def _cfg(bn: int, bk: int, split: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BN": bn, "BK": bk, "SPLIT_K": split}, num_warps=warps, num_stages=stages)
+
+
+# Weight bytes per program and iteration are BN * BK (int8) or BN * BK / 2 (int4); the lists span
+# few-wide-rows (many programs, long contiguous reads) to many-rows, with and without split-K.
+_INT8_M1 = [_cfg(4, 1024, 1, 4, 2), _cfg(8, 512, 1, 4, 3), _cfg(8, 1024, 1, 4, 2), _cfg(16, 256, 1, 4, 3),
+            _cfg(16, 512, 1, 4, 2), _cfg(16, 1024, 1, 8, 2), _cfg(32, 256, 1, 8, 2), _cfg(8, 512, 2, 4, 3),
+            _cfg(8, 512, 4, 4, 3), _cfg(16, 512, 4, 4, 2), _cfg(16, 256, 8, 4, 3), _cfg(32, 512, 4, 8, 2)]
+_INT8_MX = [_cfg(16, 256, 1, 4, 4), _cfg(16, 512, 1, 4, 3), _cfg(32, 256, 1, 4, 4), _cfg(32, 512, 1, 4, 3),
+            _cfg(64, 128, 1, 4, 4), _cfg(64, 256, 1, 4, 3), _cfg(32, 1024, 1, 8, 2), _cfg(16, 512, 2, 4, 3),
+            _cfg(16, 256, 4, 4, 4), _cfg(32, 256, 4, 4, 4), _cfg(64, 256, 4, 4, 3), _cfg(32, 512, 8, 4, 3)]
+# int4 tiles stop at the group (128 in practice, 64 bytes a row), so the M == 1 tiles take many rows instead.
+_INT4_M1 = [_cfg(32, 128, 1, 4, 3), _cfg(64, 128, 1, 4, 3), _cfg(128, 128, 1, 4, 3), _cfg(128, 128, 1, 8, 3),
+            _cfg(256, 128, 1, 8, 2), _cfg(64, 256, 1, 4, 2), _cfg(32, 128, 4, 4, 3), _cfg(64, 128, 2, 4, 3),
+            _cfg(64, 128, 4, 4, 3), _cfg(128, 128, 4, 8, 3), _cfg(32, 128, 8, 4, 3), _cfg(64, 128, 8, 4, 3)]
+_INT4_MX = [_cfg(16, 256, 1, 4, 4), _cfg(32, 256, 1, 4, 4), _cfg(64, 128, 1, 4, 4), _cfg(64, 256, 1, 4, 3),
+            _cfg(128, 128, 1, 8, 3), _cfg(16, 512, 1, 4, 3), _cfg(16, 256, 4, 4, 4), _cfg(32, 256, 2, 4, 4),
+            _cfg(32, 256, 4, 4, 4), _cfg(64, 128, 4, 4, 4), _cfg(64, 256, 8, 4, 3), _cfg(32, 128, 8, 4, 4)]
+#: Under the interpreter: one small config that still exercises the split-K combine.
+_INTERPRET = _cfg(16, 32, 2, 4, 1)
+
+
+def _split_ok(c: triton.Config, n: int, k: int) -> bool:
+    split, bk = c.kwargs["SPLIT_K"], c.kwargs["BK"]
+    return split == 1 or (n <= SPLIT_MAX_N and triton.cdiv(k, bk) >= 2 * split)
+
+
+def _fits_k(configs: list[triton.Config], k: int) -> list[triton.Config]:
+    # A tile much longer than K reads nothing more but wastes registers; keep the shortest if all are.
+    kept = [c for c in configs if c.kwargs["BK"] <= max(32, bucket(k))]
+    return kept or [min(configs, key=lambda c: c.kwargs["BK"])]
+
+
+def _keep_splittable(configs: list[triton.Config], n: int, k: int) -> list[triton.Config]:
+    kept = [c for c in configs if _split_ok(c, n, k)]
+    if kept:
+        return kept
+    c = configs[0]
+    return [_cfg(c.kwargs["BN"], c.kwargs["BK"], 1, c.num_warps, c.num_stages)]
+
+
+def _prune_int8(configs: list, named_args: dict, **kwargs: object) -> list:
+    pool = _INT8_M1 if named_args["M_BUCKET"] == 1 else _INT8_MX
+    mine = list(dict.fromkeys(c for c in configs if c in pool))
+    return _keep_splittable(_fits_k(mine, named_args["K"]), named_args["N"], named_args["K"])
+
+
+def _group_tile(group: int) -> int:
+    """The largest power-of-two K tile that divides `group` (a tile then never spans two groups)."""
+    return group & -group
+
+
+def _prune_int4(configs: list, named_args: dict, **kwargs: object) -> list:
+    n, k, group = named_args["N"], named_args["K"], named_args["GROUP"]
+    pool = _INT4_M1 if named_args["M_BUCKET"] == 1 else _INT4_MX
+    cap = _group_tile(group)
+    seen, kept = set(), []
+    for c in (c for c in configs if c in pool):
+        bk = min(c.kwargs["BK"], cap)
+        key = (c.kwargs["BN"], bk, c.kwargs["SPLIT_K"], c.num_warps, c.num_stages)
+        if key not in seen:
+            seen.add(key)
+            kept.append(_cfg(*key))
+    return _keep_splittable(_fits_k(kept, k), n, k)
+
+
+@triton.jit
+def _combine_and_store(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, BM: tl.constexpr, BN: tl.constexpr,
+                       SPLIT_K: tl.constexpr):
+    """Store acc [BM, BN] (float32) to Y; with SPLIT_K > 1 the last program of this N tile stores the
+    sum of all SPLIT_K partials, in split order."""
+    offs_m = tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask)
+    else:
+        ws = WS + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.store(ws + pid_k * M * N, acc, mask=mask)
+        # Every thread's partial is written before one thread publishes it (release); the last
+        # arrival's acquire makes all partials visible to its threads, read past L1 (.cg).
+        tl.debug_barrier()
+        arrived = tl.atomic_add(CNT + pid_n, 1, sem="acq_rel", scope="gpu")
+        last = arrived == SPLIT_K - 1
+        total = tl.zeros((BM, BN), dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            total += tl.load(ws + s * M * N, mask=mask & last, other=0.0, cache_modifier=".cg")
+        tl.store(y_ptrs, total.to(Y.dtype.element_ty), mask=mask & last)
+        tl.atomic_xchg(CNT + pid_n, 0, mask=last, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _exact_f32(v, OFFSET: tl.constexpr):
+    """float32(v - OFFSET) for int32 v in [0, 2**23), exactly: v goes in the mantissa of 2**23, then one
+    float subtraction. An integer op and a float add instead of I2F, which runs at 1/8 of the FMA rate
+    and would bound the decode path."""
+    return (v | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
+
+
+@triton.jit
+def _k_range(K, pid_k, BK: tl.constexpr, SPLIT_K: tl.constexpr):
+    """[start, end) of this split's K range: whole BK tiles, so tile starts stay multiples of BK."""
+    per = tl.cdiv(tl.cdiv(K, BK), SPLIT_K) * BK
+    start = pid_k * per
+    return start, tl.minimum(start + per, K)
+
+
+@triton.jit
+def int8_gemv_kernel(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, M_BUCKET,
+                     PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     SPLIT_K: tl.constexpr):
+    """y[M, N] = (x[M, K] @ w_q[N, K].T) * scale[N]; BM == 1 (M == 1) or 16 (M <= 16); grid (N / BN, SPLIT_K)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    n_ok = offs_n < N
+    w_ptrs = W + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    k_start, k_end = _k_range(K, pid_k, BK, SPLIT_K)
+    if BM == 1:
+        # Products accumulate elementwise; the one reduction over K happens after the loop.
+        acc2 = tl.zeros((BN, BK), dtype=tl.float32)
+        for k0 in range(k_start, k_end, BK):
+            k_ok = (k0 + offs_k) < K
+            x = tl.load(X + (k0 + offs_k) * stride_xk, mask=k_ok, other=0.0).to(tl.float32)
+            w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0)
+            w_f = _exact_f32((w.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.int32), 128)  # w + 128 in [0, 255]
+            acc2 += w_f * x[None, :]
+        acc = tl.sum(acc2, axis=1)[None, :]
+    else:
+        offs_m = tl.arange(0, BM)
+        x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(k_start, k_end, BK):
+            k_ok = (k0 + offs_k) < K
+            x = tl.load(x_ptrs + k0 * stride_xk, mask=(offs_m < M)[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0)
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PREC)
+    scale = tl.load(S + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    _combine_and_store(acc * scale[None, :], Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, BM, BN, SPLIT_K)
+
+
+@triton.jit
+def int4_gemv_kernel(X, QW, S, Z, Y, WS, CNT, M, N, K, K2, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn,
+                     stride_ym, M_BUCKET, GROUP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
+                     BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
+    """y[M, N] = x[M, K] @ ((q - z) * s).T with q packed two per byte along K (K2 = K / 2 bytes a row, even
+    k in the low nibble); GROUP % BK == 0, so one tile lies in one group."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_j = tl.arange(0, BK // 2)  # byte j of a tile holds k = 2j (low nibble) and 2j + 1 (high)
+    offs_k = tl.arange(0, BK)
+    n_ok = offs_n < N
+    n64 = offs_n.to(tl.int64)
+    q_ptrs = QW + n64[:, None] * stride_qn + offs_j[None, :]
+    s_ptrs = S + n64 * stride_sn
+    z_ptrs = Z + n64 * stride_zn
+    k_start, k_end = _k_range(K, pid_k, BK, SPLIT_K)
+    if BM == 1:
+        acc1 = tl.zeros((BN,), dtype=tl.float32)
+        for k0 in range(k_start, k_end, BK):
+            # Masks in bytes (K2 = K / 2) keep the weight loads vectorised.
+            packed = tl.load(q_ptrs + k0 // 2, mask=n_ok[:, None] & ((k0 // 2 + offs_j) < K2)[None, :], other=0)
+            x = tl.load(X + (k0 + offs_k) * stride_xk, mask=(k0 + offs_k) < K, other=0.0).to(tl.float32)
+            x_even, x_odd = tl.split(tl.reshape(x, (BK // 2, 2)))
+            p32 = packed.to(tl.int32)
+            part = tl.sum(_exact_f32(p32 & 0xF, 0) * x_even[None, :] + _exact_f32(p32 >> 4, 0) * x_odd[None, :],
+                          axis=1)
+            g = k0 // GROUP
+            s = tl.load(s_ptrs + g, mask=n_ok, other=0.0).to(tl.float32)
+            z = tl.load(z_ptrs + g, mask=n_ok, other=0.0).to(tl.float32)
+            acc1 += s * (part - z * tl.sum(x, axis=0))
+        acc = acc1[None, :]
+    else:
+        offs_m = tl.arange(0, BM)
+        m_ok = offs_m < M
+        x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(k_start, k_end, BK):
+            packed = tl.load(q_ptrs + k0 // 2, mask=n_ok[:, None] & ((k0 // 2 + offs_j) < K2)[None, :], other=0)
+            x = tl.load(x_ptrs + k0 * stride_xk, mask=m_ok[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0)
+            x_even, x_odd = tl.split(tl.reshape(x, (BM, BK // 2, 2)))
+            # Nibbles 0..15 are exact in every float dtype, so the dots see the exact integer weights;
+            # via int8, the conversion takes Triton's fast int8 -> half path.
+            lo = (packed & 0xF).to(tl.int8, bitcast=True).to(x.dtype)
+            hi = (packed >> 4).to(tl.int8, bitcast=True).to(x.dtype)
+            part = tl.dot(x_even, tl.trans(lo), input_precision=PREC)
+            part = tl.dot(x_odd, tl.trans(hi), part, input_precision=PREC)
+            g = k0 // GROUP
+            s = tl.load(s_ptrs + g, mask=n_ok, other=0.0).to(tl.float32)
+            z = tl.load(z_ptrs + g, mask=n_ok, other=0.0).to(tl.float32)
+            x_sum = tl.sum(x.to(tl.float32), axis=1)
+            acc += s[None, :] * (part - z[None, :] * x_sum[:, None])
+    _combine_and_store(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, BM, BN, SPLIT_K)
+
+
+_int8_tuned = autotune(_INT8_M1 + _INT8_MX, key=["M_BUCKET", "N", "K", "PREC"], interpret=_INTERPRET,
+                       prune_configs_by={"early_config_prune": _prune_int8})(int8_gemv_kernel)
+_int4_tuned = autotune(_INT4_M1 + _INT4_MX, key=["M_BUCKET", "N", "K", "GROUP", "PREC"], interpret=_INTERPRET,
+                       prune_configs_by={"early_config_prune": _prune_int4})(int4_gemv_kernel)
+
+
+@functools.cache
+def _counters(device: torch.device, stream: int) -> torch.Tensor:
+    # Zero once; every split launch leaves its counters at zero again.
+    return torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
+
+
+def _stream_key(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def _workspace(m: int, n: int, max_split: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K partials [max_split, M, N] float32 (uninitialised) and this stream's counters."""
+    counters = _counters(device, _stream_key(device))
+    if max_split <= 1:
+        return counters, counters
+    return torch.empty((max_split, m, n), dtype=torch.float32, device=device), counters
+
+
+def _max_split(kernel: triton.runtime.Autotuner, n: int) -> int:
+    # A single config (the interpreter's) is never pruned, so it bounds the workspace as it is.
+    if len(kernel.configs) == 1 or n <= SPLIT_MAX_N:
+        return max(c.kwargs["SPLIT_K"] for c in kernel.configs)
+    return 1
+
+
+def _grid(n: int):
+    return lambda meta: (triton.cdiv(n, meta["BN"]), meta["SPLIT_K"])
+
+
+def launch_int8(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, y: torch.Tensor,
+                kernel: object = None, **meta: object) -> None:
+    """y[M, N] = int8 weight-only x @ w_q.T (M <= 16, w_q and scale contiguous). `kernel` defaults to the
+    autotuned one; with the raw `int8_gemv_kernel`, `meta` gives BN, BK, SPLIT_K (and launch options)."""
+    m, k = x.shape
+    n = w_q.shape[0]
+    tuned = kernel is None
+    kernel = _int8_tuned if tuned else kernel
+    split = _max_split(kernel, n) if tuned else int(meta["SPLIT_K"])
+    ws, counters = _workspace(m, n, split, x.device)
+    kernel[_grid(n)](x, w_q, scale, y, ws, counters, m, n, k, x.stride(0), x.stride(1), w_q.stride(0), y.stride(0),
+                     bucket(m), PREC=dot_precision(x.dtype), BM=1 if m == 1 else MAX_M, **meta)
+
+
+def launch_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                y: torch.Tensor, kernel: object = None, **meta: object) -> None:
+    """y[M, N] = AWQ int4 x @ W.T (M <= 16, group_size a multiple of 32, last dims contiguous). `kernel`
+    defaults to the autotuned one; with the raw `int4_gemv_kernel`, `meta` gives BN, BK, SPLIT_K."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    tuned = kernel is None
+    kernel = _int4_tuned if tuned else kernel
+    split = _max_split(kernel, n) if tuned else int(meta["SPLIT_K"])
+    ws, counters = _workspace(m, n, split, x.device)
+    kernel[_grid(n)](x, qweight, scales, zeros, y, ws, counters, m, n, k, k // 2, x.stride(0), x.stride(1),
+                     qweight.stride(0), scales.stride(0), zeros.stride(0), y.stride(0), bucket(m), GROUP=group_size,
+                     PREC=dot_precision(x.dtype), BM=1 if m == 1 else MAX_M, **meta)
+
+
+def serves_int4(m: int, group_size: int) -> bool:
+    """Whether the decode path takes an int4 call: M <= 16 and a group made of whole 32-wide tiles."""
+    return m <= MAX_M and group_size % 32 == 0
+
+
+def serves_int8(m: int) -> bool:
+    """Whether the decode path takes an int8 call: M <= 16."""
+    return m <= MAX_M

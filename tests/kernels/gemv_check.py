@@ -1,0 +1,74 @@
+"""Run as a script under TRITON_INTERPRET=1: the decode-shape quantized matmul kernels at explicit configs
+(every M path, split-K 1/2/3, K not a multiple of the tile, odd N, int4 groups 32/64/128 with a partial
+last group) against the torch reference at the catalogue's tolerances; after every split-K launch the
+per-tile counters must be back at zero. Prints one JSON list of failures, then "gemv-ok" if none."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from tessera.kernels import reference, registry  # registering installs the interpreter fixes
+from tessera.kernels.triton import quant_gemv
+
+
+def _close(op: str, got: torch.Tensor, want: torch.Tensor) -> str | None:
+    tol = registry.catalogue[op].tolerance(str(want.dtype).removeprefix("torch."))
+    try:
+        torch.testing.assert_close(got, want, atol=tol.atol, rtol=tol.rtol)
+    except AssertionError as e:
+        return str(e).splitlines()[0] + " " + " ".join(str(e).splitlines()[1:3])
+    return None
+
+
+def main(seed: int) -> int:
+    gen = torch.Generator().manual_seed(seed)
+    failures: list[str] = []
+
+    def check(name: str, op: str, got: torch.Tensor, want: torch.Tensor, counters: torch.Tensor) -> None:
+        err = _close(op, got, want)
+        if err:
+            failures.append(f"{name}: {err}")
+        if counters.any():
+            failures.append(f"{name}: split-K counters left at {counters.nonzero().flatten().tolist()}")
+
+    counters = quant_gemv._counters(torch.device("cpu"), 0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for m in (1, 4, 16):
+            x_wide = torch.randn(m, 3 * 200, generator=gen).to(dtype)
+            x = x_wide[:, ::3]  # a strided K: the kernels take any x strides
+            narrow = [(4, 128, 2)] if m == 1 else []  # rows narrower than a tensor-core tile: M == 1 only
+            for bn, bk, split in [(16, 64, 1), (16, 64, 2), (32, 32, 3), *narrow]:
+                n, k = 37, 200
+                w_q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+                w_q[0, :3] = torch.tensor([-128, 127, 0], dtype=torch.int8)  # the ends of the int8 range
+                scale = ((torch.rand(n, generator=gen) + 0.5) / 127 * k**-0.5).to(dtype)
+                y = torch.full((m, n), float("nan"), dtype=dtype)
+                quant_gemv.launch_int8(x, w_q, scale, y, kernel=quant_gemv.int8_gemv_kernel, BN=bn, BK=bk,
+                                       SPLIT_K=split)
+                check(f"int8 {dtype} m{m} bn{bn} bk{bk} split{split}", "matmul.int8_weight_only", y,
+                      reference.matmul_int8_weight_only(x, w_q, scale), counters)
+            k, n = 224, 19  # 224 = 128 + 96: group 128's last group is partial
+            x = torch.randn(m, k, generator=gen).to(dtype)
+            for group in (32, 64, 128):
+                groups = -(-k // group)
+                qweight = reference.pack_int4(torch.randint(0, 16, (n, k), generator=gen))
+                scales = ((torch.rand(n, groups, generator=gen) + 0.2) * k**-0.5 / 8).to(dtype)
+                zeros = torch.randint(0, 16, (n, groups), generator=gen).to(dtype)
+                want = reference.matmul_int4_awq(x, qweight, scales, zeros, group)
+                for bn, bk, split in ((16, 32, 1), (16, min(group, 64), 2), (32, 32, 3)):
+                    y = torch.full((m, n), float("nan"), dtype=dtype)
+                    quant_gemv.launch_int4(x, qweight, scales, zeros, group, y, kernel=quant_gemv.int4_gemv_kernel,
+                                           BN=bn, BK=bk, SPLIT_K=split)
+                    check(f"int4 {dtype} m{m} g{group} bn{bn} bk{bk} split{split}", "matmul.int4_awq", y, want,
+                          counters)
+    print(json.dumps(failures))
+    if not failures:
+        print("gemv-ok")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 0))

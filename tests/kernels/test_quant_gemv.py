@@ -1,0 +1,70 @@
+"""The decode-shape (M <= 16) quantized matmuls: correct at every M path and split-K under the interpreter,
+and an autotune space that never lets a tile span two int4 groups, never splits where the workspace was
+not sized for it, and keeps several candidates for every Llama-3.2-1B projection."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import triton
+
+from tessera.kernels.triton import quant_gemv as qg
+from tessera.kernels.triton.tuning import bucket
+
+HERE = Path(__file__).resolve().parent
+#: (K, N) of every Llama-3.2-1B projection and the square benchmark shapes.
+SHAPES = [(2048, 2048), (2048, 512), (2048, 8192), (8192, 2048), (2048, 128256), (4096, 4096), (8192, 8192),
+          (200, 37)]
+
+
+def test_kernels_match_reference_at_every_path_and_split() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore"}
+    seed = os.environ.get("TESSERA_TEST_SEED", str(int.from_bytes(os.urandom(3), "little")))
+    proc = subprocess.run([sys.executable, str(HERE / "gemv_check.py"), seed], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0 and "gemv-ok" in proc.stdout, f"seed {seed}: {proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+
+
+def _named(m: int, k: int, n: int, group: int | None = None) -> dict:
+    args = {"M_BUCKET": bucket(m), "N": n, "K": k}
+    return args if group is None else {**args, "GROUP": group}
+
+
+def _check_space(kernel: object, kept: list[triton.Config], m: int, k: int, n: int) -> None:
+    assert kept and len(set(kept)) == len(kept), kept
+    if k >= 2048:  # several candidates for every real size class
+        assert len(kept) >= 3, (m, k, n, kept)
+    for c in kept:
+        bn, bk, split = c.kwargs["BN"], c.kwargs["BK"], c.kwargs["SPLIT_K"]
+        assert split == 1 or n <= qg.SPLIT_MAX_N, (n, c)
+        assert split <= qg._max_split(kernel, n), (n, c)  # the workspace holds every split
+        assert bn & (bn - 1) == 0 and bk & (bk - 1) == 0, c
+        if m > 1:  # the tl.dot path needs tensor-core-sized operands
+            assert bn >= 16 and bk >= 32, c
+        if split > 1:
+            assert triton.cdiv(k, bk) >= 2 * split, (k, c)
+
+
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize(("k", "n"), SHAPES)
+def test_int8_search_space(m: int, k: int, n: int) -> None:
+    _check_space(qg._int8_tuned, qg._prune_int8(qg._int8_tuned.configs, _named(m, k, n)), m, k, n)
+
+
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("group", [32, 64, 128, 96])
+@pytest.mark.parametrize(("k", "n"), SHAPES)
+def test_int4_tiles_never_span_two_groups(m: int, group: int, k: int, n: int) -> None:
+    kept = qg._prune_int4(qg._int4_tuned.configs, _named(m, k, n, group))
+    _check_space(qg._int4_tuned, kept, m, k, n)
+    assert all(group % c.kwargs["BK"] == 0 for c in kept), (group, kept)
+
+
+def test_dispatch_on_m_and_group() -> None:
+    assert qg.serves_int8(1) and qg.serves_int8(16) and not qg.serves_int8(17)
+    assert qg.serves_int4(16, 128) and qg.serves_int4(1, 32) and qg.serves_int4(1, 96)
+    assert not qg.serves_int4(17, 128) and not qg.serves_int4(1, 16) and not qg.serves_int4(1, 48)
