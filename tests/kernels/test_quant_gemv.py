@@ -68,3 +68,50 @@ def test_dispatch_on_m_and_group() -> None:
     assert qg.serves_int8(1) and qg.serves_int8(16) and not qg.serves_int8(17)
     assert qg.serves_int4(16, 128) and qg.serves_int4(1, 32) and qg.serves_int4(1, 96)
     assert not qg.serves_int4(17, 128) and not qg.serves_int4(1, 16) and not qg.serves_int4(1, 48)
+
+
+def _compile_sm90(fn: object, ptrs: dict[str, str], ints: dict[str, int], meta: dict[str, object],
+                  c: triton.Config) -> object:
+    """Compile for sm_90 through ptxas, no GPU needed, specialised as a launch would be (ints equal to 1
+    become constants, multiples of 16 and pointers carry the divisibility hint)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in ptrs:
+            signature[name], attrs[(i,)] = "*" + ptrs[name], [["tt.divisibility", 16]]
+        elif name in ints and ints[name] == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+        elif name in ints:
+            signature[name] = "i32"
+            if ints[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name], constexprs[name] = "constexpr", {**meta, **c.kwargs}[name]
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": c.num_warps, "num_stages": c.num_stages})
+
+
+@pytest.mark.skipif(not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists(),
+                    reason="triton ships no ptxas here")
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("op", ["int8", "int4"])
+def test_split_k_kernels_compile_for_sm90(op: str, m: int) -> None:
+    k, n = 4096, 2048
+    ints = {"M": m, "N": n, "K": k, "K2": k // 2, "stride_xm": k, "stride_xk": 1, "stride_wn": k, "stride_qn": k // 2,
+            "stride_sn": k // 128, "stride_zn": k // 128, "stride_ym": n, "M_BUCKET": m}
+    meta = {"PREC": "tf32", "BM": 1 if m == 1 else qg.MAX_M, "GROUP": 128}
+    split = qg._cfg(32, 128, 4, 4, 3)
+    if op == "int8":
+        ptrs = {"X": "bf16", "W": "i8", "S": "fp32", "Y": "bf16", "WS": "fp32", "CNT": "i32"}
+        compiled = _compile_sm90(qg.int8_gemv_kernel, ptrs, ints, meta, split)
+    else:
+        ptrs = {"X": "bf16", "QW": "u8", "S": "fp32", "Z": "fp32", "Y": "bf16", "WS": "fp32", "CNT": "i32"}
+        compiled = _compile_sm90(qg.int4_gemv_kernel, ptrs, ints, meta, split)
+    ptx = compiled.asm["ptx"]
+    # The combine publishes with release/acquire at GPU scope and reads partials past L1.
+    assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx
+    assert "cvt.rn.f32.s32" not in ptx and "cvt.rn.f32.u32" not in ptx  # no I2F on the weights
+    assert compiled.asm["cubin"]
