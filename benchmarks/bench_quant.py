@@ -6,8 +6,9 @@
 
 Quality: float, int8, FP8, RTN-int4 and AWQ-int4 copies of one checkpoint scored with the protocol
 of ../shared/data/README.md (whole test file tokenized once with the model's tokenizer, non-
-overlapping windows of the context length, token-level); AWQ calibrates on wikitext-2/valid.txt.
-Checks: int8 <= +0.5%, FP8 <= +1% over float, AWQ's increase <= 0.7x RTN's.
+overlapping windows of the context length, token-level); RTN and AWQ int4 at each `--group-size`;
+AWQ calibrates on `--calib-samples` windows spread over wikitext-2/valid.txt (never the test split).
+Checks: int8 <= +0.5%, FP8 <= +1% over float, AWQ's increase <= 0.7x RTN's at each group size.
 
 Speed: decode-step latency (one token per row against a FlatKVCache holding `--context` tokens,
 CUDA-graphed) at batch 1 and 16, prefill tokens/s, and weight memory for bf16, int8, AWQ-int4 and
@@ -24,6 +25,7 @@ import copy
 import math
 import statistics
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,13 +50,18 @@ TINY = dict(vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_
 
 # ---------------------------------------------------------------- quality
 
-def group_size_for(model: nn.Module) -> int:
-    """The largest supported group size dividing every decoder linear's in_features."""
+def group_sizes_for(model: nn.Module, wanted: list[int] | None) -> list[int]:
+    """`wanted` (each must divide every decoder linear's in_features), or the largest of 128/64/32 that does."""
     ins = {m.in_features for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
-    for g in (128, 64, 32):
-        if all(k % g == 0 for k in ins):
-            return g
-    raise ValueError(f"no int4 group size in (128, 64, 32) divides the layers' in_features {sorted(ins)}")
+    fits = [g for g in (128, 64, 32) if all(k % g == 0 for k in ins)]
+    if wanted:
+        bad = [g for g in wanted if g not in fits]
+        if bad:
+            raise SystemExit(f"--group-size {bad} does not divide the layers' in_features {sorted(ins)}")
+        return wanted
+    if not fits:
+        raise SystemExit(f"no int4 group size in (128, 64, 32) divides the layers' in_features {sorted(ins)}")
+    return fits[:1]
 
 
 @torch.no_grad()
@@ -76,6 +83,15 @@ def perplexity(model: nn.Module, ids: torch.Tensor, window: int, batch: int, max
     return math.exp(nll / count)
 
 
+def calibration_windows(ids: torch.Tensor, samples: int, seq_len: int) -> torch.Tensor:
+    """`samples` windows [n, seq_len] spread evenly over `ids` (every article of the file, not its first pages)."""
+    n_windows = ids.numel() // seq_len
+    if n_windows == 0:
+        raise SystemExit(f"calibration text holds {ids.numel()} tokens, less than one window of {seq_len}")
+    picks = torch.linspace(0, n_windows - 1, min(samples, n_windows)).round().long()
+    return ids[: n_windows * seq_len].view(n_windows, seq_len)[picks]
+
+
 def quality(args: argparse.Namespace) -> dict:
     from tessera.model import load_model
 
@@ -86,35 +102,50 @@ def quality(args: argparse.Namespace) -> dict:
         raise SystemExit(f"{args.quality} has no tokenizer.json; perplexity needs the model's tokenizer")
     model.eval()
     window = args.window or model.config.max_seq_len
-    test_ids = torch.tensor(tok.encode((args.data / "wikitext-2" / "test.txt").read_text()))
-    calib = [tok.encode((args.data / "wikitext-2" / "valid.txt").read_text())]
-    group = args.group_size or group_size_for(model)
-    configs = {
-        "int8": QuantConfig(method="int8"), "fp8": QuantConfig(method="fp8"),
-        "int4_rtn": QuantConfig(method="int4_rtn", group_size=group),
-        "awq": QuantConfig(method="awq", group_size=group, calib_samples=args.calib_samples,
-                           calib_seq_len=min(args.calib_seq_len, model.config.max_seq_len)),
-    }
+    test_path = args.data / "wikitext-2" / "test.txt"
+    calib_path = args.calib_data or args.data / "wikitext-2" / "valid.txt"
+    if calib_path.resolve() == test_path.resolve():
+        raise SystemExit(f"--calib-data {calib_path} is the test split; calibrate on other text")
+    test_ids = torch.tensor(tok.encode(test_path.read_text()))
+    calib_len = min(args.calib_seq_len, model.config.max_seq_len)
+    calib = calibration_windows(torch.tensor(tok.encode(calib_path.read_text())), args.calib_samples, calib_len)
+    groups = group_sizes_for(model, args.group_size)
+    configs = {"int8": QuantConfig(method="int8"), "fp8": QuantConfig(method="fp8")}
+    for g in groups:
+        configs[f"int4_rtn_g{g}"] = QuantConfig(method="int4_rtn", group_size=g)
+        configs[f"awq_g{g}"] = QuantConfig(method="awq", group_size=g, calib_samples=calib.shape[0],
+                                           calib_seq_len=calib_len)
     ppl = {"float": perplexity(model, test_ids, window, args.batch, args.max_windows)}
+    seconds = {}
     for method, cfg in configs.items():
-        q = quantize(copy.deepcopy(model), cfg, calib if method == "awq" else None)
+        t0 = time.perf_counter()
+        q = quantize(copy.deepcopy(model), cfg, calib if cfg.method == "awq" else None, progress=not args.no_progress)
+        seconds[method] = time.perf_counter() - t0
         ppl[method] = perplexity(q, test_ids, window, args.batch, args.max_windows)
+        print(f"  {method}: perplexity {ppl[method]:.4f} (quantized in {seconds[method]:.0f} s)", flush=True)
         del q
     rise = {m: ppl[m] / ppl["float"] - 1 for m in configs}
-    checks = {
-        "int8 <= +0.5%": rise["int8"] <= 0.005,
-        "fp8 <= +1%": rise["fp8"] <= 0.01,
-        "awq rise <= 0.7x rtn rise": rise["awq"] <= 0.7 * rise["int4_rtn"],
-    }
-    rows = [{"method": m, "perplexity": p, "rise %": 100 * (p / ppl["float"] - 1)} for m, p in ppl.items()]
+    checks = {"int8 <= +0.5%": rise["int8"] <= 0.005, "fp8 <= +1%": rise["fp8"] <= 0.01}
+    awq_over_rtn = {}
+    for g in groups:
+        rtn = rise[f"int4_rtn_g{g}"]
+        awq_over_rtn[g] = rise[f"awq_g{g}"] / rtn if rtn > 0 else None
+        checks[f"awq rise <= 0.7x rtn rise (group {g})"] = rise[f"awq_g{g}"] <= 0.7 * rtn
+    rows = [{"method": m, "perplexity": p, "rise %": 100 * (p / ppl["float"] - 1),
+             "vs rtn": awq_over_rtn.get(int(m.split("_g")[-1])) if m.startswith("awq") else None}
+            for m, p in ppl.items()]
     n_tokens = min(test_ids.numel() // window, args.max_windows or 1 << 62) * window
     print_table(rows, f"WikiText-2 test perplexity ({args.dtype or dtype}, window {window}, {n_tokens} tokens, "
-                      f"tokenizer {tok.vocab_size} BPE of {args.quality}, int4 group {group})")
+                      f"tokenizer {tok.vocab_size} BPE of {args.quality}; AWQ calibrated on {calib.shape[0]}x"
+                      f"{calib_len} tokens of {calib_path.name})")
     for name, ok in checks.items():
         print(f"  {'PASS' if ok else 'FAIL'}  {name}")
     return {"quality": {"model": str(args.quality), "window": window, "tokens": n_tokens, "dtype": str(dtype),
-                        "group_size": group, "perplexity": ppl, "rise": rise, "checks": checks,
-                        "awq_over_rtn": rise["awq"] / rise["int4_rtn"] if rise["int4_rtn"] > 0 else None}}
+                        "group_sizes": groups, "calibration": {"file": str(calib_path), "windows": calib.shape[0],
+                                                               "seq_len": calib_len, "tokens": calib.numel()},
+                        "configs": {m: c.model_dump() for m, c in configs.items()},
+                        "perplexity": ppl, "rise": rise, "quantize_seconds": seconds, "checks": checks,
+                        "awq_over_rtn": awq_over_rtn}}
 
 
 # ---------------------------------------------------------------- speed
@@ -209,13 +240,21 @@ def decode_ms(model: Transformer, batch: int, context: int, dtype: torch.dtype, 
             with torch.cuda.stream(side):
                 for _ in range(3):  # autotuning and lazy init happen here, outside the capture
                     step()
+                # An op that syncs with the host cannot be captured: find it by name before capturing.
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    step()
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 step()
             return timer(graph.replay), True
         except RuntimeError as exc:
-            print(f"  (CUDA graph capture failed, timing eagerly: {str(exc).splitlines()[0]})")
+            where = traceback.extract_tb(exc.__traceback__)[-3:]
+            print(f"  (CUDA graph capture failed, timing eagerly: {str(exc).splitlines()[0]} at "
+                  + " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(where)) + ")")
     return timer(step), False
 
 
@@ -333,9 +372,11 @@ def main() -> None:
     p.add_argument("--window", type=int, help="perplexity window (default: the model's max_seq_len)")
     p.add_argument("--batch", type=int, default=8, help="windows per forward when scoring")
     p.add_argument("--max-windows", type=int, help="score only the first N windows (quick checks)")
-    p.add_argument("--group-size", type=int, choices=(32, 64, 128),
-                   help="int4 group size (default: the largest of 128/64/32 dividing every layer)")
-    p.add_argument("--calib-samples", type=int, default=128, help="AWQ calibration windows")
+    p.add_argument("--group-size", type=int, nargs="+", choices=(32, 64, 128),
+                   help="quality: int4 group sizes to score (default: the largest of 128/64/32 dividing every layer)")
+    p.add_argument("--calib-data", type=Path,
+                   help="quality: AWQ calibration text (default DATA/wikitext-2/valid.txt; never the test split)")
+    p.add_argument("--calib-samples", type=int, default=128, help="AWQ calibration windows, spread over the file")
     p.add_argument("--calib-seq-len", type=int, default=512, help="AWQ calibration window length")
     p.add_argument("--context", type=int, default=512, help="cached tokens during the timed decode step")
     p.add_argument("--prefill-batch", type=int, default=4)
@@ -344,10 +385,12 @@ def main() -> None:
     p.add_argument("--float-lm-head", action="store_true", help="speed: keep lm_head in the float dtype")
     p.add_argument("--no-graph", action="store_true", help="time the decode step eagerly, without a CUDA graph")
     p.add_argument("--out", type=Path, help="result folder (default benchmarks/results)")
+    p.add_argument("--note", help="free text stored in the JSON (e.g. how the scored model was made)")
+    p.add_argument("--no-progress", action="store_true", help="no per-layer progress bars")
     args = p.parse_args()
     if not args.quality and not args.speed:
         p.error("give --quality MODEL_DIR and/or --speed")
-    payload: dict = {}
+    payload: dict = {"note": args.note} if args.note else {}
     if args.quality:
         payload.update(quality(args))
     if args.speed:

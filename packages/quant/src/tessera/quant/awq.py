@@ -8,7 +8,10 @@ round-to-nearest int4: salient channels then lose less to rounding. Block by blo
 1. Run the block on calibration inputs (outputs of the float model's previous block) and record
    the inputs of its linears.
 2. For each scale group (the op before it, the linears it feeds, what the loss is measured on)
-   search s = mean|x|^alpha over alpha in {0, 1/n, ..., (n-1)/n} (alpha=0 is plain RTN), minimising
+   search, for alpha in {0, 1/n, ..., (n-1)/n}, both s = mean|x|^alpha and s = mean|x|^alpha /
+   mean|w~|^(1-alpha) (w~: each weight group divided by its absolute maximum, the reference
+   implementation's "duo scaling"), each normalised by sqrt(max(s) min(s)); alpha=0 of the first
+   form is plain RTN, so the search never does worse than RTN on the calibration data. The loss is
    the squared error of the group's output with the group's linears fake-quantized:
        input_layernorm          -> q, k, v        loss on the block output
        v_proj                   -> o_proj         loss on o_proj's output (only when the shapes match, MHA)
@@ -176,23 +179,36 @@ def _run_block(block: nn.Module, inputs: BlockInputs, watch: list[str]
     return {n: torch.cat(xs) for n, xs in seen.items()}, outputs
 
 
-def _candidate_scales(x_mean: torch.Tensor, n_grid: int) -> Iterable[torch.Tensor]:
-    for i in range(n_grid):
-        s = x_mean.pow(i / n_grid).clamp(min=1e-4)
-        yield s / (s.max() * s.min()).sqrt()
+def _weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """Mean over output rows of |w| / (absolute maximum of its quantization group): [K] float32."""
+    w = torch.cat([x.float() for x in weights])
+    g = w.abs().reshape(-1, group_size)
+    return (g / (g.amax(dim=1, keepdim=True) + 1e-6)).reshape(w.shape).mean(dim=0)
+
+
+def _candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, n_grid: int) -> Iterable[torch.Tensor]:
+    for duo in (False, True):
+        for i in range(n_grid):
+            alpha = i / n_grid
+            s = x_mean.pow(alpha)
+            if duo:
+                s = s / (w_mean.pow(1 - alpha) + 1e-4)
+            s = s.clamp(min=1e-4)
+            yield s / (s.max() * s.min()).sqrt()
 
 
 @torch.no_grad()
 def _search_scale(block: nn.Module, group: ScaleGroup, members: list[str], inputs: BlockInputs,
                   block_out: list[torch.Tensor], x: torch.Tensor, config: AWQConfig) -> torch.Tensor:
     """The per-input-channel scale [K] float32 of `group` with the lowest output error."""
-    x_mean = x.abs().float().mean(dim=0)
-    run, reference = _loss_target(block, group, inputs, block_out, x)
     linears = [block.get_submodule(n) for n in members]
     originals = [lin.weight.detach().clone() for lin in linears]
+    x_mean = x.abs().float().mean(dim=0)
+    w_mean = _weight_mean(originals, config.group_size)
+    run, reference = _loss_target(block, group, inputs, block_out, x)
     best, best_err = torch.ones_like(x_mean), math.inf
     try:
-        for s in _candidate_scales(x_mean, config.n_grid):
+        for s in _candidate_scales(x_mean, w_mean, config.n_grid):
             for lin, w in zip(linears, originals):
                 q = fake_quantize_int4(w.float() * s, config.group_size, config.zero_point) / s
                 lin.weight.copy_(q.to(w.dtype))
@@ -246,7 +262,9 @@ def _sample_tokens(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def _clip(linear: nn.Linear, x: torch.Tensor, config: AWQConfig) -> None:
     """Shrink each weight group's [min, max] range by the factor whose partial outputs on `x` [T, K]
-    are closest to the unclipped weights' (the original range is one of the candidates)."""
+    are closest to the unclipped weights' (the original range is one of the candidates). The groups of
+    a row are chosen independently, so their errors can add up; a row whose whole output on `x` would
+    then be further from the float output than plain RTN's keeps its unclipped weights."""
     g = config.group_size
     w = linear.weight.float()
     n, k = w.shape
@@ -268,5 +286,15 @@ def _clip(linear: nn.Linear, x: torch.Tensor, config: AWQConfig) -> None:
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best = torch.where(better[..., None], cand, best)
-        clipped[r0 : r0 + rows] = best.reshape(-1, k)
+        best = best.reshape(-1, k)
+        w_rows = w[r0 : r0 + rows]
+        worse = _row_error(best, x, w_rows, g, config.zero_point) > _row_error(w_rows, x, w_rows, g, config.zero_point)
+        clipped[r0 : r0 + rows] = torch.where(worse[:, None], w_rows, best)
     linear.weight.copy_(clipped.to(linear.weight.dtype))
+
+
+def _row_error(w: torch.Tensor, x: torch.Tensor, reference: torch.Tensor, group_size: int, zero_point: bool
+               ) -> torch.Tensor:
+    """Squared error per output row [N] of `x @ Q(w).T` against `x @ reference.T`, Q = RTN int4."""
+    q = fake_quantize_int4(w, group_size, zero_point)
+    return (x @ q.T - x @ reference.T).pow(2).sum(dim=0)
