@@ -59,7 +59,8 @@ def test_int8_search_space(m: int, k: int, n: int) -> None:
 @pytest.mark.parametrize("group", [32, 64, 128, 96])
 @pytest.mark.parametrize(("k", "n"), SHAPES)
 def test_int4_tiles_never_span_two_groups(m: int, group: int, k: int, n: int) -> None:
-    kept = qg._prune_int4(qg._int4_tuned.configs, _named(m, k, n, group))
+    # As Triton's autotuner calls it: positional arguments in `named_args`, keyword ones (GROUP) apart.
+    kept = qg._prune_int4(qg._int4_tuned.configs, _named(m, k, n), GROUP=group, PREC="ieee", BM=16)
     _check_space(qg._int4_tuned, kept, m, k, n)
     assert all(group % c.kwargs["BK"] == 0 for c in kept), (group, kept)
 

@@ -89,7 +89,9 @@ def _group_tile(group: int) -> int:
 
 
 def _prune_int4(configs: list, named_args: dict, **kwargs: object) -> list:
-    n, k, group = named_args["N"], named_args["K"], named_args["GROUP"]
+    # GROUP is passed by keyword, and Triton's autotuner hands keyword arguments over separately.
+    group = kwargs["GROUP"] if "GROUP" in kwargs else named_args["GROUP"]
+    n, k = named_args["N"], named_args["K"]
     pool = _INT4_M1 if named_args["M_BUCKET"] == 1 else _INT4_MX
     cap = _group_tile(group)
     seen, kept = set(), []
