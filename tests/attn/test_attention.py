@@ -42,6 +42,35 @@ def test_flat_cache_attend_matches_sdpa_over_history() -> None:
     assert not cache.k[0].any()  # layer 0 was never written
 
 
+@pytest.mark.parametrize("max_len", [13, 513])
+def test_flat_cache_hands_the_paged_kernels_a_layout_they_accept(max_len: int, monkeypatch) -> None:
+    """The Triton paged kernels need power-of-two pages; any max_len must reach them, not the
+    host-syncing reference (which also breaks CUDA-graph capture)."""
+    pytest.importorskip("triton")
+    import tessera.attn.flat_cache as flat
+    from tessera.kernels.triton.paged_attention import _cache_reasons
+
+    seen = []
+
+    def spy(op: str, *args: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        seen.append((op, args))
+        return real(op, *args, **kwargs)
+
+    real = flat.registry
+    monkeypatch.setattr(flat, "registry", spy)
+    cfg = ModelConfig(vocab_size=8, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=8)
+    cache = FlatKVCache(cfg, batch_size=2, max_len=max_len)
+    torch.manual_seed(0)
+    for n in (5, 1):
+        q, k, v = torch.randn(2, n, 4, 16), torch.randn(2, n, 2, 16), torch.randn(2, n, 2, 16)
+        cache.attend(0, q, k, v)
+        cache.advance(n)
+    assert [op for op, _ in seen] == ["attention.prefill_paged", "attention.decode_paged"]
+    for _, (q, k_cache, v_cache, tables, *rest) in seen:
+        ctx = rest[-1] if len(rest) == 1 else rest[1]
+        assert _cache_reasons(q, k_cache, v_cache, tables, ctx) == []
+
+
 @pytest.mark.parametrize("decode", [False, True])
 def test_paged_context_writes_slots_and_matches_sdpa(decode: bool) -> None:
     torch.manual_seed(0)

@@ -14,17 +14,21 @@ import torch
 from tessera.kernels import registry
 from tessera.specs import ModelConfig
 
+_PAGE = 16  # tokens per page when a row is handed to the paged kernels (a power of two, as they need)
+
 
 class FlatKVCache:
-    """Keys and values `[batch_size, max_len, n_kv_heads, head_dim]` per layer, filled left to right.
+    """Keys and values `[batch_size, capacity, n_kv_heads, head_dim]` per layer, filled left to right;
+    `capacity` is `max_len` rounded up to a multiple of 16.
 
     `attend(layer, q, k, v)` writes this step's `T` keys/values at `[length, length + T)` and
     attends causally to everything before them; `advance(T)` then commits the step (call it once,
     after the model's forward, not once per layer). Raises ValueError when a step would overflow
     `max_len` or its batch differs from `batch_size`.
 
-    Attention runs through the registry's paged ops: each row is viewed as one block of
-    `max_len` slots, so the fast paged kernels serve this cache too.
+    Attention runs through the registry's paged ops: each row is viewed as `capacity / 16` blocks
+    of 16 slots (block table `i` lists row `i`'s blocks in order), so the fast paged kernels serve
+    this cache too, for any `max_len`.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, *, dtype: torch.dtype = torch.float32,
@@ -32,12 +36,13 @@ class FlatKVCache:
         if batch_size < 1 or max_len < 1:
             raise ValueError(f"batch_size ({batch_size}) and max_len ({max_len}) must be positive")
         head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
-        shape = (batch_size, max_len, cfg.n_kv_heads, head_dim)
+        pages = -(-max_len // _PAGE)
+        shape = (batch_size, pages * _PAGE, cfg.n_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.batch_size, self.max_len = batch_size, max_len
         self.length = 0
-        self._block_tables = torch.arange(batch_size, dtype=torch.int32, device=device)[:, None]
+        self._block_tables = torch.arange(batch_size * pages, dtype=torch.int32, device=device).view(batch_size, pages)
 
     def positions(self, num_tokens: int) -> torch.Tensor:
         """Positions `[batch_size, num_tokens]` int64 of the next step's tokens."""
@@ -66,9 +71,11 @@ class FlatKVCache:
         end = self.length + t
         if end > self.max_len:
             raise ValueError(f"{t} new tokens at length {self.length} overflow max_len={self.max_len}")
-        k_cache, v_cache = self.k[layer], self.v[layer]
-        k_cache[:, self.length:end] = k.to(k_cache.dtype)
-        v_cache[:, self.length:end] = v.to(v_cache.dtype)
+        k_rows, v_rows = self.k[layer], self.v[layer]
+        k_rows[:, self.length:end] = k.to(k_rows.dtype)
+        v_rows[:, self.length:end] = v.to(v_rows.dtype)
+        k_cache = k_rows.view(-1, _PAGE, *k_rows.shape[2:])
+        v_cache = v_rows.view(-1, _PAGE, *v_rows.shape[2:])
         context_lens = torch.full((b,), end, dtype=torch.int32, device=q.device)
         if t == 1:
             out = registry("attention.decode_paged", q[:, 0], k_cache, v_cache, self._block_tables, context_lens)
