@@ -311,7 +311,9 @@ def speed(args: argparse.Namespace) -> dict:
     rows, results = [], {}
     graphed = device.type == "cuda" and not args.no_graph
     for method in (label, *SPEED_METHODS):
+        t0 = time.perf_counter()
         model = base if method == label else quantize(copy.deepcopy(base), configs[method], calib, progress=False)
+        print(f"  {method}: quantized in {time.perf_counter() - t0:.1f} s", flush=True)
         entry: dict = {"weight_bytes": weight_bytes(model)}
         for b in (1, 16):
             ms, g = decode_ms(model, b, context, dtype, timer, graphed)
@@ -326,6 +328,8 @@ def speed(args: argparse.Namespace) -> dict:
         entry["prefill_flops_fraction"] = flops / (ms * 1e-3) / peak["flops"]
         entry["backends"] = backends(model, dtype, 1) + " / " + backends(model, dtype, pre_b * pre_t)
         results[method] = entry
+        print(f"  {method}: decode b1 {entry['decode_b1_ms']:.3f} ms, b16 {entry['decode_b16_ms']:.3f} ms, "
+              f"prefill {entry['prefill_tokens_per_s']:.0f} tok/s ({entry['backends']})", flush=True)
         if model is not base:
             del model
             if device.type == "cuda":
