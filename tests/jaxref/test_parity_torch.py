@@ -133,3 +133,21 @@ def test_presets_fp32_and_bf16(name: str, tmp_path: Path, record_property: Calla
           f"(vs fp32: jax {err_jax:.2e}, torch {err_torch:.2e}; max|logit| {np.abs(reference).max():.2f})")
     assert bf16 <= err_jax + err_torch + 1e-6
     assert err_jax <= 2 * err_torch + 1e-6
+
+
+@pytest.mark.parametrize("preset", ModelConfig.presets())
+def test_rope_tables_agree_at_long_positions(preset: str) -> None:
+    """The two stacks' cos/sin tables agree to a few float32 ulps over 8192 positions: one ulp of
+    inverse frequency alone would grow to ~3e-5 by position 511 and dominate the logit difference."""
+    import jax.numpy as jnp
+
+    from tessera.attn import RotaryEmbedding
+    from tessera.jaxref.layers import rope_inv_freq, rope_tables
+
+    cfg = ModelConfig.preset(preset)
+    hd = cfg.head_dim or cfg.d_model // cfg.n_heads
+    cos_t, sin_t = RotaryEmbedding(hd, cfg.rope_theta, cfg.rope_scaling)(torch.arange(8192)[None], torch.float32)
+    cos_j, sin_j = rope_tables(jnp.arange(8192)[None], rope_inv_freq(hd, cfg.rope_theta, cfg.rope_scaling),
+                               jnp.float32)
+    assert np.abs(cos_t.numpy() - np.asarray(cos_j)).max() <= 5e-7
+    assert np.abs(sin_t.numpy() - np.asarray(sin_j)).max() <= 5e-7
