@@ -1,16 +1,16 @@
 """The process-wide kernel registry: the catalogue from tessera-specs, the references, and every
 backend that can be imported in this environment.
 
-Priorities (highest first): triton (20), cuda (10), sdpa (5), reference (last resort). Each backend's
-`supports(...)` decides per call; on CPU tensors only the reference and sdpa run, unless
-TRITON_INTERPRET=1 was set before triton was imported.
+Priorities (highest first): scaled_mm (30, `matmul.fp8` on cuBLASLt), triton (20), cuda (10), sdpa (5),
+reference (last resort). Each backend's `supports(...)` decides per call; on CPU tensors only the
+reference and sdpa run, unless TRITON_INTERPRET=1 was set before triton was imported.
 """
 
 from __future__ import annotations
 
 import importlib.util
 
-from tessera.kernels import reference, sdpa
+from tessera.kernels import reference, scaled_mm, sdpa
 from tessera.specs import CATALOGUE, KernelRegistry
 
 
@@ -29,6 +29,7 @@ def _build() -> KernelRegistry:
     for op, fn in reference.REFERENCES.items():
         reg.register(op, "reference", fn)
     sdpa.register(reg)
+    scaled_mm.register(reg)
     if _triton_importable():
         from tessera.kernels import triton as triton_backends
 

@@ -163,9 +163,10 @@ def _kv_write(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
 
 
 def _int8(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
-    # M <= 16 takes the split-K decode kernels, larger M the tiled ones; odd N, K not a multiple of any tile.
-    sizes = [(1, 4096, 4096), (1, 8192, 2048), (16, 4096, 1000), (5, 2000, 513), (257, 1024, 768)] if real else \
-        [(1, 48, 33), (7, 100, 20), (16, 200, 37), (17, 72, 19)]
+    # M <= 16 takes the split-K decode kernels, 16 < M <= 64 the tiled ones, M > 64 (half x) dequantize +
+    # torch.mm; odd N, K odd or not a multiple of any tile.
+    sizes = [(1, 4096, 4096), (1, 8192, 2048), (16, 4096, 1000), (5, 2000, 513), (257, 1024, 768),
+             (513, 2001, 1000)] if real else [(1, 48, 33), (7, 100, 20), (16, 200, 37), (17, 72, 19), (70, 101, 23)]
     out = []
     for m, k, n in sizes:
         w_q = r.randint(-127, 128, n, k, dtype=torch.int8)
@@ -177,9 +178,10 @@ def _int8(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
 
 
 def _int4(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
-    # M <= 16 with a group of whole 32-wide tiles takes the split-K decode kernels; the last group is partial.
-    sizes = [(1, 4096, 4096), (1, 8192, 2048), (16, 4000, 1000), (100, 1000, 256)] if real else \
-        [(1, 200, 9), (5, 80, 17), (16, 160, 19), (20, 96, 11)]
+    # M <= 16 with a group of whole 32-wide tiles takes the split-K decode kernels, M > 64 (half x) dequantize +
+    # torch.mm, the rest the tiled kernel; the last group is partial.
+    sizes = [(1, 4096, 4096), (1, 8192, 2048), (16, 4000, 1000), (100, 1000, 256), (300, 2000, 1000)] if real else \
+        [(1, 200, 9), (5, 80, 17), (16, 160, 19), (20, 96, 11), (70, 232, 13)]
     out = []
     for m, k, n in sizes:
         for g in (16, 32, 64, 128):  # 16: a 32-wide K tile spans two groups
@@ -195,7 +197,9 @@ def _int4(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
 
 
 def _fp8(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
-    sizes = [(1, 4096, 4096), (300, 4096, 1000), (1024, 2048, 2048)] if real else [(1, 48, 33), (7, 64, 20)]
+    # K and N multiples of 16 (the alignment torch._scaled_mm needs) beside odd N that only Triton takes.
+    sizes = [(1, 4096, 4096), (300, 4096, 1000), (1024, 2048, 2048), (257, 2048, 512)] if real else \
+        [(1, 48, 33), (7, 64, 20), (9, 64, 48), (70, 96, 32)]
     out = []
     for m, k, n in sizes:
         w_q = (r.randn(n, k) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)

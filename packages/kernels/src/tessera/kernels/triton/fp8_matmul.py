@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from tessera.kernels.support import HALF, dtype_reasons, no_grad_reasons, triton_device_reasons, triton_interpreting
+from tessera.kernels.triton.tuned_launch import TunedLaunch
 from tessera.kernels.triton.tuning import autotune, bucket
 from tessera.specs import KernelRegistry
 
@@ -85,7 +86,8 @@ def _fp8_gemm_kernel(A, B, AS, BS, Y, M, N, K, stride_am, stride_bn, stride_ym, 
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of `reference.quantize_fp8_rows`: (x_q [M, K] float8_e4m3fn, scale [M] float32)."""
+    """Triton twin of `reference.quantize_fp8_rows`, one launch: (x_q [M, K] float8_e4m3fn, contiguous;
+    scale [M] float32). x's last dim must be contiguous."""
     m, k = x.shape
     xq = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
     xs = torch.empty((m,), dtype=torch.float32, device=x.device)
@@ -95,8 +97,11 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xq, xs
 
 
-@torch.library.custom_op("tessera::matmul_fp8", mutates_args=())
-def _fp8_op(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+def _grid(m: int, n: int):
+    return lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
+
+
+def _fp8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     m, k = x.shape
     n = w_q.shape[0]
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -104,10 +109,14 @@ def _fp8_op(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m and n:
         xq, xs = quantize_rows(x)
-        grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
-        _fp8_gemm_kernel[grid](xq, w_q, xs, w_scale, y, m, n, k, xq.stride(0), w_q.stride(0), y.stride(0), bucket(m),
-                               PER_ROW=w_scale.numel() > 1)
+        mb, per_row = bucket(m), w_scale.numel() > 1
+        _gemm_launch((mb, n, k, per_row, x.dtype), _grid(m, n), xq, w_q, xs, w_scale, y, m, n, k, xq.stride(0),
+                     w_q.stride(0), y.stride(0), mb, PER_ROW=per_row)
     return y
+
+
+_gemm_launch = TunedLaunch(_fp8_gemm_kernel)
+_fp8_op = torch.library.custom_op("tessera::matmul_fp8", _fp8, mutates_args=())
 
 
 @_fp8_op.register_fake
@@ -117,7 +126,10 @@ def _(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor
 
 def matmul_fp8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """Same contract as `reference.matmul_fp8`."""
-    return _fp8_op(x, w_q, w_scale)
+    # Eager calls skip the custom op's dispatcher round trip; torch.compile traces the op.
+    if torch.compiler.is_compiling():
+        return _fp8_op(x, w_q, w_scale)
+    return _fp8(x, w_q, w_scale)
 
 
 def supports(x: torch.Tensor | None = None, w_q: torch.Tensor | None = None,

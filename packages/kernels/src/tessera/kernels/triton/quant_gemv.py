@@ -10,7 +10,8 @@ Split-K partials are combined inside the same launch, deterministically: every p
 float32 partial tile to a workspace and bumps a per-N-tile counter (acquire/release); the program
 that arrives last sums the SPLIT_K partials in split order, casts, stores, and resets the counter to
 zero for the next launch. One launch, no memset, no host sync, so it is CUDA-graph capturable; the
-counters are per device and stream.
+counters and the partials' workspace are allocated once per device and stream (and N), never per call,
+and the autotuned config is remembered per shape so a call skips the autotuner (`TunedLaunch`).
 
 int8: the per-output-channel scale is applied once per program, before the partials are combined.
 int4: a K tile never spans two groups (BK divides the group size, tiles start at multiples of BK),
@@ -25,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tessera.kernels.triton.tuned_launch import TunedLaunch
 from tessera.kernels.triton.tuning import autotune, bucket, dot_precision
 
 #: Largest M this path serves; larger M goes to the tiled tl.dot kernels (prefill).
@@ -240,6 +242,8 @@ _int8_tuned = autotune(_INT8_M1 + _INT8_MX, key=["M_BUCKET", "N", "K", "PREC"], 
                        prune_configs_by={"early_config_prune": _prune_int8})(int8_gemv_kernel)
 _int4_tuned = autotune(_INT4_M1 + _INT4_MX, key=["M_BUCKET", "N", "K", "GROUP", "PREC"], interpret=_INTERPRET,
                        prune_configs_by={"early_config_prune": _prune_int4})(int4_gemv_kernel)
+_int8_launch = TunedLaunch(_int8_tuned)
+_int4_launch = TunedLaunch(_int4_tuned)
 
 
 @functools.cache
@@ -248,22 +252,38 @@ def _counters(device: torch.device, stream: int) -> torch.Tensor:
     return torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
 
 
+@functools.cache
+def _partials(device: torch.device, stream: int, n: int, split: int) -> torch.Tensor:
+    # Uninitialised: every split program writes its partial before the last one reads them. Sized for
+    # M = MAX_M, so one buffer per (N, split) serves every M; never freed, so a CUDA graph that captured
+    # its address stays valid. Launches on one stream run in order, so they can share it.
+    return torch.empty(split * MAX_M * n, dtype=torch.float32, device=device)
+
+
 def _stream_key(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    # The raw handle, as Triton's launcher reads it: no Stream object built per call.
+    return torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
 
 
-def _workspace(m: int, n: int, max_split: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split-K partials [max_split, M, N] float32 (uninitialised) and this stream's counters."""
-    counters = _counters(device, _stream_key(device))
+def _workspace(n: int, max_split: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K partials (>= max_split * MAX_M * N float32) and this stream's counters; both cached per
+    (device, stream), so a launch allocates nothing."""
+    stream = _stream_key(device)
+    counters = _counters(device, stream)
     if max_split <= 1:
         return counters, counters
-    return torch.empty((max_split, m, n), dtype=torch.float32, device=device), counters
+    return _partials(device, stream, n, max_split), counters
+
+
+@functools.cache
+def _split_cap(kernel: triton.runtime.Autotuner) -> int:
+    return max(c.kwargs["SPLIT_K"] for c in kernel.configs)
 
 
 def _max_split(kernel: triton.runtime.Autotuner, n: int) -> int:
     # A single config (the interpreter's) is never pruned, so it bounds the workspace as it is.
     if len(kernel.configs) == 1 or n <= SPLIT_MAX_N:
-        return max(c.kwargs["SPLIT_K"] for c in kernel.configs)
+        return _split_cap(kernel)
     return 1
 
 
@@ -277,12 +297,16 @@ def launch_int8(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, y: torc
     autotuned one; with the raw `int8_gemv_kernel`, `meta` gives BN, BK, SPLIT_K (and launch options)."""
     m, k = x.shape
     n = w_q.shape[0]
-    tuned = kernel is None
-    kernel = _int8_tuned if tuned else kernel
-    split = _max_split(kernel, n) if tuned else int(meta["SPLIT_K"])
-    ws, counters = _workspace(m, n, split, x.device)
+    bm = 1 if m == 1 else MAX_M
+    if kernel is None:
+        ws, counters = _workspace(n, _max_split(_int8_tuned, n), x.device)
+        mb = bucket(m)
+        _int8_launch((mb, n, k, x.dtype, scale.dtype), _grid(n), x, w_q, scale, y, ws, counters, m, n, k,
+                     x.stride(0), x.stride(1), w_q.stride(0), y.stride(0), mb, PREC=dot_precision(x.dtype), BM=bm)
+        return
+    ws, counters = _workspace(n, int(meta["SPLIT_K"]), x.device)
     kernel[_grid(n)](x, w_q, scale, y, ws, counters, m, n, k, x.stride(0), x.stride(1), w_q.stride(0), y.stride(0),
-                     bucket(m), PREC=dot_precision(x.dtype), BM=1 if m == 1 else MAX_M, **meta)
+                     bucket(m), PREC=dot_precision(x.dtype), BM=bm, **meta)
 
 
 def launch_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
@@ -291,13 +315,19 @@ def launch_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     defaults to the autotuned one; with the raw `int4_gemv_kernel`, `meta` gives BN, BK, SPLIT_K."""
     m, k = x.shape
     n = qweight.shape[0]
-    tuned = kernel is None
-    kernel = _int4_tuned if tuned else kernel
-    split = _max_split(kernel, n) if tuned else int(meta["SPLIT_K"])
-    ws, counters = _workspace(m, n, split, x.device)
-    kernel[_grid(n)](x, qweight, scales, zeros, y, ws, counters, m, n, k, k // 2, x.stride(0), x.stride(1),
-                     qweight.stride(0), scales.stride(0), zeros.stride(0), y.stride(0), bucket(m), GROUP=group_size,
-                     PREC=dot_precision(x.dtype), BM=1 if m == 1 else MAX_M, **meta)
+    bm = 1 if m == 1 else MAX_M
+    args = (qweight, scales, zeros, y)
+    if kernel is None:
+        ws, counters = _workspace(n, _max_split(_int4_tuned, n), x.device)
+        mb = bucket(m)
+        _int4_launch((mb, n, k, group_size, x.dtype, scales.dtype, zeros.dtype), _grid(n), x, *args, ws, counters,
+                     m, n, k, k // 2, x.stride(0), x.stride(1), qweight.stride(0), scales.stride(0), zeros.stride(0),
+                     y.stride(0), mb, GROUP=group_size, PREC=dot_precision(x.dtype), BM=bm)
+        return
+    ws, counters = _workspace(n, int(meta["SPLIT_K"]), x.device)
+    kernel[_grid(n)](x, *args, ws, counters, m, n, k, k // 2, x.stride(0), x.stride(1), qweight.stride(0),
+                     scales.stride(0), zeros.stride(0), y.stride(0), bucket(m), GROUP=group_size,
+                     PREC=dot_precision(x.dtype), BM=bm, **meta)
 
 
 def serves_int4(m: int, group_size: int) -> bool:

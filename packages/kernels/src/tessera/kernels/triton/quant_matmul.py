@@ -1,15 +1,19 @@
 """Weight-only quantized matmuls in Triton: int8 per-channel and AWQ-style int4 with group scales/zeros.
 
-Both dequantize inside the K loop, so the full-precision weight never exists in memory: the kernels
-stream 1 (int8) or 0.5 (int4) bytes per weight, which is the whole point for the memory-bound small-M
-(decode) shapes. int8: the per-output-channel scale factors out of the K sum and is applied once in
-the epilogue. int4: every weight is dequantized with the scale and zero of its own group (gathered
-per k, k // group_size), so a K tile that spans several groups, or a K that is not a multiple of the
-tile, never applies one group's scale to another group's weights.
+The tiled kernels here dequantize inside the K loop, so the full-precision weight never exists in
+memory: they stream 1 (int8) or 0.5 (int4) bytes per weight, which is the point at small M. int8:
+the per-output-channel scale factors out of the K sum and is applied once in the epilogue. int4:
+every weight is dequantized with the scale and zero of its own group (gathered per k, k // group_size),
+so a K tile that spans several groups, or a K that is not a multiple of the tile, never applies one
+group's scale to another group's weights.
 
-Decode shapes (M <= 16; int4 also needs a group of whole 32-wide tiles) go to `quant_gemv`'s split-K
-GEMV kernels instead: same ops, same results, built to stream weights at HBM bandwidth. The tiled
-kernels here serve prefill (large M) and any other group size.
+Three paths by M, same op, same results: decode shapes (M <= 16; int4 also needs a group of whole
+32-wide tiles) go to `quant_gemv`'s split-K GEMV kernels, built to stream weights at HBM bandwidth;
+prefill shapes (M > 64, half-precision x) to `quant_dequant` (dequantize the weight once, then cuBLAS);
+the tiled kernels here serve the rest (16 < M <= 64, float32 x, int4 groups the GEMV does not take).
+
+Eager calls run the Python implementation directly; under torch.compile the same implementation is
+reached through its `torch.library.custom_op`, so tracing sees one opaque op.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import triton
 import triton.language as tl
 
 from tessera.kernels.support import FLOATS, dtype_reasons, no_grad_reasons, triton_device_reasons
-from tessera.kernels.triton import quant_gemv
+from tessera.kernels.triton import quant_dequant, quant_gemv
+from tessera.kernels.triton.tuned_launch import TunedLaunch
 from tessera.kernels.triton.tuning import autotune, bucket, dot_precision
 from tessera.specs import KernelRegistry
 
@@ -78,18 +83,24 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-@torch.library.custom_op("tessera::matmul_int8_weight_only", mutates_args=())
-def _int8_op(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _int8(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     m, k = x.shape
     n = w_q.shape[0]
-    w_q = w_q.contiguous()
+    w_q, scale = w_q.contiguous(), scale.contiguous()
+    if m and n and quant_dequant.serves(m, x.dtype):
+        return quant_dequant.int8_mm(x, w_q, scale)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m and n and quant_gemv.serves_int8(m):
-        quant_gemv.launch_int8(x, w_q, scale.contiguous(), y)
+        quant_gemv.launch_int8(x, w_q, scale, y)
     elif m and n:
-        _int8_kernel[_grid(m, n)](x, w_q, scale.contiguous(), y, m, n, k, x.stride(0), x.stride(1), w_q.stride(0),
-                                  y.stride(0), bucket(m), PREC=dot_precision(x.dtype))
+        mb = bucket(m)
+        _int8_launch((mb, n, k, x.dtype, scale.dtype), _grid(m, n), x, w_q, scale, y, m, n, k, x.stride(0),
+                     x.stride(1), w_q.stride(0), y.stride(0), mb, PREC=dot_precision(x.dtype))
     return y
+
+
+_int8_launch = TunedLaunch(_int8_kernel)
+_int8_op = torch.library.custom_op("tessera::matmul_int8_weight_only", _int8, mutates_args=())
 
 
 @_int8_op.register_fake
@@ -99,7 +110,11 @@ def _(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def matmul_int8_weight_only(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Same contract as `reference.matmul_int8_weight_only`."""
-    return _int8_op(x, w_q, scale)
+    # The custom op exists for torch.compile; eager calls skip its dispatcher round trip (host time
+    # that dominates a decode-shape call).
+    if torch.compiler.is_compiling():
+        return _int8_op(x, w_q, scale)
+    return _int8(x, w_q, scale)
 
 
 @autotune(_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP", "PREC"], interpret=_INTERPRET,
@@ -135,20 +150,26 @@ def _int4_kernel(X, QW, S, Z, Y, M, N, K, stride_xm, stride_xk, stride_qn, strid
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-@torch.library.custom_op("tessera::matmul_int4_awq", mutates_args=())
-def _int4_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-             group_size: int) -> torch.Tensor:
+def _int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+          group_size: int) -> torch.Tensor:
     m, k = x.shape
     n = qweight.shape[0]
-    qweight, scales, zeros = (_rows(t) for t in (qweight, scales, zeros))
+    qweight, scales, zeros = _rows(qweight), _rows(scales), _rows(zeros)
+    if m and n and quant_dequant.serves(m, x.dtype):
+        return quant_dequant.int4_mm(x, qweight, scales, zeros, group_size)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m and n and quant_gemv.serves_int4(m, group_size):
         quant_gemv.launch_int4(x, qweight, scales, zeros, group_size, y)
     elif m and n:
-        _int4_kernel[_grid(m, n)](x, qweight, scales, zeros, y, m, n, k, x.stride(0), x.stride(1), qweight.stride(0),
-                                  scales.stride(0), zeros.stride(0), y.stride(0), bucket(m), GROUP=group_size,
-                                  PREC=dot_precision(x.dtype))
+        mb = bucket(m)
+        _int4_launch((mb, n, k, group_size, x.dtype, scales.dtype, zeros.dtype), _grid(m, n), x, qweight, scales,
+                     zeros, y, m, n, k, x.stride(0), x.stride(1), qweight.stride(0), scales.stride(0), zeros.stride(0),
+                     y.stride(0), mb, GROUP=group_size, PREC=dot_precision(x.dtype))
     return y
+
+
+_int4_launch = TunedLaunch(_int4_kernel)
+_int4_op = torch.library.custom_op("tessera::matmul_int4_awq", _int4, mutates_args=())
 
 
 @_int4_op.register_fake
@@ -160,7 +181,9 @@ def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch
 def matmul_int4_awq(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                     group_size: int) -> torch.Tensor:
     """Same contract as `reference.matmul_int4_awq` (any positive group_size)."""
-    return _int4_op(x, qweight, scales, zeros, int(group_size))
+    if torch.compiler.is_compiling():
+        return _int4_op(x, qweight, scales, zeros, int(group_size))
+    return _int4(x, qweight, scales, zeros, int(group_size))
 
 
 def _x_reasons(x: torch.Tensor, n_k: int) -> list[str]:
