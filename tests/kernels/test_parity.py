@@ -24,7 +24,8 @@ SEED = int(os.environ.get("TESSERA_TEST_SEED", int.from_bytes(os.urandom(3), "li
 CASES = [(op, backend, dtype) for op in registry.ops() for backend in registry.backends(op) if backend != "reference"
          for dtype in dtypes(op)]
 #: (op, backend) pairs that must pass their backward check, not merely skip it.
-BACKWARD = {("attention.prefill", "triton"), ("attention.prefill", "sdpa"), ("rms_norm", "triton")}
+BACKWARD = {("attention.prefill", "triton"), ("attention.prefill", "sdpa"), ("rms_norm", "triton"), ("rope", "triton"),
+            ("rope_qk_norm", "triton")}
 
 
 #: Backends that cannot run on a CPU at all, and where their CPU-side checks live.

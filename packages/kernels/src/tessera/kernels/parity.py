@@ -21,7 +21,7 @@ from tessera.kernels import registry
 from tessera.kernels.samples import Sample, dtypes, samples
 
 #: Ops whose backends may offer a backward; parity covers their input gradients too.
-DIFFERENTIABLE = ("rms_norm", "attention.prefill")
+DIFFERENTIABLE = ("rms_norm", "attention.prefill", "rope", "rope_qk_norm")
 
 
 def _clone(args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -86,11 +86,12 @@ def check_backward(op: str, backend: str, sample: Sample, dtype: torch.dtype, se
     if impl.supports(*args, **sample.kwargs):
         return False
     ref = registry.get(op, backend="reference")
-    out, ref_out = impl(*args, **sample.kwargs), ref(*ref_args, **sample.kwargs)
+    outs, ref_outs = impl(*args, **sample.kwargs), ref(*ref_args, **sample.kwargs)
+    outs, ref_outs = (outs, ref_outs) if isinstance(outs, tuple) else ((outs,), (ref_outs,))
     gen = torch.Generator().manual_seed(seed)
-    dy = torch.randn(out.shape, generator=gen).to(dtype=out.dtype, device=out.device)
-    out.backward(dy)
-    ref_out.backward(dy)
+    dys = [torch.randn(o.shape, generator=gen).to(dtype=o.dtype, device=o.device) for o in outs]
+    torch.autograd.backward(outs, dys)
+    torch.autograd.backward(ref_outs, dys)
     for i, (a, r) in enumerate(zip(args, ref_args)):
         if isinstance(a, torch.Tensor) and a.requires_grad:
             _assert_grad_close(op, f"{op}/{backend}[{sample.name}] grad of arg {i}", a.grad, r.grad, dtype)

@@ -28,6 +28,24 @@ def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.T
     return F.silu(x @ w_gate.T) * (x @ w_up.T)
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, H, D] rotated by cos/sin [N, D] in float32: `x * cos + rotate_half(x) * sin`, rounded once."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (xf * cos.float()[:, None] + rotated * sin.float()[:, None]).to(x.dtype)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+         sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def rope_qk_norm(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_weight: torch.Tensor,
+                 k_weight: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    return rope(rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps), cos, sin)
+
+
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal_offset: int | None,
           scale: float | None) -> torch.Tensor:
     """q [Tq, Hq, D], k/v [Tk, Hkv, D] -> [Tq, Hq, D]. Query i sits at key position i + offset;
@@ -159,6 +177,8 @@ REFERENCES = {
     "rms_norm": rms_norm,
     "rms_norm_residual": rms_norm_residual,
     "swiglu": swiglu,
+    "rope": rope,
+    "rope_qk_norm": rope_qk_norm,
     "attention.prefill": attention_prefill,
     "attention.prefill_paged": attention_prefill_paged,
     "attention.decode_paged": attention_decode_paged,

@@ -89,6 +89,43 @@ def _qkv(r: _Rand, n: int, hq: int, hkv: int, d: int, dtype: torch.dtype) -> tup
     return qkv[:, :hq], qkv[:, hq : hq + hkv], qkv[:, hq + hkv :]
 
 
+def _rope_tables(r: _Rand, n: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [N, D] of random positions (halves equal, as a model makes them)."""
+    inv_freq = 10000.0 ** (-torch.arange(0, d, 2).float() / d)
+    angles = torch.randint(0, 4096, (n, 1), generator=r.gen).float() * inv_freq
+    emb = torch.cat((angles, angles), dim=-1)
+    return emb.cos().to(dtype=dtype, device=r.device), emb.sin().to(dtype=dtype, device=r.device)
+
+
+def _rope_cases(r: _Rand, dtype: torch.dtype, real: bool) -> list[tuple[str, tuple[torch.Tensor, ...]]]:
+    """(name, (q, k, cos, sin)) cases: odd N, GQA and MQA, D 64 and 128, fused-qkv head slices, and
+    unrelated cos/sin halves with strided tables (the op's contract is the general formula)."""
+    shapes = [(1027, 16, 8, 128), (1, 32, 8, 64)] if real else [(7, 4, 2, 64), (1, 8, 1, 128), (5, 2, 2, 64)]
+    out = []
+    for n, hq, hkv, d in shapes:
+        q, k, _ = _qkv(r, n, hq, hkv, d, dtype)
+        out.append((f"n{n}-{hq}/{hkv}-d{d}-fused-qkv", (q, k, *_rope_tables(r, n, d, dtype))))
+    n, d = 3, 64
+    q = r.randn(4, n, d, dtype=dtype).transpose(0, 1)
+    k = r.randn(n, 2, d, dtype=dtype)
+    cos, sin = _strided_rows(r, n, d, dtype), _strided_rows(r, n, d, dtype)
+    out.append(("heads-major-q-general-tables", (q, k, cos, sin)))
+    return out
+
+
+def _rope(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
+    return [Sample(name, args) for name, args in _rope_cases(r, dtype, real)]
+
+
+def _rope_qk_norm(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
+    out = []
+    for name, (q, k, cos, sin) in _rope_cases(r, dtype, real):
+        d = q.shape[-1]
+        weights = (r.randn(d, dtype=dtype, scale=0.3) + 1, r.randn(d, dtype=dtype, scale=0.3) + 1)
+        out.append(Sample(name, (q, k, cos, sin, *weights, 1e-6)))
+    return out
+
+
 def _prefill(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
     out = []
     cases = [([1000, 517, 1], 32, 8, 128), ([777, 64], 8, 8, 64)] if real else [([5, 19, 1], 4, 2, 64),
@@ -216,6 +253,8 @@ SAMPLERS: dict[str, tuple[Callable[[_Rand, torch.dtype, bool], list[Sample]], tu
     "rms_norm": (_rms_norm, _FLOATS),
     "rms_norm_residual": (_rms_norm_residual, _FLOATS),
     "swiglu": (_swiglu, _FLOATS),
+    "rope": (_rope, _FLOATS),
+    "rope_qk_norm": (_rope_qk_norm, _FLOATS),
     "attention.prefill": (_prefill, _FLOATS),
     "attention.prefill_paged": (_prefill_paged, _FLOATS),
     "attention.decode_paged": (_decode, _FLOATS),

@@ -213,6 +213,8 @@ _TOL_MM = {"float32": Tolerance(atol=1e-4, rtol=1e-4), "bfloat16": Tolerance(ato
            "float16": Tolerance(atol=1e-2, rtol=1e-2)}
 _TOL_ATTN = {"float32": Tolerance(atol=1e-4, rtol=1e-4), "bfloat16": Tolerance(atol=2e-2, rtol=2e-2),
              "float16": Tolerance(atol=5e-3, rtol=5e-3)}
+_TOL_ROPE = {"float32": Tolerance(atol=1e-5, rtol=1e-5), "bfloat16": Tolerance(atol=1e-2, rtol=1e-2),
+             "float16": Tolerance(atol=1e-3, rtol=1e-3)}
 _TOL_EXACT = {d: Tolerance(atol=0.0, rtol=0.0) for d in (*_FLOAT, "float8_e4m3fn")}
 
 CATALOGUE: tuple[KernelSpec, ...] = (
@@ -227,6 +229,22 @@ CATALOGUE: tuple[KernelSpec, ...] = (
         args=(_t("x", "...", "D", dtypes=_FLOAT), _t("residual", "...", "D", dtypes=_FLOAT),
               _t("weight", "D", dtypes=_FLOAT)),
         results=(_t("y", "...", "D", dtypes=_FLOAT), _t("h", "...", "D", dtypes=_FLOAT)), tolerances=_TOL_NORM),
+    KernelSpec(
+        name="rope", description="Rotary embedding of q and k in the rotate_half layout, float32 math: "
+        "x * cos + cat(-x2, x1) * sin with x = cat(x1, x2) split at D/2 and cos/sin broadcast over heads. "
+        "rope(q, k, cos, sin) -> (q_rot, k_rot)",
+        args=(_t("q", "N", "Hq", "D", dtypes=_FLOAT), _t("k", "N", "Hkv", "D", dtypes=_FLOAT),
+              _t("cos", "N", "D", dtypes=_FLOAT), _t("sin", "N", "D", dtypes=_FLOAT)),
+        results=(_t("q_rot", "N", "Hq", "D", dtypes=_FLOAT), _t("k_rot", "N", "Hkv", "D", dtypes=_FLOAT)),
+        tolerances=_TOL_ROPE),
+    KernelSpec(
+        name="rope_qk_norm", description="Per-head RMSNorm of q and k over D (Qwen3's QK-norm), then rope. "
+        "rope_qk_norm(q, k, cos, sin, q_weight, k_weight, eps) -> (q_rot, k_rot)",
+        args=(_t("q", "N", "Hq", "D", dtypes=_FLOAT), _t("k", "N", "Hkv", "D", dtypes=_FLOAT),
+              _t("cos", "N", "D", dtypes=_FLOAT), _t("sin", "N", "D", dtypes=_FLOAT),
+              _t("q_weight", "D", dtypes=_FLOAT), _t("k_weight", "D", dtypes=_FLOAT)),
+        results=(_t("q_rot", "N", "Hq", "D", dtypes=_FLOAT), _t("k_rot", "N", "Hkv", "D", dtypes=_FLOAT)),
+        tolerances=_TOL_NORM),
     KernelSpec(
         name="swiglu", description="silu(x @ w_gate.T) * (x @ w_up.T). swiglu(x, w_gate, w_up) -> y",
         args=(_t("x", "M", "K", dtypes=_FLOAT), _t("w_gate", "N", "K", dtypes=_FLOAT),

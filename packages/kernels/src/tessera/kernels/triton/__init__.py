@@ -22,8 +22,9 @@ def register(reg: KernelRegistry) -> None:
         norm,
         paged_attention,
         quant_matmul,
+        rope,
         swiglu,
     )
 
-    for module in (norm, swiglu, flash_attention, paged_attention, kv_cache, quant_matmul, fp8_matmul):
+    for module in (norm, rope, swiglu, flash_attention, paged_attention, kv_cache, quant_matmul, fp8_matmul):
         module.register(reg)

@@ -1,0 +1,47 @@
+"""The fused `rope` / `rope_qk_norm` ops beyond the generic parity test: second-order gradients under the
+interpreter (the backward's transposed rotation, cos/sin gradients included), and reasons for inputs
+the Triton backend refuses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from tessera.kernels import reference
+from tessera.kernels.triton.rope import supports_rope, supports_rope_qk_norm
+
+HERE = Path(__file__).resolve().parent
+
+
+def test_second_order_gradients_match_reference() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore"}
+    seed = os.environ.get("TESSERA_TEST_SEED", str(int.from_bytes(os.urandom(3), "little")))
+    proc = subprocess.run([sys.executable, str(HERE / "rope_check.py"), seed], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0 and "rope-ok" in proc.stdout, f"seed {seed}: {proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+
+
+def test_reference_is_a_rotation_of_each_frequency_pair() -> None:
+    torch.manual_seed(0)
+    q, k = torch.randn(6, 4, 16), torch.randn(6, 2, 16)
+    angles = torch.randn(6, 8)
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    q_rot, k_rot = reference.rope(q, k, cos, sin)
+    torch.testing.assert_close(q_rot.norm(dim=-1), q.norm(dim=-1))
+    as_complex = torch.complex(q[..., :8], q[..., 8:]) * torch.polar(torch.ones_like(angles), angles)[:, None]
+    torch.testing.assert_close(q_rot, torch.cat((as_complex.real, as_complex.imag), -1))
+    torch.testing.assert_close(reference.rope(k_rot, k_rot, cos, -sin)[0], k, atol=1e-5, rtol=1e-5)
+
+
+def test_supports_names_what_is_wrong() -> None:
+    q, k = torch.randn(3, 4, 16), torch.randn(3, 2, 16)
+    cos = sin = torch.randn(3, 16)
+    assert any("cos.shape=(2, 16)" in r for r in supports_rope(q, k, cos[:2], sin))
+    assert any("head dim D=15" in r for r in supports_rope(q[..., :15], k[..., :15], cos[:, :15], sin[:, :15]))
+    assert any("dtypes differ" in r for r in supports_rope(q, k.half(), cos, sin))
+    assert any("q_weight.shape=(8,)" in r for r in supports_rope_qk_norm(q, k, cos, sin, torch.ones(8),
+                                                                          torch.ones(16)))
