@@ -74,3 +74,24 @@ def test_rotation_preserves_norm_and_relative_position() -> None:
 def test_odd_head_dim_rejected() -> None:
     with pytest.raises(ValueError, match="head_dim, got 7"):
         rope_inv_freq(7, 10000.0)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_registry_rope_equals_apply_rope_on_token_rows(qk_norm: bool) -> None:
+    """The model's registry call on [B*T, H, D] views is apply_rope (after rms_norm when qk_norm), exactly in fp32."""
+    from tessera.kernels import registry
+
+    torch.manual_seed(0)
+    b, t, d = 2, 5, 32
+    qkv = torch.randn(b, t, (4 + 2 * 2) * d)  # head slices of a fused projection: non-contiguous rows
+    q, k = qkv[..., : 4 * d].view(b, t, 4, d), qkv[..., 4 * d : 6 * d].view(b, t, 2, d)
+    cos, sin = RotaryEmbedding(d, 10000.0)(torch.randint(0, 500, (b, t)), torch.float32)
+    rows = (q.reshape(b * t, 4, d), k.reshape(b * t, 2, d), cos.reshape(b * t, d), sin.reshape(b * t, d))
+    if qk_norm:
+        wq, wk = torch.randn(d), torch.randn(d)
+        got = registry("rope_qk_norm", *rows, wq, wk, 1e-6)
+        q, k = registry("rms_norm", q, wq, 1e-6), registry("rms_norm", k, wk, 1e-6)
+    else:
+        got = registry("rope", *rows)
+    torch.testing.assert_close(got[0].view(b, t, 4, d), apply_rope(q, cos, sin), rtol=0, atol=0)
+    torch.testing.assert_close(got[1].view(b, t, 2, d), apply_rope(k, cos, sin), rtol=0, atol=0)

@@ -83,6 +83,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` `[B, T, H, D]` by `cos`/`sin` `[B, T, D]` (broadcast over heads)."""
+    """Rotate `x` `[B, T, H, D]` by `cos`/`sin` `[B, T, D]` (broadcast over heads), in `x`'s dtype.
+
+    The plain-torch form. The model calls registry op `rope` instead, which rotates q and k of
+    `[B*T, H, D]` token rows in one launch with float32 math (`rope_qk_norm` with QK-norm first)."""
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
     return x * cos + rotate_half(x) * sin

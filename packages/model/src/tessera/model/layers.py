@@ -7,13 +7,18 @@ replace it in place.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tessera.attn import KVContext, apply_rope, causal_attention
+from tessera.attn import KVContext, causal_attention
 from tessera.kernels import registry
 from tessera.specs import ModelConfig
+
+if TYPE_CHECKING:
+    from tessera.model.fusion import FusedLinear
 
 
 class RMSNorm(nn.Module):
@@ -32,7 +37,13 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention: `n_heads` query heads share `n_kv_heads` key/value heads."""
+    """Grouped-query self-attention: `n_heads` query heads share `n_kv_heads` key/value heads.
+
+    RoPE (after QK-norm when the config has it) is one registry op over q and k together.
+    `tessera.model.fusion.fuse_projections` may set `qkv` so that inference runs q/k/v as one GEMM.
+    """
+
+    qkv: FusedLinear | None = None
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -52,18 +63,28 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv: KVContext | None = None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        if self.qkv is not None and self.qkv.active(self.q_proj, self.k_proj, self.v_proj):
+            q, k, v = self.qkv(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        # The rope ops take token rows [B*T, H, D]; these views keep the fused projection's strides.
+        n, hd = b * t, self.head_dim
+        q, k = q.view(n, self.n_heads, hd), k.view(n, self.n_kv_heads, hd)
+        cos, sin = cos.reshape(n, hd), sin.reshape(n, hd)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = registry("rope_qk_norm", q, k, cos, sin, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+        else:
+            q, k = registry("rope", q, k, cos, sin)
+        q, k = q.view(b, t, self.n_heads, hd), k.view(b, t, self.n_kv_heads, hd)
+        v = v.view(b, t, self.n_kv_heads, hd)
         o = causal_attention(q, k, v) if kv is None else kv.attend(self.layer_idx, q, k, v)
         return self.o_proj(o.reshape(b, t, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
-    """SwiGLU: `down(silu(gate(x)) * up(x))`."""
+    """SwiGLU: `down(silu(gate(x)) * up(x))`; `fuse_projections` may set `gate_up` (one GEMM for both)."""
+
+    gate_up: FusedLinear | None = None
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -72,11 +93,16 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is not None and self.gate_up.active(self.gate_proj, self.up_proj):
+            gate, up = self.gate_up(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: `h = x + attn(norm(x)); out = h + mlp(norm(h))`."""
+    """Pre-norm block: `h = x + attn(norm(x)); out = h + mlp(norm(h))`, the add and the second norm
+    in one registry op (`rms_norm_residual`)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -87,5 +113,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv: KVContext | None = None) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, kv)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        norm = self.post_attention_layernorm
+        y, h = registry("rms_norm_residual", self.self_attn(self.input_layernorm(x), cos, sin, kv), x, norm.weight,
+                        norm.eps)
+        return h + self.mlp(y)

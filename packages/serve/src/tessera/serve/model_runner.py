@@ -16,6 +16,7 @@ import torch
 
 from tessera.attn import PagedAttentionMetadata, PagedKVCache, PagedKVContext
 from tessera.model import Transformer
+from tessera.model.fusion import fuse_projections
 from tessera.serve.cuda_graphs import DecodeGraphs
 from tessera.specs import KVCacheHandle, KVCacheSpec, dtype_name
 
@@ -49,6 +50,7 @@ class ModelRunner:
                  dtype: torch.dtype, device: torch.device, cuda_graph_batch_sizes: Sequence[int] = (),
                  enforce_eager: bool = True) -> None:
         self.model = model.eval()
+        fuse_projections(self.model)  # before graph capture: q/k/v and gate/up as one GEMM each
         self.device = device
         self.block_size = block_size
         self.null_block = num_blocks

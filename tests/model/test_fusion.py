@@ -1,0 +1,141 @@
+"""Fused q/k/v and gate/up projections (`fuse_projections`): same outputs as the separate projections,
+the same state_dict and memory, Parameters that are views of the fused weight, idempotence, and a
+fall-back to the separate projections whenever the fused weight would be wrong or gradients are wanted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tessera.model import Transformer, fuse_projections
+from tessera.model.hf import export_hf, load_hf
+from tessera.specs import ModelConfig
+
+CONFIGS = {
+    "qwen3": dict(family="qwen3", qk_norm=True, head_dim=16),
+    "qwen2-bias": dict(family="qwen2", attention_bias=True, tie_embeddings=True),
+    "llama-mqa": dict(n_kv_heads=1),
+}
+
+
+def _pair(kind: str) -> tuple[Transformer, Transformer]:
+    cfg = ModelConfig(**{**dict(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
+                                max_seq_len=64), **CONFIGS[kind]})
+    torch.manual_seed(0)
+    plain = Transformer(cfg)
+    for p in plain.parameters():  # non-zero biases, so a misplaced bias row shows
+        torch.nn.init.normal_(p, std=0.2)
+    fused = Transformer(cfg)
+    fused.load_state_dict(plain.state_dict())
+    return plain, fused
+
+
+def _unique_storage_bytes(model: torch.nn.Module) -> int:
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_fused_forward_equals_separate_projections(kind: str) -> None:
+    plain, fused = _pair(kind)
+    assert fuse_projections(fused) == 2 * fused.config.n_layers
+    ids = torch.randint(0, 61, (3, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids), plain(ids), atol=1e-5, rtol=1e-5)
+        layer = fused.model.layers[0]
+        assert layer.self_attn.qkv.active(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
+        assert layer.mlp.gate_up.active(layer.mlp.gate_proj, layer.mlp.up_proj)
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_state_dict_and_memory_are_unchanged_and_parameters_are_views(kind: str) -> None:
+    plain, fused = _pair(kind)
+    before_bytes = _unique_storage_bytes(fused)
+    fuse_projections(fused)
+    got, want = fused.state_dict(), plain.state_dict()
+    assert list(got) == list(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert _unique_storage_bytes(fused) == before_bytes
+    for layer in fused.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for fused_linear, parts in ((attn.qkv, (attn.q_proj, attn.k_proj, attn.v_proj)),
+                                    (mlp.gate_up, (mlp.gate_proj, mlp.up_proj))):
+            storage = fused_linear.weight.untyped_storage().data_ptr()
+            assert all(p.weight.untyped_storage().data_ptr() == storage for p in parts)
+            assert torch.equal(torch.cat([p.weight for p in parts]), fused_linear.weight)
+            if fused_linear.bias is not None:
+                assert all(p.bias.untyped_storage().data_ptr() == fused_linear.bias.untyped_storage().data_ptr()
+                           for p in parts)
+    with torch.no_grad():  # load_state_dict copies in place, so the fused weight follows
+        fused.load_state_dict({k: v * 2 for k, v in want.items()})
+        plain.load_state_dict({k: v * 2 for k, v in want.items()})
+        ids = torch.randint(0, 61, (1, 7))
+        torch.testing.assert_close(fused(ids), plain(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_fusing_is_idempotent() -> None:
+    _, fused = _pair("qwen3")
+    fuse_projections(fused)
+    first = [(layer.self_attn.qkv, layer.mlp.gate_up) for layer in fused.model.layers]
+    weight_ptr = fused.model.layers[0].self_attn.q_proj.weight.data_ptr()
+    assert fuse_projections(fused) == 2 * fused.config.n_layers
+    assert [(layer.self_attn.qkv, layer.mlp.gate_up) for layer in fused.model.layers] == first
+    assert fused.model.layers[0].self_attn.q_proj.weight.data_ptr() == weight_ptr
+
+
+def test_training_after_fusing_uses_separate_projections_and_keeps_fused_weight_in_sync() -> None:
+    plain, fused = _pair("qwen2-bias")
+    fuse_projections(fused)
+    ids = torch.randint(0, 61, (2, 8))
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (plain, fused)]
+    for model, opt in zip((plain, fused), opts):
+        model(ids).float().logsumexp(-1).mean().backward()
+        opt.step()
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+        assert q.grad is not None, name
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
+    with torch.no_grad():  # the fused path now reads the stepped weights
+        torch.testing.assert_close(fused(ids), plain(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_reallocated_or_replaced_projections_fall_back_until_fused_again() -> None:
+    plain, fused = _pair("llama-mqa")
+    fuse_projections(fused)
+    fused.double()
+    plain.double()
+    ids = torch.randint(0, 61, (1, 5))
+    attn = fused.model.layers[0].self_attn
+    with torch.no_grad():
+        assert not attn.qkv.active(attn.q_proj, attn.k_proj, attn.v_proj)
+        torch.testing.assert_close(fused(ids), plain(ids))
+        fuse_projections(fused)
+        assert attn.qkv.weight.dtype == torch.float64
+        assert attn.qkv.active(attn.q_proj, attn.k_proj, attn.v_proj)
+        torch.testing.assert_close(fused(ids), plain(ids))
+        attn.k_proj = torch.nn.Linear(32, attn.k_proj.out_features, bias=False, dtype=torch.float64)
+        plain.model.layers[0].self_attn.k_proj = attn.k_proj
+        assert not attn.qkv.active(attn.q_proj, attn.k_proj, attn.v_proj)
+        torch.testing.assert_close(fused(ids), plain(ids))
+
+
+def test_quantized_projections_are_left_unfused() -> None:
+    quant = pytest.importorskip("tessera.quant")
+    plain, fused = _pair("qwen3")
+    quant.quantize(plain, "int8", progress=False)
+    quant.quantize(fused, "int8", progress=False)
+    assert fuse_projections(fused) == 0
+    ids = torch.randint(0, 61, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids), plain(ids), atol=0, rtol=0)
+
+
+def test_hf_export_of_a_fused_model_round_trips(tmp_path: Path) -> None:
+    plain, fused = _pair("qwen3")
+    fuse_projections(fused)
+    export_hf(fused, tmp_path)
+    reloaded = load_hf(tmp_path)
+    ids = torch.randint(0, 61, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids), plain(ids), atol=1e-5, rtol=1e-5)
