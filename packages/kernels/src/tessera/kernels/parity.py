@@ -21,7 +21,7 @@ from tessera.kernels import registry
 from tessera.kernels.samples import Sample, dtypes, samples
 
 #: Ops whose backends may offer a backward; parity covers their input gradients too.
-DIFFERENTIABLE = ("rms_norm", "attention.prefill", "rope", "rope_qk_norm")
+DIFFERENTIABLE = ("rms_norm", "rms_norm_residual", "attention.prefill", "rope", "rope_qk_norm")
 
 
 def _clone(args: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -1,7 +1,7 @@
 """RMSNorm and residual-add + RMSNorm in Triton: one program per row, one read and one write per tensor.
 
-The backward of `rms_norm` is the closed form in torch (recomputing 1/rms from x), so training can
-dispatch here too; `rms_norm_residual` has no backward and refuses inputs that need gradients.
+Backwards are the closed form in torch (recomputing 1/rms from the normalised input), so training can
+dispatch here too; `rms_norm_residual` passes the gradient of h plus that of the norm to x and residual.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tessera.kernels.support import FLOATS, dtype_reasons, no_grad_reasons, triton_device_reasons
+from tessera.kernels.support import FLOATS, dtype_reasons, triton_device_reasons
 from tessera.specs import KernelRegistry
 
 MAX_D = 65536
@@ -69,15 +69,22 @@ def _rms_norm_setup(ctx: object, inputs: tuple, output: torch.Tensor) -> None:
     ctx.eps = eps
 
 
-def _rms_norm_backward(ctx: object, dy: torch.Tensor) -> tuple:
-    x, weight = ctx.saved_tensors
+def _norm_grads(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx float32, dweight) of y = rms_norm(x, weight) for the output gradient dy."""
     xf, dyf = x.float(), dy.float()
-    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + ctx.eps)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     xhat = xf * rstd
     g = dyf * weight.float()
     dx = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
     dw = (dyf * xhat).reshape(-1, x.shape[-1]).sum(0)
-    return dx.to(x.dtype), dw.to(weight.dtype), None
+    return dx, dw.to(weight.dtype)
+
+
+def _rms_norm_backward(ctx: object, dy: torch.Tensor) -> tuple:
+    x, weight = ctx.saved_tensors
+    dx, dw = _norm_grads(dy, x, weight, ctx.eps)
+    return dx.to(x.dtype), dw, None
 
 
 _rms_norm_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
@@ -95,6 +102,22 @@ def _rms_norm_residual_op(x: torch.Tensor, residual: torch.Tensor, weight: torch
 @_rms_norm_residual_op.register_fake
 def _(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+def _rms_norm_residual_setup(ctx: object, inputs: tuple, output: tuple) -> None:
+    _, _, weight, eps = inputs
+    ctx.save_for_backward(output[1], weight)
+    ctx.eps = eps
+
+
+def _rms_norm_residual_backward(ctx: object, dy: torch.Tensor, dh: torch.Tensor) -> tuple:
+    h, weight = ctx.saved_tensors
+    dx, dw = _norm_grads(dy, h, weight, ctx.eps)
+    dh_total = (dx + dh.float()).to(h.dtype)
+    return dh_total, dh_total, dw, None
+
+
+_rms_norm_residual_op.register_autograd(_rms_norm_residual_backward, setup_context=_rms_norm_residual_setup)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -129,7 +152,7 @@ def supports_rms_norm_residual(x: torch.Tensor | None = None, residual: torch.Te
     reasons = triton_device_reasons(x, residual, weight) + _shape_reasons(x, weight)
     if residual.shape != x.shape or residual.dtype != x.dtype:
         reasons.append(f"residual {tuple(residual.shape)}/{residual.dtype} differs from x {tuple(x.shape)}/{x.dtype}")
-    return reasons + no_grad_reasons(x, residual, weight)
+    return reasons
 
 
 def register(reg: KernelRegistry) -> None:
