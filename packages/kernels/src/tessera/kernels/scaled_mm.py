@@ -22,6 +22,7 @@ import torch
 from torch.torch_version import TorchVersion
 
 from tessera.kernels import reference
+from tessera.kernels.custom_ops import matmul_custom_op
 from tessera.kernels.support import device_reasons, dtype_reasons, no_grad_reasons
 from tessera.specs import KernelRegistry
 
@@ -47,20 +48,12 @@ def _fp8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Ten
                             use_fast_accum=False)
 
 
-_fp8_op = torch.library.custom_op("tessera::matmul_fp8_scaled_mm", _fp8, mutates_args=())
-
-
-@_fp8_op.register_fake
-def _(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((x.shape[0], w_q.shape[0]))
+_fp8_op = matmul_custom_op("matmul_fp8_scaled_mm", _fp8)
 
 
 def matmul_fp8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """Same contract as `reference.matmul_fp8`, for inputs `supports` accepts."""
-    # Eager calls skip the custom op's dispatcher round trip; torch.compile traces the op.
-    if torch.compiler.is_compiling():
-        return _fp8_op(x, w_q, w_scale)
-    return _fp8(x, w_q, w_scale)
+    return _fp8_op(x, w_q, w_scale)
 
 
 @functools.cache

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tessera.kernels.custom_ops import matmul_custom_op
 from tessera.kernels.support import HALF, dtype_reasons, no_grad_reasons, triton_device_reasons, triton_interpreting
 from tessera.kernels.triton.tuned_launch import TunedLaunch
 from tessera.kernels.triton.tuning import autotune, bucket
@@ -116,20 +117,12 @@ def _fp8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Ten
 
 
 _gemm_launch = TunedLaunch(_fp8_gemm_kernel)
-_fp8_op = torch.library.custom_op("tessera::matmul_fp8", _fp8, mutates_args=())
-
-
-@_fp8_op.register_fake
-def _(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((x.shape[0], w_q.shape[0]))
+_fp8_op = matmul_custom_op("matmul_fp8", _fp8)
 
 
 def matmul_fp8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """Same contract as `reference.matmul_fp8`."""
-    # Eager calls skip the custom op's dispatcher round trip; torch.compile traces the op.
-    if torch.compiler.is_compiling():
-        return _fp8_op(x, w_q, w_scale)
-    return _fp8(x, w_q, w_scale)
+    return _fp8_op(x, w_q, w_scale)
 
 
 def supports(x: torch.Tensor | None = None, w_q: torch.Tensor | None = None,

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tessera.kernels.custom_ops import matmul_custom_op
 from tessera.kernels.support import FLOATS, dtype_reasons, no_grad_reasons, triton_device_reasons
 from tessera.kernels.triton import quant_dequant, quant_gemv
 from tessera.kernels.triton.tuned_launch import TunedLaunch
@@ -100,21 +101,12 @@ def _int8(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -> torch.Tens
 
 
 _int8_launch = TunedLaunch(_int8_kernel)
-_int8_op = torch.library.custom_op("tessera::matmul_int8_weight_only", _int8, mutates_args=())
-
-
-@_int8_op.register_fake
-def _(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((x.shape[0], w_q.shape[0]))
+_int8_op = matmul_custom_op("matmul_int8_weight_only", _int8)
 
 
 def matmul_int8_weight_only(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Same contract as `reference.matmul_int8_weight_only`."""
-    # The custom op exists for torch.compile; eager calls skip its dispatcher round trip (host time
-    # that dominates a decode-shape call).
-    if torch.compiler.is_compiling():
-        return _int8_op(x, w_q, scale)
-    return _int8(x, w_q, scale)
+    return _int8_op(x, w_q, scale)
 
 
 @autotune(_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP", "PREC"], interpret=_INTERPRET,
@@ -169,21 +161,13 @@ def _int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
 
 
 _int4_launch = TunedLaunch(_int4_kernel)
-_int4_op = torch.library.custom_op("tessera::matmul_int4_awq", _int4, mutates_args=())
-
-
-@_int4_op.register_fake
-def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-      group_size: int) -> torch.Tensor:
-    return x.new_empty((x.shape[0], qweight.shape[0]))
+_int4_op = matmul_custom_op("matmul_int4_awq", _int4)
 
 
 def matmul_int4_awq(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                     group_size: int) -> torch.Tensor:
     """Same contract as `reference.matmul_int4_awq` (any positive group_size)."""
-    if torch.compiler.is_compiling():
-        return _int4_op(x, qweight, scales, zeros, int(group_size))
-    return _int4(x, qweight, scales, zeros, int(group_size))
+    return _int4_op(x, qweight, scales, zeros, int(group_size))
 
 
 def _x_reasons(x: torch.Tensor, n_k: int) -> list[str]:
