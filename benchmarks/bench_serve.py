@@ -116,11 +116,32 @@ def hf_generate(hf, prompts: list[list[int]], new_tokens: int, cuda: bool, **kw:
     return time.perf_counter() - t0
 
 
+def _token_stamps():
+    """A `transformers` streamer that records when each generated token is handed over."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamps(BaseStreamer):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value: torch.Tensor) -> None:
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    return Stamps()
+
+
 def hf_decode_tok_s(hf, prompt: list[int], n: int, cuda: bool, **kw: Any) -> float:
-    hf_generate(hf, [prompt], 8, cuda, **kw)  # warm-up (and the static cache's allocation)
-    full = hf_generate(hf, [prompt], n, cuda, **kw)
-    one = hf_generate(hf, [prompt], 1, cuda, **kw)
-    return (n - 1) / (full - one)
+    """Decode tokens/s from the first generated token to the last. The warm-up generates the same
+    number of tokens, so a static cache of that size (and any compilation `transformers` does for it)
+    exists before the timed call."""
+    hf_generate(hf, [prompt], n, cuda, **kw)
+    stamps = _token_stamps()
+    hf_generate(hf, [prompt], n, cuda, streamer=stamps, **kw)
+    times = stamps.times[1:]  # the first put is the prompt
+    return (len(times) - 1) / (times[-1] - times[0])
 
 
 # ---- sections ------------------------------------------------------------------------------------------
@@ -248,18 +269,6 @@ def hf_online(hf, reqs: list[BenchRequest], rate: float, cuda: bool) -> dict[str
     """HF generate serving requests one at a time in arrival order (a streamer marks token times)."""
     import random
 
-    from transformers.generation.streamers import BaseStreamer
-
-    class Stamps(BaseStreamer):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def put(self, value: torch.Tensor) -> None:
-            self.times.append(time.perf_counter())
-
-        def end(self) -> None:
-            pass
-
     rng = random.Random(0)
     t, arrivals = 0.0, []
     for _ in reqs:
@@ -271,7 +280,7 @@ def hf_online(hf, reqs: list[BenchRequest], rate: float, cuda: bool) -> dict[str
         wait = start + arrival - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
-        stamps = Stamps()
+        stamps = _token_stamps()
         ids = torch.tensor([r.prompt_token_ids], device=hf.device)
         with torch.inference_mode():
             hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=r.max_tokens, do_sample=False,
