@@ -3,11 +3,6 @@ run once per shape, the torch._scaled_mm fp8 backend's refusals, and (on a GPU) 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -15,18 +10,9 @@ from tessera.kernels import reference, registry, scaled_mm
 from tessera.kernels.triton import quant_dequant
 from tessera.kernels.triton import quant_gemv as qg
 
-HERE = Path(__file__).resolve().parent
 
-
-def test_paths_tuning_and_compile() -> None:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    if not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
-    seed = os.environ.get("TESSERA_TEST_SEED", str(int.from_bytes(os.urandom(3), "little")))
-    proc = subprocess.run([sys.executable, str(HERE / "quant_paths_check.py"), seed], capture_output=True, text=True,
-                          env=env, timeout=600)
-    assert proc.returncode == 0 and "paths-ok" in proc.stdout, \
-        f"seed {seed}: {proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+def test_paths_tuning_and_compile(run_check) -> None:
+    run_check("quant_paths_check.py", "paths-ok")
 
 
 def test_prefill_threshold() -> None:

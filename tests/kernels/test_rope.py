@@ -4,9 +4,6 @@ the Triton backend refuses."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,15 +14,9 @@ from tessera.kernels import reference
 from tessera.kernels.triton import rope as rope_kernels
 from tessera.kernels.triton.rope import supports_rope, supports_rope_qk_norm
 
-HERE = Path(__file__).resolve().parent
 
-
-def test_second_order_gradients_match_reference() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore"}
-    seed = os.environ.get("TESSERA_TEST_SEED", str(int.from_bytes(os.urandom(3), "little")))
-    proc = subprocess.run([sys.executable, str(HERE / "rope_check.py"), seed], capture_output=True, text=True,
-                          env=env, timeout=300)
-    assert proc.returncode == 0 and "rope-ok" in proc.stdout, f"seed {seed}: {proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+def test_second_order_gradients_match_reference(run_check) -> None:
+    run_check("rope_check.py", "rope-ok", interpret="always", timeout=300)
 
 
 def test_reference_is_a_rotation_of_each_frequency_pair() -> None:
