@@ -163,7 +163,8 @@ def section_decode(model, hf, args, ceil, cuda, rows, results) -> None:
         res.update(graph_step_ms=step * 1e3, graph_roofline_fraction=(1 / step) / roof)
         rows.append({"what": "batch-1 decode, graph replay only", "tok/s": 1 / step, "roofline": (1 / step) / roof})
     if hf is not None:
-        for mode, kw in (("dynamic", {}), ("static", {"cache_implementation": "static"})):
+        modes = (("dynamic", {}), ("static", {"cache_implementation": "static"}))
+        for mode, kw in (m for m in modes if m[0] in args.hf_decode_modes):
             try:
                 tok_s = hf_decode_tok_s(hf, prompt.prompt_token_ids, args.decode_tokens, cuda, **kw)
             except Exception as exc:  # an HF cache mode this version cannot run is reported, not fatal
@@ -357,6 +358,9 @@ def main() -> None:
     p.add_argument("--hf-batch-sizes", type=int, nargs="+", default=[32, 128])
     p.add_argument("--spec-tokens", type=int, default=4)
     p.add_argument("--skip-hf", action="store_true", help="no transformers peers")
+    p.add_argument("--hf-decode-modes", nargs="+", default=["dynamic", "static"], choices=["dynamic", "static"],
+                   help="HF cache modes timed in the decode section (static compiles on its first call)")
+    p.add_argument("--decode-tokens", type=int, default=None, help="tokens per timed batch-1 decode (default 256)")
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
                    help="which sections to run, in this order (default: all)")
     args = p.parse_args()
@@ -371,7 +375,8 @@ def main() -> None:
         torch.set_num_threads(1)
     else:
         args.lengths, args.max_model_len, args.max_num_seqs = (100, 1024), 2048, 256
-        args.decode_prompt, args.decode_tokens, args.graph_tokens, args.spec_new_tokens = 128, 256, 64, 256
+        args.decode_prompt, args.graph_tokens, args.spec_new_tokens = 128, 64, 256
+        args.decode_tokens = args.decode_tokens or 256
     torch.manual_seed(0)
     if args.target:
         model, _ = load_for_serving(args.target, device=device, dtype=dtype)
