@@ -1,7 +1,8 @@
 """Run as a script under TRITON_INTERPRET=1: the decode-shape quantized matmul kernels at explicit configs
 (every M path, split-K 1/2/3, K not a multiple of the tile, odd N, int4 groups 32/64/128 with a partial
-last group) against the torch reference at the catalogue's tolerances; after every split-K launch the
-per-tile counters must be back at zero. Prints one JSON list of failures, then "gemv-ok" if none."""
+last group, int4 tiles inside one group and tiles of 2 and 4 whole groups) against the torch reference at
+the catalogue's tolerances; after every split-K launch the per-tile counters must be back at zero. Prints
+one JSON list of failures, then "gemv-ok" if none."""
 
 from __future__ import annotations
 
@@ -50,20 +51,25 @@ def main(seed: int) -> int:
                                        SPLIT_K=split)
                 check(f"int8 {dtype} m{m} bn{bn} bk{bk} split{split}", "matmul.int8_weight_only", y,
                       reference.matmul_int8_weight_only(x, w_q, scale), counters)
-            k, n = 224, 19  # 224 = 128 + 96: group 128's last group is partial
-            x = torch.randn(m, k, generator=gen).to(dtype)
-            for group in (32, 64, 128):
-                groups = -(-k // group)
-                qweight = reference.pack_int4(torch.randint(0, 16, (n, k), generator=gen))
-                scales = ((torch.rand(n, groups, generator=gen) + 0.2) * k**-0.5 / 8).to(dtype)
-                zeros = torch.randint(0, 16, (n, groups), generator=gen).to(dtype)
-                want = reference.matmul_int4_awq(x, qweight, scales, zeros, group)
-                for bn, bk, split in ((16, 32, 1), (16, min(group, 64), 2), (32, 32, 3)):
-                    y = torch.full((m, n), float("nan"), dtype=dtype)
-                    quant_gemv.launch_int4(x, qweight, scales, zeros, group, y, kernel=quant_gemv.int4_gemv_kernel,
-                                           BN=bn, BK=bk, SPLIT_K=split)
-                    check(f"int4 {dtype} m{m} g{group} bn{bn} bk{bk} split{split}", "matmul.int4_awq", y, want,
-                          counters)
+            # 224 = 128 + 96: group 128's last group is partial; tiles inside one group (BK <= group).
+            # 600: every group's last group is partial and K is no multiple of any tile; tiles of 2 and
+            # 4 whole groups.
+            for k, n in ((224, 19), (600, 21)):
+                x = torch.randn(m, k, generator=gen).to(dtype)
+                for group in (32, 64, 128):
+                    groups = -(-k // group)
+                    qweight = reference.pack_int4(torch.randint(0, 16, (n, k), generator=gen))
+                    scales = ((torch.rand(n, groups, generator=gen) + 0.2) * k**-0.5 / 8).to(dtype)
+                    zeros = torch.randint(0, 16, (n, groups), generator=gen).to(dtype)
+                    want = reference.matmul_int4_awq(x, qweight, scales, zeros, group)
+                    tiles = ((16, 32, 1), (16, min(group, 64), 2), (32, 32, 3)) if k == 224 else \
+                        ((16, 2 * group, 1), (16, 2 * group, 2), (32, 4 * group, 1), (16, 4 * group, 2))
+                    for bn, bk, split in tiles:
+                        y = torch.full((m, n), float("nan"), dtype=dtype)
+                        quant_gemv.launch_int4(x, qweight, scales, zeros, group, y,
+                                               kernel=quant_gemv.int4_gemv_kernel, BN=bn, BK=bk, SPLIT_K=split)
+                        check(f"int4 {dtype} m{m} k{k} g{group} bn{bn} bk{bk} split{split}", "matmul.int4_awq", y,
+                              want, counters)
     print(json.dumps(failures))
     if not failures:
         print("gemv-ok")

@@ -1,12 +1,14 @@
 """The decode-shape (M <= 16) quantized matmuls: correct at every M path and split-K under the interpreter,
-and an autotune space that never lets a tile span two int4 groups, never splits where the workspace was
-not sized for it, and keeps several candidates for every Llama-3.2-1B projection."""
+and an autotune space that never lets a tile split an int4 group (a tile lies in one group or holds whole
+groups), never splits where the workspace was not sized for it, and keeps several candidates for every
+Llama-3.2-1B projection."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 import triton
 
 from tessera.kernels.triton import quant_gemv as qg
@@ -47,14 +49,42 @@ def test_int8_search_space(m: int, k: int, n: int) -> None:
     _check_space(qg._int8_tuned, qg._prune_int8(qg._int8_tuned.configs, _named(m, k, n)), m, k, n)
 
 
+def _splits_no_group(bk: int, group: int) -> bool:
+    """By enumeration: every BK tile (starting at a multiple of BK) lies inside one group, or every group it
+    touches lies wholly inside it."""
+    for start in range(0, 4 * max(bk, group), bk):
+        touched = range(start // group, (start + bk - 1) // group + 1)
+        if len(touched) > 1 and any(g * group < start or (g + 1) * group > start + bk for g in touched):
+            return False
+    return True
+
+
+def test_tile_rule_matches_enumeration() -> None:
+    for bk in (16, 32, 64, 128, 256, 512, 1024):
+        for group in range(16, 1040, 16):
+            assert qg._tile_fits_groups(bk, group) == _splits_no_group(bk, group), (bk, group)
+
+
 @pytest.mark.parametrize("m", [1, 5, 16])
 @pytest.mark.parametrize("group", [32, 64, 128, 96])
 @pytest.mark.parametrize(("k", "n"), SHAPES)
-def test_int4_tiles_never_span_two_groups(m: int, group: int, k: int, n: int) -> None:
+def test_int4_tiles_never_split_a_group(m: int, group: int, k: int, n: int) -> None:
     # As Triton's autotuner calls it: positional arguments in `named_args`, keyword ones (GROUP) apart.
     kept = qg._prune_int4(qg._int4_tuned.configs, _named(m, k, n), GROUP=group, PREC="ieee", BM=16)
     _check_space(qg._int4_tuned, kept, m, k, n)
-    assert all(group % c.kwargs["BK"] == 0 for c in kept), (group, kept)
+    assert all(_splits_no_group(c.kwargs["BK"], group) for c in kept), (group, kept)
+    if group & (group - 1):  # 96: tiles inside one group only
+        assert all(group % c.kwargs["BK"] == 0 for c in kept), (group, kept)
+    elif k >= 2048:  # a power-of-two group: tiles of several whole groups are candidates
+        assert any(c.kwargs["BK"] >= 2 * group for c in kept), (group, kept)
+
+
+def test_raw_int4_launch_refuses_a_tile_that_splits_groups() -> None:
+    x, y = torch.zeros(1, 192), torch.zeros(1, 8)
+    qweight = torch.zeros(8, 96, dtype=torch.uint8)
+    scales = torch.ones(8, 2)
+    with pytest.raises(ValueError, match=r"BK=64 .* group_size=96"):
+        qg.launch_int4(x, qweight, scales, scales, 96, y, kernel=qg.int4_gemv_kernel, BN=8, BK=64, SPLIT_K=1)
 
 
 def test_dispatch_on_m_and_group() -> None:
@@ -90,13 +120,14 @@ def _compile_sm90(fn: object, ptrs: dict[str, str], ints: dict[str, int], meta: 
 @pytest.mark.skipif(not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists(),
                     reason="triton ships no ptxas here")
 @pytest.mark.parametrize("m", [1, 16])
-@pytest.mark.parametrize("op", ["int8", "int4"])
-def test_split_k_kernels_compile_for_sm90(op: str, m: int) -> None:
+@pytest.mark.parametrize(("op", "bk"), [("int8", 128), ("int4", 128), ("int4", 512)])
+def test_split_k_kernels_compile_for_sm90(op: str, bk: int, m: int) -> None:
+    """int4 at BK 128 (a tile inside a group of 128) and 512 (a tile of four whole groups)."""
     k, n = 4096, 2048
     ints = {"M": m, "N": n, "K": k, "K2": k // 2, "stride_xm": k, "stride_xk": 1, "stride_wn": k, "stride_qn": k // 2,
             "stride_sn": k // 128, "stride_zn": k // 128, "stride_ym": n, "M_BUCKET": m}
     meta = {"PREC": "tf32", "BM": 1 if m == 1 else qg.MAX_M, "GROUP": 128}
-    split = qg._cfg(32, 128, 4, 4, 3)
+    split = qg._cfg(32, bk, 4, 4, 3)
     if op == "int8":
         ptrs = {"X": "bf16", "W": "i8", "S": "fp32", "Y": "bf16", "WS": "fp32", "CNT": "i32"}
         compiled = _compile_sm90(qg.int8_gemv_kernel, ptrs, ints, meta, split)

@@ -216,9 +216,11 @@ def _int8(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
 
 def _int4(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
     # M <= 16 with a group of whole 32-wide tiles takes the split-K decode kernels, M > 64 (half x) dequantize +
-    # torch.mm, the rest the tiled kernel; the last group is partial.
-    sizes = [(1, 4096, 4096), (1, 8192, 2048), (16, 4000, 1000), (100, 1000, 256), (300, 2000, 1000)] if real else \
-        [(1, 200, 9), (5, 80, 17), (16, 160, 19), (20, 96, 11), (70, 232, 13)]
+    # torch.mm, the rest the tiled kernel; the last group is partial. K = 600 / 4000 is no multiple of the
+    # decode kernels' multi-group tiles (256 to 1024 wide), which the autotuner may pick on a GPU.
+    sizes = [(1, 4096, 4096), (1, 8192, 2048), (1, 4000, 1000), (16, 4000, 1000), (100, 1000, 256),
+             (300, 2000, 1000)] if real else \
+        [(1, 200, 9), (1, 600, 21), (5, 80, 17), (16, 160, 19), (16, 600, 7), (20, 96, 11), (70, 232, 13)]
     out = []
     for m, k, n in sizes:
         for g in (16, 32, 64, 128):  # 16: a 32-wide K tile spans two groups

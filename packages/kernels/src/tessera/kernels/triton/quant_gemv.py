@@ -14,8 +14,11 @@ counters and the partials' workspace are allocated once per device and stream (a
 and the autotuned config is remembered per shape so a call skips the autotuner (`TunedLaunch`).
 
 int8: the per-output-channel scale is applied once per program, before the partials are combined.
-int4: a K tile never spans two groups (BK divides the group size, tiles start at multiples of BK),
-so each tile applies its group's scale and zero once: s * (sum_k q_k x_k - z * sum_k x_k).
+int4: a K tile never splits a group. Either it lies inside one group (BK divides the group size) or
+it holds BK / GROUP whole groups (a power-of-two group; tiles start at multiples of BK, so on group
+boundaries). Each group in a tile applies its scale and zero once: s_g * (sum_k q_k x_k - z_g * sum_k x_k),
+with both sums taken per group. Multi-group tiles let a program read long row segments (BK / 2 bytes a
+row per iteration) instead of stopping at the group's GROUP / 2 bytes.
 """
 
 from __future__ import annotations
@@ -49,13 +52,18 @@ _INT8_M1 = [_cfg(4, 1024, 1, 4, 2), _cfg(8, 512, 1, 4, 3), _cfg(8, 1024, 1, 4, 2
 _INT8_MX = [_cfg(16, 256, 1, 4, 4), _cfg(16, 512, 1, 4, 3), _cfg(32, 256, 1, 4, 4), _cfg(32, 512, 1, 4, 3),
             _cfg(64, 128, 1, 4, 4), _cfg(64, 256, 1, 4, 3), _cfg(32, 1024, 1, 8, 2), _cfg(16, 512, 2, 4, 3),
             _cfg(16, 256, 4, 4, 4), _cfg(32, 256, 4, 4, 4), _cfg(64, 256, 4, 4, 3), _cfg(32, 512, 8, 4, 3)]
-# int4 tiles stop at the group (128 in practice, 64 bytes a row), so the M == 1 tiles take many rows instead.
+# int4 tiles within one group (128 in practice, 64 bytes a row) take many rows; multi-group tiles (256 to
+# 1024 wide with a power-of-two group) read 128 to 512 bytes a row, as the int8 tiles do, from fewer rows.
 _INT4_M1 = [_cfg(32, 128, 1, 4, 3), _cfg(64, 128, 1, 4, 3), _cfg(128, 128, 1, 4, 3), _cfg(128, 128, 1, 8, 3),
             _cfg(256, 128, 1, 8, 2), _cfg(64, 256, 1, 4, 2), _cfg(32, 128, 4, 4, 3), _cfg(64, 128, 2, 4, 3),
-            _cfg(64, 128, 4, 4, 3), _cfg(128, 128, 4, 8, 3), _cfg(32, 128, 8, 4, 3), _cfg(64, 128, 8, 4, 3)]
+            _cfg(64, 128, 4, 4, 3), _cfg(128, 128, 4, 8, 3), _cfg(32, 128, 8, 4, 3), _cfg(64, 128, 8, 4, 3),
+            _cfg(8, 512, 1, 4, 3), _cfg(8, 1024, 1, 4, 2), _cfg(16, 512, 1, 4, 2), _cfg(16, 1024, 1, 8, 2),
+            _cfg(32, 256, 1, 4, 3), _cfg(32, 512, 1, 8, 2), _cfg(16, 512, 4, 4, 2), _cfg(32, 256, 4, 4, 3),
+            _cfg(8, 512, 8, 4, 3)]
 _INT4_MX = [_cfg(16, 256, 1, 4, 4), _cfg(32, 256, 1, 4, 4), _cfg(64, 128, 1, 4, 4), _cfg(64, 256, 1, 4, 3),
             _cfg(128, 128, 1, 8, 3), _cfg(16, 512, 1, 4, 3), _cfg(16, 256, 4, 4, 4), _cfg(32, 256, 2, 4, 4),
-            _cfg(32, 256, 4, 4, 4), _cfg(64, 128, 4, 4, 4), _cfg(64, 256, 8, 4, 3), _cfg(32, 128, 8, 4, 4)]
+            _cfg(32, 256, 4, 4, 4), _cfg(64, 128, 4, 4, 4), _cfg(64, 256, 8, 4, 3), _cfg(32, 128, 8, 4, 4),
+            _cfg(16, 1024, 1, 8, 2), _cfg(32, 512, 1, 8, 3), _cfg(16, 512, 4, 4, 3), _cfg(32, 512, 2, 8, 3)]
 #: Under the interpreter: one small config that still exercises the split-K combine.
 _INTERPRET = _cfg(16, 32, 2, 4, 1)
 
@@ -85,9 +93,15 @@ def _prune_int8(configs: list, named_args: dict, **kwargs: object) -> list:
     return _keep_splittable(_fits_k(mine, named_args["K"]), named_args["N"], named_args["K"])
 
 
-def _group_tile(group: int) -> int:
-    """The largest power-of-two K tile that divides `group` (a tile then never spans two groups)."""
-    return group & -group
+def _tile_fits_groups(bk: int, group: int) -> bool:
+    """Whether a K tile of `bk` (starting at a multiple of `bk`) never splits a group: it lies inside
+    one group (bk divides group), or holds whole groups of a power-of-two group (group divides bk)."""
+    return group % bk == 0 or (group & (group - 1) == 0 and bk % group == 0)
+
+
+def _group_tile(bk: int, group: int) -> int:
+    """`bk` itself where it fits the groups, else the largest power-of-two tile dividing `group`."""
+    return bk if _tile_fits_groups(bk, group) else min(bk, group & -group)
 
 
 def _prune_int4(configs: list, named_args: dict, **kwargs: object) -> list:
@@ -95,11 +109,9 @@ def _prune_int4(configs: list, named_args: dict, **kwargs: object) -> list:
     group = kwargs["GROUP"] if "GROUP" in kwargs else named_args["GROUP"]
     n, k = named_args["N"], named_args["K"]
     pool = _INT4_M1 if named_args["M_BUCKET"] == 1 else _INT4_MX
-    cap = _group_tile(group)
     seen, kept = set(), []
     for c in (c for c in configs if c in pool):
-        bk = min(c.kwargs["BK"], cap)
-        key = (c.kwargs["BN"], bk, c.kwargs["SPLIT_K"], c.num_warps, c.num_stages)
+        key = (c.kwargs["BN"], _group_tile(c.kwargs["BK"], group), c.kwargs["SPLIT_K"], c.num_warps, c.num_stages)
         if key not in seen:
             seen.add(key)
             kept.append(_cfg(*key))
@@ -184,22 +196,15 @@ def int8_gemv_kernel(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_
 
 
 @triton.jit
-def int4_gemv_kernel(X, QW, S, Z, Y, WS, CNT, M, N, K, K2, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn,
-                     stride_ym, M_BUCKET, GROUP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
-                     BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
-    """y[M, N] = x[M, K] @ ((q - z) * s).T with q packed two per byte along K (K2 = K / 2 bytes a row, even
-    k in the low nibble); GROUP % BK == 0, so one tile lies in one group."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BN + tl.arange(0, BN)
+def _int4_in_group(X, QW, S, Z, M, K, K2, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, n64, n_ok, k_start,
+                   k_end, GROUP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                   BK: tl.constexpr):
+    """acc [BM, BN] float32 over K in [k_start, k_end), tiles of BK inside one group (GROUP % BK == 0)."""
     offs_j = tl.arange(0, BK // 2)  # byte j of a tile holds k = 2j (low nibble) and 2j + 1 (high)
     offs_k = tl.arange(0, BK)
-    n_ok = offs_n < N
-    n64 = offs_n.to(tl.int64)
     q_ptrs = QW + n64[:, None] * stride_qn + offs_j[None, :]
     s_ptrs = S + n64 * stride_sn
     z_ptrs = Z + n64 * stride_zn
-    k_start, k_end = _k_range(K, pid_k, BK, SPLIT_K)
     if BM == 1:
         acc1 = tl.zeros((BN,), dtype=tl.float32)
         for k0 in range(k_start, k_end, BK):
@@ -235,6 +240,83 @@ def int4_gemv_kernel(X, QW, S, Z, Y, WS, CNT, M, N, K, K2, stride_xm, stride_xk,
             z = tl.load(z_ptrs + g, mask=n_ok, other=0.0).to(tl.float32)
             x_sum = tl.sum(x.to(tl.float32), axis=1)
             acc += s[None, :] * (part - z[None, :] * x_sum[:, None])
+    return acc
+
+
+@triton.jit
+def _int4_whole_groups(X, QW, S, Z, M, K, K2, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, n64, n_ok,
+                       k_start, k_end, GROUP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       BK: tl.constexpr):
+    """acc [BM, BN] float32 over K in [k_start, k_end), tiles of NG = BK // GROUP whole groups (k_start a
+    multiple of BK): the weight tile is read as [BN, NG, GROUP // 2] bytes, one contiguous BK / 2 byte
+    segment a row, and each group's sums are reduced apart and scaled by the group's own s and z."""
+    NG: tl.constexpr = BK // GROUP
+    HG: tl.constexpr = GROUP // 2
+    offs_g = tl.arange(0, NG)
+    byte = offs_g[:, None] * HG + tl.arange(0, HG)[None, :]  # [NG, HG]: a tile's bytes, group by group
+    col = offs_g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [NG, GROUP]: a tile's k, group by group
+    q_ptrs = QW + n64[:, None, None] * stride_qn + byte[None, :, :]
+    if BM == 1:
+        acc1 = tl.zeros((BN,), dtype=tl.float32)
+        for k0 in range(k_start, k_end, BK):
+            packed = tl.load(q_ptrs + k0 // 2, mask=n_ok[:, None, None] & ((k0 // 2 + byte) < K2)[None, :, :],
+                             other=0)
+            x = tl.load(X + (k0 + col) * stride_xk, mask=(k0 + col) < K, other=0.0).to(tl.float32)
+            x_even, x_odd = tl.split(tl.reshape(x, (NG, HG, 2)))
+            p32 = packed.to(tl.int32)
+            part = tl.sum(_exact_f32(p32 & 0xF, 0) * x_even[None, :, :] + _exact_f32(p32 >> 4, 0) * x_odd[None, :, :],
+                          axis=2)  # [BN, NG]
+            # Groups past K (a K tile hanging over the end) get s = 0; their x and q are zero anyway.
+            g_ok = n_ok[:, None] & ((k0 + offs_g * GROUP) < K)[None, :]
+            g = k0 // GROUP + offs_g
+            s = tl.load(S + n64[:, None] * stride_sn + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
+            z = tl.load(Z + n64[:, None] * stride_zn + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
+            acc1 += tl.sum(s * (part - z * tl.sum(x, axis=1)[None, :]), axis=1)
+        acc = acc1[None, :]
+    else:
+        offs_m = tl.arange(0, BM)
+        m_ok = offs_m < M
+        # x as [NG, BM, GROUP]: the groups are the batch dimension of the dots.
+        x_ptrs = X + offs_m[None, :, None] * stride_xm + col[:, None, :] * stride_xk
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(k_start, k_end, BK):
+            packed = tl.load(q_ptrs + k0 // 2, mask=n_ok[:, None, None] & ((k0 // 2 + byte) < K2)[None, :, :],
+                             other=0)
+            x = tl.load(x_ptrs + k0 * stride_xk, mask=m_ok[None, :, None] & ((k0 + col) < K)[:, None, :], other=0.0)
+            x_even, x_odd = tl.split(tl.reshape(x, (NG, BM, HG, 2)))  # [NG, BM, HG]
+            # As in one group: exact integer nibbles, converted through int8; [BN, NG, HG] -> [NG, HG, BN].
+            lo = tl.permute((packed & 0xF).to(tl.int8, bitcast=True).to(x.dtype), (1, 2, 0))
+            hi = tl.permute((packed >> 4).to(tl.int8, bitcast=True).to(x.dtype), (1, 2, 0))
+            part = tl.dot(x_even, lo, input_precision=PREC)
+            part = tl.dot(x_odd, hi, part, input_precision=PREC)  # [NG, BM, BN]
+            g_ok = ((k0 + offs_g * GROUP) < K)[:, None] & n_ok[None, :]
+            g = (k0 // GROUP + offs_g)[:, None]
+            s = tl.load(S + n64[None, :] * stride_sn + g, mask=g_ok, other=0.0).to(tl.float32)  # [NG, BN]
+            z = tl.load(Z + n64[None, :] * stride_zn + g, mask=g_ok, other=0.0).to(tl.float32)
+            x_sum = tl.sum(x.to(tl.float32), axis=2)  # [NG, BM]
+            acc += tl.sum(s[:, None, :] * (part - z[:, None, :] * x_sum[:, :, None]), axis=0)
+    return acc
+
+
+@triton.jit
+def int4_gemv_kernel(X, QW, S, Z, Y, WS, CNT, M, N, K, K2, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn,
+                     stride_ym, M_BUCKET, GROUP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
+                     BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
+    """y[M, N] = x[M, K] @ ((q - z) * s).T with q packed two per byte along K (K2 = K / 2 bytes a row, even
+    k in the low nibble); a tile never splits a group: GROUP % BK == 0 (one tile inside one group) or
+    BK % GROUP == 0 (a tile of whole groups; GROUP >= 32 where BM > 1, for the dots' K of GROUP / 2)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_ok = offs_n < N
+    n64 = offs_n.to(tl.int64)
+    k_start, k_end = _k_range(K, pid_k, BK, SPLIT_K)
+    if BK <= GROUP:
+        acc = _int4_in_group(X, QW, S, Z, M, K, K2, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, n64, n_ok,
+                             k_start, k_end, GROUP, PREC, BM, BN, BK)
+    else:
+        acc = _int4_whole_groups(X, QW, S, Z, M, K, K2, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, n64,
+                                 n_ok, k_start, k_end, GROUP, PREC, BM, BN, BK)
     _combine_and_store(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, BM, BN, SPLIT_K)
 
 
@@ -312,7 +394,8 @@ def launch_int8(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, y: torc
 def launch_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                 y: torch.Tensor, kernel: object = None, **meta: object) -> None:
     """y[M, N] = AWQ int4 x @ W.T (M <= 16, group_size a multiple of 32, last dims contiguous). `kernel`
-    defaults to the autotuned one; with the raw `int4_gemv_kernel`, `meta` gives BN, BK, SPLIT_K."""
+    defaults to the autotuned one; with the raw `int4_gemv_kernel`, `meta` gives BN, BK, SPLIT_K, where BK
+    must divide group_size or (a power-of-two group_size) be a multiple of it, else ValueError."""
     m, k = x.shape
     n = qweight.shape[0]
     bm = 1 if m == 1 else MAX_M
@@ -324,6 +407,8 @@ def launch_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
                      m, n, k, k // 2, x.stride(0), x.stride(1), qweight.stride(0), scales.stride(0), zeros.stride(0),
                      y.stride(0), mb, GROUP=group_size, PREC=dot_precision(x.dtype), BM=bm)
         return
+    if not _tile_fits_groups(int(meta["BK"]), group_size):
+        raise ValueError(f"BK={meta['BK']} would split a group of group_size={group_size}")
     ws, counters = _workspace(n, int(meta["SPLIT_K"]), x.device)
     kernel[_grid(n)](x, *args, ws, counters, m, n, k, k // 2, x.stride(0), x.stride(1), qweight.stride(0),
                      scales.stride(0), zeros.stride(0), y.stride(0), bucket(m), GROUP=group_size,
