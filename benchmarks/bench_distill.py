@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_result
+from _common import measure_ceilings, print_table, write_result
 
 from tessera.distill.chunked_kd import ChunkedLossSpec, chunked_distill_loss
 from tessera.distill.comm import init_from_env
@@ -47,42 +47,6 @@ from tessera.specs import DistillConfig, ModelConfig
 from tessera.specs.distill import LossConfig, OptimizerConfig, ParallelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-# -- ceilings -----------------------------------------------------------------------------------------------
-
-def _time_cuda(fn, repeats: int) -> float:
-    """Median seconds of `fn()` over `repeats` runs, timed with CUDA events after two warm-up runs."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(times)
-
-
-def measure_ceilings(device: torch.device, tiny: bool) -> dict[str, float]:
-    """bf16 matmul FLOP/s (a large torch.mm) and device-copy bandwidth, measured here."""
-    if device.type != "cuda":
-        n = 256 if tiny else 2048
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        t0 = time.perf_counter()
-        for _ in range(5):
-            a @ b
-        return {"matmul_flops": 5 * 2 * n**3 / (time.perf_counter() - t0), "copy_bytes_per_s": float("nan")}
-    n = 8192
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    t_mm = _time_cuda(lambda: torch.mm(a, b), 20)
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    t_copy = _time_cuda(lambda: dst.copy_(src), 20)
-    return {"matmul_flops": 2 * n**3 / t_mm, "copy_bytes_per_s": 2 * src.numel() / t_copy}
 
 
 # -- quality ------------------------------------------------------------------------------------------------
@@ -271,7 +235,8 @@ def run_throughput(args: argparse.Namespace, device: torch.device, group) -> dic
         teacher = Transformer(teacher_cfg).to(dtype=dtype).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(100 + group.rank)
     ids = [torch.randint(0, student_cfg.vocab_size, (batch, seq + 1), generator=g).to(device) for _ in range(4)]
-    ceilings = measure_ceilings(device, args.tiny)
+    cuda = device.type == "cuda"
+    ceilings = measure_ceilings(device, cuda, args.tiny or not cuda)
     tokens = batch * seq
     flops = tokens * (_flops_per_token(student_cfg, seq, True) + _flops_per_token(teacher_cfg, seq, False))
     rows, per = [], {}
@@ -281,7 +246,7 @@ def run_throughput(args: argparse.Namespace, device: torch.device, group) -> dic
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         tok_s = tokens / r["step_s"]
-        mfu = flops / r["step_s"] / ceilings["matmul_flops"]
+        mfu = flops / r["step_s"] / ceilings["bf16_mm_flops"]
         per[strategy] = {**r, "tokens_per_s_per_gpu": tok_s, "mfu_of_measured_mm": mfu}
         rows.append({"strategy": strategy, "world": group.world, "step_ms": r["step_s"] * 1e3,
                      "tok/s/gpu": tok_s, "MFU (of measured mm)": mfu,
@@ -298,7 +263,7 @@ def run_throughput(args: argparse.Namespace, device: torch.device, group) -> dic
                              "targets": {"mfu": 0.30, "zero3_over_fsdp2": 0.95, "two_gpu_scaling": 1.8}}}
     if group.rank == 0:
         print_table(rows, f"distill step: {result['throughput']['teacher']} -> {result['throughput']['student']}, "
-                          f"{batch}x{seq} tokens per GPU, {dtype} (ceiling {ceilings['matmul_flops'] / 1e12:.0f} "
+                          f"{batch}x{seq} tokens per GPU, {dtype} (ceiling {ceilings['bf16_mm_flops'] / 1e12:.0f} "
                           "TFLOP/s measured mm)")
         print(f"ZeRO-3 / FSDP2 tokens/s: {ratio:.3f} (target >= 0.95); max |loss diff| {loss_diff:.3g}")
         if args.baseline:
