@@ -27,23 +27,25 @@ from tessera.model.layers import MLP, Attention
 
 @dataclass(eq=False)
 class FusedLinear:
-    """Several `nn.Linear` of one input whose weights (and biases) are row blocks of `weight` (`bias`)."""
+    """Several `nn.Linear` of one input whose weights (and biases) are row blocks of `weight` (`bias`).
+    `views` holds the data pointers the parts' weights and biases had when they were made views."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
     parts: tuple[nn.Linear, ...]
     sizes: tuple[int, ...]
+    views: tuple[tuple[int, int | None], ...]
+
+    def is_current(self) -> bool:
+        """The parts' Parameters are still the views made at fusing (none replaced or re-allocated)."""
+        return all((p.weight.data_ptr(), None if p.bias is None else p.bias.data_ptr()) == v
+                   for p, v in zip(self.parts, self.views))
 
     def active(self, *modules: nn.Module) -> bool:
         """True when `modules` are still the fused parts, still views of `weight`, and no grad is wanted."""
         if torch.is_grad_enabled() and any(p.weight.requires_grad for p in self.parts):
             return False
-        offset = 0
-        for module, part, size in zip(modules, self.parts, self.sizes, strict=True):
-            if module is not part or part.weight.data_ptr() != self.weight[offset].data_ptr():
-                return False
-            offset += size
-        return True
+        return modules == self.parts and self.is_current()
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """`x [..., in]` -> one `[..., size_i]` view per part (column slices of one GEMM's output)."""
@@ -65,7 +67,7 @@ def fuse_linears(parts: tuple[nn.Linear, ...], current: FusedLinear | None = Non
     Returns `current` unchanged when it is still valid for `parts` (idempotence), and None when the
     parts cannot be fused (not all plain `nn.Linear`; mixed dtype, device, input size or bias presence).
     """
-    if current is not None and current.parts == parts and _is_fused(current):
+    if current is not None and current.parts == parts and current.is_current():
         return current
     if not _fusable(parts):
         return None
@@ -79,18 +81,8 @@ def fuse_linears(parts: tuple[nn.Linear, ...], current: FusedLinear | None = Non
         if bias is not None:
             part.bias = nn.Parameter(bias[offset : offset + size], requires_grad=part.bias.requires_grad)
         offset += size
-    return FusedLinear(weight, bias, parts, sizes)
-
-
-def _is_fused(fused: FusedLinear) -> bool:
-    offset = 0
-    for part, size in zip(fused.parts, fused.sizes):
-        if part.weight.data_ptr() != fused.weight[offset].data_ptr():
-            return False
-        if fused.bias is not None and (part.bias is None or part.bias.data_ptr() != fused.bias[offset].data_ptr()):
-            return False
-        offset += size
-    return True
+    views = tuple((p.weight.data_ptr(), None if p.bias is None else p.bias.data_ptr()) for p in parts)
+    return FusedLinear(weight, bias, parts, sizes, views)
 
 
 def fuse_projections(model: nn.Module) -> int:
