@@ -288,13 +288,15 @@ def _clip(linear: nn.Linear, x: torch.Tensor, config: AWQConfig) -> None:
             best = torch.where(better[..., None], cand, best)
         best = best.reshape(-1, k)
         w_rows = w[r0 : r0 + rows]
-        worse = _row_error(best, x, w_rows, g, config.zero_point) > _row_error(w_rows, x, w_rows, g, config.zero_point)
+        ref = x @ w_rows.T
+        worse = _row_error(best, x, ref, g, config.zero_point) > _row_error(w_rows, x, ref, g, config.zero_point)
         clipped[r0 : r0 + rows] = torch.where(worse[:, None], w_rows, best)
     linear.weight.copy_(clipped.to(linear.weight.dtype))
 
 
 def _row_error(w: torch.Tensor, x: torch.Tensor, reference: torch.Tensor, group_size: int, zero_point: bool
                ) -> torch.Tensor:
-    """Squared error per output row [N] of `x @ Q(w).T` against `x @ reference.T`, Q = RTN int4."""
+    """Squared error per output row [N] of `x @ Q(w).T` against the float output `reference` [T, N],
+    Q = RTN int4."""
     q = fake_quantize_int4(w, group_size, zero_point)
-    return (x @ q.T - x @ reference.T).pow(2).sum(dim=0)
+    return (x @ q.T - reference).pow(2).sum(dim=0)
