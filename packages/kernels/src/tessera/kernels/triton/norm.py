@@ -69,21 +69,22 @@ def _rms_norm_setup(ctx: object, inputs: tuple, output: torch.Tensor) -> None:
     ctx.eps = eps
 
 
-def _norm_grads(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx float32, dweight) of y = rms_norm(x, weight) for the output gradient dy."""
+def norm_grads(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+               eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RMSNorm's closed-form backward over the last dim: (dx float32, dweight, y float32) of
+    y = rms_norm(x, weight) for the output gradient dy (y itself, unrounded, for callers that need it)."""
     xf, dyf = x.float(), dy.float()
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     xhat = xf * rstd
     g = dyf * weight.float()
     dx = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
     dw = (dyf * xhat).reshape(-1, x.shape[-1]).sum(0)
-    return dx, dw.to(weight.dtype)
+    return dx, dw.to(weight.dtype), xhat * weight.float()
 
 
 def _rms_norm_backward(ctx: object, dy: torch.Tensor) -> tuple:
     x, weight = ctx.saved_tensors
-    dx, dw = _norm_grads(dy, x, weight, ctx.eps)
+    dx, dw, _ = norm_grads(dy, x, weight, ctx.eps)
     return dx.to(x.dtype), dw, None
 
 
@@ -112,7 +113,7 @@ def _rms_norm_residual_setup(ctx: object, inputs: tuple, output: tuple) -> None:
 
 def _rms_norm_residual_backward(ctx: object, dy: torch.Tensor, dh: torch.Tensor) -> tuple:
     h, weight = ctx.saved_tensors
-    dx, dw = _norm_grads(dy, h, weight, ctx.eps)
+    dx, dw, _ = norm_grads(dy, h, weight, ctx.eps)
     dh_total = (dx + dh.float()).to(h.dtype)
     return dh_total, dh_total, dw, None
 

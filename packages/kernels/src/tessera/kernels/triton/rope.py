@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from tessera.kernels.support import FLOATS, dtype_reasons, same_dtype_reasons, triton_device_reasons
+from tessera.kernels.triton.norm import norm_grads
 from tessera.specs import KernelRegistry
 
 MAX_HEAD_DIM = 512
@@ -155,25 +156,13 @@ def _rope_qk_norm_setup(ctx: object, inputs: tuple, output: tuple) -> None:
     ctx.save_for_backward(q, k, cos, sin, q_weight, k_weight)
 
 
-def _norm_backward(dn: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """RMSNorm's closed-form backward over the last dim: (dx, dweight, normed x) from dn = d/d(normed x)."""
-    xf = x.float()
-    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    xhat = xf * rstd
-    g = dn * weight.float()
-    dx = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
-    dw = (dn * xhat).reshape(-1, x.shape[-1]).sum(0)
-    return dx.to(x.dtype), dw.to(weight.dtype), xhat * weight.float()
-
-
 def _rope_qk_norm_backward(ctx: object, dq_out: torch.Tensor, dk_out: torch.Tensor) -> tuple:
     q, k, cos, sin, q_weight, k_weight = ctx.saved_tensors
     dnq, dnk = _rope_op(dq_out.float(), dk_out.float(), cos, sin, True)
-    dq, dqw, nq = _norm_backward(dnq, q, q_weight, ctx.eps)
-    dk, dkw, nk = _norm_backward(dnk, k, k_weight, ctx.eps)
+    dq, dqw, nq = norm_grads(dnq, q, q_weight, ctx.eps)
+    dk, dkw, nk = norm_grads(dnk, k, k_weight, ctx.eps)
     dcos, dsin = _table_grads(ctx, dq_out, dk_out, nq, nk)
-    return dq, dk, dcos, dsin, dqw, dkw, None
+    return dq.to(q.dtype), dk.to(k.dtype), dcos, dsin, dqw, dkw, None
 
 
 _rope_qk_norm_op.register_autograd(_rope_qk_norm_backward, setup_context=_rope_qk_norm_setup)
