@@ -12,7 +12,9 @@ Checks: int8 <= +0.5%, FP8 <= +1% over float, AWQ's increase <= 0.7x RTN's at ea
 
 Speed: decode-step latency (one token per row against a FlatKVCache holding `--context` tokens,
 CUDA-graphed) at batch 1 and 16, prefill tokens/s, and weight memory for bf16, int8, AWQ-int4 and
-FP8 (random weights; AWQ calibrates on random tokens, so only its speed is meaningful). Each row
+FP8 (random weights; AWQ calibrates on random tokens, so only its speed is meaningful), every model
+with q/k/v and gate/up fused into one matmul each as the serving engine runs them (`--no-fuse`:
+separate projections). Each row
 states its ratio to bf16 and its fraction of the ceilings this script measures (device copy
 bandwidth, bf16 torch.mm FLOP/s). Targets: int8 >= 1.5x and AWQ >= 2x bf16 decode at batch 1,
 FP8 prefill >= 1.3x bf16.
@@ -36,7 +38,7 @@ from torch import nn
 
 from tessera.attn import FlatKVCache
 from tessera.kernels import registry
-from tessera.model import Transformer
+from tessera.model import Transformer, fuse_projections
 from tessera.quant import QuantLinear, quantize
 from tessera.specs import ModelConfig, QuantConfig
 
@@ -313,6 +315,8 @@ def speed(args: argparse.Namespace) -> dict:
     for method in (label, *SPEED_METHODS):
         t0 = time.perf_counter()
         model = base if method == label else quantize(copy.deepcopy(base), configs[method], calib, progress=False)
+        if not args.no_fuse:
+            fuse_projections(model)
         print(f"  {method}: quantized in {time.perf_counter() - t0:.1f} s", flush=True)
         entry: dict = {"weight_bytes": weight_bytes(model)}
         for b in (1, 16):
@@ -354,6 +358,7 @@ def speed(args: argparse.Namespace) -> dict:
     }
     shape = "tiny" if tiny else "llama-3.2-1b"
     head = "float lm_head" if args.float_lm_head else "lm_head quantized too"
+    head += ", separate projections" if args.no_fuse else ", fused q/k/v and gate/up"
     print_table(rows, f"{shape} ({label}, random weights, {head}): decode step at context {context} "
                       f"({'CUDA graph' if graphed else 'eager'}), prefill {pre_b}x{pre_t}; "
                       f"ceilings {peak['bandwidth'] / 1e9:.1f} GB/s copy, {peak['flops'] / 1e9:.0f} GFLOP/s mm")
@@ -387,6 +392,8 @@ def main() -> None:
     p.add_argument("--prefill-len", type=int, default=1024)
     p.add_argument("--reps", type=int, default=50, help="timed repeats per measurement (GPU)")
     p.add_argument("--float-lm-head", action="store_true", help="speed: keep lm_head in the float dtype")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="keep q/k/v and gate/up as separate matmuls (default: fused, as the serving engine runs them)")
     p.add_argument("--no-graph", action="store_true", help="time the decode step eagerly, without a CUDA graph")
     p.add_argument("--out", type=Path, help="result folder (default benchmarks/results)")
     p.add_argument("--note", help="free text stored in the JSON (e.g. how the scored model was made)")

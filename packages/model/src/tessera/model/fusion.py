@@ -66,9 +66,14 @@ def fuse_linears(parts: tuple[nn.Linear, ...], current: FusedLinear | None = Non
 
     Returns `current` unchanged when it is still valid for `parts` (idempotence), and None when the
     parts cannot be fused (not all plain `nn.Linear`; mixed dtype, device, input size or bias presence).
+    Parts of one other module class that offers `fuse_parts(parts)` (the quantized linears) are fused by
+    it instead; it returns an object with this class's `active` / `is_current` / `__call__`, or None.
     """
     if current is not None and current.parts == parts and current.is_current():
         return current
+    kind = type(parts[0])
+    if kind is not nn.Linear and hasattr(kind, "fuse_parts") and all(type(p) is kind for p in parts):
+        return kind.fuse_parts(parts)
     if not _fusable(parts):
         return None
     sizes = tuple(p.out_features for p in parts)

@@ -7,12 +7,17 @@ registry op, so a faster backend (Triton, CUDA) is picked up wherever its `suppo
     Int8Linear  weight int8 [N, K], weight_scale float32 [N]              -> matmul.int8_weight_only
     Int4Linear  qweight uint8 [N, K/2], scales/zeros float32 [N, K/G]     -> matmul.int4_awq
     FP8Linear   weight float8_e4m3fn [N, K], weight_scale float32 [1]/[N] -> matmul.fp8
+
+Projections of one input (q/k/v, gate/up) fuse like float ones (`tessera.model.fuse_projections`):
+`QuantLinear.fuse_parts` concatenates the parts' row buffers into one module of the same class and
+makes the parts' buffers views of it, so one launch (and, for FP8, one quantization of x) serves all.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -27,6 +32,8 @@ class QuantLinear(nn.Module, ABC):
     """Shared shape bookkeeping and the flatten -> op -> bias -> reshape path."""
 
     op: str
+    #: Buffers whose first dim is `out_features` (one row per output): concatenated when fusing.
+    row_buffers: tuple[str, ...] = ()
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
                  device: torch.device | str | None) -> None:
@@ -56,6 +63,54 @@ class QuantLinear(nn.Module, ABC):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
+    def settings(self) -> dict[str, Any]:
+        """Constructor keywords beyond the shapes (group size, scale granularity)."""
+        return {}
+
+    def fusable(self) -> bool:
+        """Whether every per-output quantity lives in `row_buffers` (so parts can be concatenated)."""
+        return True
+
+    def _fuse_key(self) -> tuple:
+        bufs = tuple((getattr(self, n).dtype, getattr(self, n).device, tuple(getattr(self, n).shape[1:]),
+                      getattr(self, n).is_contiguous()) for n in self.row_buffers)
+        bias = None if self.bias is None else (self.bias.dtype, self.bias.device)
+        return type(self), self.in_features, tuple(sorted(self.settings().items())), bufs, bias
+
+    def _storage(self) -> tuple[int, ...]:
+        tensors = [getattr(self, n) for n in self.row_buffers] + ([] if self.bias is None else [self.bias])
+        return tuple(t.data_ptr() for t in tensors)
+
+    @classmethod
+    def fuse_parts(cls, parts: tuple[QuantLinear, ...]) -> FusedQuantLinear | None:
+        """One module of `parts`' class whose rows are theirs in order; the parts' buffers (and biases)
+        become views of its buffers, so `state_dict()` and in-place loads see one memory. None when the
+        parts differ in class, input size, settings, buffer layout or bias presence."""
+        first = parts[0]
+        if not all(p.fusable() for p in parts) or len({p._fuse_key() for p in parts}) != 1:
+            return None
+        sizes = tuple(p.out_features for p in parts)
+        dtype = first.bias.dtype if first.bias is not None else torch.float32
+        fused = cls(first.in_features, sum(sizes), first.bias is not None, dtype=dtype, device="meta",
+                    **first.settings())
+        with torch.no_grad():
+            names = list(first.row_buffers) + ([] if first.bias is None else ["bias"])
+            for name in names:
+                whole = torch.cat([getattr(p, name).detach() for p in parts])
+                if name == "bias":
+                    fused.bias = nn.Parameter(whole, requires_grad=False)
+                else:
+                    fused._buffers[name] = whole
+                offset = 0
+                for part, size in zip(parts, sizes):
+                    view = whole[offset: offset + size]
+                    if name == "bias":
+                        part.bias = nn.Parameter(view, requires_grad=False)
+                    else:
+                        part._buffers[name] = view
+                    offset += size
+        return FusedQuantLinear(fused, parts, sizes, tuple(p._storage() for p in parts))
+
     @staticmethod
     def _copy_bias(dst: QuantLinear, linear: nn.Linear) -> None:
         if linear.bias is not None:
@@ -64,6 +119,7 @@ class QuantLinear(nn.Module, ABC):
 
 class Int8Linear(QuantLinear):
     op = "matmul.int8_weight_only"
+    row_buffers = ("weight", "weight_scale")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
@@ -90,6 +146,7 @@ class Int8Linear(QuantLinear):
 
 class Int4Linear(QuantLinear):
     op = "matmul.int4_awq"
+    row_buffers = ("qweight", "scales", "zeros")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *, group_size: int = 128,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
@@ -120,12 +177,16 @@ class Int4Linear(QuantLinear):
     def dequantized_weight(self) -> torch.Tensor:
         return reference.dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size)
 
+    def settings(self) -> dict[str, Any]:
+        return {"group_size": self.group_size}
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}"
 
 
 class FP8Linear(QuantLinear):
     op = "matmul.fp8"
+    row_buffers = ("weight", "weight_scale")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
                  weight_scale: Literal["per_tensor", "per_row"] = "per_row",
@@ -153,5 +214,34 @@ class FP8Linear(QuantLinear):
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_fp8(self.weight, self.weight_scale)
 
+    def settings(self) -> dict[str, Any]:
+        return {"weight_scale": self.granularity}
+
+    def fusable(self) -> bool:
+        # A per-tensor scale is one number per part, not a row buffer: such parts stay separate.
+        return self.granularity == "per_row"
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weight_scale={self.granularity}"
+
+
+@dataclass(eq=False)
+class FusedQuantLinear:
+    """Quantized projections of one input run as one module (`fused`), whose buffers the parts' buffers
+    are views of; `views` holds the parts' buffer addresses at fusing. Same interface as the float
+    `tessera.model.fusion.FusedLinear`."""
+
+    fused: QuantLinear
+    parts: tuple[QuantLinear, ...]
+    sizes: tuple[int, ...]
+    views: tuple[tuple[int, ...], ...]
+
+    def is_current(self) -> bool:
+        """The parts' buffers are still the views made at fusing (none replaced or re-allocated)."""
+        return all(p._storage() == v for p, v in zip(self.parts, self.views))
+
+    def active(self, *modules: nn.Module) -> bool:
+        return modules == self.parts and self.is_current()
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.fused(x).split(self.sizes, dim=-1)

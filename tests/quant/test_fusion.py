@@ -1,0 +1,92 @@
+"""Quantized q/k/v and gate/up projections fused into one module (`fuse_projections` on a quantized
+model): same outputs as the separate modules, state_dict unchanged, reload works, and parts that
+cannot share one module stay separate."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tessera.model import Transformer, fuse_projections
+from tessera.quant import FP8Linear, Int4Linear, Int8Linear, load_quantized, quantize, save_quantized
+from tessera.specs import ModelConfig, QuantConfig
+
+CONFIGS = {
+    "int8": QuantConfig(method="int8"),
+    "fp8": QuantConfig(method="fp8"),
+    "int4_rtn": QuantConfig(method="int4_rtn", group_size=32),
+    "awq": QuantConfig(method="awq", group_size=32, calib_samples=2, calib_seq_len=16, n_grid=3, clip_grid=3),
+}
+
+
+@pytest.fixture(scope="module")
+def base() -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny-student").model_copy(update={"attention_bias": True})
+    return Transformer(cfg).eval()
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_fused_quantized_model_matches_separate_projections(base: Transformer, method: str, tmp_path) -> None:
+    calib = torch.randint(0, base.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    model = quantize(copy.deepcopy(base), CONFIGS[method], calib, progress=False)
+    ids = torch.randint(0, base.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        separate = model(ids)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        assert fuse_projections(model) == 2 * base.config.n_layers
+        attn = model.model.layers[0].self_attn
+        assert attn.qkv is not None and type(attn.qkv.fused) is type(attn.q_proj)
+        assert attn.qkv.fused.out_features == sum(p.out_features for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        fused = model(ids)
+        after = model.state_dict()
+    torch.testing.assert_close(fused, separate, rtol=0, atol=0)
+    assert set(after) == set(before)
+    assert all(torch.equal(after[k], before[k]) and after[k].shape == before[k].shape for k in before)
+    assert fuse_projections(model) == 2 * base.config.n_layers  # idempotent: the same objects stay
+    assert model.model.layers[0].self_attn.qkv is attn.qkv
+
+    save_quantized(model, tmp_path)
+    with torch.inference_mode():
+        torch.testing.assert_close(load_quantized(tmp_path)(ids), separate, rtol=0, atol=0)
+
+
+def test_a_replaced_part_falls_back_to_separate_modules(base: Transformer) -> None:
+    model = quantize(copy.deepcopy(base), CONFIGS["int8"], None, progress=False)
+    fuse_projections(model)
+    mlp = model.model.layers[0].mlp
+    assert mlp.gate_up.active(mlp.gate_proj, mlp.up_proj)
+    # A load that re-allocates a buffer (not an in-place copy) breaks the view: fall back, stay correct.
+    mlp.up_proj.weight = mlp.up_proj.weight.clone()
+    mlp.up_proj.weight[0].zero_()
+    assert not mlp.gate_up.active(mlp.gate_proj, mlp.up_proj)
+    x = torch.randn(3, base.config.d_model)
+    with torch.inference_mode():
+        expected = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+        torch.testing.assert_close(mlp(x), expected, rtol=0, atol=0)
+
+
+def test_an_in_place_load_updates_the_fused_module(base: Transformer) -> None:
+    model = quantize(copy.deepcopy(base), CONFIGS["int8"], None, progress=False)
+    fuse_projections(model)
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        attn.k_proj.weight_scale.mul_(2)
+    k_rows = slice(attn.q_proj.out_features, attn.q_proj.out_features + attn.k_proj.out_features)
+    torch.testing.assert_close(attn.qkv.fused.weight_scale[k_rows], attn.k_proj.weight_scale, rtol=0, atol=0)
+    assert attn.qkv.active(attn.q_proj, attn.k_proj, attn.v_proj)
+
+
+def test_parts_that_cannot_share_a_module_stay_separate() -> None:
+    per_tensor = tuple(FP8Linear(32, 16, weight_scale="per_tensor") for _ in range(2))
+    assert FP8Linear.fuse_parts(per_tensor) is None  # one scale per part is not a row buffer
+    groups = (Int4Linear(64, 16, group_size=32), Int4Linear(64, 16, group_size=64))
+    assert Int4Linear.fuse_parts(groups) is None
+    inputs = (Int8Linear(32, 16), Int8Linear(64, 16))
+    assert Int8Linear.fuse_parts(inputs) is None
+    bias = (Int8Linear(32, 16, bias=True), Int8Linear(32, 16))
+    assert Int8Linear.fuse_parts(bias) is None
+    fused = Int8Linear.fuse_parts((Int8Linear(32, 16), Int8Linear(32, 8)))
+    assert fused is not None and fused.sizes == (16, 8) and fused.fused.weight.shape == (24, 32)
