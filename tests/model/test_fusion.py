@@ -120,12 +120,13 @@ def test_reallocated_or_replaced_projections_fall_back_until_fused_again() -> No
         torch.testing.assert_close(fused(ids), plain(ids))
 
 
-def test_quantized_projections_are_left_unfused() -> None:
+def test_quantized_projections_fuse_through_their_own_class() -> None:
     quant = pytest.importorskip("tessera.quant")
     plain, fused = _pair("qwen3")
     quant.quantize(plain, "int8", progress=False)
     quant.quantize(fused, "int8", progress=False)
-    assert fuse_projections(fused) == 0
+    assert fuse_projections(fused) == 2 * fused.config.n_layers
+    assert isinstance(fused.model.layers[0].mlp.gate_up.fused, quant.Int8Linear)
     ids = torch.randint(0, 61, (1, 6))
     with torch.no_grad():
         torch.testing.assert_close(fused(ids), plain(ids), atol=0, rtol=0)
