@@ -128,8 +128,8 @@ def test_quantized_projections_fuse_through_their_own_class() -> None:
     assert fuse_projections(fused) == 2 * fused.config.n_layers
     assert isinstance(fused.model.layers[0].mlp.gate_up.fused, quant.Int8Linear)
     ids = torch.randint(0, 61, (1, 6))
-    with torch.no_grad():
-        torch.testing.assert_close(fused(ids), plain(ids), atol=0, rtol=0)
+    with torch.no_grad():  # one GEMM of a wider weight may round the last bit differently (as unquantized)
+        torch.testing.assert_close(fused(ids), plain(ids))
 
 
 def test_hf_export_of_a_fused_model_round_trips(tmp_path: Path) -> None:
