@@ -3,8 +3,9 @@
 - the prefill dequantize kernels give exactly the reference's float32 weights rounded once to the
   activation dtype (int8; int4 at groups 32/64/128 with a partial last group);
 - M > 64 with half-precision x goes through dequantize + torch.mm, and matches the reference;
-- the autotuner runs once per shape: a repeated call launches the remembered config without it, and
-  returns the same result;
+- the autotuner runs once per shape: a repeated call launches the remembered config without it (a
+  config's pre-hook, which sizes the fp8 TMA kernel's boxes, still runs), and returns the same result;
+- fp8 from `TMA_MIN_ROWS` rows runs the persistent TMA kernel, below it the pointer kernel;
 - the ops trace under torch.compile(fullgraph=True) and match eager.
 Prints one JSON list of failures, then "paths-ok" if none.
 """
@@ -100,17 +101,20 @@ def check_paths_and_tuning(gen: torch.Generator, failures: list[str]) -> None:
              "matmul.int4_awq": quant_matmul.matmul_int4_awq, "matmul.fp8": fp8_matmul.matmul_fp8}
     tuned = {"matmul.int8_weight_only": [quant_gemv._int8_tuned, quant_matmul._int8_kernel],
              "matmul.int4_awq": [quant_gemv._int4_tuned, quant_matmul._int4_kernel],
-             "matmul.fp8": [fp8_matmul._fp8_gemm_kernel]}
+             "matmul.fp8": [fp8_matmul._fp8_gemm_kernel, fp8_matmul._fp8_gemm_tma_kernel]}
     for dtype in (torch.float32, torch.bfloat16):
-        for m in (1, 20, 70):
+        for m in (1, 20, 70, fp8_matmul.TMA_MIN_ROWS + 2):
             for op, args in _inputs(gen, m, 96, 48, 32, dtype).items():
                 if op == "matmul.fp8" and dtype == torch.float32:
                     continue
                 name = f"{op} {dtype} m{m}"
                 want = registry.get(op, backend="reference")(*args)
-                with _Counter(quant_dequant, "int8_mm") as mm8, _Counter(quant_dequant, "int4_mm") as mm4:
+                with (_Counter(quant_dequant, "int8_mm") as mm8, _Counter(quant_dequant, "int4_mm") as mm4,
+                      _Counter(fp8_matmul, "_tma_launch") as tma):
                     first = impls[op](*args)
                 dequantized = mm8.calls + mm4.calls
+                if op == "matmul.fp8" and tma.calls != int(m >= fp8_matmul.TMA_MIN_ROWS):
+                    failures.append(f"{name}: the TMA kernel ran {tma.calls} times")
                 if op != "matmul.fp8" and dequantized != int(quant_dequant.serves(m, dtype)):
                     failures.append(f"{name}: dequantize + torch.mm ran {dequantized} times")
                 err = _close(op, first, want)

@@ -26,7 +26,7 @@ def test_bucket_is_the_next_power_of_two() -> None:
 
 @pytest.mark.parametrize("kernel", [flash_attention._fwd_kernel, swiglu._swiglu_kernel, quant_matmul._int8_kernel,
                                     quant_matmul._int4_kernel, quant_gemv._int8_tuned, quant_gemv._int4_tuned,
-                                    fp8_matmul._fp8_gemm_kernel])
+                                    fp8_matmul._fp8_gemm_kernel, fp8_matmul._fp8_gemm_tma_kernel])
 def test_tuning_keys_never_hold_a_raw_length(kernel: object) -> None:
     keys = kernel.keys
     assert any(k.endswith("_BUCKET") for k in keys), keys

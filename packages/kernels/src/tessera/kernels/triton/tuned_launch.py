@@ -26,13 +26,20 @@ class TunedLaunch:
     def __init__(self, kernel: triton.runtime.Autotuner) -> None:
         self.kernel = kernel
         self._meta: dict[Hashable, dict[str, Any]] = {}
+        self._hooks: dict[Hashable, Callable[[dict[str, Any]], None]] = {}
 
     def __call__(self, key: Hashable, grid: Grid, *args: Any, **kwargs: Any) -> None:
         meta = self._meta.get(key)
         if meta is None:
             self.kernel[grid](*args, **kwargs)
-            self._meta[key] = self.kernel.best_config.all_kwargs()
+            best = self.kernel.best_config
+            self._meta[key] = best.all_kwargs()
+            if best.pre_hook is not None:
+                self._hooks[key] = best.pre_hook
             return
+        hook = self._hooks.get(key)
+        if hook is not None:  # a config's pre-hook (e.g. sizing TMA boxes) runs before every launch
+            hook({**dict(zip(self.kernel.fn.arg_names, args)), **kwargs, **meta})
         self.kernel.fn[grid(meta)](*args, **kwargs, **meta)
 
     def remembered(self, key: Hashable) -> dict[str, Any] | None:
