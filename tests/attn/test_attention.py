@@ -65,8 +65,13 @@ def test_flat_cache_hands_the_paged_kernels_a_layout_they_accept(max_len: int, m
         q, k, v = torch.randn(2, n, 4, 16), torch.randn(2, n, 2, 16), torch.randn(2, n, 2, 16)
         cache.attend(0, q, k, v)
         cache.advance(n)
-    assert [op for op, _ in seen] == ["attention.prefill_paged", "attention.decode_paged"]
-    for _, (q, k_cache, v_cache, tables, *rest) in seen:
+    assert [op for op, _ in seen] == ["kv_cache.write", "attention.prefill_paged",
+                                      "kv_cache.write", "attention.decode_paged"]
+    # the decode step's slots and context lengths are rows of tables built once, not new tensors
+    slots, lens = seen[2][1][-1], seen[3][1][-1]
+    assert slots.tolist() == [5, cache._slots.shape[0] + 5] and lens.tolist() == [6, 6]
+    assert slots._base is cache._slots and lens._base is cache._lens
+    for _, (q, k_cache, v_cache, tables, *rest) in seen[1::2]:
         ctx = rest[-1] if len(rest) == 1 else rest[1]
         assert _cache_reasons(q, k_cache, v_cache, tables, ctx) == []
 

@@ -43,6 +43,13 @@ class FlatKVCache:
         self.batch_size, self.max_len = batch_size, max_len
         self.length = 0
         self._block_tables = torch.arange(batch_size * pages, dtype=torch.int32, device=device).view(batch_size, pages)
+        # Per position p: every row's context length p ([p] * batch) and every row's cache slot for a
+        # token at p. A decode step takes a row of each as a view, so it launches no kernel to build them
+        # (nor records one into a CUDA graph).
+        capacity = pages * _PAGE
+        steps = torch.arange(capacity + 1, device=device)
+        self._lens = steps.to(torch.int32)[:, None].expand(capacity + 1, batch_size).contiguous()
+        self._slots = (steps[:capacity, None] + capacity * torch.arange(batch_size, device=device)).contiguous()
 
     def positions(self, num_tokens: int) -> torch.Tensor:
         """Positions `[batch_size, num_tokens]` int64 of the next step's tokens."""
@@ -72,11 +79,13 @@ class FlatKVCache:
         if end > self.max_len:
             raise ValueError(f"{t} new tokens at length {self.length} overflow max_len={self.max_len}")
         k_rows, v_rows = self.k[layer], self.v[layer]
-        k_rows[:, self.length:end] = k.to(k_rows.dtype)
-        v_rows[:, self.length:end] = v.to(v_rows.dtype)
         k_cache = k_rows.view(-1, _PAGE, *k_rows.shape[2:])
         v_cache = v_rows.view(-1, _PAGE, *v_rows.shape[2:])
-        context_lens = torch.full((b,), end, dtype=torch.int32, device=q.device)
+        # slot of row i's token j: i * capacity + length + j, in the (row, token) order of k.reshape
+        slots = self._slots[self.length] if t == 1 else self._slots[self.length:end].T.reshape(-1)
+        registry("kv_cache.write", k.reshape(b * t, *k.shape[2:]), v.reshape(b * t, *v.shape[2:]), k_cache, v_cache,
+                 slots)
+        context_lens = self._lens[end]
         if t == 1:
             out = registry("attention.decode_paged", q[:, 0], k_cache, v_cache, self._block_tables, context_lens)
             return out[:, None]
