@@ -8,21 +8,36 @@ import torch
 
 from tessera.specs import SpeculativeConfig
 
-from .conftest import engine, random_model, run
+from .conftest import engine, random_model, run, tiny_config
 from .test_engine import GREEDY, prompts
+
+# Shapes the GPU kernels take (head_dim 16, 16-token blocks): with the conftest's head_dim of 8 the paged
+# attention falls back to its host-syncing reference, which no CUDA graph can capture.
+GPU_SHAPES = dict(num_blocks=32, block_size=16)
+
+
+def gpu_model() -> torch.nn.Module:
+    return random_model(0, tiny_config(d_model=64, init_std=0.5)).to("cuda")
+
+
+@pytest.mark.gpu
+def test_graph_capture_names_a_host_syncing_op() -> None:
+    eng = engine(random_model(0).to("cuda"), cuda_graph_batch_sizes=(1, 2))  # head_dim 8: reference attention
+    assert eng.runner.graphs is None
+    assert "synchroniz" in eng.runner.graph_error and "attention_decode_paged" in eng.runner.graph_error
 
 
 @pytest.mark.gpu
 def test_graph_decode_equals_eager_and_self_draft_accepts_all() -> None:
-    model = random_model(0).to("cuda")
+    model = gpu_model()
     ps = prompts(6, seed=21)
-    eager = run(engine(model, enforce_eager=True), ps, GREEDY)
-    graphed_engine = engine(model, cuda_graph_batch_sizes=(1, 2, 4, 8))
+    eager = run(engine(model, enforce_eager=True, **GPU_SHAPES), ps, GREEDY)
+    graphed_engine = engine(model, cuda_graph_batch_sizes=(1, 2, 4, 8), **GPU_SHAPES)
     assert graphed_engine.runner.graphs is not None, graphed_engine.runner.graph_error
     graphed = run(graphed_engine, ps, GREEDY)
     assert [o.outputs[0].token_ids for o in graphed] == [o.outputs[0].token_ids for o in eager]
     spec = SpeculativeConfig(method="draft", draft_model="self", num_speculative_tokens=4)
-    eng = engine(model, draft_model=model, speculative=spec, cuda_graph_batch_sizes=(1, 2, 4, 8))
+    eng = engine(model, draft_model=model, speculative=spec, cuda_graph_batch_sizes=(1, 2, 4, 8), **GPU_SHAPES)
     assert eng.proposer.runner.graphs is not None
     outs = run(eng, ps, GREEDY)
     assert all(o.metrics.acceptance_rate == 1.0 for o in outs)

@@ -9,7 +9,9 @@ a context of one token, so their attention reads the null block and their logits
 from __future__ import annotations
 
 import bisect
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -47,6 +49,7 @@ class DecodeGraphs:
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
                     run()  # warm-up: lazy initialisation and autotuning must not happen during capture
+                    _no_host_sync(run)
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
@@ -76,3 +79,18 @@ class DecodeGraphs:
             self.tables[b:bs, 0] = self.null_block
         self.graphs[bs].replay()
         return self.logits[:b]
+
+
+def _no_host_sync(run: object) -> None:
+    """Run `run()` once more with host syncs raising, so that an op that cannot be captured (one that
+    reads a device value on the host, e.g. a reference kernel chosen because the fast one refuses the
+    shapes) is named with where it sits, instead of the capture failing with a generic error."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    except RuntimeError as exc:
+        frames = traceback.extract_tb(exc.__traceback__)[-3:]
+        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+        raise RuntimeError(f"{str(exc).splitlines()[0]} at {where}") from exc
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
