@@ -25,7 +25,7 @@ CASES = [(op, backend, dtype) for op in registry.ops() for backend in registry.b
          for dtype in dtypes(op)]
 #: (op, backend) pairs that must pass their backward check, not merely skip it.
 BACKWARD = {("attention.prefill", "triton"), ("attention.prefill", "sdpa"), ("rms_norm", "triton"), ("rope", "triton"),
-            ("rope_qk_norm", "triton"), ("rms_norm_residual", "triton")}
+            ("rope_qk_norm", "triton"), ("rms_norm_residual", "triton"), ("silu_mul", "triton")}
 
 
 #: Backends that cannot run on a CPU at all, and where their CPU-side checks live.

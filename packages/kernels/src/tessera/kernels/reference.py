@@ -173,10 +173,15 @@ def matmul_fp8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> tor
     return ((x_q.float() * x_scale[:, None]) @ w.T).to(x.dtype)
 
 
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
 REFERENCES = {
     "rms_norm": rms_norm,
     "rms_norm_residual": rms_norm_residual,
     "swiglu": swiglu,
+    "silu_mul": silu_mul,
     "rope": rope,
     "rope_qk_norm": rope_qk_norm,
     "attention.prefill": attention_prefill,

@@ -83,6 +83,16 @@ def _swiglu(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
     ]
 
 
+def _silu_mul(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
+    rows, f = (64, 8960) if real else (5, 37)
+    fused = r.randn(rows, 2 * f, dtype=dtype, scale=3.0)  # gate and up as column halves of one GEMM's output
+    return [
+        Sample("fused-halves", (fused[:, :f], fused[:, f:])),
+        Sample("contiguous", (r.randn(rows, f, dtype=dtype, scale=3.0), r.randn(rows, f, dtype=dtype))),
+        Sample("one-row-strided", (_strided_rows(r, 1, f + 3, dtype, 3.0), _strided_rows(r, 1, f + 3, dtype))),
+    ]
+
+
 def _qkv(r: _Rand, n: int, hq: int, hkv: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """q, k, v as head slices of one fused [N, Hq + 2 Hkv, D] projection (non-contiguous, as in a model)."""
     qkv = r.randn(n, hq + 2 * hkv, d, dtype=dtype)
@@ -255,6 +265,7 @@ SAMPLERS: dict[str, tuple[Callable[[_Rand, torch.dtype, bool], list[Sample]], tu
     "rms_norm": (_rms_norm, _FLOATS),
     "rms_norm_residual": (_rms_norm_residual, _FLOATS),
     "swiglu": (_swiglu, _FLOATS),
+    "silu_mul": (_silu_mul, _FLOATS),
     "rope": (_rope, _FLOATS),
     "rope_qk_norm": (_rope_qk_norm, _FLOATS),
     "attention.prefill": (_prefill, _FLOATS),

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tessera.attn import KVContext, causal_attention
@@ -97,7 +96,9 @@ class MLP(nn.Module):
             gate, up = self.gate_up(x)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        lead, f = gate.shape[:-1], gate.shape[-1]
+        act = registry("silu_mul", gate.reshape(-1, f), up.reshape(-1, f))  # one launch for silu and product
+        return self.down_proj(act.view(*lead, f))
 
 
 class DecoderLayer(nn.Module):

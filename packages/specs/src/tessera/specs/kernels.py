@@ -251,6 +251,12 @@ CATALOGUE: tuple[KernelSpec, ...] = (
               _t("w_up", "N", "K", dtypes=_FLOAT)),
         results=(_t("y", "M", "N", dtypes=_FLOAT),), tolerances=_TOL_MM),
     KernelSpec(
+        name="silu_mul", description="SwiGLU's gating on already-projected halves, as torch's eager ops compute it: "
+        "silu(gate) in float32 rounded to gate's dtype, times up, rounded again (gate and up may be column slices "
+        "of one fused gate/up output). silu_mul(gate, up) -> y",
+        args=(_t("gate", "M", "F", dtypes=_FLOAT), _t("up", "M", "F", dtypes=_FLOAT)),
+        results=(_t("y", "M", "F", dtypes=_FLOAT),), tolerances=_TOL_NORM),
+    KernelSpec(
         name="attention.prefill",
         description="Causal (or full) attention over a packed variable-length batch; sequence i owns rows "
         "cu_seqlens[i]:cu_seqlens[i+1]. GQA: query head h reads kv head h // (Hq // Hkv). "

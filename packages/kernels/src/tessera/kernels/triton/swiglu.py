@@ -2,6 +2,11 @@
 
 y = silu(x @ w_gate.T) * (x @ w_up.T) never writes the two [M, N] intermediates to memory.
 Forward only: inputs that need gradients fall back to the reference.
+
+`silu_mul` is the gating alone, for when gate and up come out of one fused GEMM (decode, where a
+GEMV per projection beats a tiled GEMM): one launch instead of torch's two (silu, then the product),
+rounding as they do, so it is bitwise-stable against the unfused model up to exp's last float32 bit.
+Its backward is the closed form in torch.
 """
 
 from __future__ import annotations
@@ -94,5 +99,69 @@ def supports(x: torch.Tensor | None = None, w_gate: torch.Tensor | None = None,
     return reasons + no_grad_reasons(x, w_gate, w_up)
 
 
+_GATE_BLOCK = 1024
+
+
+@triton.jit
+def _silu_mul_kernel(G, U, Y, stride_g, stride_u, stride_y, F, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < F
+    g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0)
+    act = (g / (1.0 + tl.exp(-g))).to(U.dtype.element_ty)  # F.silu's output, rounded to the dtype
+    tl.store(Y + row * stride_y + cols, (act.to(tl.float32) * u.to(tl.float32)).to(Y.dtype.element_ty), mask=mask)
+
+
+@torch.library.custom_op("tessera::silu_mul", mutates_args=())
+def _silu_mul_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    m, f = gate.shape
+    y = torch.empty((m, f), dtype=gate.dtype, device=gate.device)
+    if m and f:
+        _silu_mul_kernel[(m, triton.cdiv(f, _GATE_BLOCK))](gate, up, y, gate.stride(0), up.stride(0), y.stride(0), f,
+                                                           BLOCK=_GATE_BLOCK, num_warps=4)
+    return y
+
+
+@_silu_mul_op.register_fake
+def _(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return gate.new_empty(gate.shape)
+
+
+def _silu_mul_setup(ctx: object, inputs: tuple, output: torch.Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _silu_mul_backward(ctx: object, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    gate, up = ctx.saved_tensors
+    g, dyf = gate.float(), dy.float()
+    sig = torch.sigmoid(g)
+    act = (g * sig).to(gate.dtype).float()
+    d_gate = dyf * up.float() * sig * (1 + g * (1 - sig))
+    return d_gate.to(gate.dtype), (dyf * act).to(up.dtype)
+
+
+_silu_mul_op.register_autograd(_silu_mul_backward, setup_context=_silu_mul_setup)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Same contract as `reference.silu_mul`."""
+    return _silu_mul_op(gate, up)
+
+
+def supports_silu_mul(gate: torch.Tensor | None = None, up: torch.Tensor | None = None) -> list[str]:
+    if gate is None or up is None:
+        return triton_device_reasons()
+    reasons = triton_device_reasons(gate, up) + dtype_reasons("gate", gate, FLOATS)
+    reasons += same_dtype_reasons(gate=gate, up=up)
+    if gate.dim() != 2 or gate.shape != up.shape:
+        reasons.append(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} are not one [M, F] shape")
+    for name, t in (("gate", gate), ("up", up)):
+        if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+            reasons.append(f"{name}.stride()={t.stride()}: its last dim is not contiguous")
+    return reasons
+
+
 def register(reg: KernelRegistry) -> None:
     reg.register("swiglu", "triton", swiglu, supports=supports, priority=20)
+    reg.register("silu_mul", "triton", silu_mul, supports=supports_silu_mul, priority=20)
