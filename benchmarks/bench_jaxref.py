@@ -12,6 +12,7 @@ sync costs a negligible share. The JAX time excludes compilation (warm-up compil
 
     source scripts/gpu-env.sh && python3 benchmarks/bench_jaxref.py --out $OUT     # H200, ~3 min
     python3 benchmarks/bench_jaxref.py --tiny                                      # CPU smoke run, seconds
+    python3 benchmarks/bench_jaxref.py --parity-only --fp64-floor                  # full presets, CPU parity
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ def prefill_flops(cfg: ModelConfig, batch: int, seq: int) -> float:
 
 
 def run_preset(cfg: ModelConfig, name: str, device: torch.device, shapes: list[tuple[int, int]],
-               parity_tokens: int, repeats: int, warmup: int, peak: dict[str, float]) -> tuple[dict, list[dict]]:
+               parity_tokens: int, repeats: int, warmup: int, peak: dict[str, float],
+               fp64_floor: bool = False) -> tuple[dict, list[dict]]:
     """The fp32 parity row and the bf16 speed rows of one preset (same random weights on both sides)."""
     torch.manual_seed(0)
     with torch.device(device):
@@ -119,6 +121,14 @@ def run_preset(cfg: ModelConfig, name: str, device: torch.device, shapes: list[t
     parity = {"preset": name, "tokens": parity_tokens, "fp32_max_logit_diff": fp32_diff,
               "within_2e-5": fp32_diff <= 2e-5, "fp32_diff_default_kernels": float(np.abs(got - default).max()),
               "fp32_max_abs_logit": float(np.abs(ref).max())}
+    if fp64_floor:
+        # Each side's own float32 error against the same torch model run in float64 (reference kernels):
+        # how far apart two correct float32 implementations may land from rounding alone.
+        with torch.inference_mode(), reference_kernels():
+            exact = model.double()(torch.from_numpy(ids).to(device)).cpu().numpy()
+        parity["torch_fp32_vs_fp64"] = float(np.abs(ref - exact).max())
+        parity["jax_fp32_vs_fp64"] = float(np.abs(got - exact).max())
+        print(f"{name}: vs float64, torch {parity['torch_fp32_vs_fp64']:.3g}, jax {parity['jax_fp32_vs_fp64']:.3g}")
 
     model = model.to(torch.bfloat16)
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
@@ -150,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parity-tokens", type=int, default=None, help="T of the fp32 parity forward (B=1)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per shape (median reported)")
     parser.add_argument("--tiny", action="store_true", help="tiny preset and shapes; runs on CPU in seconds")
+    parser.add_argument("--fp64-floor", action="store_true",
+                        help="also run the torch model in float64 and report each side's float32 error against it")
+    parser.add_argument("--parity-only", action="store_true",
+                        help="only the fp32 parity rows: no ceilings, no bf16 timing (e.g. full presets on a CPU)")
     parser.add_argument("--out", type=Path, default=None, help="directory for the JSON result")
     args = parser.parse_args(argv)
 
@@ -165,10 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_float32_matmul_precision("highest")
     print(f"torch on {device}; jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind})")
 
-    peak = ceilings(device, args.tiny)
+    if args.parity_only:
+        shapes, peak = [], {}
+    else:
+        peak = ceilings(device, args.tiny)
     speed_rows, parity_rows = [], []
     for name in presets:
-        parity, speed = run_preset(ModelConfig.preset(name), name, device, shapes, parity_tokens, repeats, warmup, peak)
+        parity, speed = run_preset(ModelConfig.preset(name), name, device, shapes, parity_tokens, repeats, warmup, peak,
+                                   args.fp64_floor)
         parity_rows.append(parity)
         speed_rows += speed
         if cuda:
@@ -177,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table([{"ceiling": k, "value": v} for k, v in peak.items()], title="measured ceilings")
     print_table(speed_rows, title="bf16 prefill forward: tessera.jaxref (JAX/XLA) vs tessera.model (PyTorch)")
     print_table(parity_rows, title="fp32 parity, highest matmul precision on both sides")
-    path = write_result("jaxref" + ("-tiny" if args.tiny else ""), {
+    path = write_result("jaxref" + ("-tiny" if args.tiny else "") + ("-parity" if args.parity_only else ""), {
         "ceilings": peak, "speed": speed_rows, "parity": parity_rows, "jax": jax.__version__,
         "jax_device": jax.devices()[0].device_kind, "timing": "wall clock + sync, median", "tiny": args.tiny},
         args.out)
