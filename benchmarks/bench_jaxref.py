@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_result
+from _common import measure_ceilings, print_table, write_result
 
 from tessera.jaxref import forward, from_hf_state
 from tessera.kernels import registry
@@ -71,19 +71,6 @@ def reference_kernels() -> Iterator[None]:
     finally:
         for op in registry.ops():
             registry.pin(op, None)
-
-
-def ceilings(device: torch.device, tiny: bool) -> dict[str, float]:
-    """Measured device-copy bandwidth (bytes/s, read + write) and bf16 torch.mm FLOP/s."""
-    n = (1 << 22) if tiny else (1 << 30)
-    src = torch.empty(n, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    copy_s = wall(lambda: dst.copy_(src), torch_sync, 5 if tiny else 20, 2)
-    m = 256 if tiny else 8192
-    a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
-    b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
-    mm_s = wall(lambda: a @ b, torch_sync, 3 if tiny else 20, 2)
-    return {"copy_bytes_per_s": 2 * n / copy_s, "bf16_mm_flops": 2 * m**3 / mm_s}
 
 
 def prefill_flops(cfg: ModelConfig, batch: int, seq: int) -> float:
@@ -182,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.parity_only:
         shapes, peak = [], {}
     else:
-        peak = ceilings(device, args.tiny)
+        peak = measure_ceilings(device, cuda, args.tiny)
     speed_rows, parity_rows = [], []
     for name in presets:
         parity, speed = run_preset(ModelConfig.preset(name), name, device, shapes, parity_tokens, repeats, warmup, peak,
