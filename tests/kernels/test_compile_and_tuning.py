@@ -62,3 +62,17 @@ def test_cuda_sources_compile_for_sm90a(source: str, tmp_path: Path) -> None:
     if Path(cuobjdump).exists():
         listing = subprocess.run([cuobjdump, "--list-elf", str(tmp_path / "k.o")], capture_output=True, text=True)
         assert "sm_90a" in listing.stdout, listing.stdout
+
+
+def test_eager_bypass_dispatches_only_when_tracing_or_recording_grad() -> None:
+    from tessera.kernels.custom_ops import eager_bypass
+
+    calls = []
+    call = eager_bypass(lambda *a: calls.append("op"), lambda *a: calls.append("fn"))
+    x = torch.ones(2, requires_grad=True)
+    call(x)
+    with torch.no_grad():
+        call(x)
+    call(x.detach())
+    eager_bypass(lambda *a: calls.append("op"), lambda *a: calls.append("fn"), autograd=False)(x)
+    assert calls == ["op", "fn", "fn", "fn"]

@@ -1,16 +1,31 @@
-"""Matmul backends as `torch.library` custom ops that eager calls bypass.
+"""Triton and cuBLASLt backends as `torch.library` custom ops that eager calls bypass.
 
-`torch.compile` must see a Triton or cuBLASLt matmul as one opaque node with a known output shape,
-which is what a custom op with a fake implementation gives it. Going through the op's dispatcher
-in eager mode, though, costs host time that dominates a decode-shape call, so eager calls run the
-implementation directly.
+`torch.compile` must see such a kernel as one opaque node with a known output shape, which is what a
+custom op with a fake implementation gives it; an op with a backward also needs the dispatcher so that
+autograd records it. Otherwise going through the op's dispatcher only costs host time, which dominates
+a decode-shape call, so eager calls run the implementation directly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
+
+
+def eager_bypass(op: Callable[..., Any], fn: Callable[..., Any], autograd: bool = True) -> Callable[..., Any]:
+    """A callable that runs custom op `op` (registered over `fn`) while torch.compile traces, or while
+    autograd must record it (`autograd`: the op has a backward and a tensor argument requires grad),
+    and `fn` itself otherwise."""
+
+    def call(*args: object) -> Any:
+        if torch.compiler.is_compiling() or (autograd and torch.is_grad_enabled() and any(
+                isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+            return op(*args)
+        return fn(*args)
+
+    return call
 
 
 def matmul_custom_op(name: str, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -23,7 +38,4 @@ def matmul_custom_op(name: str, fn: Callable[..., torch.Tensor]) -> Callable[...
     def _(x: torch.Tensor, w: torch.Tensor, *rest: object) -> torch.Tensor:
         return x.new_empty((x.shape[0], w.shape[0]))
 
-    def call(*args: object) -> torch.Tensor:
-        return op(*args) if torch.compiler.is_compiling() else fn(*args)
-
-    return call
+    return eager_bypass(op, fn, autograd=False)

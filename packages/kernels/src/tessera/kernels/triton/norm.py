@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tessera.kernels.custom_ops import eager_bypass
 from tessera.kernels.support import FLOATS, dtype_reasons, triton_device_reasons
 from tessera.specs import KernelRegistry
 
@@ -53,9 +54,11 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-@torch.library.custom_op("tessera::rms_norm", mutates_args=())
-def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _launch(_rows(x), None, weight.contiguous(), eps, None).view(x.shape)
+
+
+_rms_norm_op = torch.library.custom_op("tessera::rms_norm", _rms_norm, mutates_args=())
 
 
 @_rms_norm_op.register_fake
@@ -91,13 +94,15 @@ def _rms_norm_backward(ctx: object, dy: torch.Tensor) -> tuple:
 _rms_norm_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
 
 
-@torch.library.custom_op("tessera::rms_norm_residual", mutates_args=())
-def _rms_norm_residual_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     x2, r2 = _rows(x), _rows(residual)
     h = torch.empty_like(x2)
     y = _launch(x2, r2, weight.contiguous(), eps, h)
     return y.view(x.shape), h.view(x.shape)
+
+
+_rms_norm_residual_op = torch.library.custom_op("tessera::rms_norm_residual", _rms_norm_residual, mutates_args=())
 
 
 @_rms_norm_residual_op.register_fake
@@ -121,13 +126,17 @@ def _rms_norm_residual_backward(ctx: object, dy: torch.Tensor, dh: torch.Tensor)
 _rms_norm_residual_op.register_autograd(_rms_norm_residual_backward, setup_context=_rms_norm_residual_setup)
 
 
+_rms_norm_call = eager_bypass(_rms_norm_op, _rms_norm)
+_rms_norm_residual_call = eager_bypass(_rms_norm_residual_op, _rms_norm_residual)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return _rms_norm_op(x, weight, float(eps))
+    return _rms_norm_call(x, weight, float(eps))
 
 
 def rms_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                       eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    return _rms_norm_residual_op(x, residual, weight, float(eps))
+    return _rms_norm_residual_call(x, residual, weight, float(eps))
 
 
 def _shape_reasons(x: torch.Tensor, weight: torch.Tensor) -> list[str]:

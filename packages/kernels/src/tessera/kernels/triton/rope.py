@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tessera.kernels.custom_ops import eager_bypass
 from tessera.kernels.support import FLOATS, dtype_reasons, same_dtype_reasons, triton_device_reasons
 from tessera.kernels.triton.norm import norm_grads
 from tessera.specs import KernelRegistry
@@ -109,10 +110,12 @@ def _table_grads(ctx: object, dq: torch.Tensor, dk: torch.Tensor, q: torch.Tenso
     return (dcos.to(ctx.cos_dtype) if want_cos else None), (dsin.to(ctx.sin_dtype) if want_sin else None)
 
 
-@torch.library.custom_op("tessera::rope", mutates_args=())
-def _rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-             transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+          transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch(q, k, cos, sin, None, 0.0, transpose)
+
+
+_rope_op = torch.library.custom_op("tessera::rope", _rope, mutates_args=())
 
 
 @_rope_op.register_fake
@@ -138,10 +141,12 @@ def _rope_backward(ctx: object, dq_out: torch.Tensor, dk_out: torch.Tensor) -> t
 _rope_op.register_autograd(_rope_backward, setup_context=_rope_setup)
 
 
-@torch.library.custom_op("tessera::rope_qk_norm", mutates_args=())
-def _rope_qk_norm_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _rope_qk_norm(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch(q, k, cos, sin, (q_weight.contiguous(), k_weight.contiguous()), eps, False)
+
+
+_rope_qk_norm_op = torch.library.custom_op("tessera::rope_qk_norm", _rope_qk_norm, mutates_args=())
 
 
 @_rope_qk_norm_op.register_fake
@@ -168,13 +173,17 @@ def _rope_qk_norm_backward(ctx: object, dq_out: torch.Tensor, dk_out: torch.Tens
 _rope_qk_norm_op.register_autograd(_rope_qk_norm_backward, setup_context=_rope_qk_norm_setup)
 
 
+_rope_call = eager_bypass(_rope_op, _rope)
+_rope_qk_norm_call = eager_bypass(_rope_qk_norm_op, _rope_qk_norm)
+
+
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _rope_op(q, k, cos, sin, False)
+    return _rope_call(q, k, cos, sin, False)
 
 
 def rope_qk_norm(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_weight: torch.Tensor,
                  k_weight: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    return _rope_qk_norm_op(q, k, cos, sin, q_weight, k_weight, float(eps))
+    return _rope_qk_norm_call(q, k, cos, sin, q_weight, k_weight, float(eps))
 
 
 def _shape_reasons(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> list[str]:

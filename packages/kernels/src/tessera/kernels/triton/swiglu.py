@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tessera.kernels.custom_ops import eager_bypass
 from tessera.kernels.support import FLOATS, dtype_reasons, no_grad_reasons, same_dtype_reasons, triton_device_reasons
 from tessera.kernels.triton.tuning import autotune, bucket, dot_precision
 from tessera.specs import KernelRegistry
@@ -113,14 +114,16 @@ def _silu_mul_kernel(G, U, Y, stride_g, stride_u, stride_y, F, BLOCK: tl.constex
     tl.store(Y + row * stride_y + cols, (act.to(tl.float32) * u.to(tl.float32)).to(Y.dtype.element_ty), mask=mask)
 
 
-@torch.library.custom_op("tessera::silu_mul", mutates_args=())
-def _silu_mul_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     m, f = gate.shape
     y = torch.empty((m, f), dtype=gate.dtype, device=gate.device)
     if m and f:
         _silu_mul_kernel[(m, triton.cdiv(f, _GATE_BLOCK))](gate, up, y, gate.stride(0), up.stride(0), y.stride(0), f,
                                                            BLOCK=_GATE_BLOCK, num_warps=4)
     return y
+
+
+_silu_mul_op = torch.library.custom_op("tessera::silu_mul", _silu_mul, mutates_args=())
 
 
 @_silu_mul_op.register_fake
@@ -144,9 +147,12 @@ def _silu_mul_backward(ctx: object, dy: torch.Tensor) -> tuple[torch.Tensor, tor
 _silu_mul_op.register_autograd(_silu_mul_backward, setup_context=_silu_mul_setup)
 
 
+_silu_mul_call = eager_bypass(_silu_mul_op, _silu_mul)
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """Same contract as `reference.silu_mul`."""
-    return _silu_mul_op(gate, up)
+    return _silu_mul_call(gate, up)
 
 
 def supports_silu_mul(gate: torch.Tensor | None = None, up: torch.Tensor | None = None) -> list[str]:
