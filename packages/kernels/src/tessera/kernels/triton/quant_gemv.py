@@ -379,16 +379,14 @@ def launch_int8(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, y: torc
     autotuned one; with the raw `int8_gemv_kernel`, `meta` gives BN, BK, SPLIT_K (and launch options)."""
     m, k = x.shape
     n = w_q.shape[0]
-    bm = 1 if m == 1 else MAX_M
+    mb = bucket(m)
+    ws, counters = _workspace(n, _max_split(_int8_tuned, n) if kernel is None else int(meta["SPLIT_K"]), x.device)
+    args = (x, w_q, scale, y, ws, counters, m, n, k, x.stride(0), x.stride(1), w_q.stride(0), y.stride(0), mb)
+    consts = {"PREC": dot_precision(x.dtype), "BM": 1 if m == 1 else MAX_M}
     if kernel is None:
-        ws, counters = _workspace(n, _max_split(_int8_tuned, n), x.device)
-        mb = bucket(m)
-        _int8_launch((mb, n, k, x.dtype, scale.dtype), _grid(n), x, w_q, scale, y, ws, counters, m, n, k,
-                     x.stride(0), x.stride(1), w_q.stride(0), y.stride(0), mb, PREC=dot_precision(x.dtype), BM=bm)
-        return
-    ws, counters = _workspace(n, int(meta["SPLIT_K"]), x.device)
-    kernel[_grid(n)](x, w_q, scale, y, ws, counters, m, n, k, x.stride(0), x.stride(1), w_q.stride(0), y.stride(0),
-                     bucket(m), PREC=dot_precision(x.dtype), BM=bm, **meta)
+        _int8_launch((mb, n, k, x.dtype, scale.dtype), _grid(n), *args, **consts)
+    else:
+        kernel[_grid(n)](*args, **consts, **meta)
 
 
 def launch_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
@@ -396,23 +394,19 @@ def launch_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     """y[M, N] = AWQ int4 x @ W.T (M <= 16, group_size a multiple of 32, last dims contiguous). `kernel`
     defaults to the autotuned one; with the raw `int4_gemv_kernel`, `meta` gives BN, BK, SPLIT_K, where BK
     must divide group_size or (a power-of-two group_size) be a multiple of it, else ValueError."""
+    if kernel is not None and not _tile_fits_groups(int(meta["BK"]), group_size):
+        raise ValueError(f"BK={meta['BK']} would split a group of group_size={group_size}")
     m, k = x.shape
     n = qweight.shape[0]
-    bm = 1 if m == 1 else MAX_M
-    args = (qweight, scales, zeros, y)
+    mb = bucket(m)
+    ws, counters = _workspace(n, _max_split(_int4_tuned, n) if kernel is None else int(meta["SPLIT_K"]), x.device)
+    args = (x, qweight, scales, zeros, y, ws, counters, m, n, k, k // 2, x.stride(0), x.stride(1), qweight.stride(0),
+            scales.stride(0), zeros.stride(0), y.stride(0), mb)
+    consts = {"GROUP": group_size, "PREC": dot_precision(x.dtype), "BM": 1 if m == 1 else MAX_M}
     if kernel is None:
-        ws, counters = _workspace(n, _max_split(_int4_tuned, n), x.device)
-        mb = bucket(m)
-        _int4_launch((mb, n, k, group_size, x.dtype, scales.dtype, zeros.dtype), _grid(n), x, *args, ws, counters,
-                     m, n, k, k // 2, x.stride(0), x.stride(1), qweight.stride(0), scales.stride(0), zeros.stride(0),
-                     y.stride(0), mb, GROUP=group_size, PREC=dot_precision(x.dtype), BM=bm)
-        return
-    if not _tile_fits_groups(int(meta["BK"]), group_size):
-        raise ValueError(f"BK={meta['BK']} would split a group of group_size={group_size}")
-    ws, counters = _workspace(n, int(meta["SPLIT_K"]), x.device)
-    kernel[_grid(n)](x, *args, ws, counters, m, n, k, k // 2, x.stride(0), x.stride(1), qweight.stride(0),
-                     scales.stride(0), zeros.stride(0), y.stride(0), bucket(m), GROUP=group_size,
-                     PREC=dot_precision(x.dtype), BM=bm, **meta)
+        _int4_launch((mb, n, k, group_size, x.dtype, scales.dtype, zeros.dtype), _grid(n), *args, **consts)
+    else:
+        kernel[_grid(n)](*args, **consts, **meta)
 
 
 def serves_int4(m: int, group_size: int) -> bool:
