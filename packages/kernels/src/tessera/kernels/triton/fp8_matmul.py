@@ -13,6 +13,8 @@ Both promote the tensor cores' partial sums into the float32 accumulator after e
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -20,6 +22,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from tessera.kernels.custom_ops import matmul_custom_op
 from tessera.kernels.support import HALF, dtype_reasons, no_grad_reasons, triton_device_reasons, triton_interpreting
+from tessera.kernels.triton.tiles import grouped_tile
 from tessera.kernels.triton.tuned_launch import TunedLaunch
 from tessera.kernels.triton.tuning import autotune, bucket
 from tessera.specs import KernelRegistry
@@ -60,13 +63,7 @@ _CONFIGS = [
 @triton.jit
 def _fp8_gemm_kernel(A, B, AS, BS, Y, M, N, K, stride_am, stride_bn, stride_ym, M_BUCKET, PER_ROW: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    group_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_m
-    pid_n = (pid % (GROUP_M * num_n)) // group_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
@@ -127,11 +124,7 @@ def _fp8_gemm_tma_kernel(a_desc, b_desc, y_desc, AS, BS, M, N, K, M_BUCKET, NUM_
     num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
     k_tiles = tl.cdiv(K, BK)
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=FLATTEN):
-        group = tile // (GROUP_M * num_n)
-        first_m = group * GROUP_M
-        group_m = min(num_m - first_m, GROUP_M)
-        pid_m = first_m + (tile % (GROUP_M * num_n)) % group_m
-        pid_n = (tile % (GROUP_M * num_n)) // group_m
+        pid_m, pid_n = grouped_tile(tile, num_m, num_n, GROUP_M)
         om, on = pid_m * BM, pid_n * BN
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for ki in range(k_tiles):  # out-of-range rows/columns of a box read as zeros
@@ -149,16 +142,15 @@ def _fp8_gemm_tma_kernel(a_desc, b_desc, y_desc, AS, BS, M, N, K, M_BUCKET, NUM_
         y_desc.store([om, on], y.to(y_desc.dtype))  # the box is clipped to [M, N]
 
 
-_sm_counts: dict[int, int] = {}
-
-
 def _num_sms(device: torch.device) -> int:
     if triton_interpreting() or device.type != "cuda":
         return 4
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sm_counts:
-        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _sm_counts[index]
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _tma_ok(xq: torch.Tensor, w_q: torch.Tensor, y: torch.Tensor) -> bool:
