@@ -25,31 +25,52 @@ from torch import nn
 from tessera.model.layers import MLP, Attention
 
 
-@dataclass(eq=False)
-class FusedLinear:
-    """Several `nn.Linear` of one input whose weights (and biases) are row blocks of `weight` (`bias`).
-    `views` holds the data pointers the parts' weights and biases had when they were made views."""
+def storage(module: nn.Module) -> tuple[int, ...]:
+    """Addresses of a module's own parameters and buffers: what fusing makes views of."""
+    return tuple(t.data_ptr() for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)))
 
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    parts: tuple[nn.Linear, ...]
+
+@dataclass(eq=False, kw_only=True)
+class FusedProjections:
+    """Projections of one input (`parts`, `sizes` output columns each) run as one matmul whose weight the
+    parts' tensors are views of; `views` holds their addresses at fusing (`storage`). Subclasses give
+    the matmul: `FusedLinear` here, the quantized linears' own in `tessera.quant`."""
+
+    parts: tuple[nn.Module, ...]
     sizes: tuple[int, ...]
-    views: tuple[tuple[int, int | None], ...]
+    views: tuple[tuple[int, ...], ...] = ()
+
+    def __post_init__(self) -> None:
+        self.views = tuple(storage(p) for p in self.parts)
 
     def is_current(self) -> bool:
-        """The parts' Parameters are still the views made at fusing (none replaced or re-allocated)."""
-        return all((p.weight.data_ptr(), None if p.bias is None else p.bias.data_ptr()) == v
-                   for p, v in zip(self.parts, self.views))
+        """The parts' tensors are still the views made at fusing (none replaced or re-allocated)."""
+        return all(storage(p) == v for p, v in zip(self.parts, self.views))
 
     def active(self, *modules: nn.Module) -> bool:
-        """True when `modules` are still the fused parts, still views of `weight`, and no grad is wanted."""
-        if torch.is_grad_enabled() and any(p.weight.requires_grad for p in self.parts):
+        """True when `modules` are still the fused parts, still views of the fused weight, and no grad
+        is wanted."""
+        if torch.is_grad_enabled() and any(t.requires_grad for p in self.parts for t in p.parameters(recurse=False)):
             return False
         return modules == self.parts and self.is_current()
 
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """`x [..., in]` -> one `[..., size_i]` view per part (column slices of one GEMM's output)."""
-        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        """`x [..., in]` -> one `[..., size_i]` view per part (column slices of one matmul's output)."""
+        return self.matmul(x).split(self.sizes, dim=-1)
+
+
+@dataclass(eq=False, kw_only=True)
+class FusedLinear(FusedProjections):
+    """Several `nn.Linear` of one input whose weights (and biases) are row blocks of `weight` (`bias`)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
 
 
 def _fusable(parts: tuple[nn.Module, ...]) -> bool:
@@ -61,13 +82,14 @@ def _fusable(parts: tuple[nn.Module, ...]) -> bool:
     return same and len(has_bias) == 1 and all(w.is_contiguous() for w in weights)
 
 
-def fuse_linears(parts: tuple[nn.Linear, ...], current: FusedLinear | None = None) -> FusedLinear | None:
+def fuse_linears(parts: tuple[nn.Module, ...],
+                 current: FusedProjections | None = None) -> FusedProjections | None:
     """Concatenate `parts`' weights (and biases) into one tensor and make their Parameters views of it.
 
     Returns `current` unchanged when it is still valid for `parts` (idempotence), and None when the
     parts cannot be fused (not all plain `nn.Linear`; mixed dtype, device, input size or bias presence).
     Parts of one other module class that offers `fuse_parts(parts)` (the quantized linears) are fused by
-    it instead; it returns an object with this class's `active` / `is_current` / `__call__`, or None.
+    it instead, into its own `FusedProjections` (or None).
     """
     if current is not None and current.parts == parts and current.is_current():
         return current
@@ -86,8 +108,7 @@ def fuse_linears(parts: tuple[nn.Linear, ...], current: FusedLinear | None = Non
         if bias is not None:
             part.bias = nn.Parameter(bias[offset : offset + size], requires_grad=part.bias.requires_grad)
         offset += size
-    views = tuple((p.weight.data_ptr(), None if p.bias is None else p.bias.data_ptr()) for p in parts)
-    return FusedLinear(weight, bias, parts, sizes, views)
+    return FusedLinear(weight=weight, bias=bias, parts=parts, sizes=sizes)
 
 
 def fuse_projections(model: nn.Module) -> int:

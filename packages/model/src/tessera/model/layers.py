@@ -17,7 +17,7 @@ from tessera.kernels import registry
 from tessera.specs import ModelConfig
 
 if TYPE_CHECKING:
-    from tessera.model.fusion import FusedLinear
+    from tessera.model.fusion import FusedProjections
 
 
 class RMSNorm(nn.Module):
@@ -42,7 +42,7 @@ class Attention(nn.Module):
     `tessera.model.fusion.fuse_projections` may set `qkv` so that inference runs q/k/v as one GEMM.
     """
 
-    qkv: FusedLinear | None = None
+    qkv: FusedProjections | None = None
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -83,7 +83,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: `down(silu(gate(x)) * up(x))`; `fuse_projections` may set `gate_up` (one GEMM for both)."""
 
-    gate_up: FusedLinear | None = None
+    gate_up: FusedProjections | None = None
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

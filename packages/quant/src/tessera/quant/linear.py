@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from tessera.kernels import reference, registry
+from tessera.model.fusion import FusedProjections
 from tessera.quant.fp8 import FP8_DTYPE, dequantize_fp8, quantize_fp8
 from tessera.quant.int8 import dequantize_int8, quantize_int8
 from tessera.quant.rtn import quantize_int4
@@ -77,10 +78,6 @@ class QuantLinear(nn.Module, ABC):
         bias = None if self.bias is None else (self.bias.dtype, self.bias.device)
         return type(self), self.in_features, tuple(sorted(self.settings().items())), bufs, bias
 
-    def _storage(self) -> tuple[int, ...]:
-        tensors = [getattr(self, n) for n in self.row_buffers] + ([] if self.bias is None else [self.bias])
-        return tuple(t.data_ptr() for t in tensors)
-
     @classmethod
     def fuse_parts(cls, parts: tuple[QuantLinear, ...]) -> FusedQuantLinear | None:
         """One module of `parts`' class whose rows are theirs in order; the parts' buffers (and biases)
@@ -109,7 +106,7 @@ class QuantLinear(nn.Module, ABC):
                     else:
                         part._buffers[name] = view
                     offset += size
-        return FusedQuantLinear(fused, parts, sizes, tuple(p._storage() for p in parts))
+        return FusedQuantLinear(fused=fused, parts=parts, sizes=sizes)
 
     @staticmethod
     def _copy_bias(dst: QuantLinear, linear: nn.Linear) -> None:
@@ -225,23 +222,12 @@ class FP8Linear(QuantLinear):
         return f"{super().extra_repr()}, weight_scale={self.granularity}"
 
 
-@dataclass(eq=False)
-class FusedQuantLinear:
-    """Quantized projections of one input run as one module (`fused`), whose buffers the parts' buffers
-    are views of; `views` holds the parts' buffer addresses at fusing. Same interface as the float
-    `tessera.model.fusion.FusedLinear`."""
+@dataclass(eq=False, kw_only=True)
+class FusedQuantLinear(FusedProjections):
+    """Quantized projections of one input run as one module (`fused`) of their class, whose buffers the
+    parts' buffers are views of."""
 
     fused: QuantLinear
-    parts: tuple[QuantLinear, ...]
-    sizes: tuple[int, ...]
-    views: tuple[tuple[int, ...], ...]
 
-    def is_current(self) -> bool:
-        """The parts' buffers are still the views made at fusing (none replaced or re-allocated)."""
-        return all(p._storage() == v for p, v in zip(self.parts, self.views))
-
-    def active(self, *modules: nn.Module) -> bool:
-        return modules == self.parts and self.is_current()
-
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.fused(x).split(self.sizes, dim=-1)
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused(x)
