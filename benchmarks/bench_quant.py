@@ -27,7 +27,6 @@ import copy
 import math
 import statistics
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from tessera.attn import FlatKVCache
 from tessera.kernels import registry
 from tessera.model import Transformer, fuse_projections
 from tessera.quant import QuantLinear, quantize
+from tessera.serve.cuda_graphs import check_capturable
 from tessera.specs import ModelConfig, QuantConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,10 +218,11 @@ def step_bytes(model: nn.Module, cfg: ModelConfig, batch: int, context: int, dty
     return sizes + kv
 
 
-def decode_ms(model: Transformer, batch: int, context: int, dtype: torch.dtype, timer: Timer,
-              use_graph: bool) -> tuple[float, bool]:
-    """Median latency of one decode step (batch rows, one token each, `context` tokens cached).
-    The step is replayed at the same position, so each replay does identical work."""
+def decode_step(model: Transformer, batch: int, context: int, dtype: torch.dtype,
+                use_graph: bool) -> tuple[Callable[[], object], bool]:
+    """One decode step (batch rows, one token each, `context` tokens cached) as a callable, replayed
+    from a CUDA graph when `use_graph` and capture works, and whether it is. Each call repeats the
+    step at the same position, so every call does identical work."""
     cfg = model.config
     device = next(model.parameters()).device
     cache = FlatKVCache(cfg, batch, context + 1, dtype=dtype, device=device)
@@ -242,22 +243,22 @@ def decode_ms(model: Transformer, batch: int, context: int, dtype: torch.dtype, 
             with torch.cuda.stream(side):
                 for _ in range(3):  # autotuning and lazy init happen here, outside the capture
                     step()
-                # An op that syncs with the host cannot be captured: find it by name before capturing.
-                torch.cuda.set_sync_debug_mode("error")
-                try:
-                    step()
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
+                check_capturable(step)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 step()
-            return timer(graph.replay), True
+            return graph.replay, True
         except RuntimeError as exc:
-            where = traceback.extract_tb(exc.__traceback__)[-3:]
-            print(f"  (CUDA graph capture failed, timing eagerly: {str(exc).splitlines()[0]} at "
-                  + " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(where)) + ")")
-    return timer(step), False
+            print(f"  (CUDA graph capture failed, timing eagerly: {str(exc).splitlines()[0]})")
+    return step, False
+
+
+def decode_ms(model: Transformer, batch: int, context: int, dtype: torch.dtype, timer: Timer,
+              use_graph: bool) -> tuple[float, bool]:
+    """Median latency of one decode step (`decode_step`) and whether it ran from a CUDA graph."""
+    step, graphed = decode_step(model, batch, context, dtype, use_graph)
+    return timer(step), graphed
 
 
 def prefill_ms(model: Transformer, batch: int, length: int, timer: Timer) -> float:

@@ -22,37 +22,14 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result
-from bench_quant import TINY
+from bench_quant import TINY, decode_step
 from profile_decode import show, top
 
-from tessera.attn import FlatKVCache
 from tessera.model import Transformer, fuse_projections
 from tessera.quant import quantize
 from tessera.specs import ModelConfig, QuantConfig
 
 METHODS = ("bf16", "int8", "awq", "fp8")
-
-
-def decode_step(model: Transformer, context: int, dtype: torch.dtype, device: torch.device):
-    """A callable running one decode step at batch 1 (a CUDA graph replay on a GPU)."""
-    cfg = model.config
-    cache = FlatKVCache(cfg, 1, context + 1, dtype=dtype, device=device)
-    prompt = torch.randint(0, cfg.vocab_size, (1, context), generator=torch.Generator().manual_seed(0)).to(device)
-    model(prompt, positions=cache.positions(context), kv=cache)
-    cache.advance(context)
-    tok, pos = prompt[:, :1], cache.positions(1)
-    if device.type != "cuda":
-        return lambda: model(tok, positions=pos, kv=cache)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            model(tok, positions=pos, kv=cache)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        model(tok, positions=pos, kv=cache)
-    return graph.replay
 
 
 def profiled(fn, reps: int, cuda: bool, n: int) -> tuple[list[dict], list[dict], dict[str, float]]:
@@ -119,7 +96,7 @@ def main() -> None:
                 continue
             model = quantize(copy.deepcopy(base), configs[method], calib, progress=False)
         fuse_projections(model)
-        step = decode_step(model, context, dtype, device)
+        step, _ = decode_step(model, 1, context, dtype, cuda)
         decode, _, decode_ms = profiled(step, args.reps, cuda, args.top)
 
         def prefill(model: Transformer = model) -> torch.Tensor:

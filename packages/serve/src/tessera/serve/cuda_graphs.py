@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -49,7 +49,7 @@ class DecodeGraphs:
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
                     run()  # warm-up: lazy initialisation and autotuning must not happen during capture
-                    _no_host_sync(run)
+                    check_capturable(run)
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
@@ -81,7 +81,7 @@ class DecodeGraphs:
         return self.logits[:b]
 
 
-def _no_host_sync(run: object) -> None:
+def check_capturable(run: Callable[[], object]) -> None:
     """Run `run()` once more with host syncs raising, so that an op that cannot be captured (one that
     reads a device value on the host, e.g. a reference kernel chosen because the fast one refuses the
     shapes) is named with where it sits, instead of the capture failing with a generic error."""
