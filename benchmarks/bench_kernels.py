@@ -99,8 +99,9 @@ def copies_for_l2(device: torch.device, nbytes: int, most: int = 512) -> int:
 
 def error_row(what: dict[str, Any], e: BaseException) -> dict[str, Any]:
     """A row that reports a failed measurement instead of ending the run."""
-    print(f"  error in {what}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-    return {**what, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+    error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    print(f"  error in {what}: {error}")
+    return {**what, "error": error}
 
 
 def ceilings(device: torch.device, tiny: bool) -> dict[str, float]:
