@@ -6,10 +6,8 @@ one JSON list of failures, then "gemv-ok" if none."""
 
 from __future__ import annotations
 
-import json
-import sys
-
 import torch
+from check_report import report, seed_arg
 
 from tessera.kernels import reference, registry  # registering installs the interpreter fixes
 from tessera.kernels.triton import quant_gemv
@@ -70,11 +68,8 @@ def main(seed: int) -> int:
                                                kernel=quant_gemv.int4_gemv_kernel, BN=bn, BK=bk, SPLIT_K=split)
                         check(f"int4 {dtype} m{m} k{k} g{group} bn{bn} bk{bk} split{split}", "matmul.int4_awq", y,
                               want, counters)
-    print(json.dumps(failures))
-    if not failures:
-        print("gemv-ok")
-    return 1 if failures else 0
+    return report(failures, "gemv-ok")
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 0))
+    raise SystemExit(main(seed_arg()))

@@ -12,10 +12,8 @@ Prints one JSON list of failures, then "paths-ok" if none.
 
 from __future__ import annotations
 
-import json
-import sys
-
 import torch
+from check_report import report, seed_arg
 
 from tessera.kernels import reference, registry  # registering installs the interpreter fixes
 from tessera.kernels.support import triton_interpreting
@@ -159,11 +157,8 @@ def main(seed: int) -> int:
     check_dequantize(gen, failures)
     check_paths_and_tuning(gen, failures)
     check_compile(gen, failures)
-    print(json.dumps(failures))
-    if not failures:
-        print("paths-ok")
-    return 1 if failures else 0
+    return report(failures, "paths-ok")
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 0))
+    raise SystemExit(main(seed_arg()))

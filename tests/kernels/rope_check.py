@@ -4,10 +4,8 @@ for every input including cos/sin with unequal halves. Prints one JSON list of f
 
 from __future__ import annotations
 
-import json
-import sys
-
 import torch
+from check_report import report, seed_arg
 
 from tessera.kernels import reference, registry
 
@@ -46,11 +44,8 @@ def main(seed: int) -> int:
             err = float((g - w).norm() / w.norm().clamp_min(1e-30))
             if err > 1e-4:
                 failures.append(f"{op}: second-order grad of input {i}: relative error {err:.3g}")
-    print(json.dumps(failures))
-    if not failures:
-        print("rope-ok")
-    return 1 if failures else 0
+    return report(failures, "rope-ok")
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(int(sys.argv[1])))
+    raise SystemExit(main(seed_arg()))
