@@ -72,12 +72,12 @@ def _rope_kernel(Q, K, COS, SIN, QW, KW, QO, KO,
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            weights: tuple[torch.Tensor, torch.Tensor] | None, eps: float, transpose: bool,
-            out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            weights: tuple[torch.Tensor, torch.Tensor] | None, eps: float,
+            transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
     n, hq, d = q.shape
     hkv = k.shape[1]
-    q_out = torch.empty(q.shape, dtype=out_dtype or q.dtype, device=q.device)
-    k_out = torch.empty(k.shape, dtype=out_dtype or k.dtype, device=k.device)
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if n == 0:
         return q_out, k_out
     block_d = triton.next_power_of_2(d // 2)
