@@ -1,6 +1,7 @@
 """Run as a script under TRITON_INTERPRET=1: the decode-shape quantized matmul kernels at explicit configs
-(every M path, split-K 1/2/3, K not a multiple of the tile, odd N, int4 groups 32/64/128 with a partial
-last group, int4 tiles inside one group and tiles of 2 and 4 whole groups) against the torch reference at
+(every M path, M == 1 both on the CUDA cores and padded to tl.dot, split-K 1/2/3, K not a multiple of the
+tile, odd N, int4 groups 32/64/128 with a partial last group, int4 tiles inside one group and tiles of 2
+and 4 whole groups) against the torch reference at
 the catalogue's tolerances; after every split-K launch the per-tile counters must be back at zero. Prints
 one JSON list of failures, then "gemv-ok" if none."""
 
@@ -38,16 +39,17 @@ def main(seed: int) -> int:
         for m in (1, 4, 16):
             x_wide = torch.randn(m, 3 * 200, generator=gen).to(dtype)
             x = x_wide[:, ::3]  # a strided K: the kernels take any x strides
-            narrow = [(4, 128, 2)] if m == 1 else []  # rows narrower than a tensor-core tile: M == 1 only
-            for bn, bk, split in [(16, 64, 1), (16, 64, 2), (32, 32, 3), *narrow]:
+            # M == 1 only: rows narrower than a tensor-core tile, and the padded tl.dot path (M1_DOT).
+            only_m1 = [(4, 128, 2, False), (16, 64, 1, True), (32, 32, 3, True)] if m == 1 else []
+            for bn, bk, split, m1_dot in [(16, 64, 1, False), (16, 64, 2, False), (32, 32, 3, False), *only_m1]:
                 n, k = 37, 200
                 w_q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
                 w_q[0, :3] = torch.tensor([-128, 127, 0], dtype=torch.int8)  # the ends of the int8 range
                 scale = ((torch.rand(n, generator=gen) + 0.5) / 127 * k**-0.5).to(dtype)
                 y = torch.full((m, n), float("nan"), dtype=dtype)
                 quant_gemv.launch_int8(x, w_q, scale, y, kernel=quant_gemv.int8_gemv_kernel, BN=bn, BK=bk,
-                                       SPLIT_K=split)
-                check(f"int8 {dtype} m{m} bn{bn} bk{bk} split{split}", "matmul.int8_weight_only", y,
+                                       SPLIT_K=split, M1_DOT=m1_dot)
+                check(f"int8 {dtype} m{m} bn{bn} bk{bk} split{split} dot{int(m1_dot)}", "matmul.int8_weight_only", y,
                       reference.matmul_int8_weight_only(x, w_q, scale), counters)
             # 224 = 128 + 96: group 128's last group is partial; tiles inside one group (BK <= group).
             # 600: every group's last group is partial and K is no multiple of any tile; tiles of 2 and

@@ -111,7 +111,8 @@ def _compile_sm90(fn: object, ptrs: dict[str, str], ints: dict[str, int], meta: 
             if ints[name] % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            signature[name], constexprs[name] = "constexpr", {**meta, **c.kwargs}[name]
+            given = {**meta, **c.kwargs}
+            signature[name], constexprs[name] = "constexpr", given.get(name, fn.params[i].default)
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": c.num_warps, "num_stages": c.num_stages})
@@ -120,15 +121,16 @@ def _compile_sm90(fn: object, ptrs: dict[str, str], ints: dict[str, int], meta: 
 @pytest.mark.skipif(not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists(),
                     reason="triton ships no ptxas here")
 @pytest.mark.parametrize("m", [1, 16])
-@pytest.mark.parametrize(("op", "bk"), [("int8", 128), ("int4", 128), ("int4", 512)])
+@pytest.mark.parametrize(("op", "bk"), [("int8", 128), ("int8_dot", 128), ("int4", 128), ("int4", 512)])
 def test_split_k_kernels_compile_for_sm90(op: str, bk: int, m: int) -> None:
-    """int4 at BK 128 (a tile inside a group of 128) and 512 (a tile of four whole groups)."""
+    """int8 on either M == 1 path (int8_dot: M1_DOT); int4 at BK 128 (a tile inside a group of 128) and 512
+    (a tile of four whole groups)."""
     k, n = 4096, 2048
     ints = {"M": m, "N": n, "K": k, "K2": k // 2, "stride_xm": k, "stride_xk": 1, "stride_wn": k, "stride_qn": k // 2,
             "stride_sn": k // 128, "stride_zn": k // 128, "stride_ym": n, "M_BUCKET": m}
     meta = {"PREC": "tf32", "BM": 1 if m == 1 else qg.MAX_M, "GROUP": 128}
-    split = qg._cfg(32, bk, 4, 4, 3)
-    if op == "int8":
+    split = qg._cfg(32, bk, 4, 4, 3, m1_dot=op == "int8_dot")
+    if op.startswith("int8"):
         ptrs = {"X": "bf16", "W": "i8", "S": "fp32", "Y": "bf16", "WS": "fp32", "CNT": "i32"}
         compiled = _compile_sm90(qg.int8_gemv_kernel, ptrs, ints, meta, split)
     else:

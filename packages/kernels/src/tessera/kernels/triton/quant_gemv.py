@@ -4,7 +4,9 @@ At small M these matmuls only stream weights, so the kernels are built for bandw
 reads a [BN, BK] weight tile contiguously along K (int8 rows, or int4 bytes packed along K), and the
 K range is split over SPLIT_K programs so that a small N still puts enough programs in flight.
 M == 1 multiplies on the CUDA cores (broadcast-multiply, then a sum over K: no tensor-core tile is
-wasted on padding rows); 1 < M <= 16 pads M to 16 and uses `tl.dot`.
+wasted on padding rows); 1 < M <= 16 pads M to 16 and uses `tl.dot`. For int8 at M == 1 the autotuner
+also weighs the padded `tl.dot` path (configs with M1_DOT): its loads are pipelined through shared
+memory, which wins on the larger matrices (8192 x 8192 on an H200: 21.3 us against 25.9).
 
 Split-K partials are combined inside the same launch, deterministically: every program writes its
 float32 partial tile to a workspace and bumps a per-N-tile counter (acquire/release); the program
@@ -40,18 +42,25 @@ SPLIT_MAX_N = 16384
 _COUNTER_SLOTS = SPLIT_MAX_N // 4
 
 
-def _cfg(bn: int, bk: int, split: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BN": bn, "BK": bk, "SPLIT_K": split}, num_warps=warps, num_stages=stages)
+def _cfg(bn: int, bk: int, split: int, warps: int, stages: int, m1_dot: bool = False) -> triton.Config:
+    kw = {"BN": bn, "BK": bk, "SPLIT_K": split} | ({"M1_DOT": True} if m1_dot else {})
+    return triton.Config(kw, num_warps=warps, num_stages=stages)
 
 
 # Weight bytes per program and iteration are BN * BK (int8) or BN * BK / 2 (int4); the lists span
 # few-wide-rows (many programs, long contiguous reads) to many-rows, with and without split-K.
 _INT8_M1 = [_cfg(4, 1024, 1, 4, 2), _cfg(8, 512, 1, 4, 3), _cfg(8, 1024, 1, 4, 2), _cfg(16, 256, 1, 4, 3),
             _cfg(16, 512, 1, 4, 2), _cfg(16, 1024, 1, 8, 2), _cfg(32, 256, 1, 8, 2), _cfg(8, 512, 2, 4, 3),
-            _cfg(8, 512, 4, 4, 3), _cfg(16, 512, 4, 4, 2), _cfg(16, 256, 8, 4, 3), _cfg(32, 512, 4, 8, 2)]
+            _cfg(8, 512, 4, 4, 3), _cfg(16, 512, 4, 4, 2), _cfg(16, 256, 8, 4, 3), _cfg(32, 512, 4, 8, 2),
+            _cfg(8, 1024, 1, 4, 1), _cfg(4, 2048, 1, 4, 1), _cfg(8, 2048, 1, 8, 1),
+            _cfg(64, 128, 4, 4, 4, True), _cfg(64, 256, 4, 4, 3, True), _cfg(64, 128, 1, 4, 4, True),
+            _cfg(64, 256, 2, 4, 4, True), _cfg(32, 256, 4, 4, 4, True)]
+# The tl.dot configs; the last four came out on top of an H200 sweep (CUDA-graph time, L2 cold) at
+# K = N = 4096 and 8192 and the Llama-3.2-1B gate/up and down shapes.
 _INT8_MX = [_cfg(16, 256, 1, 4, 4), _cfg(16, 512, 1, 4, 3), _cfg(32, 256, 1, 4, 4), _cfg(32, 512, 1, 4, 3),
             _cfg(64, 128, 1, 4, 4), _cfg(64, 256, 1, 4, 3), _cfg(32, 1024, 1, 8, 2), _cfg(16, 512, 2, 4, 3),
-            _cfg(16, 256, 4, 4, 4), _cfg(32, 256, 4, 4, 4), _cfg(64, 256, 4, 4, 3), _cfg(32, 512, 8, 4, 3)]
+            _cfg(16, 256, 4, 4, 4), _cfg(32, 256, 4, 4, 4), _cfg(64, 256, 4, 4, 3), _cfg(32, 512, 8, 4, 3),
+            _cfg(64, 128, 4, 4, 4), _cfg(64, 256, 2, 4, 4), _cfg(32, 256, 2, 4, 4), _cfg(64, 512, 1, 4, 4)]
 # int4 tiles within one group (128 in practice, 64 bytes a row) take many rows; multi-group tiles (256 to
 # 1024 wide with a power-of-two group) read 128 to 512 bytes a row, as the int8 tiles do, from fewer rows.
 _INT4_M1 = [_cfg(32, 128, 1, 4, 3), _cfg(64, 128, 1, 4, 3), _cfg(128, 128, 1, 4, 3), _cfg(128, 128, 1, 8, 3),
@@ -163,8 +172,20 @@ def _k_range(K, pid_k, BK: tl.constexpr, SPLIT_K: tl.constexpr):
 @triton.jit
 def int8_gemv_kernel(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, M_BUCKET,
                      PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                     SPLIT_K: tl.constexpr):
-    """y[M, N] = (x[M, K] @ w_q[N, K].T) * scale[N]; BM == 1 (M == 1) or 16 (M <= 16); grid (N / BN, SPLIT_K)."""
+                     SPLIT_K: tl.constexpr, M1_DOT: tl.constexpr = False):
+    """y[M, N] = (x[M, K] @ w_q[N, K].T) * scale[N]; BM == 1 (M == 1) or 16 (M <= 16); grid (N / BN, SPLIT_K).
+    With BM == 1, M1_DOT takes the tl.dot path (rows padded to 16) instead of the CUDA-core one."""
+    if BM == 1 and M1_DOT:
+        _int8_tiles(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC, 16, BN, BK,
+                    SPLIT_K)
+    else:
+        _int8_tiles(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC, BM, BN, BK,
+                    SPLIT_K)
+
+
+@triton.jit
+def _int8_tiles(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
