@@ -220,9 +220,8 @@ def _max_seqlen(cu_seqlens: torch.Tensor, max_seqlen: int) -> int:
     return int(cu_seqlens.diff().max()) if max_seqlen < 0 else max_seqlen
 
 
-@torch.library.custom_op("tessera::flash_attn_fwd", mutates_args=())
-def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                   causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+               causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """o [N, Hq, D] and the base-2 log-sum-exp of the scaled scores, lse [Hq, N] float32."""
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     n, hq, d = q.shape
@@ -237,6 +236,9 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
                       k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1), lse.stride(0), bucket(t),
                       N_REP=hq // k.shape[1], HEAD_DIM=d, CAUSAL=causal, PREC=dot_precision(q.dtype))
     return o, lse
+
+
+flash_attn_fwd = torch.library.custom_op("tessera::flash_attn_fwd", _flash_fwd, mutates_args=())
 
 
 @flash_attn_fwd.register_fake
@@ -313,8 +315,13 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
                       max_seqlen: int | None = None, causal: bool = True, scale: float | None = None) -> torch.Tensor:
     """Same contract as `reference.attention_prefill`; differentiable in q, k and v."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return FlashAttention.apply(q, k, v, cu_seqlens, -1 if max_seqlen is None else int(max_seqlen), bool(causal),
-                                scale)
+    max_seqlen = -1 if max_seqlen is None else int(max_seqlen)
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                                      or v.requires_grad)):
+        return FlashAttention.apply(q, k, v, cu_seqlens, max_seqlen, bool(causal), scale)
+    # Nothing to record and nothing tracing: the autograd function and the op's dispatcher would only
+    # cost host time (a prefill of a 16-layer model spends milliseconds there).
+    return _flash_fwd(q, k, v, cu_seqlens, max_seqlen, bool(causal), scale)[0]
 
 
 def attention_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
