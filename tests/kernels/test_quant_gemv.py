@@ -49,6 +49,14 @@ def test_int8_search_space(m: int, k: int, n: int) -> None:
     _check_space(qg._int8_tuned, qg._prune_int8(qg._int8_tuned.configs, _named(m, k, n)), m, k, n)
 
 
+def test_int8_m1_dot_path_only_on_large_matrices() -> None:
+    every = qg._INT8_M1 + qg._INT8_MX
+    dot = [bool(c.kwargs.get("M1_DOT")) for c in qg._prune_int8(every, _named(1, 8192, 8192))]
+    assert any(dot) and not all(dot)  # both M == 1 paths compete on a large matrix
+    assert not any(c.kwargs.get("M1_DOT") for c in qg._prune_int8(every, _named(1, 4096, 4096)))
+    assert not any(c.kwargs.get("M1_DOT") for c in qg._prune_int8(every, _named(16, 8192, 8192)))
+
+
 def _splits_no_group(bk: int, group: int) -> bool:
     """By enumeration: every BK tile (starting at a multiple of BK) lies inside one group, or every group it
     touches lies wholly inside it."""

@@ -5,8 +5,8 @@ reads a [BN, BK] weight tile contiguously along K (int8 rows, or int4 bytes pack
 K range is split over SPLIT_K programs so that a small N still puts enough programs in flight.
 M == 1 multiplies on the CUDA cores (broadcast-multiply, then a sum over K: no tensor-core tile is
 wasted on padding rows); 1 < M <= 16 pads M to 16 and uses `tl.dot`. For int8 at M == 1 the autotuner
-also weighs the padded `tl.dot` path (configs with M1_DOT): its loads are pipelined through shared
-memory, which wins on the larger matrices (8192 x 8192 on an H200: 21.3 us against 25.9).
+also weighs the padded `tl.dot` path (configs with M1_DOT) on matrices of at least 2**25 weights: its
+loads are pipelined through shared memory, which wins there (8192 x 8192 on an H200: 21.3 us against 25.9).
 
 Split-K partials are combined inside the same launch, deterministically: every program writes its
 float32 partial tile to a workspace and bumps a per-N-tile counter (acquire/release); the program
@@ -96,9 +96,16 @@ def _keep_splittable(configs: list[triton.Config], n: int, k: int) -> list[trito
     return [_cfg(c.kwargs["BN"], c.kwargs["BK"], 1, c.num_warps, c.num_stages)]
 
 
+#: Weight elements from which M == 1 also tries the padded tl.dot path. Below it the CUDA-core path won
+#: every shape of an H200 sweep in CUDA-graph time (4096 x 4096: 7.9 us against 8.6), while the
+#: autotuner's own timing loop, unlike a graph replay, preferred the dot path there.
+M1_DOT_MIN_ELEMENTS = 1 << 25
+
+
 def _prune_int8(configs: list, named_args: dict, **kwargs: object) -> list:
     pool = _INT8_M1 if named_args["M_BUCKET"] == 1 else _INT8_MX
-    mine = list(dict.fromkeys(c for c in configs if c in pool))
+    small = named_args["N"] * named_args["K"] < M1_DOT_MIN_ELEMENTS
+    mine = list(dict.fromkeys(c for c in configs if c in pool and not (small and c.kwargs.get("M1_DOT"))))
     return _keep_splittable(_fits_k(mine, named_args["K"]), named_args["N"], named_args["K"])
 
 
