@@ -3,6 +3,8 @@
 Two launches: a row kernel quantizes x per row (scale amax / 448, the reference's rounding), then a
 GEMM multiplies the fp8 operands and applies both scales in the epilogue (per-tensor or per-row
 weight scale), writing x's dtype. w_q [N, K] is already K-major, the layout fp8 MMA wants for B.
+`matmul.fp8_silu_mul` swaps the row kernel for one that forms silu(gate) * up itself (in float32), so a
+SwiGLU down projection never writes the product out and reads it back.
 
 Two GEMMs: above `TMA_MIN_ROWS` rows (prefill, training-sized batches) a persistent kernel that
 moves tiles with TMA descriptors (one program per SM walking the output tiles in grouped order, no
@@ -14,6 +16,7 @@ Both promote the tensor cores' partial sums into the float32 accumulator after e
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import triton
@@ -21,7 +24,14 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from tessera.kernels.custom_ops import matmul_custom_op
-from tessera.kernels.support import HALF, dtype_reasons, no_grad_reasons, triton_device_reasons, triton_interpreting
+from tessera.kernels.support import (
+    HALF,
+    dtype_reasons,
+    no_grad_reasons,
+    triton_device_reasons,
+    triton_interpreting,
+    twin_reasons,
+)
 from tessera.kernels.triton.tiles import grouped_tile
 from tessera.kernels.triton.tuned_launch import TunedLaunch
 from tessera.kernels.triton.tuning import autotune, bucket
@@ -43,6 +53,32 @@ def _quantize_rows_kernel(X, XQ, XS, K, stride_xm, stride_qm, BLOCK_K: tl.conste
         offs = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(X + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
         # IEEE division (plain `/` is approximate on GPU): x_q must round exactly as the reference's.
+        xq = tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0)
+        tl.store(XQ + row * stride_qm + offs, xq.to(XQ.dtype.element_ty, fp_downcast_rounding="rtne"), mask=offs < K)
+    tl.store(XS + row, scale)
+
+
+@triton.jit
+def _silu_mul_row(G, U, row, offs, mask, stride_g, stride_u):
+    """silu(gate) * up for one row segment, in float32."""
+    g = tl.load(G + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + offs, mask=mask, other=0.0).to(tl.float32)
+    return g / (1.0 + tl.exp(-g)) * u
+
+
+@triton.jit
+def _silu_mul_quantize_rows_kernel(G, U, XQ, XS, K, stride_g, stride_u, stride_qm, BLOCK_K: tl.constexpr):
+    """`_quantize_rows_kernel` of the float32 product silu(gate) * up, computed twice (for the amax, then
+    for the values) instead of written out and read back."""
+    row = tl.program_id(0).to(tl.int64)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        amax = tl.maximum(amax, tl.abs(_silu_mul_row(G, U, row, offs, offs < K, stride_g, stride_u)))
+    scale = tl.maximum(tl.max(amax, 0), 1e-12) / 448.0
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        x = _silu_mul_row(G, U, row, offs, offs < K, stride_g, stride_u)
         xq = tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0)
         tl.store(XQ + row * stride_qm + offs, xq.to(XQ.dtype.element_ty, fp_downcast_rounding="rtne"), mask=offs < K)
     tl.store(XS + row, scale)
@@ -170,6 +206,20 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xq, xs
 
 
+def silu_mul_quantize_rows(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_rows` of the float32 product silu(gate) * up, in one launch that never stores the product.
+    gate and up [M, K] of one dtype, last dims contiguous (column halves of one fused gate/up output are
+    fine)."""
+    m, k = gate.shape
+    xq = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=gate.device)
+    xs = torch.empty((m,), dtype=torch.float32, device=gate.device)
+    if m:
+        block = min(triton.next_power_of_2(k), 32 if triton_interpreting() else 2048)
+        _silu_mul_quantize_rows_kernel[(m,)](gate, up, xq, xs, k, gate.stride(0), up.stride(0), xq.stride(0),
+                                             BLOCK_K=block, num_warps=4)
+    return xq, xs
+
+
 def _grid(m: int, n: int):
     return lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
 
@@ -179,22 +229,32 @@ def _persistent_grid(m: int, n: int, sms: int):
 
 
 def _fp8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    m, k = x.shape
-    n = w_q.shape[0]
     x = x if x.stride(-1) == 1 else x.contiguous()
+    return _gemm(x.shape[0], lambda: quantize_rows(x), w_q, w_scale, x.dtype, x.device)
+
+
+def _fp8_silu_mul(gate: torch.Tensor, up: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    gate, up = (t if t.stride(-1) == 1 else t.contiguous() for t in (gate, up))
+    return _gemm(gate.shape[0], lambda: silu_mul_quantize_rows(gate, up), w_q, w_scale, gate.dtype, gate.device)
+
+
+def _gemm(m: int, quantized: Callable[[], tuple[torch.Tensor, torch.Tensor]], w_q: torch.Tensor,
+          w_scale: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """y [M, N] in `dtype` from the rows `quantized()` returns (x_q, scale), run only when there is work."""
+    n, k = w_q.shape
     w_q, w_scale = w_q.contiguous(), w_scale.contiguous()
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    y = torch.empty((m, n), dtype=dtype, device=device)
     if m and n:
-        xq, xs = quantize_rows(x)
+        xq, xs = quantized()
         mb, per_row = bucket(m), w_scale.numel() > 1
         if m >= TMA_MIN_ROWS and _tma_ok(xq, w_q, y):
-            sms = _num_sms(x.device)
+            sms = _num_sms(device)
             # Placeholder boxes: the config's pre-hook sizes them before every launch.
             descs = [TensorDescriptor.from_tensor(t, [16, 16]) for t in (xq, w_q, y)]
-            _tma_launch((mb, n, k, per_row, x.dtype, sms), _persistent_grid(m, n, sms), *descs, xs, w_scale,
+            _tma_launch((mb, n, k, per_row, dtype, sms), _persistent_grid(m, n, sms), *descs, xs, w_scale,
                         m, n, k, mb, NUM_SMS=sms, PER_ROW=per_row)
             return y
-        _gemm_launch((mb, n, k, per_row, x.dtype), _grid(m, n), xq, w_q, xs, w_scale, y, m, n, k, xq.stride(0),
+        _gemm_launch((mb, n, k, per_row, dtype), _grid(m, n), xq, w_q, xs, w_scale, y, m, n, k, xq.stride(0),
                      w_q.stride(0), y.stride(0), mb, PER_ROW=per_row)
     return y
 
@@ -202,11 +262,18 @@ def _fp8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Ten
 _gemm_launch = TunedLaunch(_fp8_gemm_kernel)
 _tma_launch = TunedLaunch(_fp8_gemm_tma_kernel)
 _fp8_op = matmul_custom_op("matmul_fp8", _fp8)
+_fp8_silu_mul_op = matmul_custom_op("matmul_fp8_silu_mul", _fp8_silu_mul, weight_index=2)
 
 
 def matmul_fp8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """Same contract as `reference.matmul_fp8`."""
     return _fp8_op(x, w_q, w_scale)
+
+
+def matmul_fp8_silu_mul(gate: torch.Tensor, up: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor
+                        ) -> torch.Tensor:
+    """Same contract as `reference.matmul_fp8_silu_mul`."""
+    return _fp8_silu_mul_op(gate, up, w_q, w_scale)
 
 
 def supports(x: torch.Tensor | None = None, w_q: torch.Tensor | None = None,
@@ -231,5 +298,14 @@ def supports(x: torch.Tensor | None = None, w_q: torch.Tensor | None = None,
     return reasons
 
 
+def silu_mul_supports(gate: torch.Tensor | None = None, up: torch.Tensor | None = None,
+                      w_q: torch.Tensor | None = None, w_scale: torch.Tensor | None = None) -> list[str]:
+    """`supports` of the product, and up shaped and typed as gate."""
+    if gate is None or up is None:
+        return supports()
+    return supports(gate, w_q, w_scale) + twin_reasons("up", up, "gate", gate)
+
+
 def register(reg: KernelRegistry) -> None:
     reg.register("matmul.fp8", "triton", matmul_fp8, supports=supports, priority=20)
+    reg.register("matmul.fp8_silu_mul", "triton", matmul_fp8_silu_mul, supports=silu_mul_supports, priority=20)
