@@ -135,11 +135,11 @@ def check_paths_and_tuning(gen: torch.Generator, failures: list[str]) -> None:
 
 def check_silu_mul_rows(gen: torch.Generator, failures: list[str]) -> None:
     """The fused silu(gate) * up + row quantization against the reference's quantization of the float32
-    product, on column halves of one gate/up output (K not a multiple of the row block under the
-    interpreter): scales within float32 rounding, and every x_q the reference's or (an exp an ulp apart
+    product, on column halves of one gate/up output (a row in one block and, K not a multiple of the
+    block, in several): scales within float32 rounding, and every x_q the reference's or (an exp an ulp apart
     moving a product across a rounding boundary) its E4M3 neighbour, on at most 1% of the elements."""
     for dtype in (torch.bfloat16, torch.float16):
-        for m, k in ((1, 40), (5, 96), (3, 4100)):
+        for m, k in ((1, 40), (5, 96), (3, 4100), (2, 24)):
             fused = (torch.randn(m, 2 * k, generator=gen) * 4).to(dtype).to(DEVICE)
             gate, up = fused[:, :k], fused[:, k:]
             (xq, xs), (rq, rs) = fp8_matmul.silu_mul_quantize_rows(gate, up), reference.quantize_fp8_rows(

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from tessera.kernels.custom_ops import matmul_custom_op
@@ -41,47 +42,87 @@ FP8_MAX = 448.0
 
 
 @triton.jit
+def _quantize_stored(x, XQ, XS, row, offs, mask, stride_qm, scale):
+    # IEEE division (plain `/` is approximate on GPU): x_q must round exactly as the reference's.
+    xq = tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0)
+    tl.store(XQ + row * stride_qm + offs, xq.to(XQ.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+
+
+@triton.jit
+def _row_scale(amax):
+    return tl.maximum(tl.max(amax, 0), 1e-12) / 448.0  # FP8_MAX: E4M3's largest finite value
+
+
+@triton.jit
 def _quantize_rows_kernel(X, XQ, XS, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr):
+    """One program a row: scale = amax / 448, x_q = x / scale. A row that fits one block is read once;
+    a longer one twice (for the amax, then for the values)."""
     row = tl.program_id(0).to(tl.int64)
-    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
+    if BLOCK_K >= K:
+        offs = tl.arange(0, BLOCK_K)
         x = tl.load(X + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.max(amax, 0), 1e-12) / 448.0  # FP8_MAX: E4M3's largest finite value
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(X + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
-        # IEEE division (plain `/` is approximate on GPU): x_q must round exactly as the reference's.
-        xq = tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0)
-        tl.store(XQ + row * stride_qm + offs, xq.to(XQ.dtype.element_ty, fp_downcast_rounding="rtne"), mask=offs < K)
+        scale = _row_scale(tl.abs(x))
+        _quantize_stored(x, XQ, XS, row, offs, offs < K, stride_qm, scale)
+    else:
+        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(X + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        scale = _row_scale(amax)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(X + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+            _quantize_stored(x, XQ, XS, row, offs, offs < K, stride_qm, scale)
     tl.store(XS + row, scale)
 
 
 @triton.jit
-def _silu_mul_row(G, U, row, offs, mask, stride_g, stride_u):
-    """silu(gate) * up for one row segment, in float32."""
+def _silu_mul_row(G, U, row, offs, mask, stride_g, stride_u, LIBDEVICE: tl.constexpr):
+    """silu(gate) * up for one row segment in float32, as torch computes it on a GPU: gate / (1 +
+    exp(-gate)) with libdevice's accurate exp (LIBDEVICE; the interpreter, which lacks it, takes NumPy's)
+    and an IEEE division (Triton's defaults are approximate), so a product does not land an E4M3 step
+    away from the reference's for want of an ulp."""
     g = tl.load(G + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + row * stride_u + offs, mask=mask, other=0.0).to(tl.float32)
-    return g / (1.0 + tl.exp(-g)) * u
+    if LIBDEVICE:
+        e = libdevice.exp(-g)
+    else:
+        e = tl.exp(-g)
+    return tl.math.div_rn(g, 1.0 + e) * u
 
 
 @triton.jit
-def _silu_mul_quantize_rows_kernel(G, U, XQ, XS, K, stride_g, stride_u, stride_qm, BLOCK_K: tl.constexpr):
-    """`_quantize_rows_kernel` of the float32 product silu(gate) * up, computed twice (for the amax, then
-    for the values) instead of written out and read back."""
+def _silu_mul_quantize_rows_kernel(G, U, XQ, XS, K, stride_g, stride_u, stride_qm, BLOCK_K: tl.constexpr,
+                                   LIBDEVICE: tl.constexpr):
+    """`_quantize_rows_kernel` of the float32 product silu(gate) * up, which is never stored: formed once
+    where the row fits one block, else twice (for the amax, then for the values)."""
     row = tl.program_id(0).to(tl.int64)
-    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
-        amax = tl.maximum(amax, tl.abs(_silu_mul_row(G, U, row, offs, offs < K, stride_g, stride_u)))
-    scale = tl.maximum(tl.max(amax, 0), 1e-12) / 448.0
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
-        x = _silu_mul_row(G, U, row, offs, offs < K, stride_g, stride_u)
-        xq = tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0)
-        tl.store(XQ + row * stride_qm + offs, xq.to(XQ.dtype.element_ty, fp_downcast_rounding="rtne"), mask=offs < K)
+    if BLOCK_K >= K:
+        offs = tl.arange(0, BLOCK_K)
+        x = _silu_mul_row(G, U, row, offs, offs < K, stride_g, stride_u, LIBDEVICE)
+        scale = _row_scale(tl.abs(x))
+        _quantize_stored(x, XQ, XS, row, offs, offs < K, stride_qm, scale)
+    else:
+        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            amax = tl.maximum(amax, tl.abs(_silu_mul_row(G, U, row, offs, offs < K, stride_g, stride_u, LIBDEVICE)))
+        scale = _row_scale(amax)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            x = _silu_mul_row(G, U, row, offs, offs < K, stride_g, stride_u, LIBDEVICE)
+            _quantize_stored(x, XQ, XS, row, offs, offs < K, stride_qm, scale)
     tl.store(XS + row, scale)
+
+
+def _row_launch(k: int) -> dict[str, int]:
+    """Block and warps of the row kernels: the whole row in one block up to 8192 (64 under the
+    interpreter), else 2048-wide blocks (32)."""
+    whole = triton.next_power_of_2(k)
+    one, loop = (64, 32) if triton_interpreting() else (8192, 2048)
+    block = whole if whole <= one else loop
+    return {"BLOCK_K": block, "num_warps": 8 if block >= 4096 else 4}
 
 
 _INTERPRET = triton.Config({"BM": 16, "BN": 16, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=1)
@@ -201,8 +242,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xq = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
     xs = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m:
-        block = min(triton.next_power_of_2(k), 32 if triton_interpreting() else 2048)
-        _quantize_rows_kernel[(m,)](x, xq, xs, k, x.stride(0), xq.stride(0), BLOCK_K=block, num_warps=4)
+        _quantize_rows_kernel[(m,)](x, xq, xs, k, x.stride(0), xq.stride(0), **_row_launch(k))
     return xq, xs
 
 
@@ -214,9 +254,8 @@ def silu_mul_quantize_rows(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.
     xq = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=gate.device)
     xs = torch.empty((m,), dtype=torch.float32, device=gate.device)
     if m:
-        block = min(triton.next_power_of_2(k), 32 if triton_interpreting() else 2048)
         _silu_mul_quantize_rows_kernel[(m,)](gate, up, xq, xs, k, gate.stride(0), up.stride(0), xq.stride(0),
-                                             BLOCK_K=block, num_warps=4)
+                                             LIBDEVICE=not triton_interpreting(), **_row_launch(k))
     return xq, xs
 
 
