@@ -177,12 +177,6 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def matmul_fp8_silu_mul(gate: torch.Tensor, up: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor
-                        ) -> torch.Tensor:
-    # The product stays float32 until it is quantized; the output is rounded once, to gate's dtype.
-    return matmul_fp8(F.silu(gate.float()) * up.float(), w_q, w_scale).to(gate.dtype)
-
-
 REFERENCES = {
     "rms_norm": rms_norm,
     "rms_norm_residual": rms_norm_residual,
@@ -197,5 +191,4 @@ REFERENCES = {
     "matmul.int8_weight_only": matmul_int8_weight_only,
     "matmul.int4_awq": matmul_int4_awq,
     "matmul.fp8": matmul_fp8,
-    "matmul.fp8_silu_mul": matmul_fp8_silu_mul,
 }

@@ -260,21 +260,6 @@ def _fp8(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
     return out
 
 
-def _fp8_silu_mul(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
-    # gate and up as column halves of one fused gate/up output (strided rows), as a model passes them.
-    sizes = [(1, 8192, 2048), (257, 4096, 1024)] if real else [(1, 48, 33), (9, 64, 48), (70, 96, 32)]
-    out = []
-    for m, k, n in sizes:
-        fused = r.randn(m, 2 * k, dtype=dtype, scale=3.0)
-        w_q = (r.randn(n, k) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
-        out.append(Sample(f"m{m}-k{k}-n{n}-row-scale", (fused[:, :k], fused[:, k:], w_q,
-                                                         r.randn(n).abs() * 1e-3 + 1e-4)))
-    w_q = (r.randn(16, 64) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
-    out.append(Sample("contiguous-tensor-scale", (r.randn(5, 64, dtype=dtype, scale=3.0), r.randn(5, 64, dtype=dtype),
-                                                  w_q, r.randn(1).abs() * 1e-3 + 1e-4)))
-    return out
-
-
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 SAMPLERS: dict[str, tuple[Callable[[_Rand, torch.dtype, bool], list[Sample]], tuple[torch.dtype, ...]]] = {
     "rms_norm": (_rms_norm, _FLOATS),
@@ -290,7 +275,6 @@ SAMPLERS: dict[str, tuple[Callable[[_Rand, torch.dtype, bool], list[Sample]], tu
     "matmul.int8_weight_only": (_int8, _FLOATS),
     "matmul.int4_awq": (_int4, _FLOATS),
     "matmul.fp8": (_fp8, (torch.bfloat16, torch.float16)),
-    "matmul.fp8_silu_mul": (_fp8_silu_mul, (torch.bfloat16, torch.float16)),
 }
 
 

@@ -2,8 +2,7 @@
 
 x is quantized per row exactly as the reference does (scale = amax / 448, IEEE division, clamp, round
 to nearest even): by Triton's one-launch row quantizer when Triton is importable, else by the
-reference's torch ops; `matmul.fp8_silu_mul` quantizes the float32 product silu(gate) * up the same
-way, in Triton as the product forms. `_scaled_mm` then multiplies the E4M3 operands with float32 accumulation
+reference's torch ops. `_scaled_mm` then multiplies the E4M3 operands with float32 accumulation
 (`use_fast_accum=False`: fast accumulation skips the promotions that keep a long K exact enough) and
 applies both scales in its epilogue, in row-wise mode: scale_a [M, 1], scale_b [1, N]. It does not mix
 tensor-wise and row-wise scales, so a per-tensor weight scale is broadcast to [1, N] (one tiny copy).
@@ -24,59 +23,37 @@ from torch.torch_version import TorchVersion
 
 from tessera.kernels import reference
 from tessera.kernels.custom_ops import matmul_custom_op
-from tessera.kernels.support import device_reasons, dtype_reasons, no_grad_reasons, twin_reasons
+from tessera.kernels.support import device_reasons, dtype_reasons, no_grad_reasons
 from tessera.specs import KernelRegistry
 
 #: Output dtypes of row-wise `_scaled_mm` in this torch.
 X_DTYPES = (torch.bfloat16, torch.float16) if TorchVersion(torch.__version__) >= "2.10" else (torch.bfloat16,)
 
 
-def _reference_silu_mul_rows(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return reference.quantize_fp8_rows(torch.nn.functional.silu(gate.float()) * up.float())
-
-
 @functools.cache
-def _row_quantizers() -> tuple[Callable[..., tuple[torch.Tensor, torch.Tensor]], ...]:
-    """(quantize x's rows, quantize silu_mul(gate, up)'s rows): Triton's one-launch kernels, or the
-    reference's torch ops where Triton is missing."""
+def _row_quantizer() -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     try:
-        from tessera.kernels.triton.fp8_matmul import quantize_rows, silu_mul_quantize_rows
+        from tessera.kernels.triton.fp8_matmul import quantize_rows
     except ImportError:
-        return reference.quantize_fp8_rows, _reference_silu_mul_rows
-    return quantize_rows, silu_mul_quantize_rows
-
-
-def _scaled_mm(xq: torch.Tensor, xs: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-               dtype: torch.dtype) -> torch.Tensor:
-    m, n = xq.shape[0], w_q.shape[0]
-    scale_b = w_scale.expand(n).contiguous() if w_scale.numel() == 1 else w_scale.contiguous()
-    return torch._scaled_mm(xq, w_q.t(), scale_a=xs.view(m, 1), scale_b=scale_b.view(1, n), out_dtype=dtype,
-                            use_fast_accum=False)
+        return reference.quantize_fp8_rows
+    return quantize_rows
 
 
 def _fp8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    m, n = x.shape[0], w_q.shape[0]
     x = x if x.stride(-1) == 1 else x.contiguous()
-    return _scaled_mm(*_row_quantizers()[0](x), w_q, w_scale, x.dtype)
-
-
-def _fp8_silu_mul(gate: torch.Tensor, up: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    gate, up = (t if t.stride(-1) == 1 else t.contiguous() for t in (gate, up))
-    return _scaled_mm(*_row_quantizers()[1](gate, up), w_q, w_scale, gate.dtype)
+    xq, xs = _row_quantizer()(x)
+    scale_b = w_scale.expand(n).contiguous() if w_scale.numel() == 1 else w_scale.contiguous()
+    return torch._scaled_mm(xq, w_q.t(), scale_a=xs.view(m, 1), scale_b=scale_b.view(1, n), out_dtype=x.dtype,
+                            use_fast_accum=False)
 
 
 _fp8_op = matmul_custom_op("matmul_fp8_scaled_mm", _fp8)
-_fp8_silu_mul_op = matmul_custom_op("matmul_fp8_silu_mul_scaled_mm", _fp8_silu_mul, weight_index=2)
 
 
 def matmul_fp8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """Same contract as `reference.matmul_fp8`, for inputs `supports` accepts."""
     return _fp8_op(x, w_q, w_scale)
-
-
-def matmul_fp8_silu_mul(gate: torch.Tensor, up: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor
-                        ) -> torch.Tensor:
-    """Same contract as `reference.matmul_fp8_silu_mul`, for inputs `silu_mul_supports` accepts."""
-    return _fp8_silu_mul_op(gate, up, w_q, w_scale)
 
 
 @functools.cache
@@ -117,15 +94,6 @@ def supports(x: torch.Tensor | None = None, w_q: torch.Tensor | None = None,
     return reasons + _shape_reasons(x, w_q, w_scale) + no_grad_reasons(x)
 
 
-def silu_mul_supports(gate: torch.Tensor | None = None, up: torch.Tensor | None = None,
-                      w_q: torch.Tensor | None = None, w_scale: torch.Tensor | None = None) -> list[str]:
-    """`supports` of the product, and up shaped and typed as gate."""
-    if gate is None or up is None or w_q is None or w_scale is None:
-        return supports()
-    return supports(gate, w_q, w_scale) + twin_reasons("up", up, "gate", gate)
-
-
 def register(reg: KernelRegistry) -> None:
     # Above Triton's fp8 GEMM (20): cuBLASLt's kernels are faster wherever they accept the inputs.
     reg.register("matmul.fp8", "scaled_mm", matmul_fp8, supports=supports, priority=30)
-    reg.register("matmul.fp8_silu_mul", "scaled_mm", matmul_fp8_silu_mul, supports=silu_mul_supports, priority=30)

@@ -57,14 +57,6 @@ def same_dtype_reasons(**tensors: torch.Tensor) -> list[str]:
     return ["dtypes differ: " + ", ".join(f"{n}={str(d).removeprefix('torch.')}" for n, d in dtypes.items())]
 
 
-def twin_reasons(name: str, t: torch.Tensor, like_name: str, like: torch.Tensor) -> list[str]:
-    """Why `t` is not shaped, typed and placed as `like` (e.g. up beside gate), or nothing."""
-    if t.shape == like.shape and t.dtype == like.dtype and t.device == like.device:
-        return []
-    return [f"{name} {tuple(t.shape)} {t.dtype} on {t.device} differs from {like_name} {tuple(like.shape)} "
-            f"{like.dtype} on {like.device}"]
-
-
 def no_grad_reasons(*tensors: torch.Tensor) -> list[str]:
     """For backends without a backward: refuse inputs that need gradients while autograd records."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):

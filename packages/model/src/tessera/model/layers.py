@@ -81,11 +81,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: `down(silu(gate(x)) * up(x))`; `fuse_projections` may set `gate_up` (one GEMM for both).
-
-    A down projection that offers `silu_mul_matmul(gate, up)` (an FP8 linear, which quantizes the
-    float32 product as it forms it) is handed the halves instead of the product, unless hooks watch
-    it: a hooked module is called as one, so its hooks see its input."""
+    """SwiGLU: `down(silu(gate(x)) * up(x))`; `fuse_projections` may set `gate_up` (one GEMM for both)."""
 
     gate_up: FusedProjections | None = None
 
@@ -100,13 +96,9 @@ class MLP(nn.Module):
             gate, up = self.gate_up(x)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        down = self.down_proj
-        of_halves = getattr(down, "silu_mul_matmul", None)
-        if of_halves is not None and not (down._forward_hooks or down._forward_pre_hooks):
-            return of_halves(gate, up)
         lead, f = gate.shape[:-1], gate.shape[-1]
         act = registry("silu_mul", gate.reshape(-1, f), up.reshape(-1, f))  # one launch for silu and product
-        return down(act.view(*lead, f))
+        return self.down_proj(act.view(*lead, f))
 
 
 class DecoderLayer(nn.Module):

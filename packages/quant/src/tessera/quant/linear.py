@@ -7,7 +7,6 @@ registry op, so a faster backend (Triton, CUDA) is picked up wherever its `suppo
     Int8Linear  weight int8 [N, K], weight_scale float32 [N]              -> matmul.int8_weight_only
     Int4Linear  qweight uint8 [N, K/2], scales/zeros float32 [N, K/G]     -> matmul.int4_awq
     FP8Linear   weight float8_e4m3fn [N, K], weight_scale float32 [1]/[N] -> matmul.fp8
-                (as a SwiGLU down projection, matmul.fp8_silu_mul on the gate/up halves)
 
 Projections of one input (q/k/v, gate/up) fuse like float ones (`tessera.model.fuse_projections`):
 `QuantLinear.fuse_parts` concatenates the parts' row buffers into one module of the same class and
@@ -52,13 +51,8 @@ class QuantLinear(nn.Module, ABC):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features] in x's dtype."""
-        return self._run(self.op, x)
-
-    def _run(self, op: str, *xs: torch.Tensor) -> torch.Tensor:
-        """Registry op `op` on the inputs xs [..., in_features] (flattened to rows) and this module's
-        weights, plus the bias, shaped [..., out_features]."""
-        lead = xs[0].shape[:-1]
-        y = registry(op, *(x.reshape(-1, self.in_features) for x in xs), *self._op_args())
+        lead = x.shape[:-1]
+        y = registry(self.op, x.reshape(-1, self.in_features), *self._op_args())
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
@@ -213,12 +207,6 @@ class FP8Linear(QuantLinear):
 
     def _op_args(self) -> tuple:
         return (self.weight, self.weight_scale)
-
-    def silu_mul_matmul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """`self(silu_mul(gate, up))` as a SwiGLU down projection, except that the product is quantized per
-        row as it forms, in float32 (`matmul.fp8_silu_mul`), instead of rounded to the activations' dtype,
-        written out and read back."""
-        return self._run("matmul.fp8_silu_mul", gate, up)
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_fp8(self.weight, self.weight_scale)

@@ -314,12 +314,4 @@ CATALOGUE: tuple[KernelSpec, ...] = (
         args=(_t("x", "M", "K", dtypes=(*_HALF, "float32")), _t("w_q", "N", "K", dtypes=("float8_e4m3fn",)),
               _t("w_scale", "S", dtypes=("float32",))),
         results=(_t("y", "M", "N", dtypes=_FLOAT),), tolerances=_TOL_MM),
-    KernelSpec(
-        name="matmul.fp8_silu_mul",
-        description="matmul.fp8 of silu(gate) * up: a SwiGLU down projection in E4M3 that takes the gate and "
-        "up halves, so the product (float32, not rounded to gate's dtype) is quantized per row as it forms, "
-        "never stored. matmul.fp8_silu_mul(gate, up, w_q, w_scale) -> y (gate's dtype)",
-        args=(_t("gate", "M", "K", dtypes=(*_HALF, "float32")), _t("up", "M", "K", dtypes=(*_HALF, "float32")),
-              _t("w_q", "N", "K", dtypes=("float8_e4m3fn",)), _t("w_scale", "S", dtypes=("float32",))),
-        results=(_t("y", "M", "N", dtypes=_FLOAT),), tolerances=_TOL_MM),
 )

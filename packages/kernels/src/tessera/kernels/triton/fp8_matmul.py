@@ -3,8 +3,6 @@
 Two launches: a row kernel quantizes x per row (scale amax / 448, the reference's rounding), then a
 GEMM multiplies the fp8 operands and applies both scales in the epilogue (per-tensor or per-row
 weight scale), writing x's dtype. w_q [N, K] is already K-major, the layout fp8 MMA wants for B.
-`matmul.fp8_silu_mul` swaps the row kernel for one that forms silu(gate) * up itself (in float32), so a
-SwiGLU down projection never writes the product out and reads it back.
 
 Two GEMMs: above `TMA_MIN_ROWS` rows (prefill, training-sized batches) a persistent kernel that
 moves tiles with TMA descriptors (one program per SM walking the output tiles in grouped order, no
@@ -16,23 +14,14 @@ Both promote the tensor cores' partial sums into the float32 accumulator after e
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from tessera.kernels.custom_ops import matmul_custom_op
-from tessera.kernels.support import (
-    HALF,
-    dtype_reasons,
-    no_grad_reasons,
-    triton_device_reasons,
-    triton_interpreting,
-    twin_reasons,
-)
+from tessera.kernels.support import HALF, dtype_reasons, no_grad_reasons, triton_device_reasons, triton_interpreting
 from tessera.kernels.triton.tiles import grouped_tile
 from tessera.kernels.triton.tuned_launch import TunedLaunch
 from tessera.kernels.triton.tuning import autotune, bucket
@@ -42,82 +31,38 @@ FP8_MAX = 448.0
 
 
 @triton.jit
-def _quantize_stored(x, XQ, XS, row, offs, mask, stride_qm, scale):
+def _quantize_stored(x, XQ, row, offs, mask, stride_qm, scale):
     # IEEE division (plain `/` is approximate on GPU): x_q must round exactly as the reference's.
     xq = tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0)
     tl.store(XQ + row * stride_qm + offs, xq.to(XQ.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
 
 
 @triton.jit
-def _row_scale(amax):
-    return tl.maximum(tl.max(amax, 0), 1e-12) / 448.0  # FP8_MAX: E4M3's largest finite value
-
-
-@triton.jit
 def _quantize_rows_kernel(X, XQ, XS, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr):
-    """One program a row: scale = amax / 448, x_q = x / scale. A row that fits one block is read once;
-    a longer one twice (for the amax, then for the values)."""
+    """One program a row: scale = amax / 448 (E4M3's largest finite value), x_q = x / scale. A row that
+    fits one block is read once; a longer one twice (for the amax, then for the values)."""
     row = tl.program_id(0).to(tl.int64)
     if BLOCK_K >= K:
         offs = tl.arange(0, BLOCK_K)
         x = tl.load(X + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
-        scale = _row_scale(tl.abs(x))
-        _quantize_stored(x, XQ, XS, row, offs, offs < K, stride_qm, scale)
+        scale = tl.maximum(tl.max(tl.abs(x), 0), 1e-12) / 448.0
+        _quantize_stored(x, XQ, row, offs, offs < K, stride_qm, scale)
     else:
         amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(X + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        scale = _row_scale(amax)
+        scale = tl.maximum(tl.max(amax, 0), 1e-12) / 448.0
         for k0 in range(0, K, BLOCK_K):
             offs = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(X + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
-            _quantize_stored(x, XQ, XS, row, offs, offs < K, stride_qm, scale)
-    tl.store(XS + row, scale)
-
-
-@triton.jit
-def _silu_mul_row(G, U, row, offs, mask, stride_g, stride_u, LIBDEVICE: tl.constexpr):
-    """silu(gate) * up for one row segment in float32, as torch computes it on a GPU: gate / (1 +
-    exp(-gate)) with libdevice's accurate exp (LIBDEVICE; the interpreter, which lacks it, takes NumPy's)
-    and an IEEE division (Triton's defaults are approximate), so a product does not land an E4M3 step
-    away from the reference's for want of an ulp."""
-    g = tl.load(G + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + row * stride_u + offs, mask=mask, other=0.0).to(tl.float32)
-    if LIBDEVICE:
-        e = libdevice.exp(-g)
-    else:
-        e = tl.exp(-g)
-    return tl.math.div_rn(g, 1.0 + e) * u
-
-
-@triton.jit
-def _silu_mul_quantize_rows_kernel(G, U, XQ, XS, K, stride_g, stride_u, stride_qm, BLOCK_K: tl.constexpr,
-                                   LIBDEVICE: tl.constexpr):
-    """`_quantize_rows_kernel` of the float32 product silu(gate) * up, which is never stored: formed once
-    where the row fits one block, else twice (for the amax, then for the values)."""
-    row = tl.program_id(0).to(tl.int64)
-    if BLOCK_K >= K:
-        offs = tl.arange(0, BLOCK_K)
-        x = _silu_mul_row(G, U, row, offs, offs < K, stride_g, stride_u, LIBDEVICE)
-        scale = _row_scale(tl.abs(x))
-        _quantize_stored(x, XQ, XS, row, offs, offs < K, stride_qm, scale)
-    else:
-        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs = k0 + tl.arange(0, BLOCK_K)
-            amax = tl.maximum(amax, tl.abs(_silu_mul_row(G, U, row, offs, offs < K, stride_g, stride_u, LIBDEVICE)))
-        scale = _row_scale(amax)
-        for k0 in range(0, K, BLOCK_K):
-            offs = k0 + tl.arange(0, BLOCK_K)
-            x = _silu_mul_row(G, U, row, offs, offs < K, stride_g, stride_u, LIBDEVICE)
-            _quantize_stored(x, XQ, XS, row, offs, offs < K, stride_qm, scale)
+            _quantize_stored(x, XQ, row, offs, offs < K, stride_qm, scale)
     tl.store(XS + row, scale)
 
 
 def _row_launch(k: int) -> dict[str, int]:
-    """Block and warps of the row kernels: the whole row in one block up to 8192 (64 under the
+    """Block and warps of the row kernel: the whole row in one block up to 8192 (64 under the
     interpreter), else 2048-wide blocks (32)."""
     whole = triton.next_power_of_2(k)
     one, loop = (64, 32) if triton_interpreting() else (8192, 2048)
@@ -246,19 +191,6 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xq, xs
 
 
-def silu_mul_quantize_rows(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize_rows` of the float32 product silu(gate) * up, in one launch that never stores the product.
-    gate and up [M, K] of one dtype, last dims contiguous (column halves of one fused gate/up output are
-    fine)."""
-    m, k = gate.shape
-    xq = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=gate.device)
-    xs = torch.empty((m,), dtype=torch.float32, device=gate.device)
-    if m:
-        _silu_mul_quantize_rows_kernel[(m,)](gate, up, xq, xs, k, gate.stride(0), up.stride(0), xq.stride(0),
-                                             LIBDEVICE=not triton_interpreting(), **_row_launch(k))
-    return xq, xs
-
-
 def _grid(m: int, n: int):
     return lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
 
@@ -268,32 +200,22 @@ def _persistent_grid(m: int, n: int, sms: int):
 
 
 def _fp8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    m, k = x.shape
+    n = w_q.shape[0]
     x = x if x.stride(-1) == 1 else x.contiguous()
-    return _gemm(x.shape[0], lambda: quantize_rows(x), w_q, w_scale, x.dtype, x.device)
-
-
-def _fp8_silu_mul(gate: torch.Tensor, up: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    gate, up = (t if t.stride(-1) == 1 else t.contiguous() for t in (gate, up))
-    return _gemm(gate.shape[0], lambda: silu_mul_quantize_rows(gate, up), w_q, w_scale, gate.dtype, gate.device)
-
-
-def _gemm(m: int, quantized: Callable[[], tuple[torch.Tensor, torch.Tensor]], w_q: torch.Tensor,
-          w_scale: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """y [M, N] in `dtype` from the rows `quantized()` returns (x_q, scale), run only when there is work."""
-    n, k = w_q.shape
     w_q, w_scale = w_q.contiguous(), w_scale.contiguous()
-    y = torch.empty((m, n), dtype=dtype, device=device)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m and n:
-        xq, xs = quantized()
+        xq, xs = quantize_rows(x)
         mb, per_row = bucket(m), w_scale.numel() > 1
         if m >= TMA_MIN_ROWS and _tma_ok(xq, w_q, y):
-            sms = _num_sms(device)
+            sms = _num_sms(x.device)
             # Placeholder boxes: the config's pre-hook sizes them before every launch.
             descs = [TensorDescriptor.from_tensor(t, [16, 16]) for t in (xq, w_q, y)]
-            _tma_launch((mb, n, k, per_row, dtype, sms), _persistent_grid(m, n, sms), *descs, xs, w_scale,
+            _tma_launch((mb, n, k, per_row, x.dtype, sms), _persistent_grid(m, n, sms), *descs, xs, w_scale,
                         m, n, k, mb, NUM_SMS=sms, PER_ROW=per_row)
             return y
-        _gemm_launch((mb, n, k, per_row, dtype), _grid(m, n), xq, w_q, xs, w_scale, y, m, n, k, xq.stride(0),
+        _gemm_launch((mb, n, k, per_row, x.dtype), _grid(m, n), xq, w_q, xs, w_scale, y, m, n, k, xq.stride(0),
                      w_q.stride(0), y.stride(0), mb, PER_ROW=per_row)
     return y
 
@@ -301,18 +223,11 @@ def _gemm(m: int, quantized: Callable[[], tuple[torch.Tensor, torch.Tensor]], w_
 _gemm_launch = TunedLaunch(_fp8_gemm_kernel)
 _tma_launch = TunedLaunch(_fp8_gemm_tma_kernel)
 _fp8_op = matmul_custom_op("matmul_fp8", _fp8)
-_fp8_silu_mul_op = matmul_custom_op("matmul_fp8_silu_mul", _fp8_silu_mul, weight_index=2)
 
 
 def matmul_fp8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """Same contract as `reference.matmul_fp8`."""
     return _fp8_op(x, w_q, w_scale)
-
-
-def matmul_fp8_silu_mul(gate: torch.Tensor, up: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor
-                        ) -> torch.Tensor:
-    """Same contract as `reference.matmul_fp8_silu_mul`."""
-    return _fp8_silu_mul_op(gate, up, w_q, w_scale)
 
 
 def supports(x: torch.Tensor | None = None, w_q: torch.Tensor | None = None,
@@ -337,14 +252,5 @@ def supports(x: torch.Tensor | None = None, w_q: torch.Tensor | None = None,
     return reasons
 
 
-def silu_mul_supports(gate: torch.Tensor | None = None, up: torch.Tensor | None = None,
-                      w_q: torch.Tensor | None = None, w_scale: torch.Tensor | None = None) -> list[str]:
-    """`supports` of the product, and up shaped and typed as gate."""
-    if gate is None or up is None:
-        return supports()
-    return supports(gate, w_q, w_scale) + twin_reasons("up", up, "gate", gate)
-
-
 def register(reg: KernelRegistry) -> None:
     reg.register("matmul.fp8", "triton", matmul_fp8, supports=supports, priority=20)
-    reg.register("matmul.fp8_silu_mul", "triton", matmul_fp8_silu_mul, supports=silu_mul_supports, priority=20)
