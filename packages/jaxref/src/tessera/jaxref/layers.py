@@ -2,18 +2,44 @@
 
 Numerics follow the torch references (`tessera.kernels.reference`) and Hugging Face Llama/Qwen:
 RMSNorm and softmax run in float32 and cast back; RoPE is "rotate_half" with float32 angles cast to
-the activation dtype; attention accumulates in float32.
+the activation dtype; attention accumulates in float32; float32 projections and attention's sum
+over keys add their products in blocks (`blocked_sum`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tessera.specs import RopeScaling
+
+# A float32 sum over a long contraction axis (a projection's K, attention's keys) runs in blocks of
+# this many terms, added pairwise. XLA's CPU dot adds up to 512 products into one running sum (its
+# results equal 512-term blocks summed in order), twice the rounding error of the BLAS under the
+# torch model, and that error is most of this forward's float32 error (README, "Numerics").
+SUM_BLOCK = 128
+
+
+def blocked_sum(term: Callable[[int, int], jax.Array], n: int, dtype: jnp.dtype) -> jax.Array:
+    """`term(0, n)`, where `term(i, j)` sums terms `i..j-1` of a contraction: for float32 as the
+    pairwise sum of `term` over consecutive blocks of at most `SUM_BLOCK`; for other dtypes in one
+    call (their rounding of the inputs dwarfs the accumulation error, and one dot is fastest)."""
+    def pairwise(start: int, stop: int) -> jax.Array:
+        if stop - start <= SUM_BLOCK:
+            return term(start, stop)
+        mid = start + SUM_BLOCK * -(-(stop - start) // (2 * SUM_BLOCK))
+        return pairwise(start, mid) + pairwise(mid, stop)
+
+    return pairwise(0, n) if dtype == jnp.float32 else term(0, n)
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`x [..., K] @ w [K, N]`, summed over K as `blocked_sum` says."""
+    return blocked_sum(lambda i, j: x[..., i:j] @ w[i:j], x.shape[-1], x.dtype)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -73,8 +99,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos:
 
     q `[B, Tq, Hq, D]`, k/v `[B, Tk, Hkv, D]` (Hq % Hkv == 0; query head h reads kv head
     h // (Hq // Hkv)), `q_pos [B, Tq]` and `k_pos [B, Tk]` absolute positions: query i sees key j
-    iff `k_pos[j] <= q_pos[i]`. Scores and softmax in float32, scale `D ** -0.5`; returns
-    `[B, Tq, Hq, D]` in `q.dtype`.
+    iff `k_pos[j] <= q_pos[i]`. Scores and softmax in float32, scale `D ** -0.5`, the sum over keys
+    as `blocked_sum` says; returns `[B, Tq, Hq, D]` in `q.dtype`.
     """
     b, tq, hq, d = q.shape
     hkv = k.shape[2]
@@ -82,11 +108,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos:
     scores = jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=jnp.float32) * (d ** -0.5)
     visible = k_pos[:, None, None, None, :] <= q_pos[:, None, None, :, None]
     scores = jnp.where(visible, scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bgrts,bsgd->btgrd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+
+    def values(i: int, j: int) -> jax.Array:
+        return jnp.einsum("bgrts,bsgd->btgrd", probs[..., i:j], v[:, i:j], preferred_element_type=jnp.float32)
+
+    out = blocked_sum(values, k.shape[1], v.dtype)
     return out.reshape(b, tq, hq, d).astype(q.dtype)
 
 
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array) -> jax.Array:
     """`silu(x @ w_gate) * (x @ w_up)` with weights `[D, F]`."""
-    return jax.nn.silu(x @ w_gate) * (x @ w_up)
+    return jax.nn.silu(matmul(x, w_gate)) * matmul(x, w_up)
