@@ -16,6 +16,7 @@ projections, which stay correct. Call `fuse_projections` again after such a chan
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,7 @@ def storage(module: nn.Module) -> tuple[int, ...]:
 
 
 @dataclass(eq=False, kw_only=True)
-class FusedProjections:
+class FusedProjections(ABC):
     """Projections of one input (`parts`, `sizes` output columns each) run as one matmul whose weight the
     parts' tensors are views of; `views` holds their addresses at fusing (`storage`). Subclasses give
     the matmul: `FusedLinear` here, the quantized linears' own in `tessera.quant`."""
@@ -54,8 +55,9 @@ class FusedProjections:
             return False
         return modules == self.parts and self.is_current()
 
+    @abstractmethod
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """`x [..., in]` -> `[..., sum(sizes)]`: the one matmul of all parts."""
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """`x [..., in]` -> one `[..., size_i]` view per part (column slices of one matmul's output)."""

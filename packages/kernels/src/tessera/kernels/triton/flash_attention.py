@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tessera.kernels.custom_ops import eager_bypass
 from tessera.kernels.support import FLOATS, dtype_reasons, same_dtype_reasons, triton_device_reasons
 from tessera.kernels.triton.tuning import autotune, bucket, dot_precision
 from tessera.specs import KernelRegistry
@@ -311,17 +312,20 @@ class FlashAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+def _flash_out(*args: object) -> torch.Tensor:
+    return _flash_fwd(*args)[0]
+
+
+# Nothing to record and nothing tracing: the autograd function and the op's dispatcher would only cost
+# host time (a prefill of a 16-layer model spends milliseconds there).
+_attention_call = eager_bypass(FlashAttention.apply, _flash_out)
+
+
 def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                       max_seqlen: int | None = None, causal: bool = True, scale: float | None = None) -> torch.Tensor:
     """Same contract as `reference.attention_prefill`; differentiable in q, k and v."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    max_seqlen = -1 if max_seqlen is None else int(max_seqlen)
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
-                                                                      or v.requires_grad)):
-        return FlashAttention.apply(q, k, v, cu_seqlens, max_seqlen, bool(causal), scale)
-    # Nothing to record and nothing tracing: the autograd function and the op's dispatcher would only
-    # cost host time (a prefill of a 16-layer model spends milliseconds there).
-    return _flash_fwd(q, k, v, cu_seqlens, max_seqlen, bool(causal), scale)[0]
+    return _attention_call(q, k, v, cu_seqlens, -1 if max_seqlen is None else int(max_seqlen), bool(causal), scale)
 
 
 def attention_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:

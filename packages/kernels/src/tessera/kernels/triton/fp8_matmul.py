@@ -38,14 +38,19 @@ def _quantize_stored(x, XQ, row, offs, mask, stride_qm, scale):
 
 
 @triton.jit
+def _row_scale(amax):
+    return tl.maximum(tl.max(amax, 0), 1e-12) / 448.0  # FP8_MAX: E4M3's largest finite value
+
+
+@triton.jit
 def _quantize_rows_kernel(X, XQ, XS, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr):
-    """One program a row: scale = amax / 448 (E4M3's largest finite value), x_q = x / scale. A row that
+    """One program a row: scale = amax / 448, x_q = x / scale. A row that
     fits one block is read once; a longer one twice (for the amax, then for the values)."""
     row = tl.program_id(0).to(tl.int64)
     if BLOCK_K >= K:
         offs = tl.arange(0, BLOCK_K)
         x = tl.load(X + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), 0), 1e-12) / 448.0
+        scale = _row_scale(tl.abs(x))
         _quantize_stored(x, XQ, row, offs, offs < K, stride_qm, scale)
     else:
         amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -53,7 +58,7 @@ def _quantize_rows_kernel(X, XQ, XS, K, stride_xm, stride_qm, BLOCK_K: tl.conste
             offs = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(X + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.maximum(tl.max(amax, 0), 1e-12) / 448.0
+        scale = _row_scale(amax)
         for k0 in range(0, K, BLOCK_K):
             offs = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(X + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
