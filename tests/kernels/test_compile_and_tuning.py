@@ -76,3 +76,25 @@ def test_eager_bypass_dispatches_only_when_tracing_or_recording_grad() -> None:
     call(x.detach())
     eager_bypass(lambda *a: calls.append("op"), lambda *a: calls.append("fn"), autograd=False)(x)
     assert calls == ["op", "fn", "fn", "fn"]
+
+
+def test_decode_gemvs_are_ranked_by_graph_time() -> None:
+    from tessera.kernels.triton.tuning import graph_bench
+
+    if not quant_gemv._int8_tuned.configs[1:]:  # the interpreter keeps one config: nothing to rank
+        pytest.skip("one config under the interpreter")
+    assert quant_gemv._int8_tuned.do_bench is graph_bench and quant_gemv._int4_tuned.do_bench is graph_bench
+
+
+@pytest.mark.gpu
+def test_graph_bench_times_device_work_per_call() -> None:
+    from tessera.kernels.triton.tuning import graph_bench
+
+    small = torch.empty(1 << 20, dtype=torch.uint8, device="cuda")
+    big = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    t_small = graph_bench(lambda: small.copy_(small.flip(0)))
+    median, low, high = graph_bench(lambda: big.add_(1), quantiles=(0.5, 0.2, 0.8))
+    assert low <= median <= high
+    # 512 MiB moved (read + write): at least 50 us even at 10 TB/s, at most a few ms.
+    assert 0.05 < median < 5.0, median
+    assert t_small < median / 10, (t_small, median)

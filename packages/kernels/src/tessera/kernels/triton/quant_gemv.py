@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from tessera.kernels.triton.tuned_launch import TunedLaunch
-from tessera.kernels.triton.tuning import autotune, bucket, dot_precision
+from tessera.kernels.triton.tuning import autotune, bucket, dot_precision, graph_bench
 
 #: Largest M this path serves; larger M goes to the tiled tl.dot kernels (prefill).
 MAX_M = 16
@@ -348,10 +348,11 @@ def int4_gemv_kernel(X, QW, S, Z, Y, WS, CNT, M, N, K, K2, stride_xm, stride_xk,
     _combine_and_store(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, BM, BN, SPLIT_K)
 
 
+# Ranked by CUDA-graph time with a cold L2 (`graph_bench`): the time a decode step pays for them.
 _int8_tuned = autotune(_INT8_M1 + _INT8_MX, key=["M_BUCKET", "N", "K", "PREC"], interpret=_INTERPRET,
-                       prune_configs_by={"early_config_prune": _prune_int8})(int8_gemv_kernel)
+                       prune_configs_by={"early_config_prune": _prune_int8}, do_bench=graph_bench)(int8_gemv_kernel)
 _int4_tuned = autotune(_INT4_M1 + _INT4_MX, key=["M_BUCKET", "N", "K", "GROUP", "PREC"], interpret=_INTERPRET,
-                       prune_configs_by={"early_config_prune": _prune_int4})(int4_gemv_kernel)
+                       prune_configs_by={"early_config_prune": _prune_int4}, do_bench=graph_bench)(int4_gemv_kernel)
 _int8_launch = TunedLaunch(_int8_tuned)
 _int4_launch = TunedLaunch(_int4_tuned)
 

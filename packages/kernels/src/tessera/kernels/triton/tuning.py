@@ -8,7 +8,8 @@ config runs: timing means nothing there.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import triton
 
@@ -25,6 +26,61 @@ def autotune(configs: Sequence[triton.Config], key: list[str], interpret: triton
     """`triton.autotune` with on-disk caching; under the interpreter only the `interpret` config."""
     configs = [interpret] if triton_interpreting() else list(configs)
     return triton.autotune(configs=configs, key=key, cache_results=True, **kwargs)
+
+
+@functools.cache
+def _l2_sweep(device: int) -> object:
+    import torch
+
+    # Twice the L2 in int32: one read of it leaves none of a tuned kernel's operands cached.
+    nbytes = 2 * max(torch.cuda.get_device_properties(device).L2_cache_size, 1 << 20)
+    return torch.ones(nbytes // 4, dtype=torch.int32, device=f"cuda:{device}")
+
+
+def graph_bench(fn: Callable[[], object], quantiles: Sequence[float] | None = None, calls: int = 16,
+                replays: int = 12) -> float | list[float]:
+    """Milliseconds per call of `fn` as a decode step under CUDA graphs pays it: `calls` launches
+    captured in one graph, each after a read of twice the L2 (so operands come from memory, and the
+    cache holds clean lines, as after the previous layer's weights), minus the same graph without `fn`.
+
+    A drop-in for the autotuner's `do_bench`. Its timing loop launches from Python, so a kernel of a few
+    microseconds is ranked with the host's launch cost and an L2 warm from the previous call; graph time
+    is what matters at decode, and the two orders differ (the int8 GEMV configs at 4096 x 4096 did)."""
+    import torch
+
+    fn()  # compiles; errors (out of resources, ...) surface here, outside any capture
+    torch.cuda.synchronize()
+    sweep = _l2_sweep(torch.cuda.current_device())
+    sweep.sum()
+
+    def capture(with_fn: bool) -> torch.cuda.CUDAGraph:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                sweep.sum()
+                if with_fn:
+                    fn()
+        graph.replay()  # the first replay uploads the graph
+        return graph
+
+    def replay_ms(graph: torch.cuda.CUDAGraph) -> list[float]:
+        out = []
+        for _ in range(replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end))
+        return out
+
+    timed, base = capture(True), capture(False)
+    floor = sorted(replay_ms(base))[replays // 2]
+    per_call = sorted(max(t - floor, 0.0) / calls for t in replay_ms(timed))
+    del timed, base
+    if quantiles is None:
+        return per_call[replays // 2]
+    return [per_call[min(int(q * replays), replays - 1)] for q in quantiles]
 
 
 def dot_precision(dtype: object) -> str:
