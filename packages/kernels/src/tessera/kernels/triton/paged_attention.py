@@ -23,7 +23,7 @@ from tessera.specs import KernelRegistry
 
 @triton.jit
 def _decode_kernel(Q, K, V, O, O_PART, ML_PART, TABLES, CTX, scale_log2, stride_qb, stride_qh, stride_kr, stride_kh,
-                   stride_vr, stride_vh, stride_ob, stride_oh, stride_tb, tokens_per_split,
+                   stride_vr, stride_vh, stride_ob, stride_oh, stride_tb,
                    N_REP: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
                    SPLITS: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
     b = tl.program_id(0)
@@ -36,15 +36,15 @@ def _decode_kernel(Q, K, V, O, O_PART, ML_PART, TABLES, CTX, scale_log2, stride_
     g_ok = offs_g < N_REP
     q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_ok[:, None], other=0.0)
-    lo = split * tokens_per_split
-    hi = tl.minimum(lo + tokens_per_split, ctx)
     m_i = tl.full((G,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((G,), dtype=tl.float32)
     acc = tl.zeros((G, HEAD_DIM), dtype=tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
-    for start in range(lo, hi, BLOCK_N):
+    # Split s takes tiles s, s + SPLITS, ...: however short the context against the table's width, its
+    # tiles spread over all splits instead of queueing in the first few.
+    for start in range(split * BLOCK_N, ctx, SPLITS * BLOCK_N):
         tok = start + offs_n
-        tok_ok = tok < hi
+        tok_ok = tok < ctx
         page = tl.load(TABLES + b.to(tl.int64) * stride_tb + tok // PAGE, mask=tok_ok, other=0)
         row = page.to(tl.int64) * PAGE + tok % PAGE
         k = tl.load(K + row[None, :] * stride_kr + kv_head * stride_kh + offs_d[:, None], mask=tok_ok[None, :],
@@ -91,16 +91,16 @@ def _merge_kernel(O, O_PART, ML_PART, stride_ob, stride_oh, HQ, HEAD_DIM: tl.con
     tl.store(O + b.to(tl.int64) * stride_ob + head * stride_oh + offs_d, out.to(O.dtype.element_ty))
 
 
-def _decode_plan(batch: int, hkv: int, max_ctx: int, block_n: int) -> tuple[int, int]:
-    """(splits, tokens_per_split): enough programs to fill the GPU, splits of at least 4 tiles."""
+def _decode_plan(batch: int, hkv: int, max_ctx: int, block_n: int) -> int:
+    """Splits of the context: enough programs to fill the GPU twice over, at most one per tile of the
+    table's width. Tiles are dealt to splits round-robin, so a context much shorter than the table
+    still gets one tile per split, not the first splits' long runs."""
     if triton_interpreting():
         target = 1 if max_ctx <= 2 * block_n else 3
     else:
         sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
         target = triton.cdiv(2 * sms, batch * hkv)
-    splits = max(1, min(target, triton.cdiv(max_ctx, 4 * block_n), 64))
-    per_split = triton.cdiv(triton.cdiv(max_ctx, splits), block_n) * block_n
-    return triton.cdiv(max_ctx, per_split), per_split
+    return max(1, min(target, triton.cdiv(max_ctx, block_n), 64))
 
 
 def _cache_strides(cache: torch.Tensor) -> tuple[int, int]:
@@ -118,7 +118,7 @@ def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if batch == 0:
         return o
     block_n = 16 if triton_interpreting() else 64
-    splits, per_split = _decode_plan(batch, hkv, block_tables.shape[1] * page, block_n)
+    splits = _decode_plan(batch, hkv, block_tables.shape[1] * page, block_n)
     if splits > 1:
         o_part = torch.empty((batch, hq, splits, d), dtype=torch.float32, device=q.device)
         ml_part = torch.empty((batch, hq, splits, 2), dtype=torch.float32, device=q.device)
@@ -128,7 +128,7 @@ def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     vrs, vhs = _cache_strides(v_cache)
     _decode_kernel[(batch, hkv, splits)](
         q, k_cache, v_cache, o, o_part, ml_part, block_tables, context_lens, scale * LOG2E, q.stride(0), q.stride(1),
-        krs, khs, vrs, vhs, o.stride(0), o.stride(1), block_tables.stride(0), per_split, N_REP=n_rep,
+        krs, khs, vrs, vhs, o.stride(0), o.stride(1), block_tables.stride(0), N_REP=n_rep,
         G=max(16, triton.next_power_of_2(n_rep)), HEAD_DIM=d, PAGE=page, SPLITS=splits, PREC=dot_precision(q.dtype),
         BLOCK_N=block_n, num_warps=4, num_stages=2)
     if splits > 1:
