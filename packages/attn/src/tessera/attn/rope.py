@@ -52,9 +52,10 @@ def _llama3_scale(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """Maps positions `[B, T]` (int64) to `(cos, sin)`, each `[B, T, head_dim]` in `dtype`.
 
-    The angles `position * inv_freq` are computed in float32 from the positions on the device, so
-    any position works and nothing syncs with the host. `inv_freq` is a non-persistent buffer
-    (absent from `state_dict`) that stays float32 when the module is cast to a lower precision.
+    The angles `position * inv_freq` are computed in float32 (float64 for a float64 `dtype`) from the
+    positions on the device, so any position works and nothing syncs with the host. `inv_freq` is a
+    non-persistent buffer (absent from `state_dict`) that stays float32 when the module is cast to a
+    lower precision.
     """
 
     inv_freq: torch.Tensor
@@ -72,7 +73,9 @@ class RotaryEmbedding(nn.Module):
         return self
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[..., None].float() * self.inv_freq
+        # float64 (a reference run) takes the same frequencies at exact angles.
+        wide = torch.float64 if dtype == torch.float64 else torch.float32
+        freqs = positions[..., None].to(wide) * self.inv_freq.to(wide)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

@@ -1,7 +1,8 @@
 """Plain-torch reference implementations: the ground truth every other backend is tested against.
 
 Each function's signature is the op's contract (see `tessera.specs.kernels.CATALOGUE`). They favour
-clarity over speed, compute in float32 where precision matters, and run on any device.
+clarity over speed, compute in float32 where precision matters (float64 inputs stay float64, so a
+float64 model is a true float64 reference), and run on any device.
 """
 
 from __future__ import annotations
@@ -12,10 +13,15 @@ import torch
 import torch.nn.functional as F
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """`x` in float32, or float64 where it already is."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    xf = x.float()
+    xf = _wide(x)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
+    return (y * _wide(weight)).to(x.dtype)
 
 
 def rms_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -30,10 +36,10 @@ def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.T
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [N, H, D] rotated by cos/sin [N, D] in float32: `x * cos + rotate_half(x) * sin`, rounded once."""
-    xf = x.float()
+    xf = _wide(x)
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    return (xf * cos.float()[:, None] + rotated * sin.float()[:, None]).to(x.dtype)
+    return (xf * _wide(cos)[:, None] + rotated * _wide(sin)[:, None]).to(x.dtype)
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
@@ -54,14 +60,14 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal_offset: int 
     k = k.repeat_interleave(n_rep, dim=1)
     v = v.repeat_interleave(n_rep, dim=1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale
+    scores = torch.einsum("qhd,khd->hqk", _wide(q), _wide(k)) * scale
     if causal_offset is not None:
         tq, tk = q.shape[0], k.shape[0]
         qpos = torch.arange(tq, device=q.device)[:, None] + causal_offset
         kpos = torch.arange(tk, device=q.device)[None, :]
         scores = scores.masked_fill(kpos > qpos, float("-inf"))
     probs = scores.softmax(-1)
-    return torch.einsum("hqk,khd->qhd", probs, v.float()).to(q.dtype)
+    return torch.einsum("hqk,khd->qhd", probs, _wide(v)).to(q.dtype)
 
 
 def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
