@@ -8,7 +8,6 @@ config runs: timing means nothing there.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 
 import triton
@@ -28,13 +27,13 @@ def autotune(configs: Sequence[triton.Config], key: list[str], interpret: triton
     return triton.autotune(configs=configs, key=key, cache_results=True, **kwargs)
 
 
-@functools.cache
 def _l2_sweep(device: int) -> object:
+    """Twice the L2 of int32s (contents unset: only read): one read of it leaves none of a tuned
+    kernel's operands cached. Allocated per measurement, so a serving process does not keep it."""
     import torch
 
-    # Twice the L2 in int32: one read of it leaves none of a tuned kernel's operands cached.
     nbytes = 2 * max(torch.cuda.get_device_properties(device).L2_cache_size, 1 << 20)
-    return torch.ones(nbytes // 4, dtype=torch.int32, device=f"cuda:{device}")
+    return torch.empty(nbytes // 4, dtype=torch.int32, device=f"cuda:{device}")
 
 
 def graph_bench(fn: Callable[[], object], quantiles: Sequence[float] | None = None, calls: int = 16,
