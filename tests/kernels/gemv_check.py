@@ -7,6 +7,8 @@ one JSON list of failures, then "gemv-ok" if none."""
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from check_report import report, seed_arg
 
@@ -41,16 +43,18 @@ def main(seed: int) -> int:
             x = x_wide[:, ::3]  # a strided K: the kernels take any x strides
             # M == 1 only: rows narrower than a tensor-core tile, and the padded tl.dot path (M1_DOT).
             only_m1 = [(4, 128, 2, False), (16, 64, 1, True), (32, 32, 3, True)] if m == 1 else []
-            for bn, bk, split, m1_dot in [(16, 64, 1, False), (16, 64, 2, False), (32, 32, 3, False), *only_m1]:
-                n, k = 37, 200
+            # (37, 200): ragged N and K, so masked tiles; (48, 256): tiles that divide both (EVEN, no masks).
+            for (n, k), (bn, bk, split, m1_dot) in itertools.product(
+                    ((37, 200), (48, 256)), [(16, 64, 1, False), (16, 64, 2, False), (32, 32, 3, False), *only_m1]):
+                xk = x if k == 200 else torch.randn(m, k, generator=gen).to(dtype)
                 w_q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
                 w_q[0, :3] = torch.tensor([-128, 127, 0], dtype=torch.int8)  # the ends of the int8 range
                 scale = ((torch.rand(n, generator=gen) + 0.5) / 127 * k**-0.5).to(dtype)
                 y = torch.full((m, n), float("nan"), dtype=dtype)
-                quant_gemv.launch_int8(x, w_q, scale, y, kernel=quant_gemv.int8_gemv_kernel, BN=bn, BK=bk,
+                quant_gemv.launch_int8(xk, w_q, scale, y, kernel=quant_gemv.int8_gemv_kernel, BN=bn, BK=bk,
                                        SPLIT_K=split, M1_DOT=m1_dot)
-                check(f"int8 {dtype} m{m} bn{bn} bk{bk} split{split} dot{int(m1_dot)}", "matmul.int8_weight_only", y,
-                      reference.matmul_int8_weight_only(x, w_q, scale), counters)
+                check(f"int8 {dtype} m{m} n{n} k{k} bn{bn} bk{bk} split{split} dot{int(m1_dot)}",
+                      "matmul.int8_weight_only", y, reference.matmul_int8_weight_only(xk, w_q, scale), counters)
             # 224 = 128 + 96: group 128's last group is partial; tiles inside one group (BK <= group).
             # 600: every group's last group is partial and K is no multiple of any tile; tiles of 2 and
             # 4 whole groups.

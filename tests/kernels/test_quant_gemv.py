@@ -129,10 +129,11 @@ def _compile_sm90(fn: object, ptrs: dict[str, str], ints: dict[str, int], meta: 
 @pytest.mark.skipif(not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists(),
                     reason="triton ships no ptxas here")
 @pytest.mark.parametrize("m", [1, 16])
-@pytest.mark.parametrize(("op", "bk"), [("int8", 128), ("int8_dot", 128), ("int4", 128), ("int4", 512)])
+@pytest.mark.parametrize(("op", "bk"), [("int8", 128), ("int8_dot", 128), ("int8_even", 128), ("int4", 128),
+                                        ("int4", 512)])
 def test_split_k_kernels_compile_for_sm90(op: str, bk: int, m: int) -> None:
-    """int8 on either M == 1 path (int8_dot: M1_DOT); int4 at BK 128 (a tile inside a group of 128) and 512
-    (a tile of four whole groups)."""
+    """int8 on either M == 1 path (int8_dot: M1_DOT), with and without bounds masks (int8_even: EVEN);
+    int4 at BK 128 (a tile inside a group of 128) and 512 (a tile of four whole groups)."""
     k, n = 4096, 2048
     ints = {"M": m, "N": n, "K": k, "K2": k // 2, "stride_xm": k, "stride_xk": 1, "stride_wn": k, "stride_qn": k // 2,
             "stride_sn": k // 128, "stride_zn": k // 128, "stride_ym": n, "M_BUCKET": m}
@@ -140,7 +141,8 @@ def test_split_k_kernels_compile_for_sm90(op: str, bk: int, m: int) -> None:
     split = qg._cfg(32, bk, 4, 4, 3, m1_dot=op == "int8_dot")
     if op.startswith("int8"):
         ptrs = {"X": "bf16", "W": "i8", "S": "fp32", "Y": "bf16", "WS": "fp32", "CNT": "i32"}
-        compiled = _compile_sm90(qg.int8_gemv_kernel, ptrs, ints, meta, split)
+        meta |= {"EVEN": op == "int8_even"}
+        compiled = _compile_sm90(qg.int8_gemv_kernel.fn, ptrs, ints, meta, split)
     else:
         ptrs = {"X": "bf16", "QW": "u8", "S": "fp32", "Z": "fp32", "Y": "bf16", "WS": "fp32", "CNT": "i32"}
         compiled = _compile_sm90(qg.int4_gemv_kernel, ptrs, ints, meta, split)

@@ -176,48 +176,64 @@ def _k_range(K, pid_k, BK: tl.constexpr, SPLIT_K: tl.constexpr):
     return start, tl.minimum(start + per, K)
 
 
+def _even(args: dict) -> bool:
+    return args["N"] % args["BN"] == 0 and args["K"] % args["BK"] == 0
+
+
+@triton.heuristics({"EVEN": _even})
 @triton.jit
 def int8_gemv_kernel(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, M_BUCKET,
                      PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                     SPLIT_K: tl.constexpr, M1_DOT: tl.constexpr = False):
+                     SPLIT_K: tl.constexpr, M1_DOT: tl.constexpr = False, EVEN: tl.constexpr = False):
     """y[M, N] = (x[M, K] @ w_q[N, K].T) * scale[N]; BM == 1 (M == 1) or 16 (M <= 16); grid (N / BN, SPLIT_K).
-    With BM == 1, M1_DOT takes the tl.dot path (rows padded to 16) instead of the CUDA-core one."""
+    With BM == 1, M1_DOT takes the tl.dot path (rows padded to 16) instead of the CUDA-core one. EVEN (set
+    from the shapes: BN divides N and BK divides K) drops the bounds masks on the weight and x tiles."""
     if BM == 1 and M1_DOT:
         _int8_tiles(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC, 16, BN, BK,
-                    SPLIT_K)
+                    SPLIT_K, EVEN)
     else:
         _int8_tiles(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC, BM, BN, BK,
-                    SPLIT_K)
+                    SPLIT_K, EVEN)
 
 
 @triton.jit
 def _int8_tiles(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
     n_ok = offs_n < N
-    w_ptrs = W + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    # 64-bit only in the tile's base; offsets inside a tile stay 32-bit (BN * stride_wn < 2**31).
+    w_ptrs = W + (pid_n * BN).to(tl.int64) * stride_wn + tl.arange(0, BN)[:, None] * stride_wn + offs_k[None, :]
     k_start, k_end = _k_range(K, pid_k, BK, SPLIT_K)
     if BM == 1:
         # Products accumulate elementwise; the one reduction over K happens after the loop.
         acc2 = tl.zeros((BN, BK), dtype=tl.float32)
         for k0 in range(k_start, k_end, BK):
-            k_ok = (k0 + offs_k) < K
-            x = tl.load(X + (k0 + offs_k) * stride_xk, mask=k_ok, other=0.0).to(tl.float32)
-            w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0)
+            if EVEN:
+                x = tl.load(X + (k0 + offs_k) * stride_xk).to(tl.float32)
+                w = tl.load(w_ptrs + k0)
+            else:
+                k_ok = (k0 + offs_k) < K
+                x = tl.load(X + (k0 + offs_k) * stride_xk, mask=k_ok, other=0.0).to(tl.float32)
+                w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0)
             w_f = _exact_f32((w.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.int32), 128)  # w + 128 in [0, 255]
             acc2 += w_f * x[None, :]
         acc = tl.sum(acc2, axis=1)[None, :]
     else:
         offs_m = tl.arange(0, BM)
+        m_ok = offs_m < M
         x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(k_start, k_end, BK):
-            k_ok = (k0 + offs_k) < K
-            x = tl.load(x_ptrs + k0 * stride_xk, mask=(offs_m < M)[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0)
+            if EVEN:
+                x = tl.load(x_ptrs + k0 * stride_xk, mask=m_ok[:, None], other=0.0)
+                w = tl.load(w_ptrs + k0)
+            else:
+                k_ok = (k0 + offs_k) < K
+                x = tl.load(x_ptrs + k0 * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0)
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PREC)
     scale = tl.load(S + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     _combine_and_store(acc * scale[None, :], Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, BM, BN, SPLIT_K)
