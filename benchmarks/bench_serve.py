@@ -304,8 +304,18 @@ def hf_online(hf, reqs: list[BenchRequest], rate: float, cuda: bool) -> dict[str
             "tpot_ms_p99": pct(tpot, 99)}
 
 
-def section_spec(model, draft, draft_name, hf, hf_draft, args, cuda, rows, results) -> None:
-    prompt = random_requests(1, (args.decode_prompt, args.decode_prompt), (1, 1), model.config.vocab_size, 5)[0]
+def section_spec(model, draft, draft_name, hf, hf_draft, args, cuda, rows, results, tokenizer=None) -> None:
+    if args.spec_prompt_file:
+        if tokenizer is None:
+            raise SystemExit("--spec-prompt-file needs a --target checkpoint with a tokenizer.json")
+        ids = tokenizer.encode(args.spec_prompt_file.read_text())[:args.decode_prompt]
+        if len(ids) < args.decode_prompt:
+            raise SystemExit(f"--spec-prompt-file {args.spec_prompt_file}: {len(ids)} tokens, fewer than the "
+                             f"prompt's {args.decode_prompt}")
+        prompt = GenerateRequest(request_id="spec", prompt_token_ids=tuple(ids))
+        results["spec_prompt"] = f"first {len(ids)} tokens of {args.spec_prompt_file}"
+    else:
+        prompt = random_requests(1, (args.decode_prompt, args.decode_prompt), (1, 1), model.config.vocab_size, 5)[0]
     n = args.spec_new_tokens
     base = make_engine(model, args, max_num_seqs=8)
     generate_one(base, prompt.prompt_token_ids, 16, "w")
@@ -357,6 +367,9 @@ def main() -> None:
     p.add_argument("--rates", type=float, nargs="+", default=[4.0, 16.0, 64.0])
     p.add_argument("--hf-batch-sizes", type=int, nargs="+", default=[32, 128])
     p.add_argument("--spec-tokens", type=int, default=4)
+    p.add_argument("--spec-prompt-file", type=Path, default=None,
+                   help="spec: take the prompt from this text file through the target's tokenizer (default: "
+                        "random ids)")
     p.add_argument("--skip-hf", action="store_true", help="no transformers peers")
     p.add_argument("--hf-decode-modes", nargs="+", default=["dynamic", "static"], choices=["dynamic", "static"],
                    help="HF cache modes timed in the decode section (static compiles on its first call)")
@@ -379,11 +392,11 @@ def main() -> None:
         args.decode_tokens = args.decode_tokens or 256
     torch.manual_seed(0)
     if args.target:
-        model, _ = load_for_serving(args.target, device=device, dtype=dtype)
+        model, tokenizer = load_for_serving(args.target, device=device, dtype=dtype)
         target_name = args.target
     else:
         model = Transformer(ModelConfig.preset(args.preset)).to(device=device, dtype=dtype).eval()
-        target_name = f"{args.preset} (random weights)"
+        target_name, tokenizer = f"{args.preset} (random weights)", None
     if args.draft:
         draft, _ = load_for_serving(args.draft, device=device, dtype=dtype)
         draft_name = args.draft
@@ -391,6 +404,13 @@ def main() -> None:
         cfg = model.config.model_copy(update={"n_layers": max(1, model.config.n_layers // 7)})
         draft = Transformer(cfg).to(device=device, dtype=dtype).eval()
         draft_name = f"{cfg.n_layers}-layer random"
+    # A checkpoint trained on short windows (the distill pair: 512) caps the engine's context.
+    context = min(model.config.max_seq_len, draft.config.max_seq_len)
+    if args.max_model_len > context:
+        args.max_model_len = context
+        args.lengths = tuple(min(v, context // 2) for v in args.lengths)
+        args.decode_prompt = min(args.decode_prompt, context // 4)
+        args.spec_new_tokens = min(args.spec_new_tokens, context - args.decode_prompt - args.spec_tokens - 1)
     ceil = measure_ceilings(device, cuda, args.tiny)
     results: dict[str, Any] = {"target": target_name, "draft": draft_name, "dtype": str(dtype).removeprefix("torch."),
                                "ceilings": ceil}
@@ -409,7 +429,8 @@ def main() -> None:
             "graphs": lambda: section_graphs(model, args, cuda, rows, results),
             "offline": lambda: section_offline(model, hf, args, ceil, cuda, rows, results),
             "online": lambda: section_online(model, hf, args, cuda, rows, results),
-            "spec": lambda: section_spec(model, draft, draft_name, hf, hf_draft, args, cuda, rows, results),
+            "spec": lambda: section_spec(model, draft, draft_name, hf, hf_draft, args, cuda, rows, results,
+                                         tokenizer),
         }
         title = (f"tessera-serve vs transformers: {target_name}, {results['dtype']}, copy "
                  f"{ceil['copy_bytes_per_s'] / 1e9:.0f} GB/s, mm {ceil['bf16_mm_flops'] / 1e12:.0f} TFLOP/s")
