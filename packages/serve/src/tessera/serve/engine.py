@@ -318,7 +318,7 @@ class LLMEngine:
         num_draft = torch.tensor([len(d) for d in drafts], device=self.device)
         seeds = torch.tensor([s.seq.seed for s in decodes], dtype=torch.int64, device=self.device)
         first = torch.tensor([s.seq.num_tokens for s in decodes], dtype=torch.int64, device=self.device)
-        emitted, accepted = verify(p, q, draft_t.view(b, k), num_draft, seeds, first)
+        emitted, accepted = verify(p, q, draft_t.view(b, k), num_draft, seeds, first, greedy=rows.all_greedy)
         emitted_l, accepted_l = emitted.tolist(), accepted.tolist()
         want_lp = rows.num_logprobs is not None
         lp_rows = None

@@ -38,35 +38,44 @@ class Proposal:
 
 
 def verify(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, num_draft: torch.Tensor, seeds: torch.Tensor,
-           positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+           positions: torch.Tensor, greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Rejection sampling for B sequences at once.
 
     p [B, K+1, V]: target distributions at the K draft positions and one past them; q [B, K, V]:
     draft distributions; draft [B, K] int64 (entries past num_draft[b] ignored); positions [B]: the
     position of the first draft token (keys the random draws). Returns (tokens [B, K+1], num_accepted [B]):
     sequence b emits tokens[b, :num_accepted[b] + 1].
+
+    `greedy` (every row's p and q one-hot, q at the draft token) takes the same rule without its random
+    draws, which are decided there: u * q(d) <= p(d) with u in (0, 1) holds iff p(d) = 1, and the residual
+    max(0, p - q) is one-hot at p's argmax. Same tokens, a handful of kernels instead of the hash draws.
     """
     b, k = draft.shape
     steps = torch.arange(k, device=p.device)
     pos = positions[:, None] + steps[None, :]
     if k:
-        u = uniform(seeds.repeat_interleave(k), pos.reshape(-1), ACCEPT).view(b, k)
         p_d = p[:, :k].gather(-1, draft[..., None])[..., 0]
-        q_d = q.gather(-1, draft[..., None])[..., 0]
-        ok = (u * q_d <= p_d) & (steps[None, :] < num_draft[:, None])
+        if greedy:
+            ok = (p_d > 0) & (steps[None, :] < num_draft[:, None])
+        else:
+            u = uniform(seeds.repeat_interleave(k), pos.reshape(-1), ACCEPT).view(b, k)
+            q_d = q.gather(-1, draft[..., None])[..., 0]
+            ok = (u * q_d <= p_d) & (steps[None, :] < num_draft[:, None])
         accepted = ok.int().cumprod(-1).sum(-1)
     else:
         accepted = torch.zeros(b, dtype=torch.int64, device=p.device)
     rows = torch.arange(b, device=p.device)
     p_next = p[rows, accepted]
-    if k:
+    if greedy:
+        last = p_next.argmax(-1)
+    elif k:
         q_next = q[rows, accepted.clamp(max=k - 1)] * (accepted < num_draft).float()[:, None]
         residual = (p_next - q_next).clamp(min=0)
         mass = residual.sum(-1, keepdim=True)
         residual = torch.where(mass > 0, residual, p_next)  # p == q exactly: rejection had probability 0
+        last = exponential_race(residual, seeds, positions + accepted, RESIDUAL)
     else:
-        residual = p_next
-    last = exponential_race(residual, seeds, positions + accepted, RESIDUAL)
+        last = exponential_race(p_next, seeds, positions + accepted, RESIDUAL)
     tokens = torch.cat([draft, torch.zeros(b, 1, dtype=draft.dtype, device=p.device)], dim=1)
     tokens[rows, accepted] = last
     return tokens, accepted
@@ -114,7 +123,9 @@ class DraftProposer:
             rows_spec = SamplingRows.build([seqs[i] for i in active], vocab, self.runner.device, self.eos,
                                            extra=[drafts[i] for i in active])
             probs = self.sampler.probs(logits, rows_spec)
-            picked = exponential_race(probs, rows_spec.seeds, rows_spec.positions, DRAFT)
+            # Greedy rows' q is one-hot: the race would pick its argmax, so skip the draws.
+            picked = probs.argmax(-1) if rows_spec.all_greedy else exponential_race(probs, rows_spec.seeds,
+                                                                                     rows_spec.positions, DRAFT)
             q[active, j] = probs
             for i, t in zip(active, picked.tolist()):
                 drafts[i].append(t)
