@@ -43,3 +43,36 @@ def test_graph_decode_equals_eager_and_self_draft_accepts_all() -> None:
     assert all(o.metrics.acceptance_rate == 1.0 for o in outs)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in eager]
     torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["draft", "ngram"])
+def test_speculative_rounds_replay_multi_token_graphs(method: str) -> None:
+    """Verification (k + 1 tokens a sequence) and the draft's catch-up replay their own graphs, and the
+    output equals eager plain greedy token for token."""
+    model = gpu_model()
+    ps = prompts(6, seed=23)
+    eager = run(engine(model, enforce_eager=True, **GPU_SHAPES), ps, GREEDY)
+    spec = SpeculativeConfig(method=method, draft_model="self" if method == "draft" else None,
+                             num_speculative_tokens=3)
+    eng = engine(model, draft_model=model if method == "draft" else None, speculative=spec,
+                 cuda_graph_batch_sizes=(1, 2, 4, 8), **GPU_SHAPES)
+    runners = [eng.runner] + ([eng.proposer.runner] if method == "draft" else [])
+    replays = []
+    for r in runners:
+        assert r.multi_graphs is not None, r.graph_error
+        calls = [0]
+        replays.append(calls)
+        inner = r.multi_graphs.run_tokens
+
+        def counted(*a, inner=inner, calls=calls):
+            calls[0] += 1
+            return inner(*a)
+
+        r.multi_graphs.run_tokens = counted
+    outs = run(eng, ps, GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in eager]
+    assert all(c[0] > 0 for c in replays), replays
+    if method == "draft":
+        assert all(o.metrics.acceptance_rate == 1.0 for o in outs)
+    torch.cuda.synchronize()

@@ -4,6 +4,12 @@ input buffers, captured largest first so they share one memory pool.
 A step of B sequences replays the graph of the smallest bucket >= B. Lanes B.. are padding: token 0
 at position 0, slot -1 (nothing written), a block table pointing only at the reserved null block and
 a context of one token, so their attention reads the null block and their logits are discarded.
+
+With `tokens_per_seq` Q > 1 the graphs take up to Q new tokens per sequence (a speculative round's
+verification: the last token and k drafts; a draft model catching up on one or two tokens), through
+the paged prefill kernel with every sequence's query padded to Q. A padding token writes nothing
+(slot -1) and sits after the sequence's real tokens, so causality keeps it out of their attention;
+the sequence's context is given as start + Q, which only adds those masked positions.
 """
 
 from __future__ import annotations
@@ -21,29 +27,35 @@ from tessera.model import Transformer
 
 class DecodeGraphs:
     def __init__(self, model: Transformer, cache: PagedKVCache, null_block: int, max_blocks_per_seq: int,
-                 batch_sizes: Sequence[int]) -> None:
+                 batch_sizes: Sequence[int], tokens_per_seq: int = 1, max_context: int | None = None) -> None:
+        if tokens_per_seq < 1:
+            raise ValueError(f"tokens_per_seq={tokens_per_seq} must be >= 1")
         self.sizes = sorted(set(batch_sizes))
         self.max_batch_size = self.sizes[-1]
         self.null_block = null_block
+        self.q = q = tokens_per_seq
+        #: The longest context a step may reach (padding included): the static block tables' width in
+        #: tokens, or the caller's limit (the engine's max_model_len: positions past it have no rotary angle).
+        self.max_context = min(max_blocks_per_seq * cache.spec.block_size, max_context or 1 << 62)
         dev, n = cache.device, self.max_batch_size
-        self.ids = torch.zeros(1, n, dtype=torch.int64, device=dev)
-        self.pos = torch.zeros(1, n, dtype=torch.int64, device=dev)
-        self.slots = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        self.ids = torch.zeros(1, n * q, dtype=torch.int64, device=dev)
+        self.pos = torch.arange(n * q, device=dev).remainder(q)[None]
+        self.slots = torch.full((n * q,), -1, dtype=torch.int64, device=dev)
         self.tables = torch.full((n, max_blocks_per_seq), null_block, dtype=torch.int32, device=dev)
-        self.ctx = torch.ones(n, dtype=torch.int32, device=dev)
-        self.cu = torch.arange(n + 1, dtype=torch.int32, device=dev)
-        self.logits = torch.empty(n, model.config.vocab_size, dtype=model.lm_head.weight.dtype, device=dev)
+        self.ctx = torch.full((n,), q, dtype=torch.int32, device=dev)
+        self.cu = torch.arange(n + 1, dtype=torch.int32, device=dev) * q
+        self.logits = torch.empty(n * q, model.config.vocab_size, dtype=model.lm_head.weight.dtype, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         pool = None
         with torch.inference_mode():
             for bs in reversed(self.sizes):
-                meta = PagedAttentionMetadata(self.slots[:bs], self.tables[:bs], self.ctx[:bs], self.cu[:bs + 1],
-                                              max_seqlen_q=1, decode_only=True)
+                meta = PagedAttentionMetadata(self.slots[:bs * q], self.tables[:bs], self.ctx[:bs], self.cu[:bs + 1],
+                                              max_seqlen_q=q, decode_only=q == 1)
                 kv = PagedKVContext(cache, meta)
 
                 def run(bs: int = bs, kv: PagedKVContext = kv) -> None:
-                    h, _ = model.hidden_states(self.ids[:, :bs], self.pos[:, :bs], kv)
-                    self.logits[:bs] = model.lm_head(h[0])
+                    h, _ = model.hidden_states(self.ids[:, :bs * q], self.pos[:, :bs * q], kv)
+                    self.logits[:bs * q] = model.lm_head(h[0])
 
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
@@ -58,9 +70,45 @@ class DecodeGraphs:
                 self.graphs[bs] = graph
         torch.cuda.synchronize()
 
+    def fits(self, tokens: Sequence[Sequence[int]], starts: Sequence[int]) -> bool:
+        """Whether a step of these new tokens (per sequence) and start positions can replay a graph."""
+        return (len(tokens) <= self.max_batch_size and all(len(t) <= self.q for t in tokens)
+                and all(s + self.q <= self.max_context for s in starts))
+
+    def run_tokens(self, tokens: Sequence[Sequence[int]], starts: Sequence[int], slots: Sequence[Sequence[int]],
+                   tables: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Logits [sum of len(tokens[i]), vocab], in the order of the tokens, for up to Q new tokens per
+        sequence (see `fits`); sequence i's tokens sit at positions starts[i], starts[i] + 1, ..."""
+        b, q = len(tokens), self.q
+        bs = self.sizes[bisect.bisect_left(self.sizes, b)]
+        width = max(len(t) for t in tables)
+        ids = [0] * (b * q)
+        slot_row = [-1] * (b * q)
+        rows = []
+        for i, (toks, sl) in enumerate(zip(tokens, slots)):
+            ids[i * q:i * q + len(toks)] = toks
+            slot_row[i * q:i * q + len(toks)] = sl
+            rows += range(i * q, i * q + len(toks))
+        host = torch.tensor([ids, slot_row], dtype=torch.int64)
+        start = torch.tensor(starts, dtype=torch.int64)
+        host_tables = torch.tensor([list(t) + [self.null_block] * (width - len(t)) for t in tables], dtype=torch.int32)
+        self.ids[0, :b * q].copy_(host[0], non_blocking=True)
+        self.slots[:b * q].copy_(host[1], non_blocking=True)
+        self.pos[0, :b * q].copy_((start[:, None] + torch.arange(q)).reshape(-1), non_blocking=True)
+        self.ctx[:b].copy_((start + q).to(torch.int32), non_blocking=True)
+        self.tables[:b, :width].copy_(host_tables, non_blocking=True)
+        if bs > b:
+            self.ids[0, b * q:bs * q] = 0
+            self.pos[0, b * q:bs * q] = torch.arange(q, device=self.pos.device).repeat(bs - b)
+            self.slots[b * q:bs * q] = -1
+            self.ctx[b:bs] = q
+            self.tables[b:bs, 0] = self.null_block
+        self.graphs[bs].replay()
+        return self.logits[rows] if len(rows) < bs * q else self.logits[:bs * q]
+
     def run(self, ids: list[int], positions: list[int], slots: list[int],
             tables: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Logits [B, vocab] for one decode token per sequence (B <= max_batch_size)."""
+        """Logits [B, vocab] for one decode token per sequence (B <= max_batch_size; Q == 1 graphs)."""
         b = len(ids)
         bs = self.sizes[bisect.bisect_left(self.sizes, b)]
         width = max(len(t) for t in tables)

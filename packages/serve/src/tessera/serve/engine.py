@@ -103,13 +103,15 @@ class LLMEngine:
                            device=self.device, cuda_graph_batch_sizes=[b for b in config.cuda_graph_batch_sizes
                                                                         if b <= config.max_num_seqs],
                            enforce_eager=config.enforce_eager)
-        self.runner = ModelRunner(model, dtype=dtype, **runner_args)
+        # Speculative rounds verify k + 1 tokens a sequence; the draft catches up on at most two.
+        self.runner = ModelRunner(model, dtype=dtype, graph_tokens_per_seq=num_lookahead + 1, **runner_args)
         self.sampler = Sampler()
         self._rows = RowsCache()
         self.proposer: DraftProposer | NgramProposer | None = None
         if spec is not None and spec.method == "draft":
             assert draft_model is not None
-            draft_runner = ModelRunner(draft_model, dtype=draft_model.model.embed_tokens.weight.dtype, **runner_args)
+            draft_runner = ModelRunner(draft_model, dtype=draft_model.model.embed_tokens.weight.dtype,
+                                       graph_tokens_per_seq=2, **runner_args)
             self.proposer = DraftProposer(draft_runner, self.sampler, self.eos_token_id)
         elif spec is not None:
             self.proposer = NgramProposer(self.vocab_size, spec.ngram_min, spec.ngram_max, self.device)

@@ -3,7 +3,9 @@
 The cache holds `num_blocks` blocks for the block manager plus one reserved block that padding lanes
 point at, so nothing a padding lane reads or computes touches a real sequence (their slot is -1: they
 write nothing). Only the rows that are sampled go through `lm_head`. Decode-only steps replay a CUDA
-graph captured at the smallest bucketed batch size that fits (see `cuda_graphs.py`).
+graph captured at the smallest bucketed batch size that fits (see `cuda_graphs.py`); with
+`graph_tokens_per_seq` Q > 1, steps of at most Q new tokens a sequence (speculative verification, a
+draft model's catch-up) replay graphs of their own, which take every row through `lm_head`.
 """
 
 from __future__ import annotations
@@ -45,10 +47,15 @@ class StepInput:
         return all(len(t) == 1 for t in self.tokens)
 
 
+#: Largest batch the multi-token graphs are captured for: speculative decoding serves small batches,
+#: and the graphs' logits buffer holds batch x tokens_per_seq rows of the vocabulary.
+MULTI_TOKEN_GRAPH_MAX_BATCH = 32
+
+
 class ModelRunner:
     def __init__(self, model: Transformer, *, num_blocks: int, block_size: int, max_model_len: int,
                  dtype: torch.dtype, device: torch.device, cuda_graph_batch_sizes: Sequence[int] = (),
-                 enforce_eager: bool = True) -> None:
+                 enforce_eager: bool = True, graph_tokens_per_seq: int = 1) -> None:
         self.model = model.eval()
         fuse_projections(self.model)  # before graph capture: q/k/v and gate/up as one GEMM each
         self.device = device
@@ -57,11 +64,19 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.cache = PagedKVCache(kv_cache_spec(model, num_blocks + 1, block_size, dtype), device)
         self.graphs: DecodeGraphs | None = None
+        #: Graphs of up to `graph_tokens_per_seq` new tokens a sequence (speculative verification and
+        #: draft catch-up), at batch sizes up to MULTI_TOKEN_GRAPH_MAX_BATCH.
+        self.multi_graphs: DecodeGraphs | None = None
         self.graph_error: str | None = None
         if device.type == "cuda" and not enforce_eager and cuda_graph_batch_sizes:
             try:
                 self.graphs = DecodeGraphs(self.model, self.cache, self.null_block, self.max_blocks_per_seq,
                                            cuda_graph_batch_sizes)
+                small = [b for b in cuda_graph_batch_sizes if b <= MULTI_TOKEN_GRAPH_MAX_BATCH]
+                if graph_tokens_per_seq > 1 and small:
+                    self.multi_graphs = DecodeGraphs(self.model, self.cache, self.null_block, self.max_blocks_per_seq,
+                                                     small, tokens_per_seq=graph_tokens_per_seq,
+                                                     max_context=max_model_len)
             except RuntimeError as exc:  # a kernel that syncs with the host cannot be captured
                 self.graph_error = f"{type(exc).__name__}: {exc}"
                 log.warning("CUDA graphs disabled, decoding eagerly: %s", self.graph_error)
@@ -79,6 +94,12 @@ class ModelRunner:
             tables = [h.block_ids for h in step.handles]
             logits = self.graphs.run(ids, list(step.starts), slots, tables)
             return logits if list(step.logit_rows) == list(range(len(ids))) else logits[list(step.logit_rows)]
+        if self.multi_graphs is not None and self.multi_graphs.fits(step.tokens, step.starts):
+            slots = [[h.slot(p) for p in range(s, s + len(t))]
+                     for h, t, s in zip(step.handles, step.tokens, step.starts)]
+            tables = [h.block_ids for h in step.handles]
+            logits = self.multi_graphs.run_tokens(step.tokens, step.starts, slots, tables)
+            return logits[list(step.logit_rows)]
         ids, pos, meta = self._prepare(step)
         h, _ = self.model.hidden_states(ids, pos, PagedKVContext(self.cache, meta))
         rows = torch.tensor(step.logit_rows, dtype=torch.int64, device=self.device)
