@@ -312,7 +312,7 @@ def section_spec(model, draft, draft_name, hf, hf_draft, args, cuda, rows, resul
         if len(ids) < args.decode_prompt:
             raise SystemExit(f"--spec-prompt-file {args.spec_prompt_file}: {len(ids)} tokens, fewer than the "
                              f"prompt's {args.decode_prompt}")
-        prompt = GenerateRequest(request_id="spec", prompt_token_ids=tuple(ids))
+        prompt = BenchRequest(ids, 1)
         results["spec_prompt"] = f"first {len(ids)} tokens of {args.spec_prompt_file}"
     else:
         prompt = random_requests(1, (args.decode_prompt, args.decode_prompt), (1, 1), model.config.vocab_size, 5)[0]
