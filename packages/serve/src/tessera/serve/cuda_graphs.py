@@ -9,7 +9,9 @@ With `tokens_per_seq` Q > 1 the graphs take up to Q new tokens per sequence (a s
 verification: the last token and k drafts; a draft model catching up on one or two tokens), through
 the paged prefill kernel with every sequence's query padded to Q. A padding token writes nothing
 (slot -1) and sits after the sequence's real tokens, so causality keeps it out of their attention;
-the sequence's context is given as start + Q, which only adds those masked positions.
+the sequence's context is given as start + Q, which only adds those masked positions (their keys
+come from whatever the static block table holds there, the null block or a stale entry: finite
+values that the causal mask gives zero weight).
 """
 
 from __future__ import annotations
