@@ -1,4 +1,4 @@
-"""Run as a script under TRITON_INTERPRET=1: the decode-shape quantized matmul kernels at explicit configs
+"""Run as a script under TRITON_INTERPRET=1: the decode-shape quantized and dense matmul kernels at explicit configs
 (every M path, M == 1 both on the CUDA cores and padded to tl.dot, split-K 1/2/3, K not a multiple of the
 tile, odd N, int4 groups 32/64/128 with a partial last group, int4 tiles inside one group and tiles of 2
 and 4 whole groups) against the torch reference at
@@ -13,7 +13,7 @@ import torch
 from check_report import report, seed_arg
 
 from tessera.kernels import reference, registry  # registering installs the interpreter fixes
-from tessera.kernels.triton import quant_gemv
+from tessera.kernels.triton import gemv, quant_gemv
 
 
 def _close(op: str, got: torch.Tensor, want: torch.Tensor) -> str | None:
@@ -55,6 +55,11 @@ def main(seed: int) -> int:
                                        SPLIT_K=split, M1_DOT=m1_dot)
                 check(f"int8 {dtype} m{m} n{n} k{k} bn{bn} bk{bk} split{split} dot{int(m1_dot)}",
                       "matmul.int8_weight_only", y, reference.matmul_int8_weight_only(xk, w_q, scale), counters)
+                w = (torch.randn(n, k, generator=gen) * k**-0.5).to(dtype)
+                y = torch.full((m, n), float("nan"), dtype=dtype)
+                gemv.launch(xk, w, y, kernel=gemv.dense_gemv_kernel, BN=bn, BK=bk, SPLIT_K=split, M1_DOT=m1_dot)
+                check(f"dense {dtype} m{m} n{n} k{k} bn{bn} bk{bk} split{split} dot{int(m1_dot)}",
+                      "matmul.dense", y, reference.matmul_dense(xk, w), counters)
             # 224 = 128 + 96: group 128's last group is partial; tiles inside one group (BK <= group).
             # 600: every group's last group is partial and K is no multiple of any tile; tiles of 2 and
             # 4 whole groups.

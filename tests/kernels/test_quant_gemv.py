@@ -11,6 +11,7 @@ import pytest
 import torch
 import triton
 
+from tessera.kernels.triton import gemv
 from tessera.kernels.triton import quant_gemv as qg
 from tessera.kernels.triton.tuning import bucket
 
@@ -47,6 +48,12 @@ def _check_space(kernel: object, kept: list[triton.Config], m: int, k: int, n: i
 @pytest.mark.parametrize(("k", "n"), SHAPES)
 def test_int8_search_space(m: int, k: int, n: int) -> None:
     _check_space(qg._int8_tuned, qg._prune_int8(qg._int8_tuned.configs, _named(m, k, n)), m, k, n)
+
+
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize(("k", "n"), [*SHAPES, (1024, 4096), (3072, 1024), (1024, 151936)])
+def test_dense_search_space(m: int, k: int, n: int) -> None:
+    _check_space(gemv._tuned, gemv._prune(gemv._tuned.configs, _named(m, k, n)), m, k, n)
 
 
 def test_int8_m1_dot_path_only_on_large_matrices() -> None:

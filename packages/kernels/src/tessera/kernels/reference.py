@@ -127,6 +127,10 @@ def kv_cache_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
 
 
+def matmul_dense(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, w)
+
+
 def matmul_int8_weight_only(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     w = w_q.float() * scale.float()[:, None]
     return (x.float() @ w.T).to(x.dtype)
@@ -194,6 +198,7 @@ REFERENCES = {
     "attention.prefill_paged": attention_prefill_paged,
     "attention.decode_paged": attention_decode_paged,
     "kv_cache.write": kv_cache_write,
+    "matmul.dense": matmul_dense,
     "matmul.int8_weight_only": matmul_int8_weight_only,
     "matmul.int4_awq": matmul_int4_awq,
     "matmul.fp8": matmul_fp8,

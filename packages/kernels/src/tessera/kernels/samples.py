@@ -209,6 +209,17 @@ def _kv_write(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
     return [Sample("scatter-with-padding", (k, v, k_cache, v_cache, slots), inplace=(2, 3))]
 
 
+def _dense(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
+    # M == 1 takes the CUDA-core path, 1 < M <= 16 the padded tl.dot one; N narrow enough to split K,
+    # odd N and K, M past the decode range (the reference's), and x a transposed view.
+    sizes = [(1, 2048, 1024), (1, 1024, 4096), (4, 3072, 1024), (16, 4096, 1000), (5, 2000, 513),
+             (33, 1024, 768)] if real else [(1, 48, 33), (3, 100, 20), (16, 200, 37), (1, 256, 8), (20, 40, 9)]
+    out = [Sample(f"m{m}-k{k}-n{n}", (r.randn(m, k, dtype=dtype), r.randn(n, k, dtype=dtype, scale=k**-0.5)))
+           for m, k, n in sizes]
+    out.append(Sample("transposed-x", (r.randn(40, 3, dtype=dtype).T, r.randn(9, 40, dtype=dtype, scale=0.2))))
+    return out
+
+
 def _int8(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
     # M <= 16 takes the split-K decode kernels, 16 < M <= 64 the tiled ones, M > 64 (half x) dequantize +
     # torch.mm; odd N, K odd or not a multiple of any tile.
@@ -272,6 +283,7 @@ SAMPLERS: dict[str, tuple[Callable[[_Rand, torch.dtype, bool], list[Sample]], tu
     "attention.prefill_paged": (_prefill_paged, _FLOATS),
     "attention.decode_paged": (_decode, _FLOATS),
     "kv_cache.write": (_kv_write, _FLOATS),
+    "matmul.dense": (_dense, _FLOATS),
     "matmul.int8_weight_only": (_int8, _FLOATS),
     "matmul.int4_awq": (_int4, _FLOATS),
     "matmul.fp8": (_fp8, (torch.bfloat16, torch.float16)),

@@ -292,6 +292,13 @@ CATALOGUE: tuple[KernelSpec, ...] = (
               _t("v_cache", "NB", "BS", "Hkv", "D", dtypes=_FLOAT), _t("slot_mapping", "N", dtypes=("int64",))),
         results=(), tolerances=_TOL_EXACT),
     KernelSpec(
+        name="matmul.dense",
+        description="x @ w.T with w [N, K] in x's dtype: F.linear without a bias. Its fast backend serves "
+        "decode shapes (M <= 16, half dtypes), where cuBLAS leaves narrow projections far below the copy "
+        "ceiling. matmul.dense(x, w) -> y (x's dtype)",
+        args=(_t("x", "M", "K", dtypes=_FLOAT), _t("w", "N", "K", dtypes=_FLOAT)),
+        results=(_t("y", "M", "N", dtypes=_FLOAT),), tolerances=_TOL_MM),
+    KernelSpec(
         name="matmul.int8_weight_only",
         description="x @ (w_q * scale[:, None]).T with int8 w_q [N, K] and per-output-channel scale [N]. "
         "matmul.int8_weight_only(x, w_q, scale) -> y (x's dtype)",

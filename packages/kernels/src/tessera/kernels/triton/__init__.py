@@ -18,6 +18,7 @@ def register(reg: KernelRegistry) -> None:
     from tessera.kernels.triton import (
         flash_attention,
         fp8_matmul,
+        gemv,
         kv_cache,
         norm,
         paged_attention,
@@ -26,5 +27,6 @@ def register(reg: KernelRegistry) -> None:
         swiglu,
     )
 
-    for module in (norm, rope, swiglu, flash_attention, paged_attention, kv_cache, quant_matmul, fp8_matmul):
+    for module in (norm, rope, swiglu, flash_attention, paged_attention, kv_cache, quant_matmul, fp8_matmul,
+                   gemv):
         module.register(reg)

@@ -1,0 +1,160 @@
+"""Decode-shape (M <= 16) dense matmuls: y = x @ w.T with w in x's dtype, split along K.
+
+cuBLAS serves a decode step's small projections far below the copy ceiling: on an H200, with a cold
+L2 inside a CUDA graph, Qwen3-0.6B's o projection (K = 2048, N = 1024, 4 MiB of bf16 weights) takes
+13.7 us (0.31 TB/s) and its down projection (K = 3072, N = 1024) 7.2 us
+(`benchmarks/probe_linear_gemv.py`). Both have too few output columns to fill 132 SMs without
+splitting K, which this kernel does, with the int8 decode kernel's machinery (`quant_gemv`): M == 1
+multiplies on the CUDA cores, 1 < M <= 16 pads M to 16 for `tl.dot`, split-K partials are combined in
+the same launch in split order (deterministic, capturable, no memset), and the config is chosen per
+shape by CUDA-graph time (`graph_bench`), as a decode step pays it.
+
+Larger M is cuBLAS's: the `matmul.dense` backend here refuses it, and the registry's reference
+(`F.linear`) takes it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tessera.kernels.custom_ops import matmul_custom_op
+from tessera.kernels.support import FLOATS, dtype_reasons, no_grad_reasons, triton_device_reasons
+from tessera.kernels.triton import quant_gemv
+from tessera.kernels.triton.quant_gemv import MAX_M, _cfg, _combine_and_store, _even, _fits_k, _k_range
+from tessera.kernels.triton.tuned_launch import TunedLaunch
+from tessera.kernels.triton.tuning import autotune, bucket, dot_precision, graph_bench
+from tessera.specs import KernelRegistry
+
+# Weight bytes per program and iteration are 2 * BN * BK: from few long rows (many programs) to
+# many short ones, with split-K up to 16 for the narrow N of o and down projections.
+_M1 = [_cfg(4, 512, 1, 4, 3), _cfg(8, 256, 1, 4, 3), _cfg(8, 512, 1, 4, 2), _cfg(16, 256, 1, 4, 2),
+       _cfg(16, 128, 1, 4, 3), _cfg(4, 1024, 1, 4, 2), _cfg(32, 128, 1, 8, 2), _cfg(4, 512, 2, 4, 3),
+       _cfg(8, 256, 2, 4, 3), _cfg(8, 512, 2, 4, 2), _cfg(4, 512, 4, 4, 3), _cfg(8, 256, 4, 4, 3),
+       _cfg(16, 256, 4, 4, 2), _cfg(8, 256, 8, 4, 3), _cfg(16, 128, 8, 4, 3), _cfg(8, 128, 16, 4, 3),
+       _cfg(64, 64, 4, 4, 4, True), _cfg(64, 128, 2, 4, 3, True), _cfg(64, 128, 1, 4, 3, True),
+       _cfg(32, 128, 4, 4, 4, True)]
+_MX = [_cfg(16, 128, 1, 4, 4), _cfg(16, 256, 1, 4, 3), _cfg(32, 128, 1, 4, 4), _cfg(32, 256, 1, 4, 3),
+       _cfg(64, 64, 1, 4, 4), _cfg(64, 128, 1, 4, 3), _cfg(16, 256, 2, 4, 3), _cfg(16, 128, 4, 4, 4),
+       _cfg(32, 128, 4, 4, 4), _cfg(64, 128, 4, 4, 3), _cfg(32, 256, 8, 4, 3), _cfg(64, 64, 4, 4, 4),
+       _cfg(16, 256, 8, 4, 3), _cfg(32, 128, 2, 4, 4)]
+_INTERPRET = _cfg(16, 32, 2, 4, 1)
+
+
+def _prune(configs: list, named_args: dict, **kwargs: object) -> list:
+    pool = _M1 if named_args["M_BUCKET"] == 1 else _MX
+    mine = list(dict.fromkeys(c for c in configs if c in pool))
+    return quant_gemv._keep_splittable(_fits_k(mine, named_args["K"]), named_args["N"], named_args["K"])
+
+
+@triton.heuristics({"EVEN": _even})
+@triton.jit
+def dense_gemv_kernel(X, W, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, M_BUCKET,
+                      PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                      SPLIT_K: tl.constexpr, M1_DOT: tl.constexpr = False, EVEN: tl.constexpr = False):
+    """y[M, N] = x[M, K] @ w[N, K].T; BM == 1 (M == 1) or 16 (M <= 16); grid (N / BN, SPLIT_K). With
+    BM == 1, M1_DOT takes the tl.dot path (rows padded to 16). EVEN (BN divides N, BK divides K) drops
+    the bounds masks on the weight and x tiles."""
+    if BM == 1 and M1_DOT:
+        _dense_tiles(X, W, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC, 16, BN, BK,
+                     SPLIT_K, EVEN)
+    else:
+        _dense_tiles(X, W, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC, BM, BN, BK,
+                     SPLIT_K, EVEN)
+
+
+@triton.jit
+def _dense_tiles(X, W, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    n_ok = offs_n < N
+    w_ptrs = W + (pid_n * BN).to(tl.int64) * stride_wn + tl.arange(0, BN)[:, None] * stride_wn + offs_k[None, :]
+    k_start, k_end = _k_range(K, pid_k, BK, SPLIT_K)
+    if BM == 1:
+        acc2 = tl.zeros((BN, BK), dtype=tl.float32)
+        for k0 in range(k_start, k_end, BK):
+            if EVEN:
+                x = tl.load(X + (k0 + offs_k) * stride_xk).to(tl.float32)
+                w = tl.load(w_ptrs + k0)
+            else:
+                k_ok = (k0 + offs_k) < K
+                x = tl.load(X + (k0 + offs_k) * stride_xk, mask=k_ok, other=0.0).to(tl.float32)
+                w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc2 += w.to(tl.float32) * x[None, :]
+        acc = tl.sum(acc2, axis=1)[None, :]
+    else:
+        offs_m = tl.arange(0, BM)
+        m_ok = offs_m < M
+        x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(k_start, k_end, BK):
+            if EVEN:
+                x = tl.load(x_ptrs + k0 * stride_xk, mask=m_ok[:, None], other=0.0)
+                w = tl.load(w_ptrs + k0)
+            else:
+                k_ok = (k0 + offs_k) < K
+                x = tl.load(x_ptrs + k0 * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
+    _combine_and_store(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, BM, BN, SPLIT_K)
+
+
+_tuned = autotune(_M1 + _MX, key=["M_BUCKET", "N", "K", "PREC"], interpret=_INTERPRET,
+                  prune_configs_by={"early_config_prune": _prune}, do_bench=graph_bench)(dense_gemv_kernel)
+_launch = TunedLaunch(_tuned)
+
+
+def launch(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, kernel: object = None, **meta: object) -> None:
+    """y[M, N] = x @ w.T (M <= 16, w contiguous, x's dtype). `kernel` defaults to the autotuned one;
+    with the raw `dense_gemv_kernel`, `meta` gives BN, BK, SPLIT_K (and launch options)."""
+    m, k = x.shape
+    n = w.shape[0]
+    mb = bucket(m)
+    split = quant_gemv._max_split(_tuned, n) if kernel is None else int(meta["SPLIT_K"])
+    ws, counters = quant_gemv._workspace(n, split, x.device)
+    args = (x, w, y, ws, counters, m, n, k, x.stride(0), x.stride(1), w.stride(0), y.stride(0), mb)
+    consts = {"PREC": dot_precision(x.dtype), "BM": 1 if m == 1 else MAX_M}
+    if kernel is None:
+        _launch((mb, n, k, x.dtype), quant_gemv._grid(n), *args, **consts)
+    else:
+        kernel[quant_gemv._grid(n)](*args, **consts, **meta)
+
+
+def _dense(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    y = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
+    if y.numel():
+        launch(x, w, y)
+    return y
+
+
+_op = matmul_custom_op("matmul_dense", _dense)
+
+
+def matmul_dense(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Same contract as `reference.matmul_dense`, for M <= 16 (see `supports`)."""
+    return _op(x, w)
+
+
+def supports(x: torch.Tensor | None = None, w: torch.Tensor | None = None) -> list[str]:
+    if x is None or w is None:
+        return triton_device_reasons()
+    reasons = triton_device_reasons(x, w) + dtype_reasons("x", x, FLOATS) + dtype_reasons("w", w, FLOATS)
+    if x.dim() != 2 or w.dim() != 2 or x.shape[-1] != w.shape[-1]:
+        return [*reasons, f"x.shape={tuple(x.shape)} and w.shape={tuple(w.shape)} are not [M, K] and [N, K]"]
+    if x.dtype != w.dtype:
+        reasons.append(f"w.dtype={w.dtype} is not x.dtype={x.dtype}")
+    if x.shape[0] > MAX_M:
+        reasons.append(f"M={x.shape[0]} > {MAX_M}: a prefill-shaped product, cuBLAS's")
+    if not w.is_contiguous():
+        reasons.append("w is not contiguous")
+    if x.stride(-1) != 1:
+        reasons.append("x's last dim is not contiguous")
+    return reasons + no_grad_reasons(x, w)
+
+
+def register(reg: KernelRegistry) -> None:
+    reg.register("matmul.dense", "triton", matmul_dense, supports=supports, priority=20)

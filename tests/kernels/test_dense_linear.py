@@ -1,0 +1,75 @@
+"""`tessera.kernels.dense.linear`: F.linear everywhere but decode-shaped CUDA calls, which take the
+faster of cuBLAS and the GEMV kernel for their shape, chosen once per shape and never during a capture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tessera.kernels import dense, registry
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (3, 5, 64), (40, 64)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_calls_are_f_linear_exactly(shape: tuple[int, ...], bias: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen).to(torch.bfloat16)
+    w = torch.randn(24, 64, generator=gen).to(torch.bfloat16)
+    b = torch.randn(24, generator=gen).to(torch.bfloat16) if bias else None
+    with torch.inference_mode():
+        assert torch.equal(dense.linear(x, w, b), F.linear(x, w, b))
+    assert not dense._choice  # nothing timed or remembered off the GPU
+
+
+def test_autograd_is_untouched() -> None:
+    w = torch.randn(8, 16, requires_grad=True)
+    x = torch.randn(2, 16, requires_grad=True)
+    dense.linear(x, w).sum().backward()
+    assert torch.allclose(w.grad, x.detach().sum(0).expand(8, 16))
+
+
+def test_decode_shaped_needs_cuda_half_no_grad_and_few_rows() -> None:
+    w = torch.zeros(8, 16, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert not dense._decode_shaped(torch.zeros(1, 16, dtype=torch.bfloat16), w)  # CPU
+    if torch.cuda.is_available():
+        wc = w.cuda()
+        with torch.inference_mode():
+            assert dense._decode_shaped(torch.zeros(16, 16, dtype=torch.bfloat16, device="cuda"), wc)
+            assert not dense._decode_shaped(torch.zeros(17, 16, dtype=torch.bfloat16, device="cuda"), wc)
+            assert not dense._decode_shaped(torch.zeros(1, 16, device="cuda"), wc.float())
+        assert not dense._decode_shaped(torch.zeros(1, 16, dtype=torch.bfloat16, device="cuda"), wc)  # grad on
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 2048, 1024), (1, 1024, 4096), (4, 3072, 1024), (16, 1024, 6144)])
+def test_gpu_decode_calls_match_f_linear_and_remember_a_choice(m: int, k: int, n: int) -> None:
+    gen = torch.Generator().manual_seed(m * n)
+    x = torch.randn(1, m, k, generator=gen).to("cuda", torch.bfloat16)
+    w = (torch.randn(n, k, generator=gen) * k**-0.5).to("cuda", torch.bfloat16)
+    b = torch.randn(n, generator=gen).to("cuda", torch.bfloat16)
+    tol = registry.catalogue["matmul.dense"].tolerance("bfloat16")
+    with torch.inference_mode():
+        got = dense.linear(x, w, b)
+        torch.testing.assert_close(got, F.linear(x, w, b), atol=tol.atol, rtol=tol.rtol)
+    key = (dense._bucket(m), n, k, torch.bfloat16, x.device)
+    assert key in dense._choice and set(dense.timings[key]) == {"cublas_us", "gemv_us"}
+
+
+@pytest.mark.gpu
+def test_gpu_first_call_inside_a_capture_stays_on_cublas_and_chooses_nothing() -> None:
+    x = torch.randn(1, 1000, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(1000, 1000, device="cuda", dtype=torch.bfloat16) * 0.03
+    key = (1, 1000, 1000, torch.bfloat16, x.device)
+    dense._choice.pop(key, None)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode():
+        F.linear(x, w)  # cuBLAS initialised outside the capture
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            y = dense.linear(x, w)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert key not in dense._choice
+        torch.testing.assert_close(y, F.linear(x, w))
