@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import measure_ceilings, median_seconds, print_table, write_result
 
+from tessera.kernels import dense
 from tessera.model import Transformer
 from tessera.model.hf import export_hf
 from tessera.serve.bench import BenchRequest, offline_throughput, online_latency, random_requests
@@ -161,6 +162,7 @@ def section_decode(model, hf, args, ceil, cuda, rows, results) -> None:
     if graphs is not None:
         step = median_seconds(lambda: graphs.graphs[1].replay(), 50, 5, cuda)
         res.update(graph_step_ms=step * 1e3, graph_roofline_fraction=(1 / step) / roof)
+        res["decode_projections"] = dense.choices()  # cuBLAS or the GEMV kernel, per projection shape
         rows.append({"what": "batch-1 decode, graph replay only", "tok/s": 1 / step, "roofline": (1 / step) / roof})
     if hf is not None:
         modes = (("dynamic", {}), ("static", {"cache_implementation": "static"}))

@@ -140,3 +140,19 @@ def test_hf_export_of_a_fused_model_round_trips(tmp_path: Path) -> None:
     ids = torch.randint(0, 61, (2, 6))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids), plain(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_routed_linears_keep_outputs_and_hooks() -> None:
+    from tessera.model.fusion import route_decode_linears
+
+    model, _ = _pair("qwen2-bias")
+    ids = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(ids)
+    seen = []
+    model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    plain = sum(type(m) is torch.nn.Linear for m in model.modules())
+    assert route_decode_linears(model) == plain == route_decode_linears(model)  # idempotent
+    with torch.no_grad():
+        assert torch.equal(model(ids), want)  # CPU calls are F.linear as before
+    assert seen == [want.shape]

@@ -16,13 +16,14 @@ projections, which stay correct. Call `fuse_projections` again after such a chan
 
 from __future__ import annotations
 
+import types
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from tessera.kernels.dense import linear
 from tessera.model.layers import MLP, Attention
 
 
@@ -72,7 +73,7 @@ class FusedLinear(FusedProjections):
     bias: torch.Tensor | None
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 def _fusable(parts: tuple[nn.Module, ...]) -> bool:
@@ -128,3 +129,23 @@ def fuse_projections(model: nn.Module) -> int:
             module.gate_up = fuse_linears((module.gate_proj, module.up_proj), module.gate_up)
             fused += module.gate_up is not None
     return fused
+
+
+def _decode_aware_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, self.weight, self.bias)
+
+
+def route_decode_linears(model: nn.Module) -> int:
+    """Make every plain `nn.Linear` in `model` (o and down projections, the LM head, unfused q/k/v)
+    compute through `tessera.kernels.dense.linear`: `F.linear` as before, except that decode-shaped
+    calls (at most 16 rows, CUDA, half dtype, no autograd) take the faster of cuBLAS and the GEMV
+    kernel for their shape. The fused projections already do. For inference; returns how many modules
+    were routed. Hooks still run (only `forward` is replaced, per instance); idempotent.
+    """
+    routed = 0
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.forward = types.MethodType(_decode_aware_forward, module)
+            routed += 1
+    return routed
+

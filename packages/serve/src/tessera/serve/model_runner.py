@@ -18,7 +18,7 @@ import torch
 
 from tessera.attn import PagedAttentionMetadata, PagedKVCache, PagedKVContext
 from tessera.model import Transformer
-from tessera.model.fusion import fuse_projections
+from tessera.model.fusion import fuse_projections, route_decode_linears
 from tessera.serve.cuda_graphs import DecodeGraphs
 from tessera.specs import KVCacheHandle, KVCacheSpec, dtype_name
 
@@ -58,6 +58,7 @@ class ModelRunner:
                  enforce_eager: bool = True, graph_tokens_per_seq: int = 1) -> None:
         self.model = model.eval()
         fuse_projections(self.model)  # before graph capture: q/k/v and gate/up as one GEMM each
+        route_decode_linears(self.model)  # decode-shaped projections: the faster of cuBLAS and a GEMV
         self.device = device
         self.block_size = block_size
         self.null_block = num_blocks
