@@ -36,8 +36,9 @@ from _common import print_table, write_result
 from torch import nn
 
 from tessera.attn import FlatKVCache
-from tessera.kernels import registry
+from tessera.kernels import dense, registry
 from tessera.model import Transformer, fuse_projections
+from tessera.model.fusion import route_decode_linears
 from tessera.quant import QuantLinear, quantize
 from tessera.serve.cuda_graphs import check_capturable
 from tessera.specs import ModelConfig, QuantConfig
@@ -318,6 +319,7 @@ def speed(args: argparse.Namespace) -> dict:
         model = base if method == label else quantize(copy.deepcopy(base), configs[method], calib, progress=False)
         if not args.no_fuse:
             fuse_projections(model)
+        route_decode_linears(model)  # float projections: the faster of cuBLAS and the GEMV per decode shape
         print(f"  {method}: quantized in {time.perf_counter() - t0:.1f} s", flush=True)
         entry: dict = {"weight_bytes": weight_bytes(model)}
         for b in (1, 16):
@@ -366,7 +368,8 @@ def speed(args: argparse.Namespace) -> dict:
     for name, ok in checks.items():
         print(f"  {'PASS' if ok else 'FAIL'}  {name}")
     return {"speed": {"shape": shape, "dtype": label, "lm_head": head, "context": context, "prefill": [pre_b, pre_t],
-                      "ceilings": peak, "methods": results, "checks": checks}}
+                      "ceilings": peak, "methods": results, "checks": checks,
+                      "float_projections": dense.choices()}}
 
 
 def main() -> None:
