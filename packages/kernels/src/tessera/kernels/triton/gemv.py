@@ -22,7 +22,7 @@ import triton.language as tl
 from tessera.kernels.custom_ops import matmul_custom_op
 from tessera.kernels.support import FLOATS, dtype_reasons, no_grad_reasons, triton_device_reasons
 from tessera.kernels.triton import quant_gemv
-from tessera.kernels.triton.quant_gemv import MAX_M, _cfg, _combine_and_store, _even, _fits_k, _k_range
+from tessera.kernels.triton.quant_gemv import MAX_M, _cfg, _even, _fits_k, rowwise_tiles
 from tessera.kernels.triton.tuned_launch import TunedLaunch
 from tessera.kernels.triton.tuning import autotune, bucket, dot_precision, graph_bench
 from tessera.specs import KernelRegistry
@@ -56,51 +56,13 @@ def dense_gemv_kernel(X, W, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn
     """y[M, N] = x[M, K] @ w[N, K].T; BM == 1 (M == 1) or 16 (M <= 16); grid (N / BN, SPLIT_K). With
     BM == 1, M1_DOT takes the tl.dot path (rows padded to 16). EVEN (BN divides N, BK divides K) drops
     the bounds masks on the weight and x tiles."""
+    # W doubles as the unused scale pointer.
     if BM == 1 and M1_DOT:
-        _dense_tiles(X, W, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC, 16, BN, BK,
-                     SPLIT_K, EVEN)
+        rowwise_tiles(X, W, W, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC, 16, BN, BK,
+                      SPLIT_K, EVEN, False)
     else:
-        _dense_tiles(X, W, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC, BM, BN, BK,
-                     SPLIT_K, EVEN)
-
-
-@triton.jit
-def _dense_tiles(X, W, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_k = tl.arange(0, BK)
-    n_ok = offs_n < N
-    w_ptrs = W + (pid_n * BN).to(tl.int64) * stride_wn + tl.arange(0, BN)[:, None] * stride_wn + offs_k[None, :]
-    k_start, k_end = _k_range(K, pid_k, BK, SPLIT_K)
-    if BM == 1:
-        acc2 = tl.zeros((BN, BK), dtype=tl.float32)
-        for k0 in range(k_start, k_end, BK):
-            if EVEN:
-                x = tl.load(X + (k0 + offs_k) * stride_xk).to(tl.float32)
-                w = tl.load(w_ptrs + k0)
-            else:
-                k_ok = (k0 + offs_k) < K
-                x = tl.load(X + (k0 + offs_k) * stride_xk, mask=k_ok, other=0.0).to(tl.float32)
-                w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            acc2 += w.to(tl.float32) * x[None, :]
-        acc = tl.sum(acc2, axis=1)[None, :]
-    else:
-        offs_m = tl.arange(0, BM)
-        m_ok = offs_m < M
-        x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(k_start, k_end, BK):
-            if EVEN:
-                x = tl.load(x_ptrs + k0 * stride_xk, mask=m_ok[:, None], other=0.0)
-                w = tl.load(w_ptrs + k0)
-            else:
-                k_ok = (k0 + offs_k) < K
-                x = tl.load(x_ptrs + k0 * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
-    _combine_and_store(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, BM, BN, SPLIT_K)
+        rowwise_tiles(X, W, W, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC, BM, BN, BK,
+                      SPLIT_K, EVEN, False)
 
 
 _tuned = autotune(_M1 + _MX, key=["M_BUCKET", "N", "K", "PREC"], interpret=_INTERPRET,

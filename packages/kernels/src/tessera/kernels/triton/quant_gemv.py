@@ -189,16 +189,19 @@ def int8_gemv_kernel(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_
     With BM == 1, M1_DOT takes the tl.dot path (rows padded to 16) instead of the CUDA-core one. EVEN (set
     from the shapes: BN divides N and BK divides K) drops the bounds masks on the weight and x tiles."""
     if BM == 1 and M1_DOT:
-        _int8_tiles(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC, 16, BN, BK,
-                    SPLIT_K, EVEN)
+        rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC, 16, BN, BK,
+                      SPLIT_K, EVEN, True)
     else:
-        _int8_tiles(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC, BM, BN, BK,
-                    SPLIT_K, EVEN)
+        rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC, BM, BN, BK,
+                      SPLIT_K, EVEN, True)
 
 
 @triton.jit
-def _int8_tiles(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr):
+def rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC: tl.constexpr,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr,
+                  INT8: tl.constexpr):
+    """One program's [BN] output columns of x @ w.T over its split of K, combined and stored. INT8: w holds
+    int8 rows scaled per output channel by S; else w is in a float dtype (the dense GEMV) and S unused."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -218,7 +221,10 @@ def _int8_tiles(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, s
                 k_ok = (k0 + offs_k) < K
                 x = tl.load(X + (k0 + offs_k) * stride_xk, mask=k_ok, other=0.0).to(tl.float32)
                 w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0)
-            w_f = _exact_f32((w.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.int32), 128)  # w + 128 in [0, 255]
+            if INT8:
+                w_f = _exact_f32((w.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.int32), 128)  # w + 128 in [0, 255]
+            else:
+                w_f = w.to(tl.float32)
             acc2 += w_f * x[None, :]
         acc = tl.sum(acc2, axis=1)[None, :]
     else:
@@ -235,8 +241,9 @@ def _int8_tiles(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, s
                 x = tl.load(x_ptrs + k0 * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0)
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PREC)
-    scale = tl.load(S + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    _combine_and_store(acc * scale[None, :], Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, BM, BN, SPLIT_K)
+    if INT8:
+        acc = acc * tl.load(S + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    _combine_and_store(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, BM, BN, SPLIT_K)
 
 
 @triton.jit
