@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import tomllib
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,32 +42,54 @@ def modules(name: str) -> list[str]:
                   if p.name != "__main__.py")
 
 
-def check(name: str, workdir: Path) -> None:
+def _run(cmd: list[str], log: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    log.append(proc.stdout + proc.stderr)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}:\n{''.join(log)}")
+
+
+def check(name: str, workdir: Path) -> str:
+    """Install and import one package in its own venv; returns its report lines (raises with the log)."""
     venv = workdir / name
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    log: list[str] = []
+    _run([sys.executable, "-m", "venv", str(venv)], log)
     py = str(venv / "bin" / "python")
     paths = [str(PACKAGES[d]) for d in internal_deps(name)]
     pip = [py, "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints.txt")]
-    subprocess.run([*pip, *paths], check=True)
+    _run([*pip, *paths], log)
+    lines = []
     if name in EXTRAS:
-        subprocess.run([py, "-c", f"import tessera.{name}"], check=True)
-        print(f"ok: tessera-{name} imports without its [{EXTRAS[name]}] extra")
-        subprocess.run([*pip, f"{PACKAGES[name]}[{EXTRAS[name]}]"], check=True)
+        _run([py, "-c", f"import tessera.{name}"], log)
+        lines.append(f"ok: tessera-{name} imports without its [{EXTRAS[name]}] extra")
+        _run([*pip, f"{PACKAGES[name]}[{EXTRAS[name]}]"], log)
     code = f"import importlib\nfor m in {modules(name)!r}:\n    importlib.import_module(m)\n"
     if name in NO_TORCH:
         code += "import importlib.util\nassert importlib.util.find_spec('torch') is None, 'torch is installed'\n"
-    subprocess.run([py, "-c", code], check=True)
-    print(f"ok: tessera-{name} installs alone and imports {len(modules(name))} modules")
+    _run([py, "-c", code], log)
+    lines.append(f"ok: tessera-{name} installs alone and imports {len(modules(name))} modules")
+    return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("packages", nargs="*", default=sorted(PACKAGES), help="package folder names (default: all)")
+    parser.add_argument("packages", nargs="*", default=sorted(PACKAGES), choices=sorted(PACKAGES), metavar="PACKAGE",
+                        help=f"package folder names (default: all of {sorted(PACKAGES)})")
+    parser.add_argument("--jobs", type=int, default=3, help="packages checked at once (default: 3; installs are "
+                        "mostly unpacking, so a 2-core machine still gains from 3)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.packages:
-            check(name, Path(tmp))
-    return 0
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    failed = 0
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
+        futures = {pool.submit(check, name, Path(tmp)): name for name in args.packages}
+        for future in as_completed(futures):
+            try:
+                print(future.result(), flush=True)
+            except RuntimeError as exc:
+                failed += 1
+                print(f"FAIL: tessera-{futures[future]}: {exc}", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
