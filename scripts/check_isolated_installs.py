@@ -73,13 +73,17 @@ def check(name: str, workdir: Path) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("packages", nargs="*", default=sorted(PACKAGES), choices=sorted(PACKAGES), metavar="PACKAGE",
+    parser.add_argument("packages", nargs="*", metavar="PACKAGE",
                         help=f"package folder names (default: all of {sorted(PACKAGES)})")
     parser.add_argument("--jobs", type=int, default=3, help="packages checked at once (default: 3; installs are "
                         "mostly unpacking, so a 2-core machine still gains from 3)")
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    unknown = [p for p in args.packages if p not in PACKAGES]
+    if unknown:
+        parser.error(f"unknown package(s) {unknown}; known: {sorted(PACKAGES)}")
+    args.packages = args.packages or sorted(PACKAGES)
     failed = 0
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(check, name, Path(tmp)): name for name in args.packages}
