@@ -5,15 +5,11 @@ block_tables[b, t // block_size] * block_size + t % block_size. Keys are gathere
 
 Decode is GQA-aware: one program serves all Hq / Hkv query heads of a kv head, so each cached byte
 is read once, and the context is split across programs (split-K) when the batch alone cannot fill
-the GPU; the split that finishes last merges them by their log-sum-exp in the same launch (a
-per-(sequence, kv head) arrival counter), or, past MERGE_SLOTS pairs, a second kernel does. The split
-count comes from the block table's width, never from context_lens, so decode needs no host sync
-(CUDA-graph capturable).
+the GPU; a second kernel merges the splits by their log-sum-exp. The split count comes from the
+block table's width, never from context_lens, so decode needs no host sync (CUDA-graph capturable).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
@@ -26,10 +22,10 @@ from tessera.specs import KernelRegistry
 
 
 @triton.jit
-def _decode_kernel(Q, K, V, O, O_PART, ML_PART, CNT, TABLES, CTX, scale_log2, stride_qb, stride_qh, stride_kr,
-                   stride_kh, stride_vr, stride_vh, stride_ob, stride_oh, stride_tb,
+def _decode_kernel(Q, K, V, O, O_PART, ML_PART, TABLES, CTX, scale_log2, stride_qb, stride_qh, stride_kr, stride_kh,
+                   stride_vr, stride_vh, stride_ob, stride_oh, stride_tb,
                    N_REP: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                   SPLITS: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr, FUSED_MERGE: tl.constexpr):
+                   SPLITS: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -73,33 +69,6 @@ def _decode_kernel(Q, K, V, O, O_PART, ML_PART, CNT, TABLES, CTX, scale_log2, st
         tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_ok[:, None])
         tl.store(ML_PART + part * 2, m_i, mask=g_ok)
         tl.store(ML_PART + part * 2 + 1, l_i, mask=g_ok)
-        if FUSED_MERGE:
-            # The split that finishes last merges all of them: every thread's partials are written
-            # before one thread publishes them (release); the last arrival's acquire makes all splits'
-            # partials visible, read past L1 (.cg). One launch instead of two.
-            tl.debug_barrier()
-            slot = b * tl.num_programs(1) + kv_head
-            arrived = tl.atomic_add(CNT + slot, 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLITS - 1:
-                first = part - split  # split 0 of each of this program's heads
-                m_max = tl.full((G,), float("-inf"), dtype=tl.float32)
-                for s in range(SPLITS):
-                    m_max = tl.maximum(m_max, tl.load(ML_PART + (first + s) * 2, mask=g_ok, other=float("-inf"),
-                                                      cache_modifier=".cg"))
-                total = tl.zeros((G,), dtype=tl.float32)
-                out = tl.zeros((G, HEAD_DIM), dtype=tl.float32)
-                for s in range(SPLITS):
-                    m_s = tl.load(ML_PART + (first + s) * 2, mask=g_ok, other=float("-inf"), cache_modifier=".cg")
-                    l_s = tl.load(ML_PART + (first + s) * 2 + 1, mask=g_ok, other=0.0, cache_modifier=".cg")
-                    w = tl.where(l_s > 0, tl.math.exp2(m_s - m_max), 0.0)
-                    total += w * l_s
-                    acc_s = tl.load(O_PART + (first + s)[:, None] * HEAD_DIM + offs_d[None, :], mask=g_ok[:, None],
-                                    other=0.0, cache_modifier=".cg")
-                    out += acc_s * w[:, None]
-                out = tl.where(total[:, None] > 0, out / total[:, None], 0.0)
-                tl.store(O + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                         out.to(O.dtype.element_ty), mask=g_ok[:, None])
-                tl.atomic_xchg(CNT + slot, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -134,22 +103,6 @@ def _decode_plan(batch: int, hkv: int, max_ctx: int, block_n: int) -> int:
     return max(1, min(target, triton.cdiv(max_ctx, block_n), 64))
 
 
-#: (sequence, kv head) pairs a decode launch can merge its splits for in the same launch; a larger
-#: batch (which rarely splits at all) merges in a second kernel.
-MERGE_SLOTS = 1 << 16
-
-
-@functools.cache
-def _merge_counters(device: torch.device, stream: int) -> torch.Tensor:
-    # Zeroed once, per device and stream; every fused launch leaves its counters at zero again, and
-    # launches on one stream run in order. Never freed, so a captured graph's address stays valid.
-    return torch.zeros(MERGE_SLOTS, dtype=torch.int32, device=device)
-
-
-def _stream_key(device: torch.device) -> int:
-    return torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
-
-
 def _cache_strides(cache: torch.Tensor) -> tuple[int, int]:
     """(row stride, head stride) treating [NB, BS, H, D] as rows of the flattened first two dims."""
     return cache.stride(1), cache.stride(2)
@@ -173,14 +126,12 @@ def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         o_part = ml_part = o
     krs, khs = _cache_strides(k_cache)
     vrs, vhs = _cache_strides(v_cache)
-    fused = splits > 1 and batch * hkv <= MERGE_SLOTS
-    counters = _merge_counters(q.device, _stream_key(q.device)) if fused else o
     _decode_kernel[(batch, hkv, splits)](
-        q, k_cache, v_cache, o, o_part, ml_part, counters, block_tables, context_lens, scale * LOG2E, q.stride(0),
-        q.stride(1), krs, khs, vrs, vhs, o.stride(0), o.stride(1), block_tables.stride(0), N_REP=n_rep,
+        q, k_cache, v_cache, o, o_part, ml_part, block_tables, context_lens, scale * LOG2E, q.stride(0), q.stride(1),
+        krs, khs, vrs, vhs, o.stride(0), o.stride(1), block_tables.stride(0), N_REP=n_rep,
         G=max(16, triton.next_power_of_2(n_rep)), HEAD_DIM=d, PAGE=page, SPLITS=splits, PREC=dot_precision(q.dtype),
-        BLOCK_N=block_n, FUSED_MERGE=fused, num_warps=4, num_stages=2)
-    if splits > 1 and not fused:
+        BLOCK_N=block_n, num_warps=4, num_stages=2)
+    if splits > 1:
         _merge_kernel[(batch, hq)](o, o_part, ml_part, o.stride(0), o.stride(1), hq, HEAD_DIM=d, SPLITS=splits,
                                    S_BLOCK=triton.next_power_of_2(splits), num_warps=4)
     return o
