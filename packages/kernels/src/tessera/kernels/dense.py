@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from tessera.kernels.registry import registry
+from tessera.kernels.support import bucket
 from tessera.specs import KernelUnavailableError
 
 #: Most rows a call may have to count as decode-shaped (the GEMV backend's limit).
@@ -32,10 +33,6 @@ _UNSET = object()
 _choice: dict[tuple, Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None] = {}
 #: What each timed key measured, in microseconds: {"cublas_us": ..., "gemv_us": ...}.
 timings: dict[tuple, dict[str, float]] = {}
-
-
-def _bucket(rows: int) -> int:
-    return 1 << max(0, rows - 1).bit_length()
 
 
 def _decode_shaped(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -66,7 +63,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1 or not w.is_contiguous():
         return F.linear(x, w, bias)
-    key = (_bucket(x2.shape[0]), w.shape[0], k, x.dtype, x.device)
+    key = (bucket(x2.shape[0]), w.shape[0], k, x.dtype, x.device)
     fn = _choice.get(key, _UNSET)
     if fn is _UNSET:
         if torch.cuda.is_current_stream_capturing():

@@ -148,4 +148,3 @@ def route_decode_linears(model: nn.Module) -> int:
             module.forward = types.MethodType(_decode_aware_forward, module)
             routed += 1
     return routed
-

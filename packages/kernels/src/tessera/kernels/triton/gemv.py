@@ -21,8 +21,17 @@ import triton.language as tl
 
 from tessera.kernels.custom_ops import matmul_custom_op
 from tessera.kernels.support import FLOATS, dtype_reasons, no_grad_reasons, triton_device_reasons
-from tessera.kernels.triton import quant_gemv
-from tessera.kernels.triton.quant_gemv import MAX_M, _cfg, _even, _fits_k, rowwise_tiles
+from tessera.kernels.triton.quant_gemv import (
+    MAX_M,
+    _cfg,
+    _even,
+    _fits_k,
+    _grid,
+    _keep_splittable,
+    _max_split,
+    _workspace,
+    rowwise_tiles,
+)
 from tessera.kernels.triton.tuned_launch import TunedLaunch
 from tessera.kernels.triton.tuning import autotune, bucket, dot_precision, graph_bench
 from tessera.specs import KernelRegistry
@@ -45,7 +54,7 @@ _INTERPRET = _cfg(16, 32, 2, 4, 1)
 def _prune(configs: list, named_args: dict, **kwargs: object) -> list:
     pool = _M1 if named_args["M_BUCKET"] == 1 else _MX
     mine = list(dict.fromkeys(c for c in configs if c in pool))
-    return quant_gemv._keep_splittable(_fits_k(mine, named_args["K"]), named_args["N"], named_args["K"])
+    return _keep_splittable(_fits_k(mine, named_args["K"]), named_args["N"], named_args["K"])
 
 
 @triton.heuristics({"EVEN": _even})
@@ -76,14 +85,14 @@ def launch(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, kernel: object = N
     m, k = x.shape
     n = w.shape[0]
     mb = bucket(m)
-    split = quant_gemv._max_split(_tuned, n) if kernel is None else int(meta["SPLIT_K"])
-    ws, counters = quant_gemv._workspace(n, split, x.device)
+    split = _max_split(_tuned, n) if kernel is None else int(meta["SPLIT_K"])
+    ws, counters = _workspace(n, split, x.device)
     args = (x, w, y, ws, counters, m, n, k, x.stride(0), x.stride(1), w.stride(0), y.stride(0), mb)
     consts = {"PREC": dot_precision(x.dtype), "BM": 1 if m == 1 else MAX_M}
     if kernel is None:
-        _launch((mb, n, k, x.dtype), quant_gemv._grid(n), *args, **consts)
+        _launch((mb, n, k, x.dtype), _grid(n), *args, **consts)
     else:
-        kernel[quant_gemv._grid(n)](*args, **consts, **meta)
+        kernel[_grid(n)](*args, **consts, **meta)
 
 
 def _dense(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -12,12 +12,9 @@ from collections.abc import Callable, Sequence
 
 import triton
 
-from tessera.kernels.support import triton_interpreting
+from tessera.kernels.support import bucket, triton_interpreting
 
-
-def bucket(n: int) -> int:
-    """The power of two >= n (>= 1): the tuning key for a length."""
-    return 1 << max(0, int(n) - 1).bit_length()
+__all__ = ["autotune", "bucket", "dot_precision", "graph_bench"]
 
 
 def autotune(configs: Sequence[triton.Config], key: list[str], interpret: triton.Config,
