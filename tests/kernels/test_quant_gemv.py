@@ -64,6 +64,30 @@ def test_int8_m1_dot_path_only_on_large_matrices() -> None:
     assert not any(c.kwargs.get("M1_DOT") for c in qg._prune_int8(every, _named(16, 8192, 8192)))
 
 
+def test_word_path_competes_only_where_it_reads_whole_words() -> None:
+    def words(kept: list[triton.Config]) -> list[triton.Config]:
+        return [c for c in kept if c.kwargs.get("WORDS")]
+
+    every = qg._INT8_M1 + qg._INT8_MX
+    assert words(qg._prune_int8(every, _named(1, 2048, 2048)))
+    assert not words(qg._prune_int8(every, _named(1, 2050, 2048)))  # rows of K % 4 != 0 bytes
+    assert not words(qg._prune_int8(every, _named(16, 2048, 2048)))  # M == 1 only
+    kept = words(qg._prune_int4(qg._int4_tuned.configs, _named(1, 2048, 2048), GROUP=128))
+    assert kept and all(c.kwargs["BK"] % 128 == 0 for c in kept)  # whole groups a tile, never re-tiled
+    assert not words(qg._prune_int4(qg._int4_tuned.configs, _named(1, 2016, 2048), GROUP=96))
+
+
+def test_raw_word_launch_refuses_what_it_cannot_read() -> None:
+    x, y = torch.zeros(1, 198), torch.zeros(1, 8)
+    with pytest.raises(ValueError, match=r"K % 4 == 0, got K=198"):
+        qg.launch_int8(x, torch.zeros(8, 198, dtype=torch.int8), torch.ones(8), y, kernel=qg.int8_gemv_kernel,
+                       BN=8, BK=64, SPLIT_K=1, WORDS=True)
+    x = torch.zeros(1, 256)
+    with pytest.raises(ValueError, match=r"BK=64 group_size=128"):
+        qg.launch_int4(x, torch.zeros(8, 128, dtype=torch.uint8), torch.ones(8, 2), torch.ones(8, 2), 128, y,
+                       kernel=qg.int4_gemv_kernel, BN=8, BK=64, SPLIT_K=1, WORDS=True)
+
+
 def _splits_no_group(bk: int, group: int) -> bool:
     """By enumeration: every BK tile (starting at a multiple of BK) lies inside one group, or every group it
     touches lies wholly inside it."""
@@ -137,24 +161,28 @@ def _compile_sm90(fn: object, ptrs: dict[str, str], ints: dict[str, int], meta: 
                     reason="triton ships no ptxas here")
 @pytest.mark.parametrize("m", [1, 16])
 @pytest.mark.parametrize(("op", "bk"), [("int8", 128), ("int8_dot", 128), ("int8_even", 128), ("int4", 128),
-                                        ("int4", 512)])
+                                        ("int4", 512), ("int8_words", 512), ("int4_words", 256)])
 def test_split_k_kernels_compile_for_sm90(op: str, bk: int, m: int) -> None:
     """int8 on either M == 1 path (int8_dot: M1_DOT), with and without bounds masks (int8_even: EVEN);
-    int4 at BK 128 (a tile inside a group of 128) and 512 (a tile of four whole groups)."""
+    int4 at BK 128 (a tile inside a group of 128) and 512 (a tile of four whole groups); the word paths
+    (M == 1 only; at M == 16 the flag is inert) with their PTX conversion."""
     k, n = 4096, 2048
+    words = op.endswith("_words")
     ints = {"M": m, "N": n, "K": k, "K2": k // 2, "stride_xm": k, "stride_xk": 1, "stride_wn": k, "stride_qn": k // 2,
             "stride_sn": k // 128, "stride_zn": k // 128, "stride_ym": n, "M_BUCKET": m}
-    meta = {"PREC": "tf32", "BM": 1 if m == 1 else qg.MAX_M, "GROUP": 128}
-    split = qg._cfg(32, bk, 4, 4, 3, m1_dot=op == "int8_dot")
+    meta = {"PREC": "tf32", "BM": 1 if m == 1 else qg.MAX_M, "GROUP": 128, "ASM": True,
+            "EVEN": op == "int8_even" or words}
+    split = qg._cfg(32, bk, 4, 4, 3, m1_dot=op == "int8_dot", words=words)
     if op.startswith("int8"):
         ptrs = {"X": "bf16", "W": "i8", "S": "fp32", "Y": "bf16", "WS": "fp32", "CNT": "i32"}
-        meta |= {"EVEN": op == "int8_even"}
         compiled = _compile_sm90(qg.int8_gemv_kernel.fn, ptrs, ints, meta, split)
     else:
         ptrs = {"X": "bf16", "QW": "u8", "S": "fp32", "Z": "fp32", "Y": "bf16", "WS": "fp32", "CNT": "i32"}
-        compiled = _compile_sm90(qg.int4_gemv_kernel, ptrs, ints, meta, split)
+        compiled = _compile_sm90(qg.int4_gemv_kernel.fn, ptrs, ints, meta, split)
     ptx = compiled.asm["ptx"]
     # The combine publishes with release/acquire at GPU scope and reads partials past L1.
     assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx
     assert "cvt.rn.f32.s32" not in ptx and "cvt.rn.f32.u32" not in ptx  # no I2F on the weights
+    if words and m == 1:  # one PRMT a weight, and whole 16-byte weight vectors a load
+        assert "prmt.b32" in ptx and "ld.global.v4.b32" in ptx
     assert compiled.asm["cubin"]

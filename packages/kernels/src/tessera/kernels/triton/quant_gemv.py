@@ -8,6 +8,15 @@ wasted on padding rows); 1 < M <= 16 pads M to 16 and uses `tl.dot`. For int8 at
 also weighs the padded `tl.dot` path (configs with M1_DOT) on matrices of at least 2**25 weights: its
 loads are pipelined through shared memory, which wins there (8192 x 8192 on an H200: 21.3 us against 25.9).
 
+At M == 1 the CUDA-core path is bound by its integer work, not by memory: unpacking byte by byte costs
+about three integer ops a weight, and an H200 then runs int8 and int4 alike at about 4e12 weights/s, so
+int4's half of the bytes buys little. The word path (WORDS configs, M == 1) reads the weights as int32
+words and builds each weight's float bits with one PRMT (inline PTX; the same bits by shifts under the
+interpreter), reads bf16 x as words split by bit ops, and loads the next tile while it multiplies this
+one. On the H200 it beat the byte path at every Llama-3.2-1B decode shape: the int8 projections of one
+step 556 -> 524 us, int4 670 -> 596 us (`benchmarks/probe_quant_gemv.py`); int8's LM head reads at
+3.97 TB/s, the copy ceiling.
+
 Split-K partials are combined inside the same launch, deterministically: every program writes its
 float32 partial tile to a workspace and bumps a per-N-tile counter (acquire/release); the program
 that arrives last sums the SPLIT_K partials in split order, casts, stores, and resets the counter to
@@ -31,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tessera.kernels.support import triton_interpreting
 from tessera.kernels.triton.tuned_launch import TunedLaunch
 from tessera.kernels.triton.tuning import autotune, bucket, dot_precision, graph_bench
 
@@ -42,9 +52,17 @@ SPLIT_MAX_N = 16384
 _COUNTER_SLOTS = SPLIT_MAX_N // 4
 
 
-def _cfg(bn: int, bk: int, split: int, warps: int, stages: int, m1_dot: bool = False) -> triton.Config:
+def _cfg(bn: int, bk: int, split: int, warps: int, stages: int, m1_dot: bool = False,
+         words: bool = False) -> triton.Config:
     kw = {"BN": bn, "BK": bk, "SPLIT_K": split} | ({"M1_DOT": True} if m1_dot else {})
+    kw |= {"WORDS": True} if words else {}
     return triton.Config(kw, num_warps=warps, num_stages=stages)
+
+
+def _wcfg(bn: int, bk: int, split: int, warps: int) -> triton.Config:
+    """An M == 1 config of the word paths (weights read as int32 words, converted by PRMT, the next tile
+    loaded while this one is multiplied). Their loops hold no tl.dot, so Triton pipelines nothing: one stage."""
+    return _cfg(bn, bk, split, warps, 1, words=True)
 
 
 # Weight bytes per program and iteration are BN * BK (int8) or BN * BK / 2 (int4); the lists span
@@ -54,7 +72,10 @@ _INT8_M1 = [_cfg(4, 1024, 1, 4, 2), _cfg(8, 512, 1, 4, 3), _cfg(8, 1024, 1, 4, 2
             _cfg(8, 512, 4, 4, 3), _cfg(16, 512, 4, 4, 2), _cfg(16, 256, 8, 4, 3), _cfg(32, 512, 4, 8, 2),
             _cfg(8, 1024, 1, 4, 1), _cfg(4, 2048, 1, 4, 1), _cfg(8, 2048, 1, 8, 1),
             _cfg(64, 128, 4, 4, 4, True), _cfg(64, 256, 4, 4, 3, True), _cfg(64, 128, 1, 4, 4, True),
-            _cfg(64, 256, 2, 4, 4, True), _cfg(32, 256, 4, 4, 4, True)]
+            _cfg(64, 256, 2, 4, 4, True), _cfg(32, 256, 4, 4, 4, True),
+            _wcfg(4, 1024, 1, 4), _wcfg(8, 512, 1, 4), _wcfg(8, 1024, 1, 4), _wcfg(16, 512, 1, 4),
+            _wcfg(16, 1024, 1, 8), _wcfg(4, 2048, 1, 4), _wcfg(32, 512, 1, 8), _wcfg(8, 512, 2, 4),
+            _wcfg(8, 512, 4, 4), _wcfg(16, 512, 4, 4), _wcfg(8, 1024, 2, 4), _wcfg(16, 256, 8, 4)]
 # The tl.dot configs; the last four came out on top of an H200 sweep (CUDA-graph time, L2 cold) at
 # K = N = 4096 and 8192 and the Llama-3.2-1B gate/up and down shapes.
 _INT8_MX = [_cfg(16, 256, 1, 4, 4), _cfg(16, 512, 1, 4, 3), _cfg(32, 256, 1, 4, 4), _cfg(32, 512, 1, 4, 3),
@@ -68,7 +89,10 @@ _INT4_M1 = [_cfg(32, 128, 1, 4, 3), _cfg(64, 128, 1, 4, 3), _cfg(128, 128, 1, 4,
             _cfg(64, 128, 4, 4, 3), _cfg(128, 128, 4, 8, 3), _cfg(32, 128, 8, 4, 3), _cfg(64, 128, 8, 4, 3),
             _cfg(8, 512, 1, 4, 3), _cfg(8, 1024, 1, 4, 2), _cfg(16, 512, 1, 4, 2), _cfg(16, 1024, 1, 8, 2),
             _cfg(32, 256, 1, 4, 3), _cfg(32, 512, 1, 8, 2), _cfg(16, 512, 4, 4, 2), _cfg(32, 256, 4, 4, 3),
-            _cfg(8, 512, 8, 4, 3)]
+            _cfg(8, 512, 8, 4, 3),
+            _wcfg(16, 256, 1, 4), _wcfg(32, 256, 1, 4), _wcfg(8, 512, 1, 4), _wcfg(16, 512, 1, 4),
+            _wcfg(16, 1024, 1, 8), _wcfg(32, 128, 1, 4), _wcfg(64, 128, 1, 4), _wcfg(16, 256, 4, 4),
+            _wcfg(8, 512, 4, 4), _wcfg(32, 256, 4, 8), _wcfg(16, 512, 2, 4), _wcfg(8, 1024, 1, 4)]
 _INT4_MX = [_cfg(16, 256, 1, 4, 4), _cfg(32, 256, 1, 4, 4), _cfg(64, 128, 1, 4, 4), _cfg(64, 256, 1, 4, 3),
             _cfg(128, 128, 1, 8, 3), _cfg(16, 512, 1, 4, 3), _cfg(16, 256, 4, 4, 4), _cfg(32, 256, 2, 4, 4),
             _cfg(32, 256, 4, 4, 4), _cfg(64, 128, 4, 4, 4), _cfg(64, 256, 8, 4, 3), _cfg(32, 128, 8, 4, 4),
@@ -105,7 +129,9 @@ M1_DOT_MIN_ELEMENTS = 1 << 25
 def _prune_int8(configs: list, named_args: dict, **kwargs: object) -> list:
     pool = _INT8_M1 if named_args["M_BUCKET"] == 1 else _INT8_MX
     small = named_args["N"] * named_args["K"] < M1_DOT_MIN_ELEMENTS
-    mine = list(dict.fromkeys(c for c in configs if c in pool and not (small and c.kwargs.get("M1_DOT"))))
+    words_ok = named_args["K"] % 4 == 0  # whole int32 words a row
+    mine = list(dict.fromkeys(c for c in configs if c in pool and not (small and c.kwargs.get("M1_DOT"))
+                              and (words_ok or not c.kwargs.get("WORDS"))))
     return _keep_splittable(_fits_k(mine, named_args["K"]), named_args["N"], named_args["K"])
 
 
@@ -127,7 +153,11 @@ def _prune_int4(configs: list, named_args: dict, **kwargs: object) -> list:
     pool = _INT4_M1 if named_args["M_BUCKET"] == 1 else _INT4_MX
     seen, kept = set(), []
     for c in (c for c in configs if c in pool):
-        key = (c.kwargs["BN"], _group_tile(c.kwargs["BK"], group), c.kwargs["SPLIT_K"], c.num_warps, c.num_stages)
+        words = c.kwargs.get("WORDS", False)
+        if words and (c.kwargs["BK"] % group or k % 8):  # word tiles hold whole groups of whole words
+            continue
+        bk = c.kwargs["BK"] if words else _group_tile(c.kwargs["BK"], group)
+        key = (c.kwargs["BN"], bk, c.kwargs["SPLIT_K"], c.num_warps, c.num_stages, False, words)
         if key not in seen:
             seen.add(key)
             kept.append(_cfg(*key))
@@ -169,6 +199,187 @@ def _exact_f32(v, OFFSET: tl.constexpr):
 
 
 @triton.jit
+def _s8_words(v, ASM: tl.constexpr):
+    """int32 words of four int8 weights (byte b is k = 4j + b) -> four float32 tensors, exactly. With ASM one
+    PRMT per weight builds the float bits 0x4B0000uu (2**23 + w + 128; the XOR that biases the bytes takes
+    one op per word), then one subtraction: a third of the integer ops of unpacking byte by byte."""
+    if ASM:
+        u0, u1, u2, u3 = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, m;
+            xor.b32 t, $4, 0x80808080;
+            mov.b32 m, 0x4B000000;
+            prmt.b32 $0, t, m, 0x7540;
+            prmt.b32 $1, t, m, 0x7541;
+            prmt.b32 $2, t, m, 0x7542;
+            prmt.b32 $3, t, m, 0x7543;
+            }""",
+            constraints="=r,=r,=r,=r,r", args=[v], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
+            pack=1)
+    else:  # the interpreter runs no PTX: the same bits, byte by byte
+        t = v ^ -2139062144  # 0x80808080: each byte biased by 128
+        u0 = (t & 0xFF) | 0x4B000000
+        u1 = ((t >> 8) & 0xFF) | 0x4B000000
+        u2 = ((t >> 16) & 0xFF) | 0x4B000000
+        u3 = ((t >> 24) & 0xFF) | 0x4B000000
+    return (u0.to(tl.float32, bitcast=True) - 8388736.0, u1.to(tl.float32, bitcast=True) - 8388736.0,
+            u2.to(tl.float32, bitcast=True) - 8388736.0, u3.to(tl.float32, bitcast=True) - 8388736.0)
+
+
+@triton.jit
+def _u4_words(v, ASM: tl.constexpr):
+    """int32 words of eight packed int4 codes (nibble i is k = 8j + i) -> eight float32 tensors 2**23 + q,
+    exact; the caller subtracts 2**23. With ASM: two masks a word, then one PRMT a code."""
+    if ASM:
+        q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 lo, hi, m;
+            and.b32 lo, $8, 0x0F0F0F0F;
+            shr.u32 hi, $8, 4;
+            and.b32 hi, hi, 0x0F0F0F0F;
+            mov.b32 m, 0x4B000000;
+            prmt.b32 $0, lo, m, 0x7540;
+            prmt.b32 $1, hi, m, 0x7540;
+            prmt.b32 $2, lo, m, 0x7541;
+            prmt.b32 $3, hi, m, 0x7541;
+            prmt.b32 $4, lo, m, 0x7542;
+            prmt.b32 $5, hi, m, 0x7542;
+            prmt.b32 $6, lo, m, 0x7543;
+            prmt.b32 $7, hi, m, 0x7543;
+            }""",
+            constraints="=r,=r,=r,=r,=r,=r,=r,=r,r", args=[v], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+    else:
+        q0 = (v & 0xF) | 0x4B000000
+        q1 = ((v >> 4) & 0xF) | 0x4B000000
+        q2 = ((v >> 8) & 0xF) | 0x4B000000
+        q3 = ((v >> 12) & 0xF) | 0x4B000000
+        q4 = ((v >> 16) & 0xF) | 0x4B000000
+        q5 = ((v >> 20) & 0xF) | 0x4B000000
+        q6 = ((v >> 24) & 0xF) | 0x4B000000
+        q7 = ((v >> 28) & 0xF) | 0x4B000000
+    return (q0.to(tl.float32, bitcast=True), q1.to(tl.float32, bitcast=True), q2.to(tl.float32, bitcast=True),
+            q3.to(tl.float32, bitcast=True), q4.to(tl.float32, bitcast=True), q5.to(tl.float32, bitcast=True),
+            q6.to(tl.float32, bitcast=True), q7.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _x4(X, ks, mask, stride_xk):
+    """x[ks + b] for b = 0..3 as float32 (ks: multiples of 4; mask None: all in bounds). bf16 x (contiguous,
+    4-byte aligned: the launch makes it so) comes as two int32 words, split into halves by bit ops."""
+    if X.dtype.element_ty == tl.bfloat16:
+        X32 = X.to(tl.pointer_type(tl.int32), bitcast=True)
+        if mask is None:
+            a = tl.load(X32 + ks // 2)
+            b = tl.load(X32 + ks // 2 + 1)
+        else:
+            a = tl.load(X32 + ks // 2, mask=mask, other=0)
+            b = tl.load(X32 + ks // 2 + 1, mask=mask, other=0)
+        return ((a << 16).to(tl.float32, bitcast=True), (a & -65536).to(tl.float32, bitcast=True),
+                (b << 16).to(tl.float32, bitcast=True), (b & -65536).to(tl.float32, bitcast=True))
+    else:
+        if mask is None:
+            return (tl.load(X + ks * stride_xk).to(tl.float32), tl.load(X + (ks + 1) * stride_xk).to(tl.float32),
+                    tl.load(X + (ks + 2) * stride_xk).to(tl.float32), tl.load(X + (ks + 3) * stride_xk).to(tl.float32))
+        else:
+            return (tl.load(X + ks * stride_xk, mask=mask, other=0.0).to(tl.float32),
+                    tl.load(X + (ks + 1) * stride_xk, mask=mask, other=0.0).to(tl.float32),
+                    tl.load(X + (ks + 2) * stride_xk, mask=mask, other=0.0).to(tl.float32),
+                    tl.load(X + (ks + 3) * stride_xk, mask=mask, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _fma4(acc, w0, w1, w2, w3, x0, x1, x2, x3):
+    """acc + w0 x0 + ... + w3 x3 as a chain of four FMAs (x broadcast along the rows)."""
+    acc += w0 * x0[None, :]
+    acc += w1 * x1[None, :]
+    acc += w2 * x2[None, :]
+    acc += w3 * x3[None, :]
+    return acc
+
+
+@triton.jit
+def _int8_words_m1(X, W, N, K, stride_xk, stride_wn, pid_n, k_start, k_end, BN: tl.constexpr, BK: tl.constexpr,
+                   EVEN: tl.constexpr, ASM: tl.constexpr):
+    """acc [1, BN] of x[1, K] @ w_q.T over [k_start, k_end) (K % 4 == 0), the weights read as int32 words.
+    EVEN: the next tile's words are loaded before this tile is multiplied (one tile in flight per thread
+    while it computes; the address is clamped, so the last iteration re-reads its own tile)."""
+    BW: tl.constexpr = BK // 4
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_ok = offs_n < N
+    offs_j = tl.arange(0, BW)
+    W32 = W.to(tl.pointer_type(tl.int32), bitcast=True)
+    row_words = stride_wn // 4
+    w_ptrs = W32 + (pid_n * BN).to(tl.int64) * row_words + tl.arange(0, BN)[:, None] * row_words + offs_j[None, :]
+    acc2 = tl.zeros((BN, BW), dtype=tl.float32)
+    if EVEN:
+        # Offsets as tile index * BW, so the compiler sees 16-byte aligned rows and emits 128-bit loads.
+        t_end = k_end // BK
+        v = tl.load(w_ptrs + tl.minimum(k_start // BK, K // BK - 1) * BW)  # a split may be empty: stay in bounds
+        for t in range(k_start // BK, t_end):
+            k0 = t * BK
+            v_next = tl.load(w_ptrs + tl.minimum(t + 1, t_end - 1) * BW)
+            x0, x1, x2, x3 = _x4(X, k0 + 4 * offs_j, None, stride_xk)
+            w0, w1, w2, w3 = _s8_words(v, ASM)
+            acc2 = _fma4(acc2, w0, w1, w2, w3, x0, x1, x2, x3)
+            v = v_next
+    else:
+        for k0 in range(k_start, k_end, BK):
+            ks = k0 + 4 * offs_j
+            k_ok = ks < K
+            v = tl.load(w_ptrs + (k0 // BK) * BW, mask=n_ok[:, None] & k_ok[None, :], other=0)
+            x0, x1, x2, x3 = _x4(X, ks, k_ok, stride_xk)
+            w0, w1, w2, w3 = _s8_words(v, ASM)
+            acc2 = _fma4(acc2, w0, w1, w2, w3, x0, x1, x2, x3)
+    return tl.sum(acc2, axis=1)[None, :]
+
+
+@triton.jit
+def _int4_words_m1(X, QW, S, Z, K, stride_xk, stride_qn, stride_sn, stride_zn, n64, n_ok, k_start, k_end,
+                   GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr):
+    """acc [1, BN] of AWQ x[1, K] @ W.T over [k_start, k_end) (K % 8 == 0), tiles of NG = BK // GROUP whole
+    groups read as int32 words ([BN, NG, GROUP // 8]); per group s * (sum_k q_k x_k - z * sum_k x_k), the
+    x sums taken once for all rows. EVEN: the next tile's words are loaded before this one is used."""
+    NG: tl.constexpr = BK // GROUP
+    GW: tl.constexpr = GROUP // 8
+    offs_g = tl.arange(0, NG)
+    word = offs_g[:, None] * GW + tl.arange(0, GW)[None, :]  # [NG, GW]: a tile's words, group by group
+    Q32 = QW.to(tl.pointer_type(tl.int32), bitcast=True)
+    q_ptrs = Q32 + n64[:, None, None] * (stride_qn // 4) + word[None, :, :]
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    TW: tl.constexpr = BK // 8  # words a tile row
+    t_end = tl.cdiv(k_end, BK)
+    if EVEN:  # offsets as tile index * TW: 16-byte aligned rows, 128-bit loads
+        v = tl.load(q_ptrs + tl.minimum(k_start // BK, K // BK - 1) * TW)
+    for t in range(k_start // BK, t_end):
+        k0 = t * BK
+        ks = k0 + 8 * word
+        g = k0 // GROUP + offs_g
+        if EVEN:
+            v_next = tl.load(q_ptrs + tl.minimum(t + 1, t_end - 1) * TW)
+            k_ok = None
+            s = tl.load(S + n64[:, None] * stride_sn + g[None, :]).to(tl.float32)
+            z = tl.load(Z + n64[:, None] * stride_zn + g[None, :]).to(tl.float32)
+        else:
+            k_ok = ks < K
+            v = tl.load(q_ptrs + t * TW, mask=n_ok[:, None, None] & k_ok[None, :, :], other=0)
+            g_ok = n_ok[:, None] & ((k0 + offs_g * GROUP) < K)[None, :]
+            s = tl.load(S + n64[:, None] * stride_sn + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
+            z = tl.load(Z + n64[:, None] * stride_zn + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
+        x0, x1, x2, x3 = _x4(X, ks, k_ok, stride_xk)
+        x4, x5, x6, x7 = _x4(X, ks + 4, k_ok, stride_xk)
+        q0, q1, q2, q3, q4, q5, q6, q7 = _u4_words(v, ASM)
+        part = (q0 - 8388608.0) * x0[None, :, :] + (q1 - 8388608.0) * x1[None, :, :] \
+            + (q2 - 8388608.0) * x2[None, :, :] + (q3 - 8388608.0) * x3[None, :, :] \
+            + (q4 - 8388608.0) * x4[None, :, :] + (q5 - 8388608.0) * x5[None, :, :] \
+            + (q6 - 8388608.0) * x6[None, :, :] + (q7 - 8388608.0) * x7[None, :, :]
+        x_sum = tl.sum(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, axis=1)  # [NG]
+        acc += tl.sum(s * (tl.sum(part, axis=2) - z * x_sum[None, :]), axis=1)
+        if EVEN:
+            v = v_next
+    return acc[None, :]
+
+
+@triton.jit
 def _k_range(K, pid_k, BK: tl.constexpr, SPLIT_K: tl.constexpr):
     """[start, end) of this split's K range: whole BK tiles, so tile starts stay multiples of BK."""
     per = tl.cdiv(tl.cdiv(K, BK), SPLIT_K) * BK
@@ -184,11 +395,22 @@ def _even(args: dict) -> bool:
 @triton.jit
 def int8_gemv_kernel(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, M_BUCKET,
                      PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                     SPLIT_K: tl.constexpr, M1_DOT: tl.constexpr = False, EVEN: tl.constexpr = False):
+                     SPLIT_K: tl.constexpr, M1_DOT: tl.constexpr = False, WORDS: tl.constexpr = False,
+                     ASM: tl.constexpr = False, EVEN: tl.constexpr = False):
     """y[M, N] = (x[M, K] @ w_q[N, K].T) * scale[N]; BM == 1 (M == 1) or 16 (M <= 16); grid (N / BN, SPLIT_K).
-    With BM == 1, M1_DOT takes the tl.dot path (rows padded to 16) instead of the CUDA-core one. EVEN (set
-    from the shapes: BN divides N and BK divides K) drops the bounds masks on the weight and x tiles."""
-    if BM == 1 and M1_DOT:
+    With BM == 1, M1_DOT takes the tl.dot path (rows padded to 16) and WORDS the word path
+    (`_int8_words_m1`; K % 4 == 0) instead of the CUDA-core one; ASM lets the word path convert by PTX
+    (not under the interpreter). EVEN (set from the shapes: BN divides N and BK divides K) drops the bounds
+    masks on the weight and x tiles."""
+    if BM == 1 and WORDS:
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        k_start, k_end = _k_range(K, pid_k, BK, SPLIT_K)
+        acc = _int8_words_m1(X, W, N, K, stride_xk, stride_wn, pid_n, k_start, k_end, BN, BK, EVEN, ASM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        acc = acc * tl.load(S + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        _combine_and_store(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, 1, BN, SPLIT_K)
+    elif BM == 1 and M1_DOT:
         rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC, 16, BN, BK,
                       SPLIT_K, EVEN, True)
     else:
@@ -349,10 +571,12 @@ def _int4_whole_groups(X, QW, S, Z, M, K, K2, stride_xm, stride_xk, stride_qn, s
     return acc
 
 
+@triton.heuristics({"EVEN": _even})
 @triton.jit
 def int4_gemv_kernel(X, QW, S, Z, Y, WS, CNT, M, N, K, K2, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn,
                      stride_ym, M_BUCKET, GROUP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
-                     BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
+                     BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, WORDS: tl.constexpr = False,
+                     ASM: tl.constexpr = False, EVEN: tl.constexpr = False):
     """y[M, N] = x[M, K] @ ((q - z) * s).T with q packed two per byte along K (K2 = K / 2 bytes a row, even
     k in the low nibble); a tile never splits a group: GROUP % BK == 0 (one tile inside one group) or
     BK % GROUP == 0 (a tile of whole groups; GROUP >= 32 where BM > 1, for the dots' K of GROUP / 2)."""
@@ -362,7 +586,10 @@ def int4_gemv_kernel(X, QW, S, Z, Y, WS, CNT, M, N, K, K2, stride_xm, stride_xk,
     n_ok = offs_n < N
     n64 = offs_n.to(tl.int64)
     k_start, k_end = _k_range(K, pid_k, BK, SPLIT_K)
-    if BK <= GROUP:
+    if BM == 1 and WORDS:
+        acc = _int4_words_m1(X, QW, S, Z, K, stride_xk, stride_qn, stride_sn, stride_zn, n64, n_ok, k_start, k_end,
+                             GROUP, BN, BK, EVEN, ASM)
+    elif BK <= GROUP:
         acc = _int4_in_group(X, QW, S, Z, M, K, K2, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, n64, n_ok,
                              k_start, k_end, GROUP, PREC, BM, BN, BK)
     else:
@@ -425,16 +652,37 @@ def _grid(n: int):
     return lambda meta: (triton.cdiv(n, meta["BN"]), meta["SPLIT_K"])
 
 
+def _word_aligned(x: torch.Tensor) -> torch.Tensor:
+    """x for the word paths, which read a bf16 row as int32 words: unit stride along K and 4-byte aligned (a
+    decode step's activation row already is; anything else is copied, a row of K elements)."""
+    if x.shape[0] == 1 and x.dtype == torch.bfloat16 and (x.stride(1) != 1 or x.data_ptr() % 4):
+        return x.clone(memory_format=torch.contiguous_format)
+    return x
+
+
+def _words_reasons(meta: dict, k: int, group: int | None = None) -> list[str]:
+    if not meta.get("WORDS"):
+        return []
+    if group is None:
+        return [] if k % 4 == 0 else [f"WORDS needs K % 4 == 0, got K={k}"]
+    return [f"WORDS needs whole groups and words a tile, got BK={meta['BK']} group_size={group} K={k}"] \
+        if meta["BK"] % group or k % 8 else []
+
+
 def launch_int8(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, y: torch.Tensor,
                 kernel: object = None, **meta: object) -> None:
     """y[M, N] = int8 weight-only x @ w_q.T (M <= 16, w_q and scale contiguous). `kernel` defaults to the
-    autotuned one; with the raw `int8_gemv_kernel`, `meta` gives BN, BK, SPLIT_K (and launch options)."""
+    autotuned one; with the raw `int8_gemv_kernel`, `meta` gives BN, BK, SPLIT_K (and launch options, M1_DOT
+    or WORDS)."""
     m, k = x.shape
     n = w_q.shape[0]
+    if kernel is not None and (bad := _words_reasons(meta, k)):
+        raise ValueError(bad[0])
+    x = _word_aligned(x)
     mb = bucket(m)
     ws, counters = _workspace(n, _max_split(_int8_tuned, n) if kernel is None else int(meta["SPLIT_K"]), x.device)
     args = (x, w_q, scale, y, ws, counters, m, n, k, x.stride(0), x.stride(1), w_q.stride(0), y.stride(0), mb)
-    consts = {"PREC": dot_precision(x.dtype), "BM": 1 if m == 1 else MAX_M}
+    consts = {"PREC": dot_precision(x.dtype), "BM": 1 if m == 1 else MAX_M, "ASM": not triton_interpreting()}
     if kernel is None:
         _int8_launch((mb, n, k, x.dtype, scale.dtype), _grid(n), *args, **consts)
     else:
@@ -446,15 +694,19 @@ def launch_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     """y[M, N] = AWQ int4 x @ W.T (M <= 16, group_size a multiple of 32, last dims contiguous). `kernel`
     defaults to the autotuned one; with the raw `int4_gemv_kernel`, `meta` gives BN, BK, SPLIT_K, where BK
     must divide group_size or (a power-of-two group_size) be a multiple of it, else ValueError."""
+    m, k = x.shape
     if kernel is not None and not _tile_fits_groups(int(meta["BK"]), group_size):
         raise ValueError(f"BK={meta['BK']} would split a group of group_size={group_size}")
-    m, k = x.shape
+    if kernel is not None and (bad := _words_reasons(meta, k, group_size)):
+        raise ValueError(bad[0])
+    x = _word_aligned(x)
     n = qweight.shape[0]
     mb = bucket(m)
     ws, counters = _workspace(n, _max_split(_int4_tuned, n) if kernel is None else int(meta["SPLIT_K"]), x.device)
     args = (x, qweight, scales, zeros, y, ws, counters, m, n, k, k // 2, x.stride(0), x.stride(1), qweight.stride(0),
             scales.stride(0), zeros.stride(0), y.stride(0), mb)
-    consts = {"GROUP": group_size, "PREC": dot_precision(x.dtype), "BM": 1 if m == 1 else MAX_M}
+    consts = {"GROUP": group_size, "PREC": dot_precision(x.dtype), "BM": 1 if m == 1 else MAX_M,
+              "ASM": not triton_interpreting()}
     if kernel is None:
         _int4_launch((mb, n, k, group_size, x.dtype, scales.dtype, zeros.dtype), _grid(n), *args, **consts)
     else:
