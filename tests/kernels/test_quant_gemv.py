@@ -69,11 +69,15 @@ def test_word_path_competes_only_where_it_reads_whole_words() -> None:
         return [c for c in kept if c.kwargs.get("WORDS")]
 
     every = qg._INT8_M1 + qg._INT8_MX
-    assert words(qg._prune_int8(every, _named(1, 2048, 2048)))
+    kept = qg._prune_int8(every, _named(1, 2048, 2048))
+    assert words(kept) and all(c.kwargs.get("WORDS") or c.kwargs.get("M1_DOT") for c in kept)  # bytes replaced
+    assert not any(c.kwargs.get("WORDS") for c in qg._prune_int8(every, _named(1, 2050, 2048))) and \
+        qg._prune_int8(every, _named(1, 2050, 2048))  # the byte path serves rows of K % 4 != 0 bytes
     assert not words(qg._prune_int8(every, _named(1, 2050, 2048)))  # rows of K % 4 != 0 bytes
     assert not words(qg._prune_int8(every, _named(16, 2048, 2048)))  # M == 1 only
     kept = words(qg._prune_int4(qg._int4_tuned.configs, _named(1, 2048, 2048), GROUP=128))
     assert kept and all(c.kwargs["BK"] % 128 == 0 for c in kept)  # whole groups a tile, never re-tiled
+    assert kept == qg._prune_int4(qg._int4_tuned.configs, _named(1, 2048, 2048), GROUP=128)  # bytes replaced
     assert not words(qg._prune_int4(qg._int4_tuned.configs, _named(1, 2016, 2048), GROUP=96))
 
 

@@ -73,9 +73,10 @@ _INT8_M1 = [_cfg(4, 1024, 1, 4, 2), _cfg(8, 512, 1, 4, 3), _cfg(8, 1024, 1, 4, 2
             _cfg(8, 1024, 1, 4, 1), _cfg(4, 2048, 1, 4, 1), _cfg(8, 2048, 1, 8, 1),
             _cfg(64, 128, 4, 4, 4, True), _cfg(64, 256, 4, 4, 3, True), _cfg(64, 128, 1, 4, 4, True),
             _cfg(64, 256, 2, 4, 4, True), _cfg(32, 256, 4, 4, 4, True),
-            _wcfg(4, 1024, 1, 4), _wcfg(8, 512, 1, 4), _wcfg(8, 1024, 1, 4), _wcfg(16, 512, 1, 4),
-            _wcfg(16, 1024, 1, 8), _wcfg(4, 2048, 1, 4), _wcfg(32, 512, 1, 8), _wcfg(8, 512, 2, 4),
-            _wcfg(8, 512, 4, 4), _wcfg(16, 512, 4, 4), _wcfg(8, 1024, 2, 4), _wcfg(16, 256, 8, 4)]
+            # Word path: every config that came within 3% of the best at some Llama-3.2-1B decode shape or
+            # square of two H200 sweeps (`benchmarks/probe_quant_gemv.py`), and a wide spare.
+            _wcfg(4, 1024, 1, 4), _wcfg(4, 2048, 1, 4), _wcfg(8, 512, 1, 4), _wcfg(8, 1024, 1, 4),
+            _wcfg(32, 512, 1, 8), _wcfg(8, 512, 4, 4), _wcfg(16, 256, 8, 4), _wcfg(16, 512, 4, 4)]
 # The tl.dot configs; the last four came out on top of an H200 sweep (CUDA-graph time, L2 cold) at
 # K = N = 4096 and 8192 and the Llama-3.2-1B gate/up and down shapes.
 _INT8_MX = [_cfg(16, 256, 1, 4, 4), _cfg(16, 512, 1, 4, 3), _cfg(32, 256, 1, 4, 4), _cfg(32, 512, 1, 4, 3),
@@ -90,9 +91,12 @@ _INT4_M1 = [_cfg(32, 128, 1, 4, 3), _cfg(64, 128, 1, 4, 3), _cfg(128, 128, 1, 4,
             _cfg(8, 512, 1, 4, 3), _cfg(8, 1024, 1, 4, 2), _cfg(16, 512, 1, 4, 2), _cfg(16, 1024, 1, 8, 2),
             _cfg(32, 256, 1, 4, 3), _cfg(32, 512, 1, 8, 2), _cfg(16, 512, 4, 4, 2), _cfg(32, 256, 4, 4, 3),
             _cfg(8, 512, 8, 4, 3),
-            _wcfg(16, 256, 1, 4), _wcfg(32, 256, 1, 4), _wcfg(8, 512, 1, 4), _wcfg(16, 512, 1, 4),
-            _wcfg(16, 1024, 1, 8), _wcfg(32, 128, 1, 4), _wcfg(64, 128, 1, 4), _wcfg(16, 256, 4, 4),
-            _wcfg(8, 512, 4, 4), _wcfg(32, 256, 4, 8), _wcfg(16, 512, 2, 4), _wcfg(8, 1024, 1, 4)]
+            # Word path, as for int8: the near-best of two H200 sweeps. Most hold many rows a thread, so
+            # each x word loaded serves more weights: x loads from L1, not the FMAs, bounded the narrow
+            # tiles (0.6 loads a weight at 16 x 1024, 0.17 at 128 x 128).
+            _wcfg(8, 1024, 1, 4), _wcfg(8, 512, 4, 4), _wcfg(16, 1024, 1, 8), _wcfg(16, 512, 2, 4),
+            _wcfg(128, 128, 1, 4), _wcfg(128, 128, 2, 4), _wcfg(128, 128, 4, 4), _wcfg(128, 128, 8, 4),
+            _wcfg(64, 128, 4, 4), _wcfg(128, 256, 1, 8)]
 _INT4_MX = [_cfg(16, 256, 1, 4, 4), _cfg(32, 256, 1, 4, 4), _cfg(64, 128, 1, 4, 4), _cfg(64, 256, 1, 4, 3),
             _cfg(128, 128, 1, 8, 3), _cfg(16, 512, 1, 4, 3), _cfg(16, 256, 4, 4, 4), _cfg(32, 256, 2, 4, 4),
             _cfg(32, 256, 4, 4, 4), _cfg(64, 128, 4, 4, 4), _cfg(64, 256, 8, 4, 3), _cfg(32, 128, 8, 4, 4),
@@ -129,9 +133,11 @@ M1_DOT_MIN_ELEMENTS = 1 << 25
 def _prune_int8(configs: list, named_args: dict, **kwargs: object) -> list:
     pool = _INT8_M1 if named_args["M_BUCKET"] == 1 else _INT8_MX
     small = named_args["N"] * named_args["K"] < M1_DOT_MIN_ELEMENTS
-    words_ok = named_args["K"] % 4 == 0  # whole int32 words a row
+    # Where the word path applies (whole int32 words a row) it replaces the byte path at M == 1: it won or
+    # tied every shape of the H200 sweeps, and fewer candidates make a new shape's tuning shorter.
+    words_ok = named_args["M_BUCKET"] == 1 and named_args["K"] % 4 == 0
     mine = list(dict.fromkeys(c for c in configs if c in pool and not (small and c.kwargs.get("M1_DOT"))
-                              and (words_ok or not c.kwargs.get("WORDS"))))
+                              and (c.kwargs.get("WORDS", False) == words_ok or c.kwargs.get("M1_DOT"))))
     return _keep_splittable(_fits_k(mine, named_args["K"]), named_args["N"], named_args["K"])
 
 
@@ -161,6 +167,8 @@ def _prune_int4(configs: list, named_args: dict, **kwargs: object) -> list:
         if key not in seen:
             seen.add(key)
             kept.append(_cfg(*key))
+    if any(c.kwargs.get("WORDS") for c in kept):  # the word path applies: it replaces the byte path (as int8)
+        kept = [c for c in kept if c.kwargs.get("WORDS")]
     return _keep_splittable(_fits_k(kept, k), n, k)
 
 
