@@ -94,9 +94,9 @@ _INT4_M1 = [_cfg(32, 128, 1, 4, 3), _cfg(64, 128, 1, 4, 3), _cfg(128, 128, 1, 4,
             # Word path, as for int8: the near-best of two H200 sweeps. Most hold many rows a thread, so
             # each x word loaded serves more weights: x loads from L1, not the FMAs, bounded the narrow
             # tiles (0.6 loads a weight at 16 x 1024, 0.17 at 128 x 128).
-            _wcfg(8, 1024, 1, 4), _wcfg(8, 512, 4, 4), _wcfg(16, 1024, 1, 8), _wcfg(16, 512, 2, 4),
-            _wcfg(128, 128, 1, 4), _wcfg(128, 128, 2, 4), _wcfg(128, 128, 4, 4), _wcfg(128, 128, 8, 4),
-            _wcfg(64, 128, 4, 4), _wcfg(128, 256, 1, 8)]
+            _wcfg(8, 1024, 1, 4), _wcfg(8, 512, 4, 4), _wcfg(16, 1024, 1, 8), _wcfg(16, 512, 1, 4),
+            _wcfg(32, 256, 1, 4), _wcfg(128, 128, 1, 4), _wcfg(128, 128, 4, 4), _wcfg(128, 128, 8, 4),
+            _wcfg(128, 256, 1, 8)]
 _INT4_MX = [_cfg(16, 256, 1, 4, 4), _cfg(32, 256, 1, 4, 4), _cfg(64, 128, 1, 4, 4), _cfg(64, 256, 1, 4, 3),
             _cfg(128, 128, 1, 8, 3), _cfg(16, 512, 1, 4, 3), _cfg(16, 256, 4, 4, 4), _cfg(32, 256, 2, 4, 4),
             _cfg(32, 256, 4, 4, 4), _cfg(64, 128, 4, 4, 4), _cfg(64, 256, 8, 4, 3), _cfg(32, 128, 8, 4, 4),
