@@ -14,8 +14,8 @@ int4's half of the bytes buys little. The word path (WORDS configs, M == 1) read
 words and builds each weight's float bits with one PRMT (inline PTX; the same bits by shifts under the
 interpreter), reads bf16 x as words split by bit ops, and loads the next tile while it multiplies this
 one. On the H200 it beat the byte path at every Llama-3.2-1B decode shape: the int8 projections of one
-step 556 -> 524 us, int4 670 -> 596 us (`benchmarks/probe_quant_gemv.py`); int8's LM head reads at
-3.97 TB/s, the copy ceiling.
+step 547 -> 519 us, int4 666 -> 561 us (`benchmarks/probe_quant_gemv.py`, docs/kernels.md); int8's LM
+head reads at the copy ceiling. Where it applies, its configs replace the byte path's at M == 1.
 
 Split-K partials are combined inside the same launch, deterministically: every program writes its
 float32 partial tile to a workspace and bumps a per-N-tile counter (acquire/release); the program
