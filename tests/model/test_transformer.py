@@ -141,3 +141,65 @@ def test_projections_are_called_as_modules() -> None:
             mod.register_forward_hook(lambda m, i, o, name=name: seen.append(name))
     model(torch.randint(0, 61, (1, 3)))
     assert sorted(seen) == sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+
+
+class _CountingRegistry:
+    """Stands in for the registry in the model's modules: counts op names, delegates the calls."""
+
+    def __init__(self, real: object) -> None:
+        self.real, self.calls = real, {}
+
+    def __call__(self, op: str, *args: object) -> object:
+        self.calls[op] = self.calls.get(op, 0) + 1
+        return self.real(op, *args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_defers_each_residual_add_into_the_next_norm(dtype: torch.dtype, monkeypatch) -> None:
+    from tessera.attn import FlatKVCache
+    from tessera.model import layers, transformer
+
+    cfg = ModelConfig.preset("tiny-student")
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(dtype).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    counting = _CountingRegistry(layers.registry)
+    monkeypatch.setattr(layers, "registry", counting)
+    monkeypatch.setattr(transformer, "registry", counting)
+
+    def run(grad: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        counting.calls = {}
+        with torch.set_grad_enabled(grad):
+            full = model(ids)
+            cache = FlatKVCache(cfg, 2, 9, dtype=dtype)
+            model(ids[:, :8], positions=cache.positions(8), kv=cache)
+            cache.advance(8)
+            step = model(ids[:, 8:], positions=cache.positions(1), kv=cache)
+        return full, step, dict(counting.calls)
+
+    full, step, plain = run(grad=True)
+    full_nograd, step_nograd, deferred = run(grad=False)
+    # The same values, bit for bit: the fused op rounds each sum to the input dtype before normalising.
+    assert torch.equal(full, full_nograd) and torch.equal(step, step_nograd)
+    # Per forward: plain, n + 1 norms and n fused add-norms (and n separate adds); deferred, one norm (the
+    # first block's) and 2n fused ones: n - 1 in front of blocks, n inside them, one final.
+    n = cfg.n_layers
+    assert plain["rms_norm"] == 3 * (n + 1) and plain["rms_norm_residual"] == 3 * n
+    assert deferred["rms_norm"] == 3 and deferred["rms_norm_residual"] == 3 * 2 * n
+
+
+def test_deferred_adds_step_aside_for_hooks_and_collection() -> None:
+    from tessera.model.interp import capture
+
+    cfg = ModelConfig.preset("tiny-student")
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, 7))
+    with torch.no_grad():
+        want = model(ids)
+        h, blocks = model.hidden_states(ids, collect=(0,))  # collected block outputs are materialised
+        with capture(model, ["model.layers.0", "model.norm"]) as acts:
+            got = model(ids)
+    assert torch.equal(got, want) and torch.equal(model.lm_head(h), want)
+    assert isinstance(acts["model.layers.0"], torch.Tensor) and torch.equal(acts["model.layers.0"], blocks[0])
+    assert torch.equal(model.lm_head(acts["model.norm"]), want)

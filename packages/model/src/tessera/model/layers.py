@@ -103,7 +103,13 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     """Pre-norm block: `h = x + attn(norm(x)); out = h + mlp(norm(h))`, the add and the second norm
-    in one registry op (`rms_norm_residual`)."""
+    in one registry op (`rms_norm_residual`).
+
+    Inference may chain blocks without materialising their outputs: with `defer_add` a block returns
+    `(mlp_out, h)`, whose sum is its output, and the next block takes that pair as `(x, residual)`, so
+    the sum runs inside its first norm (`rms_norm_residual`) instead of in a launch of its own. The
+    values are the same: the fused op rounds the sum to the input dtype before normalising, as the add
+    would."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -112,9 +118,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv: KVContext | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVContext | None = None,
+                residual: torch.Tensor | None = None,
+                defer_add: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        first = self.input_layernorm
+        if residual is None:
+            h_in, normed = x, first(x)
+        else:  # the previous block's deferred add: its output is x + residual
+            normed, h_in = registry("rms_norm_residual", x, residual, first.weight, first.eps)
         norm = self.post_attention_layernorm
-        y, h = registry("rms_norm_residual", self.self_attn(self.input_layernorm(x), cos, sin, kv), x, norm.weight,
-                        norm.eps)
-        return h + self.mlp(y)
+        y, h = registry("rms_norm_residual", self.self_attn(normed, cos, sin, kv), h_in, norm.weight, norm.eps)
+        out = self.mlp(y)
+        return (out, h) if defer_add else h + out
