@@ -15,12 +15,12 @@ HALF = (torch.bfloat16, torch.float16)
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@functools.cache
 def bucket(n: int) -> int:
     """The power of two >= n (>= 1): the tuning key for a length."""
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+@functools.cache
 def triton_interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 when the backends were
     imported: `triton.jit` reads it once, at decoration, so later changes are ignored here too)."""

@@ -105,6 +105,12 @@ _INT4_MX = [_cfg(16, 256, 1, 4, 4), _cfg(32, 256, 1, 4, 4), _cfg(64, 128, 1, 4, 
 _INTERPRET = _cfg(16, 32, 2, 4, 1)
 
 
+def _words_fit(bk: int, k: int, group: int | None = None) -> bool:
+    """Whether a word-path tile can read this matrix: int8 rows of whole int32 words (K % 4 == 0); int4
+    rows of whole words (K % 8 == 0) and tiles of whole groups (BK % group == 0)."""
+    return k % 4 == 0 if group is None else k % 8 == 0 and bk % group == 0
+
+
 def _split_ok(c: triton.Config, n: int, k: int) -> bool:
     split, bk = c.kwargs["SPLIT_K"], c.kwargs["BK"]
     return split == 1 or (n <= SPLIT_MAX_N and triton.cdiv(k, bk) >= 2 * split)
@@ -135,7 +141,7 @@ def _prune_int8(configs: list, named_args: dict, **kwargs: object) -> list:
     small = named_args["N"] * named_args["K"] < M1_DOT_MIN_ELEMENTS
     # Where the word path applies (whole int32 words a row) it replaces the byte path at M == 1: it won or
     # tied every shape of the H200 sweeps, and fewer candidates make a new shape's tuning shorter.
-    words_ok = named_args["M_BUCKET"] == 1 and named_args["K"] % 4 == 0
+    words_ok = named_args["M_BUCKET"] == 1 and _words_fit(0, named_args["K"])
     mine = list(dict.fromkeys(c for c in configs if c in pool and not (small and c.kwargs.get("M1_DOT"))
                               and (c.kwargs.get("WORDS", False) == words_ok or c.kwargs.get("M1_DOT"))))
     return _keep_splittable(_fits_k(mine, named_args["K"]), named_args["N"], named_args["K"])
@@ -160,7 +166,7 @@ def _prune_int4(configs: list, named_args: dict, **kwargs: object) -> list:
     seen, kept = set(), []
     for c in (c for c in configs if c in pool):
         words = c.kwargs.get("WORDS", False)
-        if words and (c.kwargs["BK"] % group or k % 8):  # word tiles hold whole groups of whole words
+        if words and not _words_fit(c.kwargs["BK"], k, group):
             continue
         bk = c.kwargs["BK"] if words else _group_tile(c.kwargs["BK"], group)
         key = (c.kwargs["BN"], bk, c.kwargs["SPLIT_K"], c.num_warps, c.num_stages, False, words)
@@ -271,28 +277,28 @@ def _u4_words(v, ASM: tl.constexpr):
 
 
 @triton.jit
+def _load(ptrs, mask):
+    """`ptrs` loaded whole (mask None: all in bounds, no predicates) or masked with zeros."""
+    if mask is None:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=mask, other=0)
+
+
+@triton.jit
 def _x4(X, ks, mask, stride_xk):
     """x[ks + b] for b = 0..3 as float32 (ks: multiples of 4; mask None: all in bounds). bf16 x (contiguous,
     4-byte aligned: the launch makes it so) comes as two int32 words, split into halves by bit ops."""
     if X.dtype.element_ty == tl.bfloat16:
         X32 = X.to(tl.pointer_type(tl.int32), bitcast=True)
-        if mask is None:
-            a = tl.load(X32 + ks // 2)
-            b = tl.load(X32 + ks // 2 + 1)
-        else:
-            a = tl.load(X32 + ks // 2, mask=mask, other=0)
-            b = tl.load(X32 + ks // 2 + 1, mask=mask, other=0)
+        a = _load(X32 + ks // 2, mask)
+        b = _load(X32 + ks // 2 + 1, mask)
         return ((a << 16).to(tl.float32, bitcast=True), (a & -65536).to(tl.float32, bitcast=True),
                 (b << 16).to(tl.float32, bitcast=True), (b & -65536).to(tl.float32, bitcast=True))
     else:
-        if mask is None:
-            return (tl.load(X + ks * stride_xk).to(tl.float32), tl.load(X + (ks + 1) * stride_xk).to(tl.float32),
-                    tl.load(X + (ks + 2) * stride_xk).to(tl.float32), tl.load(X + (ks + 3) * stride_xk).to(tl.float32))
-        else:
-            return (tl.load(X + ks * stride_xk, mask=mask, other=0.0).to(tl.float32),
-                    tl.load(X + (ks + 1) * stride_xk, mask=mask, other=0.0).to(tl.float32),
-                    tl.load(X + (ks + 2) * stride_xk, mask=mask, other=0.0).to(tl.float32),
-                    tl.load(X + (ks + 3) * stride_xk, mask=mask, other=0.0).to(tl.float32))
+        return (_load(X + ks * stride_xk, mask).to(tl.float32), _load(X + (ks + 1) * stride_xk, mask).to(tl.float32),
+                _load(X + (ks + 2) * stride_xk, mask).to(tl.float32),
+                _load(X + (ks + 3) * stride_xk, mask).to(tl.float32))
 
 
 @triton.jit
@@ -319,25 +325,23 @@ def _int8_words_m1(X, W, N, K, stride_xk, stride_wn, pid_n, k_start, k_end, BN: 
     row_words = stride_wn // 4
     w_ptrs = W32 + (pid_n * BN).to(tl.int64) * row_words + tl.arange(0, BN)[:, None] * row_words + offs_j[None, :]
     acc2 = tl.zeros((BN, BW), dtype=tl.float32)
+    # Offsets as tile index * BW, so the compiler sees 16-byte aligned rows and emits 128-bit loads.
+    t_end = tl.cdiv(k_end, BK)
     if EVEN:
-        # Offsets as tile index * BW, so the compiler sees 16-byte aligned rows and emits 128-bit loads.
-        t_end = k_end // BK
         v = tl.load(w_ptrs + tl.minimum(k_start // BK, K // BK - 1) * BW)  # a split may be empty: stay in bounds
-        for t in range(k_start // BK, t_end):
-            k0 = t * BK
+    for t in range(k_start // BK, t_end):
+        ks = t * BK + 4 * offs_j
+        if EVEN:
             v_next = tl.load(w_ptrs + tl.minimum(t + 1, t_end - 1) * BW)
-            x0, x1, x2, x3 = _x4(X, k0 + 4 * offs_j, None, stride_xk)
-            w0, w1, w2, w3 = _s8_words(v, ASM)
-            acc2 = _fma4(acc2, w0, w1, w2, w3, x0, x1, x2, x3)
-            v = v_next
-    else:
-        for k0 in range(k_start, k_end, BK):
-            ks = k0 + 4 * offs_j
+            k_ok = None
+        else:
             k_ok = ks < K
-            v = tl.load(w_ptrs + (k0 // BK) * BW, mask=n_ok[:, None] & k_ok[None, :], other=0)
-            x0, x1, x2, x3 = _x4(X, ks, k_ok, stride_xk)
-            w0, w1, w2, w3 = _s8_words(v, ASM)
-            acc2 = _fma4(acc2, w0, w1, w2, w3, x0, x1, x2, x3)
+            v = tl.load(w_ptrs + t * BW, mask=n_ok[:, None] & k_ok[None, :], other=0)
+        x0, x1, x2, x3 = _x4(X, ks, k_ok, stride_xk)
+        w0, w1, w2, w3 = _s8_words(v, ASM)
+        acc2 = _fma4(acc2, w0, w1, w2, w3, x0, x1, x2, x3)
+        if EVEN:
+            v = v_next
     return tl.sum(acc2, axis=1)[None, :]
 
 
@@ -669,12 +673,11 @@ def _word_aligned(x: torch.Tensor) -> torch.Tensor:
 
 
 def _words_reasons(meta: dict, k: int, group: int | None = None) -> list[str]:
-    if not meta.get("WORDS"):
+    if not meta.get("WORDS") or _words_fit(int(meta["BK"]), k, group):
         return []
     if group is None:
-        return [] if k % 4 == 0 else [f"WORDS needs K % 4 == 0, got K={k}"]
-    return [f"WORDS needs whole groups and words a tile, got BK={meta['BK']} group_size={group} K={k}"] \
-        if meta["BK"] % group or k % 8 else []
+        return [f"WORDS needs K % 4 == 0, got K={k}"]
+    return [f"WORDS needs whole groups and words a tile, got BK={meta['BK']} group_size={group} K={k}"]
 
 
 def launch_int8(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, y: torch.Tensor,
