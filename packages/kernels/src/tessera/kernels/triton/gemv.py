@@ -21,12 +21,14 @@ import triton.language as tl
 
 from tessera.kernels.custom_ops import matmul_custom_op
 from tessera.kernels.support import FLOATS, dtype_reasons, no_grad_reasons, triton_device_reasons
+from tessera.kernels.triton import pdl
 from tessera.kernels.triton.quant_gemv import (
     MAX_M,
     _cfg,
     _even,
     _fits_k,
     _grid,
+    _k_range,
     _keep_splittable,
     _max_split,
     _workspace,
@@ -61,10 +63,14 @@ def _prune(configs: list, named_args: dict, **kwargs: object) -> list:
 @triton.jit
 def dense_gemv_kernel(X, W, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, M_BUCKET,
                       PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                      SPLIT_K: tl.constexpr, M1_DOT: tl.constexpr = False, EVEN: tl.constexpr = False):
+                      SPLIT_K: tl.constexpr, M1_DOT: tl.constexpr = False, EVEN: tl.constexpr = False,
+                      PDL: tl.constexpr = 0):
     """y[M, N] = x[M, K] @ w[N, K].T; BM == 1 (M == 1) or 16 (M <= 16); grid (N / BN, SPLIT_K). With
     BM == 1, M1_DOT takes the tl.dot path (rows padded to 16). EVEN (BN divides N, BK divides K) drops
-    the bounds masks on the weight and x tiles."""
+    the bounds masks on the weight and x tiles. PDL: the launch may overlap the previous kernel (`pdl`)."""
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    pf_start, pf_end = _k_range(K, tl.program_id(1), BK, SPLIT_K)
+    pdl.enter_prefetching(PDL, W, rows, rows < N, stride_wn, pf_start, pf_end)
     # W doubles as the unused scale pointer.
     if BM == 1 and M1_DOT:
         rowwise_tiles(X, W, W, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC, 16, BN, BK,
@@ -88,7 +94,7 @@ def launch(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, kernel: object = N
     split = _max_split(_tuned, n) if kernel is None else int(meta["SPLIT_K"])
     ws, counters = _workspace(n, split, x.device)
     args = (x, w, y, ws, counters, m, n, k, x.stride(0), x.stride(1), w.stride(0), y.stride(0), mb)
-    consts = {"PREC": dot_precision(x.dtype), "BM": 1 if m == 1 else MAX_M}
+    consts = {"PREC": dot_precision(x.dtype), "BM": 1 if m == 1 else MAX_M, **pdl.launch_options(x.device)}
     if kernel is None:
         _launch((mb, n, k, x.dtype), _grid(n), *args, **consts)
     else:

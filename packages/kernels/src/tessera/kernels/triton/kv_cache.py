@@ -11,12 +11,14 @@ import triton
 import triton.language as tl
 
 from tessera.kernels.support import FLOATS, dtype_reasons, no_grad_reasons, triton_device_reasons
+from tessera.kernels.triton import pdl
 from tessera.specs import KernelRegistry
 
 
 @triton.jit
 def _write_kernel(K, V, KC, VC, SLOTS, stride_kn, stride_kh, stride_vn, stride_vh, stride_kc, stride_vc, H, D,
-                  BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                  BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = 0):
+    pdl.enter(PDL)  # before the early return: a PDL kernel always waits
     n = tl.program_id(0).to(tl.int64)
     slot = tl.load(SLOTS + n)
     if slot < 0:
@@ -42,7 +44,7 @@ def _write_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     v = v if v.stride(-1) == 1 else v.contiguous()
     _write_kernel[(n,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                         k_cache.stride(1), v_cache.stride(1), h, d, BLOCK_H=triton.next_power_of_2(h),
-                        BLOCK_D=triton.next_power_of_2(d), num_warps=4)
+                        BLOCK_D=triton.next_power_of_2(d), num_warps=4, **pdl.launch_options(k.device))
 
 
 def kv_cache_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -12,6 +12,7 @@ import triton.language as tl
 
 from tessera.kernels.custom_ops import eager_bypass
 from tessera.kernels.support import FLOATS, dtype_reasons, triton_device_reasons
+from tessera.kernels.triton import pdl
 from tessera.specs import KernelRegistry
 
 MAX_D = 65536
@@ -19,7 +20,8 @@ MAX_D = 65536
 
 @triton.jit
 def _rms_norm_kernel(X, R, W, Y, H, stride_x, stride_r, stride_y, stride_h, D, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
+    pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < D
@@ -45,7 +47,7 @@ def _launch(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor, eps
         _rms_norm_kernel[(rows,)](
             x2, r2 if r2 is not None else x2, weight, y, h2 if h2 is not None else y,
             x2.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0), h2.stride(0) if h2 is not None else 0,
-            d, eps, HAS_RESIDUAL=r2 is not None, BLOCK=block, num_warps=warps)
+            d, eps, HAS_RESIDUAL=r2 is not None, BLOCK=block, num_warps=warps, **pdl.launch_options(x2.device))
     return y
 
 

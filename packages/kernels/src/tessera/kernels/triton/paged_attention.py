@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from tessera.kernels.support import no_grad_reasons, triton_device_reasons, triton_interpreting
+from tessera.kernels.triton import pdl
 from tessera.kernels.triton.flash_attention import LOG2E, attention_reasons
 from tessera.kernels.triton.tuning import dot_precision
 from tessera.specs import KernelRegistry
@@ -25,7 +26,8 @@ from tessera.specs import KernelRegistry
 def _decode_kernel(Q, K, V, O, O_PART, ML_PART, TABLES, CTX, scale_log2, stride_qb, stride_qh, stride_kr, stride_kh,
                    stride_vr, stride_vh, stride_ob, stride_oh, stride_tb,
                    N_REP: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                   SPLITS: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+                   SPLITS: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = 0):
+    pdl.enter(PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -73,7 +75,8 @@ def _decode_kernel(Q, K, V, O, O_PART, ML_PART, TABLES, CTX, scale_log2, stride_
 
 @triton.jit
 def _merge_kernel(O, O_PART, ML_PART, stride_ob, stride_oh, HQ, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
-                  S_BLOCK: tl.constexpr):
+                  S_BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
+    pdl.enter(PDL)
     b = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, S_BLOCK)
@@ -130,10 +133,10 @@ def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, o, o_part, ml_part, block_tables, context_lens, scale * LOG2E, q.stride(0), q.stride(1),
         krs, khs, vrs, vhs, o.stride(0), o.stride(1), block_tables.stride(0), N_REP=n_rep,
         G=max(16, triton.next_power_of_2(n_rep)), HEAD_DIM=d, PAGE=page, SPLITS=splits, PREC=dot_precision(q.dtype),
-        BLOCK_N=block_n, num_warps=4, num_stages=2)
+        BLOCK_N=block_n, num_warps=4, num_stages=2, **pdl.launch_options(q.device))
     if splits > 1:
         _merge_kernel[(batch, hq)](o, o_part, ml_part, o.stride(0), o.stride(1), hq, HEAD_DIM=d, SPLITS=splits,
-                                   S_BLOCK=triton.next_power_of_2(splits), num_warps=4)
+                                   S_BLOCK=triton.next_power_of_2(splits), num_warps=4, **pdl.launch_options(q.device))
     return o
 
 

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from tessera.kernels.support import triton_interpreting
+from tessera.kernels.triton import pdl
 from tessera.kernels.triton.tuned_launch import TunedLaunch
 from tessera.kernels.triton.tuning import autotune, bucket, dot_precision, graph_bench
 
@@ -408,12 +409,15 @@ def _even(args: dict) -> bool:
 def int8_gemv_kernel(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, M_BUCKET,
                      PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      SPLIT_K: tl.constexpr, M1_DOT: tl.constexpr = False, WORDS: tl.constexpr = False,
-                     ASM: tl.constexpr = False, EVEN: tl.constexpr = False):
+                     ASM: tl.constexpr = False, EVEN: tl.constexpr = False, PDL: tl.constexpr = 0):
     """y[M, N] = (x[M, K] @ w_q[N, K].T) * scale[N]; BM == 1 (M == 1) or 16 (M <= 16); grid (N / BN, SPLIT_K).
     With BM == 1, M1_DOT takes the tl.dot path (rows padded to 16) and WORDS the word path
     (`_int8_words_m1`; K % 4 == 0) instead of the CUDA-core one; ASM lets the word path convert by PTX
     (not under the interpreter). EVEN (set from the shapes: BN divides N and BK divides K) drops the bounds
-    masks on the weight and x tiles."""
+    masks on the weight and x tiles. PDL: the launch may overlap the previous kernel (`pdl`)."""
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    pf_start, pf_end = _k_range(K, tl.program_id(1), BK, SPLIT_K)
+    pdl.enter_prefetching(PDL, W, rows, rows < N, stride_wn, pf_start, pf_end)
     if BM == 1 and WORDS:
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -588,7 +592,7 @@ def _int4_whole_groups(X, QW, S, Z, M, K, K2, stride_xm, stride_xk, stride_qn, s
 def int4_gemv_kernel(X, QW, S, Z, Y, WS, CNT, M, N, K, K2, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn,
                      stride_ym, M_BUCKET, GROUP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
                      BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, WORDS: tl.constexpr = False,
-                     ASM: tl.constexpr = False, EVEN: tl.constexpr = False):
+                     ASM: tl.constexpr = False, EVEN: tl.constexpr = False, PDL: tl.constexpr = 0):
     """y[M, N] = x[M, K] @ ((q - z) * s).T with q packed two per byte along K (K2 = K / 2 bytes a row, even
     k in the low nibble); a tile never splits a group: GROUP % BK == 0 (one tile inside one group) or
     BK % GROUP == 0 (a tile of whole groups; GROUP >= 32 where BM > 1, for the dots' K of GROUP / 2)."""
@@ -598,6 +602,7 @@ def int4_gemv_kernel(X, QW, S, Z, Y, WS, CNT, M, N, K, K2, stride_xm, stride_xk,
     n_ok = offs_n < N
     n64 = offs_n.to(tl.int64)
     k_start, k_end = _k_range(K, pid_k, BK, SPLIT_K)
+    pdl.enter_prefetching(PDL, QW, offs_n, n_ok, stride_qn, k_start // 2, (k_end + 1) // 2)
     if BM == 1 and WORDS:
         acc = _int4_words_m1(X, QW, S, Z, K, stride_xk, stride_qn, stride_sn, stride_zn, n64, n_ok, k_start, k_end,
                              GROUP, BN, BK, EVEN, ASM)
@@ -693,7 +698,8 @@ def launch_int8(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, y: torc
     mb = bucket(m)
     ws, counters = _workspace(n, _max_split(_int8_tuned, n) if kernel is None else int(meta["SPLIT_K"]), x.device)
     args = (x, w_q, scale, y, ws, counters, m, n, k, x.stride(0), x.stride(1), w_q.stride(0), y.stride(0), mb)
-    consts = {"PREC": dot_precision(x.dtype), "BM": 1 if m == 1 else MAX_M, "ASM": not triton_interpreting()}
+    consts = {"PREC": dot_precision(x.dtype), "BM": 1 if m == 1 else MAX_M, "ASM": not triton_interpreting(),
+              **pdl.launch_options(x.device)}
     if kernel is None:
         _int8_launch((mb, n, k, x.dtype, scale.dtype), _grid(n), *args, **consts)
     else:
@@ -717,7 +723,7 @@ def launch_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     args = (x, qweight, scales, zeros, y, ws, counters, m, n, k, k // 2, x.stride(0), x.stride(1), qweight.stride(0),
             scales.stride(0), zeros.stride(0), y.stride(0), mb)
     consts = {"GROUP": group_size, "PREC": dot_precision(x.dtype), "BM": 1 if m == 1 else MAX_M,
-              "ASM": not triton_interpreting()}
+              "ASM": not triton_interpreting(), **pdl.launch_options(x.device)}
     if kernel is None:
         _int4_launch((mb, n, k, group_size, x.dtype, scales.dtype, zeros.dtype), _grid(n), *args, **consts)
     else:

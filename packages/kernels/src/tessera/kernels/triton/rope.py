@@ -18,6 +18,7 @@ import triton.language as tl
 
 from tessera.kernels.custom_ops import eager_bypass
 from tessera.kernels.support import FLOATS, dtype_reasons, same_dtype_reasons, triton_device_reasons
+from tessera.kernels.triton import pdl
 from tessera.kernels.triton.norm import norm_grads
 from tessera.specs import KernelRegistry
 
@@ -53,7 +54,8 @@ def _rotate_heads(X, W, O, row, sx_n, sx_h, sx_d, so_n, so_h, H, c1, c2, s1, s2,
 def _rope_kernel(Q, K, COS, SIN, QW, KW, QO, KO,
                  sq_n, sq_h, sq_d, sk_n, sk_h, sk_d, sc_n, sc_d, ss_n, ss_d, sqo_n, sqo_h, sko_n, sko_h,
                  HQ, HKV, eps, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                 NORM: tl.constexpr, TRANSPOSE: tl.constexpr):
+                 NORM: tl.constexpr, TRANSPOSE: tl.constexpr, PDL: tl.constexpr = 0):
+    pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     dmask = d < HALF
@@ -87,7 +89,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         q, k, cos, sin, qw, kw, q_out, k_out, *q.stride(), *k.stride(), *cos.stride(), *sin.stride(),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), hq, hkv, eps,
         HALF=d // 2, BLOCK_H=block_h, BLOCK_D=block_d, NORM=weights is not None, TRANSPOSE=transpose,
-        num_warps=4 if block_h * block_d <= 2048 else 8)
+        num_warps=4 if block_h * block_d <= 2048 else 8, **pdl.launch_options(q.device))
     return q_out, k_out
 
 

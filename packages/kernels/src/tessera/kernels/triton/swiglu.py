@@ -17,6 +17,7 @@ import triton.language as tl
 
 from tessera.kernels.custom_ops import eager_bypass
 from tessera.kernels.support import FLOATS, dtype_reasons, no_grad_reasons, same_dtype_reasons, triton_device_reasons
+from tessera.kernels.triton import pdl
 from tessera.kernels.triton.tiles import grouped_tile
 from tessera.kernels.triton.tuning import autotune, bucket, dot_precision
 from tessera.specs import KernelRegistry
@@ -98,7 +99,8 @@ _GATE_BLOCK = 1024
 
 
 @triton.jit
-def _silu_mul_kernel(G, U, Y, stride_g, stride_u, stride_y, F, BLOCK: tl.constexpr):
+def _silu_mul_kernel(G, U, Y, stride_g, stride_u, stride_y, F, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
+    pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < F
@@ -113,7 +115,8 @@ def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     y = torch.empty((m, f), dtype=gate.dtype, device=gate.device)
     if m and f:
         _silu_mul_kernel[(m, triton.cdiv(f, _GATE_BLOCK))](gate, up, y, gate.stride(0), up.stride(0), y.stride(0), f,
-                                                           BLOCK=_GATE_BLOCK, num_warps=4)
+                                                           BLOCK=_GATE_BLOCK, num_warps=4,
+                                                           **pdl.launch_options(gate.device))
     return y
 
 

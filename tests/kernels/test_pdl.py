@@ -1,0 +1,172 @@
+"""Programmatic dependent launch: every PDL kernel (a GEMV after asking the L2 for its weights) waits before
+it touches memory an earlier kernel may use; on the GPU a chain of them gives the same bits in every mode."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+
+from tessera.kernels.triton import gemv, kv_cache, norm, pdl, rope, swiglu
+from tessera.kernels.triton import paged_attention as pa
+from tessera.kernels.triton import quant_gemv as qg
+
+_HAS_PTXAS = (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
+
+
+def _jit(fn: object) -> triton.runtime.JITFunction:
+    while not isinstance(fn, triton.runtime.JITFunction):
+        fn = fn.fn
+    return fn
+
+
+def _ptx(fn: object, ptrs: dict[str, str], consts: dict[str, object], warps: int = 4, stages: int = 2) -> str:
+    """PTX for sm_90 (through ptxas, no GPU): pointers as given, named constexprs, fp32 for eps and the
+    softmax scale, every other argument an i32 (a multiple of 16, as a launch with these shapes sees)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = _jit(fn)
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in ptrs:
+            signature[name], attrs[(i,)] = "*" + ptrs[name], [["tt.divisibility", 16]]
+        elif name in consts:
+            signature[name], constexprs[name] = "constexpr", consts[name]
+        elif name in ("eps", "scale_log2"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    assert compiled.asm["cubin"]
+    return compiled.asm["ptx"]
+
+
+_BF16 = "bf16"
+_GEMV_INTS = {"stride_xk": 1}
+_CASES = {
+    "rms_norm": (norm._rms_norm_kernel, {n: _BF16 for n in "XRWYH"}, {"HAS_RESIDUAL": True, "BLOCK": 1024}),
+    "rope": (rope._rope_kernel, {n: _BF16 for n in ("Q", "K", "COS", "SIN", "QW", "KW", "QO", "KO")},
+             {"HALF": 64, "BLOCK_H": 16, "BLOCK_D": 64, "NORM": True, "TRANSPOSE": False}),
+    "kv_write": (kv_cache._write_kernel, {"K": _BF16, "V": _BF16, "KC": _BF16, "VC": _BF16, "SLOTS": "i64"},
+                 {"BLOCK_H": 8, "BLOCK_D": 128}),
+    "paged_decode": (pa._decode_kernel, {"Q": _BF16, "K": _BF16, "V": _BF16, "O": _BF16, "O_PART": "fp32",
+                                          "ML_PART": "fp32", "TABLES": "i32", "CTX": "i32"},
+                     {"N_REP": 2, "G": 16, "HEAD_DIM": 128, "PAGE": 16, "SPLITS": 4, "PREC": "tf32", "BLOCK_N": 64}),
+    "merge": (pa._merge_kernel, {"O": _BF16, "O_PART": "fp32", "ML_PART": "fp32"},
+              {"HEAD_DIM": 128, "SPLITS": 4, "S_BLOCK": 4}),
+    "silu_mul": (swiglu._silu_mul_kernel, {"G": _BF16, "U": _BF16, "Y": _BF16}, {"BLOCK": 1024}),
+    "dense_gemv": (gemv.dense_gemv_kernel, {"X": _BF16, "W": _BF16, "Y": _BF16, "WS": "fp32", "CNT": "i32"},
+                   {**_GEMV_INTS, "PREC": "tf32", "BM": 1, "BN": 8, "BK": 256, "SPLIT_K": 2, "EVEN": True}),
+    "int8_words": (qg.int8_gemv_kernel, {"X": _BF16, "W": "i8", "S": _BF16, "Y": _BF16, "WS": "fp32", "CNT": "i32"},
+                   {**_GEMV_INTS, "PREC": "tf32", "BM": 1, "BN": 8, "BK": 512, "SPLIT_K": 1, "WORDS": True,
+                    "ASM": True, "EVEN": True}),
+    "int8_m16": (qg.int8_gemv_kernel, {"X": _BF16, "W": "i8", "S": _BF16, "Y": _BF16, "WS": "fp32", "CNT": "i32"},
+                 {**_GEMV_INTS, "PREC": "tf32", "BM": 16, "BN": 32, "BK": 256, "SPLIT_K": 1, "EVEN": True}),
+    "int4_words": (qg.int4_gemv_kernel, {"X": _BF16, "QW": "u8", "S": _BF16, "Z": _BF16, "Y": _BF16, "WS": "fp32",
+                                          "CNT": "i32"},
+                   {**_GEMV_INTS, "GROUP": 128, "PREC": "tf32", "BM": 1, "BN": 128, "BK": 128, "SPLIT_K": 4,
+                    "WORDS": True, "ASM": True, "EVEN": True}),
+}
+_GEMVS = {"dense_gemv", "int8_words", "int8_m16", "int4_words"}
+# Any global memory access: a load, a store, an atomic, an async copy into shared memory.
+_MEMORY = re.compile(r"^\s*(@%p\d+\s+)?(ld\.global|st\.global|atom\.|red\.|cp\.async\.(ca|cg))", re.M)
+
+
+@pytest.mark.skipif(not _HAS_PTXAS, reason="triton ships no ptxas here")
+@pytest.mark.parametrize("name", sorted(_CASES))
+def test_pdl_kernels_wait_before_touching_memory(name: str) -> None:
+    fn, ptrs, consts = _CASES[name]
+    ptx = _ptx(fn, ptrs, {**consts, "PDL": pdl.PREFETCH})
+    signal, wait = ptx.find("griddepcontrol.launch_dependents"), ptx.find("griddepcontrol.wait")
+    first_access = _MEMORY.search(ptx)
+    assert 0 <= wait < signal, "wait first, then let dependents launch (no chain launching all at once)"
+    assert first_access is not None and wait < first_access.start(), "no global access may precede the wait"
+    prefetch = ptx.find("cp.async.bulk.prefetch.L2.global")
+    if name in _GEMVS:  # weights (which no kernel writes) are asked for before the wait
+        assert 0 <= prefetch < wait
+    else:
+        assert prefetch < 0
+    # Overlap only: the same wait and signal, no prefetch. Off: no grid-dependency control at all.
+    overlap = _ptx(fn, ptrs, {**consts, "PDL": pdl.OVERLAP})
+    assert "griddepcontrol.wait" in overlap and "cp.async.bulk.prefetch" not in overlap
+    assert "griddepcontrol" not in _ptx(fn, ptrs, {**consts, "PDL": pdl.OFF})
+
+
+def test_launch_options_off_the_gpu_and_when_disabled() -> None:
+    assert pdl.launch_options(torch.device("cpu")) == {"PDL": pdl.OFF}
+    previous = pdl.set_mode(pdl.OFF)
+    try:
+        assert pdl.mode() == pdl.OFF
+        assert pdl.launch_options(torch.device("cuda", 0)) == {"PDL": pdl.OFF}
+        with pytest.raises(ValueError, match="mode=3"):
+            pdl.set_mode(3)
+        assert pdl.mode() == pdl.OFF
+    finally:
+        pdl.set_mode(previous)
+    assert pdl.mode() == previous
+
+
+@pytest.mark.gpu
+def test_decode_chain_same_bits_with_and_without_pdl() -> None:
+    """A decode-step-like chain (norm, int8/int4/dense GEMVs, silu_mul, rope, KV write, paged decode),
+    replayed from CUDA graphs captured in each PDL mode, back to back so that each kernel overlaps
+    the previous one's tail: identical outputs, and equal to eager launches."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("PDL needs compute capability 9.0")
+    torch.manual_seed(0)
+    dev, bf = torch.device("cuda"), torch.bfloat16
+    d, f, hq, hkv, hd, page, ctx = 2048, 8192, 16, 8, 128, 16, 300
+    x = torch.randn(1, d, device=dev, dtype=bf)
+    nw = torch.rand(d, device=dev, dtype=bf) + 0.5
+    w8 = torch.randint(-127, 128, (2 * f, d), device=dev, dtype=torch.int8)
+    s8 = torch.rand(2 * f, device=dev, dtype=bf) / 127
+    qkv = torch.randn((hq + 2 * hkv) * hd, d, device=dev, dtype=bf) / d**0.5
+    q4 = torch.randint(0, 256, (d, f // 2), device=dev, dtype=torch.uint8)
+    s4 = torch.rand(d, f // 128, device=dev, dtype=bf) / 8
+    z4 = torch.randint(0, 16, (d, f // 128), device=dev).to(bf)
+    blocks = triton.cdiv(ctx + 1, page)
+    k_cache = torch.randn(blocks + 1, page, hkv, hd, device=dev, dtype=bf)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.arange(1, blocks + 1, device=dev, dtype=torch.int32)[None]
+    lens = torch.tensor([ctx + 1], device=dev, dtype=torch.int32)
+    slot = torch.tensor([page + ctx], device=dev, dtype=torch.int64)
+    cos, sin = torch.rand(1, hd, device=dev, dtype=bf), torch.rand(1, hd, device=dev, dtype=bf)
+
+    def step() -> torch.Tensor:
+        h = norm.rms_norm(x, nw, 1e-6)
+        proj = gemv.matmul_dense(h, qkv)
+        q, k = proj[:, : hq * hd].view(1, hq, hd), proj[:, hq * hd:(hq + hkv) * hd].view(1, hkv, hd)
+        v = proj[:, (hq + hkv) * hd:].view(1, hkv, hd)
+        q, k = rope.rope(q, k, cos, sin)
+        kv_cache.kv_cache_write(k, v, k_cache, v_cache, slot)
+        att = pa.attention_decode_paged(q, k_cache, v_cache, tables, lens, hd**-0.5)
+        gu = torch.empty(1, 2 * f, device=dev, dtype=bf)
+        qg.launch_int8(att.reshape(1, d), w8, s8, gu)
+        a = swiglu.silu_mul(gu[:, :f], gu[:, f:])
+        y = torch.empty(1, d, device=dev, dtype=bf)
+        qg.launch_int4(a, q4, s4, z4, 128, y)
+        return y
+
+    outs = {}
+    for mode in (pdl.OFF, pdl.OVERLAP, pdl.PREFETCH):
+        previous = pdl.set_mode(mode)
+        try:
+            eager = step()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = step()
+                for _ in range(7):  # later copies overlap the earlier ones' tails
+                    out = step()
+            graph.replay()
+            torch.cuda.synchronize()
+            outs[mode] = (eager.clone(), out.clone())
+        finally:
+            pdl.set_mode(previous)
+    for mode in (pdl.OVERLAP, pdl.PREFETCH):
+        assert torch.equal(outs[mode][0], outs[pdl.OFF][0]) and torch.equal(outs[mode][1], outs[pdl.OFF][1])
+    assert torch.equal(outs[pdl.OFF][0], outs[pdl.OFF][1])
