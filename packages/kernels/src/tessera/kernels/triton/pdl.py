@@ -26,7 +26,7 @@ PDL is used on CUDA devices of compute capability 9.0 and up. `TESSERA_PDL` (rea
 `set_mode` picks the mode: 0 off, 1 (the default) launch overlap, 2 launch overlap and the GEMVs' L2
 prefetch. Measured on an H200 (CUDA graphs, 2026-12-03), mode 1 against mode 0: a Llama-3.2-1B decode
 step 1.022 -> 0.929 ms in bf16, 0.786 -> 0.681 ms int8, 0.840 -> 0.732 ms AWQ-int4; Qwen3-0.6B batch-1
-graph decode 892 -> 990 tokens/s (two machine sessions). Mode 2 lost to mode 1 on the bf16 and int8
+graph decode 875-892 -> 990 tokens/s (other machine sessions). Mode 2 lost to mode 1 on the bf16 and int8
 steps (1.015 and 0.827 ms) and won only on AWQ's (0.747 ms), so it stays opt-in. Under the
 interpreter PDL is always off and the kernels compile without it.
 """
