@@ -65,7 +65,7 @@ _mode = _checked(os.environ.get("TESSERA_PDL", str(OVERLAP)), "TESSERA_PDL")
 
 def set_mode(mode: int) -> int:
     """Set the PDL mode for later launches (a graph already captured keeps what it was captured with);
-    returns the previous mode. Benchmarks use it to time the modes in one run."""
+    returns the previous mode, so a test or a benchmark can compare the modes in one process."""
     global _mode
     previous, _mode = _mode, _checked(mode, "mode")
     return previous
@@ -83,7 +83,8 @@ def _capable(index: int) -> bool:
 def launch_options(device: torch.device) -> dict[str, int | bool]:
     """The kwargs a PDL-aware kernel launch adds: `PDL` (the mode, a constexpr that compiles the prologue
     in) and Triton's `launch_pdl` (the launch attribute) on a capable CUDA device; else PDL=0."""
-    if _mode and device.type == "cuda" and not triton_interpreting() and _capable(device.index or 0):
+    if _mode and device.type == "cuda" and not triton_interpreting() and _capable(
+            torch.cuda.current_device() if device.index is None else device.index):
         return {"PDL": _mode, "launch_pdl": True}
     return {"PDL": OFF}
 
