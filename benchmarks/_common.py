@@ -55,6 +55,12 @@ def provenance() -> dict[str, Any]:
         info["cuda"] = torch.version.cuda
     except ImportError:
         pass
+    try:  # the programmatic-dependent-launch mode the decode kernels launched with (TESSERA_PDL)
+        from tessera.kernels.triton import pdl
+
+        info["pdl_mode"] = pdl.mode()
+    except ImportError:
+        pass
     return info
 
 

@@ -43,6 +43,11 @@ from tessera.quant import QuantLinear, quantize
 from tessera.serve.cuda_graphs import check_capturable
 from tessera.specs import ModelConfig, QuantConfig
 
+try:
+    from tessera.kernels.triton import pdl
+except ImportError:  # no triton: the decode kernels have no PDL modes
+    pdl = None
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 QUALITY_METHODS = ("int8", "fp8", "int4_rtn", "awq")
@@ -262,6 +267,16 @@ def decode_ms(model: Transformer, batch: int, context: int, dtype: torch.dtype, 
     return timer(step), graphed
 
 
+def decode_ms_in_mode(mode: int, model: Transformer, batch: int, context: int, dtype: torch.dtype, timer: Timer,
+                      use_graph: bool) -> float:
+    """`decode_ms` with the decode kernels launched in PDL mode `mode` (`tessera.kernels.triton.pdl`)."""
+    previous = pdl.set_mode(mode)
+    try:
+        return decode_ms(model, batch, context, dtype, timer, use_graph)[0]
+    finally:
+        pdl.set_mode(previous)
+
+
 def prefill_ms(model: Transformer, batch: int, length: int, timer: Timer) -> float:
     """Median latency of a prefill of `batch` x `length` tokens (hidden states, then last-token logits)."""
     device = next(model.parameters()).device
@@ -314,6 +329,8 @@ def speed(args: argparse.Namespace) -> dict:
     label = "fp32" if dtype == torch.float32 else "bf16"
     rows, results = [], {}
     graphed = device.type == "cuda" and not args.no_graph
+    use_modes = pdl is not None  # on a CPU the modes change nothing; --tiny --pdl-modes checks the bookkeeping
+    other_modes = [m for m in dict.fromkeys(args.pdl_modes) if m != pdl.mode()] if use_modes else []
     for method in (label, *SPEED_METHODS):
         t0 = time.perf_counter()
         model = base if method == label else quantize(copy.deepcopy(base), configs[method], calib, progress=False)
@@ -324,6 +341,10 @@ def speed(args: argparse.Namespace) -> dict:
         entry: dict = {"weight_bytes": weight_bytes(model)}
         for b in (1, 16):
             ms, g = decode_ms(model, b, context, dtype, timer, graphed)
+            if other_modes:  # the same step in the other PDL modes: same process, same tuned configs
+                entry[f"decode_b{b}_ms_by_pdl_mode"] = {
+                    pdl.mode(): ms, **{m: decode_ms_in_mode(m, model, b, context, dtype, timer, graphed)
+                                       for m in other_modes}}
             entry[f"decode_b{b}_ms"] = ms
             entry[f"decode_b{b}_graphed"] = g
             moved = step_bytes(model, cfg, b, context, dtype)
@@ -367,9 +388,19 @@ def speed(args: argparse.Namespace) -> dict:
                       f"ceilings {peak['bandwidth'] / 1e9:.1f} GB/s copy, {peak['flops'] / 1e9:.0f} GFLOP/s mm")
     for name, ok in checks.items():
         print(f"  {'PASS' if ok else 'FAIL'}  {name}")
+    by_mode = {}
+    if other_modes:
+        for mode in results[label]["decode_b1_ms_by_pdl_mode"]:
+            by_mode[mode] = {m: {f"b{b}_ms": e[f"decode_b{b}_ms_by_pdl_mode"][mode] for b in (1, 16)}
+                             for m, e in results.items()}
+            for row in by_mode[mode].values():
+                for b in (1, 16):
+                    row[f"b{b}_speedup"] = by_mode[mode][label][f"b{b}_ms"] / row[f"b{b}_ms"]
+        print_table([{"PDL mode": mode, "method": m, **row} for mode, rows_m in by_mode.items()
+                     for m, row in rows_m.items()], "decode step by PDL mode (0 off, 1 overlap, 2 overlap + prefetch)")
     return {"speed": {"shape": shape, "dtype": label, "lm_head": head, "context": context, "prefill": [pre_b, pre_t],
                       "ceilings": peak, "methods": results, "checks": checks,
-                      "float_projections": dense.choices()}}
+                      "float_projections": dense.choices(), "by_pdl_mode": by_mode}}
 
 
 def main() -> None:
@@ -401,6 +432,10 @@ def main() -> None:
     p.add_argument("--no-fuse", action="store_true",
                    help="keep q/k/v and gate/up as separate matmuls (default: fused, as the serving engine runs them)")
     p.add_argument("--no-graph", action="store_true", help="time the decode step eagerly, without a CUDA graph")
+    p.add_argument("--pdl-modes", type=int, nargs="+", default=[], choices=(0, 1, 2), metavar="MODE",
+                   help="with --speed on a GPU: also time the decode steps in these PDL modes (0 off, 1 launch "
+                        "overlap, 2 overlap + GEMV weight prefetch) in the same process; the main figures use "
+                        "TESSERA_PDL's mode (default 1)")
     p.add_argument("--out", type=Path, help="result folder (default benchmarks/results)")
     p.add_argument("--note", help="free text stored in the JSON (e.g. how the scored model was made)")
     p.add_argument("--no-progress", action="store_true", help="no per-layer progress bars")
