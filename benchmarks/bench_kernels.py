@@ -410,8 +410,15 @@ def main(argv: list[str] | None = None) -> int:
                     title=f"{name} ({time.perf_counter() - start:.0f}s)")
     if "prefill" in sections and not (args.tiny and args.plot == parser.get_default("plot")):
         plot(sections["prefill"], args.plot)
-    path = write_result("kernels" + ("-tiny" if args.tiny else ""), {"ceilings": ceil, "dtype": str(dtype),
-                                                                       "sections": sections}, args.out)
+    payload = {"ceilings": ceil, "dtype": str(dtype), "sections": sections}
+    if "weight_only" in sections:  # which config each decode GEMV shape was tuned to, in this process
+        try:
+            from tessera.kernels.triton import quant_gemv
+
+            payload["tuned_configs"] = quant_gemv.tuned_configs()
+        except ImportError:
+            pass
+    path = write_result("kernels" + ("-tiny" if args.tiny else ""), payload, args.out)
     print(f"results: {path}")
     return 0
 

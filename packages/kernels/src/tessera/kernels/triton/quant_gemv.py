@@ -730,6 +730,19 @@ def launch_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
         kernel[_grid(n)](*args, **consts, **meta)
 
 
+def tuned_configs() -> dict[str, dict[str, object]]:
+    """Per shape tuned in this process ('int8 M<=b N=n K=k ...' or 'int4 ... g=G'): the config its launches
+    use (BN, BK, SPLIT_K, warps, stages, path flags). Benchmarks record it beside their timings, since the
+    autotuner's pick among near-tied configs moves a shape's time between processes."""
+    out = {}
+    for op, launch, fields in (("int8", _int8_launch, ("M<=", "N=", "K=", "x ", "scale ")),
+                               ("int4", _int4_launch, ("M<=", "N=", "K=", "g=", "x ", "scales ", "zeros "))):
+        for key, meta in launch.tuned().items():
+            label = " ".join(f"{f}{str(v).removeprefix('torch.')}" for f, v in zip(fields, key, strict=True))
+            out[f"{op} {label}"] = {k: v for k, v in meta.items() if v is not None}
+    return out
+
+
 def serves_int4(m: int, group_size: int) -> bool:
     """Whether the decode path takes an int4 call: M <= 16 and a group made of whole 32-wide tiles."""
     return m <= MAX_M and group_size % 32 == 0

@@ -45,3 +45,7 @@ class TunedLaunch:
     def remembered(self, key: Hashable) -> dict[str, Any] | None:
         """The config kwargs launched for `key`, or None before its first call."""
         return self._meta.get(key)
+
+    def tuned(self) -> dict[Hashable, dict[str, Any]]:
+        """Every key tuned so far and the config kwargs it launches with (a copy)."""
+        return {key: dict(meta) for key, meta in self._meta.items()}
