@@ -17,35 +17,6 @@ from tessera.kernels.triton import quant_gemv as qg
 _HAS_PTXAS = (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
 
 
-def _jit(fn: object) -> triton.runtime.JITFunction:
-    while not isinstance(fn, triton.runtime.JITFunction):
-        fn = fn.fn
-    return fn
-
-
-def _ptx(fn: object, ptrs: dict[str, str], consts: dict[str, object], warps: int = 4, stages: int = 2) -> str:
-    """PTX for sm_90 (through ptxas, no GPU): pointers as given, named constexprs, fp32 for eps and the
-    softmax scale, every other argument an i32 (a multiple of 16, as a launch with these shapes sees)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = _jit(fn)
-    signature, constexprs, attrs = {}, {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in ptrs:
-            signature[name], attrs[(i,)] = "*" + ptrs[name], [["tt.divisibility", 16]]
-        elif name in consts:
-            signature[name], constexprs[name] = "constexpr", consts[name]
-        elif name in ("eps", "scale_log2"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-    assert compiled.asm["cubin"]
-    return compiled.asm["ptx"]
-
-
 _BF16 = "bf16"
 _GEMV_INTS = {"stride_xk": 1}
 _CASES = {
@@ -79,22 +50,26 @@ _MEMORY = re.compile(r"^\s*(@%p\d+\s+)?(ld\.global|st\.global|atom\.|red\.|cp\.a
 
 @pytest.mark.skipif(not _HAS_PTXAS, reason="triton ships no ptxas here")
 @pytest.mark.parametrize("name", sorted(_CASES))
-def test_pdl_kernels_wait_before_touching_memory(name: str) -> None:
+def test_pdl_kernels_wait_before_touching_memory(name: str, compile_sm90) -> None:
     fn, ptrs, consts = _CASES[name]
-    ptx = _ptx(fn, ptrs, {**consts, "PDL": pdl.PREFETCH})
-    signal, wait = ptx.find("griddepcontrol.launch_dependents"), ptx.find("griddepcontrol.wait")
-    first_access = _MEMORY.search(ptx)
+
+    def ptx(mode: int) -> str:
+        return compile_sm90(fn, ptrs, {**consts, "PDL": mode}).asm["ptx"]
+
+    prefetching = ptx(pdl.PREFETCH)
+    signal, wait = prefetching.find("griddepcontrol.launch_dependents"), prefetching.find("griddepcontrol.wait")
+    first_access = _MEMORY.search(prefetching)
     assert 0 <= wait < signal, "wait first, then let dependents launch (no chain launching all at once)"
     assert first_access is not None and wait < first_access.start(), "no global access may precede the wait"
-    prefetch = ptx.find("cp.async.bulk.prefetch.L2.global")
+    prefetch = prefetching.find("cp.async.bulk.prefetch.L2.global")
     if name in _GEMVS:  # weights (which no kernel writes) are asked for before the wait
         assert 0 <= prefetch < wait
     else:
         assert prefetch < 0
     # Overlap only: the same wait and signal, no prefetch. Off: no grid-dependency control at all.
-    overlap = _ptx(fn, ptrs, {**consts, "PDL": pdl.OVERLAP})
+    overlap = ptx(pdl.OVERLAP)
     assert "griddepcontrol.wait" in overlap and "cp.async.bulk.prefetch" not in overlap
-    assert "griddepcontrol" not in _ptx(fn, ptrs, {**consts, "PDL": pdl.OFF})
+    assert "griddepcontrol" not in ptx(pdl.OFF)
 
 
 def test_launch_options_off_the_gpu_and_when_disabled() -> None:

@@ -152,37 +152,12 @@ def test_dispatch_on_m_and_group() -> None:
     assert not qg.serves_int4(17, 128) and not qg.serves_int4(1, 16) and not qg.serves_int4(1, 48)
 
 
-def _compile_sm90(fn: object, ptrs: dict[str, str], ints: dict[str, int], meta: dict[str, object],
-                  c: triton.Config) -> object:
-    """Compile for sm_90 through ptxas, no GPU needed, specialised as a launch would be (ints equal to 1
-    become constants, multiples of 16 and pointers carry the divisibility hint)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    signature, constexprs, attrs = {}, {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in ptrs:
-            signature[name], attrs[(i,)] = "*" + ptrs[name], [["tt.divisibility", 16]]
-        elif name in ints and ints[name] == 1:
-            signature[name], constexprs[name] = "constexpr", 1
-        elif name in ints:
-            signature[name] = "i32"
-            if ints[name] % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            given = {**meta, **c.kwargs}
-            signature[name], constexprs[name] = "constexpr", given.get(name, fn.params[i].default)
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": c.num_warps, "num_stages": c.num_stages})
-
-
 @pytest.mark.skipif(not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists(),
                     reason="triton ships no ptxas here")
 @pytest.mark.parametrize("m", [1, 16])
 @pytest.mark.parametrize(("op", "bk"), [("int8", 128), ("int8_dot", 128), ("int8_even", 128), ("int4", 128),
                                         ("int4", 512), ("int8_words", 512), ("int4_words", 256)])
-def test_split_k_kernels_compile_for_sm90(op: str, bk: int, m: int) -> None:
+def test_split_k_kernels_compile_for_sm90(op: str, bk: int, m: int, compile_sm90) -> None:
     """int8 on either M == 1 path (int8_dot: M1_DOT), with and without bounds masks (int8_even: EVEN);
     int4 at BK 128 (a tile inside a group of 128) and 512 (a tile of four whole groups); the word paths
     (M == 1 only; at M == 16 the flag is inert) with their PTX conversion."""
@@ -195,10 +170,12 @@ def test_split_k_kernels_compile_for_sm90(op: str, bk: int, m: int) -> None:
     split = qg._cfg(32, bk, 4, 4, 3, m1_dot=op == "int8_dot", words=words)
     if op.startswith("int8"):
         ptrs = {"X": "bf16", "W": "i8", "S": "fp32", "Y": "bf16", "WS": "fp32", "CNT": "i32"}
-        compiled = _compile_sm90(qg.int8_gemv_kernel.fn, ptrs, ints, meta, split)
+        compiled = compile_sm90(qg.int8_gemv_kernel, ptrs, {**meta, **split.kwargs}, ints, split.num_warps,
+                                split.num_stages)
     else:
         ptrs = {"X": "bf16", "QW": "u8", "S": "fp32", "Z": "fp32", "Y": "bf16", "WS": "fp32", "CNT": "i32"}
-        compiled = _compile_sm90(qg.int4_gemv_kernel.fn, ptrs, ints, meta, split)
+        compiled = compile_sm90(qg.int4_gemv_kernel, ptrs, {**meta, **split.kwargs}, ints, split.num_warps,
+                                split.num_stages)
     ptx = compiled.asm["ptx"]
     # The combine publishes with release/acquire at GPU scope and reads partials past L1.
     assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx

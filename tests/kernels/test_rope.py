@@ -44,23 +44,10 @@ def test_supports_names_what_is_wrong() -> None:
 @pytest.mark.skipif(not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists(),
                     reason="triton ships no ptxas here")
 @pytest.mark.parametrize(("norm", "transpose"), [(False, False), (False, True), (True, False)])
-def test_kernel_compiles_for_sm90(norm: bool, transpose: bool) -> None:
+def test_kernel_compiles_for_sm90(norm: bool, transpose: bool, compile_sm90) -> None:
     """The compiled frontend (not the interpreter) accepts every variant: Qwen3-0.6B's 16/8 heads of 128, bf16."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = rope_kernels._rope_kernel
     ptrs = {"Q": "bf16", "K": "bf16", "COS": "bf16", "SIN": "bf16", "QW": "bf16", "KW": "bf16", "QO": "bf16",
             "KO": "bf16"}
     meta = {"HALF": 64, "BLOCK_H": 16, "BLOCK_D": 64, "NORM": norm, "TRANSPOSE": transpose}
-    signature, constexprs = {}, {}
-    for name in fn.arg_names:
-        if name in ptrs:
-            signature[name] = "*" + ptrs[name]
-        elif name in meta:
-            signature[name], constexprs[name] = "constexpr", meta[name]
-        else:
-            signature[name] = "fp32" if name == "eps" else "i32"
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    compiled = compile_sm90(rope_kernels._rope_kernel, ptrs, meta)
     assert compiled.asm["cubin"]

@@ -44,13 +44,7 @@ def test_the_mlp_runs_one_gating_op() -> None:
 @pytest.mark.skipif(not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists(),
                     reason="triton ships no ptxas here")
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_kernel_compiles_for_sm90(dtype: str) -> None:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = swiglu._silu_mul_kernel
-    signature = {name: ("*" + dtype if name in ("G", "U", "Y") else "constexpr" if name == "BLOCK" else "i32")
-                 for name in fn.arg_names}
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs={"BLOCK": swiglu._GATE_BLOCK}),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+def test_kernel_compiles_for_sm90(dtype: str, compile_sm90) -> None:
+    compiled = compile_sm90(swiglu._silu_mul_kernel, {"G": dtype, "U": dtype, "Y": dtype},
+                            {"BLOCK": swiglu._GATE_BLOCK})
     assert compiled.asm["cubin"]

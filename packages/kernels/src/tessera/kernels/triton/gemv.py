@@ -69,8 +69,8 @@ def dense_gemv_kernel(X, W, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn
     BM == 1, M1_DOT takes the tl.dot path (rows padded to 16). EVEN (BN divides N, BK divides K) drops
     the bounds masks on the weight and x tiles. PDL: the launch may overlap the previous kernel (`pdl`)."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    pf_start, pf_end = _k_range(K, tl.program_id(1), BK, SPLIT_K)
-    pdl.enter_prefetching(PDL, W, rows, rows < N, stride_wn, pf_start, pf_end)
+    k_start, k_end = _k_range(K, tl.program_id(1), BK, SPLIT_K)
+    pdl.enter_prefetching(PDL, W, rows, rows < N, stride_wn, k_start, k_end)
     # W doubles as the unused scale pointer.
     if BM == 1 and M1_DOT:
         rowwise_tiles(X, W, W, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC, 16, BN, BK,

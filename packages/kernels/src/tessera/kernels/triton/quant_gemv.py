@@ -415,16 +415,14 @@ def int8_gemv_kernel(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_
     (`_int8_words_m1`; K % 4 == 0) instead of the CUDA-core one; ASM lets the word path convert by PTX
     (not under the interpreter). EVEN (set from the shapes: BN divides N and BK divides K) drops the bounds
     masks on the weight and x tiles. PDL: the launch may overlap the previous kernel (`pdl`)."""
-    rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    pf_start, pf_end = _k_range(K, tl.program_id(1), BK, SPLIT_K)
-    pdl.enter_prefetching(PDL, W, rows, rows < N, stride_wn, pf_start, pf_end)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    k_start, k_end = _k_range(K, pid_k, BK, SPLIT_K)
+    rows = pid_n * BN + tl.arange(0, BN)
+    pdl.enter_prefetching(PDL, W, rows, rows < N, stride_wn, k_start, k_end)
     if BM == 1 and WORDS:
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        k_start, k_end = _k_range(K, pid_k, BK, SPLIT_K)
         acc = _int8_words_m1(X, W, N, K, stride_xk, stride_wn, pid_n, k_start, k_end, BN, BK, EVEN, ASM)
-        offs_n = pid_n * BN + tl.arange(0, BN)
-        acc = acc * tl.load(S + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        acc = acc * tl.load(S + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
         _combine_and_store(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, 1, BN, SPLIT_K)
     elif BM == 1 and M1_DOT:
         rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC, 16, BN, BK,
