@@ -44,8 +44,10 @@ def _interpreted(backend: str) -> dict[str, str]:
 
 
 @functools.cache
-def _in_process(backend: str, op: str, device: str, real: bool) -> dict[str, str]:
-    return parity.run(backend, device=device, seed=SEED, real=real, ops=[op])
+def _in_process(backend: str, op: str, device: str, real: bool, dtype: torch.dtype) -> dict[str, str]:
+    # One dtype a call, so `-n` spreads an op's dtypes over workers (at real shapes on a GPU each dtype
+    # compiles and tunes its own kernels: minutes for the quantized matmuls).
+    return parity.run(backend, device=device, seed=SEED, real=real, ops=[op], only_dtypes=[dtype])
 
 
 def _check(results: dict[str, str], op: str, backend: str, dtype: torch.dtype) -> None:
@@ -67,13 +69,13 @@ def _id(case: tuple) -> str:
 def test_parity(case: tuple) -> None:
     op, backend, dtype = case
     if torch.cuda.is_available():
-        results = _in_process(backend, op, "cuda", False)
+        results = _in_process(backend, op, "cuda", False, dtype)
     elif backend == "triton":
         results = _interpreted(backend)
     elif backend in CUDA_ONLY:
         pytest.skip(CUDA_ONLY[backend])
     else:
-        results = _in_process(backend, op, "cpu", False)
+        results = _in_process(backend, op, "cpu", False, dtype)
     _check(results, op, backend, dtype)
 
 
@@ -81,4 +83,4 @@ def test_parity(case: tuple) -> None:
 @pytest.mark.parametrize("case", CASES, ids=_id)
 def test_parity_real_shapes(case: tuple) -> None:
     op, backend, dtype = case
-    _check(_in_process(backend, op, "cuda", True), op, backend, dtype)
+    _check(_in_process(backend, op, "cuda", True, dtype), op, backend, dtype)

@@ -98,14 +98,18 @@ def check_backward(op: str, backend: str, sample: Sample, dtype: torch.dtype, se
     return True
 
 
-def run(backend: str, *, device: str, seed: int, real: bool, ops: list[str] | None = None) -> dict[str, str]:
-    """Every op the backend registers x dtype: 'ok (n/m samples)', 'skip: reasons' or the failure text."""
+def run(backend: str, *, device: str, seed: int, real: bool, ops: list[str] | None = None,
+        only_dtypes: list[torch.dtype] | None = None) -> dict[str, str]:
+    """Every op the backend registers x dtype (those of `only_dtypes` the op takes, if given): 'ok (n/m
+    samples)', 'skip: reasons' or the failure text."""
     results: dict[str, str] = {}
     for op in ops or registry.ops():
         if backend not in registry.backends(op):
             continue
         impl = registry.get(op, backend=backend)
         for dtype in dtypes(op):
+            if only_dtypes is not None and dtype not in only_dtypes:
+                continue
             key = f"{op}|{str(dtype).removeprefix('torch.')}"
             stage = "fwd"
             try:
