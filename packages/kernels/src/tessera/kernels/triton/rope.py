@@ -1,9 +1,12 @@
 """Rotary position embedding for q and k in one launch (optionally after a per-head RMSNorm: Qwen3's QK-norm).
 
-One program per token row rotates every query and key head of that row, so a decode step pays one
-launch where the unfused torch code pays about ten (two `rotate_half` cats, negations, products, sums,
-two norms). Math is float32 and the result is rounded once. Inputs may have any strides (the head
-slices of a fused qkv projection included); outputs are contiguous `[N, H, D]`.
+One launch rotates every query and key head of every token row, where the unfused torch code pays
+about ten (two `rotate_half` cats, negations, products, sums, two norms). A program takes one row and
+a block of heads of q or of k: a whole tensor's heads for a long prefill, a few at decode, where the
+rows alone are too few programs and one program walking all heads of a row would be one long
+dependent chain of loads, reductions and stores. Math is float32 and the result is rounded once.
+Inputs may have any strides (the head slices of a fused qkv projection included); outputs are
+contiguous `[N, H, D]`.
 
 The rotation is linear, so its backward is the transposed rotation: the same kernel with the sine
 halves swapped and negated. Gradients of cos/sin (rarely wanted: they come from positions) and the
@@ -24,30 +27,32 @@ from tessera.specs import KernelRegistry
 
 MAX_HEAD_DIM = 512
 _TILE = 4096  # elements of one [heads, D/2] half-tile a program holds at a time
+#: Below this many token rows (a decode step's batch) a program takes at most _DECODE_HEADS heads.
+_FEW_ROWS = 256
+_DECODE_HEADS = 4
 
 
 @triton.jit
-def _rotate_heads(X, W, O, row, sx_n, sx_h, sx_d, so_n, so_h, H, c1, c2, s1, s2, eps,
+def _rotate_heads(X, W, O, row, h0, sx_n, sx_h, sx_d, so_n, so_h, H, c1, c2, s1, s2, eps,
                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr):
+    """Heads [h0, h0 + BLOCK_H) of token `row` (those below H)."""
     d = tl.arange(0, BLOCK_D)
     dmask = d < HALF
+    h = h0 + tl.arange(0, BLOCK_H)
+    mask = (h < H)[:, None] & dmask[None, :]
+    base = X + row * sx_n + h[:, None] * sx_h
+    x1 = tl.load(base + d[None, :] * sx_d, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(base + (d[None, :] + HALF) * sx_d, mask=mask, other=0.0).to(tl.float32)
     if NORM:
         w1 = tl.load(W + d, mask=dmask, other=0.0).to(tl.float32)
         w2 = tl.load(W + HALF + d, mask=dmask, other=0.0).to(tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        h = h0 + tl.arange(0, BLOCK_H)
-        mask = (h < H)[:, None] & dmask[None, :]
-        base = X + row * sx_n + h[:, None] * sx_h
-        x1 = tl.load(base + d[None, :] * sx_d, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(base + (d[None, :] + HALF) * sx_d, mask=mask, other=0.0).to(tl.float32)
-        if NORM:
-            rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)
-            # Rounded to the input dtype, as the unfused rms_norm hands its output to rope.
-            x1 = (x1 * rstd[:, None] * w1[None, :]).to(X.dtype.element_ty).to(tl.float32)
-            x2 = (x2 * rstd[:, None] * w2[None, :]).to(X.dtype.element_ty).to(tl.float32)
-        out = O + row * so_n + h[:, None] * so_h + d[None, :]
-        tl.store(out, (x1 * c1[None, :] - x2 * s1[None, :]).to(O.dtype.element_ty), mask=mask)
-        tl.store(out + HALF, (x2 * c2[None, :] + x1 * s2[None, :]).to(O.dtype.element_ty), mask=mask)
+        rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)
+        # Rounded to the input dtype, as the unfused rms_norm hands its output to rope.
+        x1 = (x1 * rstd[:, None] * w1[None, :]).to(X.dtype.element_ty).to(tl.float32)
+        x2 = (x2 * rstd[:, None] * w2[None, :]).to(X.dtype.element_ty).to(tl.float32)
+    out = O + row * so_n + h[:, None] * so_h + d[None, :]
+    tl.store(out, (x1 * c1[None, :] - x2 * s1[None, :]).to(O.dtype.element_ty), mask=mask)
+    tl.store(out + HALF, (x2 * c2[None, :] + x1 * s2[None, :]).to(O.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -57,6 +62,8 @@ def _rope_kernel(Q, K, COS, SIN, QW, KW, QO, KO,
                  NORM: tl.constexpr, TRANSPOSE: tl.constexpr, PDL: tl.constexpr = 0):
     pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)  # the first cdiv(HQ, BLOCK_H) blocks are q's heads, the rest k's
+    q_blocks = tl.cdiv(HQ, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
     dmask = d < HALF
     c1 = tl.load(COS + row * sc_n + d * sc_d, mask=dmask, other=0.0).to(tl.float32)
@@ -67,10 +74,12 @@ def _rope_kernel(Q, K, COS, SIN, QW, KW, QO, KO,
         # Per frequency the rotation is [[c1, -s1], [s2, c2]]; its transpose is the same form with
         # sine halves (-s2, -s1).
         s1, s2 = -s2, -s1
-    _rotate_heads(Q, QW, QO, row, sq_n, sq_h, sq_d, sqo_n, sqo_h, HQ, c1, c2, s1, s2, eps,
-                  HALF, BLOCK_H, BLOCK_D, NORM)
-    _rotate_heads(K, KW, KO, row, sk_n, sk_h, sk_d, sko_n, sko_h, HKV, c1, c2, s1, s2, eps,
-                  HALF, BLOCK_H, BLOCK_D, NORM)
+    if block < q_blocks:
+        _rotate_heads(Q, QW, QO, row, block * BLOCK_H, sq_n, sq_h, sq_d, sqo_n, sqo_h, HQ, c1, c2, s1, s2, eps,
+                      HALF, BLOCK_H, BLOCK_D, NORM)
+    else:
+        _rotate_heads(K, KW, KO, row, (block - q_blocks) * BLOCK_H, sk_n, sk_h, sk_d, sko_n, sko_h, HKV, c1, c2,
+                      s1, s2, eps, HALF, BLOCK_H, BLOCK_D, NORM)
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -84,12 +93,15 @@ def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         return q_out, k_out
     block_d = triton.next_power_of_2(d // 2)
     block_h = max(1, min(triton.next_power_of_2(max(hq, hkv)), _TILE // block_d))
+    if n < _FEW_ROWS:
+        block_h = min(block_h, _DECODE_HEADS)
+    tile = block_h * block_d
     qw, kw = weights if weights is not None else (q, k)
-    _rope_kernel[(n,)](
+    _rope_kernel[(n, triton.cdiv(hq, block_h) + triton.cdiv(hkv, block_h))](
         q, k, cos, sin, qw, kw, q_out, k_out, *q.stride(), *k.stride(), *cos.stride(), *sin.stride(),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), hq, hkv, eps,
         HALF=d // 2, BLOCK_H=block_h, BLOCK_D=block_d, NORM=weights is not None, TRANSPOSE=transpose,
-        num_warps=4 if block_h * block_d <= 2048 else 8, **pdl.launch_options(q.device))
+        num_warps=2 if tile <= 512 else 4 if tile <= 2048 else 8, **pdl.launch_options(q.device))
     return q_out, k_out
 
 
