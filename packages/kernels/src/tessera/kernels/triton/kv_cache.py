@@ -20,18 +20,20 @@ def _write_kernel(K, V, KC, VC, SLOTS, stride_kn, stride_kh, stride_vn, stride_v
                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = 0):
     pdl.enter(PDL)  # before the early return: a PDL kernel always waits
     n = tl.program_id(0).to(tl.int64)
-    slot = tl.load(SLOTS + n)
-    if slot < 0:
-        return
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_h[:, None] < H) & (offs_d[None, :] < D)
-    src = offs_h[:, None] * stride_kh + offs_d[None, :]
-    k = tl.load(K + n * stride_kn + src, mask=mask)
-    tl.store(KC + slot * stride_kc + offs_h[:, None] * D + offs_d[None, :], k.to(KC.dtype.element_ty), mask=mask)
-    src = offs_h[:, None] * stride_vh + offs_d[None, :]
-    v = tl.load(V + n * stride_vn + src, mask=mask)
-    tl.store(VC + slot * stride_vc + offs_h[:, None] * D + offs_d[None, :], v.to(VC.dtype.element_ty), mask=mask)
+    # The slot and both rows are loaded together, before any store: a load after a store (which may alias
+    # it as far as the compiler knows) or after the slot's test would wait for it, one more memory round
+    # trip at decode. A padding lane's rows are read and dropped.
+    slot = tl.load(SLOTS + n)
+    k = tl.load(K + n * stride_kn + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
+    v = tl.load(V + n * stride_vn + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+    if slot < 0:
+        return
+    dst = offs_h[:, None] * D + offs_d[None, :]
+    tl.store(KC + slot * stride_kc + dst, k.to(KC.dtype.element_ty), mask=mask)
+    tl.store(VC + slot * stride_vc + dst, v.to(VC.dtype.element_ty), mask=mask)
 
 
 @torch.library.custom_op("tessera::kv_cache_write", mutates_args=("k_cache", "v_cache"))
