@@ -33,15 +33,20 @@ def _l2_sweep(device: int) -> object:
     return torch.empty(nbytes // 4, dtype=torch.int32, device=f"cuda:{device}")
 
 
-def graph_bench(fn: Callable[[], object], quantiles: Sequence[float] | None = None, calls: int = 16,
-                replays: int = 12) -> float | list[float]:
+def graph_bench(fn: Callable[[], object], quantiles: Sequence[float] | None = None, calls: int = 32,
+                replays: int = 20) -> float | list[float]:
     """Milliseconds per call of `fn` as a decode step under CUDA graphs pays it: `calls` launches
     captured in one graph, each after a read of twice the L2 (so operands come from memory, and the
     cache holds clean lines, as after the previous layer's weights), minus the same graph without `fn`.
 
     A drop-in for the autotuner's `do_bench`. Its timing loop launches from Python, so a kernel of a few
     microseconds is ranked with the host's launch cost and an L2 warm from the previous call; graph time
-    is what matters at decode, and the two orders differ (the int8 GEMV configs at 4096 x 4096 did)."""
+    is what matters at decode, and the two orders differ (the int8 GEMV configs at 4096 x 4096 did).
+
+    Each call pays a sweep about as long as a large GEMV, so the difference is noisy: 32 calls a graph and
+    the median of 20 replays (about 0.1 s a config) are meant to keep near-tied tiles from trading places
+    between processes. With 16 x 12 the int8 M = 16 time at 8192 x 8192 moved between 1.40x and 1.61x of
+    bf16 from one process to the next."""
     import torch
 
     fn()  # compiles; errors (out of resources, ...) surface here, outside any capture
