@@ -78,12 +78,14 @@ _INT8_M1 = [_cfg(4, 1024, 1, 4, 2), _cfg(8, 512, 1, 4, 3), _cfg(8, 1024, 1, 4, 2
             # square of two H200 sweeps (`benchmarks/probe_quant_gemv.py`), and a wide spare.
             _wcfg(4, 1024, 1, 4), _wcfg(4, 2048, 1, 4), _wcfg(8, 512, 1, 4), _wcfg(8, 1024, 1, 4),
             _wcfg(32, 512, 1, 8), _wcfg(8, 512, 4, 4), _wcfg(16, 256, 8, 4), _wcfg(16, 512, 4, 4)]
-# The tl.dot configs; the last four came out on top of an H200 sweep (CUDA-graph time, L2 cold) at
-# K = N = 4096 and 8192 and the Llama-3.2-1B gate/up and down shapes.
+# The tl.dot configs; the last five came out on top of H200 sweeps (CUDA-graph time, L2 cold) at
+# K = N = 4096 and 8192 and the Llama-3.2-1B gate/up and down shapes (64 x 128 split 2: second at 8192^2,
+# 0.7% behind 32 x 256, probe-int8-gemv-m16-wleft-nvidia-h200-2026-12-03.json).
 _INT8_MX = [_cfg(16, 256, 1, 4, 4), _cfg(16, 512, 1, 4, 3), _cfg(32, 256, 1, 4, 4), _cfg(32, 512, 1, 4, 3),
             _cfg(64, 128, 1, 4, 4), _cfg(64, 256, 1, 4, 3), _cfg(32, 1024, 1, 8, 2), _cfg(16, 512, 2, 4, 3),
             _cfg(16, 256, 4, 4, 4), _cfg(32, 256, 4, 4, 4), _cfg(64, 256, 4, 4, 3), _cfg(32, 512, 8, 4, 3),
-            _cfg(64, 128, 4, 4, 4), _cfg(64, 256, 2, 4, 4), _cfg(32, 256, 2, 4, 4), _cfg(64, 512, 1, 4, 4)]
+            _cfg(64, 128, 4, 4, 4), _cfg(64, 256, 2, 4, 4), _cfg(32, 256, 2, 4, 4), _cfg(64, 512, 1, 4, 4),
+            _cfg(64, 128, 2, 4, 4)]
 # int4 tiles within one group (128 in practice, 64 bytes a row) take many rows; multi-group tiles (256 to
 # 1024 wide with a power-of-two group) read 128 to 512 bytes a row, as the int8 tiles do, from fewer rows.
 _INT4_M1 = [_cfg(32, 128, 1, 4, 3), _cfg(64, 128, 1, 4, 3), _cfg(128, 128, 1, 4, 3), _cfg(128, 128, 1, 8, 3),
