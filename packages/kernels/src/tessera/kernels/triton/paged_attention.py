@@ -5,11 +5,8 @@ block_tables[b, t // block_size] * block_size + t % block_size. Keys are gathere
 
 Decode is GQA-aware: one program serves all Hq / Hkv query heads of a kv head, so each cached byte
 is read once, and the context is split across programs (split-K) when the batch alone cannot fill
-the GPU. The splits are merged by their log-sum-exp in the same launch: each stores its partial and
-bumps an arrival counter of its (sequence, kv head), and the last to arrive merges them all (one
-launch a layer instead of two, and no memset: it sets the counter back to zero). The split count
-comes from the block table's width, never from context_lens, so decode needs no host sync (CUDA-graph
-capturable).
+the GPU; a second kernel merges the splits by their log-sum-exp. The split count comes from the
+block table's width, never from context_lens, so decode needs no host sync (CUDA-graph capturable).
 """
 
 from __future__ import annotations
@@ -19,18 +16,17 @@ import triton
 import triton.language as tl
 
 from tessera.kernels.support import no_grad_reasons, triton_device_reasons, triton_interpreting
-from tessera.kernels.triton import pdl, workspace
+from tessera.kernels.triton import pdl
 from tessera.kernels.triton.flash_attention import LOG2E, attention_reasons
 from tessera.kernels.triton.tuning import dot_precision
 from tessera.specs import KernelRegistry
 
 
 @triton.jit
-def _decode_kernel(Q, K, V, O, O_PART, ML_PART, CNT, TABLES, CTX, scale_log2, stride_qb, stride_qh, stride_kr,
-                   stride_kh, stride_vr, stride_vh, stride_ob, stride_oh, stride_tb,
+def _decode_kernel(Q, K, V, O, O_PART, ML_PART, TABLES, CTX, scale_log2, stride_qb, stride_qh, stride_kr, stride_kh,
+                   stride_vr, stride_vh, stride_ob, stride_oh, stride_tb,
                    N_REP: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                   SPLITS: tl.constexpr, S_BLOCK: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PDL: tl.constexpr = 0):
+                   SPLITS: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = 0):
     pdl.enter(PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -71,43 +67,31 @@ def _decode_kernel(Q, K, V, O, O_PART, ML_PART, CNT, TABLES, CTX, scale_log2, st
                  out.to(O.dtype.element_ty), mask=g_ok[:, None])
     else:
         # Partials [B, Hq, SPLITS, D] (unnormalised) and [B, Hq, SPLITS, 2] (running max, sum).
-        first = (b.to(tl.int64) * tl.num_programs(1) * N_REP + heads) * SPLITS  # [G]: split 0 of each head
-        tl.store(O_PART + (first + split)[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_ok[:, None])
-        tl.store(ML_PART + (first + split) * 2, m_i, mask=g_ok)
-        tl.store(ML_PART + (first + split) * 2 + 1, l_i, mask=g_ok)
-        # Every thread's partial is written before one thread publishes it (release); the last arrival's
-        # acquire makes all partials visible to its threads, which read them past L1 (.cg).
-        tl.debug_barrier()
-        slot = CNT + b * tl.num_programs(1) + kv_head
-        if tl.atomic_add(slot, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
-            _merge_splits(O, O_PART, ML_PART, first, b, heads, g_ok, stride_ob, stride_oh, G, HEAD_DIM, SPLITS,
-                          S_BLOCK)
-            tl.atomic_xchg(slot, 0, sem="relaxed", scope="gpu")
+        part = (b.to(tl.int64) * tl.num_programs(1) * N_REP + heads) * SPLITS + split
+        tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_ok[:, None])
+        tl.store(ML_PART + part * 2, m_i, mask=g_ok)
+        tl.store(ML_PART + part * 2 + 1, l_i, mask=g_ok)
 
 
 @triton.jit
-def _merge_splits(O, O_PART, ML_PART, first, b, heads, g_ok, stride_ob, stride_oh, G: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, S_BLOCK: tl.constexpr):
-    """O[b, heads] from the SPLITS partials of each head (`first`: the index of its split 0), weighted by
-    2**(m_s - max m) and normalised by the total weighted sum; a head whose splits saw no token gets 0."""
+def _merge_kernel(O, O_PART, ML_PART, stride_ob, stride_oh, HQ, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
+                  S_BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
+    pdl.enter(PDL)
+    b = tl.program_id(0)
+    head = tl.program_id(1)
     offs_s = tl.arange(0, S_BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
-    ml_ok = g_ok[:, None] & (offs_s < SPLITS)[None, :]
-    ml = ML_PART + (first[:, None] + offs_s[None, :]) * 2  # [G, S_BLOCK]
-    m = tl.load(ml, mask=ml_ok, other=float("-inf"), cache_modifier=".cg")
-    l = tl.load(ml + 1, mask=ml_ok, other=0.0, cache_modifier=".cg")
-    m_max = tl.max(m, 1)
-    w = tl.where(l > 0, tl.math.exp2(m - m_max[:, None]), 0.0)
-    total = tl.sum(w * l, 1)
-    out = tl.zeros((G, HEAD_DIM), dtype=tl.float32)
-    for s in range(SPLITS):
-        w_s = tl.sum(tl.where(offs_s[None, :] == s, w, 0.0), 1)
-        part = tl.load(O_PART + (first + s)[:, None] * HEAD_DIM + offs_d[None, :], mask=g_ok[:, None], other=0.0,
-                       cache_modifier=".cg")
-        out += part * w_s[:, None]
-    out = tl.where(total[:, None] > 0, out / total[:, None], 0.0)
-    tl.store(O + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=g_ok[:, None])
+    s_ok = offs_s < SPLITS
+    part = (b.to(tl.int64) * HQ + head) * SPLITS + offs_s
+    m = tl.load(ML_PART + part * 2, mask=s_ok, other=float("-inf"))
+    l = tl.load(ML_PART + part * 2 + 1, mask=s_ok, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.where(l > 0, tl.math.exp2(m - m_max), 0.0)
+    total = tl.sum(w * l, 0)
+    acc = tl.load(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], 0)
+    out = tl.where(total > 0, out / total, 0.0)
+    tl.store(O + b.to(tl.int64) * stride_ob + head * stride_oh + offs_d, out.to(O.dtype.element_ty))
 
 
 def _decode_plan(batch: int, hkv: int, max_ctx: int, block_n: int) -> int:
@@ -119,9 +103,7 @@ def _decode_plan(batch: int, hkv: int, max_ctx: int, block_n: int) -> int:
     else:
         sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
         target = triton.cdiv(2 * sms, batch * hkv)
-    splits = max(1, min(target, triton.cdiv(max_ctx, block_n), 64))
-    # A split launch takes one arrival counter per (sequence, kv head).
-    return splits if batch * hkv <= workspace.COUNTER_SLOTS else 1
+    return max(1, min(target, triton.cdiv(max_ctx, block_n), 64))
 
 
 def _cache_strides(cache: torch.Tensor) -> tuple[int, int]:
@@ -148,11 +130,13 @@ def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     krs, khs = _cache_strides(k_cache)
     vrs, vhs = _cache_strides(v_cache)
     _decode_kernel[(batch, hkv, splits)](
-        q, k_cache, v_cache, o, o_part, ml_part, workspace.counters(q.device), block_tables, context_lens,
-        scale * LOG2E, q.stride(0), q.stride(1), krs, khs, vrs, vhs, o.stride(0), o.stride(1),
-        block_tables.stride(0), N_REP=n_rep, G=max(16, triton.next_power_of_2(n_rep)), HEAD_DIM=d, PAGE=page,
-        SPLITS=splits, S_BLOCK=triton.next_power_of_2(splits), PREC=dot_precision(q.dtype), BLOCK_N=block_n,
-        num_warps=4, num_stages=2, **pdl.launch_options(q.device))
+        q, k_cache, v_cache, o, o_part, ml_part, block_tables, context_lens, scale * LOG2E, q.stride(0), q.stride(1),
+        krs, khs, vrs, vhs, o.stride(0), o.stride(1), block_tables.stride(0), N_REP=n_rep,
+        G=max(16, triton.next_power_of_2(n_rep)), HEAD_DIM=d, PAGE=page, SPLITS=splits, PREC=dot_precision(q.dtype),
+        BLOCK_N=block_n, num_warps=4, num_stages=2, **pdl.launch_options(q.device))
+    if splits > 1:
+        _merge_kernel[(batch, hq)](o, o_part, ml_part, o.stride(0), o.stride(1), hq, HEAD_DIM=d, SPLITS=splits,
+                                   S_BLOCK=triton.next_power_of_2(splits), num_warps=4, **pdl.launch_options(q.device))
     return o
 
 

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from tessera.kernels.support import triton_interpreting
-from tessera.kernels.triton import pdl, workspace
+from tessera.kernels.triton import pdl
 from tessera.kernels.triton.tuned_launch import TunedLaunch
 from tessera.kernels.triton.tuning import autotune, bucket, dot_precision, graph_bench
 
@@ -49,8 +49,8 @@ from tessera.kernels.triton.tuning import autotune, bucket, dot_precision, graph
 MAX_M = 16
 #: Split-K only below this N: a wider N already fills the GPU, and the workspace stays small.
 SPLIT_MAX_N = 16384
-# One counter slot per N tile of a split launch (tiles are at least 4 wide).
-assert workspace.COUNTER_SLOTS >= SPLIT_MAX_N // 4
+#: Counter slots per (device, stream): one per N tile of a split launch (N <= SPLIT_MAX_N, BN >= 4).
+_COUNTER_SLOTS = SPLIT_MAX_N // 4
 
 
 def _cfg(bn: int, bk: int, split: int, warps: int, stages: int, m1_dot: bool = False,
@@ -625,6 +625,12 @@ _int4_launch = TunedLaunch(_int4_tuned)
 
 
 @functools.cache
+def _counters(device: torch.device, stream: int) -> torch.Tensor:
+    # Zero once; every split launch leaves its counters at zero again.
+    return torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
+
+
+@functools.cache
 def _partials(device: torch.device, stream: int, n: int, split: int) -> torch.Tensor:
     # Uninitialised: every split program writes its partial before the last one reads them. Sized for
     # M = MAX_M, so one buffer per (N, split) serves every M; never freed, so a CUDA graph that captured
@@ -632,13 +638,19 @@ def _partials(device: torch.device, stream: int, n: int, split: int) -> torch.Te
     return torch.empty(split * MAX_M * n, dtype=torch.float32, device=device)
 
 
+def _stream_key(device: torch.device) -> int:
+    # The raw handle, as Triton's launcher reads it: no Stream object built per call.
+    return torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+
+
 def _workspace(n: int, max_split: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-K partials (>= max_split * MAX_M * N float32) and this stream's counters; both cached per
     (device, stream), so a launch allocates nothing."""
-    cnt = workspace.counters(device)
+    stream = _stream_key(device)
+    counters = _counters(device, stream)
     if max_split <= 1:
-        return cnt, cnt
-    return _partials(device, workspace.stream_key(device), n, max_split), cnt
+        return counters, counters
+    return _partials(device, stream, n, max_split), counters
 
 
 @functools.cache
