@@ -99,9 +99,13 @@ def check_backward(op: str, backend: str, sample: Sample, dtype: torch.dtype, se
 
 
 def run(backend: str, *, device: str, seed: int, real: bool, ops: list[str] | None = None,
-        only_dtypes: list[torch.dtype] | None = None) -> dict[str, str]:
+        only_dtypes: list[torch.dtype] | None = None, part: tuple[int, int] = (0, 1)) -> dict[str, str]:
     """Every op the backend registers x dtype (those of `only_dtypes` the op takes, if given): 'ok (n/m
-    samples)', 'skip: reasons' or the failure text."""
+    samples)', 'skip: reasons' or the failure text. `part` (i, n) keeps the samples whose index is i
+    modulo n, so n workers can share an op's samples."""
+    index, parts = part
+    if not 0 <= index < parts:
+        raise ValueError(f"part {part}: want (i, n) with 0 <= i < n")
     results: dict[str, str] = {}
     for op in ops or registry.ops():
         if backend not in registry.backends(op):
@@ -113,7 +117,7 @@ def run(backend: str, *, device: str, seed: int, real: bool, ops: list[str] | No
             key = f"{op}|{str(dtype).removeprefix('torch.')}"
             stage = "fwd"
             try:
-                cases = samples(op, dtype, device, seed, real=real)
+                cases = samples(op, dtype, device, seed, real=real)[index::parts]
                 ran = [s for s in cases if check_forward(op, backend, s, dtype)]
                 if not ran:
                     results[key + "|fwd"] = "skip: " + "; ".join(impl.supports(*cases[0].args, **cases[0].kwargs))
