@@ -71,6 +71,26 @@ def test_rotation_preserves_norm_and_relative_position() -> None:
     torch.testing.assert_close(apply_rope(q, c, s).norm(), q.norm(), rtol=1e-6, atol=1e-6)
 
 
+def test_tables_are_exact_cos_sin_rounded_once() -> None:
+    """cos/sin of `position * inv_freq` (the float32 frequencies) rounded once to float32, out to Llama-3's
+    131k positions: a float32 angle alone would be 4e-3 off there, and 1.5e-5 at position 511."""
+    scaling = RopeScaling(type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192)
+    rope = RotaryEmbedding(64, 500000.0, scaling)
+    positions = torch.cat([torch.arange(4096), torch.arange(4096, 131072, 61), torch.tensor([131071])])[None]
+    cos, sin = rope(positions, torch.float32)
+    angles = positions[0, :, None].double() * rope.inv_freq.double()
+    torch.testing.assert_close(cos[0, :, :32], angles.cos().float(), rtol=0, atol=0)
+    torch.testing.assert_close(sin[0, :, 32:], angles.sin().float(), rtol=0, atol=0)
+
+
+def test_frequencies_land_on_the_default_device() -> None:
+    """Computed on the CPU (a GPU's float32 pow may round differently), then moved where the model is built."""
+    with torch.device("meta"):
+        rope = RotaryEmbedding(64, 500000.0)
+    assert rope.inv_freq.device.type == "meta"
+
+
 def test_odd_head_dim_rejected() -> None:
     with pytest.raises(ValueError, match="head_dim, got 7"):
         rope_inv_freq(7, 10000.0)

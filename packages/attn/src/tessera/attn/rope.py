@@ -52,10 +52,11 @@ def _llama3_scale(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """Maps positions `[B, T]` (int64) to `(cos, sin)`, each `[B, T, head_dim]` in `dtype`.
 
-    The angles `position * inv_freq` are computed in float32 (float64 for a float64 `dtype`) from the
-    positions on the device, so any position works and nothing syncs with the host. `inv_freq` is a
-    non-persistent buffer (absent from `state_dict`) that stays float32 when the module is cast to a
-    lower precision.
+    The angles `position * inv_freq` (float32 frequencies, as `transformers` defines them) are formed
+    and turned into cos/sin in float64 from the positions on the device, then rounded once to `dtype`,
+    so any position works and nothing syncs with the host. `inv_freq` is a non-persistent buffer
+    (absent from `state_dict`), computed on the CPU whatever the device, that stays float32 when the
+    module is cast to a lower precision.
     """
 
     inv_freq: torch.Tensor
@@ -63,7 +64,11 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float, scaling: RopeScaling | None = None) -> None:
         super().__init__()
         self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
-        self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
+        # On the CPU, then moved: a GPU's float32 `pow` may round theta ** (2i / D) an ulp away from
+        # the CPU's (and from what `_apply` and checkpoint loading compute), up to 3e-5 rad of rotation
+        # by position 511.
+        inv_freq = rope_inv_freq(head_dim, theta, scaling, device="cpu").to(torch.get_default_device())
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> RotaryEmbedding:
         # A `.to(bfloat16)` would round the frequencies; recompute them in float32 on the new device.
@@ -73,8 +78,11 @@ class RotaryEmbedding(nn.Module):
         return self
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # float64 (a reference run) takes the same frequencies at exact angles.
-        wide = torch.float64 if dtype == torch.float64 else torch.float32
+        # A float32 angle is off by up to half an ulp: 1.5e-5 rad at position 511, 4e-3 at 131071, which
+        # was the largest float32 error of a Llama-3.2-1B forward at 512 tokens. Exact angles (an integer
+        # below 2**29 times a float32 fits a float64) and float64 cos/sin leave one rounding. Apple's MPS
+        # has no float64: there the angles stay float32.
+        wide = torch.float32 if positions.device.type == "mps" else torch.float64
         freqs = positions[..., None].to(wide) * self.inv_freq.to(wide)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
