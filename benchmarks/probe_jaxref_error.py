@@ -324,12 +324,19 @@ def torch_side(model: Transformer, ids: np.ndarray, device: torch.device, runs: 
         t0 = time.perf_counter()
         with torch.inference_mode(), torch_variant(model, variant):
             got = model(ids_t).cpu().numpy()
-        row = {"side": "torch", "variant": variant.name, **_errors(got, exact), "s": time.perf_counter() - t0}
-        if variant.name == "all float32":
-            row["vs_plain"] = float(np.abs(got - plain32).max())
-        rows.append(row)
-        print(f"torch  {variant.name}: {row['max_abs']:.3g}", flush=True)
+        rows.append(_variant_row("torch", variant, got, exact, time.perf_counter() - t0, plain32))
     return exact, rows
+
+
+def _variant_row(side: str, variant: Variant, got: np.ndarray, exact: np.ndarray, seconds: float,
+                 plain: np.ndarray) -> dict[str, Any]:
+    """One result row (errors against float64, run time; the all-float32 row also its distance to the
+    plain float32 forward), printed as it comes."""
+    row = {"side": side, "variant": variant.name, **_errors(got, exact), "s": seconds}
+    if variant.name == "all float32":
+        row["vs_plain"] = float(np.abs(got - plain).max())
+    print(f"{side:<6} {variant.name}: {row['max_abs']:.3g}", flush=True)
+    return row
 
 
 def jax_side(params: Any, cfg: ModelConfig, ids: np.ndarray, exact: np.ndarray,
@@ -344,11 +351,7 @@ def jax_side(params: Any, cfg: ModelConfig, ids: np.ndarray, exact: np.ndarray,
             continue
         t0 = time.perf_counter()
         got = np.asarray(jax_variant_fn(cfg, variant)(params, ids_j))
-        row = {"side": "jax", "variant": variant.name, **_errors(got, exact), "s": time.perf_counter() - t0}
-        if variant.name == "all float32":
-            row["vs_plain"] = float(np.abs(got - plain).max())
-        rows.append(row)
-        print(f"jax    {variant.name}: {row['max_abs']:.3g}", flush=True)
+        rows.append(_variant_row("jax", variant, got, exact, time.perf_counter() - t0, plain))
     return plain, rows
 
 
