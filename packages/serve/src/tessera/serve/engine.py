@@ -52,7 +52,7 @@ class EngineStats:
 class Request:
     request_id: str
     prompt: str | None
-    prompt_token_ids: list[int]
+    prompt_token_ids: tuple[int, ...]  # a tuple once, so every step's output shares it instead of copying it
     seqs: list[Sequence]
     arrival_time: float
 
@@ -155,7 +155,7 @@ class LLMEngine:
         for s in seqs:
             if self.tokenizer is not None:
                 s.detok = IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens)
-        self.requests[request.request_id] = Request(request.request_id, request.prompt, ids, seqs, arrival)
+        self.requests[request.request_id] = Request(request.request_id, request.prompt, tuple(ids), seqs, arrival)
         self.prompt_tokens_total += len(ids)
 
     def check_request(self, request: GenerateRequest) -> list[int]:
@@ -406,6 +406,6 @@ class LLMEngine:
             spec_draft_tokens=sum(s.spec_draft_tokens for s in req.seqs),
             spec_accepted_tokens=sum(s.spec_accepted_tokens for s in req.seqs))
         return RequestOutput.model_construct(request_id=req.request_id, prompt=req.prompt,
-                                             prompt_token_ids=tuple(req.prompt_token_ids),
+                                             prompt_token_ids=req.prompt_token_ids,
                                              outputs=outs, finished=finished, metrics=metrics)
 
