@@ -73,4 +73,7 @@ def _compile_sm90(fn: object, ptrs: dict[str, str], consts: dict[str, object] | 
 
 @pytest.fixture
 def compile_sm90():
+    """`_compile_sm90`; the test skips where Triton ships no ptxas."""
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("triton ships no ptxas here")
     return _compile_sm90

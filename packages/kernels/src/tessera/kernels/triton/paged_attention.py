@@ -129,14 +129,15 @@ def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         o_part = ml_part = o
     krs, khs = _cache_strides(k_cache)
     vrs, vhs = _cache_strides(v_cache)
+    launch = pdl.launch_options(q.device)
     _decode_kernel[(batch, hkv, splits)](
         q, k_cache, v_cache, o, o_part, ml_part, block_tables, context_lens, scale * LOG2E, q.stride(0), q.stride(1),
         krs, khs, vrs, vhs, o.stride(0), o.stride(1), block_tables.stride(0), N_REP=n_rep,
         G=max(16, triton.next_power_of_2(n_rep)), HEAD_DIM=d, PAGE=page, SPLITS=splits, PREC=dot_precision(q.dtype),
-        BLOCK_N=block_n, num_warps=4, num_stages=2, **pdl.launch_options(q.device))
+        BLOCK_N=block_n, num_warps=4, num_stages=2, **launch)
     if splits > 1:
         _merge_kernel[(batch, hq)](o, o_part, ml_part, o.stride(0), o.stride(1), hq, HEAD_DIM=d, SPLITS=splits,
-                                   S_BLOCK=triton.next_power_of_2(splits), num_warps=4, **pdl.launch_options(q.device))
+                                   S_BLOCK=triton.next_power_of_2(splits), num_warps=4, **launch)
     return o
 
 
