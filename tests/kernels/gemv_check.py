@@ -36,7 +36,7 @@ def main(seed: int) -> int:
         if counters.any():
             failures.append(f"{name}: split-K counters left at {counters.nonzero().flatten().tolist()}")
 
-    counters = quant_gemv._counters(torch.device("cpu"), 0)
+    counters = quant_gemv._stream_counters(torch.device("cpu"), 0)
     for dtype in (torch.float32, torch.bfloat16):
         for m in (1, 4, 16):
             x_wide = torch.randn(m, 3 * 200, generator=gen).to(dtype)

@@ -32,6 +32,30 @@ def test_split_workspace_is_allocated_once_per_shape() -> None:
     assert none is counters_1 is counters  # no split: nothing allocated beyond the counters
 
 
+@pytest.fixture
+def fresh_counters(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("_counters", "_capture_slabs", "_capture_taken"):
+        monkeypatch.setattr(qg, name, {})
+
+
+def test_a_capturing_stream_takes_counters_zeroed_before_the_capture(fresh_counters, monkeypatch) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(qg, "_capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="eager call on this device"):
+        qg._stream_counters(cpu, 7)
+    monkeypatch.setattr(qg, "_capturing", lambda device: False)
+    eager = qg._stream_counters(cpu, 1)
+    assert not eager.any() and qg._stream_counters(cpu, 1) is eager
+    monkeypatch.setattr(qg, "_capturing", lambda device: True)
+    taken = [qg._stream_counters(cpu, 100 + i) for i in range(qg._CAPTURE_SETS)]
+    slab = qg._capture_slabs[cpu]
+    assert all(t.data_ptr() == row.data_ptr() for t, row in zip(taken, slab, strict=True))
+    assert not slab.any() and eager.data_ptr() not in {t.data_ptr() for t in taken}
+    assert qg._stream_counters(cpu, 100) is taken[0]  # a stream keeps its set
+    with pytest.raises(RuntimeError, match=f"more than {qg._CAPTURE_SETS} streams"):
+        qg._stream_counters(cpu, 999)
+
+
 def _fp8_inputs(m: int, k: int, n: int, per_row: bool, dtype: torch.dtype = torch.bfloat16,
                 device: str = "cpu") -> tuple[torch.Tensor, ...]:
     x = torch.randn(m, k, dtype=dtype, device=device)
@@ -113,3 +137,94 @@ def test_ops_replay_in_a_cuda_graph(m: int) -> None:
             for y in ys:
                 err = (y.float() - want.float()).abs() - tol.rtol * want.float().abs()
                 assert err.max() <= tol.atol, f"{op}/{backend} m{m}: replay off by {err.max():.3g}"
+
+
+def _gemv_meta(c) -> dict:
+    return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("op", ["int8", "int4"])
+def test_every_gemv_config_is_right_in_a_cuda_graph(op: str, m: int) -> None:
+    """Each config the decode GEMVs may tune to, not only the one this machine's tuner picks: launched
+    eagerly, then three launches sharing one split-K workspace and counter set captured in a graph and
+    replayed on new inputs, each output checked against the reference."""
+    from tessera.kernels.triton.tuning import bucket
+
+    k, n, g = 2048, 1024, 128
+    cases = _gpu_cases(m)
+    x = cases["matmul.int8_weight_only"][0].clone()
+    if op == "int8":
+        weights = cases["matmul.int8_weight_only"][1:]
+        pool = qg._prune_int8(qg._int8_tuned.configs, {"M_BUCKET": bucket(m), "N": n, "K": k})
+        ref = reference.matmul_int8_weight_only
+
+        def launch(y: torch.Tensor, c) -> None:
+            qg.launch_int8(x, *weights, y, kernel=qg.int8_gemv_kernel, **_gemv_meta(c))
+    else:
+        weights = cases["matmul.int4_awq"][1:]
+        pool = qg._prune_int4(qg._int4_tuned.configs, {"M_BUCKET": bucket(m), "N": n, "K": k}, GROUP=g)
+        ref = reference.matmul_int4_awq
+
+        def launch(y: torch.Tensor, c) -> None:
+            qg.launch_int4(x, *weights[:3], g, y, kernel=qg.int4_gemv_kernel, **_gemv_meta(c))
+    assert pool, f"no {op} config left for M={m} N={n} K={k}"
+    tol = registry.catalogue["matmul.int8_weight_only" if op == "int8" else "matmul.int4_awq"].tolerance("bfloat16")
+    bad = []
+
+    def check(c, where: str, ys: list[torch.Tensor]) -> None:
+        want = ref(x, *weights).float()
+        for i, y in enumerate(ys):
+            err = ((y.float() - want).abs() - tol.rtol * want.abs()).max().item()
+            if not err <= tol.atol:
+                bad.append(f"{_gemv_meta(c)} {where} call {i}: off by {err:.3g}")
+
+    for c in pool:
+        ys = [torch.empty(m, n, dtype=x.dtype, device=x.device) for _ in range(3)]
+        launch(ys[0], c)
+        torch.cuda.synchronize()
+        check(c, "eager", ys[:1])
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for y in ys:
+                launch(y, c)
+        for _ in range(2):
+            x.copy_(torch.randn_like(x))
+            graph.replay()
+            torch.cuda.synchronize()
+            check(c, "replay", ys)
+    assert not bad, f"{len(bad)} of {len(pool)} {op} configs wrong at M={m}:\n" + "\n".join(bad[:20])
+
+
+@pytest.mark.gpu
+def test_a_graph_replays_right_when_an_earlier_capture_never_ran() -> None:
+    """Graph A captures the first split-K launch of a capture stream and is never replayed; graph B,
+    captured after it on the same stream, is. B's counters must already be zero: a zero fill recorded in
+    A would never have run. A's pool is first left holding nonzero bytes where those counters land."""
+    k, n, m = 8192, 2048, 1
+    x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
+    scale = torch.rand(n, device="cuda") / 127 * k**-0.5
+    y = torch.empty(m, n, dtype=x.dtype, device="cuda")
+    split = next(c for c in qg._prune_int8(qg._int8_tuned.configs, {"M_BUCKET": 1, "N": n, "K": k})
+                 if c.kwargs["SPLIT_K"] > 1)
+    meta = {**split.kwargs, "num_warps": split.num_warps, "num_stages": split.num_stages}
+    qg.launch_int8(x, w, scale, y, kernel=qg.int8_gemv_kernel, **meta)  # eager: compiles
+    dirty = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(dirty):
+        junk = torch.full((qg._COUNTER_SLOTS,), 7, dtype=torch.int32, device="cuda")
+    dirty.replay()
+    torch.cuda.synchronize()
+    del junk
+    first = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(first, pool=dirty.pool()):
+        qg.launch_int8(x, w, scale, y, kernel=qg.int8_gemv_kernel, **meta)
+    second = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(second, pool=dirty.pool()):
+        qg.launch_int8(x, w, scale, y, kernel=qg.int8_gemv_kernel, **meta)
+    y.zero_()
+    second.replay()
+    torch.cuda.synchronize()
+    tol = registry.catalogue["matmul.int8_weight_only"].tolerance("bfloat16")
+    torch.testing.assert_close(y, reference.matmul_int8_weight_only(x, w, scale), atol=tol.atol, rtol=tol.rtol)

@@ -23,6 +23,8 @@ that arrives last sums the SPLIT_K partials in split order, casts, stores, and r
 zero for the next launch. One launch, no memset, no host sync, so it is CUDA-graph capturable; the
 counters and the partials' workspace are allocated once per device and stream (and N), never per call,
 and the autotuned config is remembered per shape so a call skips the autotuner (`TunedLaunch`).
+Counters must start at zero, and a zero fill recorded inside a graph runs only when that graph
+replays: a stream that captures takes a counter set zeroed eagerly beforehand (`_stream_counters`).
 
 int8: the per-output-channel scale is applied once per program, before the partials are combined.
 int4: a K tile never splits a group. Either it lies inside one group (BK divides the group size) or
@@ -35,6 +37,7 @@ row per iteration) instead of stopping at the group's GROUP / 2 bytes.
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 import triton
@@ -624,10 +627,49 @@ _int8_launch = TunedLaunch(_int8_tuned)
 _int4_launch = TunedLaunch(_int4_tuned)
 
 
-@functools.cache
-def _counters(device: torch.device, stream: int) -> torch.Tensor:
-    # Zero once; every split launch leaves its counters at zero again.
-    return torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
+#: Counter sets a device keeps zeroed for streams that capture CUDA graphs (see `_stream_counters`).
+_CAPTURE_SETS = 8
+
+_counter_lock = threading.Lock()
+_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
+_capture_slabs: dict[torch.device, torch.Tensor] = {}
+_capture_taken: dict[torch.device, int] = {}
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _stream_counters(device: torch.device, stream: int) -> torch.Tensor:
+    """This stream's split-K arrival counters, at zero (every launch leaves them so), made once.
+
+    On an eager stream they are zero-filled on the spot. A stream that is capturing a CUDA graph cannot
+    do that: the fill would be recorded in the graph and run only when that graph replays, and the next
+    graph captured on the stream, replayed first, would start from whatever the memory held. Such a
+    stream takes one of `_CAPTURE_SETS` sets that the device's first eager call zeroed instead."""
+    counters = _counters.get((device, stream))
+    if counters is not None:
+        return counters
+    with _counter_lock:
+        if (device, stream) in _counters:
+            return _counters[(device, stream)]
+        if _capturing(device):
+            slab = _capture_slabs.get(device)
+            if slab is None:
+                raise RuntimeError(
+                    f"the first split-K GEMV launch on {device} is inside a CUDA-graph capture, but its arrival "
+                    "counters must be zeroed outside the graph: run one eager call on this device (a warm-up "
+                    "step) before capturing")
+            taken = _capture_taken.get(device, 0)
+            if taken == _CAPTURE_SETS:
+                raise RuntimeError(f"more than {_CAPTURE_SETS} streams captured split-K GEMVs on {device}")
+            counters, _capture_taken[device] = slab[taken], taken + 1
+        else:
+            if device not in _capture_slabs:
+                _capture_slabs[device] = torch.zeros(_CAPTURE_SETS, _COUNTER_SLOTS, dtype=torch.int32, device=device)
+            counters = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
+        _counters[(device, stream)] = counters
+        return counters
 
 
 @functools.cache
@@ -647,7 +689,7 @@ def _workspace(n: int, max_split: int, device: torch.device) -> tuple[torch.Tens
     """Split-K partials (>= max_split * MAX_M * N float32) and this stream's counters; both cached per
     (device, stream), so a launch allocates nothing."""
     stream = _stream_key(device)
-    counters = _counters(device, stream)
+    counters = _stream_counters(device, stream)
     if max_split <= 1:
         return counters, counters
     return _partials(device, stream, n, max_split), counters
