@@ -13,7 +13,7 @@ import torch
 from check_report import report, seed_arg
 
 from tessera.kernels import reference, registry  # registering installs the interpreter fixes
-from tessera.kernels.triton import gemv, quant_gemv
+from tessera.kernels.triton import gemv, quant_gemv, split_k
 
 
 def _close(op: str, got: torch.Tensor, want: torch.Tensor) -> str | None:
@@ -36,7 +36,7 @@ def main(seed: int) -> int:
         if counters.any():
             failures.append(f"{name}: split-K counters left at {counters.nonzero().flatten().tolist()}")
 
-    counters = quant_gemv._stream_counters(torch.device("cpu"), 0)
+    counters = split_k.stream_counters(torch.device("cpu"), 0)
     for dtype in (torch.float32, torch.bfloat16):
         for m in (1, 4, 16):
             x_wide = torch.randn(m, 3 * 200, generator=gen).to(dtype)

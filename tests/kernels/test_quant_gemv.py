@@ -9,7 +9,7 @@ import pytest
 import torch
 import triton
 
-from tessera.kernels.triton import gemv
+from tessera.kernels.triton import gemv, split_k
 from tessera.kernels.triton import quant_gemv as qg
 from tessera.kernels.triton.tuning import bucket
 
@@ -33,8 +33,8 @@ def _check_space(kernel: object, kept: list[triton.Config], m: int, k: int, n: i
         assert len(kept) >= 3, (m, k, n, kept)
     for c in kept:
         bn, bk, split = c.kwargs["BN"], c.kwargs["BK"], c.kwargs["SPLIT_K"]
-        assert split == 1 or n <= qg.SPLIT_MAX_N, (n, c)
-        assert split <= qg._max_split(kernel, n), (n, c)  # the workspace holds every split
+        assert split == 1 or n <= split_k.SPLIT_MAX_N, (n, c)
+        assert split <= split_k.max_split(kernel, n), (n, c)  # the workspace holds every split
         assert bn & (bn - 1) == 0 and bk & (bk - 1) == 0, c
         if m > 1:  # the tl.dot path needs tensor-core-sized operands
             assert bn >= 16 and bk >= 32, c
@@ -163,7 +163,7 @@ def test_split_k_kernels_compile_for_sm90(op: str, bk: int, m: int, compile_sm90
             "stride_sn": k // 128, "stride_zn": k // 128, "stride_ym": n, "M_BUCKET": m}
     meta = {"PREC": "tf32", "BM": 1 if m == 1 else qg.MAX_M, "GROUP": 128, "ASM": True,
             "EVEN": op == "int8_even" or words}
-    split = qg._cfg(32, bk, 4, 4, 3, m1_dot=op == "int8_dot", words=words)
+    split = split_k.config(32, bk, 4, 4, 3, m1_dot=op == "int8_dot", words=words)
     if op.startswith("int8"):
         ptrs = {"X": "bf16", "W": "i8", "S": "fp32", "Y": "bf16", "WS": "fp32", "CNT": "i32"}
         compiled = compile_sm90(qg.int8_gemv_kernel, ptrs, {**meta, **split.kwargs}, ints, split.num_warps,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tessera.kernels import reference, registry, scaled_mm
-from tessera.kernels.triton import quant_dequant
+from tessera.kernels.triton import quant_dequant, split_k
 from tessera.kernels.triton import quant_gemv as qg
 
 
@@ -23,37 +23,37 @@ def test_prefill_threshold() -> None:
 
 def test_split_workspace_is_allocated_once_per_shape() -> None:
     cpu = torch.device("cpu")
-    ws, counters = qg._workspace(2048, 8, cpu)
-    again, counters_again = qg._workspace(2048, 8, cpu)
+    ws, counters = split_k.workspace(2048, 8, cpu)
+    again, counters_again = split_k.workspace(2048, 8, cpu)
     assert ws is again and counters is counters_again
     assert ws.numel() >= 8 * qg.MAX_M * 2048 and ws.dtype == torch.float32
-    assert qg._workspace(512, 8, cpu)[0] is not ws
-    none, counters_1 = qg._workspace(2048, 1, cpu)
+    assert split_k.workspace(512, 8, cpu)[0] is not ws
+    none, counters_1 = split_k.workspace(2048, 1, cpu)
     assert none is counters_1 is counters  # no split: nothing allocated beyond the counters
 
 
 @pytest.fixture
 def fresh_counters(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("_counters", "_capture_slabs", "_capture_taken"):
-        monkeypatch.setattr(qg, name, {})
+        monkeypatch.setattr(split_k, name, {})
 
 
 def test_a_capturing_stream_takes_counters_zeroed_before_the_capture(fresh_counters, monkeypatch) -> None:
     cpu = torch.device("cpu")
-    monkeypatch.setattr(qg, "_capturing", lambda device: True)
+    monkeypatch.setattr(split_k, "_capturing", lambda device: True)
     with pytest.raises(RuntimeError, match="eager call on this device"):
-        qg._stream_counters(cpu, 7)
-    monkeypatch.setattr(qg, "_capturing", lambda device: False)
-    eager = qg._stream_counters(cpu, 1)
-    assert not eager.any() and qg._stream_counters(cpu, 1) is eager
-    monkeypatch.setattr(qg, "_capturing", lambda device: True)
-    taken = [qg._stream_counters(cpu, 100 + i) for i in range(qg._CAPTURE_SETS)]
-    slab = qg._capture_slabs[cpu]
+        split_k.stream_counters(cpu, 7)
+    monkeypatch.setattr(split_k, "_capturing", lambda device: False)
+    eager = split_k.stream_counters(cpu, 1)
+    assert not eager.any() and split_k.stream_counters(cpu, 1) is eager
+    monkeypatch.setattr(split_k, "_capturing", lambda device: True)
+    taken = [split_k.stream_counters(cpu, 100 + i) for i in range(split_k.CAPTURE_SETS)]
+    slab = split_k._capture_slabs[cpu]
     assert all(t.data_ptr() == row.data_ptr() for t, row in zip(taken, slab, strict=True))
     assert not slab.any() and eager.data_ptr() not in {t.data_ptr() for t in taken}
-    assert qg._stream_counters(cpu, 100) is taken[0]  # a stream keeps its set
-    with pytest.raises(RuntimeError, match=f"more than {qg._CAPTURE_SETS} streams"):
-        qg._stream_counters(cpu, 999)
+    assert split_k.stream_counters(cpu, 100) is taken[0]  # a stream keeps its set
+    with pytest.raises(RuntimeError, match=f"more than {split_k.CAPTURE_SETS} streams"):
+        split_k.stream_counters(cpu, 999)
 
 
 def _fp8_inputs(m: int, k: int, n: int, per_row: bool, dtype: torch.dtype = torch.bfloat16,
@@ -213,7 +213,7 @@ def test_a_graph_replays_right_when_an_earlier_capture_never_ran() -> None:
     qg.launch_int8(x, w, scale, y, kernel=qg.int8_gemv_kernel, **meta)  # eager: compiles
     dirty = torch.cuda.CUDAGraph()
     with torch.cuda.graph(dirty):
-        junk = torch.full((qg._COUNTER_SLOTS,), 7, dtype=torch.int32, device="cuda")
+        junk = torch.full((split_k.COUNTER_SLOTS,), 7, dtype=torch.int32, device="cuda")
     dirty.replay()
     torch.cuda.synchronize()
     del junk

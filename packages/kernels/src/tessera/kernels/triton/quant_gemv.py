@@ -17,14 +17,8 @@ one. On the H200 it beat the byte path at every Llama-3.2-1B decode shape: the i
 step 547 -> 519 us, int4 666 -> 561 us (`benchmarks/probe_quant_gemv.py`, docs/kernels.md); int8's LM
 head reads at the copy ceiling. Where it applies, its configs replace the byte path's at M == 1.
 
-Split-K partials are combined inside the same launch, deterministically: every program writes its
-float32 partial tile to a workspace and bumps a per-N-tile counter (acquire/release); the program
-that arrives last sums the SPLIT_K partials in split order, casts, stores, and resets the counter to
-zero for the next launch. One launch, no memset, no host sync, so it is CUDA-graph capturable; the
-counters and the partials' workspace are allocated once per device and stream (and N), never per call,
-and the autotuned config is remembered per shape so a call skips the autotuner (`TunedLaunch`).
-Counters must start at zero, and a zero fill recorded inside a graph runs only when that graph
-replays: a stream that captures takes a counter set zeroed eagerly beforehand (`_stream_counters`).
+Split-K partials are combined inside the same launch, in split order (`split_k`, shared with the dense
+GEMV), and the autotuned config is remembered per shape so a call skips the autotuner (`TunedLaunch`).
 
 int8: the per-output-channel scale is applied once per program, before the partials are combined.
 int4: a K tile never splits a group. Either it lies inside one group (BK divides the group size) or
@@ -36,47 +30,42 @@ row per iteration) instead of stopping at the group's GROUP / 2 bytes.
 
 from __future__ import annotations
 
-import functools
-import threading
-
 import torch
 import triton
 import triton.language as tl
 
 from tessera.kernels.support import triton_interpreting
 from tessera.kernels.triton import pdl
+from tessera.kernels.triton.split_k import (
+    MAX_M,
+    combine_and_store,
+    config,
+    even,
+    fits_k,
+    grid,
+    k_range,
+    keep_splittable,
+    max_split,
+    workspace,
+)
 from tessera.kernels.triton.tuned_launch import TunedLaunch
 from tessera.kernels.triton.tuning import autotune, bucket, dot_precision, graph_bench
-
-#: Largest M this path serves; larger M goes to the tiled tl.dot kernels (prefill).
-MAX_M = 16
-#: Split-K only below this N: a wider N already fills the GPU, and the workspace stays small.
-SPLIT_MAX_N = 16384
-#: Counter slots per (device, stream): one per N tile of a split launch (N <= SPLIT_MAX_N, BN >= 4).
-_COUNTER_SLOTS = SPLIT_MAX_N // 4
-
-
-def _cfg(bn: int, bk: int, split: int, warps: int, stages: int, m1_dot: bool = False,
-         words: bool = False) -> triton.Config:
-    kw = {"BN": bn, "BK": bk, "SPLIT_K": split} | ({"M1_DOT": True} if m1_dot else {})
-    kw |= {"WORDS": True} if words else {}
-    return triton.Config(kw, num_warps=warps, num_stages=stages)
 
 
 def _wcfg(bn: int, bk: int, split: int, warps: int) -> triton.Config:
     """An M == 1 config of the word paths (weights read as int32 words, converted by PRMT, the next tile
     loaded while this one is multiplied). Their loops hold no tl.dot, so Triton pipelines nothing: one stage."""
-    return _cfg(bn, bk, split, warps, 1, words=True)
+    return config(bn, bk, split, warps, 1, words=True)
 
 
 # Weight bytes per program and iteration are BN * BK (int8) or BN * BK / 2 (int4); the lists span
 # few-wide-rows (many programs, long contiguous reads) to many-rows, with and without split-K.
-_INT8_M1 = [_cfg(4, 1024, 1, 4, 2), _cfg(8, 512, 1, 4, 3), _cfg(8, 1024, 1, 4, 2), _cfg(16, 256, 1, 4, 3),
-            _cfg(16, 512, 1, 4, 2), _cfg(16, 1024, 1, 8, 2), _cfg(32, 256, 1, 8, 2), _cfg(8, 512, 2, 4, 3),
-            _cfg(8, 512, 4, 4, 3), _cfg(16, 512, 4, 4, 2), _cfg(16, 256, 8, 4, 3), _cfg(32, 512, 4, 8, 2),
-            _cfg(8, 1024, 1, 4, 1), _cfg(4, 2048, 1, 4, 1), _cfg(8, 2048, 1, 8, 1),
-            _cfg(64, 128, 4, 4, 4, True), _cfg(64, 256, 4, 4, 3, True), _cfg(64, 128, 1, 4, 4, True),
-            _cfg(64, 256, 2, 4, 4, True), _cfg(32, 256, 4, 4, 4, True),
+_INT8_M1 = [config(4, 1024, 1, 4, 2), config(8, 512, 1, 4, 3), config(8, 1024, 1, 4, 2), config(16, 256, 1, 4, 3),
+            config(16, 512, 1, 4, 2), config(16, 1024, 1, 8, 2), config(32, 256, 1, 8, 2), config(8, 512, 2, 4, 3),
+            config(8, 512, 4, 4, 3), config(16, 512, 4, 4, 2), config(16, 256, 8, 4, 3), config(32, 512, 4, 8, 2),
+            config(8, 1024, 1, 4, 1), config(4, 2048, 1, 4, 1), config(8, 2048, 1, 8, 1),
+            config(64, 128, 4, 4, 4, True), config(64, 256, 4, 4, 3, True), config(64, 128, 1, 4, 4, True),
+            config(64, 256, 2, 4, 4, True), config(32, 256, 4, 4, 4, True),
             # Word path: every config that came within 3% of the best at some Llama-3.2-1B decode shape or
             # square of two H200 sweeps (`benchmarks/probe_quant_gemv.py`), and a wide spare.
             _wcfg(4, 1024, 1, 4), _wcfg(4, 2048, 1, 4), _wcfg(8, 512, 1, 4), _wcfg(8, 1024, 1, 4),
@@ -84,56 +73,37 @@ _INT8_M1 = [_cfg(4, 1024, 1, 4, 2), _cfg(8, 512, 1, 4, 3), _cfg(8, 1024, 1, 4, 2
 # The tl.dot configs; the last five came out on top of H200 sweeps (CUDA-graph time, L2 cold) at
 # K = N = 4096 and 8192 and the Llama-3.2-1B gate/up and down shapes (64 x 128 split 2: second at 8192^2,
 # 0.7% behind 32 x 256, probe-int8-gemv-m16-wleft-nvidia-h200-2026-12-03.json).
-_INT8_MX = [_cfg(16, 256, 1, 4, 4), _cfg(16, 512, 1, 4, 3), _cfg(32, 256, 1, 4, 4), _cfg(32, 512, 1, 4, 3),
-            _cfg(64, 128, 1, 4, 4), _cfg(64, 256, 1, 4, 3), _cfg(32, 1024, 1, 8, 2), _cfg(16, 512, 2, 4, 3),
-            _cfg(16, 256, 4, 4, 4), _cfg(32, 256, 4, 4, 4), _cfg(64, 256, 4, 4, 3), _cfg(32, 512, 8, 4, 3),
-            _cfg(64, 128, 4, 4, 4), _cfg(64, 256, 2, 4, 4), _cfg(32, 256, 2, 4, 4), _cfg(64, 512, 1, 4, 4),
-            _cfg(64, 128, 2, 4, 4)]
+_INT8_MX = [config(16, 256, 1, 4, 4), config(16, 512, 1, 4, 3), config(32, 256, 1, 4, 4), config(32, 512, 1, 4, 3),
+            config(64, 128, 1, 4, 4), config(64, 256, 1, 4, 3), config(32, 1024, 1, 8, 2), config(16, 512, 2, 4, 3),
+            config(16, 256, 4, 4, 4), config(32, 256, 4, 4, 4), config(64, 256, 4, 4, 3), config(32, 512, 8, 4, 3),
+            config(64, 128, 4, 4, 4), config(64, 256, 2, 4, 4), config(32, 256, 2, 4, 4), config(64, 512, 1, 4, 4),
+            config(64, 128, 2, 4, 4)]
 # int4 tiles within one group (128 in practice, 64 bytes a row) take many rows; multi-group tiles (256 to
 # 1024 wide with a power-of-two group) read 128 to 512 bytes a row, as the int8 tiles do, from fewer rows.
-_INT4_M1 = [_cfg(32, 128, 1, 4, 3), _cfg(64, 128, 1, 4, 3), _cfg(128, 128, 1, 4, 3), _cfg(128, 128, 1, 8, 3),
-            _cfg(256, 128, 1, 8, 2), _cfg(64, 256, 1, 4, 2), _cfg(32, 128, 4, 4, 3), _cfg(64, 128, 2, 4, 3),
-            _cfg(64, 128, 4, 4, 3), _cfg(128, 128, 4, 8, 3), _cfg(32, 128, 8, 4, 3), _cfg(64, 128, 8, 4, 3),
-            _cfg(8, 512, 1, 4, 3), _cfg(8, 1024, 1, 4, 2), _cfg(16, 512, 1, 4, 2), _cfg(16, 1024, 1, 8, 2),
-            _cfg(32, 256, 1, 4, 3), _cfg(32, 512, 1, 8, 2), _cfg(16, 512, 4, 4, 2), _cfg(32, 256, 4, 4, 3),
-            _cfg(8, 512, 8, 4, 3),
+_INT4_M1 = [config(32, 128, 1, 4, 3), config(64, 128, 1, 4, 3), config(128, 128, 1, 4, 3), config(128, 128, 1, 8, 3),
+            config(256, 128, 1, 8, 2), config(64, 256, 1, 4, 2), config(32, 128, 4, 4, 3), config(64, 128, 2, 4, 3),
+            config(64, 128, 4, 4, 3), config(128, 128, 4, 8, 3), config(32, 128, 8, 4, 3), config(64, 128, 8, 4, 3),
+            config(8, 512, 1, 4, 3), config(8, 1024, 1, 4, 2), config(16, 512, 1, 4, 2), config(16, 1024, 1, 8, 2),
+            config(32, 256, 1, 4, 3), config(32, 512, 1, 8, 2), config(16, 512, 4, 4, 2), config(32, 256, 4, 4, 3),
+            config(8, 512, 8, 4, 3),
             # Word path, as for int8: the near-best of two H200 sweeps. Most hold many rows a thread, so
             # each x word loaded serves more weights: x loads from L1, not the FMAs, bounded the narrow
             # tiles (0.6 loads a weight at 16 x 1024, 0.17 at 128 x 128).
             _wcfg(8, 1024, 1, 4), _wcfg(8, 512, 4, 4), _wcfg(16, 1024, 1, 8), _wcfg(16, 512, 1, 4),
             _wcfg(32, 256, 1, 4), _wcfg(128, 128, 1, 4), _wcfg(128, 128, 4, 4), _wcfg(128, 128, 8, 4),
             _wcfg(128, 256, 1, 8)]
-_INT4_MX = [_cfg(16, 256, 1, 4, 4), _cfg(32, 256, 1, 4, 4), _cfg(64, 128, 1, 4, 4), _cfg(64, 256, 1, 4, 3),
-            _cfg(128, 128, 1, 8, 3), _cfg(16, 512, 1, 4, 3), _cfg(16, 256, 4, 4, 4), _cfg(32, 256, 2, 4, 4),
-            _cfg(32, 256, 4, 4, 4), _cfg(64, 128, 4, 4, 4), _cfg(64, 256, 8, 4, 3), _cfg(32, 128, 8, 4, 4),
-            _cfg(16, 1024, 1, 8, 2), _cfg(32, 512, 1, 8, 3), _cfg(16, 512, 4, 4, 3), _cfg(32, 512, 2, 8, 3)]
+_INT4_MX = [config(16, 256, 1, 4, 4), config(32, 256, 1, 4, 4), config(64, 128, 1, 4, 4), config(64, 256, 1, 4, 3),
+            config(128, 128, 1, 8, 3), config(16, 512, 1, 4, 3), config(16, 256, 4, 4, 4), config(32, 256, 2, 4, 4),
+            config(32, 256, 4, 4, 4), config(64, 128, 4, 4, 4), config(64, 256, 8, 4, 3), config(32, 128, 8, 4, 4),
+            config(16, 1024, 1, 8, 2), config(32, 512, 1, 8, 3), config(16, 512, 4, 4, 3), config(32, 512, 2, 8, 3)]
 #: Under the interpreter: one small config that still exercises the split-K combine.
-_INTERPRET = _cfg(16, 32, 2, 4, 1)
+_INTERPRET = config(16, 32, 2, 4, 1)
 
 
 def _words_fit(bk: int, k: int, group: int | None = None) -> bool:
     """Whether a word-path tile can read this matrix: int8 rows of whole int32 words (K % 4 == 0); int4
     rows of whole words (K % 8 == 0) and tiles of whole groups (BK % group == 0)."""
     return k % 4 == 0 if group is None else k % 8 == 0 and bk % group == 0
-
-
-def _split_ok(c: triton.Config, n: int, k: int) -> bool:
-    split, bk = c.kwargs["SPLIT_K"], c.kwargs["BK"]
-    return split == 1 or (n <= SPLIT_MAX_N and triton.cdiv(k, bk) >= 2 * split)
-
-
-def _fits_k(configs: list[triton.Config], k: int) -> list[triton.Config]:
-    # A tile much longer than K reads nothing more but wastes registers; keep the shortest if all are.
-    kept = [c for c in configs if c.kwargs["BK"] <= max(32, bucket(k))]
-    return kept or [min(configs, key=lambda c: c.kwargs["BK"])]
-
-
-def _keep_splittable(configs: list[triton.Config], n: int, k: int) -> list[triton.Config]:
-    kept = [c for c in configs if _split_ok(c, n, k)]
-    if kept:
-        return kept
-    c = configs[0]
-    return [_cfg(c.kwargs["BN"], c.kwargs["BK"], 1, c.num_warps, c.num_stages)]
 
 
 #: Weight elements from which M == 1 also tries the padded tl.dot path. Below it the CUDA-core path won
@@ -150,7 +120,7 @@ def _prune_int8(configs: list, named_args: dict, **kwargs: object) -> list:
     words_ok = named_args["M_BUCKET"] == 1 and _words_fit(0, named_args["K"])
     mine = list(dict.fromkeys(c for c in configs if c in pool and not (small and c.kwargs.get("M1_DOT"))
                               and (c.kwargs.get("WORDS", False) == words_ok or c.kwargs.get("M1_DOT"))))
-    return _keep_splittable(_fits_k(mine, named_args["K"]), named_args["N"], named_args["K"])
+    return keep_splittable(fits_k(mine, named_args["K"]), named_args["N"], named_args["K"])
 
 
 def _tile_fits_groups(bk: int, group: int) -> bool:
@@ -178,36 +148,10 @@ def _prune_int4(configs: list, named_args: dict, **kwargs: object) -> list:
         key = (c.kwargs["BN"], bk, c.kwargs["SPLIT_K"], c.num_warps, c.num_stages, False, words)
         if key not in seen:
             seen.add(key)
-            kept.append(_cfg(*key))
+            kept.append(config(*key))
     if any(c.kwargs.get("WORDS") for c in kept):  # the word path applies: it replaces the byte path (as int8)
         kept = [c for c in kept if c.kwargs.get("WORDS")]
-    return _keep_splittable(_fits_k(kept, k), n, k)
-
-
-@triton.jit
-def _combine_and_store(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, BM: tl.constexpr, BN: tl.constexpr,
-                       SPLIT_K: tl.constexpr):
-    """Store acc [BM, BN] (float32) to Y; with SPLIT_K > 1 the last program of this N tile stores the
-    sum of all SPLIT_K partials, in split order."""
-    offs_m = tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask)
-    else:
-        ws = WS + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-        tl.store(ws + pid_k * M * N, acc, mask=mask)
-        # Every thread's partial is written before one thread publishes it (release); the last
-        # arrival's acquire makes all partials visible to its threads, read past L1 (.cg).
-        tl.debug_barrier()
-        arrived = tl.atomic_add(CNT + pid_n, 1, sem="acq_rel", scope="gpu")
-        last = arrived == SPLIT_K - 1
-        total = tl.zeros((BM, BN), dtype=tl.float32)
-        for s in tl.static_range(SPLIT_K):
-            total += tl.load(ws + s * M * N, mask=mask & last, other=0.0, cache_modifier=".cg")
-        tl.store(y_ptrs, total.to(Y.dtype.element_ty), mask=mask & last)
-        tl.atomic_xchg(CNT + pid_n, 0, mask=last, sem="relaxed", scope="gpu")
+    return keep_splittable(fits_k(kept, k), n, k)
 
 
 @triton.jit
@@ -397,19 +341,7 @@ def _int4_words_m1(X, QW, S, Z, K, stride_xk, stride_qn, stride_sn, stride_zn, n
     return acc[None, :]
 
 
-@triton.jit
-def _k_range(K, pid_k, BK: tl.constexpr, SPLIT_K: tl.constexpr):
-    """[start, end) of this split's K range: whole BK tiles, so tile starts stay multiples of BK."""
-    per = tl.cdiv(tl.cdiv(K, BK), SPLIT_K) * BK
-    start = pid_k * per
-    return start, tl.minimum(start + per, K)
-
-
-def _even(args: dict) -> bool:
-    return args["N"] % args["BN"] == 0 and args["K"] % args["BK"] == 0
-
-
-@triton.heuristics({"EVEN": _even})
+@triton.heuristics({"EVEN": even})
 @triton.jit
 def int8_gemv_kernel(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, M_BUCKET,
                      PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -422,13 +354,13 @@ def int8_gemv_kernel(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_
     masks on the weight and x tiles. PDL: the launch may overlap the previous kernel (`pdl`)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    k_start, k_end = _k_range(K, pid_k, BK, SPLIT_K)
+    k_start, k_end = k_range(K, pid_k, BK, SPLIT_K)
     rows = pid_n * BN + tl.arange(0, BN)
     pdl.enter_prefetching(PDL, W, rows, rows < N, stride_wn, k_start, k_end)
     if BM == 1 and WORDS:
         acc = _int8_words_m1(X, W, N, K, stride_xk, stride_wn, pid_n, k_start, k_end, BN, BK, EVEN, ASM)
         acc = acc * tl.load(S + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
-        _combine_and_store(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, 1, BN, SPLIT_K)
+        combine_and_store(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, 1, BN, SPLIT_K)
     elif BM == 1 and M1_DOT:
         rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC, 16, BN, BK,
                       SPLIT_K, EVEN, True)
@@ -450,7 +382,7 @@ def rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn,
     n_ok = offs_n < N
     # 64-bit only in the tile's base; offsets inside a tile stay 32-bit (BN * stride_wn < 2**31).
     w_ptrs = W + (pid_n * BN).to(tl.int64) * stride_wn + tl.arange(0, BN)[:, None] * stride_wn + offs_k[None, :]
-    k_start, k_end = _k_range(K, pid_k, BK, SPLIT_K)
+    k_start, k_end = k_range(K, pid_k, BK, SPLIT_K)
     if BM == 1:
         # Products accumulate elementwise; the one reduction over K happens after the loop.
         acc2 = tl.zeros((BN, BK), dtype=tl.float32)
@@ -484,7 +416,7 @@ def rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn,
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PREC)
     if INT8:
         acc = acc * tl.load(S + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    _combine_and_store(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, BM, BN, SPLIT_K)
+    combine_and_store(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, BM, BN, SPLIT_K)
 
 
 @triton.jit
@@ -590,7 +522,7 @@ def _int4_whole_groups(X, QW, S, Z, M, K, K2, stride_xm, stride_xk, stride_qn, s
     return acc
 
 
-@triton.heuristics({"EVEN": _even})
+@triton.heuristics({"EVEN": even})
 @triton.jit
 def int4_gemv_kernel(X, QW, S, Z, Y, WS, CNT, M, N, K, K2, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn,
                      stride_ym, M_BUCKET, GROUP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
@@ -604,7 +536,7 @@ def int4_gemv_kernel(X, QW, S, Z, Y, WS, CNT, M, N, K, K2, stride_xm, stride_xk,
     offs_n = pid_n * BN + tl.arange(0, BN)
     n_ok = offs_n < N
     n64 = offs_n.to(tl.int64)
-    k_start, k_end = _k_range(K, pid_k, BK, SPLIT_K)
+    k_start, k_end = k_range(K, pid_k, BK, SPLIT_K)
     pdl.enter_prefetching(PDL, QW, offs_n, n_ok, stride_qn, k_start // 2, (k_end + 1) // 2)
     if BM == 1 and WORDS:
         acc = _int4_words_m1(X, QW, S, Z, K, stride_xk, stride_qn, stride_sn, stride_zn, n64, n_ok, k_start, k_end,
@@ -615,7 +547,7 @@ def int4_gemv_kernel(X, QW, S, Z, Y, WS, CNT, M, N, K, K2, stride_xm, stride_xk,
     else:
         acc = _int4_whole_groups(X, QW, S, Z, M, K, K2, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, n64,
                                  n_ok, k_start, k_end, GROUP, PREC, BM, BN, BK)
-    _combine_and_store(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, BM, BN, SPLIT_K)
+    combine_and_store(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, BM, BN, SPLIT_K)
 
 
 # Ranked by CUDA-graph time with a cold L2 (`graph_bench`): the time a decode step pays for them.
@@ -625,90 +557,6 @@ _int4_tuned = autotune(_INT4_M1 + _INT4_MX, key=["M_BUCKET", "N", "K", "GROUP", 
                        prune_configs_by={"early_config_prune": _prune_int4}, do_bench=graph_bench)(int4_gemv_kernel)
 _int8_launch = TunedLaunch(_int8_tuned)
 _int4_launch = TunedLaunch(_int4_tuned)
-
-
-#: Counter sets a device keeps zeroed for streams that capture CUDA graphs (see `_stream_counters`).
-_CAPTURE_SETS = 8
-
-_counter_lock = threading.Lock()
-_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
-_capture_slabs: dict[torch.device, torch.Tensor] = {}
-_capture_taken: dict[torch.device, int] = {}
-
-
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-def _stream_counters(device: torch.device, stream: int) -> torch.Tensor:
-    """This stream's split-K arrival counters, at zero (every launch leaves them so), made once.
-
-    On an eager stream they are zero-filled on the spot. A stream that is capturing a CUDA graph cannot
-    do that: the fill would be recorded in the graph and run only when that graph replays, and the next
-    graph captured on the stream, replayed first, would start from whatever the memory held. Such a
-    stream takes one of `_CAPTURE_SETS` sets that the device's first eager call zeroed instead."""
-    counters = _counters.get((device, stream))
-    if counters is not None:
-        return counters
-    with _counter_lock:
-        if (device, stream) in _counters:
-            return _counters[(device, stream)]
-        if _capturing(device):
-            slab = _capture_slabs.get(device)
-            if slab is None:
-                raise RuntimeError(
-                    f"the first split-K GEMV launch on {device} is inside a CUDA-graph capture, but its arrival "
-                    "counters must be zeroed outside the graph: run one eager call on this device (a warm-up "
-                    "step) before capturing")
-            taken = _capture_taken.get(device, 0)
-            if taken == _CAPTURE_SETS:
-                raise RuntimeError(f"more than {_CAPTURE_SETS} streams captured split-K GEMVs on {device}")
-            counters, _capture_taken[device] = slab[taken], taken + 1
-        else:
-            if device not in _capture_slabs:
-                _capture_slabs[device] = torch.zeros(_CAPTURE_SETS, _COUNTER_SLOTS, dtype=torch.int32, device=device)
-            counters = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
-        _counters[(device, stream)] = counters
-        return counters
-
-
-@functools.cache
-def _partials(device: torch.device, stream: int, n: int, split: int) -> torch.Tensor:
-    # Uninitialised: every split program writes its partial before the last one reads them. Sized for
-    # M = MAX_M, so one buffer per (N, split) serves every M; never freed, so a CUDA graph that captured
-    # its address stays valid. Launches on one stream run in order, so they can share it.
-    return torch.empty(split * MAX_M * n, dtype=torch.float32, device=device)
-
-
-def _stream_key(device: torch.device) -> int:
-    # The raw handle, as Triton's launcher reads it: no Stream object built per call.
-    return torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
-
-
-def _workspace(n: int, max_split: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split-K partials (>= max_split * MAX_M * N float32) and this stream's counters; both cached per
-    (device, stream), so a launch allocates nothing."""
-    stream = _stream_key(device)
-    counters = _stream_counters(device, stream)
-    if max_split <= 1:
-        return counters, counters
-    return _partials(device, stream, n, max_split), counters
-
-
-@functools.cache
-def _split_cap(kernel: triton.runtime.Autotuner) -> int:
-    return max(c.kwargs["SPLIT_K"] for c in kernel.configs)
-
-
-def _max_split(kernel: triton.runtime.Autotuner, n: int) -> int:
-    # A single config (the interpreter's) is never pruned, so it bounds the workspace as it is.
-    if len(kernel.configs) == 1 or n <= SPLIT_MAX_N:
-        return _split_cap(kernel)
-    return 1
-
-
-def _grid(n: int):
-    return lambda meta: (triton.cdiv(n, meta["BN"]), meta["SPLIT_K"])
 
 
 def _word_aligned(x: torch.Tensor) -> torch.Tensor:
@@ -738,14 +586,14 @@ def launch_int8(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, y: torc
         raise ValueError(bad[0])
     x = _word_aligned(x)
     mb = bucket(m)
-    ws, counters = _workspace(n, _max_split(_int8_tuned, n) if kernel is None else int(meta["SPLIT_K"]), x.device)
+    ws, counters = workspace(n, max_split(_int8_tuned, n) if kernel is None else int(meta["SPLIT_K"]), x.device)
     args = (x, w_q, scale, y, ws, counters, m, n, k, x.stride(0), x.stride(1), w_q.stride(0), y.stride(0), mb)
     consts = {"PREC": dot_precision(x.dtype), "BM": 1 if m == 1 else MAX_M, "ASM": not triton_interpreting(),
               **pdl.launch_options(x.device)}
     if kernel is None:
-        _int8_launch((mb, n, k, x.dtype, scale.dtype), _grid(n), *args, **consts)
+        _int8_launch((mb, n, k, x.dtype, scale.dtype), grid(n), *args, **consts)
     else:
-        kernel[_grid(n)](*args, **consts, **meta)
+        kernel[grid(n)](*args, **consts, **meta)
 
 
 def launch_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
@@ -761,15 +609,15 @@ def launch_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     x = _word_aligned(x)
     n = qweight.shape[0]
     mb = bucket(m)
-    ws, counters = _workspace(n, _max_split(_int4_tuned, n) if kernel is None else int(meta["SPLIT_K"]), x.device)
+    ws, counters = workspace(n, max_split(_int4_tuned, n) if kernel is None else int(meta["SPLIT_K"]), x.device)
     args = (x, qweight, scales, zeros, y, ws, counters, m, n, k, k // 2, x.stride(0), x.stride(1), qweight.stride(0),
             scales.stride(0), zeros.stride(0), y.stride(0), mb)
     consts = {"GROUP": group_size, "PREC": dot_precision(x.dtype), "BM": 1 if m == 1 else MAX_M,
               "ASM": not triton_interpreting(), **pdl.launch_options(x.device)}
     if kernel is None:
-        _int4_launch((mb, n, k, group_size, x.dtype, scales.dtype, zeros.dtype), _grid(n), *args, **consts)
+        _int4_launch((mb, n, k, group_size, x.dtype, scales.dtype, zeros.dtype), grid(n), *args, **consts)
     else:
-        kernel[_grid(n)](*args, **consts, **meta)
+        kernel[grid(n)](*args, **consts, **meta)
 
 
 def tuned_configs() -> dict[str, dict[str, object]]:
