@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tessera.serve.errors import EngineOverloaded, RequestRejected
-from tessera.specs import GenerateRequest, SamplingParams
+from tessera.specs import GenerateRequest, RequestOutput, SamplingParams
 
 from .conftest import VOCAB, engine, full_forward_greedy, random_model, run, tiny_config
 
@@ -170,3 +170,19 @@ def test_abort_frees_blocks(model) -> None:
     out = eng.abort("a")
     assert out.finished and out.outputs[0].finish_reason == "abort" and len(out.outputs[0].token_ids) == 2
     assert eng.bm.num_free_blocks == eng.num_blocks and not eng.has_unfinished()
+
+
+def test_final_only_requests_report_once_with_the_same_output(model) -> None:
+    eng = engine(model)
+    sp = SamplingParams(temperature=0.8, seed=3, max_tokens=9, logprobs=2, ignore_eos=True)
+    for rid, final_only in (("every", False), ("last", True)):
+        eng.add_request(GenerateRequest(request_id=rid, prompt_token_ids=(5, 6, 7), sampling=sp), final_only=final_only)
+    seen: dict[str, list[RequestOutput]] = {"every": [], "last": []}
+    while eng.has_unfinished():
+        for out in eng.step():
+            seen[out.request_id].append(out)
+    assert len(seen["every"]) == 9 and not any(o.finished for o in seen["every"][:-1])
+    assert len(seen["last"]) == 1 and seen["last"][0].finished
+    every, last = seen["every"][-1].outputs[0], seen["last"][0].outputs[0]
+    assert every.token_ids == last.token_ids and every.logprobs == last.logprobs and len(last.token_ids) == 9
+    assert not eng.requests and eng.bm.num_free_blocks == eng.bm.num_blocks

@@ -46,7 +46,7 @@ def offline_throughput(engine: LLMEngine, requests: list[BenchRequest], temperat
     while pending or engine.has_unfinished():
         while pending and len(engine.scheduler.waiting) < engine.config.max_waiting:
             i, r = pending.pop(0)
-            engine.add_request(_request(i, r, temperature))
+            engine.add_request(_request(i, r, temperature), final_only=True)
         for out in engine.step():
             if out.finished:
                 out_tokens += len(out.outputs[0].token_ids)

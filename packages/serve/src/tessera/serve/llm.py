@@ -83,7 +83,7 @@ class LLM:
         engine = self.engine
         while requests or engine.has_unfinished():
             while requests and len(engine.scheduler.waiting) + requests[0].sampling.n <= engine.config.max_waiting:
-                engine.add_request(requests.popleft())
+                engine.add_request(requests.popleft(), final_only=True)
             for out in engine.step():
                 if out.finished:
                     done[out.request_id] = out
