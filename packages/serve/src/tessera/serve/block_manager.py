@@ -135,7 +135,8 @@ class BlockManager:
         if cost > self.num_free_blocks:
             raise OutOfBlocks(f"seq {handle.seq_id} needs {cost} free blocks; {self.num_free_blocks} free")
         blocks = list(handle.block_ids)
-        if num_tokens and self._cow_needed(handle):
+        copied = bool(num_tokens) and self._cow_needed(handle)
+        if copied:
             src = blocks[-1]
             dst = self._take()
             self._release(src)
@@ -146,7 +147,12 @@ class BlockManager:
             # since gone: it is ours alone now and its tail is about to be overwritten.
             self._uncache(blocks[-1])
         new_total = handle.num_tokens + num_tokens
-        blocks += [self._take() for _ in range(self.blocks_for(new_total) - len(blocks))]
+        grow = self.blocks_for(new_total) - len(blocks)
+        if not grow and not copied:
+            # Most decode steps: the same blocks hold one more token. Copying the validated handle with
+            # the new count (it fits: no block to add) costs a third of validating a new one.
+            return self._remember(handle.model_copy(update={"num_tokens": new_total}))
+        blocks += [self._take() for _ in range(grow)]
         return self._make(handle.seq_id, tuple(blocks), new_total)
 
     def fork(self, handle: KVCacheHandle, new_seq_id: int) -> KVCacheHandle:
@@ -252,8 +258,11 @@ class BlockManager:
     # ---- internals ---------------------------------------------------------------------------
 
     def _make(self, seq_id: int, blocks: tuple[int, ...], num_tokens: int) -> KVCacheHandle:
-        handle = KVCacheHandle(seq_id=seq_id, block_ids=blocks, num_tokens=num_tokens, block_size=self.block_size)
-        self._live[seq_id] = handle
+        return self._remember(KVCacheHandle(seq_id=seq_id, block_ids=blocks, num_tokens=num_tokens,
+                                            block_size=self.block_size))
+
+    def _remember(self, handle: KVCacheHandle) -> KVCacheHandle:
+        self._live[handle.seq_id] = handle
         return handle
 
     def _check_live(self, handle: KVCacheHandle) -> None:
