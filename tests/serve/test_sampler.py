@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tessera.serve.sampler import SAMPLE, Sampler, SamplingRows, exponential_race, uniform
+from tessera.serve.sampler import SAMPLE, Sampler, SamplingRows, exponential_race, uniform, upload
 from tessera.specs import SamplingParams
 
 from .helpers import chi2_pvalue, make_seq
@@ -154,3 +154,11 @@ def test_rows_cache_matches_a_fresh_build() -> None:
         assert torch.equal(Sampler().sample(logits, cached).token_ids, Sampler().sample(logits, fresh).token_ids)
         for s in seqs:
             s.token_ids.append(5)
+
+
+def test_upload_splits_one_copy_into_the_parts() -> None:
+    a, empty, b = upload([[3, 1 << 62, -2], [], [True, False]], torch.int64, "cpu")
+    assert a.tolist() == [3, 1 << 62, -2] and a.dtype == torch.int64
+    assert empty.numel() == 0 and b.tolist() == [1, 0]
+    (f,) = upload([[0.5, 2.0]], torch.float32, torch.device("cpu"))
+    assert f.dtype == torch.float32 and f.tolist() == [0.5, 2.0]

@@ -21,7 +21,7 @@ from tessera.serve.block_manager import BlockManager
 from tessera.serve.detokenizer import Decoder, IncrementalDetokenizer
 from tessera.serve.errors import RequestRejected
 from tessera.serve.model_runner import ModelRunner, StepInput, kv_cache_spec
-from tessera.serve.sampler import RowsCache, Sampler, SamplingRows, derive_seed
+from tessera.serve.sampler import RowsCache, Sampler, SamplingRows, derive_seed, upload
 from tessera.serve.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from tessera.serve.sequence import Sequence
 from tessera.serve.speculative import DraftProposer, NgramProposer, target_rows, verify
@@ -322,15 +322,15 @@ class LLMEngine:
         b = len(decodes)
         p = torch.zeros(b, k + 1, self.vocab_size, device=self.device)
         index = [(i, j) for i, d in enumerate(drafts) for j in range(len(d) + 1)]
-        bi = torch.tensor([i for i, _ in index], device=self.device)
-        bj = torch.tensor([j for _, j in index], device=self.device)
+        bi, bj, draft_t, num_draft, seeds, first = upload(
+            [[i for i, _ in index], [j for _, j in index], [t for d in drafts for t in (*d, *[0] * (k - len(d)))],
+             [len(d) for d in drafts], [s.seq.seed for s in decodes], [s.seq.num_tokens for s in decodes]],
+            torch.int64, self.device)
         p[bi, bj] = flat_p
-        draft_t = torch.tensor([d + [0] * (k - len(d)) for d in drafts], dtype=torch.int64, device=self.device)
-        num_draft = torch.tensor([len(d) for d in drafts], device=self.device)
-        seeds = torch.tensor([s.seq.seed for s in decodes], dtype=torch.int64, device=self.device)
-        first = torch.tensor([s.seq.num_tokens for s in decodes], dtype=torch.int64, device=self.device)
         emitted, accepted = verify(p, q, draft_t.view(b, k), num_draft, seeds, first, greedy=rows.all_greedy)
-        emitted_l, accepted_l = emitted.tolist(), accepted.tolist()
+        both = torch.cat([emitted.reshape(-1), accepted]).tolist()  # one device-to-host wait, not two
+        emitted_l = [both[i * (k + 1):(i + 1) * (k + 1)] for i in range(b)]
+        accepted_l = both[b * (k + 1):]
         want_lp = rows.num_logprobs is not None
         lp_rows = None
         if want_lp:

@@ -25,6 +25,21 @@ SAMPLE, DRAFT, ACCEPT, RESIDUAL = 0, 1, 2, 3  # stream ids: independent draws fo
 _M32 = 0xFFFFFFFF
 
 
+def upload(parts: Seq[Seq[int | float | bool]], dtype: torch.dtype, device: torch.device | str) -> list[torch.Tensor]:
+    """Host lists as 1-D tensors on `device`, one per part, through a single host-to-device copy.
+
+    On CUDA the values go through pinned memory and the copy is asynchronous. A `torch.tensor(values,
+    device="cuda")` per list would instead copy from pageable memory and wait for the stream to drain
+    each time: a dozen such waits in a speculative round serialise the host with the device."""
+    host = torch.tensor([v for part in parts for v in part], dtype=dtype)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        host = host.pin_memory().to(dev, non_blocking=True)
+    elif dev.type != "cpu":
+        host = host.to(dev)
+    return list(host.split([len(part) for part in parts]))
+
+
 def derive_seed(seed: int, index: int) -> int:
     """A 63-bit seed for completion `index` of a request seeded with `seed`."""
     digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
@@ -103,9 +118,6 @@ class SamplingRows:
         extra = extra or [()] * len(seqs)
         params = [s.sampling for s in seqs]
 
-        def col(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
-
         temps = [p.temperature for p in params]
         greedy = [t == 0.0 for t in temps]
         top_k = [vocab if p.top_k < 0 else min(p.top_k, vocab) for p in params]
@@ -127,20 +139,30 @@ class SamplingRows:
                     stops.add(eos_token_id)
                 banned_rows += [r] * len(stops)
                 banned_ids += sorted(stops)
+        # Two host-to-device copies for every column: the float ones, then the integer ones.
+        floats = [[1.0 if g else t for g, t in zip(greedy, temps)], [p.top_p for p in params],
+                  [p.min_p for p in params]]
+        floats += [[p.repetition_penalty for p in params]] if use_rep else []
+        floats += [[p.frequency_penalty for p in params]] if use_freq else []
+        floats += [[p.presence_penalty for p in params]] if use_pres else []
+        temperature, top_p, min_p, *penalties = upload(floats, torch.float32, device)
+        top_k_t, seeds, positions, greedy_t, ban_r, ban_i = upload(
+            [top_k, [s.seed for s in seqs], [len(h) for h in histories], greedy, banned_rows, banned_ids],
+            torch.int64, device)
         return cls(
-            temperature=col([1.0 if g else t for g, t in zip(greedy, temps)], torch.float32),
-            top_k=col(top_k, torch.int64),
-            top_p=col([p.top_p for p in params], torch.float32),
-            min_p=col([p.min_p for p in params], torch.float32),
-            seeds=col([s.seed for s in seqs], torch.int64),
-            positions=col([len(h) for h in histories], torch.int64),
-            greedy=col(greedy, torch.bool),
-            repetition=col([p.repetition_penalty for p in params], torch.float32) if use_rep else None,
-            frequency=col([p.frequency_penalty for p in params], torch.float32) if use_freq else None,
-            presence=col([p.presence_penalty for p in params], torch.float32) if use_pres else None,
+            temperature=temperature,
+            top_k=top_k_t,
+            top_p=top_p,
+            min_p=min_p,
+            seeds=seeds,
+            positions=positions,
+            greedy=greedy_t.bool(),
+            repetition=penalties.pop(0) if use_rep else None,
+            frequency=penalties.pop(0) if use_freq else None,
+            presence=penalties.pop(0) if use_pres else None,
             seen=seen,
             counts=counts,
-            banned=(col(banned_rows, torch.int64), col(banned_ids, torch.int64)) if banned_rows else None,
+            banned=(ban_r, ban_i) if banned_rows else None,
             all_greedy=all(greedy),
             use_top_k=any(k < vocab for k in top_k),
             use_top_p=any(p.top_p < 1.0 for p in params),
@@ -164,8 +186,7 @@ class RowsCache:
         rows = self._rows
         if rows is not None and key == self._key and not rows.history_dependent:
             if not rows.all_greedy:
-                rows = replace(rows, positions=torch.tensor([s.num_tokens for s in seqs], dtype=torch.int64,
-                                                            device=device))
+                rows = replace(rows, positions=upload([[s.num_tokens for s in seqs]], torch.int64, device)[0])
             return rows
         self._key, self._rows = key, SamplingRows.build(seqs, vocab, device, eos_token_id)
         return self._rows

@@ -23,7 +23,16 @@ from dataclasses import dataclass
 import torch
 
 from tessera.serve.model_runner import ModelRunner, StepInput
-from tessera.serve.sampler import ACCEPT, DRAFT, RESIDUAL, Sampler, SamplingRows, exponential_race, uniform
+from tessera.serve.sampler import (
+    ACCEPT,
+    DRAFT,
+    RESIDUAL,
+    Sampler,
+    SamplingRows,
+    exponential_race,
+    uniform,
+    upload,
+)
 from tessera.serve.scheduler import ScheduledSeq
 from tessera.serve.sequence import Sequence
 
@@ -126,7 +135,7 @@ class DraftProposer:
             # Greedy rows' q is one-hot: the race would pick its argmax, so skip the draws.
             picked = probs.argmax(-1) if rows_spec.all_greedy else exponential_race(probs, rows_spec.seeds,
                                                                                      rows_spec.positions, DRAFT)
-            q[active, j] = probs
+            q[upload([active], torch.int64, q.device)[0], j] = probs
             for i, t in zip(active, picked.tolist()):
                 drafts[i].append(t)
             if j:
@@ -154,9 +163,11 @@ class NgramProposer:
         k = max((s.num_lookahead for s in decodes), default=0)
         drafts = [self.lookup(s.seq.token_ids, s.num_lookahead) for s in decodes]
         q = torch.zeros(len(decodes), k, self.vocab, device=self.device)
-        for i, d in enumerate(drafts):
-            if d:
-                q[i, torch.arange(len(d)), torch.tensor(d)] = 1.0
+        if any(drafts):
+            rows, cols, ids = upload([[i for i, d in enumerate(drafts) for _ in d],
+                                      [j for d in drafts for j in range(len(d))], [t for d in drafts for t in d]],
+                                     torch.int64, self.device)
+            q[rows, cols, ids] = 1.0
         return Proposal(drafts, q)
 
 
