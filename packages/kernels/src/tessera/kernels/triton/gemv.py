@@ -21,19 +21,9 @@ import triton.language as tl
 
 from tessera.kernels.custom_ops import matmul_custom_op
 from tessera.kernels.support import FLOATS, dtype_reasons, no_grad_reasons, triton_device_reasons
-from tessera.kernels.triton import pdl
+from tessera.kernels.triton import pdl, split_k
 from tessera.kernels.triton.quant_gemv import rowwise_tiles
-from tessera.kernels.triton.split_k import (
-    MAX_M,
-    config,
-    even,
-    fits_k,
-    grid,
-    k_range,
-    keep_splittable,
-    max_split,
-    workspace,
-)
+from tessera.kernels.triton.split_k import MAX_M, config
 from tessera.kernels.triton.tuned_launch import TunedLaunch
 from tessera.kernels.triton.tuning import autotune, bucket, dot_precision, graph_bench
 from tessera.specs import KernelRegistry
@@ -56,10 +46,10 @@ _INTERPRET = config(16, 32, 2, 4, 1)
 def _prune(configs: list, named_args: dict, **kwargs: object) -> list:
     pool = _M1 if named_args["M_BUCKET"] == 1 else _MX
     mine = list(dict.fromkeys(c for c in configs if c in pool))
-    return keep_splittable(fits_k(mine, named_args["K"]), named_args["N"], named_args["K"])
+    return split_k.keep_splittable(split_k.fits_k(mine, named_args["K"]), named_args["N"], named_args["K"])
 
 
-@triton.heuristics({"EVEN": even})
+@triton.heuristics({"EVEN": split_k.even})
 @triton.jit
 def dense_gemv_kernel(X, W, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, M_BUCKET,
                       PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -69,7 +59,7 @@ def dense_gemv_kernel(X, W, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn
     BM == 1, M1_DOT takes the tl.dot path (rows padded to 16). EVEN (BN divides N, BK divides K) drops
     the bounds masks on the weight and x tiles. PDL: the launch may overlap the previous kernel (`pdl`)."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    k_start, k_end = k_range(K, tl.program_id(1), BK, SPLIT_K)
+    k_start, k_end = split_k.k_range(K, tl.program_id(1), BK, SPLIT_K)
     pdl.enter_prefetching(PDL, W, rows, rows < N, stride_wn, k_start, k_end)
     # W doubles as the unused scale pointer.
     if BM == 1 and M1_DOT:
@@ -91,14 +81,14 @@ def launch(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, kernel: object = N
     m, k = x.shape
     n = w.shape[0]
     mb = bucket(m)
-    split = max_split(_tuned, n) if kernel is None else int(meta["SPLIT_K"])
-    ws, counters = workspace(n, split, x.device)
+    split = split_k.max_split(_tuned, n) if kernel is None else int(meta["SPLIT_K"])
+    ws, counters = split_k.workspace(n, split, x.device)
     args = (x, w, y, ws, counters, m, n, k, x.stride(0), x.stride(1), w.stride(0), y.stride(0), mb)
     consts = {"PREC": dot_precision(x.dtype), "BM": 1 if m == 1 else MAX_M, **pdl.launch_options(x.device)}
     if kernel is None:
-        _launch((mb, n, k, x.dtype), grid(n), *args, **consts)
+        _launch((mb, n, k, x.dtype), split_k.grid(n), *args, **consts)
     else:
-        kernel[grid(n)](*args, **consts, **meta)
+        kernel[split_k.grid(n)](*args, **consts, **meta)
 
 
 def _dense(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
