@@ -139,7 +139,7 @@ class SamplingRows:
                     stops.add(eos_token_id)
                 banned_rows += [r] * len(stops)
                 banned_ids += sorted(stops)
-        # Two host-to-device copies for every column: the float ones, then the integer ones.
+        # Two host-to-device copies carry every column: one for the float columns, one for the integer ones.
         floats = [[1.0 if g else t for g, t in zip(greedy, temps)], [p.top_p for p in params],
                   [p.min_p for p in params]]
         floats += [[p.repetition_penalty for p in params]] if use_rep else []
