@@ -179,3 +179,16 @@ def test_split_k_kernels_compile_for_sm90(op: str, bk: int, m: int, compile_sm90
     if words and m == 1:  # one PRMT a weight, and whole 16-byte weight vectors a load
         assert "prmt.b32" in ptx and "ld.global.v4.b32" in ptx
     assert compiled.asm["cubin"]
+
+
+@pytest.mark.parametrize("m1_dot", [False, True])
+@pytest.mark.parametrize("m", [1, 16])
+def test_dense_gemv_compiles_for_sm90(m: int, m1_dot: bool, compile_sm90) -> None:
+    """The dense GEMV's split-K launch (its K range and combine come from `split_k`) through ptxas."""
+    k, n = 4096, 2048
+    ints = {"M": m, "N": n, "K": k, "stride_xm": k, "stride_xk": 1, "stride_wn": k, "stride_ym": n, "M_BUCKET": m}
+    split = split_k.config(32, 128, 4, 4, 3, m1_dot=m1_dot)
+    meta = {"PREC": "tf32", "BM": 1 if m == 1 else qg.MAX_M, "EVEN": True, **split.kwargs}
+    compiled = compile_sm90(gemv.dense_gemv_kernel, {"X": "bf16", "W": "bf16", "Y": "bf16", "WS": "fp32", "CNT": "i32"},
+                            meta, ints, split.num_warps, split.num_stages)
+    assert "atom.global.gpu.acq_rel.add" in compiled.asm["ptx"]
