@@ -1,5 +1,5 @@
 """On a GPU: CUDA-graph decode equals eager decode token for token, and target-as-own-draft accepts every
-draft token on the graph path."""
+draft token on the graph path. Anywhere: the layout of a replay's host inputs."""
 
 from __future__ import annotations
 
@@ -76,3 +76,12 @@ def test_speculative_rounds_replay_multi_token_graphs(method: str) -> None:
     if method == "draft":
         assert all(o.metrics.acceptance_rate == 1.0 for o in outs)
     torch.cuda.synchronize()
+
+
+def test_host_inputs_layout() -> None:
+    from tessera.serve.cuda_graphs import host_inputs
+
+    host, host32 = host_inputs([7, 8], [33, -1], [5, 2], [6, 3], [[4, 1], [9]], 3, 0, pin=False)
+    assert host.dtype == torch.int64 and host.tolist() == [[7, 8], [33, -1], [5, 2]]
+    assert host32.dtype == torch.int32
+    assert host32[:2].tolist() == [6, 3] and host32[2:].view(2, 3).tolist() == [[4, 1, 0], [9, 0, 0]]

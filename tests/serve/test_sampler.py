@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from tessera.serve.sampler import SAMPLE, Sampler, SamplingRows, exponential_race, uniform, upload
+from tessera.serve.sampler import SAMPLE, Sampler, SamplingRows, exponential_race, uniform
+from tessera.serve.transfer import upload
 from tessera.specs import SamplingParams
 
 from .helpers import chi2_pvalue, make_seq

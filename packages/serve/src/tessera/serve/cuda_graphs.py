@@ -91,14 +91,13 @@ class DecodeGraphs:
             ids[i * q:i * q + len(toks)] = toks
             slot_row[i * q:i * q + len(toks)] = sl
             rows += range(i * q, i * q + len(toks))
-        host = torch.tensor([ids, slot_row], dtype=torch.int64)
-        start = torch.tensor(starts, dtype=torch.int64)
-        host_tables = torch.tensor([list(t) + [self.null_block] * (width - len(t)) for t in tables], dtype=torch.int32)
+        host, host32 = host_inputs(ids, slot_row, [s + j for s in starts for j in range(q)], [s + q for s in starts],
+                                   tables, width, self.null_block)
         self.ids[0, :b * q].copy_(host[0], non_blocking=True)
         self.slots[:b * q].copy_(host[1], non_blocking=True)
-        self.pos[0, :b * q].copy_((start[:, None] + torch.arange(q)).reshape(-1), non_blocking=True)
-        self.ctx[:b].copy_((start + q).to(torch.int32), non_blocking=True)
-        self.tables[:b, :width].copy_(host_tables, non_blocking=True)
+        self.pos[0, :b * q].copy_(host[2], non_blocking=True)
+        self.ctx[:b].copy_(host32[:b], non_blocking=True)
+        self.tables[:b, :width].copy_(host32[b:].view(b, width), non_blocking=True)
         if bs > b:
             self.ids[0, b * q:bs * q] = 0
             self.pos[0, b * q:bs * q] = torch.arange(q, device=self.pos.device).repeat(bs - b)
@@ -114,13 +113,12 @@ class DecodeGraphs:
         b = len(ids)
         bs = self.sizes[bisect.bisect_left(self.sizes, b)]
         width = max(len(t) for t in tables)
-        host = torch.tensor([ids, positions, slots], dtype=torch.int64)
-        host_tables = torch.tensor([list(t) + [self.null_block] * (width - len(t)) for t in tables], dtype=torch.int32)
+        host, host32 = host_inputs(ids, slots, positions, [p + 1 for p in positions], tables, width, self.null_block)
         self.ids[0, :b].copy_(host[0], non_blocking=True)
-        self.pos[0, :b].copy_(host[1], non_blocking=True)
-        self.slots[:b].copy_(host[2], non_blocking=True)
-        self.ctx[:b].copy_((host[1] + 1).to(torch.int32), non_blocking=True)
-        self.tables[:b, :width].copy_(host_tables, non_blocking=True)
+        self.slots[:b].copy_(host[1], non_blocking=True)
+        self.pos[0, :b].copy_(host[2], non_blocking=True)
+        self.ctx[:b].copy_(host32[:b], non_blocking=True)
+        self.tables[:b, :width].copy_(host32[b:].view(b, width), non_blocking=True)
         if bs > b:
             self.ids[0, b:bs] = 0
             self.pos[0, b:bs] = 0
@@ -129,6 +127,19 @@ class DecodeGraphs:
             self.tables[b:bs, 0] = self.null_block
         self.graphs[bs].replay()
         return self.logits[:b]
+
+
+def host_inputs(ids: Sequence[int], slots: Sequence[int], positions: Sequence[int], context_lens: Sequence[int],
+                tables: Sequence[Sequence[int]], width: int, null_block: int,
+                pin: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A replay's inputs in two host tensors: int64 [3, N] (ids, slots, positions) and int32 [B + B * width]
+    (context lengths, then each block table padded to `width` with the null block). Pinned by default, so
+    that copying them into the graph's buffers is asynchronous: from pageable memory the host would stage
+    every copy itself."""
+    host = torch.tensor([list(ids), list(slots), list(positions)], dtype=torch.int64)
+    flat = [*context_lens, *(b for t in tables for b in (*t, *[null_block] * (width - len(t))))]
+    host32 = torch.tensor(flat, dtype=torch.int32)
+    return (host.pin_memory(), host32.pin_memory()) if pin else (host, host32)
 
 
 def check_capturable(run: Callable[[], object]) -> None:

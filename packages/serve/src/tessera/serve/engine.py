@@ -21,10 +21,11 @@ from tessera.serve.block_manager import BlockManager
 from tessera.serve.detokenizer import Decoder, IncrementalDetokenizer
 from tessera.serve.errors import RequestRejected
 from tessera.serve.model_runner import ModelRunner, StepInput, kv_cache_spec
-from tessera.serve.sampler import RowsCache, Sampler, SamplingRows, derive_seed, upload
+from tessera.serve.sampler import RowsCache, Sampler, SamplingRows, derive_seed
 from tessera.serve.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from tessera.serve.sequence import Sequence
 from tessera.serve.speculative import DraftProposer, NgramProposer, target_rows, verify
+from tessera.serve.transfer import upload
 from tessera.specs import (
     CompletionOutput,
     EngineConfig,

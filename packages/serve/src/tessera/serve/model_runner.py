@@ -20,6 +20,7 @@ from tessera.attn import PagedAttentionMetadata, PagedKVCache, PagedKVContext
 from tessera.model import Transformer
 from tessera.model.fusion import fuse_projections, route_decode_linears
 from tessera.serve.cuda_graphs import DecodeGraphs
+from tessera.serve.transfer import upload
 from tessera.specs import KVCacheHandle, KVCacheSpec, dtype_name
 
 log = logging.getLogger(__name__)
@@ -122,18 +123,15 @@ class ModelRunner:
             cu.append(cu[-1] + len(toks))
             ctx.append(end)
         width = max(-(-c // self.block_size) for c in ctx)
-        tables = [list(h.block_ids[:width]) + [self.null_block] * (width - min(width, len(h.block_ids)))
-                  for h in step.handles]
-        dev = self.device
-
-        def t(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
-
+        tables = [b for h in step.handles
+                  for b in (*h.block_ids[:width], *[self.null_block] * (width - min(width, len(h.block_ids))))]
+        # Two host-to-device copies in all (pinned and asynchronous on CUDA): the int64 inputs, the int32 ones.
+        ids_t, pos_t, slots_t = upload([ids, pos, slots], torch.int64, self.device)
+        ctx_t, cu_t, tables_t = upload([ctx, cu, tables], torch.int32, self.device)
         meta = PagedAttentionMetadata(
-            slot_mapping=t(slots, torch.int64), block_tables=t(tables, torch.int32), context_lens=t(ctx, torch.int32),
-            cu_seqlens_q=t(cu, torch.int32), max_seqlen_q=max(len(x) for x in step.tokens),
-            decode_only=step.decode_only)
-        return t(ids, torch.int64)[None], t(pos, torch.int64)[None], meta
+            slot_mapping=slots_t, block_tables=tables_t.view(len(step.handles), width), context_lens=ctx_t,
+            cu_seqlens_q=cu_t, max_seqlen_q=max(len(x) for x in step.tokens), decode_only=step.decode_only)
+        return ids_t[None], pos_t[None], meta
 
     @torch.inference_mode()
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:

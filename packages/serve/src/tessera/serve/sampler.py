@@ -20,24 +20,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from tessera.serve.sequence import Sequence
+from tessera.serve.transfer import upload
 
 SAMPLE, DRAFT, ACCEPT, RESIDUAL = 0, 1, 2, 3  # stream ids: independent draws for one position
 _M32 = 0xFFFFFFFF
-
-
-def upload(parts: Seq[Seq[int | float | bool]], dtype: torch.dtype, device: torch.device | str) -> list[torch.Tensor]:
-    """Host lists as 1-D tensors on `device`, one per part, through a single host-to-device copy.
-
-    On CUDA the values go through pinned memory and the copy is asynchronous. A `torch.tensor(values,
-    device="cuda")` per list would instead copy from pageable memory and wait for the stream to drain
-    each time: a dozen such waits in a speculative round serialise the host with the device."""
-    host = torch.tensor([v for part in parts for v in part], dtype=dtype)
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        host = host.pin_memory().to(dev, non_blocking=True)
-    elif dev.type != "cpu":
-        host = host.to(dev)
-    return list(host.split([len(part) for part in parts]))
 
 
 def derive_seed(seed: int, index: int) -> int:

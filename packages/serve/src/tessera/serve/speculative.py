@@ -31,10 +31,10 @@ from tessera.serve.sampler import (
     SamplingRows,
     exponential_race,
     uniform,
-    upload,
 )
 from tessera.serve.scheduler import ScheduledSeq
 from tessera.serve.sequence import Sequence
+from tessera.serve.transfer import upload
 
 
 @dataclass
