@@ -134,13 +134,13 @@ class BlockManager:
         cost = self._append_cost(handle, num_tokens)
         if cost > self.num_free_blocks:
             raise OutOfBlocks(f"seq {handle.seq_id} needs {cost} free blocks; {self.num_free_blocks} free")
-        blocks = list(handle.block_ids)
+        blocks = handle.block_ids
         copied = bool(num_tokens) and self._cow_needed(handle)
         if copied:
             src = blocks[-1]
             dst = self._take()
             self._release(src)
-            blocks[-1] = dst
+            blocks = (*blocks[:-1], dst)
             self._copies.append((src, dst))
         elif num_tokens and handle.num_tokens % self.block_size:
             # A cached block left partly filled by a truncate while shared, whose other owners have
@@ -152,8 +152,7 @@ class BlockManager:
             # Most decode steps: the same blocks hold one more token. Copying the validated handle with
             # the new count (it fits: no block to add) costs a third of validating a new one.
             return self._remember(handle.model_copy(update={"num_tokens": new_total}))
-        blocks += [self._take() for _ in range(grow)]
-        return self._make(handle.seq_id, tuple(blocks), new_total)
+        return self._make(handle.seq_id, (*blocks, *(self._take() for _ in range(grow))), new_total)
 
     def fork(self, handle: KVCacheHandle, new_seq_id: int) -> KVCacheHandle:
         """A new sequence sharing every block of `handle` (reference counts go up; no copy yet)."""

@@ -136,10 +136,9 @@ def host_inputs(ids: Sequence[int], slots: Sequence[int], positions: Sequence[in
     (context lengths, then each block table padded to `width` with the null block). Pinned by default, so
     that copying them into the graph's buffers is asynchronous: from pageable memory the host would stage
     every copy itself."""
-    host = torch.tensor([list(ids), list(slots), list(positions)], dtype=torch.int64)
+    host = torch.tensor([list(ids), list(slots), list(positions)], dtype=torch.int64, pin_memory=pin)
     flat = [*context_lens, *(b for t in tables for b in (*t, *[null_block] * (width - len(t))))]
-    host32 = torch.tensor(flat, dtype=torch.int32)
-    return (host.pin_memory(), host32.pin_memory()) if pin else (host, host32)
+    return host, torch.tensor(flat, dtype=torch.int32, pin_memory=pin)
 
 
 def check_capturable(run: Callable[[], object]) -> None:

@@ -14,10 +14,8 @@ def upload(parts: Sequence[Sequence[int | float | bool]], dtype: torch.dtype,
     On CUDA the values go through pinned memory and the copy is asynchronous. A `torch.tensor(values,
     device="cuda")` per list would instead copy from pageable memory and wait for the stream to drain
     each time: a dozen such waits in a speculative round serialise the host with the device."""
-    host = torch.tensor([v for part in parts for v in part], dtype=dtype)
     dev = torch.device(device)
-    if dev.type == "cuda":
-        host = host.pin_memory().to(dev, non_blocking=True)
-    elif dev.type != "cpu":
-        host = host.to(dev)
+    host = torch.tensor([v for part in parts for v in part], dtype=dtype, pin_memory=dev.type == "cuda")
+    if dev.type != "cpu":
+        host = host.to(dev, non_blocking=dev.type == "cuda")
     return list(host.split([len(part) for part in parts]))

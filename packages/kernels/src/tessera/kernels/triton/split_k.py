@@ -38,6 +38,7 @@ def config(bn: int, bk: int, split: int, warps: int, stages: int, m1_dot: bool =
     kw |= {"WORDS": True} if words else {}
     return triton.Config(kw, num_warps=warps, num_stages=stages)
 
+
 def split_ok(c: triton.Config, n: int, k: int) -> bool:
     """Whether `c` may split this shape: N small enough for the workspace, two tiles per split at least."""
     split, bk = c.kwargs["SPLIT_K"], c.kwargs["BK"]
@@ -58,6 +59,7 @@ def keep_splittable(configs: list[triton.Config], n: int, k: int) -> list[triton
     c = configs[0]
     return [config(c.kwargs["BN"], c.kwargs["BK"], 1, c.num_warps, c.num_stages)]
 
+
 @triton.jit
 def k_range(K, pid_k, BK: tl.constexpr, SPLIT_K: tl.constexpr):
     """[start, end) of this split's K range: whole BK tiles, so tile starts stay multiples of BK."""
@@ -70,9 +72,10 @@ def even(args: dict) -> bool:
     """Heuristic EVEN: N and K are whole tiles, so the kernels load without masks."""
     return args["N"] % args["BN"] == 0 and args["K"] % args["BK"] == 0
 
+
 @triton.jit
 def combine_and_store(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, BM: tl.constexpr, BN: tl.constexpr,
-                       SPLIT_K: tl.constexpr):
+                      SPLIT_K: tl.constexpr):
     """Store acc [BM, BN] (float32) to Y; with SPLIT_K > 1 the last program of this N tile stores the
     sum of all SPLIT_K partials, in split order."""
     offs_m = tl.arange(0, BM)
