@@ -18,10 +18,14 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def _normed(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rms_norm's math without its final rounding."""
     xf = _wide(x)
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * _wide(weight)).to(x.dtype)
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * _wide(weight)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return _normed(x, weight, eps).to(x.dtype)
 
 
 def rms_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -49,7 +53,9 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 
 def rope_qk_norm(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_weight: torch.Tensor,
                  k_weight: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    return rope(rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps), cos, sin)
+    """rms_norm then rope, in float32 throughout and rounded once at the end (not between the two)."""
+    return (_rotate(_normed(q, q_weight, eps), cos, sin).to(q.dtype),
+            _rotate(_normed(k, k_weight, eps), cos, sin).to(k.dtype))
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal_offset: int | None,

@@ -238,7 +238,8 @@ CATALOGUE: tuple[KernelSpec, ...] = (
         results=(_t("q_rot", "N", "Hq", "D", dtypes=_FLOAT), _t("k_rot", "N", "Hkv", "D", dtypes=_FLOAT)),
         tolerances=_TOL_ROPE),
     KernelSpec(
-        name="rope_qk_norm", description="Per-head RMSNorm of q and k over D (Qwen3's QK-norm), then rope. "
+        name="rope_qk_norm", description="Per-head RMSNorm of q and k over D (Qwen3's QK-norm), then rope, in float32 "
+        "and rounded once (the normed values are not rounded before the rotation). "
         "rope_qk_norm(q, k, cos, sin, q_weight, k_weight, eps) -> (q_rot, k_rot)",
         args=(_t("q", "N", "Hq", "D", dtypes=_FLOAT), _t("k", "N", "Hkv", "D", dtypes=_FLOAT),
               _t("cos", "N", "D", dtypes=_FLOAT), _t("sin", "N", "D", dtypes=_FLOAT),

@@ -47,9 +47,10 @@ def _rotate_heads(X, W, O, row, h0, sx_n, sx_h, sx_d, so_n, so_h, H, c1, c2, s1,
         w1 = tl.load(W + d, mask=dmask, other=0.0).to(tl.float32)
         w2 = tl.load(W + HALF + d, mask=dmask, other=0.0).to(tl.float32)
         rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)
-        # Rounded to the input dtype, as the unfused rms_norm hands its output to rope.
-        x1 = (x1 * rstd[:, None] * w1[None, :]).to(X.dtype.element_ty).to(tl.float32)
-        x2 = (x2 * rstd[:, None] * w2[None, :]).to(X.dtype.element_ty).to(tl.float32)
+        # Kept in float32 for the rotation: rounding here too would let a one-ulp difference in the
+        # normed value (a tie broken differently) reach the output multiplied by the tables.
+        x1 = x1 * rstd[:, None] * w1[None, :]
+        x2 = x2 * rstd[:, None] * w2[None, :]
     out = O + row * so_n + h[:, None] * so_h + d[None, :]
     tl.store(out, (x1 * c1[None, :] - x2 * s1[None, :]).to(O.dtype.element_ty), mask=mask)
     tl.store(out + HALF, (x2 * c2[None, :] + x1 * s2[None, :]).to(O.dtype.element_ty), mask=mask)
