@@ -192,3 +192,13 @@ def test_dense_gemv_compiles_for_sm90(m: int, m1_dot: bool, compile_sm90) -> Non
     compiled = compile_sm90(gemv.dense_gemv_kernel, {"X": "bf16", "W": "bf16", "Y": "bf16", "WS": "fp32", "CNT": "i32"},
                             meta, ints, split.num_warps, split.num_stages)
     assert "atom.global.gpu.acq_rel.add" in compiled.asm["ptx"]
+
+
+@pytest.mark.parametrize(("m1_dot", "words"), [(False, False), (True, False), (False, True)])
+def test_unsplit_fallback_keeps_the_configs_path(m1_dot: bool, words: bool) -> None:
+    """When no candidate may split a short K, the one kept unsplit still selects the kernel path it named."""
+    only = split_k.config(16, 256, 8, 4, 2, m1_dot=m1_dot, words=words)
+    kept = split_k.keep_splittable([only], 512, 256)
+    assert [c.kwargs for c in kept] == [{"BN": 16, "BK": 256, "SPLIT_K": 1} | ({"M1_DOT": True} if m1_dot else {})
+                                        | ({"WORDS": True} if words else {})]
+    assert (kept[0].num_warps, kept[0].num_stages) == (4, 2)

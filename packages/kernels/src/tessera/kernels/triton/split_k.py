@@ -52,12 +52,13 @@ def fits_k(configs: list[triton.Config], k: int) -> list[triton.Config]:
 
 
 def keep_splittable(configs: list[triton.Config], n: int, k: int) -> list[triton.Config]:
-    """The configs that may split this shape, or the first one unsplit if none may."""
+    """The configs that may split this shape, or the first one unsplit (its path flags kept) if none may."""
     kept = [c for c in configs if split_ok(c, n, k)]
     if kept:
         return kept
     c = configs[0]
-    return [config(c.kwargs["BN"], c.kwargs["BK"], 1, c.num_warps, c.num_stages)]
+    return [config(c.kwargs["BN"], c.kwargs["BK"], 1, c.num_warps, c.num_stages, c.kwargs.get("M1_DOT", False),
+                   c.kwargs.get("WORDS", False))]
 
 
 @triton.jit
