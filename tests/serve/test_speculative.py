@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tessera.serve.sampler import ACCEPT, RESIDUAL, exponential_race, uniform
-from tessera.serve.speculative import NgramProposer, verify
+from tessera.serve.speculative import NgramProposer, greedy_verdicts, verify
 from tessera.specs import SamplingParams, SpeculativeConfig
 
 from .conftest import engine, run
@@ -93,11 +93,57 @@ def test_greedy_fast_path_equals_the_general_rule() -> None:
         assert general[0][row, :n + 1].tolist() == fast[0][row, :n + 1].tolist()
 
 
+def test_host_greedy_verdicts_equal_the_general_rule() -> None:
+    """The engine's greedy rounds compare token ids on the host (`greedy_verdicts`); they must emit what
+    `verify` emits on the one-hot distributions, with draft lists of every length from 0 to k."""
+    gen = torch.Generator().manual_seed(4)
+    b, k = 64, 4
+    target = torch.randint(0, V, (b, k + 1), generator=gen)
+    other = torch.randint(0, V, (b, k), generator=gen)
+    draft = torch.where(torch.rand(b, k, generator=gen) < 0.7, target[:, :k], other)
+    num_draft = torch.randint(0, k + 1, (b,), generator=gen)
+    p, q = torch.nn.functional.one_hot(target, V).float(), torch.nn.functional.one_hot(draft, V).float()
+    tokens, accepted = verify(p, q, draft, num_draft, torch.randint(0, 2**31, (b,), generator=gen),
+                              torch.randint(0, 500, (b,), generator=gen))
+    drafts = [draft[i, :n].tolist() for i, n in enumerate(num_draft.tolist())]
+    rows = [t for i, n in enumerate(num_draft.tolist()) for t in target[i, :n + 1].tolist()]  # k_i + 1 rows each
+    emitted, got = greedy_verdicts(rows, drafts)
+    assert got == accepted.tolist() and len(set(got)) > 2
+    assert emitted == [tokens[i, :n + 1].tolist() for i, n in enumerate(got)]
+
+
 def test_ngram_lookup() -> None:
     prop = NgramProposer(V, 1, 3, torch.device("cpu"))
     assert prop.lookup([1, 2, 3, 9, 1, 2, 3], 3) == [9, 1, 2]  # the 3-gram match wins
     assert prop.lookup([5, 1, 7, 4, 2, 8, 1], 2) == [7, 4]  # falls back to the latest 1-gram
     assert prop.lookup([1, 2, 3], 2) == []
+
+
+def _naive_lookup(tokens: list[int], k: int, n_min: int, n_max: int) -> list[int]:
+    for n in range(min(n_max, len(tokens) - 1), n_min - 1, -1):
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start:start + n] == tokens[len(tokens) - n:]:
+                return tokens[start + n:start + n + k]
+    return []
+
+
+def test_ngram_lookup_equals_a_plain_scan() -> None:
+    """The byte search finds what a token-by-token scan finds: small alphabets (many matches), ids whose
+    bytes repeat across token boundaries (256 = 00 01 00 00, 1 = 01 00 00 00), large ids, short contexts."""
+    gen = torch.Generator().manual_seed(5)
+    alphabets = [[0, 1, 2], [1, 256, 65536, 16777216, 257], [0, 151935, 2**31 - 1, 7], list(range(40))]
+    cases = 0
+    for alphabet in alphabets:
+        for _ in range(300):
+            size = int(torch.randint(1, 60, (1,), generator=gen))
+            tokens = [alphabet[i] for i in torch.randint(0, len(alphabet), (size,), generator=gen).tolist()]
+            n_min = int(torch.randint(1, 3, (1,), generator=gen))
+            n_max = n_min + int(torch.randint(0, 4, (1,), generator=gen))
+            k = int(torch.randint(0, 6, (1,), generator=gen))
+            want = _naive_lookup(tokens, k, n_min, n_max)
+            assert NgramProposer(V, n_min, n_max, torch.device("cpu")).lookup(tokens, k) == want, (tokens, k)
+            cases += bool(want)
+    assert cases > 500  # most cases found a match to compare
 
 
 def test_target_as_own_draft_accepts_everything(model) -> None:

@@ -24,7 +24,7 @@ from tessera.serve.model_runner import ModelRunner, StepInput, kv_cache_spec
 from tessera.serve.sampler import RowsCache, Sampler, SamplingRows, derive_seed
 from tessera.serve.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from tessera.serve.sequence import Sequence
-from tessera.serve.speculative import DraftProposer, NgramProposer, target_rows, verify
+from tessera.serve.speculative import DraftProposer, NgramProposer, greedy_verdicts, target_rows, verify
 from tessera.serve.transfer import upload
 from tessera.specs import (
     CompletionOutput,
@@ -314,29 +314,22 @@ class LLMEngine:
                 self._append(seq, tok, lps[i] if lps else None)
         return touched + sampled
 
-    def _verify(self, decodes: list[ScheduledSeq], drafts: list[list[int]], q: torch.Tensor,
+    def _verify(self, decodes: list[ScheduledSeq], drafts: list[list[int]], q: torch.Tensor | None,
                 logits: torch.Tensor) -> list[Sequence]:
-        k = q.shape[1]
         row_seqs, extra = target_rows(decodes, drafts)
         rows = SamplingRows.build(row_seqs, self.vocab_size, self.device, self.eos_token_id, extra)
-        flat_p = self.sampler.probs(logits, rows)
-        b = len(decodes)
-        p = torch.zeros(b, k + 1, self.vocab_size, device=self.device)
-        index = [(i, j) for i, d in enumerate(drafts) for j in range(len(d) + 1)]
-        bi, bj, draft_t, num_draft, seeds, first = upload(
-            [[i for i, _ in index], [j for _, j in index], [t for d in drafts for t in (*d, *[0] * (k - len(d)))],
-             [len(d) for d in drafts], [s.seq.seed for s in decodes], [s.seq.num_tokens for s in decodes]],
-            torch.int64, self.device)
-        p[bi, bj] = flat_p
-        emitted, accepted = verify(p, q, draft_t.view(b, k), num_draft, seeds, first, greedy=rows.all_greedy)
-        both = torch.cat([emitted.reshape(-1), accepted]).tolist()  # one device-to-host wait, not two
-        emitted_l = [both[i * (k + 1):(i + 1) * (k + 1)] for i in range(b)]
-        accepted_l = both[b * (k + 1):]
-        want_lp = rows.num_logprobs is not None
+        if rows.all_greedy:
+            # Greedy: the target's argmax at every row, compared with the drafts on the host. One kernel
+            # and one wait, where building [B, k + 1, V] distributions for the rejection rule takes ~20.
+            row_tokens = self.sampler.process(logits, rows).argmax(-1)
+            emitted_l, accepted_l = greedy_verdicts(row_tokens.tolist(), drafts)
+        else:
+            assert q is not None, "a sampled round needs the draft distributions"
+            row_tokens, emitted_l, accepted_l = self._rejection_verdicts(decodes, drafts, q, logits, rows)
         lp_rows = None
-        if want_lp:
-            flat_tokens = emitted[bi, bj]
-            lp_rows = self._logprob_lists(Sampler.with_logprobs(logits, flat_tokens, rows.num_logprobs))
+        if rows.num_logprobs is not None:
+            # Row j of a sequence emitted row_tokens[j] whenever j <= its accepted count (the rows read below).
+            lp_rows = self._logprob_lists(Sampler.with_logprobs(logits, row_tokens, rows.num_logprobs))
         offsets = [0]
         for d in drafts:
             offsets.append(offsets[-1] + len(d) + 1)
@@ -354,6 +347,24 @@ class LLMEngine:
                 seq.num_draft_computed = min(seq.num_draft_computed, base + a)
                 seq.handle = self.bm.truncate(seq.handle, base + a)
         return [s.seq for s in decodes]
+
+    def _rejection_verdicts(self, decodes: list[ScheduledSeq], drafts: list[list[int]], q: torch.Tensor,
+                            logits: torch.Tensor,
+                            rows: SamplingRows) -> tuple[torch.Tensor, list[list[int]], list[int]]:
+        """`verify` over the batch: (the token each verification row emits [rows], emitted, accepted)."""
+        k = q.shape[1]
+        flat_p = self.sampler.probs(logits, rows)
+        b = len(decodes)
+        p = torch.zeros(b, k + 1, self.vocab_size, device=self.device)
+        index = [(i, j) for i, d in enumerate(drafts) for j in range(len(d) + 1)]
+        bi, bj, draft_t, num_draft, seeds, first = upload(
+            [[i for i, _ in index], [j for _, j in index], [t for d in drafts for t in (*d, *[0] * (k - len(d)))],
+             [len(d) for d in drafts], [s.seq.seed for s in decodes], [s.seq.num_tokens for s in decodes]],
+            torch.int64, self.device)
+        p[bi, bj] = flat_p
+        emitted, accepted = verify(p, q, draft_t.view(b, k), num_draft, seeds, first)
+        both = torch.cat([emitted.reshape(-1), accepted]).tolist()  # one device-to-host wait, not two
+        return emitted[bi, bj], [both[i * (k + 1):(i + 1) * (k + 1)] for i in range(b)], both[b * (k + 1):]
 
     @staticmethod
     def _logprob_lists(result) -> list[tuple[float, dict[int, float]]] | None:

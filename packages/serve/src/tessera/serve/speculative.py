@@ -17,6 +17,7 @@ Proposers:
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -36,14 +37,41 @@ from tessera.serve.scheduler import ScheduledSeq
 from tessera.serve.sequence import Sequence
 from tessera.serve.transfer import upload
 
+#: Token ids as 4-byte machine integers for the n-gram search (ids are below 2**31).
+_ID_CODE = "i"
+_ID_BYTES = array(_ID_CODE).itemsize
+
 
 @dataclass
 class Proposal:
     """`tokens[i]`: up to k draft tokens for decode sequence i; `q [B, k, V]` their draft
-    distributions (rows past len(tokens[i]) are unused)."""
+    distributions (rows past len(tokens[i]) are unused), or None when every sequence is greedy: greedy
+    verification compares tokens and needs no distribution."""
 
     tokens: list[list[int]]
-    q: torch.Tensor
+    q: torch.Tensor | None
+
+
+def all_greedy(decodes: Seq[ScheduledSeq]) -> bool:
+    """Whether every sequence decodes at temperature 0 (the test `SamplingRows.all_greedy` makes)."""
+    return all(s.seq.sampling.temperature == 0.0 for s in decodes)
+
+
+def greedy_verdicts(targets: Seq[int], drafts: Seq[Seq[int]]) -> tuple[list[list[int]], list[int]]:
+    """Greedy verification on the host. `targets`: the target's argmax at each verification row, sequence
+    by sequence (len(drafts[i]) + 1 rows each). Sequence i accepts its drafts while they equal the
+    target's argmax, then emits the argmax at the first mismatch (or past the last draft): the rule
+    `verify(greedy=True)` applies to one-hot distributions, on token ids. Returns (emitted, accepted):
+    emitted[i] holds accepted[i] + 1 tokens."""
+    emitted, accepted, row = [], [], 0
+    for d in drafts:
+        a = 0
+        while a < len(d) and d[a] == targets[row + a]:
+            a += 1
+        emitted.append([*d[:a], targets[row + a]])
+        accepted.append(a)
+        row += len(d) + 1
+    return emitted, accepted
 
 
 def verify(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, num_draft: torch.Tensor, seeds: torch.Tensor,
@@ -117,7 +145,8 @@ class DraftProposer:
         for s in prefills:
             s.seq.num_draft_computed = s.seq.num_computed + s.num_new_tokens
         drafts: list[list[int]] = [[] for _ in decodes]
-        q = torch.zeros(len(decodes), k, vocab, device=self.runner.device)
+        greedy = all_greedy(decodes)
+        q = None if greedy else torch.zeros(len(decodes), k, vocab, device=self.runner.device)
         active = list(range(len(decodes)))
         for j in range(k):
             active = [i for i in active if decodes[i].num_lookahead > j]
@@ -131,11 +160,12 @@ class DraftProposer:
                 logits = logits[active]
             rows_spec = SamplingRows.build([seqs[i] for i in active], vocab, self.runner.device, self.eos,
                                            extra=[drafts[i] for i in active])
-            probs = self.sampler.probs(logits, rows_spec)
-            # Greedy rows' q is one-hot: the race would pick its argmax, so skip the draws.
-            picked = probs.argmax(-1) if rows_spec.all_greedy else exponential_race(probs, rows_spec.seeds,
-                                                                                     rows_spec.positions, DRAFT)
-            q[upload([active], torch.int64, q.device)[0], j] = probs
+            if greedy:  # the argmax of the processed logits; no distribution is kept
+                picked = self.sampler.process(logits, rows_spec).argmax(-1)
+            else:
+                probs = self.sampler.probs(logits, rows_spec)
+                picked = exponential_race(probs, rows_spec.seeds, rows_spec.positions, DRAFT)
+                q[upload([active], torch.int64, q.device)[0], j] = probs
             for i, t in zip(active, picked.tolist()):
                 drafts[i].append(t)
             if j:
@@ -151,17 +181,31 @@ class NgramProposer:
         self.device = device
 
     def lookup(self, tokens: Seq[int], k: int) -> list[int]:
-        """Up to k tokens following the latest earlier match of the last n tokens, longest n first."""
-        for n in range(min(self.n_max, len(tokens) - 1), self.n_min - 1, -1):
-            tail = list(tokens[-n:])
-            for start in range(len(tokens) - n - 1, -1, -1):
-                if list(tokens[start:start + n]) == tail:
-                    return list(tokens[start + n:start + n + k])
+        """Up to k tokens following the latest earlier match of the last n tokens, longest n first.
+
+        The search runs in C: the ids as int32 bytes and `bytes.rfind`, a hit counting only where it
+        starts on a token boundary. A Python scan costs O(length x n) interpreter steps a sequence and
+        round, milliseconds for a long context without a match."""
+        size = len(tokens)
+        if k <= 0 or size < 2:
+            return []
+        width = _ID_BYTES
+        buf = array(_ID_CODE, tokens).tobytes()
+        for n in range(min(self.n_max, size - 1), self.n_min - 1, -1):
+            tail = buf[(size - n) * width:]
+            end = (size - 1) * width  # a match lies in buf[:end]: it starts at token size - n - 1 or before
+            while (at := buf.rfind(tail, 0, end)) >= 0:
+                if at % width == 0:
+                    start = at // width + n
+                    return list(tokens[start:start + k])
+                end = at + len(tail) - 1  # straddles two tokens: look for one starting before it
         return []
 
     def propose(self, decodes: Seq[ScheduledSeq], prefills: Seq[ScheduledSeq]) -> Proposal:
         k = max((s.num_lookahead for s in decodes), default=0)
         drafts = [self.lookup(s.seq.token_ids, s.num_lookahead) for s in decodes]
+        if all_greedy(decodes):
+            return Proposal(drafts, None)
         q = torch.zeros(len(decodes), k, self.vocab, device=self.device)
         if any(drafts):
             rows, cols, ids = upload([[i for i, d in enumerate(drafts) for _ in d],
