@@ -110,16 +110,18 @@ class SamplingRows:
         use_rep = any(p.repetition_penalty != 1.0 for p in params)
         use_freq = any(p.frequency_penalty != 0.0 for p in params)
         use_pres = any(p.presence_penalty != 0.0 for p in params)
-        histories = [[*s.token_ids, *x] for s, x in zip(seqs, extra)]
+        lengths = [len(s.token_ids) + len(x) for s, x in zip(seqs, extra)]
         seen = counts = None
-        if use_rep:
-            seen = _scatter_rows(histories, vocab, device, torch.bool)
-        if use_freq or use_pres:
-            outs = [h[s.num_prompt_tokens:] for s, h in zip(seqs, histories)]
-            counts = _scatter_rows(outs, vocab, device, torch.float32)
+        if use_rep or use_freq or use_pres:  # only penalties read the histories themselves
+            histories = [[*s.token_ids, *x] for s, x in zip(seqs, extra)]
+            if use_rep:
+                seen = _scatter_rows(histories, vocab, device, torch.bool)
+            if use_freq or use_pres:
+                outs = [h[s.num_prompt_tokens:] for s, h in zip(seqs, histories)]
+                counts = _scatter_rows(outs, vocab, device, torch.float32)
         banned_rows, banned_ids = [], []
-        for r, (s, h) in enumerate(zip(seqs, histories)):
-            if len(h) - s.num_prompt_tokens < s.sampling.min_tokens:
+        for r, (s, length) in enumerate(zip(seqs, lengths)):
+            if length - s.num_prompt_tokens < s.sampling.min_tokens:
                 stops = set(s.sampling.stop_token_ids)
                 if eos_token_id is not None and not s.sampling.ignore_eos:
                     stops.add(eos_token_id)
@@ -133,7 +135,7 @@ class SamplingRows:
         floats += [[p.presence_penalty for p in params]] if use_pres else []
         temperature, top_p, min_p, *penalties = upload(floats, torch.float32, device)
         top_k_t, seeds, positions, greedy_t, ban_r, ban_i = upload(
-            [top_k, [s.seed for s in seqs], [len(h) for h in histories], greedy, banned_rows, banned_ids],
+            [top_k, [s.seed for s in seqs], lengths, greedy, banned_rows, banned_ids],
             torch.int64, device)
         return cls(
             temperature=temperature,
