@@ -148,6 +148,7 @@ class DraftProposer:
         greedy = all_greedy(decodes)
         q = None if greedy else torch.zeros(len(decodes), k, vocab, device=self.runner.device)
         active = list(range(len(decodes)))
+        rows_spec, rows_n = None, 0
         for j in range(k):
             active = [i for i in active if decodes[i].num_lookahead > j]
             if not active:
@@ -158,8 +159,12 @@ class DraftProposer:
                     [seqs[i].num_tokens + j - 1 for i in active], list(range(len(active)))))
             elif len(active) < len(decodes):
                 logits = logits[active]
-            rows_spec = SamplingRows.build([seqs[i] for i in active], vocab, self.runner.device, self.eos,
-                                           extra=[drafts[i] for i in active])
+            # Greedy rows without penalties or bans read nothing from the history: the first step's
+            # rows serve the round while the active set stays the same.
+            if not (greedy and j and len(active) == rows_n and not rows_spec.history_dependent):
+                rows_spec = SamplingRows.build([seqs[i] for i in active], vocab, self.runner.device, self.eos,
+                                               extra=[drafts[i] for i in active])
+                rows_n = len(active)
             if greedy:  # the argmax of the processed logits; no distribution is kept
                 picked = self.sampler.process(logits, rows_spec).argmax(-1)
             else:
