@@ -5,6 +5,7 @@ the host also waits on copies and syncs that a CPU run does not have.
 
 The stub's logits put all mass on a successor in a 64-token cycle, and every prompt is that cycle, so
 n-gram lookup drafts are always right (acceptance 1.0): a round's host time without rejected drafts.
+The draft mode uses the target as its own draft (the stub serves both), also accepting everything.
 Each configuration runs `--repeats` times and reports the fastest step time (this shares a 2-core VM).
 
     python3 benchmarks/probe_engine_host.py                       # CPU, about a minute
@@ -47,9 +48,11 @@ def stub_forward(vocab: int):
 
 
 def measure(model: Transformer, mode: str, batch: int, final_only: bool, tokens: int, repeats: int) -> dict | None:
-    spec = SpeculativeConfig(method="ngram", num_speculative_tokens=4) if mode == "ngram" else None
+    spec = {"ngram": SpeculativeConfig(method="ngram", num_speculative_tokens=4),
+            "draft": SpeculativeConfig(method="draft", draft_model="self", num_speculative_tokens=4)}.get(mode)
     engine = LLMEngine(model, None, EngineConfig(max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=16384,
-                                                 kv_cache_bytes=2**29, speculative=spec))
+                                                 kv_cache_bytes=2**29, speculative=spec),
+                       draft_model=model if mode == "draft" else None)
     if final_only and "final_only" not in inspect.signature(engine.add_request).parameters:
         return None  # an engine from before final_only
     extra = {"final_only": True} if final_only else {}
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     model_runner.ModelRunner.forward = stub_forward(cfg.vocab_size)
     rows = []
     for batch in args.batch:
-        for mode, final_only in (("plain", False), ("plain", True), ("ngram", False)):
+        for mode, final_only in (("plain", False), ("plain", True), ("ngram", False), ("draft", False)):
             row = measure(model, mode, batch, final_only, args.tokens, args.repeats)
             if row is not None:
                 rows.append(row)
