@@ -76,7 +76,8 @@ class BlockManager:
         return self.blocks_for(num_tokens) <= self.num_free_blocks
 
     def can_append(self, handle: KVCacheHandle, num_tokens: int) -> bool:
-        return self._append_cost(handle, num_tokens) <= self.num_free_blocks
+        grow, copied = self._append_needs(handle, num_tokens)
+        return grow + copied <= self.num_free_blocks
 
     def cached_prefix_tokens(self, token_ids: Sequence[int], num_tokens: int | None = None) -> int:
         """Leading tokens of `token_ids[:num_tokens]` that `allocate_prefix` would serve from the cache."""
@@ -131,11 +132,11 @@ class BlockManager:
         self._check_live(handle)
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
-        cost = self._append_cost(handle, num_tokens)
-        if cost > self.num_free_blocks:
-            raise OutOfBlocks(f"seq {handle.seq_id} needs {cost} free blocks; {self.num_free_blocks} free")
         blocks = handle.block_ids
-        copied = bool(num_tokens) and self._cow_needed(handle)
+        new_total = handle.num_tokens + num_tokens
+        grow, copied = self._append_needs(handle, num_tokens)
+        if grow + copied > self.num_free_blocks:
+            raise OutOfBlocks(f"seq {handle.seq_id} needs {grow + copied} free blocks; {self.num_free_blocks} free")
         if copied:
             src = blocks[-1]
             dst = self._take()
@@ -146,8 +147,6 @@ class BlockManager:
             # A cached block left partly filled by a truncate while shared, whose other owners have
             # since gone: it is ours alone now and its tail is about to be overwritten.
             self._uncache(blocks[-1])
-        new_total = handle.num_tokens + num_tokens
-        grow = self.blocks_for(new_total) - len(blocks)
         if not grow and not copied:
             # Most decode steps: the same blocks hold one more token. Copying the validated handle with
             # the new count (it fits: no block to add) costs a third of validating a new one.
@@ -287,9 +286,10 @@ class BlockManager:
     def _cow_needed(self, handle: KVCacheHandle) -> bool:
         return handle.num_tokens % self.block_size != 0 and self._ref[handle.block_ids[-1]] > 1
 
-    def _append_cost(self, handle: KVCacheHandle, num_tokens: int) -> int:
+    def _append_needs(self, handle: KVCacheHandle, num_tokens: int) -> tuple[int, bool]:
+        """(blocks to add, whether the last block must be copied first) for appending `num_tokens`."""
         grow = self.blocks_for(handle.num_tokens + num_tokens) - len(handle.block_ids)
-        return grow + (1 if num_tokens and self._cow_needed(handle) else 0)
+        return grow, bool(num_tokens) and self._cow_needed(handle)
 
     def _take(self) -> int:
         if self._free:

@@ -182,7 +182,8 @@ class RowsCache:
 
 def _scatter_rows(rows: list[list[int]], vocab: int, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
     width = max(1, max(len(r) for r in rows))
-    ids = torch.tensor([r + [vocab] * (width - len(r)) for r in rows], dtype=torch.int64, device=device)
+    ids = upload([[t for r in rows for t in (*r, *[vocab] * (width - len(r)))]], torch.int64, device)[0]
+    ids = ids.view(len(rows), width)
     out = torch.zeros(len(rows), vocab + 1, dtype=torch.float32, device=device)
     out.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
     out = out[:, :vocab]

@@ -61,7 +61,7 @@ def greedy_verdicts(targets: Seq[int], drafts: Seq[Seq[int]]) -> tuple[list[list
     """Greedy verification on the host. `targets`: the target's argmax at each verification row, sequence
     by sequence (len(drafts[i]) + 1 rows each). Sequence i accepts its drafts while they equal the
     target's argmax, then emits the argmax at the first mismatch (or past the last draft): the rule
-    `verify(greedy=True)` applies to one-hot distributions, on token ids. Returns (emitted, accepted):
+    `verify` applies to one-hot distributions, on token ids. Returns (emitted, accepted):
     emitted[i] holds accepted[i] + 1 tokens."""
     emitted, accepted, row = [], [], 0
     for d in drafts:
@@ -75,7 +75,7 @@ def greedy_verdicts(targets: Seq[int], drafts: Seq[Seq[int]]) -> tuple[list[list
 
 
 def verify(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, num_draft: torch.Tensor, seeds: torch.Tensor,
-           positions: torch.Tensor, greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+           positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rejection sampling for B sequences at once.
 
     p [B, K+1, V]: target distributions at the K draft positions and one past them; q [B, K, V]:
@@ -83,29 +83,24 @@ def verify(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, num_draft: tor
     position of the first draft token (keys the random draws). Returns (tokens [B, K+1], num_accepted [B]):
     sequence b emits tokens[b, :num_accepted[b] + 1].
 
-    `greedy` (every row's p and q one-hot, q at the draft token) takes the same rule without its random
-    draws, which are decided there: u * q(d) <= p(d) with u in (0, 1) holds iff p(d) = 1, and the residual
-    max(0, p - q) is one-hot at p's argmax. Same tokens, a handful of kernels instead of the hash draws.
+    Greedy rounds (p and q one-hot, q at the draft token) need none of this: u * q(d) <= p(d) with u in
+    (0, 1) holds iff p(d) = 1, and the residual max(0, p - q) is one-hot at p's argmax, so the rule is
+    `greedy_verdicts` on token ids.
     """
     b, k = draft.shape
     steps = torch.arange(k, device=p.device)
     pos = positions[:, None] + steps[None, :]
     if k:
         p_d = p[:, :k].gather(-1, draft[..., None])[..., 0]
-        if greedy:
-            ok = (p_d > 0) & (steps[None, :] < num_draft[:, None])
-        else:
-            u = uniform(seeds.repeat_interleave(k), pos.reshape(-1), ACCEPT).view(b, k)
-            q_d = q.gather(-1, draft[..., None])[..., 0]
-            ok = (u * q_d <= p_d) & (steps[None, :] < num_draft[:, None])
+        u = uniform(seeds.repeat_interleave(k), pos.reshape(-1), ACCEPT).view(b, k)
+        q_d = q.gather(-1, draft[..., None])[..., 0]
+        ok = (u * q_d <= p_d) & (steps[None, :] < num_draft[:, None])
         accepted = ok.int().cumprod(-1).sum(-1)
     else:
         accepted = torch.zeros(b, dtype=torch.int64, device=p.device)
     rows = torch.arange(b, device=p.device)
     p_next = p[rows, accepted]
-    if greedy:
-        last = p_next.argmax(-1)
-    elif k:
+    if k:
         q_next = q[rows, accepted.clamp(max=k - 1)] * (accepted < num_draft).float()[:, None]
         residual = (p_next - q_next).clamp(min=0)
         mass = residual.sum(-1, keepdim=True)

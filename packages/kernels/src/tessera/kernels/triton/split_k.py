@@ -99,6 +99,7 @@ def combine_and_store(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, BM: tl.con
         tl.store(y_ptrs, total.to(Y.dtype.element_ty), mask=mask & last)
         tl.atomic_xchg(CNT + pid_n, 0, mask=last, sem="relaxed", scope="gpu")
 
+
 #: Counter sets a device keeps zeroed for streams that capture CUDA graphs (see `stream_counters`).
 CAPTURE_SETS = 8
 
