@@ -30,3 +30,16 @@ def make_seq(prompt: list[int], sampling: SamplingParams | None = None, seed: in
     return Sequence(seq_id=sid, request_id=f"r{sid}", prompt_token_ids=list(prompt),
                     sampling=sampling or SamplingParams(), seed=derive_seed(seed, 0), max_model_len=max_model_len,
                     **kw)
+
+
+def counting(obj, name: str) -> list[int]:
+    """Wrap obj.name to count its calls; returns the counter."""
+    calls = [0]
+    inner = getattr(obj, name)
+
+    def counted(*a, **kw):
+        calls[0] += 1
+        return inner(*a, **kw)
+
+    setattr(obj, name, counted)
+    return calls

@@ -9,6 +9,7 @@ import torch
 from tessera.specs import SpeculativeConfig
 
 from .conftest import engine, random_model, run, tiny_config
+from .helpers import counting
 from .test_engine import GREEDY, prompts
 
 # Shapes the GPU kernels take (head_dim 16, 16-token blocks): with the conftest's head_dim of 8 the paged
@@ -48,8 +49,8 @@ def test_graph_decode_equals_eager_and_self_draft_accepts_all() -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["draft", "ngram"])
 def test_speculative_rounds_replay_multi_token_graphs(method: str) -> None:
-    """Verification (k + 1 tokens a sequence) and the draft's catch-up replay their own graphs, and the
-    output equals eager plain greedy token for token."""
+    """Verification (k + 1 tokens a sequence) replays its own graphs, and so does the draft (its
+    chain of k greedy steps), and the output equals eager plain greedy token for token."""
     model = gpu_model()
     ps = prompts(6, seed=23)
     eager = run(engine(model, enforce_eager=True, **GPU_SHAPES), ps, GREEDY)
@@ -57,24 +58,41 @@ def test_speculative_rounds_replay_multi_token_graphs(method: str) -> None:
                              num_speculative_tokens=3)
     eng = engine(model, draft_model=model if method == "draft" else None, speculative=spec,
                  cuda_graph_batch_sizes=(1, 2, 4, 8), **GPU_SHAPES)
-    runners = [eng.runner] + ([eng.proposer.runner] if method == "draft" else [])
-    replays = []
-    for r in runners:
-        assert r.multi_graphs is not None, r.graph_error
-        calls = [0]
-        replays.append(calls)
-        inner = r.multi_graphs.run_tokens
-
-        def counted(*a, inner=inner, calls=calls):
-            calls[0] += 1
-            return inner(*a)
-
-        r.multi_graphs.run_tokens = counted
+    assert eng.runner.multi_graphs is not None, eng.runner.graph_error
+    replays = [counting(eng.runner.multi_graphs, "run_tokens")]
+    if method == "draft":
+        chain = eng.proposer.runner.chain
+        assert chain is not None and sorted(chain.graphs) == [1, 2, 4, 8], eng.proposer.runner.graph_error
+        replays.append(counting(chain, "run"))
     outs = run(eng, ps, GREEDY)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in eager]
     assert all(c[0] > 0 for c in replays), replays
     if method == "draft":
         assert all(o.metrics.acceptance_rate == 1.0 for o in outs)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+def test_draft_chain_graph_equals_the_round_by_round_path() -> None:
+    """A distinct draft model: the chain's graphs, the chain run eagerly and the round-by-round path
+    propose the same drafts (equal acceptance counts), and all three equal plain greedy."""
+    model = gpu_model()
+    draft = random_model(1, tiny_config(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, init_std=0.5)).to("cuda")
+    ps = prompts(5, seed=24)
+    eager = run(engine(model, enforce_eager=True, **GPU_SHAPES), ps, GREEDY)
+    spec = SpeculativeConfig(method="draft", draft_model="d", num_speculative_tokens=4)
+    results = []
+    for graphs, chained in ((True, True), (False, True), (True, False)):
+        eng = engine(model, draft_model=draft, speculative=spec, enforce_eager=not graphs,
+                     cuda_graph_batch_sizes=(1, 2, 4, 8), **GPU_SHAPES)
+        eng.chain_rounds = chained
+        assert bool(eng.proposer.runner.chain.graphs) == graphs, eng.proposer.runner.graph_error
+        calls = counting(eng.proposer.runner.chain, "run")
+        outs = run(eng, ps, GREEDY)
+        assert (calls[0] > 0) == chained
+        assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in eager]
+        results.append([(o.metrics.spec_draft_tokens, o.metrics.spec_accepted_tokens) for o in outs])
+    assert results[0] == results[1] == results[2]
     torch.cuda.synchronize()
 
 

@@ -11,7 +11,7 @@ from tessera.serve.speculative import NgramProposer, greedy_verdicts, verify
 from tessera.specs import SamplingParams, SpeculativeConfig
 
 from .conftest import engine, run
-from .helpers import chi2_pvalue
+from .helpers import chi2_pvalue, counting
 from .test_engine import GREEDY, prompts
 
 V, K, N = 6, 3, 20000
@@ -146,6 +146,61 @@ def test_speculative_greedy_equals_plain_greedy(model, draft, method) -> None:
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
     assert sum(o.metrics.spec_draft_tokens for o in fast) > 0
     assert eng.bm.num_free_blocks == eng.num_blocks
+
+
+def test_greedy_draft_rounds_go_through_the_chain(model, draft) -> None:
+    """Plain greedy rounds run the draft chain (one wait a round); the output equals plain greedy, and
+    the drafts and acceptances equal those of the round-by-round path. Requests of different lengths,
+    max_tokens (so lookaheads shrink near the end) and arrival times (steps with prefills take the
+    general path) share the batch."""
+    ps = prompts(7, seed=31)
+    ps[1] = ps[1] * 4
+    sp = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (12, 3, 7, 1, 9, 12, 5)]
+    plain = run(engine(model), ps, sp)
+    spec = SpeculativeConfig(method="draft", draft_model="d", num_speculative_tokens=4)
+    results = []
+    for chained in (True, False):
+        eng = engine(model, speculative=spec, draft_model=draft, max_num_batched_tokens=24)
+        eng.chain_rounds = chained
+        calls = counting(eng.proposer.runner.chain, "run")
+        outs = run(eng, ps[:4], sp[:4]) + run(eng, ps[4:], sp[4:])
+        assert (calls[0] > 0) == chained
+        assert eng.bm.num_free_blocks == eng.num_blocks
+        results.append([(o.outputs[0].token_ids, o.metrics.spec_draft_tokens, o.metrics.spec_accepted_tokens)
+                        for o in outs])
+    assert [r[0] for r in results[0]] == [o.outputs[0].token_ids for o in plain]
+    assert results[0] == results[1]
+    assert sum(r[1] for r in results[0]) > 0
+
+
+def test_the_chain_is_skipped_when_logits_are_processed(model, draft) -> None:
+    """Penalties, logprobs, a min_tokens ban and sampling all need the general path."""
+    spec = SpeculativeConfig(method="draft", draft_model="d", num_speculative_tokens=3)
+    ps = prompts(2, seed=32)
+    for sp in (SamplingParams(temperature=0, max_tokens=6, repetition_penalty=1.2),
+               SamplingParams(temperature=0, max_tokens=6, logprobs=1),
+               SamplingParams(temperature=0, max_tokens=6, min_tokens=6),
+               SamplingParams(temperature=0.8, max_tokens=6, seed=1)):
+        eng = engine(model, speculative=spec, draft_model=draft)
+        calls = counting(eng.proposer.runner.chain, "run")
+        run(eng, ps, sp)
+        assert calls[0] == 0, sp
+
+
+def test_draft_chain_falls_back_past_its_batch(model, draft) -> None:
+    """More decoding sequences than the chain's largest batch: the round takes the general path."""
+    spec = SpeculativeConfig(method="draft", draft_model="d", num_speculative_tokens=2)
+    eng = engine(model, speculative=spec, draft_model=draft, num_blocks=256, cuda_graph_batch_sizes=(2,))
+    chain = eng.proposer.runner.chain
+    assert chain.max_batch_size == 2
+    sizes = []
+    inner = chain.run
+    chain.run = lambda catch_up, *a: sizes.append(len(catch_up)) or inner(catch_up, *a)
+    general = counting(eng.proposer, "propose")
+    ps = prompts(5, seed=33)
+    outs = run(eng, ps, GREEDY)
+    assert general[0] > 0 and max(sizes, default=0) <= 2
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in run(engine(model), ps, GREEDY)]
 
 
 def test_speculative_stops_at_eos_inside_a_round(model) -> None:

@@ -113,10 +113,13 @@ class LLMEngine:
         if spec is not None and spec.method == "draft":
             assert draft_model is not None
             draft_runner = ModelRunner(draft_model, dtype=draft_model.model.embed_tokens.weight.dtype,
-                                       graph_tokens_per_seq=2, **runner_args)
+                                       graph_tokens_per_seq=2, draft_chain_steps=num_lookahead, **runner_args)
             self.proposer = DraftProposer(draft_runner, self.sampler, self.eos_token_id)
         elif spec is not None:
             self.proposer = NgramProposer(self.vocab_size, spec.ngram_min, spec.ngram_max, self.device)
+        #: Plain greedy draft rounds go through the draft runner's `DraftChain` (one wait for the device
+        #: a round); False keeps them on the general path, a wait a draft token (for comparisons).
+        self.chain_rounds = True
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(config.seed)
         self._next_seq_id = 0
@@ -282,6 +285,10 @@ class LLMEngine:
         assert self.proposer is not None
         decodes = [s for s in out.scheduled if s.seq.is_decode]
         prefills = [s for s in out.scheduled if not s.seq.is_decode]
+        if decodes and not prefills and self._chains(decodes):
+            touched = self._chain_round(decodes)
+            if touched is not None:
+                return touched
         proposal = self.proposer.propose(decodes, prefills)
         drafts = proposal.tokens
         tokens, starts, rows = [], [], []
@@ -330,6 +337,50 @@ class LLMEngine:
         if rows.num_logprobs is not None:
             # Row j of a sequence emitted row_tokens[j] whenever j <= its accepted count (the rows read below).
             lp_rows = self._logprob_lists(Sampler.with_logprobs(logits, row_tokens, rows.num_logprobs))
+        return self._apply_verdicts(decodes, drafts, emitted_l, accepted_l, lp_rows)
+
+    def _chains(self, decodes: list[ScheduledSeq]) -> bool:
+        """Whether a round of these decodes can go through the draft chain: a draft model with one, and
+        every sequence greedy with nothing that processes its logits (no penalties, no min_tokens ban
+        left, no logprobs), so that the draft's and the target's choices are plain argmaxes."""
+        if not self.chain_rounds or not isinstance(self.proposer, DraftProposer) or self.proposer.runner.chain is None:
+            return False
+        for s in decodes:
+            seq, sp = s.seq, s.seq.sampling
+            if (sp.temperature != 0.0 or sp.logprobs is not None or sp.repetition_penalty != 1.0
+                    or sp.frequency_penalty != 0.0 or sp.presence_penalty != 0.0
+                    or seq.num_output_tokens < sp.min_tokens):
+                return False
+        return True
+
+    def _chain_round(self, decodes: list[ScheduledSeq]) -> list[Sequence] | None:
+        """A greedy draft round with one wait for the device: the draft chain leaves its tokens on the
+        device, the target's verification forward reads them there, and the drafts and the target's
+        argmaxes come to the host together. None (nothing done) when the chain cannot take the round."""
+        assert isinstance(self.proposer, DraftProposer)
+        seqs = [s.seq for s in decodes]
+        handles = [s.handle for s in seqs]
+        looks = [s.num_lookahead for s in decodes]
+        catch_up = [s.token_ids[s.num_draft_computed:] for s in seqs]
+        chained = self.proposer.runner.draft_chain(handles, catch_up, [s.num_draft_computed for s in seqs], looks)
+        if chained is None:
+            return None
+        for seq, a in zip(seqs, looks):
+            seq.num_draft_computed = seq.num_tokens + max(a - 1, 0)
+        b, k = len(seqs), chained.shape[0]
+        tokens = [[seq.token_ids[-1], *[0] * a] for seq, a in zip(seqs, looks)]
+        n = sum(a + 1 for a in looks)
+        logits = self.runner.forward(StepInput(handles, tokens, [s.num_computed for s in seqs], range(n),
+                                               device_tokens=chained.t()))
+        both = torch.cat([chained.reshape(-1), logits.argmax(-1)]).tolist()  # the round's one wait
+        drafts = [[both[j * b + i] for j in range(a)] for i, a in enumerate(looks)]
+        emitted, accepted = greedy_verdicts(both[k * b:], drafts)
+        return self._apply_verdicts(decodes, drafts, emitted, accepted, None)
+
+    def _apply_verdicts(self, decodes: list[ScheduledSeq], drafts: list[list[int]], emitted_l: list[list[int]],
+                        accepted_l: list[int], lp_rows: list | None) -> list[Sequence]:
+        """Append each sequence's emitted tokens (stopping at the first that finishes it), count its
+        drafts and acceptances, and roll its caches back past the rejected drafts."""
         offsets = [0]
         for d in drafts:
             offsets.append(offsets[-1] + len(d) + 1)

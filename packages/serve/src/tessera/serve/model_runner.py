@@ -6,6 +6,8 @@ write nothing). Only the rows that are sampled go through `lm_head`. Decode-only
 graph captured at the smallest bucketed batch size that fits (see `cuda_graphs.py`); with
 `graph_tokens_per_seq` Q > 1, steps of at most Q new tokens a sequence (speculative verification, a
 draft model's catch-up) replay graphs of their own, which take every row through `lm_head`.
+A draft model's runner also holds a `DraftChain` (`draft_chain_steps` > 0): a greedy round's k draft
+tokens in one replay, left on the device for the target's verification to read (`StepInput.device_tokens`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from tessera.attn import PagedAttentionMetadata, PagedKVCache, PagedKVContext
 from tessera.model import Transformer
 from tessera.model.fusion import fuse_projections, route_decode_linears
-from tessera.serve.cuda_graphs import DecodeGraphs
+from tessera.serve.cuda_graphs import DecodeGraphs, DraftChain
 from tessera.serve.transfer import upload
 from tessera.specs import KVCacheHandle, KVCacheSpec, dtype_name
 
@@ -42,6 +44,9 @@ class StepInput:
     tokens: Sequence[Sequence[int]]
     starts: Sequence[int]
     logit_rows: Sequence[int]
+    #: [B, >= max(len(tokens[i])) - 1] int64 on the device, or None: tokens[i][1:] are placeholders
+    #: whose values are device_tokens[i, :len(tokens[i]) - 1] (draft tokens the host has not read).
+    device_tokens: torch.Tensor | None = None
 
     @property
     def decode_only(self) -> bool:
@@ -56,7 +61,7 @@ MULTI_TOKEN_GRAPH_MAX_BATCH = 32
 class ModelRunner:
     def __init__(self, model: Transformer, *, num_blocks: int, block_size: int, max_model_len: int,
                  dtype: torch.dtype, device: torch.device, cuda_graph_batch_sizes: Sequence[int] = (),
-                 enforce_eager: bool = True, graph_tokens_per_seq: int = 1) -> None:
+                 enforce_eager: bool = True, graph_tokens_per_seq: int = 1, draft_chain_steps: int = 0) -> None:
         self.model = model.eval()
         fuse_projections(self.model)  # before graph capture: q/k/v and gate/up as one GEMM each
         route_decode_linears(self.model)  # decode-shaped projections: the faster of cuBLAS and a GEMV
@@ -69,19 +74,29 @@ class ModelRunner:
         #: Graphs of up to `graph_tokens_per_seq` new tokens a sequence (speculative verification and
         #: draft catch-up), at batch sizes up to MULTI_TOKEN_GRAPH_MAX_BATCH.
         self.multi_graphs: DecodeGraphs | None = None
+        #: A greedy draft round in one replay (or one eager pass): see `DraftChain`.
+        self.chain: DraftChain | None = None
         self.graph_error: str | None = None
+        small = [b for b in cuda_graph_batch_sizes if b <= MULTI_TOKEN_GRAPH_MAX_BATCH]
         if device.type == "cuda" and not enforce_eager and cuda_graph_batch_sizes:
             try:
                 self.graphs = DecodeGraphs(self.model, self.cache, self.null_block, self.max_blocks_per_seq,
                                            cuda_graph_batch_sizes)
-                small = [b for b in cuda_graph_batch_sizes if b <= MULTI_TOKEN_GRAPH_MAX_BATCH]
                 if graph_tokens_per_seq > 1 and small:
                     self.multi_graphs = DecodeGraphs(self.model, self.cache, self.null_block, self.max_blocks_per_seq,
                                                      small, tokens_per_seq=graph_tokens_per_seq,
                                                      max_context=max_model_len)
+                if draft_chain_steps and small:
+                    self.chain = DraftChain(self.model, self.cache, self.null_block, self.max_blocks_per_seq, small,
+                                            draft_chain_steps, max_context=max_model_len)
             except RuntimeError as exc:  # a kernel that syncs with the host cannot be captured
                 self.graph_error = f"{type(exc).__name__}: {exc}"
                 log.warning("CUDA graphs disabled, decoding eagerly: %s", self.graph_error)
+                self.graphs = self.multi_graphs = self.chain = None
+        if draft_chain_steps and self.chain is None:
+            self.chain = DraftChain(self.model, self.cache, self.null_block, self.max_blocks_per_seq,
+                                    small or [MULTI_TOKEN_GRAPH_MAX_BATCH], draft_chain_steps,
+                                    max_context=max_model_len, graphs=False)
 
     @property
     def vocab_size(self) -> int:
@@ -95,17 +110,47 @@ class ModelRunner:
             slots = [h.slot(p) for h, p in zip(step.handles, step.starts)]
             tables = [h.block_ids for h in step.handles]
             logits = self.graphs.run(ids, list(step.starts), slots, tables)
-            return logits if list(step.logit_rows) == list(range(len(ids))) else logits[list(step.logit_rows)]
+            return self._rows(logits, step.logit_rows)
         if self.multi_graphs is not None and self.multi_graphs.fits(step.tokens, step.starts):
             slots = [[h.slot(p) for p in range(s, s + len(t))]
                      for h, t, s in zip(step.handles, step.tokens, step.starts)]
             tables = [h.block_ids for h in step.handles]
-            logits = self.multi_graphs.run_tokens(step.tokens, step.starts, slots, tables)
-            return logits[list(step.logit_rows)]
+            logits = self.multi_graphs.run_tokens(step.tokens, step.starts, slots, tables,
+                                                  device_tokens=step.device_tokens)
+            return self._rows(logits, step.logit_rows)
         ids, pos, meta = self._prepare(step)
+        if step.device_tokens is not None:
+            at, seq, col = [], [], []
+            row = 0
+            for i, t in enumerate(step.tokens):
+                at += range(row + 1, row + len(t))
+                seq += [i] * (len(t) - 1)
+                col += range(len(t) - 1)
+                row += len(t)
+            at_t, seq_t, col_t = upload([at, seq, col], torch.int64, self.device)
+            ids[0, at_t] = step.device_tokens[seq_t, col_t]
         h, _ = self.model.hidden_states(ids, pos, PagedKVContext(self.cache, meta))
-        rows = torch.tensor(step.logit_rows, dtype=torch.int64, device=self.device)
+        rows = upload([step.logit_rows], torch.int64, self.device)[0]
         return self.model.lm_head(h[0].index_select(0, rows))
+
+    def _rows(self, logits: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+        """logits[rows]: the tensor itself when rows are all of it in order; else a gather whose index
+        goes through `upload` (indexing with a list would copy it from pageable memory, a wait)."""
+        rows = list(rows)
+        if rows == list(range(logits.shape[0])):
+            return logits
+        return logits.index_select(0, upload([rows], torch.int64, self.device)[0])
+
+    def draft_chain(self, handles: Sequence[KVCacheHandle], catch_up: Sequence[Sequence[int]], starts: Sequence[int],
+                    lookaheads: Sequence[int]) -> torch.Tensor | None:
+        """A greedy draft round through `self.chain`: tokens [k, B] on the device (see `DraftChain.run`),
+        or None when the chain cannot take it (no chain, too many sequences, a longer catch-up)."""
+        chain = self.chain
+        if chain is None or not chain.fits(catch_up, starts, lookaheads):
+            return None
+        slots = [[h.slot(p) for p in range(s, s + len(t) + max(a - 1, 0))]
+                 for h, t, s, a in zip(handles, catch_up, starts, lookaheads)]
+        return chain.run(catch_up, starts, slots, lookaheads, [h.block_ids for h in handles])
 
     def _prepare(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, PagedAttentionMetadata]:
         ids: list[int] = []
