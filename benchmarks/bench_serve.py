@@ -108,7 +108,7 @@ def hf_from(model: Transformer, workdir: Path, name: str, device: torch.device, 
 def hf_generate(hf, prompts: list[list[int]], new_tokens: int, cuda: bool, **kw: Any) -> float:
     """Seconds for one static batch (left-padded), generating exactly `new_tokens` per row."""
     width = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=hf.device)
+    ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], device=hf.device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=hf.device)
     sync(cuda)
     t0 = time.perf_counter()
@@ -318,26 +318,39 @@ def section_spec(model, draft, draft_name, hf, hf_draft, args, cuda, rows, resul
         results["spec_prompt"] = f"first {len(ids)} tokens of {args.spec_prompt_file}"
     else:
         prompt = random_requests(1, (args.decode_prompt, args.decode_prompt), (1, 1), model.config.vocab_size, 5)[0]
-    n = args.spec_new_tokens
+    n, reps = args.spec_new_tokens, args.spec_repeats
+
+    def timed(eng: LLMEngine) -> tuple[list[int], float, list[float], Any]:
+        """Warm up, then `reps` generations of n tokens: (tokens, median tok/s, every tok/s, metrics)."""
+        generate_one(eng, prompt.prompt_token_ids, 16, "w")
+        runs = [generate_one(eng, prompt.prompt_token_ids, n, f"s{i}") for i in range(reps)]
+        speeds = [r[1] for r in runs]
+        return runs[0][0], statistics.median(speeds), speeds, runs[0][2]
+
     base = make_engine(model, args, max_num_seqs=8)
-    generate_one(base, prompt.prompt_token_ids, 16, "w")
-    plain_tokens, plain, _ = generate_one(base, prompt.prompt_token_ids, n, "p")
+    plain_tokens, plain, plain_runs, _ = timed(base)
     del base
     free_memory()
-    out = {"plain_tok_s": plain, "new_tokens": n, "k": args.spec_tokens}
+    out = {"plain_tok_s": plain, "plain_tok_s_runs": plain_runs, "new_tokens": n, "k": args.spec_tokens,
+           "repeats": reps, "statistic": "median over repeats of one batch-1 generation each"}
     rows.append({"what": "batch-1 plain decode (spec baseline)", "tok/s": plain, "roofline": None})
-    variants = [(f"draft ({draft_name})", "draft", draft), ("target as own draft", "draft", model),
-                ("n-gram lookup", "ngram", None)]
-    for label, method, d in variants:
+    # A draft model's greedy rounds run as one draft chain (one wait for the device a round); the
+    # "round by round" rows turn that off (a wait a draft token), as before the chain existed.
+    variants = [(f"draft ({draft_name})", "draft", draft, True),
+                (f"draft ({draft_name}), round by round", "draft", draft, False),
+                ("target as own draft", "draft", model, True),
+                ("target as own draft, round by round", "draft", model, False),
+                ("n-gram lookup", "ngram", None, True)]
+    for label, method, d, chained in variants:
         spec = SpeculativeConfig(method=method, draft_model="d" if method == "draft" else None,
                                  num_speculative_tokens=args.spec_tokens)
         eng = make_engine(model, args, draft=d, max_num_seqs=8, speculative=spec)
-        generate_one(eng, prompt.prompt_token_ids, 16, "w")
-        tokens, tok_s, m = generate_one(eng, prompt.prompt_token_ids, n, "s")
+        eng.chain_rounds = chained
+        tokens, tok_s, speeds, m = timed(eng)
         del eng
         free_memory()
-        out[label] = {"tok_s": tok_s, "speedup": tok_s / plain, "acceptance": m.acceptance_rate,
-                      "same_as_plain_greedy": tokens == plain_tokens}
+        out[label] = {"tok_s": tok_s, "tok_s_runs": speeds, "speedup": tok_s / plain,
+                      "acceptance": m.acceptance_rate, "same_as_plain_greedy": tokens == plain_tokens}
         rows.append({"what": f"spec k={args.spec_tokens}: {label}", "tok/s": tok_s, "roofline": None,
                      "note": f"speedup {tok_s / plain:.2f}x, acceptance {m.acceptance_rate or 0:.2f}, "
                              f"greedy-equal {tokens == plain_tokens}"})
@@ -369,6 +382,8 @@ def main() -> None:
     p.add_argument("--rates", type=float, nargs="+", default=[4.0, 16.0, 64.0])
     p.add_argument("--hf-batch-sizes", type=int, nargs="+", default=[32, 128])
     p.add_argument("--spec-tokens", type=int, default=4)
+    p.add_argument("--spec-repeats", type=int, default=3,
+                   help="timed generations per speculative variant and for its baseline; the median is reported")
     p.add_argument("--spec-prompt-file", type=Path, default=None,
                    help="spec: take the prompt from this text file through the target's tokenizer (default: "
                         "random ids)")
