@@ -5,7 +5,9 @@ the host also waits on copies and syncs that a CPU run does not have.
 
 The stub's logits put all mass on a successor in a 64-token cycle, and every prompt is that cycle, so
 n-gram lookup drafts are always right (acceptance 1.0): a round's host time without rejected drafts.
-The draft mode uses the target as its own draft (the stub serves both), also accepting everything.
+The draft mode uses the target as its own draft (the stub serves both), also accepting everything;
+its greedy rounds go through the draft chain (whose forward is stubbed the same way) up to the chain's
+largest batch, and "draft-rounds" turns the chain off (a round-by-round draft loop).
 Each configuration runs `--repeats` times and reports the fastest step time (this shares a 2-core VM).
 
     python3 benchmarks/probe_engine_host.py                       # CPU, about a minute
@@ -47,12 +49,31 @@ def stub_forward(vocab: int):
     return forward
 
 
+def stub_chain(vocab: int):
+    """`DraftChain._forward` on the stub's successor rule: draft j is the successor of draft j - 1."""
+    succ = torch.arange(vocab)
+    succ[CYCLE.start:CYCLE.stop] = torch.tensor([*CYCLE[1:], CYCLE[0]])
+
+    def forward(self, bs: int) -> None:
+        tok = succ[self.ids0[0, self.last[:bs]]]
+        for j in range(self.k):
+            self.out[j, :bs] = tok
+            tok = succ[tok]
+
+    return forward
+
+
 def measure(model: Transformer, mode: str, batch: int, final_only: bool, tokens: int, repeats: int) -> dict | None:
     spec = {"ngram": SpeculativeConfig(method="ngram", num_speculative_tokens=4),
-            "draft": SpeculativeConfig(method="draft", draft_model="self", num_speculative_tokens=4)}.get(mode)
+            "draft": SpeculativeConfig(method="draft", draft_model="self", num_speculative_tokens=4)}.get(
+                mode.removesuffix("-rounds"))
     engine = LLMEngine(model, None, EngineConfig(max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=16384,
                                                  kv_cache_bytes=2**29, speculative=spec),
-                       draft_model=model if mode == "draft" else None)
+                       draft_model=model if mode.startswith("draft") else None)
+    if mode == "draft-rounds":
+        if not hasattr(engine, "chain_rounds"):
+            return None  # an engine from before the draft chain
+        engine.chain_rounds = False
     if final_only and "final_only" not in inspect.signature(engine.add_request).parameters:
         return None  # an engine from before final_only
     extra = {"final_only": True} if final_only else {}
@@ -93,9 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ModelConfig.preset("tiny-student").model_copy(update={"max_seq_len": 4096})
     model = Transformer(cfg).eval()
     model_runner.ModelRunner.forward = stub_forward(cfg.vocab_size)
+    if hasattr(model_runner, "DraftChain"):
+        model_runner.DraftChain._forward = stub_chain(cfg.vocab_size)
     rows = []
     for batch in args.batch:
-        for mode, final_only in (("plain", False), ("plain", True), ("ngram", False), ("draft", False)):
+        for mode, final_only in (("plain", False), ("plain", True), ("ngram", False), ("draft", False),
+                                 ("draft-rounds", False)):
             row = measure(model, mode, batch, final_only, args.tokens, args.repeats)
             if row is not None:
                 rows.append(row)
