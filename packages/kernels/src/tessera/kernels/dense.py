@@ -13,7 +13,9 @@ engine's graphs do).
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -22,6 +24,8 @@ import torch.nn.functional as F
 from tessera.kernels.registry import registry
 from tessera.kernels.support import bucket
 from tessera.specs import KernelUnavailableError
+
+log = logging.getLogger(__name__)
 
 #: Most rows a call may have to count as decode-shaped (the GEMV backend's limit).
 MAX_ROWS = 16
@@ -48,10 +52,16 @@ def _choose(key: tuple, x2: torch.Tensor, w: torch.Tensor) -> Callable | None:
         return None
     from tessera.kernels.triton.tuning import graph_bench
 
+    start = time.perf_counter()
     gemv(x2, w)  # tunes its tiles first, so the timing below is of the tuned kernel
     t_blas = graph_bench(lambda: F.linear(x2, w)) * 1e3
     t_gemv = graph_bench(lambda: gemv(x2, w)) * 1e3
     timings[key] = {"cublas_us": t_blas, "gemv_us": t_gemv}
+    # Each new shape costs a tuning sweep (seconds with a cold Triton cache): say so, since a serving
+    # engine's start-up spends most of its time here.
+    log.info("decode linear, rows <= %d, N=%d, K=%d, %s: cuBLAS %.1f us, GEMV %.1f us -> %s (tuned in %.1f s)",
+             key[0], key[1], key[2], str(key[3]).removeprefix("torch."), t_blas, t_gemv,
+             "GEMV" if t_gemv < t_blas else "cuBLAS", time.perf_counter() - start)
     return gemv.fn if t_gemv < t_blas else None
 
 

@@ -13,6 +13,7 @@ tokens in one replay, left on the device for the target's verification to read (
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -79,6 +80,10 @@ class ModelRunner:
         self.graph_error: str | None = None
         small = [b for b in cuda_graph_batch_sizes if b <= MULTI_TOKEN_GRAPH_MAX_BATCH]
         if device.type == "cuda" and not enforce_eager and cuda_graph_batch_sizes:
+            log.info("capturing CUDA graphs: decode at batch sizes %s%s%s", sorted(set(cuda_graph_batch_sizes)),
+                     f", up to {graph_tokens_per_seq} tokens a sequence at {small}" if graph_tokens_per_seq > 1 else "",
+                     f", a {draft_chain_steps}-step draft chain at {small}" if draft_chain_steps else "")
+            start = time.perf_counter()
             try:
                 self.graphs = DecodeGraphs(self.model, self.cache, self.null_block, self.max_blocks_per_seq,
                                            cuda_graph_batch_sizes)
@@ -89,6 +94,7 @@ class ModelRunner:
                 if draft_chain_steps and small:
                     self.chain = DraftChain(self.model, self.cache, self.null_block, self.max_blocks_per_seq, small,
                                             draft_chain_steps, max_context=max_model_len)
+                log.info("CUDA graphs captured in %.1f s", time.perf_counter() - start)
             except RuntimeError as exc:  # a kernel that syncs with the host cannot be captured
                 self.graph_error = f"{type(exc).__name__}: {exc}"
                 log.warning("CUDA graphs disabled, decoding eagerly: %s", self.graph_error)
