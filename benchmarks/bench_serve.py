@@ -352,8 +352,10 @@ def section_spec(model, draft, draft_name, hf, hf_draft, args, cuda, rows, resul
         tokens, tok_s, speeds, m = timed(eng)
         del eng
         free_memory()
+        differ = next((i for i, (a, b) in enumerate(zip(tokens, plain_tokens)) if a != b), None)
         out[label] = {"tok_s": tok_s, "tok_s_runs": speeds, "speedup": tok_s / plain,
-                      "acceptance": m.acceptance_rate, "same_as_plain_greedy": tokens == plain_tokens}
+                      "acceptance": m.acceptance_rate, "same_as_plain_greedy": tokens == plain_tokens,
+                      "first_difference": differ}
         rows.append({"what": f"spec k={args.spec_tokens}: {label}", "tok/s": tok_s, "roofline": None,
                      "note": f"speedup {tok_s / plain:.2f}x, acceptance {m.acceptance_rate or 0:.2f}, "
                              f"greedy-equal {tokens == plain_tokens}"})
