@@ -173,6 +173,23 @@ def test_greedy_draft_rounds_go_through_the_chain(model, draft) -> None:
     assert sum(r[1] for r in results[0]) > 0
 
 
+def test_chain_rounds_under_preemption_and_prefix_caching(model, draft) -> None:
+    """Tight memory forces preemption (recomputed sequences re-enter with their draft cache rebuilt) and
+    shared prompt prefixes hit the prefix cache: chain rounds still equal plain greedy, every block
+    comes back, and the block manager's invariants hold."""
+    ps = prompts(8, seed=34, lo=6, hi=14)
+    ps[1] = ps[0][:8] + ps[1]  # a shared prefix for the prefix cache
+    plain = run(engine(model), ps, GREEDY)
+    spec = SpeculativeConfig(method="draft", draft_model="d", num_speculative_tokens=3)
+    tight = engine(model, speculative=spec, draft_model=draft, num_blocks=16, max_num_seqs=8)
+    calls = counting(tight.proposer.runner.chain, "run")
+    outs = run(tight, ps, GREEDY)
+    assert tight.scheduler.num_preemptions > 0 and calls[0] > 0
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in plain]
+    assert tight.bm.num_free_blocks == tight.num_blocks
+    tight.bm.check()
+
+
 def test_the_chain_is_skipped_when_logits_are_processed(model, draft) -> None:
     """Penalties, logprobs, a min_tokens ban and sampling all need the general path."""
     spec = SpeculativeConfig(method="draft", draft_model="d", num_speculative_tokens=3)
