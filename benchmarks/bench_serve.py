@@ -344,9 +344,13 @@ def section_spec(model, draft, draft_name, hf, hf_draft, args, cuda, rows, resul
                 ("target as own draft", "draft", model, True),
                 ("target as own draft, round by round", "draft", model, False),
                 ("n-gram lookup", "ngram", None, True)]
-    for label, method, d, chained in variants:
+    variants = [(label, method, d, chained, args.spec_tokens) for label, method, d, chained in variants]
+    # --spec-sweep: the draft model's chain rounds at other k as well (the best k depends on the pair)
+    variants += [(f"draft ({draft_name}), k={k}", "draft", draft, True, k) for k in args.spec_sweep
+                 if k != args.spec_tokens]
+    for label, method, d, chained, k in variants:
         spec = SpeculativeConfig(method=method, draft_model="d" if method == "draft" else None,
-                                 num_speculative_tokens=args.spec_tokens)
+                                 num_speculative_tokens=k)
         eng = make_engine(model, args, draft=d, max_num_seqs=1, speculative=spec)
         eng.chain_rounds = chained
         tokens, tok_s, speeds, m = timed(eng)
@@ -356,7 +360,8 @@ def section_spec(model, draft, draft_name, hf, hf_draft, args, cuda, rows, resul
         out[label] = {"tok_s": tok_s, "tok_s_runs": speeds, "speedup": tok_s / plain,
                       "acceptance": m.acceptance_rate, "same_as_plain_greedy": tokens == plain_tokens,
                       "first_difference": differ}
-        rows.append({"what": f"spec k={args.spec_tokens}: {label}", "tok/s": tok_s, "roofline": None,
+        out[label]["k"] = k
+        rows.append({"what": f"spec k={k}: {label.removesuffix(f', k={k}')}", "tok/s": tok_s, "roofline": None,
                      "note": f"speedup {tok_s / plain:.2f}x, acceptance {m.acceptance_rate or 0:.2f}, "
                              f"greedy-equal {tokens == plain_tokens}"})
         print(f"spec: {label}: {tok_s:.0f} tok/s, {rows[-1]['note']}", flush=True)
@@ -388,6 +393,8 @@ def main() -> None:
     p.add_argument("--rates", type=float, nargs="+", default=[4.0, 16.0, 64.0])
     p.add_argument("--hf-batch-sizes", type=int, nargs="+", default=[32, 128])
     p.add_argument("--spec-tokens", type=int, default=4)
+    p.add_argument("--spec-sweep", type=int, nargs="+", default=[], metavar="K",
+                   help="also measure the draft model's chain rounds at these numbers of draft tokens")
     p.add_argument("--spec-repeats", type=int, default=3,
                    help="timed generations per speculative variant and for its baseline; the median is reported")
     p.add_argument("--spec-prompt-file", type=Path, default=None,
@@ -433,7 +440,8 @@ def main() -> None:
         args.max_model_len = context
         args.lengths = tuple(min(v, context // 2) for v in args.lengths)
         args.decode_prompt = min(args.decode_prompt, context // 4)
-        args.spec_new_tokens = min(args.spec_new_tokens, context - args.decode_prompt - args.spec_tokens - 1)
+        args.spec_new_tokens = min(args.spec_new_tokens,
+                                   context - args.decode_prompt - max(args.spec_tokens, *args.spec_sweep) - 1)
     ceil = measure_ceilings(device, cuda, args.tiny)
     results: dict[str, Any] = {"target": target_name, "draft": draft_name, "dtype": str(dtype).removeprefix("torch."),
                                "ceilings": ceil}
