@@ -35,9 +35,15 @@ from tessera.specs import EngineConfig, GenerateRequest, ModelConfig, SamplingPa
 CYCLE = range(5, 69)
 
 
-def stub_forward(vocab: int):
+def successors(vocab: int) -> torch.Tensor:
+    """The stub's next token for each token: the cycle's successor inside it, itself outside."""
     succ = torch.arange(vocab)
     succ[CYCLE.start:CYCLE.stop] = torch.tensor([*CYCLE[1:], CYCLE[0]])
+    return succ
+
+
+def stub_forward(vocab: int):
+    succ = successors(vocab)
 
     def forward(self, step) -> torch.Tensor:
         flat = torch.tensor([t for toks in step.tokens for t in toks])
@@ -51,8 +57,7 @@ def stub_forward(vocab: int):
 
 def stub_chain(vocab: int):
     """`DraftChain._forward` on the stub's successor rule: draft j is the successor of draft j - 1."""
-    succ = torch.arange(vocab)
-    succ[CYCLE.start:CYCLE.stop] = torch.tensor([*CYCLE[1:], CYCLE[0]])
+    succ = successors(vocab)
 
     def forward(self, bs: int) -> None:
         tok = succ[self.ids0[0, self.last[:bs]]]

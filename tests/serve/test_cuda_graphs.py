@@ -103,3 +103,12 @@ def test_host_inputs_layout() -> None:
     assert host.dtype == torch.int64 and host.tolist() == [[7, 8], [33, -1], [5, 2]]
     assert host32.dtype == torch.int32
     assert host32[:2].tolist() == [6, 3] and host32[2:].view(2, 3).tolist() == [[4, 1, 0], [9, 0, 0]]
+
+
+def test_take_rows_is_identity_for_all_rows_in_order_else_a_gather() -> None:
+    from tessera.serve.transfer import take_rows
+
+    x = torch.arange(12.0).view(4, 3)
+    assert take_rows(x, range(4)) is x
+    assert take_rows(x, [3, 0, 3]).tolist() == [x[3].tolist(), x[0].tolist(), x[3].tolist()]
+    assert take_rows(x, [0, 1]).tolist() == x[:2].tolist()

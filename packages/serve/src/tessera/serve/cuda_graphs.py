@@ -28,7 +28,7 @@ import torch
 
 from tessera.attn import PagedAttentionMetadata, PagedKVCache, PagedKVContext
 from tessera.model import Transformer
-from tessera.serve.transfer import upload
+from tessera.serve.transfer import take_rows
 
 
 class DecodeGraphs:
@@ -72,9 +72,11 @@ class DecodeGraphs:
                 and all(s + self.q <= self.max_context for s in starts))
 
     def run_tokens(self, tokens: Sequence[Sequence[int]], starts: Sequence[int], slots: Sequence[Sequence[int]],
-                   tables: Sequence[Sequence[int]], device_tokens: torch.Tensor | None = None) -> torch.Tensor:
+                   tables: Sequence[Sequence[int]], device_tokens: torch.Tensor | None = None,
+                   logit_rows: Sequence[int] | None = None) -> torch.Tensor:
         """Logits [sum of len(tokens[i]), vocab], in the order of the tokens, for up to Q new tokens per
         sequence (see `fits`); sequence i's tokens sit at positions starts[i], starts[i] + 1, ...
+        `logit_rows` (indices into the packed tokens) selects and orders the rows returned, in one gather.
         With `device_tokens` [B, >= 1] on the device, tokens[i][1:] are placeholders for
         device_tokens[i, :len(tokens[i]) - 1] (copied on the device; what lands past a sequence's
         tokens sits on padding rows, which nothing reads)."""
@@ -105,9 +107,9 @@ class DecodeGraphs:
             self.ctx[b:bs] = q
             self.tables[b:bs, 0] = self.null_block
         self.graphs[bs].replay()
-        if len(rows) == bs * q:
-            return self.logits[:bs * q]
-        return self.logits.index_select(0, upload([rows], torch.int64, self.logits.device)[0])
+        if logit_rows is not None:
+            rows = [rows[r] for r in logit_rows]
+        return take_rows(self.logits[:bs * q], rows)
 
     def run(self, ids: list[int], positions: list[int], slots: list[int],
             tables: Sequence[Sequence[int]]) -> torch.Tensor:

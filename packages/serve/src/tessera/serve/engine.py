@@ -21,7 +21,7 @@ from tessera.serve.block_manager import BlockManager
 from tessera.serve.detokenizer import Decoder, IncrementalDetokenizer
 from tessera.serve.errors import RequestRejected
 from tessera.serve.model_runner import ModelRunner, StepInput, kv_cache_spec
-from tessera.serve.sampler import RowsCache, Sampler, SamplingRows, derive_seed
+from tessera.serve.sampler import RowsCache, Sampler, SamplingRows, derive_seed, plain_greedy
 from tessera.serve.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from tessera.serve.sequence import Sequence
 from tessera.serve.speculative import DraftProposer, NgramProposer, greedy_verdicts, target_rows, verify
@@ -343,15 +343,8 @@ class LLMEngine:
         """Whether a round of these decodes can go through the draft chain: a draft model with one, and
         every sequence greedy with nothing that processes its logits (no penalties, no min_tokens ban
         left, no logprobs), so that the draft's and the target's choices are plain argmaxes."""
-        if not self.chain_rounds or not isinstance(self.proposer, DraftProposer) or self.proposer.runner.chain is None:
-            return False
-        for s in decodes:
-            seq, sp = s.seq, s.seq.sampling
-            if (sp.temperature != 0.0 or sp.logprobs is not None or sp.repetition_penalty != 1.0
-                    or sp.frequency_penalty != 0.0 or sp.presence_penalty != 0.0
-                    or seq.num_output_tokens < sp.min_tokens):
-                return False
-        return True
+        return (self.chain_rounds and isinstance(self.proposer, DraftProposer)
+                and self.proposer.runner.chain is not None and all(plain_greedy(s.seq) for s in decodes))
 
     def _chain_round(self, decodes: list[ScheduledSeq]) -> list[Sequence] | None:
         """A greedy draft round with one wait for the device: the draft chain leaves its tokens on the

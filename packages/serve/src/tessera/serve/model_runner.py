@@ -23,7 +23,7 @@ from tessera.attn import PagedAttentionMetadata, PagedKVCache, PagedKVContext
 from tessera.model import Transformer
 from tessera.model.fusion import fuse_projections, route_decode_linears
 from tessera.serve.cuda_graphs import DecodeGraphs, DraftChain
-from tessera.serve.transfer import upload
+from tessera.serve.transfer import take_rows, upload
 from tessera.specs import KVCacheHandle, KVCacheSpec, dtype_name
 
 log = logging.getLogger(__name__)
@@ -115,15 +115,13 @@ class ModelRunner:
             ids = [t[0] for t in step.tokens]
             slots = [h.slot(p) for h, p in zip(step.handles, step.starts)]
             tables = [h.block_ids for h in step.handles]
-            logits = self.graphs.run(ids, list(step.starts), slots, tables)
-            return self._rows(logits, step.logit_rows)
+            return take_rows(self.graphs.run(ids, list(step.starts), slots, tables), step.logit_rows)
         if self.multi_graphs is not None and self.multi_graphs.fits(step.tokens, step.starts):
             slots = [[h.slot(p) for p in range(s, s + len(t))]
                      for h, t, s in zip(step.handles, step.tokens, step.starts)]
             tables = [h.block_ids for h in step.handles]
-            logits = self.multi_graphs.run_tokens(step.tokens, step.starts, slots, tables,
-                                                  device_tokens=step.device_tokens)
-            return self._rows(logits, step.logit_rows)
+            return self.multi_graphs.run_tokens(step.tokens, step.starts, slots, tables,
+                                                device_tokens=step.device_tokens, logit_rows=step.logit_rows)
         ids, pos, meta = self._prepare(step)
         if step.device_tokens is not None:
             at, seq, col = [], [], []
@@ -136,16 +134,7 @@ class ModelRunner:
             at_t, seq_t, col_t = upload([at, seq, col], torch.int64, self.device)
             ids[0, at_t] = step.device_tokens[seq_t, col_t]
         h, _ = self.model.hidden_states(ids, pos, PagedKVContext(self.cache, meta))
-        rows = upload([step.logit_rows], torch.int64, self.device)[0]
-        return self.model.lm_head(h[0].index_select(0, rows))
-
-    def _rows(self, logits: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
-        """logits[rows]: the tensor itself when rows are all of it in order; else a gather whose index
-        goes through `upload` (indexing with a list would copy it from pageable memory, a wait)."""
-        rows = list(rows)
-        if rows == list(range(logits.shape[0])):
-            return logits
-        return logits.index_select(0, upload([rows], torch.int64, self.device)[0])
+        return self.model.lm_head(take_rows(h[0], step.logit_rows))
 
     def draft_chain(self, handles: Sequence[KVCacheHandle], catch_up: Sequence[Sequence[int]], starts: Sequence[int],
                     lookaheads: Sequence[int]) -> torch.Tensor | None:

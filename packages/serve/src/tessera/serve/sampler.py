@@ -159,6 +159,17 @@ class SamplingRows:
         )
 
 
+def plain_greedy(seq: Sequence) -> bool:
+    """Whether `Sampler.process` leaves this sequence's next logits as they are and it takes their
+    argmax, for this step and every later one: temperature 0, no penalty, no logprobs, and no
+    min_tokens ban left (the conditions under which `SamplingRows.build` sets nothing for it). Read
+    from the parameters alone, without building rows."""
+    sp = seq.sampling
+    return (sp.temperature == 0.0 and sp.logprobs is None and sp.repetition_penalty == 1.0
+            and sp.frequency_penalty == 0.0 and sp.presence_penalty == 0.0
+            and seq.num_output_tokens >= sp.min_tokens)
+
+
 class RowsCache:
     """Reuses the parameter tensors while the batch composition stays the same (the common decode
     case): only the positions change, and greedy-only batches do not even need those. Rows whose

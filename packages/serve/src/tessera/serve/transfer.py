@@ -19,3 +19,13 @@ def upload(parts: Sequence[Sequence[int | float | bool]], dtype: torch.dtype,
     if dev.type != "cpu":
         host = host.to(dev, non_blocking=dev.type == "cuda")
     return list(host.split([len(part) for part in parts]))
+
+
+def take_rows(x: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+    """x[rows] along the first dimension: `x` itself when `rows` are all of its rows in order, else a
+    gather whose index goes through `upload` (indexing with a list copies it from pageable memory,
+    a wait for the stream on CUDA)."""
+    rows = list(rows)
+    if rows == list(range(x.shape[0])):
+        return x
+    return x.index_select(0, upload([rows], torch.int64, x.device)[0])
