@@ -3,6 +3,7 @@
 --quality     train the ~40M teacher (`teacher-40m`) on tinyshakespeare + WikiText-2 valid, then `student-6m`
               with KD and with CE only (same data, steps, tokenizer); WikiText-2 test perplexity of all three
               (shared/data/README.md protocol) and the gap closed, (ppl_CE - ppl_KD) / (ppl_CE - ppl_teacher).
+              `--draft-students PRESET...` distils more KD students of the same teacher (speculative drafts).
 --throughput  tokens/s and MFU of one distill step (teacher forward + student forward/backward + optimizer) at
               `llama-3.2-1b` teacher / `student-150m` student in bf16, ZeRO-3 against FSDP2 in the same run,
               plus peak memory of the chunked KD loss against full-logits KD. Under torchrun on N GPUs each
@@ -101,6 +102,11 @@ def run_quality(args: argparse.Namespace, device: torch.device) -> dict:
         "student_ce": {**common, "student": student_preset, "output_dir": str(out / "student-ce"),
                        "loss": {"kd_weight": 0.0, "ce_weight": 1.0}},
     }
+    # --draft-students: more KD students of the same teacher (same data, steps and loss as student_kd),
+    # each in `<work-dir>/student-kd-<preset>`; the speculative-decoding benchmark takes them as drafts.
+    for preset in args.draft_students:
+        runs[f"student_kd_{preset}"] = {**runs["student_kd"], "student": preset,
+                                        "output_dir": str(out / f"student-kd-{preset}")}
     results, curves = {}, {}
     for name, cfg in runs.items():
         t = time.perf_counter()
@@ -301,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=1.0, help="KD temperature")
     p.add_argument("--kd-weight", type=float, default=1.0)
     p.add_argument("--ce-weight", type=float, default=0.1)
+    p.add_argument("--draft-students", nargs="+", default=[], metavar="PRESET",
+                   help="quality: also distil these student presets from the teacher with KD (e.g. draft-2l "
+                        "draft-3l), for use as speculative drafts")
     p.add_argument("--chunk-tokens", type=int, default=4096, help="tokens per chunk of the KD loss")
     p.add_argument("--warmup", type=int, default=None, help="throughput warm-up steps (default 5)")
     p.add_argument("--repeats", type=int, default=None, help="timed throughput steps (default 20)")
@@ -308,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not (args.quality or args.throughput):
         p.error("pick --quality and/or --throughput")
+    for preset in args.draft_students:
+        if preset not in ModelConfig.presets():
+            p.error(f"--draft-students: unknown preset {preset!r} (known: {', '.join(ModelConfig.presets())})")
     q = args.quality and not args.throughput
     args.steps = args.steps or (20 if args.tiny else 400)
     args.teacher_steps = args.teacher_steps or args.steps

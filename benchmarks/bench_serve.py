@@ -10,9 +10,9 @@ Sections (each with its HF peer measured here, or stated as absent):
            output tokens/s vs HF generate at its best static batch size (HF runs one batch per size).
   online   Poisson arrivals at several rates: TTFT, TPOT, ITL p50/p99; HF peer: one request at a time
            (generate per request, FCFS) on a few requests at the lowest rate.
-  spec     batch-1 speculative decoding: a draft model (--draft, default a smaller random one), the
-           target as its own draft, n-gram lookup; speedup over plain decode and acceptance; HF peer:
-           assisted generation with the same draft.
+  spec     batch-1 speculative decoding: draft models (--draft, one or more; default a smaller random
+           one), the target as its own draft, n-gram lookup; speedup over plain decode and acceptance;
+           HF peer: assisted generation with the same drafts.
 
     source scripts/gpu-env.sh && python3 benchmarks/bench_serve.py --out $OUT      # H200, ~5 min
     python3 benchmarks/bench_serve.py --tiny                                       # CPU smoke run
@@ -306,7 +306,11 @@ def hf_online(hf, reqs: list[BenchRequest], rate: float, cuda: bool) -> dict[str
             "tpot_ms_p99": pct(tpot, 99)}
 
 
-def section_spec(model, draft, draft_name, hf, hf_draft, args, cuda, rows, results, tokenizer=None) -> None:
+def section_spec(model, drafts, hf, hf_drafts, args, cuda, rows, results, tokenizer=None, save=None) -> None:
+    """Batch-1 speculative decoding against plain decode in the same process. `drafts`: (name, model)
+    pairs, each measured with the draft chain and round by round (and at the --spec-sweep k's), each
+    against HF assisted generation with the same draft when `hf_drafts` holds its HF copy. `save()`,
+    when given, writes the results so far after each variant (a long run cut short keeps them)."""
     if args.spec_prompt_file:
         if tokenizer is None:
             raise SystemExit("--spec-prompt-file needs a --target checkpoint with a tokenizer.json")
@@ -336,18 +340,21 @@ def section_spec(model, draft, draft_name, hf, hf_draft, args, cuda, rows, resul
     free_memory()
     out = {"plain_tok_s": plain, "plain_tok_s_runs": plain_runs, "new_tokens": n, "k": args.spec_tokens,
            "repeats": reps, "statistic": "median over repeats of one batch-1 generation each"}
+    results["speculative"] = out
     rows.append({"what": "batch-1 plain decode (spec baseline)", "tok/s": plain, "roofline": None})
     # A draft model's greedy rounds run as one draft chain (one wait for the device a round); the
     # "round by round" rows turn that off (a wait a draft token), as before the chain existed.
-    variants = [(f"draft ({draft_name})", "draft", draft, True),
-                (f"draft ({draft_name}), round by round", "draft", draft, False),
-                ("target as own draft", "draft", model, True),
-                ("target as own draft, round by round", "draft", model, False),
-                ("n-gram lookup", "ngram", None, True)]
+    variants = []
+    for draft_name, draft in drafts:
+        variants += [(f"draft ({draft_name})", "draft", draft, True),
+                     (f"draft ({draft_name}), round by round", "draft", draft, False)]
+    variants += [("target as own draft", "draft", model, True),
+                 ("target as own draft, round by round", "draft", model, False),
+                 ("n-gram lookup", "ngram", None, True)]
     variants = [(label, method, d, chained, args.spec_tokens) for label, method, d, chained in variants]
-    # --spec-sweep: the draft model's chain rounds at other k as well (the best k depends on the pair)
-    variants += [(f"draft ({draft_name}), k={k}", "draft", draft, True, k) for k in args.spec_sweep
-                 if k != args.spec_tokens]
+    # --spec-sweep: each draft model's chain rounds at other k as well (the best k depends on the pair)
+    variants += [(f"draft ({draft_name}), k={k}", "draft", draft, True, k) for draft_name, draft in drafts
+                 for k in args.spec_sweep if k != args.spec_tokens]
     for label, method, d, chained, k in variants:
         spec = SpeculativeConfig(method=method, draft_model="d" if method == "draft" else None,
                                  num_speculative_tokens=k)
@@ -365,16 +372,21 @@ def section_spec(model, draft, draft_name, hf, hf_draft, args, cuda, rows, resul
                      "note": f"speedup {tok_s / plain:.2f}x, acceptance {m.acceptance_rate or 0:.2f}, "
                              f"greedy-equal {tokens == plain_tokens}"})
         print(f"spec: {label}: {tok_s:.0f} tok/s, {rows[-1]['note']}", flush=True)
-    if hf is not None and hf_draft is not None:
+        if save is not None:
+            save()
+    if hf is not None and hf_drafts:
         try:
             base_s = hf_generate(hf, [prompt.prompt_token_ids], n, cuda)
-            assisted_s = hf_generate(hf, [prompt.prompt_token_ids], n, cuda, assistant_model=hf_draft)
-            out["hf"] = {"plain_tok_s": n / base_s, "assisted_tok_s": n / assisted_s, "speedup": base_s / assisted_s}
-            rows.append({"what": "HF assisted generation (same draft)", "tok/s": n / assisted_s, "roofline": None,
-                         "note": f"speedup {base_s / assisted_s:.2f}x over HF plain {n / base_s:.0f} tok/s"})
+            for (draft_name, _), hf_draft in zip(drafts, hf_drafts):
+                assisted_s = hf_generate(hf, [prompt.prompt_token_ids], n, cuda, assistant_model=hf_draft)
+                key = "hf" if draft_name == drafts[0][0] else f"hf ({draft_name})"
+                out[key] = {"plain_tok_s": n / base_s, "assisted_tok_s": n / assisted_s,
+                            "speedup": base_s / assisted_s, "draft": draft_name}
+                rows.append({"what": f"HF assisted generation ({draft_name})", "tok/s": n / assisted_s,
+                             "roofline": None,
+                             "note": f"speedup {base_s / assisted_s:.2f}x over HF plain {n / base_s:.0f} tok/s"})
         except Exception as exc:  # reported, the rest of the run stands
             out["hf_error"] = repr(exc)
-    results["speculative"] = out
 
 
 SECTIONS = ("decode", "graphs", "offline", "online", "spec")
@@ -386,7 +398,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
     p.add_argument("--preset", default="qwen3-0.6b", help="target shape when --target is not given (random weights)")
     p.add_argument("--target", default=None, help="target model directory (default: random --preset weights)")
-    p.add_argument("--draft", default=None, help="draft model directory (default: a 4-layer random model)")
+    p.add_argument("--draft", nargs="+", default=None, metavar="DIR",
+                   help="draft model directories; spec measures each (default: a random model of 1/7 the "
+                        "target's layers)")
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--online-requests", type=int, default=64)
     p.add_argument("--hf-online-requests", type=int, default=3)
@@ -428,14 +442,16 @@ def main() -> None:
         model = Transformer(ModelConfig.preset(args.preset)).to(device=device, dtype=dtype).eval()
         target_name, tokenizer = f"{args.preset} (random weights)", None
     if args.draft:
-        draft, _ = load_for_serving(args.draft, device=device, dtype=dtype)
-        draft_name = args.draft
+        drafts = [(path, load_for_serving(path, device=device, dtype=dtype)[0]) for path in args.draft]
     else:
         cfg = model.config.model_copy(update={"n_layers": max(1, model.config.n_layers // 7)})
-        draft = Transformer(cfg).to(device=device, dtype=dtype).eval()
-        draft_name = f"{cfg.n_layers}-layer random"
+        drafts = [(f"{cfg.n_layers}-layer random", Transformer(cfg).to(device=device, dtype=dtype).eval())]
+    for path, draft in drafts:
+        if draft.config.vocab_size != model.config.vocab_size:
+            raise SystemExit(f"--draft {path}: vocab_size {draft.config.vocab_size} differs from the target's "
+                             f"{model.config.vocab_size}")
     # A checkpoint trained on short windows (the distill pair: 512) caps the engine's context.
-    context = min(model.config.max_seq_len, draft.config.max_seq_len)
+    context = min(model.config.max_seq_len, *(d.config.max_seq_len for _, d in drafts))
     if args.max_model_len > context:
         args.max_model_len = context
         args.lengths = tuple(min(v, context // 2) for v in args.lengths)
@@ -443,14 +459,15 @@ def main() -> None:
         args.spec_new_tokens = min(args.spec_new_tokens,
                                    context - args.decode_prompt - max(args.spec_tokens, *args.spec_sweep) - 1)
     ceil = measure_ceilings(device, cuda, args.tiny)
-    results: dict[str, Any] = {"target": target_name, "draft": draft_name, "dtype": str(dtype).removeprefix("torch."),
+    results: dict[str, Any] = {"target": target_name, "draft": ", ".join(name for name, _ in drafts),
+                               "dtype": str(dtype).removeprefix("torch."),
                                "ceilings": ceil}
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        hf = hf_draft = None
+        hf, hf_drafts = None, []
         if not args.skip_hf:
             hf = hf_from(model, Path(tmp), "target", device, dtype)
-            hf_draft = hf_from(draft, Path(tmp), "draft", device, dtype)
+            hf_drafts = [hf_from(d, Path(tmp), f"draft{i}", device, dtype) for i, (_, d) in enumerate(drafts)]
             import transformers
 
             results["transformers"] = transformers.__version__
@@ -460,8 +477,8 @@ def main() -> None:
             "graphs": lambda: section_graphs(model, args, cuda, rows, results),
             "offline": lambda: section_offline(model, hf, args, ceil, cuda, rows, results),
             "online": lambda: section_online(model, hf, args, cuda, rows, results),
-            "spec": lambda: section_spec(model, draft, draft_name, hf, hf_draft, args, cuda, rows, results,
-                                         tokenizer),
+            "spec": lambda: section_spec(model, drafts, hf, hf_drafts, args, cuda, rows, results, tokenizer,
+                                         save=lambda: write_result("serve", results, args.out)),
         }
         title = (f"tessera-serve vs transformers: {target_name}, {results['dtype']}, copy "
                  f"{ceil['copy_bytes_per_s'] / 1e9:.0f} GB/s, mm {ceil['bf16_mm_flops'] / 1e12:.0f} TFLOP/s")

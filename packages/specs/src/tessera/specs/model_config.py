@@ -156,6 +156,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                         max_seq_len=512, tie_embeddings=True),
     "student-6m": dict(vocab_size=8192, d_model=256, n_layers=6, n_heads=4, n_kv_heads=2, d_ff=704,
                        max_seq_len=512, tie_embeddings=True),
+    # Shallow students of teacher-40m, meant as speculative drafts. At batch 1 a small model's forward
+    # costs about a fixed time per layer (kernel launches, not bytes), so a draft's depth, more than its
+    # width, sets the price of each draft token.
+    "draft-2l": dict(vocab_size=8192, d_model=512, n_layers=2, n_heads=8, n_kv_heads=4, d_ff=1408,
+                     max_seq_len=512, tie_embeddings=True),
+    "draft-3l": dict(vocab_size=8192, d_model=384, n_layers=3, n_heads=6, n_kv_heads=2, d_ff=1024,
+                     max_seq_len=512, tie_embeddings=True),
     # The throughput pair (shares Llama-3's vocabulary).
     "student-150m": dict(vocab_size=128256, d_model=768, n_layers=8, n_heads=12, n_kv_heads=4, d_ff=2048,
                          rope_theta=500000.0, max_seq_len=8192, tie_embeddings=True),
