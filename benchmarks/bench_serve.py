@@ -311,35 +311,53 @@ def section_spec(model, drafts, hf, hf_drafts, args, cuda, rows, results, tokeni
     pairs, each measured with the draft chain and round by round (and at the --spec-sweep k's), each
     against HF assisted generation with the same draft when `hf_drafts` holds its HF copy. `save()`,
     when given, writes the results so far after each variant (a long run cut short keeps them)."""
+    count = args.spec_prompts
     if args.spec_prompt_file:
         if tokenizer is None:
             raise SystemExit("--spec-prompt-file needs a --target checkpoint with a tokenizer.json")
-        ids = tokenizer.encode(args.spec_prompt_file.read_text())[:args.decode_prompt]
-        if len(ids) < args.decode_prompt:
-            raise SystemExit(f"--spec-prompt-file {args.spec_prompt_file}: {len(ids)} tokens, fewer than the "
-                             f"prompt's {args.decode_prompt}")
-        prompt = BenchRequest(ids, 1)
-        results["spec_prompt"] = f"first {len(ids)} tokens of {args.spec_prompt_file}"
+        ids = tokenizer.encode(args.spec_prompt_file.read_text())
+        if len(ids) < args.decode_prompt * count:
+            raise SystemExit(f"--spec-prompt-file {args.spec_prompt_file}: {len(ids)} tokens, fewer than "
+                             f"--spec-prompts {count} x the prompt's {args.decode_prompt}")
+        # prompt j starts at the j-th of `count` evenly spaced offsets (prompt 0 at the file's start)
+        stride = len(ids) // count
+        prompts = [ids[j * stride:j * stride + args.decode_prompt] for j in range(count)]
+        results["spec_prompt"] = (f"{count} prompt(s) of {args.decode_prompt} tokens of {args.spec_prompt_file}, "
+                                  f"at token offsets {[j * stride for j in range(count)]}")
     else:
-        prompt = random_requests(1, (args.decode_prompt, args.decode_prompt), (1, 1), model.config.vocab_size, 5)[0]
+        prompts = [r.prompt_token_ids for r in random_requests(count, (args.decode_prompt, args.decode_prompt),
+                                                               (1, 1), model.config.vocab_size, 5)]
     n, reps = args.spec_new_tokens, args.spec_repeats
 
-    def timed(eng: LLMEngine) -> tuple[list[int], float, list[float], Any]:
-        """Warm up, then `reps` generations of n tokens: (tokens, median tok/s, every tok/s, metrics)."""
-        generate_one(eng, prompt.prompt_token_ids, 16, "w")
-        runs = [generate_one(eng, prompt.prompt_token_ids, n, f"s{i}") for i in range(reps)]
-        speeds = [r[1] for r in runs]
-        return runs[0][0], statistics.median(speeds), speeds, runs[0][2]
+    def timed(eng: LLMEngine) -> tuple[list[list[int]], float, list[float], list[float | None], float | None]:
+        """Warm up, then `reps` passes over the prompts, n tokens each, one request at a time. Returns
+        (each prompt's tokens, median over passes of the pass's decode tok/s (its tokens after each
+        first token over their time), every pass's tok/s, each prompt's acceptance, overall acceptance)."""
+        generate_one(eng, prompts[0], 16, "w")
+        speeds, outs, drafted, accepted, per_prompt = [], [], 0, 0, []
+        for r in range(reps):
+            tokens, secs = 0, 0.0
+            for j, p in enumerate(prompts):
+                toks, tok_s, m = generate_one(eng, p, n, f"s{r}-{j}")
+                tokens, secs = tokens + len(toks) - 1, secs + (len(toks) - 1) / tok_s
+                if r == 0:
+                    outs.append(toks)
+                    drafted, accepted = drafted + m.spec_draft_tokens, accepted + m.spec_accepted_tokens
+                    per_prompt.append(m.acceptance_rate)
+            speeds.append(tokens / secs)
+        return outs, statistics.median(speeds), speeds, per_prompt, accepted / drafted if drafted else None
 
     # Batch 1 throughout: engines capture only the batch-1 graphs, which also keeps the start-up tuning of
     # the decode GEMVs to the row counts a batch-1 round uses.
     base = make_engine(model, args, max_num_seqs=1)
-    plain_tokens, plain, plain_runs, _ = timed(base)
+    plain_tokens, plain, plain_runs, _, _ = timed(base)
     print(f"spec: plain decode {plain:.0f} tok/s", flush=True)
     del base
     free_memory()
     out = {"plain_tok_s": plain, "plain_tok_s_runs": plain_runs, "new_tokens": n, "k": args.spec_tokens,
-           "repeats": reps, "statistic": "median over repeats of one batch-1 generation each"}
+           "repeats": reps, "prompts": count,
+           "statistic": "median over repeats of a pass over the prompts, one batch-1 generation each; a pass's "
+                        "tok/s is its decode tokens (after each first token) over their time"}
     results["speculative"] = out
     rows.append({"what": "batch-1 plain decode (spec baseline)", "tok/s": plain, "roofline": None})
     # A draft model's greedy rounds run as one draft chain (one wait for the device a round); the
@@ -360,28 +378,31 @@ def section_spec(model, drafts, hf, hf_drafts, args, cuda, rows, results, tokeni
                                  num_speculative_tokens=k)
         eng = make_engine(model, args, draft=d, max_num_seqs=1, speculative=spec)
         eng.chain_rounds = chained
-        tokens, tok_s, speeds, m = timed(eng)
+        tokens, tok_s, speeds, per_prompt, acceptance = timed(eng)
         del eng
         free_memory()
-        differ = next((i for i, (a, b) in enumerate(zip(tokens, plain_tokens)) if a != b), None)
+        differ = [next((i for i, (a, b) in enumerate(zip(t, pt)) if a != b), None)
+                  for t, pt in zip(tokens, plain_tokens)]
         out[label] = {"tok_s": tok_s, "tok_s_runs": speeds, "speedup": tok_s / plain,
-                      "acceptance": m.acceptance_rate, "same_as_plain_greedy": tokens == plain_tokens,
-                      "first_difference": differ}
+                      "acceptance": acceptance, "acceptance_per_prompt": per_prompt,
+                      "same_as_plain_greedy": tokens == plain_tokens,
+                      "first_difference": differ if count > 1 else differ[0]}
         out[label]["k"] = k
         rows.append({"what": f"spec k={k}: {label.removesuffix(f', k={k}')}", "tok/s": tok_s, "roofline": None,
-                     "note": f"speedup {tok_s / plain:.2f}x, acceptance {m.acceptance_rate or 0:.2f}, "
+                     "note": f"speedup {tok_s / plain:.2f}x, acceptance {acceptance or 0:.2f}, "
                              f"greedy-equal {tokens == plain_tokens}"})
         print(f"spec: {label}: {tok_s:.0f} tok/s, {rows[-1]['note']}", flush=True)
         if save is not None:
             save()
     if hf is not None and hf_drafts:
         try:
-            base_s = hf_generate(hf, [prompt.prompt_token_ids], n, cuda)
+            # one prompt (the first): HF's generate is too slow here for the whole set
+            base_s = hf_generate(hf, [prompts[0]], n, cuda)
             for (draft_name, _), hf_draft in zip(drafts, hf_drafts):
-                assisted_s = hf_generate(hf, [prompt.prompt_token_ids], n, cuda, assistant_model=hf_draft)
+                assisted_s = hf_generate(hf, [prompts[0]], n, cuda, assistant_model=hf_draft)
                 key = "hf" if draft_name == drafts[0][0] else f"hf ({draft_name})"
                 out[key] = {"plain_tok_s": n / base_s, "assisted_tok_s": n / assisted_s,
-                            "speedup": base_s / assisted_s, "draft": draft_name}
+                            "speedup": base_s / assisted_s, "draft": draft_name, "prompts": 1}
                 rows.append({"what": f"HF assisted generation ({draft_name})", "tok/s": n / assisted_s,
                              "roofline": None,
                              "note": f"speedup {base_s / assisted_s:.2f}x over HF plain {n / base_s:.0f} tok/s"})
@@ -411,6 +432,9 @@ def main() -> None:
                    help="also measure the draft model's chain rounds at these numbers of draft tokens")
     p.add_argument("--spec-repeats", type=int, default=3,
                    help="timed generations per speculative variant and for its baseline; the median is reported")
+    p.add_argument("--spec-prompts", type=int, default=1, metavar="N",
+                   help="spec: prompts per pass, generated one after another (from N evenly spaced offsets of "
+                        "--spec-prompt-file, or random); tok/s and acceptance cover them all")
     p.add_argument("--spec-prompt-file", type=Path, default=None,
                    help="spec: take the prompt from this text file through the target's tokenizer (default: "
                         "random ids)")
@@ -421,6 +445,9 @@ def main() -> None:
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
                    help="which sections to run, in this order (default: all)")
     args = p.parse_args()
+    for name in ("spec_prompts", "spec_repeats", "spec_tokens"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     cuda = torch.cuda.is_available() and not args.tiny
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
