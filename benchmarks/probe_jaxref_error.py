@@ -124,6 +124,10 @@ class TorchDispatch:
         if op == "attention.prefill" and self.variant.torch_attention:
             backend = {"sdpa-math": [SDPBackend.MATH], "sdpa-efficient": [SDPBackend.EFFICIENT_ATTENTION]}
             chosen = backend.get(self.variant.torch_attention)
+            if self.variant.torch_attention == "sdpa-efficient" and args32[0].shape[1] != args32[1].shape[1]:
+                # the fused backends take no GQA: give every query head its own copy of its KV head
+                group = args32[0].shape[1] // args32[1].shape[1]
+                args32 = (args32[0], *(x.repeat_interleave(group, dim=1) for x in args32[1:3]), *args32[3:])
             with sdpa_kernel(chosen) if chosen else nullcontext():
                 return _widen(registry.get(op, *args32, backend="sdpa")(*args32))
         return _widen(registry(op, *args32))
