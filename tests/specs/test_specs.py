@@ -154,6 +154,17 @@ def test_presets_and_param_counts() -> None:
         ModelConfig.preset("nope")
 
 
+@pytest.mark.parametrize("name", ["student-6m", "draft-2l", "draft-3l"])
+def test_draft_presets_fit_the_quality_teacher(name: str) -> None:
+    # A draft must share its target's vocabulary and cover its context, and the drafts are the
+    # shallow ones: fewer layers than student-6m (depth sets a launch-bound forward's cost).
+    teacher, draft = ModelConfig.preset("teacher-40m"), ModelConfig.preset(name)
+    assert draft.vocab_size == teacher.vocab_size and draft.max_seq_len >= teacher.max_seq_len
+    if name.startswith("draft-"):
+        assert draft.n_layers < ModelConfig.preset("student-6m").n_layers
+        assert draft.num_params() < teacher.num_params() / 3
+
+
 def test_handle_capacity_and_slots() -> None:
     h = KVCacheHandle(seq_id=1, block_ids=(4, 7), num_tokens=20, block_size=16)
     assert h.slot(0) == 64 and h.slot(17) == 7 * 16 + 1
