@@ -445,6 +445,8 @@ def main() -> None:
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
                    help="which sections to run, in this order (default: all)")
     args = p.parse_args()
+    if args.draft and len(set(args.draft)) < len(args.draft):
+        p.error(f"--draft: a directory is named twice in {args.draft}")
     for name in ("spec_prompts", "spec_repeats", "spec_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
