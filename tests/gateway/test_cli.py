@@ -98,3 +98,39 @@ def test_engine_config_file_with_flags_overriding(tmp_path) -> None:
     bad.write_text("max_num_seqs: 0\n")
     with pytest.raises(ValueError, match="max_num_seqs"):
         engine_config(build_parser().parse_args(["--model", "m", "--config", str(bad)]))
+
+
+def test_speculative_flags_reach_the_engine_config(tmp_path) -> None:
+    from tessera.gateway.cli import build_parser, engine_config
+    from tessera.specs import EngineConfig, SpeculativeConfig
+
+    def cfg(*flags: str) -> EngineConfig:
+        return engine_config(build_parser().parse_args(["--model", "m", *flags]))
+
+    assert cfg().speculative is None
+    spec = cfg("--draft", "d", "--num-speculative-tokens", "6").speculative
+    assert (spec.method, spec.draft_model, spec.num_speculative_tokens) == ("draft", "d", 6)
+    assert cfg("--draft", "d").speculative.num_speculative_tokens == 4
+    spec = cfg("--ngram").speculative
+    assert (spec.method, spec.draft_model) == ("ngram", None)
+    # a config file's speculative section keeps its k unless the flag is given
+    path = tmp_path / "engine.yaml"
+    EngineConfig(speculative=SpeculativeConfig(method="ngram", num_speculative_tokens=3)).dump(path)
+    assert cfg("--config", str(path)).speculative.num_speculative_tokens == 3
+    assert cfg("--config", str(path), "--draft", "d").speculative.num_speculative_tokens == 3
+    assert cfg("--config", str(path), "--num-speculative-tokens", "5").speculative.num_speculative_tokens == 5
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        cfg("--draft", "d", "--num-speculative-tokens", "0")
+    with pytest.raises(ValueError, match="pick one"):
+        cfg("--draft", "d", "--ngram")
+    with pytest.raises(ValueError, match="needs --draft"):
+        cfg("--num-speculative-tokens", "5")
+
+
+def test_serve_refuses_bad_speculative_flags_before_loading(capsys) -> None:
+    from tessera.gateway.cli import main_serve
+
+    with pytest.raises(SystemExit) as exc:
+        main_serve(["--model", "/nonexistent", "--draft", "d", "--num-speculative-tokens", "99"])
+    assert exc.value.code == 2
+    assert "num_speculative_tokens" in capsys.readouterr().err

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from tessera.specs import EngineConfig
+from tessera.specs import EngineConfig, SpeculativeConfig
 
 QUANT_METHODS = ("int8", "int4_rtn", "awq", "fp8")
 
@@ -27,7 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "/v1/models, /health, /metrics).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", required=True, help="tessera checkpoint dir or HF model dir")
-    ap.add_argument("--draft", default=None, help="draft model dir for speculative decoding")
+    spec = ap.add_argument_group("speculative decoding")
+    spec.add_argument("--draft", default=None, help="draft model dir (same vocabulary; a shallow distilled student)")
+    spec.add_argument("--ngram", action="store_true", help="n-gram prompt-lookup drafting, no draft model")
+    spec.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                      help="draft tokens a round; when unset, the --config file's value, else 4")
     ap.add_argument("--quant", default=None, choices=QUANT_METHODS, help="quantize the model on load")
     ap.add_argument("--served-model-name", default=None, help="name reported by /v1/models (default: engine's)")
     net = ap.add_argument_group("network")
@@ -81,6 +85,17 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         if value != getattr(defaults, dest) or not args.config:
             fields[field] = (not value) if dest == "no_prefix_caching" else value
     fields["model"] = args.model
+    if args.draft and args.ngram:
+        raise ValueError("--draft and --ngram: pick one way of drafting")
+    if args.draft or args.ngram or args.num_speculative_tokens is not None:
+        spec = dict(fields.get("speculative") or {})
+        if args.draft or args.ngram:
+            spec.update(method="draft" if args.draft else "ngram", draft_model=args.draft)
+        elif not spec:
+            raise ValueError("--num-speculative-tokens needs --draft, --ngram or a speculative section in --config")
+        if args.num_speculative_tokens is not None:
+            spec["num_speculative_tokens"] = args.num_speculative_tokens
+        fields["speculative"] = SpeculativeConfig.model_validate(spec).model_dump()
     return EngineConfig.model_validate(fields)
 
 
@@ -113,16 +128,21 @@ def _noted(sig: int, frame: Any) -> None:
     logging.getLogger("tessera.gateway").info("signal %s: shutting down", signal.Signals(sig).name)
 
 
-async def _main(args: argparse.Namespace) -> None:
+async def _main(args: argparse.Namespace, config: EngineConfig) -> None:
     from tessera.serve import AsyncEngine
 
-    engine = AsyncEngine.from_path(args.model, draft=args.draft, quant=args.quant, config=engine_config(args))
+    engine = AsyncEngine.from_path(args.model, draft=args.draft, quant=args.quant, config=config)
     await serve(engine, args)
 
 
 def main_serve(argv: list[str] | None = None) -> int:
     """Entry point of `tessera serve`; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = engine_config(args)
+    except ValueError as exc:  # pydantic's ValidationError included: names the field and the value
+        parser.error(str(exc))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(_main(args))
+    asyncio.run(_main(args, config))
     return 0
