@@ -85,8 +85,19 @@ def test_generate_cli_takes_an_engine_config_file(ckpt, tmp_path, capsys) -> Non
                           "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["outputs"][0]["token_ids"]) <= 3
     (tmp_path / "bad.yaml").write_text("block_size: -4\n")
-    with pytest.raises(ValueError, match="block_size"):
+    with pytest.raises(SystemExit) as exc:  # a usage error naming the field, before anything loads
         main_generate(["--model", str(ckpt), "--prompt", "x", "--config", str(tmp_path / "bad.yaml")])
+    assert exc.value.code == 2 and "block_size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--draft", "d", "--ngram"], "not allowed with argument"),
+    (["--ngram", "--num-speculative-tokens", "0"], "num_speculative_tokens"),
+])
+def test_generate_cli_refuses_bad_speculative_flags(flags, expected, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main_generate(["--model", "/nonexistent", "--prompt", "x", *flags])
+    assert exc.value.code == 2 and expected in capsys.readouterr().err
 
 
 def test_bench_cli(ckpt, tmp_path) -> None:

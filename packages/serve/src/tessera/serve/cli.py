@@ -21,8 +21,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     g.add_argument("--quant", default=None, help="quantize at load: int8, int4_rtn or fp8")
     s = p.add_argument_group("speculative decoding")
-    s.add_argument("--draft", default=None, help="draft model directory")
-    s.add_argument("--ngram", action="store_true", help="n-gram prompt-lookup drafting (no draft model)")
+    how = s.add_mutually_exclusive_group()
+    how.add_argument("--draft", default=None, help="draft model directory (same vocabulary; a shallow distilled "
+                     "student pays off most)")
+    how.add_argument("--ngram", action="store_true", help="n-gram prompt-lookup drafting (no draft model)")
     s.add_argument("--num-speculative-tokens", type=int, default=4)
 
 
@@ -30,7 +32,15 @@ _FLAG_FIELDS = ("device", "dtype", "max_model_len", "max_num_seqs", "num_blocks"
 
 
 def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> EngineConfig:
-    """`--config` (if any), then every flag the user changed from its default."""
+    """`--config` (if any), then every flag the user changed from its default; a bad value is a usage
+    error naming the field."""
+    try:
+        return _build_config(args, parser)
+    except ValueError as exc:  # pydantic's ValidationError included
+        parser.error(str(exc))
+
+
+def _build_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> EngineConfig:
     fields = EngineConfig.load(args.config).model_dump() if args.config else {}
     for name in _FLAG_FIELDS:
         value = getattr(args, name)
