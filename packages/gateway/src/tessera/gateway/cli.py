@@ -28,8 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", required=True, help="tessera checkpoint dir or HF model dir")
     spec = ap.add_argument_group("speculative decoding")
-    spec.add_argument("--draft", default=None, help="draft model dir (same vocabulary; a shallow distilled student)")
-    spec.add_argument("--ngram", action="store_true", help="n-gram prompt-lookup drafting, no draft model")
+    how = spec.add_mutually_exclusive_group()
+    how.add_argument("--draft", default=None, help="draft model dir (same vocabulary; a shallow distilled student)")
+    how.add_argument("--ngram", action="store_true", help="n-gram prompt-lookup drafting, no draft model")
     spec.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
                       help="draft tokens a round; when unset, the --config file's value, else 4")
     ap.add_argument("--quant", default=None, choices=QUANT_METHODS, help="quantize the model on load")
@@ -85,8 +86,6 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         if value != getattr(defaults, dest) or not args.config:
             fields[field] = (not value) if dest == "no_prefix_caching" else value
     fields["model"] = args.model
-    if args.draft and args.ngram:
-        raise ValueError("--draft and --ngram: pick one way of drafting")
     if args.draft or args.ngram or args.num_speculative_tokens is not None:
         spec = dict(fields.get("speculative") or {})
         if args.draft or args.ngram:
