@@ -86,15 +86,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         if value != getattr(defaults, dest) or not args.config:
             fields[field] = (not value) if dest == "no_prefix_caching" else value
     fields["model"] = args.model
-    if args.draft or args.ngram or args.num_speculative_tokens is not None:
-        spec = dict(fields.get("speculative") or {})
-        if args.draft or args.ngram:
-            spec.update(method="draft" if args.draft else "ngram", draft_model=args.draft)
-        elif not spec:
-            raise ValueError("--num-speculative-tokens needs --draft, --ngram or a speculative section in --config")
-        if args.num_speculative_tokens is not None:
-            spec["num_speculative_tokens"] = args.num_speculative_tokens
-        fields["speculative"] = SpeculativeConfig.model_validate(spec).model_dump()
+    spec = SpeculativeConfig.from_flags(fields.get("speculative"), draft=args.draft, ngram=args.ngram,
+                                        num_speculative_tokens=args.num_speculative_tokens)
+    fields["speculative"] = spec.model_dump() if spec else None
     return EngineConfig.model_validate(fields)
 
 

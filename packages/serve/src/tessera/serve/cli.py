@@ -46,12 +46,10 @@ def _build_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         value = getattr(args, name)
         if value != parser.get_default(name) or not args.config:
             fields[name] = value
-    if args.draft:
-        fields["speculative"] = SpeculativeConfig(method="draft", draft_model=args.draft,
-                                                  num_speculative_tokens=args.num_speculative_tokens).model_dump()
-    elif args.ngram:
-        fields["speculative"] = SpeculativeConfig(method="ngram",
-                                                  num_speculative_tokens=args.num_speculative_tokens).model_dump()
+    if args.draft or args.ngram:  # --num-speculative-tokens (default 4) applies with one of them
+        fields["speculative"] = SpeculativeConfig.from_flags(
+            fields.get("speculative"), draft=args.draft, ngram=args.ngram,
+            num_speculative_tokens=args.num_speculative_tokens).model_dump()
     return EngineConfig.model_validate(fields)
 
 

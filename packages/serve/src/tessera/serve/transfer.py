@@ -26,6 +26,6 @@ def take_rows(x: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
     gather whose index goes through `upload` (indexing with a list copies it from pageable memory,
     a wait for the stream on CUDA)."""
     rows = list(rows)
-    if rows == list(range(x.shape[0])):
+    if len(rows) == x.shape[0] and rows == list(range(len(rows))):
         return x
     return x.index_select(0, upload([rows], torch.int64, x.device)[0])

@@ -29,6 +29,20 @@ class SpeculativeConfig(Spec):
             raise ValueError(f"ngram_min ({self.ngram_min}) exceeds ngram_max ({self.ngram_max})")
         return self
 
+    @classmethod
+    def from_flags(cls, base: SpeculativeConfig | dict | None, *, draft: str | None = None, ngram: bool = False,
+                   num_speculative_tokens: int | None = None) -> SpeculativeConfig | None:
+        """`base` (a config file's section, or None) with command-line flags over it: `draft` or `ngram`
+        picks the method, `num_speculative_tokens` the k; flags left unset keep `base`'s values."""
+        spec = base.model_dump() if isinstance(base, SpeculativeConfig) else dict(base or {})
+        if draft or ngram:
+            spec.update(method="draft" if draft else "ngram", draft_model=draft)
+        elif num_speculative_tokens is not None and not spec:
+            raise ValueError("--num-speculative-tokens needs --draft, --ngram or a speculative section in --config")
+        if num_speculative_tokens is not None:
+            spec["num_speculative_tokens"] = num_speculative_tokens
+        return cls.model_validate(spec) if spec else None
+
 
 class EngineConfig(Spec):
     """Serving engine settings. `num_blocks=None` sizes the KV cache from `kv_cache_memory_fraction`
