@@ -13,6 +13,11 @@ sync costs a negligible share. The JAX time excludes compilation (warm-up compil
     source scripts/gpu-env.sh && python3 benchmarks/bench_jaxref.py --out $OUT     # H200, ~3 min
     python3 benchmarks/bench_jaxref.py --tiny                                      # CPU smoke run, seconds
     python3 benchmarks/bench_jaxref.py --parity-only --fp64-floor                  # full presets, CPU parity
+    python3 benchmarks/bench_jaxref.py --parity-only --fp64-floor --torch-blas cublas cublaslt  # GPU, per BLAS
+
+`--torch-blas` repeats the parity rows with the torch side's CUDA matmuls on each named library
+(`torch.backends.cuda.preferred_blas_library`): their float32 GEMMs sum in different orders, so the
+torch model's own float32 error, and hence the difference to jaxref, depends on the library.
 """
 
 from __future__ import annotations
@@ -82,10 +87,50 @@ def prefill_flops(cfg: ModelConfig, batch: int, seq: int) -> float:
     return batch * seq * (2 * linear + attn)
 
 
+@contextmanager
+def blas_library(name: str | None) -> Iterator[None]:
+    """torch's CUDA matmuls on `name` ("cublas" or "cublaslt") inside the block; None leaves torch's choice."""
+    if name is None:
+        yield
+        return
+    previous = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(name)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(previous)
+
+
+def _parity(model: Transformer, got: np.ndarray, ids: np.ndarray, name: str, parity_tokens: int,
+            device: torch.device, fp64_floor: bool, library: str | None) -> dict:
+    """One parity row: jaxref's float32 logits `got` against the torch model's, with the BLAS in force."""
+    label = f"{name} ({library})" if library else name
+    with torch.inference_mode():
+        default = model(torch.from_numpy(ids).to(device)).float().cpu().numpy()
+        with reference_kernels():
+            ref = model(torch.from_numpy(ids).to(device)).float().cpu().numpy()
+    fp32_diff = float(np.abs(got - ref).max())
+    print(f"{label}: fp32 max|logit diff| {fp32_diff:.3g} (max|logit| {np.abs(ref).max():.3g})")
+    parity = {"preset": name, "torch_blas": library or "torch default", "tokens": parity_tokens,
+              "fp32_max_logit_diff": fp32_diff,
+              "within_2e-5": fp32_diff <= 2e-5, "fp32_diff_default_kernels": float(np.abs(got - default).max()),
+              "fp32_max_abs_logit": float(np.abs(ref).max())}
+    if fp64_floor:
+        # Each side's own float32 error against the same torch model run in float64 (reference kernels):
+        # how far apart two correct float32 implementations may land from rounding alone.
+        with torch.inference_mode(), reference_kernels():
+            exact = model.double()(torch.from_numpy(ids).to(device)).cpu().numpy()
+        parity["torch_fp32_vs_fp64"] = float(np.abs(ref - exact).max())
+        parity["jax_fp32_vs_fp64"] = float(np.abs(got - exact).max())
+        print(f"{label}: vs float64, torch {parity['torch_fp32_vs_fp64']:.3g}, jax {parity['jax_fp32_vs_fp64']:.3g}")
+    return parity
+
+
 def run_preset(cfg: ModelConfig, name: str, device: torch.device, shapes: list[tuple[int, int]],
                parity_tokens: int, repeats: int, warmup: int, peak: dict[str, float],
-               fp64_floor: bool = False) -> tuple[dict, list[dict]]:
-    """The fp32 parity row and the bf16 speed rows of one preset (same random weights on both sides)."""
+               fp64_floor: bool = False, blas: list[str | None] | None = None) -> tuple[list[dict], list[dict]]:
+    """The fp32 parity rows (one per BLAS library in `blas`) and the bf16 speed rows of one preset (same
+    random weights on both sides)."""
     torch.manual_seed(0)
     with torch.device(device):
         model = Transformer(cfg).eval()
@@ -99,23 +144,11 @@ def run_preset(cfg: ModelConfig, name: str, device: torch.device, shapes: list[t
     ids = rng.integers(0, cfg.vocab_size, (1, parity_tokens))
     with jax.default_matmul_precision("highest"):
         got = np.asarray(forward(params, cfg, jnp.asarray(ids, jnp.int32)))
-    with torch.inference_mode():
-        default = model(torch.from_numpy(ids).to(device)).float().cpu().numpy()
-        with reference_kernels():
-            ref = model(torch.from_numpy(ids).to(device)).float().cpu().numpy()
-    fp32_diff = float(np.abs(got - ref).max())
-    print(f"{name}: fp32 max|logit diff| {fp32_diff:.3g} (max|logit| {np.abs(ref).max():.3g})")
-    parity = {"preset": name, "tokens": parity_tokens, "fp32_max_logit_diff": fp32_diff,
-              "within_2e-5": fp32_diff <= 2e-5, "fp32_diff_default_kernels": float(np.abs(got - default).max()),
-              "fp32_max_abs_logit": float(np.abs(ref).max())}
-    if fp64_floor:
-        # Each side's own float32 error against the same torch model run in float64 (reference kernels):
-        # how far apart two correct float32 implementations may land from rounding alone.
-        with torch.inference_mode(), reference_kernels():
-            exact = model.double()(torch.from_numpy(ids).to(device)).cpu().numpy()
-        parity["torch_fp32_vs_fp64"] = float(np.abs(ref - exact).max())
-        parity["jax_fp32_vs_fp64"] = float(np.abs(got - exact).max())
-        print(f"{name}: vs float64, torch {parity['torch_fp32_vs_fp64']:.3g}, jax {parity['jax_fp32_vs_fp64']:.3g}")
+    parities = []
+    for library in blas or [None]:
+        with blas_library(library):
+            parities.append(_parity(model, got, ids, name, parity_tokens, device, fp64_floor, library))
+        model = model.float()
 
     model = model.to(torch.bfloat16)
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
@@ -136,7 +169,7 @@ def run_preset(cfg: ModelConfig, name: str, device: torch.device, shapes: list[t
             "torch_of_mm_ceiling": flops / t_torch / peak["bf16_mm_flops"],
             "jax_of_mm_ceiling": flops / t_jax / peak["bf16_mm_flops"],
             "bf16_max_logit_diff": bf16_diff, "torch_ms": 1e3 * t_torch, "jax_ms": 1e3 * t_jax})
-    return parity, rows
+    return parities, rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,8 +184,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run the torch model in float64 and report each side's float32 error against it")
     parser.add_argument("--parity-only", action="store_true",
                         help="only the fp32 parity rows: no ceilings, no bf16 timing (e.g. full presets on a CPU)")
+    parser.add_argument("--torch-blas", nargs="+", choices=("cublas", "cublaslt"), default=None,
+                        help="parity rows once per CUDA BLAS library of the torch side (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=None, help="directory for the JSON result")
     args = parser.parse_args(argv)
+    if args.torch_blas and not torch.cuda.is_available():
+        parser.error("--torch-blas picks a CUDA BLAS library; no CUDA device here")
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -173,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     speed_rows, parity_rows = [], []
     for name in presets:
         parity, speed = run_preset(ModelConfig.preset(name), name, device, shapes, parity_tokens, repeats, warmup, peak,
-                                   args.fp64_floor)
-        parity_rows.append(parity)
+                                   args.fp64_floor, args.torch_blas)
+        parity_rows += parity
         speed_rows += speed
         if cuda:
             torch.cuda.empty_cache()
@@ -182,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table([{"ceiling": k, "value": v} for k, v in peak.items()], title="measured ceilings")
     print_table(speed_rows, title="bf16 prefill forward: tessera.jaxref (JAX/XLA) vs tessera.model (PyTorch)")
     print_table(parity_rows, title="fp32 parity, highest matmul precision on both sides")
-    path = write_result("jaxref" + ("-tiny" if args.tiny else "") + ("-parity" if args.parity_only else ""), {
+    path = write_result("jaxref" + ("-tiny" if args.tiny else "") + ("-parity" if args.parity_only else "")
+                        + ("-" + "-".join(args.torch_blas) if args.torch_blas else ""), {
         "ceilings": peak, "speed": speed_rows, "parity": parity_rows, "jax": jax.__version__,
         "jax_device": jax.devices()[0].device_kind, "timing": "wall clock + sync, median", "tiny": args.tiny},
         args.out)

@@ -22,13 +22,21 @@ Every kernel here that takes `PDL` follows one shape, `enter` (or `enter_prefetc
   has completed; it can only launch when all of this kernel's programs are running, so it never takes
   SM slots from programs of this one that are still to be scheduled.
 
+Mode 3 (early weights) moves a GEMV's first weight tile, rather than an L2 prefetch, ahead of the wait:
+each program of the M == 1 paths with whole tiles (`EVEN`) loads its first tile into registers, then
+waits, then reads x. Nothing else moves: x, the split-K workspace, the counters and the output are
+still touched only after the wait. This is safe only while the weights are not written by the kernel
+launched just before the GEMV, which holds for parameters (the decode step's case) and not for a GEMV
+whose "weight" an earlier kernel of the same chain produced; hence a mode, not the default.
+
 PDL is used on CUDA devices of compute capability 9.0 and up. `TESSERA_PDL` (read at import) or
 `set_mode` picks the mode: 0 off, 1 (the default) launch overlap, 2 launch overlap and the GEMVs' L2
-prefetch. Measured on an H200 (CUDA graphs, 2026-12-03), mode 1 against mode 0: a Llama-3.2-1B decode
-step 1.022 -> 0.929 ms in bf16, 0.786 -> 0.681 ms int8, 0.840 -> 0.732 ms AWQ-int4; Qwen3-0.6B batch-1
-graph decode 875-892 -> 990 tokens/s (other machine sessions). Mode 2 lost to mode 1 on the bf16 and int8
-steps (1.015 and 0.827 ms) and won only on AWQ's (0.747 ms), so it stays opt-in. Under the
-interpreter PDL is always off and the kernels compile without it.
+prefetch, 3 launch overlap and the GEMVs' first weight tile loaded before the wait. Measured on an H200
+(CUDA graphs, 2026-12-03), mode 1 against mode 0: a Llama-3.2-1B decode step 1.022 -> 0.929 ms in bf16,
+0.786 -> 0.681 ms int8, 0.840 -> 0.732 ms AWQ-int4; Qwen3-0.6B batch-1 graph decode 875-892 -> 990
+tokens/s (other machine sessions). Mode 2 lost to mode 1 on the bf16 and int8 steps (1.015 and 0.827 ms)
+and won only on AWQ's (0.747 ms), so it stays opt-in. Under the interpreter PDL is always off and the
+kernels compile without it.
 """
 
 from __future__ import annotations
@@ -50,13 +58,15 @@ except ImportError:  # a Triton before 3.4: no PDL
 #: Weight bytes one launch asks the L2 to prefetch before its wait (a fifth of an H100/H200 L2).
 PREFETCH_BUDGET = tl.constexpr(10 << 20)
 
-#: The modes: no PDL, launch overlap only, launch overlap and the GEMVs' weight prefetch.
-OFF, OVERLAP, PREFETCH = 0, 1, 2
+#: The modes: no PDL, launch overlap only, launch overlap and the GEMVs' weight prefetch, launch overlap
+#: and the GEMVs' first weight tile loaded before the wait.
+OFF, OVERLAP, PREFETCH, EARLY = 0, 1, 2, 3
 
 
 def _checked(mode: object, source: str) -> int:
-    if str(mode) not in ("0", "1", "2"):
-        raise ValueError(f"{source}={mode!r}: expected 0 (off), 1 (launch overlap) or 2 (overlap and prefetch)")
+    if str(mode) not in ("0", "1", "2", "3"):
+        raise ValueError(f"{source}={mode!r}: expected 0 (off), 1 (launch overlap), 2 (overlap and prefetch) "
+                         "or 3 (overlap and early weights)")
     return int(mode) if gdc_wait is not None else OFF
 
 

@@ -263,10 +263,11 @@ def _fma4(acc, w0, w1, w2, w3, x0, x1, x2, x3):
 
 @triton.jit
 def _int8_words_m1(X, W, N, K, stride_xk, stride_wn, pid_n, k_start, k_end, BN: tl.constexpr, BK: tl.constexpr,
-                   EVEN: tl.constexpr, ASM: tl.constexpr):
+                   EVEN: tl.constexpr, ASM: tl.constexpr, ENTER: tl.constexpr = 0):
     """acc [1, BN] of x[1, K] @ w_q.T over [k_start, k_end) (K % 4 == 0), the weights read as int32 words.
     EVEN: the next tile's words are loaded before this tile is multiplied (one tile in flight per thread
-    while it computes; the address is clamped, so the last iteration re-reads its own tile)."""
+    while it computes; the address is clamped, so the last iteration re-reads its own tile). ENTER (EVEN
+    only): the PDL mode to enter once the first tile is loaded (`pdl`, early weights); 0 when entered."""
     BW: tl.constexpr = BK // 4
     offs_n = pid_n * BN + tl.arange(0, BN)
     n_ok = offs_n < N
@@ -279,6 +280,7 @@ def _int8_words_m1(X, W, N, K, stride_xk, stride_wn, pid_n, k_start, k_end, BN: 
     t_end = tl.cdiv(k_end, BK)
     if EVEN:
         v = tl.load(w_ptrs + tl.minimum(k_start // BK, K // BK - 1) * BW)  # a split may be empty: stay in bounds
+        pdl.enter(ENTER)
     for t in range(k_start // BK, t_end):
         ks = t * BK + 4 * offs_j
         if EVEN:
@@ -297,10 +299,12 @@ def _int8_words_m1(X, W, N, K, stride_xk, stride_wn, pid_n, k_start, k_end, BN: 
 
 @triton.jit
 def _int4_words_m1(X, QW, S, Z, K, stride_xk, stride_qn, stride_sn, stride_zn, n64, n_ok, k_start, k_end,
-                   GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr):
+                   GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr,
+                   ENTER: tl.constexpr = 0):
     """acc [1, BN] of AWQ x[1, K] @ W.T over [k_start, k_end) (K % 8 == 0), tiles of NG = BK // GROUP whole
     groups read as int32 words ([BN, NG, GROUP // 8]); per group s * (sum_k q_k x_k - z * sum_k x_k), the
-    x sums taken once for all rows. EVEN: the next tile's words are loaded before this one is used."""
+    x sums taken once for all rows. EVEN: the next tile's words are loaded before this one is used. ENTER
+    (EVEN only): the PDL mode to enter once the first tile is loaded; 0 when entered already."""
     NG: tl.constexpr = BK // GROUP
     GW: tl.constexpr = GROUP // 8
     offs_g = tl.arange(0, NG)
@@ -312,6 +316,7 @@ def _int4_words_m1(X, QW, S, Z, K, stride_xk, stride_qn, stride_sn, stride_zn, n
     t_end = tl.cdiv(k_end, BK)
     if EVEN:  # offsets as tile index * TW: 16-byte aligned rows, 128-bit loads
         v = tl.load(q_ptrs + tl.minimum(k_start // BK, K // BK - 1) * TW)
+        pdl.enter(ENTER)
     for t in range(k_start // BK, t_end):
         k0 = t * BK
         ks = k0 + 8 * word
@@ -356,9 +361,13 @@ def int8_gemv_kernel(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_
     pid_k = tl.program_id(1)
     k_start, k_end = k_range(K, pid_k, BK, SPLIT_K)
     rows = pid_n * BN + tl.arange(0, BN)
-    pdl.enter_prefetching(PDL, W, rows, rows < N, stride_wn, k_start, k_end)
+    # Early weights (PDL mode 3): the paths with whole tiles load their first tile, then enter.
+    EARLY: tl.constexpr = PDL == 3 and BM == 1 and EVEN and not M1_DOT
+    if not EARLY:
+        pdl.enter_prefetching(PDL, W, rows, rows < N, stride_wn, k_start, k_end)
     if BM == 1 and WORDS:
-        acc = _int8_words_m1(X, W, N, K, stride_xk, stride_wn, pid_n, k_start, k_end, BN, BK, EVEN, ASM)
+        acc = _int8_words_m1(X, W, N, K, stride_xk, stride_wn, pid_n, k_start, k_end, BN, BK, EVEN, ASM,
+                             PDL if EARLY else 0)
         acc = acc * tl.load(S + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
         combine_and_store(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, 1, BN, SPLIT_K)
     elif BM == 1 and M1_DOT:
@@ -366,15 +375,26 @@ def int8_gemv_kernel(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_
                       SPLIT_K, EVEN, True)
     else:
         rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC, BM, BN, BK,
-                      SPLIT_K, EVEN, True)
+                      SPLIT_K, EVEN, True, PDL if EARLY else 0)
+
+
+@triton.jit
+def _weights_f32(w, INT8: tl.constexpr):
+    """A weight tile as float32: int8 through its exact byte path, a float dtype by a cast."""
+    if INT8:
+        return _exact_f32((w.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.int32), 128)  # w + 128 in [0, 255]
+    else:
+        return w.to(tl.float32)
 
 
 @triton.jit
 def rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr,
-                  INT8: tl.constexpr):
+                  INT8: tl.constexpr, ENTER: tl.constexpr = 0):
     """One program's [BN] output columns of x @ w.T over its split of K, combined and stored. INT8: w holds
-    int8 rows scaled per output channel by S; else w is in a float dtype (the dense GEMV) and S unused."""
+    int8 rows scaled per output channel by S; else w is in a float dtype (the dense GEMV) and S unused.
+    ENTER (BM == 1 and EVEN only): the PDL mode to enter once the first weight tile is loaded (early
+    weights, `pdl`); 0 when the kernel has entered already."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -386,7 +406,16 @@ def rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn,
     if BM == 1:
         # Products accumulate elementwise; the one reduction over K happens after the loop.
         acc2 = tl.zeros((BN, BK), dtype=tl.float32)
-        for k0 in range(k_start, k_end, BK):
+        loop_start = k_start
+        if ENTER != 0:
+            # The first tile's weights before the wait, its x after; a split may be empty: stay in bounds.
+            k_first = tl.minimum(k_start, K - BK)
+            w = tl.load(w_ptrs + k_first)
+            pdl.enter(ENTER)
+            x = tl.load(X + (k_first + offs_k) * stride_xk).to(tl.float32)
+            acc2 += tl.where(k_start < k_end, _weights_f32(w, INT8) * x[None, :], 0.0)
+            loop_start = k_start + BK
+        for k0 in range(loop_start, k_end, BK):
             if EVEN:
                 x = tl.load(X + (k0 + offs_k) * stride_xk).to(tl.float32)
                 w = tl.load(w_ptrs + k0)
@@ -394,11 +423,7 @@ def rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn,
                 k_ok = (k0 + offs_k) < K
                 x = tl.load(X + (k0 + offs_k) * stride_xk, mask=k_ok, other=0.0).to(tl.float32)
                 w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0)
-            if INT8:
-                w_f = _exact_f32((w.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.int32), 128)  # w + 128 in [0, 255]
-            else:
-                w_f = w.to(tl.float32)
-            acc2 += w_f * x[None, :]
+            acc2 += _weights_f32(w, INT8) * x[None, :]
         acc = tl.sum(acc2, axis=1)[None, :]
     else:
         offs_m = tl.arange(0, BM)
@@ -537,10 +562,12 @@ def int4_gemv_kernel(X, QW, S, Z, Y, WS, CNT, M, N, K, K2, stride_xm, stride_xk,
     n_ok = offs_n < N
     n64 = offs_n.to(tl.int64)
     k_start, k_end = k_range(K, pid_k, BK, SPLIT_K)
-    pdl.enter_prefetching(PDL, QW, offs_n, n_ok, stride_qn, k_start // 2, (k_end + 1) // 2)
+    EARLY: tl.constexpr = PDL == 3 and BM == 1 and WORDS and EVEN  # early weights: the word path enters
+    if not EARLY:
+        pdl.enter_prefetching(PDL, QW, offs_n, n_ok, stride_qn, k_start // 2, (k_end + 1) // 2)
     if BM == 1 and WORDS:
         acc = _int4_words_m1(X, QW, S, Z, K, stride_xk, stride_qn, stride_sn, stride_zn, n64, n_ok, k_start, k_end,
-                             GROUP, BN, BK, EVEN, ASM)
+                             GROUP, BN, BK, EVEN, ASM, PDL if EARLY else 0)
     elif BK <= GROUP:
         acc = _int4_in_group(X, QW, S, Z, M, K, K2, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, n64, n_ok,
                              k_start, k_end, GROUP, PREC, BM, BN, BK)
