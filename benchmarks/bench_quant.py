@@ -36,7 +36,7 @@ from _common import print_table, write_result
 from torch import nn
 
 from tessera.attn import FlatKVCache
-from tessera.kernels import dense, registry
+from tessera.kernels import dense, registry, static_weights
 from tessera.model import Transformer, fuse_projections
 from tessera.model.fusion import route_decode_linears
 from tessera.quant import QuantLinear, quantize
@@ -240,7 +240,8 @@ def decode_step(model: Transformer, batch: int, context: int, dtype: torch.dtype
     pos = cache.positions(1)
 
     def step() -> torch.Tensor:
-        return model(tok, positions=pos, kv=cache)
+        with static_weights():  # as the serving engine runs its forwards (early weights under PDL mode 3)
+            return model(tok, positions=pos, kv=cache)
 
     if use_graph:
         try:

@@ -9,6 +9,7 @@ import pytest
 import torch
 import triton
 
+from tessera.kernels import static_weights, weights_static
 from tessera.kernels.triton import gemv, kv_cache, norm, pdl, rope, swiglu
 from tessera.kernels.triton import paged_attention as pa
 from tessera.kernels.triton import quant_gemv as qg
@@ -91,6 +92,39 @@ def test_launch_options_off_the_gpu_and_when_disabled() -> None:
     assert pdl.mode() == previous
 
 
+def test_early_weights_only_for_gemvs_under_static_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mode 3 reaches a GEMV launch only inside `static_weights()`, on the thread that entered it; every
+    other launch, and a GEMV outside the block, gets mode 1 (its weights might be the previous kernel's
+    output)."""
+    import threading
+
+    monkeypatch.setattr(pdl, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(pdl, "_capable", lambda index: True)
+    cuda = torch.device("cuda", 0)
+    previous = pdl.set_mode(pdl.EARLY)
+    try:
+        assert pdl.launch_options(cuda, gemv=True) == {"PDL": pdl.OVERLAP, "launch_pdl": True}
+        seen = []
+        with static_weights():
+            assert weights_static()
+            assert pdl.launch_options(cuda, gemv=True) == {"PDL": pdl.EARLY, "launch_pdl": True}
+            assert pdl.launch_options(cuda) == {"PDL": pdl.OVERLAP, "launch_pdl": True}
+            with static_weights():  # nests
+                pass
+            assert weights_static()
+            other = threading.Thread(target=lambda: seen.append(pdl.launch_options(cuda, gemv=True)["PDL"]))
+            other.start()
+            other.join()
+        assert seen == [pdl.OVERLAP] and not weights_static()
+        assert pdl.launch_options(cuda, gemv=True)["PDL"] == pdl.OVERLAP
+        for mode in (pdl.OVERLAP, pdl.PREFETCH):  # the other modes ignore the declaration
+            pdl.set_mode(mode)
+            with static_weights():
+                assert pdl.launch_options(cuda, gemv=True)["PDL"] == mode
+    finally:
+        pdl.set_mode(previous)
+
+
 @pytest.mark.gpu
 def test_decode_chain_same_bits_with_and_without_pdl() -> None:
     """A decode-step-like chain (norm, int8/int4/dense GEMVs, silu_mul, rope, KV write, paged decode),
@@ -136,12 +170,13 @@ def test_decode_chain_same_bits_with_and_without_pdl() -> None:
     for mode in (pdl.OFF, pdl.OVERLAP, pdl.PREFETCH, pdl.EARLY):
         previous = pdl.set_mode(mode)
         try:
-            eager = step()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = step()
-                for _ in range(7):  # later copies overlap the earlier ones' tails
+            with static_weights():  # every GEMV weight here is a fixed tensor: mode 3 loads it early
+                eager = step()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
                     out = step()
+                    for _ in range(7):  # later copies overlap the earlier ones' tails
+                        out = step()
             graph.replay()
             torch.cuda.synchronize()
             outs[mode] = (eager.clone(), out.clone())

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -25,6 +27,30 @@ def triton_interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 when the backends were
     imported: `triton.jit` reads it once, at decoration, so later changes are ignored here too)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_static = threading.local()
+
+
+@contextmanager
+def static_weights() -> Iterator[None]:
+    """Declare, for kernel launches from this thread inside the block, that no decode GEMV's weight
+    operand is written by the kernel launched just before it: true of a model's parameters and
+    quantized buffers, which is all a forward pass multiplies by. Under programmatic dependent launch
+    mode 3 (`tessera.kernels.triton.pdl`, the default) the GEMVs then load their first weight tile
+    before waiting for that kernel; outside the block they wait first. Nests; CUDA graphs keep what
+    was captured."""
+    depth = getattr(_static, "depth", 0)
+    _static.depth = depth + 1
+    try:
+        yield
+    finally:
+        _static.depth = depth
+
+
+def weights_static() -> bool:
+    """Whether this thread is inside `static_weights()`."""
+    return getattr(_static, "depth", 0) > 0
 
 
 def device_reasons(tensors: Iterable[torch.Tensor], *, allow_cpu: bool = False, hint: str = "") -> list[str]:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from tessera.attn import PagedAttentionMetadata, PagedKVCache, PagedKVContext
+from tessera.kernels import static_weights
 from tessera.model import Transformer
 from tessera.model.fusion import fuse_projections, route_decode_linears
 from tessera.serve.cuda_graphs import DecodeGraphs, DraftChain
@@ -85,16 +86,18 @@ class ModelRunner:
                      f", a {draft_chain_steps}-step draft chain at {small}" if draft_chain_steps else "")
             start = time.perf_counter()
             try:
-                self.graphs = DecodeGraphs(self.model, self.cache, self.null_block, self.max_blocks_per_seq,
-                                           cuda_graph_batch_sizes)
-                if graph_tokens_per_seq > 1 and small:
-                    self.multi_graphs = DecodeGraphs(self.model, self.cache, self.null_block, self.max_blocks_per_seq,
-                                                     small, tokens_per_seq=graph_tokens_per_seq,
-                                                     max_context=max_model_len)
-                if draft_chain_steps and small:
-                    self.chain = DraftChain(self.model, self.cache, self.null_block, self.max_blocks_per_seq, small,
-                                            draft_chain_steps, max_context=max_model_len)
-                log.info("CUDA graphs captured in %.1f s", time.perf_counter() - start)
+                with static_weights():  # see `forward`
+                    self.graphs = DecodeGraphs(self.model, self.cache, self.null_block, self.max_blocks_per_seq,
+                                               cuda_graph_batch_sizes)
+                    if graph_tokens_per_seq > 1 and small:
+                        self.multi_graphs = DecodeGraphs(self.model, self.cache, self.null_block,
+                                                         self.max_blocks_per_seq, small,
+                                                         tokens_per_seq=graph_tokens_per_seq,
+                                                         max_context=max_model_len)
+                    if draft_chain_steps and small:
+                        self.chain = DraftChain(self.model, self.cache, self.null_block, self.max_blocks_per_seq,
+                                                small, draft_chain_steps, max_context=max_model_len)
+                    log.info("CUDA graphs captured in %.1f s", time.perf_counter() - start)
             except RuntimeError as exc:  # a kernel that syncs with the host cannot be captured
                 self.graph_error = f"{type(exc).__name__}: {exc}"
                 log.warning("CUDA graphs disabled, decoding eagerly: %s", self.graph_error)
@@ -110,7 +113,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor:
-        """Logits [len(step.logit_rows), vocab] in the model's dtype."""
+        """Logits [len(step.logit_rows), vocab] in the model's dtype. Every forward (and every graph
+        capture) runs under `static_weights()`: the model's own weights are all its GEMVs multiply by, so
+        under PDL mode 3 they load their first weight tile while the previous kernel finishes."""
+        with static_weights():
+            return self._forward(step)
+
+    def _forward(self, step: StepInput) -> torch.Tensor:
         if self.graphs is not None and step.decode_only and len(step.tokens) <= self.graphs.max_batch_size:
             ids = [t[0] for t in step.tokens]
             slots = [h.slot(p) for h, p in zip(step.handles, step.starts)]
@@ -145,7 +154,8 @@ class ModelRunner:
             return None
         slots = [[h.slot(p) for p in range(s, s + len(t) + max(a - 1, 0))]
                  for h, t, s, a in zip(handles, catch_up, starts, lookaheads)]
-        return chain.run(catch_up, starts, slots, lookaheads, [h.block_ids for h in handles])
+        with static_weights():
+            return chain.run(catch_up, starts, slots, lookaheads, [h.block_ids for h in handles])
 
     def _prepare(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, PagedAttentionMetadata]:
         ids: list[int] = []

@@ -87,7 +87,7 @@ def launch(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, kernel: object = N
     split = split_k.max_split(_tuned, n) if kernel is None else int(meta["SPLIT_K"])
     ws, counters = split_k.workspace(n, split, x.device)
     args = (x, w, y, ws, counters, m, n, k, x.stride(0), x.stride(1), w.stride(0), y.stride(0), mb)
-    consts = {"PREC": dot_precision(x.dtype), "BM": 1 if m == 1 else MAX_M, **pdl.launch_options(x.device)}
+    consts = {"PREC": dot_precision(x.dtype), "BM": 1 if m == 1 else MAX_M, **pdl.launch_options(x.device, gemv=True)}
     if kernel is None:
         _launch((mb, n, k, x.dtype), split_k.grid(n), *args, **consts)
     else:

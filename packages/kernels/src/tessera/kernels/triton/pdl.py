@@ -22,21 +22,26 @@ Every kernel here that takes `PDL` follows one shape, `enter` (or `enter_prefetc
   has completed; it can only launch when all of this kernel's programs are running, so it never takes
   SM slots from programs of this one that are still to be scheduled.
 
-Mode 3 (early weights) moves a GEMV's first weight tile, rather than an L2 prefetch, ahead of the wait:
-each program of the M == 1 paths with whole tiles (`EVEN`) loads its first tile into registers, then
-waits, then reads x. Nothing else moves: x, the split-K workspace, the counters and the output are
-still touched only after the wait. This is safe only while the weights are not written by the kernel
-launched just before the GEMV, which holds for parameters (the decode step's case) and not for a GEMV
-whose "weight" an earlier kernel of the same chain produced; hence a mode, not the default.
+Mode 3 (early weights, the default) moves a GEMV's first weight tile, rather than an L2 prefetch, ahead
+of the wait: each program of the M == 1 paths with whole tiles (`EVEN`) loads its first tile into
+registers, then waits, then reads x. Nothing else moves: x, the split-K workspace, the counters and the
+output are still touched only after the wait. That is safe only while the weights are not written by the
+kernel launched just before the GEMV. A model's forward pass guarantees it (its weights are parameters
+and buffers); a GEMV whose "weight" the previous kernel of a chain produced would not. So the GEMVs load
+early only where the caller has declared it, inside `tessera.kernels.static_weights()` (the serving
+engine's forward passes and graph captures); elsewhere mode 3 launches as mode 1. Measured on an H200
+(2026-12-04, mode 1 -> 3): Qwen3-0.6B batch-1 graph decode 1042 -> 1158 tokens/s (two processes on one
+machine; 1023 -> 1156 with the order reversed); a Llama-3.2-1B decode step 0.910 -> 0.877 ms in bf16,
+0.678 -> 0.660 ms int8, 0.706 -> 0.692 ms AWQ-int4 (one process).
 
 PDL is used on CUDA devices of compute capability 9.0 and up. `TESSERA_PDL` (read at import) or
-`set_mode` picks the mode: 0 off, 1 (the default) launch overlap, 2 launch overlap and the GEMVs' L2
-prefetch, 3 launch overlap and the GEMVs' first weight tile loaded before the wait. Measured on an H200
-(CUDA graphs, 2026-12-03), mode 1 against mode 0: a Llama-3.2-1B decode step 1.022 -> 0.929 ms in bf16,
-0.786 -> 0.681 ms int8, 0.840 -> 0.732 ms AWQ-int4; Qwen3-0.6B batch-1 graph decode 875-892 -> 990
-tokens/s (other machine sessions). Mode 2 lost to mode 1 on the bf16 and int8 steps (1.015 and 0.827 ms)
-and won only on AWQ's (0.747 ms), so it stays opt-in. Under the interpreter PDL is always off and the
-kernels compile without it.
+`set_mode` picks the mode: 0 off, 1 launch overlap, 2 launch overlap and the GEMVs' L2 prefetch, 3 (the
+default) launch overlap and, under `static_weights()`, the GEMVs' first weight tile loaded before the
+wait. Measured on an H200 (CUDA graphs, 2026-12-03), mode 1 against mode 0: a Llama-3.2-1B decode step
+1.022 -> 0.929 ms in bf16, 0.786 -> 0.681 ms int8, 0.840 -> 0.732 ms AWQ-int4; Qwen3-0.6B batch-1 graph
+decode 875-892 -> 990 tokens/s (other machine sessions). Mode 2 lost to mode 1 on the bf16 and int8
+steps (1.015 and 0.827 ms) and won only on AWQ's (0.747 ms), so it stays opt-in. Under the interpreter
+PDL is always off and the kernels compile without it.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tessera.kernels.support import triton_interpreting
+from tessera.kernels.support import triton_interpreting, weights_static
 
 try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -70,7 +75,7 @@ def _checked(mode: object, source: str) -> int:
     return int(mode) if gdc_wait is not None else OFF
 
 
-_mode = _checked(os.environ.get("TESSERA_PDL", str(OVERLAP)), "TESSERA_PDL")
+_mode = _checked(os.environ.get("TESSERA_PDL", str(EARLY)), "TESSERA_PDL")
 
 
 def set_mode(mode: int) -> int:
@@ -90,12 +95,14 @@ def _capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
-def launch_options(device: torch.device) -> dict[str, int | bool]:
+def launch_options(device: torch.device, gemv: bool = False) -> dict[str, int | bool]:
     """The kwargs a PDL-aware kernel launch adds: `PDL` (the mode, a constexpr that compiles the prologue
-    in) and Triton's `launch_pdl` (the launch attribute) on a capable CUDA device; else PDL=0."""
+    in) and Triton's `launch_pdl` (the launch attribute) on a capable CUDA device; else PDL=0. Mode 3
+    stays 3 only for a GEMV (`gemv`) launched inside `static_weights()`; otherwise it launches as 1."""
     if _mode and device.type == "cuda" and not triton_interpreting() and _capable(
             torch.cuda.current_device() if device.index is None else device.index):
-        return {"PDL": _mode, "launch_pdl": True}
+        early = _mode == EARLY and gemv and weights_static()
+        return {"PDL": EARLY if early else OVERLAP if _mode == EARLY else _mode, "launch_pdl": True}
     return {"PDL": OFF}
 
 

@@ -616,7 +616,7 @@ def launch_int8(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, y: torc
     ws, counters = workspace(n, max_split(_int8_tuned, n) if kernel is None else int(meta["SPLIT_K"]), x.device)
     args = (x, w_q, scale, y, ws, counters, m, n, k, x.stride(0), x.stride(1), w_q.stride(0), y.stride(0), mb)
     consts = {"PREC": dot_precision(x.dtype), "BM": 1 if m == 1 else MAX_M, "ASM": not triton_interpreting(),
-              **pdl.launch_options(x.device)}
+              **pdl.launch_options(x.device, gemv=True)}
     if kernel is None:
         _int8_launch((mb, n, k, x.dtype, scale.dtype), grid(n), *args, **consts)
     else:
@@ -640,7 +640,7 @@ def launch_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     args = (x, qweight, scales, zeros, y, ws, counters, m, n, k, k // 2, x.stride(0), x.stride(1), qweight.stride(0),
             scales.stride(0), zeros.stride(0), y.stride(0), mb)
     consts = {"GROUP": group_size, "PREC": dot_precision(x.dtype), "BM": 1 if m == 1 else MAX_M,
-              "ASM": not triton_interpreting(), **pdl.launch_options(x.device)}
+              "ASM": not triton_interpreting(), **pdl.launch_options(x.device, gemv=True)}
     if kernel is None:
         _int4_launch((mb, n, k, group_size, x.dtype, scales.dtype, zeros.dtype), grid(n), *args, **consts)
     else:
