@@ -436,8 +436,8 @@ def main() -> None:
     p.add_argument("--pdl-modes", type=int, nargs="+", default=[], choices=(0, 1, 2, 3), metavar="MODE",
                    help="with --speed: also time the decode steps in these PDL modes (0 off, 1 launch overlap, "
                         "2 overlap + GEMV weight prefetch, 3 overlap + GEMV first weight tile before the wait) in the "
-                        "same process, with the same tuned configs; the "
-                        "main figures use TESSERA_PDL's mode (default 1). PDL needs a GPU of compute capability "
+                        "same process, with the same tuned configs; the main figures use TESSERA_PDL's mode "
+                        "(default 3). PDL needs a GPU of compute capability "
                         "9.0 or later; elsewhere the modes time the same kernels")
     p.add_argument("--out", type=Path, help="result folder (default benchmarks/results)")
     p.add_argument("--note", help="free text stored in the JSON (e.g. how the scored model was made)")
