@@ -64,6 +64,13 @@ def provenance() -> dict[str, Any]:
     return info
 
 
+def require_positive(parser: Any, args: Any, *names: str) -> None:
+    """A usage error (naming the flag and the value) for any of these integer options below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
 def write_result(name: str, payload: dict[str, Any], out_dir: Path | None = None) -> Path:
     """Write `payload` with provenance; returns the path. `out_dir` defaults to benchmarks/results."""
     out_dir = out_dir or RESULTS

@@ -102,8 +102,9 @@ def blas_library(name: str | None) -> Iterator[None]:
 
 
 def _parity(model: Transformer, got: np.ndarray, ids: np.ndarray, name: str, parity_tokens: int,
-            device: torch.device, fp64_floor: bool, library: str | None) -> dict:
-    """One parity row: jaxref's float32 logits `got` against the torch model's, with the BLAS in force."""
+            device: torch.device, exact: np.ndarray | None, library: str | None) -> dict:
+    """One parity row: jaxref's float32 logits `got` against the torch model's, with the BLAS in force;
+    with `exact` (the torch model's float64 logits) also each side's float32 error against it."""
     label = f"{name} ({library})" if library else name
     with torch.inference_mode():
         default = model(torch.from_numpy(ids).to(device)).float().cpu().numpy()
@@ -115,11 +116,7 @@ def _parity(model: Transformer, got: np.ndarray, ids: np.ndarray, name: str, par
               "fp32_max_logit_diff": fp32_diff,
               "within_2e-5": fp32_diff <= 2e-5, "fp32_diff_default_kernels": float(np.abs(got - default).max()),
               "fp32_max_abs_logit": float(np.abs(ref).max())}
-    if fp64_floor:
-        # Each side's own float32 error against the same torch model run in float64 (reference kernels):
-        # how far apart two correct float32 implementations may land from rounding alone.
-        with torch.inference_mode(), reference_kernels():
-            exact = model.double()(torch.from_numpy(ids).to(device)).cpu().numpy()
+    if exact is not None:
         parity["torch_fp32_vs_fp64"] = float(np.abs(ref - exact).max())
         parity["jax_fp32_vs_fp64"] = float(np.abs(got - exact).max())
         print(f"{label}: vs float64, torch {parity['torch_fp32_vs_fp64']:.3g}, jax {parity['jax_fp32_vs_fp64']:.3g}")
@@ -144,11 +141,17 @@ def run_preset(cfg: ModelConfig, name: str, device: torch.device, shapes: list[t
     ids = rng.integers(0, cfg.vocab_size, (1, parity_tokens))
     with jax.default_matmul_precision("highest"):
         got = np.asarray(forward(params, cfg, jnp.asarray(ids, jnp.int32)))
+    exact = None
+    if fp64_floor:
+        # Each side's own float32 error against the same torch model run in float64 (reference kernels):
+        # how far apart two correct float32 implementations may land from rounding alone.
+        with torch.inference_mode(), reference_kernels():
+            exact = model.double()(torch.from_numpy(ids).to(device)).cpu().numpy()
+        model = model.float()
     parities = []
     for library in blas or [None]:
         with blas_library(library):
-            parities.append(_parity(model, got, ids, name, parity_tokens, device, fp64_floor, library))
-        model = model.float()
+            parities.append(_parity(model, got, ids, name, parity_tokens, device, exact, library))
 
     model = model.to(torch.bfloat16)
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import measure_ceilings, median_seconds, print_table, write_result
+from _common import measure_ceilings, median_seconds, print_table, require_positive, write_result
 
 from tessera.kernels import dense
 from tessera.model import Transformer
@@ -447,9 +447,7 @@ def main() -> None:
     args = p.parse_args()
     if args.draft and len(set(args.draft)) < len(args.draft):
         p.error(f"--draft: a directory is named twice in {args.draft}")
-    for name in ("spec_prompts", "spec_repeats", "spec_tokens"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_positive(p, args, "spec_prompts", "spec_repeats", "spec_tokens")
     cuda = torch.cuda.is_available() and not args.tiny
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_result
+from _common import print_table, require_positive, write_result
 
 from tessera.model import Transformer
 from tessera.serve.engine import LLMEngine
@@ -150,9 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs (default: graphs on a GPU)")
     parser.add_argument("--out", type=Path, default=None, help="directory for the JSON result")
     args = parser.parse_args(argv)
-    for name in ("prompt_len", "tokens", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    require_positive(parser, args, "prompt_len", "tokens", "repeats")
     cuda = torch.cuda.is_available() and not args.tiny
     device = "cuda" if cuda else "cpu"
     torch.manual_seed(0)

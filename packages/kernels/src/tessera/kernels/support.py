@@ -1,6 +1,8 @@
 """Building blocks of `supports(...)` checks: each returns the reasons a backend cannot run (empty = it can).
 
 Checks never read tensor values (no host sync), so dispatch stays cheap and CUDA-graph capturable.
+Also the backend-free launch settings the Triton kernels read: `triton_interpreting` and the
+`static_weights` declaration (which must import without Triton, since the serving engine makes it).
 """
 
 from __future__ import annotations

@@ -113,13 +113,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor:
-        """Logits [len(step.logit_rows), vocab] in the model's dtype. Every forward (and every graph
-        capture) runs under `static_weights()`: the model's own weights are all its GEMVs multiply by, so
-        under PDL mode 3 they load their first weight tile while the previous kernel finishes."""
-        with static_weights():
-            return self._forward(step)
-
-    def _forward(self, step: StepInput) -> torch.Tensor:
+        """Logits [len(step.logit_rows), vocab] in the model's dtype. Eager forwards (and graph captures
+        and the draft chain) run under `static_weights()`: the model's own weights are all its GEMVs
+        multiply by, so under PDL mode 3 they load their first weight tile while the previous kernel
+        finishes. A graph replay launches nothing and keeps what was captured."""
         if self.graphs is not None and step.decode_only and len(step.tokens) <= self.graphs.max_batch_size:
             ids = [t[0] for t in step.tokens]
             slots = [h.slot(p) for h, p in zip(step.handles, step.starts)]
@@ -142,8 +139,9 @@ class ModelRunner:
                 row += len(t)
             at_t, seq_t, col_t = upload([at, seq, col], torch.int64, self.device)
             ids[0, at_t] = step.device_tokens[seq_t, col_t]
-        h, _ = self.model.hidden_states(ids, pos, PagedKVContext(self.cache, meta))
-        return self.model.lm_head(take_rows(h[0], step.logit_rows))
+        with static_weights():
+            h, _ = self.model.hidden_states(ids, pos, PagedKVContext(self.cache, meta))
+            return self.model.lm_head(take_rows(h[0], step.logit_rows))
 
     def draft_chain(self, handles: Sequence[KVCacheHandle], catch_up: Sequence[Sequence[int]], starts: Sequence[int],
                     lookaheads: Sequence[int]) -> torch.Tensor | None:

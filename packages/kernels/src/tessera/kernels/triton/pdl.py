@@ -101,8 +101,10 @@ def launch_options(device: torch.device, gemv: bool = False) -> dict[str, int | 
     stays 3 only for a GEMV (`gemv`) launched inside `static_weights()`; otherwise it launches as 1."""
     if _mode and device.type == "cuda" and not triton_interpreting() and _capable(
             torch.cuda.current_device() if device.index is None else device.index):
-        early = _mode == EARLY and gemv and weights_static()
-        return {"PDL": EARLY if early else OVERLAP if _mode == EARLY else _mode, "launch_pdl": True}
+        mode = _mode
+        if mode == EARLY and not (gemv and weights_static()):
+            mode = OVERLAP
+        return {"PDL": mode, "launch_pdl": True}
     return {"PDL": OFF}
 
 
