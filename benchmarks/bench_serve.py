@@ -2,8 +2,8 @@
 
 Sections (each with its HF peer measured here, or stated as absent):
   decode   batch-1 decode tokens/s, and weight bytes per step over the measured copy bandwidth
-           (roofline fraction), end to end through the engine and for the captured graph alone;
-           HF generate with its dynamic and static caches.
+           (roofline fraction), end to end through the engine (overlapped decode, its default, and
+           step by step) and for the captured graph alone; HF generate with its dynamic and static caches.
   graphs   CUDA-graph decode == eager decode token for token; target-as-own-draft acceptance on the
            graph path.
   offline  N requests, input and output lengths uniform in [100, 1024], random ids, ignore_eos:
@@ -153,11 +153,18 @@ def section_decode(model, hf, args, ceil, cuda, rows, results) -> None:
     generate_one(engine, prompt.prompt_token_ids, 16, "warm")
     rates = [generate_one(engine, prompt.prompt_token_ids, args.decode_tokens, f"d{i}")[1] for i in range(3)]
     ours = statistics.median(rates)
+    overlapped = engine.overlapped_steps
+    engine.overlap = False  # the same engine reading each step's tokens before launching the next
+    serial = statistics.median(generate_one(engine, prompt.prompt_token_ids, args.decode_tokens, f"s{i}")[1]
+                               for i in range(3))
+    engine.overlap = True
     wbytes = weight_bytes(model)
     roof = ceil["copy_bytes_per_s"] / wbytes
     res: dict[str, Any] = {"weight_bytes": wbytes, "roofline_tok_s": roof, "engine_tok_s": ours,
-                           "engine_roofline_fraction": ours / roof, "graph_error": engine.runner.graph_error}
+                           "engine_roofline_fraction": ours / roof, "engine_overlapped_steps": overlapped,
+                           "engine_step_by_step_tok_s": serial, "graph_error": engine.runner.graph_error}
     rows.append({"what": "batch-1 decode, engine", "tok/s": ours, "roofline": ours / roof})
+    rows.append({"what": "batch-1 decode, engine step by step", "tok/s": serial, "roofline": serial / roof})
     graphs = engine.runner.graphs
     if graphs is not None:
         step = median_seconds(lambda: graphs.graphs[1].replay(), 50, 5, cuda)

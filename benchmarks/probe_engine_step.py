@@ -9,15 +9,19 @@ phase.
     python3 benchmarks/probe_engine_step.py --tiny                                     # CPU smoke run, seconds
 
 Phases, per decode step (mean over the timed steps):
-- `schedule`: `Scheduler.schedule`;
+- `schedule`: `Scheduler.schedule` (with overlapped decode, the engine's default, a steady decode
+  skips it: each step launches the next one itself);
 - `forward`: `ModelRunner.forward` as the host sees it (inputs copied, graph replay launched; on a CPU,
   the whole forward);
 - `sample`: `Sampler.sample` (launches only, on a GPU);
-- `wait`: the rest of `_plain_step`, chiefly reading the sampled ids back, which waits for the device;
+- `wait`: the rest of `_land`, chiefly the wait for the step's sampled ids;
 - `append`: `_append` (stop checks, detokenisation);
 - `cache_blocks`: `BlockManager.cache_blocks` (hashing filled blocks into the prefix cache);
 - `outputs`: `_output` (the request's cumulative `RequestOutput`);
 - `other`: the rest of `step`.
+
+`--no-overlap` reads each step's tokens before launching the next (`LLMEngine.overlap = False`): every
+phase then adds to the step's wall time, where overlapped decode hides them behind the device's work.
 """
 
 from __future__ import annotations
@@ -65,12 +69,13 @@ class PhaseTimer:
 
 
 def probe(model: Transformer, device: str, prompt_len: int, tokens: int, repeats: int,
-          graphs: bool) -> dict[str, Any]:
+          graphs: bool, overlap: bool = True) -> dict[str, Any]:
     cfg = EngineConfig(device=device, dtype="bfloat16" if device == "cuda" else "float32",
                        max_model_len=prompt_len + tokens + 16, max_num_seqs=8, max_num_batched_tokens=8192,
                        kv_cache_memory_fraction=0.6, kv_cache_bytes=2**28, enforce_eager=not graphs,
                        cuda_graph_batch_sizes=(1, 2, 4, 8))
     engine = LLMEngine(model, None, cfg)
+    engine.overlap = overlap
     timer = PhaseTimer()
     timer.wrap(engine.scheduler, "schedule", "schedule")
     timer.wrap(engine.runner, "forward", "forward")
@@ -78,7 +83,7 @@ def probe(model: Transformer, device: str, prompt_len: int, tokens: int, repeats
     timer.wrap(engine, "_append", "append")
     timer.wrap(engine.bm, "cache_blocks", "cache_blocks")
     timer.wrap(engine, "_output", "outputs")
-    timer.wrap(engine, "_plain_step", "plain_step")
+    timer.wrap(engine, "_land", "land")
     timer.wrap(engine, "step", "step")
     cuda = device == "cuda"
     device_ms: list[float] = []
@@ -127,12 +132,13 @@ def probe(model: Transformer, device: str, prompt_len: int, tokens: int, repeats
     phases = {
         "schedule": per.get("schedule", 0.0), "forward": per.get("forward", 0.0),
         "sample": per.get("sample", 0.0), "append": per.get("append", 0.0),
-        "wait": per.get("plain_step", 0.0) - per.get("forward", 0.0) - per.get("sample", 0.0) - per.get("append", 0.0),
+        "wait": per.get("land", 0.0) - per.get("append", 0.0) - per.get("cache_blocks", 0.0),
         "cache_blocks": per.get("cache_blocks", 0.0), "outputs": per.get("outputs", 0.0),
-        "other": (per.get("step", 0.0) - per.get("schedule", 0.0) - per.get("plain_step", 0.0)
-                  - per.get("cache_blocks", 0.0) - per.get("outputs", 0.0)),
+        "other": (per.get("step", 0.0) - per.get("schedule", 0.0) - per.get("forward", 0.0) - per.get("sample", 0.0)
+                  - per.get("land", 0.0) - per.get("outputs", 0.0)),
     }
-    res = {"steps": steps, "step_wall_us_median": 1e6 * statistics.median(walls),
+    res = {"steps": steps, "overlap": overlap, "overlapped_steps": engine.overlapped_steps,
+           "step_wall_us_median": 1e6 * statistics.median(walls),
            "step_us_mean_instrumented": per.get("step", 0.0), "phases_us": phases}
     if device_ms:
         res["device_forward_sample_us_median"] = 1e3 * statistics.median(device_ms)
@@ -148,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=128, help="tokens generated per timed run")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up run")
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs (default: graphs on a GPU)")
+    parser.add_argument("--no-overlap", action="store_true",
+                        help="read each step's tokens before launching the next (default: overlapped decode)")
     parser.add_argument("--out", type=Path, default=None, help="directory for the JSON result")
     args = parser.parse_args(argv)
     require_positive(parser, args, "prompt_len", "tokens", "repeats")
@@ -158,15 +166,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         args.prompt_len, args.tokens = min(args.prompt_len, 16), min(args.tokens, 16)
     model = Transformer(cfg).eval()
-    res = probe(model, device, args.prompt_len, args.tokens, args.repeats, graphs=cuda and not args.eager)
+    res = probe(model, device, args.prompt_len, args.tokens, args.repeats, graphs=cuda and not args.eager,
+                overlap=not args.no_overlap)
     rows = [{"phase": p, "host_us_per_step": res["phases_us"][p]} for p in PHASES]
     name = "tiny-student" if args.tiny else args.preset
-    print_table(rows, title=f"engine decode step, batch 1, {name} on {device}: median step "
+    print_table(rows, title=f"engine decode step, batch 1, {name} on {device}, "
+                            f"{'overlapped' if res['overlap'] else 'step by step'}: median step "
                             f"{res['step_wall_us_median']:.1f} us")
     if "device_forward_sample_us_median" in res:
         print(f"device time of forward + sampler: {res['device_forward_sample_us_median']:.1f} us a step; "
               f"wall time not covered by it: {res['host_not_overlapped_us']:.1f} us")
-    path = write_result("probe-engine-step" + ("-tiny" if args.tiny else ""),
+    stem = "probe-engine-step" + ("-tiny" if args.tiny else "") + ("-no-overlap" if args.no_overlap else "")
+    path = write_result(stem,
                         {"preset": name, "prompt_len": args.prompt_len,
                          "tokens": args.tokens, "repeats": args.repeats, "graphs": cuda and not args.eager,
                          **res}, args.out)

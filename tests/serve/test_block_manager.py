@@ -196,3 +196,14 @@ def test_stale_handle_and_errors_name_the_value() -> None:
         bm.append(a, 1)
     with pytest.raises(OutOfBlocks, match="needs 3 free blocks"):
         bm.allocate(2, 12)
+
+
+def test_can_append_all_counts_every_append_together() -> None:
+    bm = BlockManager(num_blocks=4, block_size=4, enable_prefix_caching=False)
+    a, b = bm.allocate(0, 4), bm.allocate(1, 4)  # two full blocks: each next token needs a fresh block
+    assert bm.can_append(a, 1) and bm.can_append(b, 1)
+    assert bm.can_append_all([(a, 1), (b, 1)]) and bm.can_append_all([(a, 0), (b, 5)])
+    assert not bm.can_append_all([(a, 1), (b, 5)])  # 1 + 2 blocks, 2 free
+    fork = bm.fork(bm.append(a, 1), 2)  # a's last block now half full and shared: appending copies it
+    assert bm.num_free_blocks == 1
+    assert bm.can_append_all([(fork, 1)]) and not bm.can_append_all([(fork, 1), (b, 1)])

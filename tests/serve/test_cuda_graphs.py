@@ -96,6 +96,30 @@ def test_draft_chain_graph_equals_the_round_by_round_path() -> None:
     torch.cuda.synchronize()
 
 
+@pytest.mark.gpu
+def test_overlapped_decode_on_the_gpu_equals_step_by_step() -> None:
+    """Graph replays and eager forwards fed the previous step's tokens on the device (overlapped decode)
+    give the outputs of step-by-step decode: greedy, seeded sampling, logprobs."""
+    from tessera.specs import SamplingParams
+
+    model = gpu_model()
+    ps = prompts(6, seed=25)
+    params = [GREEDY, SamplingParams(temperature=0.8, top_p=0.9, max_tokens=12, seed=3, logprobs=2, ignore_eos=True)]
+    for sp in params:
+        for graphs in (True, False):
+            results = []
+            for overlap in (False, True):
+                eng = engine(model, enforce_eager=not graphs, cuda_graph_batch_sizes=(1, 2, 4, 8), **GPU_SHAPES)
+                assert (eng.runner.graphs is not None) == graphs, eng.runner.graph_error
+                eng.overlap = overlap
+                outs = run(eng, ps, sp)
+                assert (eng.overlapped_steps > 0) == overlap
+                results.append([(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs])
+                assert eng.bm.num_free_blocks == eng.num_blocks
+            assert results[0] == results[1]
+    torch.cuda.synchronize()
+
+
 def test_host_inputs_layout() -> None:
     from tessera.serve.cuda_graphs import host_inputs
 

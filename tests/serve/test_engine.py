@@ -186,3 +186,77 @@ def test_final_only_requests_report_once_with_the_same_output(model) -> None:
     every, last = seen["every"][-1].outputs[0], seen["last"][0].outputs[0]
     assert every.token_ids == last.token_ids and every.logprobs == last.logprobs and len(last.token_ids) == 9
     assert not eng.requests and eng.bm.num_free_blocks == eng.bm.num_blocks
+
+
+def _completions(outs: list[RequestOutput]) -> list[tuple]:
+    return [(c.token_ids, c.finish_reason, c.stop_reason, c.text, c.logprobs) for o in outs for c in o.outputs]
+
+
+def test_overlapped_decode_gives_the_outputs_of_step_by_step_decode(model) -> None:
+    """Launching each decode step before the previous one's tokens are read changes no output: greedy,
+    seeded sampling, n > 1 with logprobs, stop tokens, min_tokens, short max_tokens; with penalties in the
+    batch, steps are not overlapped. Every block comes back either way."""
+    ps = prompts(6, seed=21, lo=3, hi=12)
+    stop_tok = full_forward_greedy(model, ps[2], 12)[5]
+    params = [GREEDY, SamplingParams(temperature=0.9, top_p=0.8, max_tokens=11, seed=5, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=12, stop_token_ids=(stop_tok,)),
+              SamplingParams(n=2, temperature=1.0, top_k=10, max_tokens=9, seed=2, logprobs=3, ignore_eos=True),
+              SamplingParams(temperature=0.7, max_tokens=2, seed=8, min_tokens=2),
+              SamplingParams(temperature=0.5, max_tokens=14, seed=9, min_p=0.05, ignore_eos=True)]
+    results = {}
+    for overlap in (False, True):
+        eng = engine(model)
+        eng.overlap = overlap
+        results[overlap] = _completions(run(eng, ps, params))
+        assert (eng.overlapped_steps > 0) == overlap
+        assert eng.bm.num_free_blocks == eng.num_blocks
+        eng.bm.check()
+    assert results[True] == results[False]
+    penalised = engine(model)
+    run(penalised, ps[:2], SamplingParams(temperature=0.8, seed=1, max_tokens=8, repetition_penalty=1.3))
+    assert penalised.overlapped_steps == 0
+
+
+def test_overlapped_decode_with_arrivals_aborts_and_preemption(model) -> None:
+    """Requests arriving and aborted between steps, under a cache tight enough to preempt: the same
+    outputs with and without overlap, and no block leaks."""
+    ps = prompts(8, seed=23, lo=6, hi=14)
+    sp = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=10, seed=4, ignore_eos=True)
+    results = {}
+    for overlap in (False, True):
+        eng = engine(model, num_blocks=12, max_num_seqs=8)
+        eng.overlap = overlap
+        done: dict[str, RequestOutput] = {}
+        pending = list(enumerate(ps))
+        for step in range(10_000):
+            for i, p in pending[:2] if step % 4 == 0 else ():  # two arrivals every fourth step
+                pending.pop(0)
+                eng.add_request(GenerateRequest(request_id=f"r{i}", prompt_token_ids=tuple(p), sampling=sp))
+            if step == 7:
+                done["r1"] = eng.abort("r1")
+            if not eng.has_unfinished() and not pending:
+                break
+            for out in eng.step():
+                if out.finished:
+                    done[out.request_id] = out
+        results[overlap] = {rid: _completions([o]) for rid, o in done.items()}
+        assert eng.bm.num_free_blocks == eng.num_blocks
+        eng.bm.check()
+        if overlap:
+            assert eng.overlapped_steps > 0 and eng.scheduler.num_preemptions > 0
+    assert results[True] == results[False] and len(results[True]) == len(ps)
+
+
+def test_a_step_left_in_flight_by_a_stop_is_dropped(model) -> None:
+    """A request that stops on a token leaves the step after it already launched; that step's token is
+    discarded, its blocks are free, and the next request is served as if it had never run."""
+    p = prompts(1, seed=11)[0]
+    stop_tok = full_forward_greedy(model, p, 12)[4]
+    eng = engine(model)
+    out = run(eng, [p], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=(stop_tok,)))[0].outputs[0]
+    assert out.token_ids[-1] == stop_tok and out.finish_reason == "stop"
+    assert eng._inflight is not None and eng.bm.num_free_blocks == eng.num_blocks
+    q = prompts(1, seed=12)[0]
+    assert list(run(eng, [q], GREEDY)[0].outputs[0].token_ids) == full_forward_greedy(model, q, 12)
+    assert eng.bm.num_free_blocks == eng.num_blocks
+    eng.bm.check()

@@ -79,6 +79,14 @@ class BlockManager:
         grow, copied = self._append_needs(handle, num_tokens)
         return grow + copied <= self.num_free_blocks
 
+    def can_append_all(self, appends: Sequence[tuple[KVCacheHandle, int]]) -> bool:
+        """Whether every (handle, num_tokens) append of `appends` (distinct handles) fits at once."""
+        need = 0
+        for handle, num_tokens in appends:
+            grow, copied = self._append_needs(handle, num_tokens)
+            need += grow + copied
+        return need <= self.num_free_blocks
+
     def cached_prefix_tokens(self, token_ids: Sequence[int], num_tokens: int | None = None) -> int:
         """Leading tokens of `token_ids[:num_tokens]` that `allocate_prefix` would serve from the cache."""
         n = len(token_ids) if num_tokens is None else num_tokens

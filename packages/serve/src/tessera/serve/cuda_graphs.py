@@ -111,9 +111,10 @@ class DecodeGraphs:
             rows = [rows[r] for r in logit_rows]
         return take_rows(self.logits[:bs * q], rows)
 
-    def run(self, ids: list[int], positions: list[int], slots: list[int],
-            tables: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Logits [B, vocab] for one decode token per sequence (B <= max_batch_size; Q == 1 graphs)."""
+    def run(self, ids: list[int], positions: list[int], slots: list[int], tables: Sequence[Sequence[int]],
+            device_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, vocab] for one decode token per sequence (B <= max_batch_size; Q == 1 graphs). With
+        `device_ids` [B] int64 on the device, `ids` are placeholders for them (copied on the device)."""
         b = len(ids)
         bs = self.sizes[bisect.bisect_left(self.sizes, b)]
         width = max(len(t) for t in tables)
@@ -123,6 +124,8 @@ class DecodeGraphs:
         self.pos[0, :b].copy_(host[2], non_blocking=True)
         self.ctx[:b].copy_(host32[:b], non_blocking=True)
         self.tables[:b, :width].copy_(host32[b:].view(b, width), non_blocking=True)
+        if device_ids is not None:
+            self.ids[0, :b].copy_(device_ids)
         if bs > b:
             self.ids[0, b:bs] = 0
             self.pos[0, b:bs] = 0

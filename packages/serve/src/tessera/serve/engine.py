@@ -6,6 +6,13 @@
         for out in engine.step(): ...
 
 Not thread-safe: one thread drives it (`AsyncEngine` runs it on its own thread).
+
+Overlapped decode: while every running sequence is decoding (nothing waiting, no penalties), a step
+launches the next step's forward and sampling on the device before it reads its own sampled tokens
+back, with the next step's input tokens taken from the device. The host's work of a step (reading the
+tokens, stop checks, detokenisation, outputs, the next step's inputs) then runs while the device
+computes, instead of between its steps. Outputs are the same: a sequence that finished in the step
+being read is dropped from the one already launched, whose token for it is discarded.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from tessera.serve.block_manager import BlockManager
 from tessera.serve.detokenizer import Decoder, IncrementalDetokenizer
 from tessera.serve.errors import RequestRejected
 from tessera.serve.model_runner import ModelRunner, StepInput, kv_cache_spec
-from tessera.serve.sampler import RowsCache, Sampler, SamplingRows, derive_seed, plain_greedy
+from tessera.serve.sampler import RowsCache, Sampler, SamplerOutput, SamplingRows, derive_seed, plain_greedy
 from tessera.serve.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from tessera.serve.sequence import Sequence
 from tessera.serve.speculative import DraftProposer, NgramProposer, greedy_verdicts, target_rows, verify
@@ -61,6 +68,44 @@ class Request:
     @property
     def finished(self) -> bool:
         return all(s.finished for s in self.seqs)
+
+
+@dataclass(eq=False)
+class _Flight:
+    """A plain step launched on the device: `sampled` draw their next token from `result` (None when no
+    sequence samples in the step). `host` is its copy on its way to pinned host memory, complete once
+    `ready` has passed (None off CUDA, where `host` is `result`)."""
+
+    scheduled: list[ScheduledSeq]
+    sampled: list[Sequence]
+    result: SamplerOutput | None = None
+    host: SamplerOutput | None = None
+    ready: torch.cuda.Event | None = None
+
+
+def _fetch(result: SamplerOutput) -> tuple[SamplerOutput, torch.cuda.Event | None]:
+    """`result` copied to the host asynchronously, and the event after which the copy is complete. A
+    blocking read (`.tolist()`) would wait for everything queued on the stream, including the next step
+    launched since; this waits for this step's work only."""
+    if result.token_ids.device.type != "cuda":
+        return result, None
+
+    def pinned(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return host.copy_(t, non_blocking=True)
+
+    host = SamplerOutput(*(pinned(t) for t in (result.token_ids, result.logprobs, result.top_ids,
+                                               result.top_logprobs)))
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
+def _penalised(seq: Sequence) -> bool:
+    sp = seq.sampling
+    return sp.repetition_penalty != 1.0 or sp.frequency_penalty != 0.0 or sp.presence_penalty != 0.0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -120,6 +165,12 @@ class LLMEngine:
         #: Plain greedy draft rounds go through the draft runner's `DraftChain` (one wait for the device
         #: a round); False keeps them on the general path, a wait a draft token (for comparisons).
         self.chain_rounds = True
+        #: Overlapped decode (see the module docstring); False reads every step's tokens before the next
+        #: step is launched (for comparisons).
+        self.overlap = True
+        #: Steps launched before the previous step's tokens were read (overlapped decode).
+        self.overlapped_steps = 0
+        self._inflight: _Flight | None = None
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(config.seed)
         self._next_seq_id = 0
@@ -232,23 +283,36 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; cumulative outputs of every request that advanced (finished ones last time;
-        a `final_only` request only when it finishes)."""
-        out = self.scheduler.schedule()
-        if out.empty:
-            return []
-        self.runner.copy_blocks(out.copies)
-        if isinstance(self.proposer, DraftProposer):
-            self.proposer.runner.copy_blocks(out.copies)
-        if self.proposer is None:
-            touched = self._plain_step(out)
-        else:
-            touched = self._speculative_step(out)
-        for s in out.scheduled:
+        a `final_only` request only when it finishes). With overlapped decode the step that advanced them
+        may have been launched by the previous call, and this call may leave the next one running."""
+        flight, self._inflight = self._inflight, None
+        if flight is not None and all(s.finished for s in flight.sampled):
+            self._land(flight)  # every sequence in it finished or was aborted since it was launched
+            flight = None
+        if flight is None:
+            out = self.scheduler.schedule()
+            if out.empty:
+                return []
+            self.runner.copy_blocks(out.copies)
+            if self.proposer is not None:
+                if isinstance(self.proposer, DraftProposer):
+                    self.proposer.runner.copy_blocks(out.copies)
+                touched = self._speculative_step(out)
+                self._cache_blocks(out.scheduled)
+                return self._outputs(touched)
+            flight = self._launch(out.scheduled)
+        self._inflight = self._continuation(flight)
+        return self._outputs(self._land(flight))
+
+    def _cache_blocks(self, scheduled: list[ScheduledSeq]) -> None:
+        for s in scheduled:
             if s.seq.handle is not None and not s.seq.finished:
                 done = s.seq.num_computed
                 if isinstance(self.proposer, DraftProposer):
                     done = min(done, s.seq.num_draft_computed)
                 self.bm.cache_blocks(s.seq.handle, s.seq.token_ids, done)
+
+    def _outputs(self, touched: list[Sequence]) -> list[RequestOutput]:
         outputs = []
         for req in {self.requests[s.request_id] for s in touched if s.request_id in self.requests}:
             finished = req.finished
@@ -258,28 +322,81 @@ class LLMEngine:
                 del self.requests[req.request_id]
         return outputs
 
-    def _plain_step(self, out: SchedulerOutput) -> list[Sequence]:
+    def _launch(self, scheduled: list[ScheduledSeq], device_first: torch.Tensor | None = None) -> _Flight:
+        """Launch a plain step's forward and sampling without reading the tokens back. With `device_first`
+        (every sequence decoding) each sequence's input token is device_first[i], the token the step
+        before drew for it, which the host has not appended yet."""
         tokens, starts, rows, sampled = [], [], [], []
         n = 0
-        for s in out.scheduled:
+        for s in scheduled:
             seq = s.seq
-            tokens.append(seq.token_ids[seq.num_computed:seq.num_computed + s.num_new_tokens])
+            if device_first is None:
+                tokens.append(seq.token_ids[seq.num_computed:seq.num_computed + s.num_new_tokens])
+            else:
+                tokens.append([0])
             starts.append(seq.num_computed)
             n += s.num_new_tokens
-            if s.samples:
+            if device_first is not None or s.samples:
                 rows.append(n - 1)
                 sampled.append(seq)
-        logits = self.runner.forward(StepInput([s.seq.handle for s in out.scheduled], tokens, starts, rows))
-        for s in out.scheduled:
+        logits = self.runner.forward(StepInput([s.seq.handle for s in scheduled], tokens, starts, rows,
+                                               device_first=device_first))
+        for s in scheduled:
             s.seq.num_computed += s.num_new_tokens
         if not sampled:
-            return []
-        result = self.sampler.sample(logits, self._rows.get(sampled, self.vocab_size, self.device, self.eos_token_id))
-        new = result.token_ids.tolist()
-        lps = self._logprob_lists(result)
-        for i, (seq, tok) in enumerate(zip(sampled, new)):
-            self._append(seq, tok, lps[i] if lps else None)
-        return sampled
+            return _Flight(scheduled, [])
+        # A continuation draws the token after the one still on the device: one position further.
+        rows_ = self._rows.get(sampled, self.vocab_size, self.device, self.eos_token_id,
+                               ahead=0 if device_first is None else 1)
+        result = self.sampler.sample(logits, rows_)
+        return _Flight(scheduled, sampled, result, *_fetch(result))
+
+    def _land(self, flight: _Flight) -> list[Sequence]:
+        """Read a launched step's tokens (the wait for the device) and append them, skipping sequences
+        that finished (or were aborted) since it was launched."""
+        if flight.host is not None:
+            if flight.ready is not None:
+                flight.ready.synchronize()
+            new = flight.host.token_ids.tolist()
+            lps = self._logprob_lists(flight.host)
+            for i, (seq, tok) in enumerate(zip(flight.sampled, new)):
+                if not seq.finished:
+                    self._append(seq, tok, lps[i] if lps else None)
+        self._cache_blocks(flight.scheduled)
+        return flight.sampled
+
+    def _continuation(self, flight: _Flight) -> _Flight | None:
+        """Launch the step after `flight` before its tokens are read, when that step is what the scheduler
+        would make of it: every running sequence sampled in `flight` (so each decodes one token next),
+        nothing waits for admission, none has penalties (which read the history the host has not seen
+        yet), and the cache has a slot for each without preempting. Sequences finished since `flight`
+        was launched, and those that its token brings to their length limit, are left out. None
+        (nothing launched) otherwise."""
+        if not self.overlap or self.proposer is not None or self.scheduler.waiting:
+            return None
+        seqs = flight.sampled
+        live = [s for s in seqs if not s.finished]
+        if not live or len(seqs) != len(flight.scheduled) or len(live) != len(self.scheduler.running):
+            return None
+        if any(_penalised(s) for s in live):
+            return None
+        keep = [i for i, s in enumerate(seqs) if not s.finished and s.num_tokens + 1 < s.max_len]
+        if not keep:
+            return None
+        nxt = [seqs[i] for i in keep]
+        grows = [(s.handle, max(0, s.num_tokens + 1 - s.handle.num_tokens)) for s in nxt]
+        if not self.bm.can_append_all(grows):
+            return None
+        for seq, (handle, grow) in zip(nxt, grows):
+            if grow > 0:
+                seq.handle = self.bm.append(handle, grow)
+        self.runner.copy_blocks(self.bm.take_copies())
+        assert flight.result is not None
+        tokens = flight.result.token_ids
+        if len(keep) < len(seqs):
+            tokens = tokens.index_select(0, upload([keep], torch.int64, self.device)[0])
+        self.overlapped_steps += 1
+        return self._launch([ScheduledSeq(s, 1) for s in nxt], device_first=tokens)
 
     def _speculative_step(self, out: SchedulerOutput) -> list[Sequence]:
         assert self.proposer is not None

@@ -49,6 +49,9 @@ class StepInput:
     #: [B, >= max(len(tokens[i])) - 1] int64 on the device, or None: tokens[i][1:] are placeholders
     #: whose values are device_tokens[i, :len(tokens[i]) - 1] (draft tokens the host has not read).
     device_tokens: torch.Tensor | None = None
+    #: [B] int64 on the device, or None: tokens[i][0] is a placeholder whose value is device_first[i]
+    #: (the token the previous step drew, which the host has not read: overlapped decode).
+    device_first: torch.Tensor | None = None
 
     @property
     def decode_only(self) -> bool:
@@ -121,14 +124,19 @@ class ModelRunner:
             ids = [t[0] for t in step.tokens]
             slots = [h.slot(p) for h, p in zip(step.handles, step.starts)]
             tables = [h.block_ids for h in step.handles]
-            return take_rows(self.graphs.run(ids, list(step.starts), slots, tables), step.logit_rows)
-        if self.multi_graphs is not None and self.multi_graphs.fits(step.tokens, step.starts):
+            return take_rows(self.graphs.run(ids, list(step.starts), slots, tables, device_ids=step.device_first),
+                             step.logit_rows)
+        if (self.multi_graphs is not None and step.device_first is None
+                and self.multi_graphs.fits(step.tokens, step.starts)):
             slots = [[h.slot(p) for p in range(s, s + len(t))]
                      for h, t, s in zip(step.handles, step.tokens, step.starts)]
             tables = [h.block_ids for h in step.handles]
             return self.multi_graphs.run_tokens(step.tokens, step.starts, slots, tables,
                                                 device_tokens=step.device_tokens, logit_rows=step.logit_rows)
         ids, pos, meta = self._prepare(step)
+        if step.device_first is not None:
+            firsts = slice(0, len(step.tokens)) if step.decode_only else meta.cu_seqlens_q[:-1].long()
+            ids[0, firsts] = step.device_first
         if step.device_tokens is not None:
             at, seq, col = [], [], []
             row = 0

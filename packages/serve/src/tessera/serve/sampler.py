@@ -179,15 +179,20 @@ class RowsCache:
         self._key: tuple[int, ...] | None = None
         self._rows: SamplingRows | None = None
 
-    def get(self, seqs: Seq[Sequence], vocab: int, device: torch.device | str,
-            eos_token_id: int | None) -> SamplingRows:
+    def get(self, seqs: Seq[Sequence], vocab: int, device: torch.device | str, eos_token_id: int | None,
+            ahead: int = 0) -> SamplingRows:
+        """Rows drawing each sequence's token at position `num_tokens + ahead`: `ahead` tokens are drawn
+        but not yet appended (overlapped decode). Those are placeholders in the history, so rows with
+        penalties, which read it, must have `ahead` 0; a min_tokens ban counts them."""
         key = tuple(s.seq_id for s in seqs)
         rows = self._rows
         if rows is not None and key == self._key and not rows.history_dependent:
             if not rows.all_greedy:
-                rows = replace(rows, positions=upload([[s.num_tokens for s in seqs]], torch.int64, device)[0])
+                rows = replace(rows, positions=upload([[s.num_tokens + ahead for s in seqs]], torch.int64,
+                                                      device)[0])
             return rows
-        self._key, self._rows = key, SamplingRows.build(seqs, vocab, device, eos_token_id)
+        extra = [[0] * ahead] * len(seqs) if ahead else None
+        self._key, self._rows = key, SamplingRows.build(seqs, vocab, device, eos_token_id, extra)
         return self._rows
 
 
@@ -225,7 +230,7 @@ class Sampler:
             if rows.presence is not None:
                 x = x - rows.presence[:, None] * (rows.counts > 0).float()
         if rows.banned is not None:
-            x = x.index_put(rows.banned, torch.tensor(float("-inf"), device=x.device))
+            x = x.index_put(rows.banned, x.new_full((), float("-inf")))  # a fill, not a copy from the host
         if rows.all_greedy:
             return x
         x = x / rows.temperature[:, None]

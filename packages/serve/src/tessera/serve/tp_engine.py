@@ -182,4 +182,5 @@ def launch_tp_engine(path: str | Path, config: EngineConfig, *, tokenizer: objec
     dist.broadcast(torch.tensor([engine.num_blocks], dtype=torch.int64, device=device), 0)
     channel = _Channel(device)
     engine.runner = BroadcastingRunner(engine.runner, channel)  # type: ignore[assignment]
+    engine.overlap = False  # the workers' steps are broadcast as host token ids, not device ones
     return TPEngineHandle(engine, channel, workers)
