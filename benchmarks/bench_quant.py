@@ -433,9 +433,10 @@ def main() -> None:
     p.add_argument("--no-fuse", action="store_true",
                    help="keep q/k/v and gate/up as separate matmuls (default: fused, as the serving engine runs them)")
     p.add_argument("--no-graph", action="store_true", help="time the decode step eagerly, without a CUDA graph")
-    p.add_argument("--pdl-modes", type=int, nargs="+", default=[], choices=(0, 1, 2, 3), metavar="MODE",
+    p.add_argument("--pdl-modes", type=int, nargs="+", default=[], choices=(0, 1, 2, 3, 4), metavar="MODE",
                    help="with --speed: also time the decode steps in these PDL modes (0 off, 1 launch overlap, "
-                        "2 overlap + GEMV weight prefetch, 3 overlap + GEMV first weight tile before the wait) in the "
+                        "2 overlap + GEMV weight prefetch, 3 overlap + GEMV first weight tile before the wait, 4 the "
+                        "same with up to four tiles) in the "
                         "same process, with the same tuned configs; the main figures use TESSERA_PDL's mode "
                         "(default 3). PDL needs a GPU of compute capability "
                         "9.0 or later; elsewhere the modes time the same kernels")

@@ -76,6 +76,17 @@ def test_pdl_kernels_wait_before_touching_memory(name: str, compile_sm90) -> Non
         assert 0 <= wait < early.find("griddepcontrol.launch_dependents")
     else:
         assert not before
+    # Whole share (mode 4): the same paths load up to four tiles (int4: with their scales and zeros) before
+    # the wait, still nothing but loads; everything else compiles as in mode 3.
+    whole = ptx(pdl.EARLY_ALL)
+    wait = whole.find("griddepcontrol.wait")
+    before_all = [m.group(0).strip() for m in _MEMORY.finditer(whole[:wait])]
+    if name in _GEMVS - {"int8_m16"}:
+        assert all("ld.global" in a for a in before_all), before_all
+        assert len(before_all) >= 4 * len(before), (len(before_all), len(before))
+        assert 0 <= wait < whole.find("griddepcontrol.launch_dependents")
+    else:
+        assert not before_all
 
 
 def test_launch_options_off_the_gpu_and_when_disabled() -> None:
@@ -84,8 +95,8 @@ def test_launch_options_off_the_gpu_and_when_disabled() -> None:
     try:
         assert pdl.mode() == pdl.OFF
         assert pdl.launch_options(torch.device("cuda", 0)) == {"PDL": pdl.OFF}
-        with pytest.raises(ValueError, match="mode=4"):
-            pdl.set_mode(4)
+        with pytest.raises(ValueError, match="mode=5"):
+            pdl.set_mode(5)
         assert pdl.mode() == pdl.OFF
     finally:
         pdl.set_mode(previous)
@@ -117,6 +128,11 @@ def test_early_weights_only_for_gemvs_under_static_weights(monkeypatch: pytest.M
             other.join()
         assert seen == [pdl.OVERLAP] and not weights_static()
         assert pdl.launch_options(cuda, gemv=True)["PDL"] == pdl.OVERLAP
+        pdl.set_mode(pdl.EARLY_ALL)  # the whole-share mode is scoped the same way
+        assert pdl.launch_options(cuda, gemv=True)["PDL"] == pdl.OVERLAP
+        with static_weights():
+            assert pdl.launch_options(cuda, gemv=True)["PDL"] == pdl.EARLY_ALL
+            assert pdl.launch_options(cuda)["PDL"] == pdl.OVERLAP
         for mode in (pdl.OVERLAP, pdl.PREFETCH):  # the other modes ignore the declaration
             pdl.set_mode(mode)
             with static_weights():
@@ -167,10 +183,10 @@ def test_decode_chain_same_bits_with_and_without_pdl() -> None:
         return y
 
     outs = {}
-    for mode in (pdl.OFF, pdl.OVERLAP, pdl.PREFETCH, pdl.EARLY):
+    for mode in (pdl.OFF, pdl.OVERLAP, pdl.PREFETCH, pdl.EARLY, pdl.EARLY_ALL):
         previous = pdl.set_mode(mode)
         try:
-            with static_weights():  # every GEMV weight here is a fixed tensor: mode 3 loads it early
+            with static_weights():  # every GEMV weight here is a fixed tensor: modes 3, 4 load it early
                 eager = step()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
@@ -182,6 +198,6 @@ def test_decode_chain_same_bits_with_and_without_pdl() -> None:
             outs[mode] = (eager.clone(), out.clone())
         finally:
             pdl.set_mode(previous)
-    for mode in (pdl.OVERLAP, pdl.PREFETCH, pdl.EARLY):
+    for mode in (pdl.OVERLAP, pdl.PREFETCH, pdl.EARLY, pdl.EARLY_ALL):
         assert torch.equal(outs[mode][0], outs[pdl.OFF][0]) and torch.equal(outs[mode][1], outs[pdl.OFF][1])
     assert torch.equal(outs[pdl.OFF][0], outs[pdl.OFF][1])

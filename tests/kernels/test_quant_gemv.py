@@ -22,6 +22,10 @@ def test_kernels_match_reference_at_every_path_and_split(run_check) -> None:
     run_check("gemv_check.py", "gemv-ok", interpret="always")
 
 
+def test_early_weights_prologues_give_the_plain_loops_bits(run_check) -> None:
+    run_check("early_weights_check.py", "early-ok", interpret="always")
+
+
 def _named(m: int, k: int, n: int, group: int | None = None) -> dict:
     args = {"M_BUCKET": bucket(m), "N": n, "K": k}
     return args if group is None else {**args, "GROUP": group}

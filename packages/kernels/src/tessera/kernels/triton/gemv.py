@@ -60,8 +60,8 @@ def dense_gemv_kernel(X, W, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn
     the bounds masks on the weight and x tiles. PDL: the launch may overlap the previous kernel (`pdl`)."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     k_start, k_end = split_k.k_range(K, tl.program_id(1), BK, SPLIT_K)
-    # Early weights (PDL mode 3): the one-row path with whole tiles loads its first tile, then enters.
-    EARLY: tl.constexpr = PDL == 3 and BM == 1 and EVEN and not M1_DOT
+    # Early weights (PDL modes 3, 4): the one-row path with whole tiles loads its first tile(s), then enters.
+    EARLY: tl.constexpr = PDL >= 3 and BM == 1 and EVEN and not M1_DOT
     if not EARLY:
         pdl.enter_prefetching(PDL, W, rows, rows < N, stride_wn, k_start, k_end)
     # W doubles as the unused scale pointer.

@@ -34,14 +34,22 @@ engine's forward passes and graph captures); elsewhere mode 3 launches as mode 1
 machine; 1023 -> 1156 with the order reversed); a Llama-3.2-1B decode step 0.910 -> 0.877 ms in bf16,
 0.678 -> 0.660 ms int8, 0.706 -> 0.692 ms AWQ-int4 (one process).
 
+Mode 4 (whole share, opt-in) goes further under the same declaration: each program of those paths
+loads up to its first four weight tiles before the wait, which for most decode shapes is all the
+weights it multiplies, so a GEMV's weight reads overlap the kernel before it rather than only their
+first latency. The tiles are then multiplied in the loop's order, so every mode gives the same bits.
+It costs registers (four tiles held a program) and has not been measured yet.
+
 PDL is used on CUDA devices of compute capability 9.0 and up. `TESSERA_PDL` (read at import) or
 `set_mode` picks the mode: 0 off, 1 launch overlap, 2 launch overlap and the GEMVs' L2 prefetch, 3 (the
 default) launch overlap and, under `static_weights()`, the GEMVs' first weight tile loaded before the
-wait. Measured on an H200 (CUDA graphs, 2026-12-03), mode 1 against mode 0: a Llama-3.2-1B decode step
-1.022 -> 0.929 ms in bf16, 0.786 -> 0.681 ms int8, 0.840 -> 0.732 ms AWQ-int4; Qwen3-0.6B batch-1 graph
-decode 875-892 -> 990 tokens/s (other machine sessions). Mode 2 lost to mode 1 on the bf16 and int8
-steps (1.015 and 0.827 ms) and won only on AWQ's (0.747 ms), so it stays opt-in. Under the interpreter
-PDL is always off and the kernels compile without it.
+wait, 4 the same with up to four tiles. Measured on an H200 (CUDA graphs, 2026-12-03), mode 1 against
+mode 0: a Llama-3.2-1B decode step 1.022 -> 0.929 ms in bf16, 0.786 -> 0.681 ms int8, 0.840 -> 0.732 ms
+AWQ-int4; Qwen3-0.6B batch-1 graph decode 875-892 -> 990 tokens/s (other machine sessions). Mode 2 lost
+to mode 1 on the bf16 and int8 steps (1.015 and 0.827 ms) and won only on AWQ's (0.747 ms), so it stays
+opt-in. Under the interpreter PDL is always off and the kernels compile without it; `enter` compiles to
+nothing there, so a test may still launch a kernel with PDL 3 or 4 to run its early-weights paths on the
+CPU.
 """
 
 from __future__ import annotations
@@ -64,14 +72,16 @@ except ImportError:  # a Triton before 3.4: no PDL
 PREFETCH_BUDGET = tl.constexpr(10 << 20)
 
 #: The modes: no PDL, launch overlap only, launch overlap and the GEMVs' weight prefetch, launch overlap
-#: and the GEMVs' first weight tile loaded before the wait.
-OFF, OVERLAP, PREFETCH, EARLY = 0, 1, 2, 3
+#: and the GEMVs' first weight tile loaded before the wait, the same with up to four tiles.
+OFF, OVERLAP, PREFETCH, EARLY, EARLY_ALL = 0, 1, 2, 3, 4
+
+_INTERPRETING = tl.constexpr(triton_interpreting())
 
 
 def _checked(mode: object, source: str) -> int:
-    if str(mode) not in ("0", "1", "2", "3"):
-        raise ValueError(f"{source}={mode!r}: expected 0 (off), 1 (launch overlap), 2 (overlap and prefetch) "
-                         "or 3 (overlap and early weights)")
+    if str(mode) not in ("0", "1", "2", "3", "4"):
+        raise ValueError(f"{source}={mode!r}: expected 0 (off), 1 (launch overlap), 2 (overlap and prefetch), "
+                         "3 (overlap and early weights) or 4 (overlap and early weights, whole share)")
     return int(mode) if gdc_wait is not None else OFF
 
 
@@ -97,12 +107,12 @@ def _capable(index: int) -> bool:
 
 def launch_options(device: torch.device, gemv: bool = False) -> dict[str, int | bool]:
     """The kwargs a PDL-aware kernel launch adds: `PDL` (the mode, a constexpr that compiles the prologue
-    in) and Triton's `launch_pdl` (the launch attribute) on a capable CUDA device; else PDL=0. Mode 3
-    stays 3 only for a GEMV (`gemv`) launched inside `static_weights()`; otherwise it launches as 1."""
+    in) and Triton's `launch_pdl` (the launch attribute) on a capable CUDA device; else PDL=0. Modes 3
+    and 4 stay so only for a GEMV (`gemv`) launched inside `static_weights()`; otherwise they launch as 1."""
     if _mode and device.type == "cuda" and not triton_interpreting() and _capable(
             torch.cuda.current_device() if device.index is None else device.index):
         mode = _mode
-        if mode == EARLY and not (gemv and weights_static()):
+        if mode >= EARLY and not (gemv and weights_static()):
             mode = OVERLAP
         return {"PDL": mode, "launch_pdl": True}
     return {"PDL": OFF}
@@ -110,8 +120,9 @@ def launch_options(device: torch.device, gemv: bool = False) -> dict[str, int | 
 
 @triton.jit
 def enter(PDL: tl.constexpr):
-    """Wait for the previous kernel, then let the next one launch (nothing when PDL is 0)."""
-    if PDL != 0:
+    """Wait for the previous kernel, then let the next one launch (nothing when PDL is 0, or under the
+    interpreter)."""
+    if PDL != 0 and not _INTERPRETING:
         gdc_wait()
         gdc_launch_dependents()
 

@@ -262,12 +262,23 @@ def _fma4(acc, w0, w1, w2, w3, x0, x1, x2, x3):
 
 
 @triton.jit
+def _int8_words_tile(acc2, X, v, t, t_end, last, offs_j, stride_xk, BK: tl.constexpr, ASM: tl.constexpr):
+    """acc2 plus tile t's products (its words `v`, loaded ahead), or acc2 itself when t >= t_end; x is read
+    at the tile clamped to `last`, so in bounds either way."""
+    ks = tl.minimum(t, last) * BK + 4 * offs_j
+    x0, x1, x2, x3 = _x4(X, ks, None, stride_xk)
+    w0, w1, w2, w3 = _s8_words(v, ASM)
+    return tl.where(t < t_end, _fma4(acc2, w0, w1, w2, w3, x0, x1, x2, x3), acc2)
+
+
+@triton.jit
 def _int8_words_m1(X, W, N, K, stride_xk, stride_wn, pid_n, k_start, k_end, BN: tl.constexpr, BK: tl.constexpr,
                    EVEN: tl.constexpr, ASM: tl.constexpr, ENTER: tl.constexpr = 0):
     """acc [1, BN] of x[1, K] @ w_q.T over [k_start, k_end) (K % 4 == 0), the weights read as int32 words.
     EVEN: the next tile's words are loaded before this tile is multiplied (one tile in flight per thread
     while it computes; the address is clamped, so the last iteration re-reads its own tile). ENTER (EVEN
-    only): the PDL mode to enter once the first tile is loaded (`pdl`, early weights); 0 when entered."""
+    only): the PDL mode to enter once the first tile (four in mode 4) is loaded (`pdl`, early weights); 0
+    when entered."""
     BW: tl.constexpr = BK // 4
     offs_n = pid_n * BN + tl.arange(0, BN)
     n_ok = offs_n < N
@@ -278,10 +289,26 @@ def _int8_words_m1(X, W, N, K, stride_xk, stride_wn, pid_n, k_start, k_end, BN: 
     acc2 = tl.zeros((BN, BW), dtype=tl.float32)
     # Offsets as tile index * BW, so the compiler sees 16-byte aligned rows and emits 128-bit loads.
     t_end = tl.cdiv(k_end, BK)
-    if EVEN:
-        v = tl.load(w_ptrs + tl.minimum(k_start // BK, K // BK - 1) * BW)  # a split may be empty: stay in bounds
+    t_start = k_start // BK
+    if EVEN and ENTER == 4:
+        # Four tiles before the wait, multiplied after it in the loop's order; a tile past the split is read
+        # clamped in bounds (as is its x) and adds nothing.
+        last = K // BK - 1
+        v_a = tl.load(w_ptrs + tl.minimum(t_start, last) * BW)
+        v_b = tl.load(w_ptrs + tl.minimum(t_start + 1, last) * BW)
+        v_c = tl.load(w_ptrs + tl.minimum(t_start + 2, last) * BW)
+        v_d = tl.load(w_ptrs + tl.minimum(t_start + 3, last) * BW)
         pdl.enter(ENTER)
-    for t in range(k_start // BK, t_end):
+        acc2 = _int8_words_tile(acc2, X, v_a, t_start, t_end, last, offs_j, stride_xk, BK, ASM)
+        acc2 = _int8_words_tile(acc2, X, v_b, t_start + 1, t_end, last, offs_j, stride_xk, BK, ASM)
+        acc2 = _int8_words_tile(acc2, X, v_c, t_start + 2, t_end, last, offs_j, stride_xk, BK, ASM)
+        acc2 = _int8_words_tile(acc2, X, v_d, t_start + 3, t_end, last, offs_j, stride_xk, BK, ASM)
+        t_start += 4
+        v = tl.load(w_ptrs + tl.minimum(t_start, last) * BW)
+    elif EVEN:
+        v = tl.load(w_ptrs + tl.minimum(t_start, K // BK - 1) * BW)  # a split may be empty: stay in bounds
+        pdl.enter(ENTER)
+    for t in range(t_start, t_end):
         ks = t * BK + 4 * offs_j
         if EVEN:
             v_next = tl.load(w_ptrs + tl.minimum(t + 1, t_end - 1) * BW)
@@ -304,7 +331,8 @@ def _int4_words_m1(X, QW, S, Z, K, stride_xk, stride_qn, stride_sn, stride_zn, n
     """acc [1, BN] of AWQ x[1, K] @ W.T over [k_start, k_end) (K % 8 == 0), tiles of NG = BK // GROUP whole
     groups read as int32 words ([BN, NG, GROUP // 8]); per group s * (sum_k q_k x_k - z * sum_k x_k), the
     x sums taken once for all rows. EVEN: the next tile's words are loaded before this one is used. ENTER
-    (EVEN only): the PDL mode to enter once the first tile is loaded; 0 when entered already."""
+    (EVEN only): the PDL mode to enter once the first tile (four, with their scales and zeros, in mode 4)
+    is loaded; 0 when entered already."""
     NG: tl.constexpr = BK // GROUP
     GW: tl.constexpr = GROUP // 8
     offs_g = tl.arange(0, NG)
@@ -314,36 +342,78 @@ def _int4_words_m1(X, QW, S, Z, K, stride_xk, stride_qn, stride_sn, stride_zn, n
     acc = tl.zeros((BN,), dtype=tl.float32)
     TW: tl.constexpr = BK // 8  # words a tile row
     t_end = tl.cdiv(k_end, BK)
-    if EVEN:  # offsets as tile index * TW: 16-byte aligned rows, 128-bit loads
-        v = tl.load(q_ptrs + tl.minimum(k_start // BK, K // BK - 1) * TW)
+    t_start = k_start // BK
+    if EVEN and ENTER == 4:
+        # Four tiles (words, scales, zeros) before the wait, used after it in the loop's order; a tile past
+        # the split is read clamped in bounds and adds nothing.
+        last = K // BK - 1
+        t_a = tl.minimum(t_start, last)
+        t_b = tl.minimum(t_start + 1, last)
+        t_c = tl.minimum(t_start + 2, last)
+        t_d = tl.minimum(t_start + 3, last)
+        v_a = tl.load(q_ptrs + t_a * TW)
+        v_b = tl.load(q_ptrs + t_b * TW)
+        v_c = tl.load(q_ptrs + t_c * TW)
+        v_d = tl.load(q_ptrs + t_d * TW)
+        s_a, z_a = _int4_group_params(S, Z, n64, stride_sn, stride_zn, t_a * BK // GROUP + offs_g)
+        s_b, z_b = _int4_group_params(S, Z, n64, stride_sn, stride_zn, t_b * BK // GROUP + offs_g)
+        s_c, z_c = _int4_group_params(S, Z, n64, stride_sn, stride_zn, t_c * BK // GROUP + offs_g)
+        s_d, z_d = _int4_group_params(S, Z, n64, stride_sn, stride_zn, t_d * BK // GROUP + offs_g)
         pdl.enter(ENTER)
-    for t in range(k_start // BK, t_end):
+        acc = tl.where(t_start < t_end, _int4_words_tile(acc, X, v_a, s_a, z_a, t_a * BK + 8 * word, None,
+                                                         stride_xk, ASM), acc)
+        acc = tl.where(t_start + 1 < t_end, _int4_words_tile(acc, X, v_b, s_b, z_b, t_b * BK + 8 * word, None,
+                                                             stride_xk, ASM), acc)
+        acc = tl.where(t_start + 2 < t_end, _int4_words_tile(acc, X, v_c, s_c, z_c, t_c * BK + 8 * word, None,
+                                                             stride_xk, ASM), acc)
+        acc = tl.where(t_start + 3 < t_end, _int4_words_tile(acc, X, v_d, s_d, z_d, t_d * BK + 8 * word, None,
+                                                             stride_xk, ASM), acc)
+        t_start += 4
+        v = tl.load(q_ptrs + tl.minimum(t_start, last) * TW)
+    elif EVEN:  # offsets as tile index * TW: 16-byte aligned rows, 128-bit loads
+        v = tl.load(q_ptrs + tl.minimum(t_start, K // BK - 1) * TW)
+        pdl.enter(ENTER)
+    for t in range(t_start, t_end):
         k0 = t * BK
         ks = k0 + 8 * word
         g = k0 // GROUP + offs_g
         if EVEN:
             v_next = tl.load(q_ptrs + tl.minimum(t + 1, t_end - 1) * TW)
             k_ok = None
-            s = tl.load(S + n64[:, None] * stride_sn + g[None, :]).to(tl.float32)
-            z = tl.load(Z + n64[:, None] * stride_zn + g[None, :]).to(tl.float32)
+            s, z = _int4_group_params(S, Z, n64, stride_sn, stride_zn, g)
         else:
             k_ok = ks < K
             v = tl.load(q_ptrs + t * TW, mask=n_ok[:, None, None] & k_ok[None, :, :], other=0)
             g_ok = n_ok[:, None] & ((k0 + offs_g * GROUP) < K)[None, :]
             s = tl.load(S + n64[:, None] * stride_sn + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
             z = tl.load(Z + n64[:, None] * stride_zn + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
-        x0, x1, x2, x3 = _x4(X, ks, k_ok, stride_xk)
-        x4, x5, x6, x7 = _x4(X, ks + 4, k_ok, stride_xk)
-        q0, q1, q2, q3, q4, q5, q6, q7 = _u4_words(v, ASM)
-        part = (q0 - 8388608.0) * x0[None, :, :] + (q1 - 8388608.0) * x1[None, :, :] \
-            + (q2 - 8388608.0) * x2[None, :, :] + (q3 - 8388608.0) * x3[None, :, :] \
-            + (q4 - 8388608.0) * x4[None, :, :] + (q5 - 8388608.0) * x5[None, :, :] \
-            + (q6 - 8388608.0) * x6[None, :, :] + (q7 - 8388608.0) * x7[None, :, :]
-        x_sum = tl.sum(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, axis=1)  # [NG]
-        acc += tl.sum(s * (tl.sum(part, axis=2) - z * x_sum[None, :]), axis=1)
+        acc = _int4_words_tile(acc, X, v, s, z, ks, k_ok, stride_xk, ASM)
         if EVEN:
             v = v_next
     return acc[None, :]
+
+
+@triton.jit
+def _int4_group_params(S, Z, n64, stride_sn, stride_zn, g):
+    """The scales and zeros [BN, NG] of groups `g` for rows `n64` (whole tiles: no masks), as float32."""
+    s = tl.load(S + n64[:, None] * stride_sn + g[None, :]).to(tl.float32)
+    z = tl.load(Z + n64[:, None] * stride_zn + g[None, :]).to(tl.float32)
+    return s, z
+
+
+@triton.jit
+def _int4_words_tile(acc, X, v, s, z, ks, k_ok, stride_xk, ASM: tl.constexpr):
+    """acc [BN] plus one tile of `_int4_words_m1`: words `v` [BN, NG, GW], scales and zeros [BN, NG], x at
+    `ks` [NG, GW] (mask `k_ok`, or None)."""
+    x0, x1, x2, x3 = _x4(X, ks, k_ok, stride_xk)
+    x4, x5, x6, x7 = _x4(X, ks + 4, k_ok, stride_xk)
+    q0, q1, q2, q3, q4, q5, q6, q7 = _u4_words(v, ASM)
+    part = (q0 - 8388608.0) * x0[None, :, :] + (q1 - 8388608.0) * x1[None, :, :] \
+        + (q2 - 8388608.0) * x2[None, :, :] + (q3 - 8388608.0) * x3[None, :, :] \
+        + (q4 - 8388608.0) * x4[None, :, :] + (q5 - 8388608.0) * x5[None, :, :] \
+        + (q6 - 8388608.0) * x6[None, :, :] + (q7 - 8388608.0) * x7[None, :, :]
+    x_sum = tl.sum(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, axis=1)  # [NG]
+    return acc + tl.sum(s * (tl.sum(part, axis=2) - z * x_sum[None, :]), axis=1)
 
 
 @triton.heuristics({"EVEN": even})
@@ -361,8 +431,8 @@ def int8_gemv_kernel(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_
     pid_k = tl.program_id(1)
     k_start, k_end = k_range(K, pid_k, BK, SPLIT_K)
     rows = pid_n * BN + tl.arange(0, BN)
-    # Early weights (PDL mode 3): the paths with whole tiles load their first tile, then enter.
-    EARLY: tl.constexpr = PDL == 3 and BM == 1 and EVEN and not M1_DOT
+    # Early weights (PDL modes 3, 4): the paths with whole tiles load their first tile(s), then enter.
+    EARLY: tl.constexpr = PDL >= 3 and BM == 1 and EVEN and not M1_DOT
     if not EARLY:
         pdl.enter_prefetching(PDL, W, rows, rows < N, stride_wn, k_start, k_end)
     if BM == 1 and WORDS:
@@ -393,8 +463,8 @@ def rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn,
                   INT8: tl.constexpr, ENTER: tl.constexpr = 0):
     """One program's [BN] output columns of x @ w.T over its split of K, combined and stored. INT8: w holds
     int8 rows scaled per output channel by S; else w is in a float dtype (the dense GEMV) and S unused.
-    ENTER (BM == 1 and EVEN only): the PDL mode to enter once the first weight tile is loaded (early
-    weights, `pdl`); 0 when the kernel has entered already."""
+    ENTER (BM == 1 and EVEN only): the PDL mode to enter once the first weight tile (four in mode 4) is
+    loaded (early weights, `pdl`); 0 when the kernel has entered already."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -408,13 +478,29 @@ def rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn,
         acc2 = tl.zeros((BN, BK), dtype=tl.float32)
         loop_start = k_start
         if ENTER != 0:
-            # The first tile's weights before the wait, its x after; a split may be empty: stay in bounds.
-            k_first = tl.minimum(k_start, K - BK)
-            w = tl.load(w_ptrs + k_first)
+            # The first tile's weights (four tiles' in mode 4) before the wait, their x after, in the loop's
+            # order. A tile past the split (which may be empty) is read clamped in bounds and adds nothing.
+            k_a = tl.minimum(k_start, K - BK)
+            w_a = tl.load(w_ptrs + k_a)
+            if ENTER == 4:
+                k_b = tl.minimum(k_start + BK, K - BK)
+                k_c = tl.minimum(k_start + 2 * BK, K - BK)
+                k_d = tl.minimum(k_start + 3 * BK, K - BK)
+                w_b = tl.load(w_ptrs + k_b)
+                w_c = tl.load(w_ptrs + k_c)
+                w_d = tl.load(w_ptrs + k_d)
             pdl.enter(ENTER)
-            x = tl.load(X + (k_first + offs_k) * stride_xk).to(tl.float32)
-            acc2 += tl.where(k_start < k_end, _weights_f32(w, INT8) * x[None, :], 0.0)
+            x = tl.load(X + (k_a + offs_k) * stride_xk).to(tl.float32)
+            acc2 += tl.where(k_start < k_end, _weights_f32(w_a, INT8) * x[None, :], 0.0)
             loop_start = k_start + BK
+            if ENTER == 4:
+                x = tl.load(X + (k_b + offs_k) * stride_xk).to(tl.float32)
+                acc2 += tl.where(k_start + BK < k_end, _weights_f32(w_b, INT8) * x[None, :], 0.0)
+                x = tl.load(X + (k_c + offs_k) * stride_xk).to(tl.float32)
+                acc2 += tl.where(k_start + 2 * BK < k_end, _weights_f32(w_c, INT8) * x[None, :], 0.0)
+                x = tl.load(X + (k_d + offs_k) * stride_xk).to(tl.float32)
+                acc2 += tl.where(k_start + 3 * BK < k_end, _weights_f32(w_d, INT8) * x[None, :], 0.0)
+                loop_start = k_start + 4 * BK
         for k0 in range(loop_start, k_end, BK):
             if EVEN:
                 x = tl.load(X + (k0 + offs_k) * stride_xk).to(tl.float32)
@@ -562,7 +648,7 @@ def int4_gemv_kernel(X, QW, S, Z, Y, WS, CNT, M, N, K, K2, stride_xm, stride_xk,
     n_ok = offs_n < N
     n64 = offs_n.to(tl.int64)
     k_start, k_end = k_range(K, pid_k, BK, SPLIT_K)
-    EARLY: tl.constexpr = PDL == 3 and BM == 1 and WORDS and EVEN  # early weights: the word path enters
+    EARLY: tl.constexpr = PDL >= 3 and BM == 1 and WORDS and EVEN  # early weights: the word path enters
     if not EARLY:
         pdl.enter_prefetching(PDL, QW, offs_n, n_ok, stride_qn, k_start // 2, (k_end + 1) // 2)
     if BM == 1 and WORDS:
