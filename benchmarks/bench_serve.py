@@ -171,6 +171,25 @@ def section_decode(model, hf, args, ceil, cuda, rows, results) -> None:
         res.update(graph_step_ms=step * 1e3, graph_roofline_fraction=(1 / step) / roof)
         res["decode_projections"] = dense.choices()  # cuBLAS or the GEMV kernel, per projection shape
         rows.append({"what": "batch-1 decode, graph replay only", "tok/s": 1 / step, "roofline": (1 / step) / roof})
+        if args.pdl_modes:
+            from tessera.kernels.triton import pdl
+
+            res["pdl_mode"] = pdl.mode()
+            res["graph_by_pdl_mode"] = by_mode = {}
+            for mode in dict.fromkeys(args.pdl_modes):  # graphs keep the mode they were captured in
+                previous = pdl.set_mode(mode)
+                try:
+                    other = make_engine(model, args, max_num_seqs=1, cuda_graph_batch_sizes=(1,))
+                    replay = other.runner.graphs.graphs[1].replay
+                    mode_step = median_seconds(replay, 50, 5, cuda)
+                finally:
+                    pdl.set_mode(previous)
+                del other
+                free_memory()
+                by_mode[mode] = {"graph_step_ms": mode_step * 1e3, "tok_s": 1 / mode_step,
+                                 "roofline_fraction": (1 / mode_step) / roof}
+                rows.append({"what": f"batch-1 decode, graph replay, PDL mode {mode}", "tok/s": 1 / mode_step,
+                             "roofline": (1 / mode_step) / roof})
     if hf is not None:
         modes = (("dynamic", {}), ("static", {"cache_implementation": "static"}))
         for mode, kw in (m for m in modes if m[0] in args.hf_decode_modes):
@@ -449,6 +468,9 @@ def main() -> None:
     p.add_argument("--hf-decode-modes", nargs="+", default=["dynamic", "static"], choices=["dynamic", "static"],
                    help="HF cache modes timed in the decode section (static compiles on its first call)")
     p.add_argument("--decode-tokens", type=int, default=None, help="tokens per timed batch-1 decode (default 256)")
+    p.add_argument("--pdl-modes", type=int, nargs="+", default=[], choices=(0, 1, 2, 3, 4), metavar="MODE",
+                   help="decode: also capture the batch-1 graph in these PDL modes (docs/kernels.md) and time its "
+                        "replay, in the same process with the same tuned kernels (GPU only)")
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
                    help="which sections to run, in this order (default: all)")
     args = p.parse_args()
