@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             err = (y.float() - F.linear(x, w).float()).abs().max().item()
             t_blas = graph_bench(lambda x=x, w=w: F.linear(x, w)) * 1e3
             t_gemv = graph_bench(lambda x=x, w=w: gemv.matmul_dense(x, w)) * 1e3
-            cfg = gemv._launch.remembered((bucket(m), n, k, x.dtype)) or {}
+            cfg = gemv._launch.remembered((bucket(m), n, k, x.dtype, False)) or {}
             rows.append({"M": m, "K": k, "N": n, "linear_us": t_blas, "gemv_us": t_gemv, "speedup": t_blas / t_gemv,
                          "gemv_TBps": 2 * n * k / t_gemv / 1e6, "max_abs_diff": err, "tune_s": tune_s,
                          "config": {key: v for key, v in cfg.items() if key in _CONFIG_KEYS}})

@@ -73,3 +73,35 @@ def test_gpu_first_call_inside_a_capture_stays_on_cublas_and_chooses_nothing() -
         torch.cuda.synchronize()
         assert key not in dense._choice
         torch.testing.assert_close(y, F.linear(x, w))
+
+
+@pytest.mark.parametrize("shape", [(1, 128), (3, 5, 128)])
+def test_gated_linear_off_the_gpu_is_silu_mul_then_f_linear(shape: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(1)
+    gu = torch.randn(*shape, generator=gen).to(torch.bfloat16)
+    w = torch.randn(24, 64, generator=gen).to(torch.bfloat16)
+    b = torch.randn(24, generator=gen).to(torch.bfloat16)
+    with torch.inference_mode():
+        want = F.linear(F.silu(gu[..., :64]) * gu[..., 64:], w, b)
+        assert torch.equal(dense.gated_linear(gu, w, b), want)
+    assert not dense._gated_choice
+    with pytest.raises(ValueError, match=r"gu.shape=\(1, 128\) is not \[..., 2 \* K\]"):
+        dense.gated_linear(gu.reshape(-1, 128)[:1], w[:, :32])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 3072, 1024), (1, 8192, 2048), (8, 3072, 1024)])
+def test_gpu_gated_linear_matches_silu_mul_then_f_linear_and_remembers_a_choice(m: int, k: int, n: int) -> None:
+    gen = torch.Generator().manual_seed(m * n + 1)
+    gu = torch.randn(m, 2 * k, generator=gen).to("cuda", torch.bfloat16)
+    w = (torch.randn(n, k, generator=gen) * k**-0.5).to("cuda", torch.bfloat16)
+    tol = registry.catalogue["matmul.dense_gated"].tolerance("bfloat16")
+    with torch.inference_mode():
+        got = dense.gated_linear(gu, w)
+        gated = registry.get("matmul.dense_gated", gu, w, backend="triton")(gu, w)
+        want = F.linear(F.silu(gu[:, :k]) * gu[:, k:], w)
+    torch.testing.assert_close(got, want, atol=tol.atol, rtol=tol.rtol)
+    torch.testing.assert_close(gated, want, atol=tol.atol, rtol=tol.rtol)
+    key = (dense.bucket(m), n, k, torch.bfloat16, gu.device)
+    assert key in dense._gated_choice and set(dense.gated_timings[key]) == {"unfused_us", "gated_us"}
+    assert f"M<={dense.bucket(m)} N={n} K={k} bfloat16 gated" in dense.choices()

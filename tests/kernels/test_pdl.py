@@ -40,7 +40,11 @@ _CASES = {
                    {**_GEMV_INTS, "GROUP": 128, "PREC": "tf32", "BM": 1, "BN": 128, "BK": 128, "SPLIT_K": 4,
                     "WORDS": True, "ASM": True, "EVEN": True}),
 }
-_GEMVS = {"dense_gemv", "int8_words", "int8_m16", "int4_words"}
+# The same GEMVs reading silu_mul(gate, up) from a fused gate/up output (`GATED`): the up half is x too.
+_CASES |= {f"{name}_gated": (fn, ptrs, {**consts, "GATED": True})
+           for name, (fn, ptrs, consts) in list(_CASES.items()) if name in ("dense_gemv", "int8_words", "int4_words")}
+_GEMVS = {"dense_gemv", "int8_words", "int8_m16", "int4_words", "dense_gemv_gated", "int8_words_gated",
+          "int4_words_gated"}
 # Any global memory access: a load, a store, an atomic, an async copy into shared memory.
 _MEMORY = re.compile(r"^\s*(@%p\d+\s+)?(ld\.global|st\.global|atom\.|red\.|cp\.async\.(ca|cg))", re.M)
 

@@ -156,3 +156,30 @@ def test_routed_linears_keep_outputs_and_hooks() -> None:
     with torch.no_grad():
         assert torch.equal(model(ids), want)  # CPU calls are F.linear as before
     assert seen == [want.shape]
+
+
+def test_routed_down_projection_takes_the_fused_gate_up_output_unless_hooked() -> None:
+    """With gate/up fused and the linears routed, each MLP hands its fused output to the down projection's
+    `forward_gated` (on a CPU: silu_mul, then F.linear, as before); a forward hook on the down projection
+    turns that off, so the hook still sees silu_mul's output."""
+    from tessera.model.fusion import route_decode_linears
+
+    _, model = _pair("qwen3")
+    fuse_projections(model)
+    ids = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = model(ids)
+    route_decode_linears(model)
+    mlps = [layer.mlp for layer in model.model.layers]
+    calls = []
+    for mlp in mlps:
+        inner = mlp.down_proj.forward_gated
+        mlp.down_proj.forward_gated = lambda gu, inner=inner: calls.append(tuple(gu.shape)) or inner(gu)
+    with torch.no_grad():
+        assert torch.equal(model(ids), want)
+    assert calls == [(2, 7, 2 * model.config.d_ff)] * len(mlps)
+    seen = []
+    mlps[0].down_proj.register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape)))
+    with torch.no_grad():
+        assert torch.equal(model(ids), want)
+    assert seen == [(2, 7, model.config.d_ff)] and len(calls) == 2 * len(mlps) - 1

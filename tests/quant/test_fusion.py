@@ -90,3 +90,17 @@ def test_parts_that_cannot_share_a_module_stay_separate() -> None:
     assert Int8Linear.fuse_parts(bias) is None
     fused = Int8Linear.fuse_parts((Int8Linear(32, 16), Int8Linear(32, 8)))
     assert fused is not None and fused.sizes == (16, 8) and fused.fused.weight.shape == (24, 32)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "fp8"])
+def test_forward_gated_is_forward_of_silu_mul(kind: str) -> None:
+    """A quantized down projection's `forward_gated(gu)` on a fused gate/up output is its forward of
+    silu_mul(gate, up) (on a CPU through the references, the same arithmetic exactly)."""
+    torch.manual_seed(5)
+    linear = torch.nn.Linear(64, 24, bias=True)
+    module = {"int8": lambda: Int8Linear.from_linear(linear), "int4": lambda: Int4Linear.from_linear(linear, 32),
+              "fp8": lambda: FP8Linear.from_linear(linear)}[kind]()
+    gu = torch.randn(3, 5, 128)
+    with torch.inference_mode():
+        want = module(torch.nn.functional.silu(gu[..., :64]) * gu[..., 64:])
+        assert torch.equal(module.forward_gated(gu), want)

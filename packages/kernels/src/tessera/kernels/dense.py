@@ -9,6 +9,11 @@ as a decode step under CUDA graphs pays them (`graph_bench`: in a captured graph
 the faster for the rest of the process. A first call made during CUDA-graph capture cannot time
 anything: it takes `F.linear` and remembers nothing, so callers warm up before capturing (the serving
 engine's graphs do).
+
+`gated_linear(gu, w, bias)` is SwiGLU's down projection on the fused gate/up output: `linear` of
+silu_mul(gate, up). A decode-shaped call times that (the silu_mul op, then `linear`'s choice) against
+the gated GEMV (`matmul.dense_gated`), which reads silu_mul(gate, up) as it loads x and so saves the
+silu_mul launch, and keeps the faster per shape, in the same way.
 """
 
 from __future__ import annotations
@@ -88,8 +93,71 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     return y if bias is None else y + bias
 
 
+#: (row bucket, N, K, dtype, device) -> the gated GEMV for `gated_linear`, or None for silu_mul + `linear`.
+_gated_choice: dict[tuple, Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None] = {}
+#: What each timed gated key measured, in microseconds: {"unfused_us": ..., "gated_us": ...}.
+gated_timings: dict[tuple, dict[str, float]] = {}
+
+
+def _unfused(gu: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    k = w.shape[-1]
+    gu2 = gu.reshape(-1, 2 * k)
+    act = registry("silu_mul", gu2[:, :k], gu2[:, k:])
+    return linear(act.view(*gu.shape[:-1], k), w, bias)
+
+
+def _choose_gated(key: tuple, gu2: torch.Tensor, w: torch.Tensor) -> Callable | None:
+    try:
+        gated = registry.get("matmul.dense_gated", gu2, w, backend="triton")
+    except KernelUnavailableError:
+        return None
+    from tessera.kernels.triton.tuning import graph_bench
+
+    start = time.perf_counter()
+    gated(gu2, w)  # tunes the gated tiles; the unfused side tunes (and chooses) its own
+    _unfused(gu2, w, None)
+    t_unfused = graph_bench(lambda: _unfused(gu2, w, None)) * 1e3
+    t_gated = graph_bench(lambda: gated(gu2, w)) * 1e3
+    gated_timings[key] = {"unfused_us": t_unfused, "gated_us": t_gated}
+    log.info("decode down projection, rows <= %d, N=%d, K=%d, %s: silu_mul + linear %.1f us, gated GEMV %.1f us "
+             "-> %s (tuned in %.1f s)", key[0], key[1], key[2], str(key[3]).removeprefix("torch."), t_unfused,
+             t_gated, "gated" if t_gated < t_unfused else "unfused", time.perf_counter() - start)
+    return gated.fn if t_gated < t_unfused else None
+
+
+def gated_linear(gu: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`linear(silu_mul(gu[..., :K], gu[..., K:]), w, bias)` for a fused gate/up output gu [..., 2K] and w [N, K];
+    decode-shaped calls take the faster of that and the gated GEMV for the shape (one launch fewer)."""
+    k = w.shape[-1]
+    if gu.shape[-1] != 2 * k:
+        raise ValueError(f"gated_linear: gu.shape={tuple(gu.shape)} is not [..., 2 * K] for w.shape={tuple(w.shape)}")
+    if not _decode_shaped(gu, w):
+        return _unfused(gu, w, bias)
+    gu2 = gu.reshape(-1, 2 * k)
+    if gu2.stride(-1) != 1 or not w.is_contiguous():
+        return _unfused(gu, w, bias)
+    key = (bucket(gu2.shape[0]), w.shape[0], k, gu.dtype, gu.device)
+    fn = _gated_choice.get(key, _UNSET)
+    if fn is _UNSET:
+        if torch.cuda.is_current_stream_capturing():
+            return _unfused(gu, w, bias)  # inside a capture an unchosen shape stays unfused
+        with _lock:
+            if key not in _gated_choice:
+                _gated_choice[key] = _choose_gated(key, gu2, w)
+            fn = _gated_choice[key]
+    if fn is None:
+        return _unfused(gu, w, bias)
+    y = fn(gu2, w).view(*gu.shape[:-1], w.shape[0])
+    return y if bias is None else y + bias
+
+
 def choices() -> dict[str, dict[str, object]]:
-    """Per timed shape ('M<=b N=n K=k dtype'): the backend chosen ('gemv' or 'cublas') and both timings."""
-    return {f"M<={b} N={n} K={k} {str(dt).removeprefix('torch.')}":
-            {"backend": "cublas" if fn is None else "gemv", **timings.get((b, n, k, dt, dev), {})}
-            for (b, n, k, dt, dev), fn in _choice.items()}
+    """Per timed shape ('M<=b N=n K=k dtype', with ' gated' for `gated_linear`'s): the backend chosen ('gemv' or
+    'cublas'; 'gated' or 'unfused') and the timings."""
+    out = {f"M<={b} N={n} K={k} {str(dt).removeprefix('torch.')}":
+           {"backend": "cublas" if fn is None else "gemv", **timings.get((b, n, k, dt, dev), {})}
+           for (b, n, k, dt, dev), fn in _choice.items()}
+    out |= {f"M<={b} N={n} K={k} {str(dt).removeprefix('torch.')} gated":
+            {"backend": "unfused" if fn is None else "gated", **gated_timings.get((b, n, k, dt, dev), {})}
+            for (b, n, k, dt, dev), fn in _gated_choice.items()}
+    return out

@@ -193,6 +193,27 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def gated_halves(gu: torch.Tensor) -> torch.Tensor:
+    """silu_mul of a fused gate/up output's halves: gu [M, 2K] -> [M, K]."""
+    if gu.shape[-1] % 2:
+        raise ValueError(f"gu.shape={tuple(gu.shape)}: a fused gate/up output has an even width")
+    k = gu.shape[-1] // 2
+    return silu_mul(gu[..., :k], gu[..., k:])
+
+
+def matmul_dense_gated(gu: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return matmul_dense(gated_halves(gu), w)
+
+
+def matmul_int8_weight_only_gated(gu: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return matmul_int8_weight_only(gated_halves(gu), w_q, scale)
+
+
+def matmul_int4_awq_gated(gu: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                          group_size: int) -> torch.Tensor:
+    return matmul_int4_awq(gated_halves(gu), qweight, scales, zeros, group_size)
+
+
 REFERENCES = {
     "rms_norm": rms_norm,
     "rms_norm_residual": rms_norm_residual,
@@ -208,4 +229,7 @@ REFERENCES = {
     "matmul.int8_weight_only": matmul_int8_weight_only,
     "matmul.int4_awq": matmul_int4_awq,
     "matmul.fp8": matmul_fp8,
+    "matmul.dense_gated": matmul_dense_gated,
+    "matmul.int8_weight_only_gated": matmul_int8_weight_only_gated,
+    "matmul.int4_awq_gated": matmul_int4_awq_gated,
 }

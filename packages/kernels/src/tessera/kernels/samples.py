@@ -271,6 +271,23 @@ def _fp8(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
     return out
 
 
+def _gated(base: Callable[[_Rand, torch.dtype, bool], list[Sample]]) -> Callable[[_Rand, torch.dtype, bool],
+                                                                                 list[Sample]]:
+    """Samples of a gated matmul from its plain one's: x [M, K] becomes a fused gate/up output [M, 2K] (a
+    transposed x, a transposed one)."""
+
+    def make(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
+        out = []
+        for s in base(r, dtype, real):
+            x, *rest = s.args
+            m, k = x.shape
+            gu = r.randn(m, 2 * k, dtype=dtype) if x.is_contiguous() else r.randn(2 * k, m, dtype=dtype).T
+            out.append(Sample(s.name, (gu, *rest), s.kwargs))
+        return out
+
+    return make
+
+
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 SAMPLERS: dict[str, tuple[Callable[[_Rand, torch.dtype, bool], list[Sample]], tuple[torch.dtype, ...]]] = {
     "rms_norm": (_rms_norm, _FLOATS),
@@ -287,6 +304,9 @@ SAMPLERS: dict[str, tuple[Callable[[_Rand, torch.dtype, bool], list[Sample]], tu
     "matmul.int8_weight_only": (_int8, _FLOATS),
     "matmul.int4_awq": (_int4, _FLOATS),
     "matmul.fp8": (_fp8, (torch.bfloat16, torch.float16)),
+    "matmul.dense_gated": (_gated(_dense), _FLOATS),
+    "matmul.int8_weight_only_gated": (_gated(_int8), _FLOATS),
+    "matmul.int4_awq_gated": (_gated(_int4), _FLOATS),
 }
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tessera.kernels.dense import linear
+from tessera.kernels.dense import gated_linear, linear
 from tessera.model.layers import MLP, Attention
 
 
@@ -135,16 +135,25 @@ def _decode_aware_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return linear(x, self.weight, self.bias)
 
 
+def _decode_aware_gated(self: nn.Linear, gu: torch.Tensor) -> torch.Tensor:
+    return gated_linear(gu, self.weight, self.bias)
+
+
 def route_decode_linears(model: nn.Module) -> int:
     """Make every plain `nn.Linear` in `model` (o and down projections, the LM head, unfused q/k/v)
     compute through `tessera.kernels.dense.linear`: `F.linear` as before, except that decode-shaped
     calls (at most 16 rows, CUDA, half dtype, no autograd) take the faster of cuBLAS and the GEMV
-    kernel for their shape. The fused projections already do. For inference; returns how many modules
-    were routed. Hooks still run (only `forward` is replaced, per instance); idempotent.
+    kernel for their shape. The fused projections already do. An MLP's down projection also gets
+    `forward_gated(gu)` (`dense.gated_linear`), which `MLP` calls with its fused gate/up output, so a
+    decode step may apply silu_mul(gate, up) inside the down projection's GEMV. For inference; returns
+    how many modules were routed. Hooks still run (only `forward` is replaced, per instance; `MLP` takes
+    no gated path past a hook on the down projection); idempotent.
     """
     routed = 0
     for module in model.modules():
         if type(module) is nn.Linear:
             module.forward = types.MethodType(_decode_aware_forward, module)
             routed += 1
+        if isinstance(module, MLP) and type(module.down_proj) is nn.Linear:
+            module.down_proj.forward_gated = types.MethodType(_decode_aware_gated, module.down_proj)
     return routed

@@ -81,7 +81,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: `down(silu(gate(x)) * up(x))`; `fuse_projections` may set `gate_up` (one GEMM for both)."""
+    """SwiGLU: `down(silu(gate(x)) * up(x))`; `fuse_projections` may set `gate_up` (one GEMM for both).
+
+    With gate/up fused, a down projection that offers `forward_gated(gu)` (the quantized linears; a plain
+    one once `route_decode_linears` has run) takes the fused output as it is and applies silu_mul itself,
+    which its decode GEMVs do while loading x: one launch fewer. Not past a forward hook on the down
+    projection, which must see silu_mul's output."""
 
     gate_up: FusedProjections | None = None
 
@@ -93,7 +98,12 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None and self.gate_up.active(self.gate_proj, self.up_proj):
-            gate, up = self.gate_up(x)
+            gu = self.gate_up.matmul(x)
+            down = self.down_proj
+            gated = getattr(down, "forward_gated", None)
+            if gated is not None and not (down._forward_hooks or down._forward_pre_hooks):
+                return gated(gu)
+            gate, up = gu.split(self.gate_up.sizes, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         lead, f = gate.shape[:-1], gate.shape[-1]

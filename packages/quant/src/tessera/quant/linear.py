@@ -33,6 +33,8 @@ class QuantLinear(nn.Module, ABC):
     """Shared shape bookkeeping and the flatten -> op -> bias -> reshape path."""
 
     op: str
+    #: The op of silu_mul(gate, up) and then `op` on a fused gate/up output (None: silu_mul, then `op`).
+    gated_op: str | None = None
     #: Buffers whose first dim is `out_features` (one row per output): concatenated when fusing.
     row_buffers: tuple[str, ...] = ()
 
@@ -56,6 +58,20 @@ class QuantLinear(nn.Module, ABC):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
+
+    def forward_gated(self, gu: torch.Tensor) -> torch.Tensor:
+        """`forward(silu_mul(gate, up))` of a fused gate/up output gu [..., 2 * in_features] (SwiGLU's down
+        projection, called by `MLP`): one op where the class has a gated one, whose decode GEMV applies
+        silu_mul as it loads x."""
+        k = self.in_features
+        gu2 = gu.reshape(-1, 2 * k)
+        if self.gated_op is None:
+            y = registry(self.op, registry("silu_mul", gu2[:, :k], gu2[:, k:]), *self._op_args())
+        else:
+            y = registry(self.gated_op, gu2, *self._op_args())
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*gu.shape[:-1], self.out_features)
 
     @abstractmethod
     def dequantized_weight(self) -> torch.Tensor:
@@ -116,6 +132,7 @@ class QuantLinear(nn.Module, ABC):
 
 class Int8Linear(QuantLinear):
     op = "matmul.int8_weight_only"
+    gated_op = "matmul.int8_weight_only_gated"
     row_buffers = ("weight", "weight_scale")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
@@ -143,6 +160,7 @@ class Int8Linear(QuantLinear):
 
 class Int4Linear(QuantLinear):
     op = "matmul.int4_awq"
+    gated_op = "matmul.int4_awq_gated"
     row_buffers = ("qweight", "scales", "zeros")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *, group_size: int = 128,

@@ -315,6 +315,27 @@ CATALOGUE: tuple[KernelSpec, ...] = (
               _t("scales", "N", "G", dtypes=_FLOAT), _t("zeros", "N", "G", dtypes=_FLOAT)),
         results=(_t("y", "M", "N", dtypes=_FLOAT),), tolerances=_TOL_MM),
     KernelSpec(
+        name="matmul.dense_gated",
+        description="matmul.dense of silu_mul(gu[:, :K], gu[:, K:]): SwiGLU's down projection reading a fused "
+        "gate/up output gu [M, 2K] (gated decode GEMVs skip the separate silu_mul launch). "
+        "matmul.dense_gated(gu, w) -> y (gu's dtype)",
+        args=(_t("gu", "M", "K2", dtypes=_FLOAT), _t("w", "N", "K", dtypes=_FLOAT)),
+        results=(_t("y", "M", "N", dtypes=_FLOAT),), tolerances=_TOL_MM),
+    KernelSpec(
+        name="matmul.int8_weight_only_gated",
+        description="matmul.int8_weight_only of silu_mul(gu[:, :K], gu[:, K:]) for a fused gate/up output gu "
+        "[M, 2K]. matmul.int8_weight_only_gated(gu, w_q, scale) -> y (gu's dtype)",
+        args=(_t("gu", "M", "K2", dtypes=_FLOAT), _t("w_q", "N", "K", dtypes=("int8",)),
+              _t("scale", "N", dtypes=_FLOAT)),
+        results=(_t("y", "M", "N", dtypes=_FLOAT),), tolerances=_TOL_MM),
+    KernelSpec(
+        name="matmul.int4_awq_gated",
+        description="matmul.int4_awq of silu_mul(gu[:, :K], gu[:, K:]) for a fused gate/up output gu [M, 2K]. "
+        "matmul.int4_awq_gated(gu, qweight, scales, zeros, group_size) -> y (gu's dtype)",
+        args=(_t("gu", "M", "K2", dtypes=_FLOAT), _t("qweight", "N", "KH", dtypes=("uint8",)),
+              _t("scales", "N", "G", dtypes=_FLOAT), _t("zeros", "N", "G", dtypes=_FLOAT)),
+        results=(_t("y", "M", "N", dtypes=_FLOAT),), tolerances=_TOL_MM),
+    KernelSpec(
         name="matmul.fp8",
         description="E4M3 matmul: x is quantized per row (dynamic scale amax/448), w_q [N, K] float8_e4m3fn "
         "with w_scale of shape [1] (per tensor) or [N] (per row); accumulates in float32. "

@@ -22,7 +22,7 @@ import triton.language as tl
 from tessera.kernels.custom_ops import matmul_custom_op
 from tessera.kernels.support import FLOATS, dtype_reasons, no_grad_reasons, triton_device_reasons
 from tessera.kernels.triton import pdl, split_k
-from tessera.kernels.triton.quant_gemv import rowwise_tiles
+from tessera.kernels.triton.quant_gemv import gated_k, rowwise_tiles
 from tessera.kernels.triton.split_k import MAX_M, config
 from tessera.kernels.triton.tuned_launch import TunedLaunch
 from tessera.kernels.triton.tuning import autotune, bucket, dot_precision, graph_bench
@@ -51,13 +51,14 @@ def _prune(configs: list, named_args: dict, **kwargs: object) -> list:
 
 @triton.heuristics({"EVEN": split_k.even})
 @triton.jit
-def dense_gemv_kernel(X, W, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, M_BUCKET,
+def dense_gemv_kernel(X, W, Y, WS, CNT, M, N, K, UP, stride_xm, stride_xk, stride_wn, stride_ym, M_BUCKET,
                       PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                       SPLIT_K: tl.constexpr, M1_DOT: tl.constexpr = False, EVEN: tl.constexpr = False,
-                      PDL: tl.constexpr = 0):
+                      PDL: tl.constexpr = 0, GATED: tl.constexpr = False):
     """y[M, N] = x[M, K] @ w[N, K].T; BM == 1 (M == 1) or 16 (M <= 16); grid (N / BN, SPLIT_K). With
     BM == 1, M1_DOT takes the tl.dot path (rows padded to 16). EVEN (BN divides N, BK divides K) drops
-    the bounds masks on the weight and x tiles. PDL: the launch may overlap the previous kernel (`pdl`)."""
+    the bounds masks on the weight and x tiles. PDL: the launch may overlap the previous kernel (`pdl`).
+    GATED: x is silu_mul(gate, up) of a fused gate/up output [M, 2K], up UP elements after the gate."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     k_start, k_end = split_k.k_range(K, tl.program_id(1), BK, SPLIT_K)
     # Early weights (PDL modes 3, 4): the one-row path with whole tiles loads its first tile(s), then enters.
@@ -66,30 +67,32 @@ def dense_gemv_kernel(X, W, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn
         pdl.enter_prefetching(PDL, W, rows, rows < N, stride_wn, k_start, k_end)
     # W doubles as the unused scale pointer.
     if BM == 1 and M1_DOT:
-        rowwise_tiles(X, W, W, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC, 16, BN, BK,
-                      SPLIT_K, EVEN, False)
+        rowwise_tiles(X, W, W, Y, WS, CNT, M, N, K, UP, stride_xm, stride_xk, stride_wn, stride_ym, PREC, 16, BN,
+                      BK, SPLIT_K, EVEN, False, 0, GATED)
     else:
-        rowwise_tiles(X, W, W, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC, BM, BN, BK,
-                      SPLIT_K, EVEN, False, PDL if EARLY else 0)
+        rowwise_tiles(X, W, W, Y, WS, CNT, M, N, K, UP, stride_xm, stride_xk, stride_wn, stride_ym, PREC, BM, BN,
+                      BK, SPLIT_K, EVEN, False, PDL if EARLY else 0, GATED)
 
 
-_tuned = autotune(_M1 + _MX, key=["M_BUCKET", "N", "K", "PREC"], interpret=_INTERPRET,
+_tuned = autotune(_M1 + _MX, key=["M_BUCKET", "N", "K", "PREC", "GATED"], interpret=_INTERPRET,
                   prune_configs_by={"early_config_prune": _prune}, do_bench=graph_bench)(dense_gemv_kernel)
 _launch = TunedLaunch(_tuned)
 
 
-def launch(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, kernel: object = None, **meta: object) -> None:
+def launch(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, kernel: object = None, gated: bool = False,
+           **meta: object) -> None:
     """y[M, N] = x @ w.T (M <= 16, w contiguous, x's dtype). `kernel` defaults to the autotuned one;
-    with the raw `dense_gemv_kernel`, `meta` gives BN, BK, SPLIT_K (and launch options)."""
-    m, k = x.shape
-    n = w.shape[0]
+    with the raw `dense_gemv_kernel`, `meta` gives BN, BK, SPLIT_K (and launch options). `gated`: x is a
+    fused gate/up output [M, 2K] and the product is of silu_mul(gate, up)."""
+    (m, n), (k, up) = (x.shape[0], w.shape[0]), gated_k(x, gated)
     mb = bucket(m)
     split = split_k.max_split(_tuned, n) if kernel is None else int(meta["SPLIT_K"])
     ws, counters = split_k.workspace(n, split, x.device)
-    args = (x, w, y, ws, counters, m, n, k, x.stride(0), x.stride(1), w.stride(0), y.stride(0), mb)
-    consts = {"PREC": dot_precision(x.dtype), "BM": 1 if m == 1 else MAX_M, **pdl.launch_options(x.device, gemv=True)}
+    args = (x, w, y, ws, counters, m, n, k, up, x.stride(0), x.stride(1), w.stride(0), y.stride(0), mb)
+    consts = {"PREC": dot_precision(x.dtype), "BM": 1 if m == 1 else MAX_M, "GATED": gated,
+              **pdl.launch_options(x.device, gemv=True)}
     if kernel is None:
-        _launch((mb, n, k, x.dtype), split_k.grid(n), *args, **consts)
+        _launch((mb, n, k, x.dtype, gated), split_k.grid(n), *args, **consts)
     else:
         kernel[split_k.grid(n)](*args, **consts, **meta)
 
@@ -102,6 +105,22 @@ def _dense(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 _op = matmul_custom_op("matmul_dense", _dense)
+
+
+def _dense_gated(gu: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    y = torch.empty((gu.shape[0], w.shape[0]), dtype=gu.dtype, device=gu.device)
+    if y.numel():
+        launch(gu, w, y, gated=True)
+    return y
+
+
+_gated_op = matmul_custom_op("matmul_dense_gated", _dense_gated)
+
+
+def matmul_dense_gated(gu: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Same contract as `reference.matmul_dense_gated`, for M <= 16: one launch that reads silu_mul(gate, up)
+    from the fused gate/up output gu (see `supports_gated`)."""
+    return _gated_op(gu, w)
 
 
 def matmul_dense(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -126,5 +145,16 @@ def supports(x: torch.Tensor | None = None, w: torch.Tensor | None = None) -> li
     return reasons + no_grad_reasons(x, w)
 
 
+def supports_gated(gu: torch.Tensor | None = None, w: torch.Tensor | None = None) -> list[str]:
+    if gu is None or w is None:
+        return triton_device_reasons()
+    if gu.dim() != 2 or w.dim() != 2 or gu.shape[-1] != 2 * w.shape[-1]:
+        return [*triton_device_reasons(gu, w), f"gu.shape={tuple(gu.shape)} and w.shape={tuple(w.shape)} are not "
+                "[M, 2K] and [N, K]"]
+    # The plain GEMV's conditions, on one half of gu (a view with gu's strides).
+    return supports(gu[:, : w.shape[-1]], w)
+
+
 def register(reg: KernelRegistry) -> None:
     reg.register("matmul.dense", "triton", matmul_dense, supports=supports, priority=20)
+    reg.register("matmul.dense_gated", "triton", matmul_dense_gated, supports=supports_gated, priority=20)

@@ -236,7 +236,39 @@ def _load(ptrs, mask):
 
 
 @triton.jit
-def _x4(X, ks, mask, stride_xk):
+def _gate_f32(g, u, DT: tl.constexpr):
+    """silu(g) * u from float32 g and u, rounded as the `silu_mul` op rounds (silu to DT, then the product
+    to DT), returned as float32."""
+    act = (g / (1.0 + tl.exp(-g))).to(DT).to(tl.float32)
+    return (act * u).to(DT).to(tl.float32)
+
+
+@triton.jit
+def _xg(ptrs, mask, UP, GATED: tl.constexpr):
+    """x at `ptrs` in x's dtype (mask None: all in bounds; masked lanes 0). GATED: x = silu_mul(gate, up), the
+    gate at `ptrs` and up UP elements further (a fused gate/up output), rounded as the `silu_mul` op rounds,
+    so the product is the unfused one's bit for bit."""
+    if GATED:
+        DT: tl.constexpr = ptrs.dtype.element_ty
+        return _gate_f32(_load(ptrs, mask).to(tl.float32), _load(ptrs + UP, mask).to(tl.float32), DT).to(DT)
+    else:
+        return _load(ptrs, mask)
+
+
+@triton.jit
+def _x4(X, ks, mask, stride_xk, UP, GATED: tl.constexpr):
+    """`_x4_plain`, of silu_mul(gate, up) when GATED (the gate at X, up UP elements further)."""
+    if GATED:
+        DT: tl.constexpr = X.dtype.element_ty
+        g0, g1, g2, g3 = _x4_plain(X, ks, mask, stride_xk)
+        u0, u1, u2, u3 = _x4_plain(X + UP, ks, mask, stride_xk)
+        return _gate_f32(g0, u0, DT), _gate_f32(g1, u1, DT), _gate_f32(g2, u2, DT), _gate_f32(g3, u3, DT)
+    else:
+        return _x4_plain(X, ks, mask, stride_xk)
+
+
+@triton.jit
+def _x4_plain(X, ks, mask, stride_xk):
     """x[ks + b] for b = 0..3 as float32 (ks: multiples of 4; mask None: all in bounds). bf16 x (contiguous,
     4-byte aligned: the launch makes it so) comes as two int32 words, split into halves by bit ops."""
     if X.dtype.element_ty == tl.bfloat16:
@@ -262,18 +294,19 @@ def _fma4(acc, w0, w1, w2, w3, x0, x1, x2, x3):
 
 
 @triton.jit
-def _int8_words_tile(acc2, X, v, t, t_end, last, offs_j, stride_xk, BK: tl.constexpr, ASM: tl.constexpr):
+def _int8_words_tile(acc2, X, v, t, t_end, last, offs_j, stride_xk, UP, BK: tl.constexpr, ASM: tl.constexpr,
+                     GATED: tl.constexpr):
     """acc2 plus tile t's products (its words `v`, loaded ahead), or acc2 itself when t >= t_end; x is read
     at the tile clamped to `last`, so in bounds either way."""
     ks = tl.minimum(t, last) * BK + 4 * offs_j
-    x0, x1, x2, x3 = _x4(X, ks, None, stride_xk)
+    x0, x1, x2, x3 = _x4(X, ks, None, stride_xk, UP, GATED)
     w0, w1, w2, w3 = _s8_words(v, ASM)
     return tl.where(t < t_end, _fma4(acc2, w0, w1, w2, w3, x0, x1, x2, x3), acc2)
 
 
 @triton.jit
-def _int8_words_m1(X, W, N, K, stride_xk, stride_wn, pid_n, k_start, k_end, BN: tl.constexpr, BK: tl.constexpr,
-                   EVEN: tl.constexpr, ASM: tl.constexpr, ENTER: tl.constexpr = 0):
+def _int8_words_m1(X, W, N, K, stride_xk, stride_wn, pid_n, k_start, k_end, UP, BN: tl.constexpr, BK: tl.constexpr,
+                   EVEN: tl.constexpr, ASM: tl.constexpr, ENTER: tl.constexpr = 0, GATED: tl.constexpr = False):
     """acc [1, BN] of x[1, K] @ w_q.T over [k_start, k_end) (K % 4 == 0), the weights read as int32 words.
     EVEN: the next tile's words are loaded before this tile is multiplied (one tile in flight per thread
     while it computes; the address is clamped, so the last iteration re-reads its own tile). ENTER (EVEN
@@ -299,10 +332,10 @@ def _int8_words_m1(X, W, N, K, stride_xk, stride_wn, pid_n, k_start, k_end, BN: 
         v_c = tl.load(w_ptrs + tl.minimum(t_start + 2, last) * BW)
         v_d = tl.load(w_ptrs + tl.minimum(t_start + 3, last) * BW)
         pdl.enter(ENTER)
-        acc2 = _int8_words_tile(acc2, X, v_a, t_start, t_end, last, offs_j, stride_xk, BK, ASM)
-        acc2 = _int8_words_tile(acc2, X, v_b, t_start + 1, t_end, last, offs_j, stride_xk, BK, ASM)
-        acc2 = _int8_words_tile(acc2, X, v_c, t_start + 2, t_end, last, offs_j, stride_xk, BK, ASM)
-        acc2 = _int8_words_tile(acc2, X, v_d, t_start + 3, t_end, last, offs_j, stride_xk, BK, ASM)
+        acc2 = _int8_words_tile(acc2, X, v_a, t_start, t_end, last, offs_j, stride_xk, UP, BK, ASM, GATED)
+        acc2 = _int8_words_tile(acc2, X, v_b, t_start + 1, t_end, last, offs_j, stride_xk, UP, BK, ASM, GATED)
+        acc2 = _int8_words_tile(acc2, X, v_c, t_start + 2, t_end, last, offs_j, stride_xk, UP, BK, ASM, GATED)
+        acc2 = _int8_words_tile(acc2, X, v_d, t_start + 3, t_end, last, offs_j, stride_xk, UP, BK, ASM, GATED)
         t_start += 4
         v = tl.load(w_ptrs + tl.minimum(t_start, last) * BW)
     elif EVEN:
@@ -316,7 +349,7 @@ def _int8_words_m1(X, W, N, K, stride_xk, stride_wn, pid_n, k_start, k_end, BN: 
         else:
             k_ok = ks < K
             v = tl.load(w_ptrs + t * BW, mask=n_ok[:, None] & k_ok[None, :], other=0)
-        x0, x1, x2, x3 = _x4(X, ks, k_ok, stride_xk)
+        x0, x1, x2, x3 = _x4(X, ks, k_ok, stride_xk, UP, GATED)
         w0, w1, w2, w3 = _s8_words(v, ASM)
         acc2 = _fma4(acc2, w0, w1, w2, w3, x0, x1, x2, x3)
         if EVEN:
@@ -325,9 +358,9 @@ def _int8_words_m1(X, W, N, K, stride_xk, stride_wn, pid_n, k_start, k_end, BN: 
 
 
 @triton.jit
-def _int4_words_m1(X, QW, S, Z, K, stride_xk, stride_qn, stride_sn, stride_zn, n64, n_ok, k_start, k_end,
+def _int4_words_m1(X, QW, S, Z, K, stride_xk, stride_qn, stride_sn, stride_zn, n64, n_ok, k_start, k_end, UP,
                    GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr,
-                   ENTER: tl.constexpr = 0):
+                   ENTER: tl.constexpr = 0, GATED: tl.constexpr = False):
     """acc [1, BN] of AWQ x[1, K] @ W.T over [k_start, k_end) (K % 8 == 0), tiles of NG = BK // GROUP whole
     groups read as int32 words ([BN, NG, GROUP // 8]); per group s * (sum_k q_k x_k - z * sum_k x_k), the
     x sums taken once for all rows. EVEN: the next tile's words are loaded before this one is used. ENTER
@@ -361,13 +394,13 @@ def _int4_words_m1(X, QW, S, Z, K, stride_xk, stride_qn, stride_sn, stride_zn, n
         s_d, z_d = _int4_group_params(S, Z, n64, stride_sn, stride_zn, t_d * BK // GROUP + offs_g)
         pdl.enter(ENTER)
         acc = tl.where(t_start < t_end, _int4_words_tile(acc, X, v_a, s_a, z_a, t_a * BK + 8 * word, None,
-                                                         stride_xk, ASM), acc)
+                                                         stride_xk, UP, ASM, GATED), acc)
         acc = tl.where(t_start + 1 < t_end, _int4_words_tile(acc, X, v_b, s_b, z_b, t_b * BK + 8 * word, None,
-                                                             stride_xk, ASM), acc)
+                                                             stride_xk, UP, ASM, GATED), acc)
         acc = tl.where(t_start + 2 < t_end, _int4_words_tile(acc, X, v_c, s_c, z_c, t_c * BK + 8 * word, None,
-                                                             stride_xk, ASM), acc)
+                                                             stride_xk, UP, ASM, GATED), acc)
         acc = tl.where(t_start + 3 < t_end, _int4_words_tile(acc, X, v_d, s_d, z_d, t_d * BK + 8 * word, None,
-                                                             stride_xk, ASM), acc)
+                                                             stride_xk, UP, ASM, GATED), acc)
         t_start += 4
         v = tl.load(q_ptrs + tl.minimum(t_start, last) * TW)
     elif EVEN:  # offsets as tile index * TW: 16-byte aligned rows, 128-bit loads
@@ -387,7 +420,7 @@ def _int4_words_m1(X, QW, S, Z, K, stride_xk, stride_qn, stride_sn, stride_zn, n
             g_ok = n_ok[:, None] & ((k0 + offs_g * GROUP) < K)[None, :]
             s = tl.load(S + n64[:, None] * stride_sn + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
             z = tl.load(Z + n64[:, None] * stride_zn + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
-        acc = _int4_words_tile(acc, X, v, s, z, ks, k_ok, stride_xk, ASM)
+        acc = _int4_words_tile(acc, X, v, s, z, ks, k_ok, stride_xk, UP, ASM, GATED)
         if EVEN:
             v = v_next
     return acc[None, :]
@@ -402,11 +435,11 @@ def _int4_group_params(S, Z, n64, stride_sn, stride_zn, g):
 
 
 @triton.jit
-def _int4_words_tile(acc, X, v, s, z, ks, k_ok, stride_xk, ASM: tl.constexpr):
+def _int4_words_tile(acc, X, v, s, z, ks, k_ok, stride_xk, UP, ASM: tl.constexpr, GATED: tl.constexpr):
     """acc [BN] plus one tile of `_int4_words_m1`: words `v` [BN, NG, GW], scales and zeros [BN, NG], x at
     `ks` [NG, GW] (mask `k_ok`, or None)."""
-    x0, x1, x2, x3 = _x4(X, ks, k_ok, stride_xk)
-    x4, x5, x6, x7 = _x4(X, ks + 4, k_ok, stride_xk)
+    x0, x1, x2, x3 = _x4(X, ks, k_ok, stride_xk, UP, GATED)
+    x4, x5, x6, x7 = _x4(X, ks + 4, k_ok, stride_xk, UP, GATED)
     q0, q1, q2, q3, q4, q5, q6, q7 = _u4_words(v, ASM)
     part = (q0 - 8388608.0) * x0[None, :, :] + (q1 - 8388608.0) * x1[None, :, :] \
         + (q2 - 8388608.0) * x2[None, :, :] + (q3 - 8388608.0) * x3[None, :, :] \
@@ -418,15 +451,17 @@ def _int4_words_tile(acc, X, v, s, z, ks, k_ok, stride_xk, ASM: tl.constexpr):
 
 @triton.heuristics({"EVEN": even})
 @triton.jit
-def int8_gemv_kernel(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, M_BUCKET,
+def int8_gemv_kernel(X, W, S, Y, WS, CNT, M, N, K, UP, stride_xm, stride_xk, stride_wn, stride_ym, M_BUCKET,
                      PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      SPLIT_K: tl.constexpr, M1_DOT: tl.constexpr = False, WORDS: tl.constexpr = False,
-                     ASM: tl.constexpr = False, EVEN: tl.constexpr = False, PDL: tl.constexpr = 0):
+                     ASM: tl.constexpr = False, EVEN: tl.constexpr = False, PDL: tl.constexpr = 0,
+                     GATED: tl.constexpr = False):
     """y[M, N] = (x[M, K] @ w_q[N, K].T) * scale[N]; BM == 1 (M == 1) or 16 (M <= 16); grid (N / BN, SPLIT_K).
     With BM == 1, M1_DOT takes the tl.dot path (rows padded to 16) and WORDS the word path
     (`_int8_words_m1`; K % 4 == 0) instead of the CUDA-core one; ASM lets the word path convert by PTX
     (not under the interpreter). EVEN (set from the shapes: BN divides N and BK divides K) drops the bounds
-    masks on the weight and x tiles. PDL: the launch may overlap the previous kernel (`pdl`)."""
+    masks on the weight and x tiles. PDL: the launch may overlap the previous kernel (`pdl`). GATED: x is
+    silu_mul(gate, up) of a fused gate/up output [M, 2K], the gate at X and up UP elements further (`_xg`)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     k_start, k_end = k_range(K, pid_k, BK, SPLIT_K)
@@ -436,16 +471,16 @@ def int8_gemv_kernel(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_
     if not EARLY:
         pdl.enter_prefetching(PDL, W, rows, rows < N, stride_wn, k_start, k_end)
     if BM == 1 and WORDS:
-        acc = _int8_words_m1(X, W, N, K, stride_xk, stride_wn, pid_n, k_start, k_end, BN, BK, EVEN, ASM,
-                             PDL if EARLY else 0)
+        acc = _int8_words_m1(X, W, N, K, stride_xk, stride_wn, pid_n, k_start, k_end, UP, BN, BK, EVEN, ASM,
+                             PDL if EARLY else 0, GATED)
         acc = acc * tl.load(S + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
         combine_and_store(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, 1, BN, SPLIT_K)
     elif BM == 1 and M1_DOT:
-        rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC, 16, BN, BK,
-                      SPLIT_K, EVEN, True)
+        rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, UP, stride_xm, stride_xk, stride_wn, stride_ym, PREC, 16, BN,
+                      BK, SPLIT_K, EVEN, True, 0, GATED)
     else:
-        rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC, BM, BN, BK,
-                      SPLIT_K, EVEN, True, PDL if EARLY else 0)
+        rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, UP, stride_xm, stride_xk, stride_wn, stride_ym, PREC, BM, BN,
+                      BK, SPLIT_K, EVEN, True, PDL if EARLY else 0, GATED)
 
 
 @triton.jit
@@ -458,9 +493,9 @@ def _weights_f32(w, INT8: tl.constexpr):
 
 
 @triton.jit
-def rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn, stride_ym, PREC: tl.constexpr,
+def rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, UP, stride_xm, stride_xk, stride_wn, stride_ym, PREC: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr,
-                  INT8: tl.constexpr, ENTER: tl.constexpr = 0):
+                  INT8: tl.constexpr, ENTER: tl.constexpr = 0, GATED: tl.constexpr = False):
     """One program's [BN] output columns of x @ w.T over its split of K, combined and stored. INT8: w holds
     int8 rows scaled per output channel by S; else w is in a float dtype (the dense GEMV) and S unused.
     ENTER (BM == 1 and EVEN only): the PDL mode to enter once the first weight tile (four in mode 4) is
@@ -490,24 +525,24 @@ def rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn,
                 w_c = tl.load(w_ptrs + k_c)
                 w_d = tl.load(w_ptrs + k_d)
             pdl.enter(ENTER)
-            x = tl.load(X + (k_a + offs_k) * stride_xk).to(tl.float32)
+            x = _xg(X + (k_a + offs_k) * stride_xk, None, UP, GATED).to(tl.float32)
             acc2 += tl.where(k_start < k_end, _weights_f32(w_a, INT8) * x[None, :], 0.0)
             loop_start = k_start + BK
             if ENTER == 4:
-                x = tl.load(X + (k_b + offs_k) * stride_xk).to(tl.float32)
+                x = _xg(X + (k_b + offs_k) * stride_xk, None, UP, GATED).to(tl.float32)
                 acc2 += tl.where(k_start + BK < k_end, _weights_f32(w_b, INT8) * x[None, :], 0.0)
-                x = tl.load(X + (k_c + offs_k) * stride_xk).to(tl.float32)
+                x = _xg(X + (k_c + offs_k) * stride_xk, None, UP, GATED).to(tl.float32)
                 acc2 += tl.where(k_start + 2 * BK < k_end, _weights_f32(w_c, INT8) * x[None, :], 0.0)
-                x = tl.load(X + (k_d + offs_k) * stride_xk).to(tl.float32)
+                x = _xg(X + (k_d + offs_k) * stride_xk, None, UP, GATED).to(tl.float32)
                 acc2 += tl.where(k_start + 3 * BK < k_end, _weights_f32(w_d, INT8) * x[None, :], 0.0)
                 loop_start = k_start + 4 * BK
         for k0 in range(loop_start, k_end, BK):
             if EVEN:
-                x = tl.load(X + (k0 + offs_k) * stride_xk).to(tl.float32)
+                x = _xg(X + (k0 + offs_k) * stride_xk, None, UP, GATED).to(tl.float32)
                 w = tl.load(w_ptrs + k0)
             else:
                 k_ok = (k0 + offs_k) < K
-                x = tl.load(X + (k0 + offs_k) * stride_xk, mask=k_ok, other=0.0).to(tl.float32)
+                x = _xg(X + (k0 + offs_k) * stride_xk, k_ok, UP, GATED).to(tl.float32)
                 w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0)
             acc2 += _weights_f32(w, INT8) * x[None, :]
         acc = tl.sum(acc2, axis=1)[None, :]
@@ -518,11 +553,11 @@ def rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn,
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(k_start, k_end, BK):
             if EVEN:
-                x = tl.load(x_ptrs + k0 * stride_xk, mask=m_ok[:, None], other=0.0)
+                x = _xg(x_ptrs + k0 * stride_xk, m_ok[:, None], UP, GATED)
                 w = tl.load(w_ptrs + k0)
             else:
                 k_ok = (k0 + offs_k) < K
-                x = tl.load(x_ptrs + k0 * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                x = _xg(x_ptrs + k0 * stride_xk, m_ok[:, None] & k_ok[None, :], UP, GATED)
                 w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0)
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PREC)
     if INT8:
@@ -532,8 +567,8 @@ def rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, stride_xm, stride_xk, stride_wn,
 
 @triton.jit
 def _int4_in_group(X, QW, S, Z, M, K, K2, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, n64, n_ok, k_start,
-                   k_end, GROUP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                   BK: tl.constexpr):
+                   k_end, UP, GROUP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                   BK: tl.constexpr, GATED: tl.constexpr = False):
     """acc [BM, BN] float32 over K in [k_start, k_end), tiles of BK inside one group (GROUP % BK == 0)."""
     offs_j = tl.arange(0, BK // 2)  # byte j of a tile holds k = 2j (low nibble) and 2j + 1 (high)
     offs_k = tl.arange(0, BK)
@@ -545,7 +580,7 @@ def _int4_in_group(X, QW, S, Z, M, K, K2, stride_xm, stride_xk, stride_qn, strid
         for k0 in range(k_start, k_end, BK):
             # Masks in bytes (K2 = K / 2) keep the weight loads vectorised.
             packed = tl.load(q_ptrs + k0 // 2, mask=n_ok[:, None] & ((k0 // 2 + offs_j) < K2)[None, :], other=0)
-            x = tl.load(X + (k0 + offs_k) * stride_xk, mask=(k0 + offs_k) < K, other=0.0).to(tl.float32)
+            x = _xg(X + (k0 + offs_k) * stride_xk, (k0 + offs_k) < K, UP, GATED).to(tl.float32)
             x_even, x_odd = tl.split(tl.reshape(x, (BK // 2, 2)))
             p32 = packed.to(tl.int32)
             part = tl.sum(_exact_f32(p32 & 0xF, 0) * x_even[None, :] + _exact_f32(p32 >> 4, 0) * x_odd[None, :],
@@ -562,7 +597,7 @@ def _int4_in_group(X, QW, S, Z, M, K, K2, stride_xm, stride_xk, stride_qn, strid
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(k_start, k_end, BK):
             packed = tl.load(q_ptrs + k0 // 2, mask=n_ok[:, None] & ((k0 // 2 + offs_j) < K2)[None, :], other=0)
-            x = tl.load(x_ptrs + k0 * stride_xk, mask=m_ok[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0)
+            x = _xg(x_ptrs + k0 * stride_xk, m_ok[:, None] & ((k0 + offs_k) < K)[None, :], UP, GATED)
             x_even, x_odd = tl.split(tl.reshape(x, (BM, BK // 2, 2)))
             # Nibbles 0..15 are exact in every float dtype, so the dots see the exact integer weights;
             # via int8, the conversion takes Triton's fast int8 -> half path.
@@ -580,8 +615,8 @@ def _int4_in_group(X, QW, S, Z, M, K, K2, stride_xm, stride_xk, stride_qn, strid
 
 @triton.jit
 def _int4_whole_groups(X, QW, S, Z, M, K, K2, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, n64, n_ok,
-                       k_start, k_end, GROUP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                       BK: tl.constexpr):
+                       k_start, k_end, UP, GROUP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
+                       BN: tl.constexpr, BK: tl.constexpr, GATED: tl.constexpr = False):
     """acc [BM, BN] float32 over K in [k_start, k_end), tiles of NG = BK // GROUP whole groups (k_start a
     multiple of BK): the weight tile is read as [BN, NG, GROUP // 2] bytes, one contiguous BK / 2 byte
     segment a row, and each group's sums are reduced apart and scaled by the group's own s and z."""
@@ -596,7 +631,7 @@ def _int4_whole_groups(X, QW, S, Z, M, K, K2, stride_xm, stride_xk, stride_qn, s
         for k0 in range(k_start, k_end, BK):
             packed = tl.load(q_ptrs + k0 // 2, mask=n_ok[:, None, None] & ((k0 // 2 + byte) < K2)[None, :, :],
                              other=0)
-            x = tl.load(X + (k0 + col) * stride_xk, mask=(k0 + col) < K, other=0.0).to(tl.float32)
+            x = _xg(X + (k0 + col) * stride_xk, (k0 + col) < K, UP, GATED).to(tl.float32)
             x_even, x_odd = tl.split(tl.reshape(x, (NG, HG, 2)))
             p32 = packed.to(tl.int32)
             part = tl.sum(_exact_f32(p32 & 0xF, 0) * x_even[None, :, :] + _exact_f32(p32 >> 4, 0) * x_odd[None, :, :],
@@ -617,7 +652,7 @@ def _int4_whole_groups(X, QW, S, Z, M, K, K2, stride_xm, stride_xk, stride_qn, s
         for k0 in range(k_start, k_end, BK):
             packed = tl.load(q_ptrs + k0 // 2, mask=n_ok[:, None, None] & ((k0 // 2 + byte) < K2)[None, :, :],
                              other=0)
-            x = tl.load(x_ptrs + k0 * stride_xk, mask=m_ok[None, :, None] & ((k0 + col) < K)[:, None, :], other=0.0)
+            x = _xg(x_ptrs + k0 * stride_xk, m_ok[None, :, None] & ((k0 + col) < K)[:, None, :], UP, GATED)
             x_even, x_odd = tl.split(tl.reshape(x, (NG, BM, HG, 2)))  # [NG, BM, HG]
             # As in one group: exact integer nibbles, converted through int8; [BN, NG, HG] -> [NG, HG, BN].
             lo = tl.permute((packed & 0xF).to(tl.int8, bitcast=True).to(x.dtype), (1, 2, 0))
@@ -635,13 +670,15 @@ def _int4_whole_groups(X, QW, S, Z, M, K, K2, stride_xm, stride_xk, stride_qn, s
 
 @triton.heuristics({"EVEN": even})
 @triton.jit
-def int4_gemv_kernel(X, QW, S, Z, Y, WS, CNT, M, N, K, K2, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn,
-                     stride_ym, M_BUCKET, GROUP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
+def int4_gemv_kernel(X, QW, S, Z, Y, WS, CNT, M, N, K, K2, UP, stride_xm, stride_xk, stride_qn, stride_sn,
+                     stride_zn, stride_ym, M_BUCKET, GROUP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
                      BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, WORDS: tl.constexpr = False,
-                     ASM: tl.constexpr = False, EVEN: tl.constexpr = False, PDL: tl.constexpr = 0):
+                     ASM: tl.constexpr = False, EVEN: tl.constexpr = False, PDL: tl.constexpr = 0,
+                     GATED: tl.constexpr = False):
     """y[M, N] = x[M, K] @ ((q - z) * s).T with q packed two per byte along K (K2 = K / 2 bytes a row, even
     k in the low nibble); a tile never splits a group: GROUP % BK == 0 (one tile inside one group) or
-    BK % GROUP == 0 (a tile of whole groups; GROUP >= 32 where BM > 1, for the dots' K of GROUP / 2)."""
+    BK % GROUP == 0 (a tile of whole groups; GROUP >= 32 where BM > 1, for the dots' K of GROUP / 2). GATED:
+    x is silu_mul(gate, up) of a fused gate/up output, as in `int8_gemv_kernel`."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -653,20 +690,21 @@ def int4_gemv_kernel(X, QW, S, Z, Y, WS, CNT, M, N, K, K2, stride_xm, stride_xk,
         pdl.enter_prefetching(PDL, QW, offs_n, n_ok, stride_qn, k_start // 2, (k_end + 1) // 2)
     if BM == 1 and WORDS:
         acc = _int4_words_m1(X, QW, S, Z, K, stride_xk, stride_qn, stride_sn, stride_zn, n64, n_ok, k_start, k_end,
-                             GROUP, BN, BK, EVEN, ASM, PDL if EARLY else 0)
+                             UP, GROUP, BN, BK, EVEN, ASM, PDL if EARLY else 0, GATED)
     elif BK <= GROUP:
         acc = _int4_in_group(X, QW, S, Z, M, K, K2, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, n64, n_ok,
-                             k_start, k_end, GROUP, PREC, BM, BN, BK)
+                             k_start, k_end, UP, GROUP, PREC, BM, BN, BK, GATED)
     else:
         acc = _int4_whole_groups(X, QW, S, Z, M, K, K2, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, n64,
-                                 n_ok, k_start, k_end, GROUP, PREC, BM, BN, BK)
+                                 n_ok, k_start, k_end, UP, GROUP, PREC, BM, BN, BK, GATED)
     combine_and_store(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, BM, BN, SPLIT_K)
 
 
 # Ranked by CUDA-graph time with a cold L2 (`graph_bench`): the time a decode step pays for them.
-_int8_tuned = autotune(_INT8_M1 + _INT8_MX, key=["M_BUCKET", "N", "K", "PREC"], interpret=_INTERPRET,
+_int8_tuned = autotune(_INT8_M1 + _INT8_MX, key=["M_BUCKET", "N", "K", "PREC", "GATED"], interpret=_INTERPRET,
                        prune_configs_by={"early_config_prune": _prune_int8}, do_bench=graph_bench)(int8_gemv_kernel)
-_int4_tuned = autotune(_INT4_M1 + _INT4_MX, key=["M_BUCKET", "N", "K", "GROUP", "PREC"], interpret=_INTERPRET,
+_int4_tuned = autotune(_INT4_M1 + _INT4_MX, key=["M_BUCKET", "N", "K", "GROUP", "PREC", "GATED"],
+                       interpret=_INTERPRET,
                        prune_configs_by={"early_config_prune": _prune_int4}, do_bench=graph_bench)(int4_gemv_kernel)
 _int8_launch = TunedLaunch(_int8_tuned)
 _int4_launch = TunedLaunch(_int4_tuned)
@@ -688,61 +726,72 @@ def _words_reasons(meta: dict, k: int, group: int | None = None) -> list[str]:
     return [f"WORDS needs whole groups and words a tile, got BK={meta['BK']} group_size={group} K={k}"]
 
 
+def gated_k(x: torch.Tensor, gated: bool) -> tuple[int, int]:
+    """(K, the up half's offset in elements): x [M, K] as it is, or (`gated`) a fused gate/up output [M, 2K]
+    whose halves are the gate and up inputs of silu_mul."""
+    if not gated:
+        return x.shape[1], 0
+    if x.shape[1] % 2:
+        raise ValueError(f"gated: x.shape={tuple(x.shape)} has an odd width, not [M, 2 * K]")
+    k = x.shape[1] // 2
+    return k, k * x.stride(1)
+
+
 def launch_int8(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, y: torch.Tensor,
-                kernel: object = None, **meta: object) -> None:
+                kernel: object = None, gated: bool = False, **meta: object) -> None:
     """y[M, N] = int8 weight-only x @ w_q.T (M <= 16, w_q and scale contiguous). `kernel` defaults to the
     autotuned one; with the raw `int8_gemv_kernel`, `meta` gives BN, BK, SPLIT_K (and launch options, M1_DOT
-    or WORDS)."""
-    m, k = x.shape
-    n = w_q.shape[0]
+    or WORDS). `gated`: x is a fused gate/up output [M, 2K] and the product is of silu_mul(gate, up)."""
+    x = _word_aligned(x)
+    (m, n), (k, up) = (x.shape[0], w_q.shape[0]), gated_k(x, gated)
     if kernel is not None and (bad := _words_reasons(meta, k)):
         raise ValueError(bad[0])
-    x = _word_aligned(x)
     mb = bucket(m)
     ws, counters = workspace(n, max_split(_int8_tuned, n) if kernel is None else int(meta["SPLIT_K"]), x.device)
-    args = (x, w_q, scale, y, ws, counters, m, n, k, x.stride(0), x.stride(1), w_q.stride(0), y.stride(0), mb)
+    args = (x, w_q, scale, y, ws, counters, m, n, k, up, x.stride(0), x.stride(1), w_q.stride(0), y.stride(0), mb)
     consts = {"PREC": dot_precision(x.dtype), "BM": 1 if m == 1 else MAX_M, "ASM": not triton_interpreting(),
-              **pdl.launch_options(x.device, gemv=True)}
+              "GATED": gated, **pdl.launch_options(x.device, gemv=True)}
     if kernel is None:
-        _int8_launch((mb, n, k, x.dtype, scale.dtype), grid(n), *args, **consts)
+        _int8_launch((mb, n, k, x.dtype, scale.dtype, gated), grid(n), *args, **consts)
     else:
         kernel[grid(n)](*args, **consts, **meta)
 
 
 def launch_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                y: torch.Tensor, kernel: object = None, **meta: object) -> None:
+                y: torch.Tensor, kernel: object = None, gated: bool = False, **meta: object) -> None:
     """y[M, N] = AWQ int4 x @ W.T (M <= 16, group_size a multiple of 32, last dims contiguous). `kernel`
     defaults to the autotuned one; with the raw `int4_gemv_kernel`, `meta` gives BN, BK, SPLIT_K, where BK
-    must divide group_size or (a power-of-two group_size) be a multiple of it, else ValueError."""
-    m, k = x.shape
+    must divide group_size or (a power-of-two group_size) be a multiple of it, else ValueError. `gated`: x is a
+    fused gate/up output [M, 2K] and the product is of silu_mul(gate, up)."""
+    x = _word_aligned(x)
+    (m, n), (k, up) = (x.shape[0], qweight.shape[0]), gated_k(x, gated)
     if kernel is not None and not _tile_fits_groups(int(meta["BK"]), group_size):
         raise ValueError(f"BK={meta['BK']} would split a group of group_size={group_size}")
     if kernel is not None and (bad := _words_reasons(meta, k, group_size)):
         raise ValueError(bad[0])
-    x = _word_aligned(x)
-    n = qweight.shape[0]
     mb = bucket(m)
     ws, counters = workspace(n, max_split(_int4_tuned, n) if kernel is None else int(meta["SPLIT_K"]), x.device)
-    args = (x, qweight, scales, zeros, y, ws, counters, m, n, k, k // 2, x.stride(0), x.stride(1), qweight.stride(0),
-            scales.stride(0), zeros.stride(0), y.stride(0), mb)
+    args = (x, qweight, scales, zeros, y, ws, counters, m, n, k, k // 2, up, x.stride(0), x.stride(1),
+            qweight.stride(0), scales.stride(0), zeros.stride(0), y.stride(0), mb)
     consts = {"GROUP": group_size, "PREC": dot_precision(x.dtype), "BM": 1 if m == 1 else MAX_M,
-              "ASM": not triton_interpreting(), **pdl.launch_options(x.device, gemv=True)}
+              "ASM": not triton_interpreting(), "GATED": gated, **pdl.launch_options(x.device, gemv=True)}
     if kernel is None:
-        _int4_launch((mb, n, k, group_size, x.dtype, scales.dtype, zeros.dtype), grid(n), *args, **consts)
+        _int4_launch((mb, n, k, group_size, x.dtype, scales.dtype, zeros.dtype, gated), grid(n), *args, **consts)
     else:
         kernel[grid(n)](*args, **consts, **meta)
 
 
 def tuned_configs() -> dict[str, dict[str, object]]:
-    """Per shape tuned in this process ('int8 M<=b N=n K=k ...' or 'int4 ... g=G'): the config its launches
+    """Per shape tuned in this process ('int8 M<=b N=n K=k ...' or 'int4 ... g=G', ending in ' gated' for the
+    launches of silu_mul(gate, up)): the config its launches
     use (BN, BK, SPLIT_K, warps, stages, path flags). Benchmarks record it beside their timings, since the
     autotuner's pick among near-tied configs moves a shape's time between processes."""
     out = {}
     for op, launch, fields in (("int8", _int8_launch, ("M<=", "N=", "K=", "x ", "scale ")),
                                ("int4", _int4_launch, ("M<=", "N=", "K=", "g=", "x ", "scales ", "zeros "))):
-        for key, meta in launch.tuned().items():
+        for (*key, gated), meta in launch.tuned().items():
             label = " ".join(f"{f}{str(v).removeprefix('torch.')}" for f, v in zip(fields, key, strict=True))
-            out[f"{op} {label}"] = {k: v for k, v in meta.items() if v is not None}
+            out[f"{op} {label}{' gated' if gated else ''}"] = {k: v for k, v in meta.items() if v is not None}
     return out
 
 

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from tessera.kernels.custom_ops import matmul_custom_op
 from tessera.kernels.support import FLOATS, dtype_reasons, no_grad_reasons, triton_device_reasons
-from tessera.kernels.triton import quant_dequant, quant_gemv
+from tessera.kernels.triton import quant_dequant, quant_gemv, swiglu
 from tessera.kernels.triton.tuned_launch import TunedLaunch
 from tessera.kernels.triton.tuning import autotune, bucket, dot_precision
 from tessera.specs import KernelRegistry
@@ -170,19 +170,62 @@ def matmul_int4_awq(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     return _int4_op(x, qweight, scales, zeros, int(group_size))
 
 
-def _x_reasons(x: torch.Tensor, n_k: int) -> list[str]:
-    reasons = dtype_reasons("x", x, FLOATS)
-    if x.dim() != 2 or x.shape[1] != n_k:
-        reasons.append(f"x.shape={tuple(x.shape)} is not [M, {n_k}]")
+def _halves(gu: torch.Tensor) -> torch.Tensor:
+    """silu_mul of a fused gate/up output's halves (the Triton op): what a gated matmul multiplies."""
+    k = gu.shape[1] // 2
+    return swiglu.silu_mul(gu[:, :k], gu[:, k:])
+
+
+def _int8_gated(gu: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    m, n = gu.shape[0], w_q.shape[0]
+    if not (m and n and quant_gemv.serves_int8(m)):
+        return _int8(_halves(gu), w_q, scale)
+    y = torch.empty((m, n), dtype=gu.dtype, device=gu.device)
+    quant_gemv.launch_int8(gu, w_q.contiguous(), scale.contiguous(), y, gated=True)
+    return y
+
+
+def _int4_gated(gu: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                group_size: int) -> torch.Tensor:
+    m, n = gu.shape[0], qweight.shape[0]
+    if not (m and n and quant_gemv.serves_int4(m, group_size)):
+        return _int4(_halves(gu), qweight, scales, zeros, group_size)
+    y = torch.empty((m, n), dtype=gu.dtype, device=gu.device)
+    quant_gemv.launch_int4(gu, _rows(qweight), _rows(scales), _rows(zeros), group_size, y, gated=True)
+    return y
+
+
+_int8_gated_op = matmul_custom_op("matmul_int8_weight_only_gated", _int8_gated)
+_int4_gated_op = matmul_custom_op("matmul_int4_awq_gated", _int4_gated)
+
+
+def matmul_int8_weight_only_gated(gu: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Same contract as `reference.matmul_int8_weight_only_gated`: at decode shapes one GEMV launch that reads
+    silu_mul(gate, up) from gu, else the Triton silu_mul and then the plain op."""
+    return _int8_gated_op(gu, w_q, scale)
+
+
+def matmul_int4_awq_gated(gu: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                          group_size: int) -> torch.Tensor:
+    """Same contract as `reference.matmul_int4_awq_gated` (see `matmul_int8_weight_only_gated`)."""
+    return _int4_gated_op(gu, qweight, scales, zeros, int(group_size))
+
+
+def _x_reasons(x: torch.Tensor, n_k: int, gated: bool = False) -> list[str]:
+    name = "gu" if gated else "x"
+    reasons = dtype_reasons(name, x, FLOATS)
+    width = 2 * n_k if gated else n_k
+    if x.dim() != 2 or x.shape[1] != width:
+        reasons.append(f"{name}.shape={tuple(x.shape)} is not [M, {width}]")
     return reasons
 
 
 def supports_int8(x: torch.Tensor | None = None, w_q: torch.Tensor | None = None,
-                  scale: torch.Tensor | None = None) -> list[str]:
+                  scale: torch.Tensor | None = None, gated: bool = False) -> list[str]:
     if x is None or w_q is None or scale is None:
         return triton_device_reasons()
     reasons = triton_device_reasons(x, w_q, scale) + dtype_reasons("w_q", w_q, (torch.int8,))
-    reasons += _x_reasons(x, w_q.shape[-1]) + dtype_reasons("scale", scale, FLOATS)
+    reasons += _x_reasons(x, w_q.shape[-1], gated) + dtype_reasons("scale", scale, FLOATS)
     if scale.shape != w_q.shape[:1]:
         reasons.append(f"scale.shape={tuple(scale.shape)} is not [N={w_q.shape[0]}]")
     return reasons + no_grad_reasons(x)
@@ -190,12 +233,12 @@ def supports_int8(x: torch.Tensor | None = None, w_q: torch.Tensor | None = None
 
 def supports_int4(x: torch.Tensor | None = None, qweight: torch.Tensor | None = None,
                   scales: torch.Tensor | None = None, zeros: torch.Tensor | None = None,
-                  group_size: int = 128) -> list[str]:
+                  group_size: int = 128, gated: bool = False) -> list[str]:
     if x is None or qweight is None or scales is None or zeros is None:
         return triton_device_reasons()
     reasons = triton_device_reasons(x, qweight, scales, zeros) + dtype_reasons("qweight", qweight, (torch.uint8,))
     k = 2 * qweight.shape[-1]
-    reasons += _x_reasons(x, k)
+    reasons += _x_reasons(x, k, gated)
     if group_size < 1:
         reasons.append(f"group_size={group_size} is not positive")
     else:
@@ -206,6 +249,21 @@ def supports_int4(x: torch.Tensor | None = None, qweight: torch.Tensor | None = 
     return reasons + no_grad_reasons(x)
 
 
+def supports_int8_gated(gu: torch.Tensor | None = None, w_q: torch.Tensor | None = None,
+                        scale: torch.Tensor | None = None) -> list[str]:
+    return supports_int8(gu, w_q, scale, gated=True)
+
+
+def supports_int4_gated(gu: torch.Tensor | None = None, qweight: torch.Tensor | None = None,
+                        scales: torch.Tensor | None = None, zeros: torch.Tensor | None = None,
+                        group_size: int = 128) -> list[str]:
+    return supports_int4(gu, qweight, scales, zeros, group_size, gated=True)
+
+
 def register(reg: KernelRegistry) -> None:
     reg.register("matmul.int8_weight_only", "triton", matmul_int8_weight_only, supports=supports_int8, priority=20)
     reg.register("matmul.int4_awq", "triton", matmul_int4_awq, supports=supports_int4, priority=20)
+    reg.register("matmul.int8_weight_only_gated", "triton", matmul_int8_weight_only_gated,
+                 supports=supports_int8_gated, priority=20)
+    reg.register("matmul.int4_awq_gated", "triton", matmul_int4_awq_gated, supports=supports_int4_gated,
+                 priority=20)
