@@ -105,3 +105,45 @@ def test_gpu_gated_linear_matches_silu_mul_then_f_linear_and_remembers_a_choice(
     key = (dense.bucket(m), n, k, torch.bfloat16, gu.device)
     assert key in dense._gated_choice and set(dense.gated_timings[key]) == {"unfused_us", "gated_us"}
     assert f"M<={dense.bucket(m)} N={n} K={k} bfloat16 gated" in dense.choices()
+
+
+def test_choosing_a_gated_shape_may_choose_its_plain_shape_inside(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Timing the gated GEMV against silu_mul + `linear` calls `linear`, which chooses its own shape under
+    the same lock: both get remembered, without a deadlock (the timings are stubbed: no GPU here)."""
+    import threading
+
+    from tessera.kernels.triton import tuning
+
+    class Op:
+        def __init__(self, fn) -> None:
+            self.fn = fn
+
+        def __call__(self, *args):
+            return self.fn(*args)
+
+    real_get = registry.get
+
+    def get(op, *args, **kwargs):
+        if op == "matmul.dense":
+            return Op(F.linear)
+        if op == "matmul.dense_gated":
+            return Op(lambda gu, w: F.linear(F.silu(gu[:, :w.shape[1]]) * gu[:, w.shape[1]:], w))
+        return real_get(op, *args, **kwargs)
+
+    monkeypatch.setattr(dense, "_decode_shaped", lambda x, w: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(dense, "_choice", {})
+    monkeypatch.setattr(dense, "_gated_choice", {})
+    monkeypatch.setattr(registry, "get", get)
+    timings = iter([2.0, 1.0, 3.0, 1.0])  # linear: cuBLAS 2, GEMV 1; gated shape: unfused 3, gated 1 (ms)
+    monkeypatch.setattr(tuning, "graph_bench", lambda fn: (fn(), next(timings))[1])
+    gu, w = torch.randn(1, 64), torch.randn(8, 32)
+    result = []
+    worker = threading.Thread(target=lambda: result.append(dense.gated_linear(gu, w)), daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "gated_linear deadlocked choosing its shapes"
+    torch.testing.assert_close(result[0], F.linear(F.silu(gu[:, :32]) * gu[:, 32:], w))
+    key = (1, 8, 32, torch.float32, gu.device)
+    assert dense._choice[key] is F.linear and dense._gated_choice[key] is not None
+    assert dense.choices()["M<=1 N=8 K=32 float32 gated"]["backend"] == "gated"

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 16
 _HALF = (torch.bfloat16, torch.float16)
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # reentrant: choosing a gated shape times `linear`, which may choose its own
 _UNSET = object()
 #: (row bucket, N, K, dtype, device) -> the chosen 2-D matmul, or None for F.linear.
 _choice: dict[tuple, Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None] = {}

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The decode path's GPU checks and figures, in stages that each fit a 10-minute command. Run on the GPU
+# machine after `source scripts/gpu-env.sh`; logs and result JSONs go to OUT_DIR.
+#
+#   bash scripts/gpu-validate.sh OUT_DIR tests   # GPU tests: serving engine (graphs, overlapped decode),
+#                                                #   PDL chain in every mode, dense routing, gated-op parity
+#   bash scripts/gpu-validate.sh OUT_DIR serve   # bench_serve decode: engine overlapped and step by step,
+#                                                #   graph replay in PDL modes 3 (default), 1 and 4, HF static
+#   bash scripts/gpu-validate.sh OUT_DIR quant   # bench_quant --speed, PDL mode 4 beside the default
+#   bash scripts/gpu-validate.sh OUT_DIR probe   # probe_engine_step, overlapped and step by step
+#
+# Stages may be combined (`... tests serve`). Each prints its exit status, time and last lines; a failing
+# stage does not stop the next.
+set -u
+if [ $# -lt 2 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    exit 2
+fi
+out=$1
+shift
+mkdir -p "$out"
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/tessera-triton-cache}
+status=0
+
+run() {
+    local name=$1
+    shift
+    echo "== $name: $*"
+    local start
+    start=$(date +%s)
+    "$@" >"$out/$name.log" 2>&1
+    local rc=$?
+    echo "   exit $rc after $(($(date +%s) - start)) s"
+    tail -n 8 "$out/$name.log"
+    [ $rc -eq 0 ] || status=1
+}
+
+for stage in "$@"; do
+    case $stage in
+    tests)
+        run gpu-tests python3 -m pytest -q -m gpu tests/serve tests/kernels/test_pdl.py \
+            tests/kernels/test_dense_linear.py tests/kernels/test_quant_gemv.py
+        run gated-parity python3 -m pytest -q tests/kernels/test_parity.py -k gated ;;
+    serve)
+        run serve-decode python3 benchmarks/bench_serve.py --sections decode --hf-decode-modes static \
+            --decode-tokens 64 --pdl-modes 1 4 --out "$out" ;;
+    quant)
+        run quant-speed python3 benchmarks/bench_quant.py --speed --reps 10 --pdl-modes 4 --no-progress --out "$out" ;;
+    probe)
+        run probe-overlapped python3 benchmarks/probe_engine_step.py --out "$out"
+        run probe-step-by-step python3 benchmarks/probe_engine_step.py --no-overlap --out "$out" ;;
+    *)
+        echo "unknown stage '$stage': expected tests, serve, quant or probe" >&2
+        status=2 ;;
+    esac
+done
+exit $status
