@@ -45,8 +45,12 @@ from tessera.specs import ModelConfig, QuantConfig
 
 try:
     from tessera.kernels.triton import pdl
-except ImportError:  # no triton: the decode kernels have no PDL modes
+    from tessera.kernels.triton.quant_matmul import gated_choices
+except ImportError:  # no triton: the decode kernels have no PDL modes, nothing is gated
     pdl = None
+
+    def gated_choices() -> dict:
+        return {}
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -401,7 +405,8 @@ def speed(args: argparse.Namespace) -> dict:
                      for m, row in rows_m.items()], "decode step by PDL mode (0 off, 1 overlap, 2 overlap + prefetch)")
     return {"speed": {"shape": shape, "dtype": label, "lm_head": head, "context": context, "prefill": [pre_b, pre_t],
                       "ceilings": peak, "methods": results, "checks": checks,
-                      "float_projections": dense.choices(), "by_pdl_mode": by_mode}}
+                      "float_projections": dense.choices(), "gated_quant_projections": gated_choices(),
+                      "by_pdl_mode": by_mode}}
 
 
 def main() -> None:

@@ -210,3 +210,28 @@ def test_unsplit_fallback_keeps_the_configs_path(m1_dot: bool, words: bool) -> N
     assert [c.kwargs for c in kept] == [{"BN": 16, "BK": 256, "SPLIT_K": 1} | ({"M1_DOT": True} if m1_dot else {})
                                         | ({"WORDS": True} if words else {})]
     assert (kept[0].num_warps, kept[0].num_stages) == (4, 2)
+
+
+def test_gated_quant_matmuls_keep_the_faster_of_gated_and_unfused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode shape's first call on a GPU times the gated GEMV against silu_mul + the plain GEMV and keeps
+    the faster; off CUDA the gated one runs (the interpreter's tests); inside a capture an unchosen shape
+    stays unfused and nothing is remembered (timings stubbed: no GPU here)."""
+    from tessera.kernels.triton import quant_matmul as qm
+
+    monkeypatch.setattr(qm, "_gated_wins", {})
+    monkeypatch.setattr(qm, "gated_timings", {})
+    calls = []
+    times = iter([0.004, 0.003, 0.002, 0.005])  # (unfused, gated) for the first key, then the second (ms)
+    monkeypatch.setattr(qm, "graph_bench", lambda fn: (fn(), next(times))[1])
+    gated, unfused = (lambda: calls.append("g")), (lambda: calls.append("u"))
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert not qm._prefer_gated(("int8", 1), cuda, gated, unfused) and not qm._gated_wins and not calls
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert qm._prefer_gated(("int8", 1), cuda, gated, unfused)
+    assert not qm._prefer_gated(("int4", 2), cuda, gated, unfused)
+    assert calls == ["g", "u", "u", "g"] * 2  # each tuned once, then timed once
+    assert qm._prefer_gated(("int8", 1), cuda, gated, unfused) and len(calls) == 8  # remembered
+    assert qm._prefer_gated(("int8", 3), torch.device("cpu"), gated, unfused) and len(calls) == 8
+    assert qm.gated_choices() == {"int8 1": {"backend": "gated", "unfused_us": 4.0, "gated_us": 3.0},
+                                  "int4 2": {"backend": "unfused", "unfused_us": 2.0, "gated_us": 5.0}}

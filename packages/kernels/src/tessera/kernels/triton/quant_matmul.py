@@ -18,6 +18,9 @@ reached through its `torch.library.custom_op`, so tracing sees one opaque op.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -26,7 +29,7 @@ from tessera.kernels.custom_ops import matmul_custom_op
 from tessera.kernels.support import FLOATS, dtype_reasons, no_grad_reasons, triton_device_reasons
 from tessera.kernels.triton import quant_dequant, quant_gemv, swiglu
 from tessera.kernels.triton.tuned_launch import TunedLaunch
-from tessera.kernels.triton.tuning import autotune, bucket, dot_precision
+from tessera.kernels.triton.tuning import autotune, bucket, dot_precision, graph_bench
 from tessera.specs import KernelRegistry
 
 _INTERPRET = triton.Config({"BM": 16, "BN": 16, "BK": 32}, num_warps=4, num_stages=1)
@@ -176,13 +179,57 @@ def _halves(gu: torch.Tensor) -> torch.Tensor:
     return swiglu.silu_mul(gu[:, :k], gu[:, k:])
 
 
+_gated_lock = threading.RLock()
+#: Per decode shape: whether the gated GEMV beat silu_mul + the plain GEMV, and both times (us).
+_gated_wins: dict[tuple, bool] = {}
+gated_timings: dict[tuple, dict[str, float]] = {}
+
+
+def _prefer_gated(key: tuple, device: torch.device, gated: Callable[[], object],
+                  unfused: Callable[[], object]) -> bool:
+    """Whether a decode shape takes the gated GEMV: the faster of it and silu_mul + the plain GEMV in
+    CUDA-graph time (`graph_bench`, L2 cold), chosen at the shape's first call and kept. Always off CUDA
+    (the interpreter, for tests); never chosen inside a capture, where the shape stays unfused."""
+    won = _gated_wins.get(key)
+    if won is not None:
+        return won
+    if device.type != "cuda":
+        return True
+    if torch.cuda.is_current_stream_capturing():
+        return False
+    with _gated_lock:
+        if key not in _gated_wins:
+            gated()
+            unfused()  # both tuned before they are timed
+            t_unfused, t_gated = graph_bench(unfused) * 1e3, graph_bench(gated) * 1e3
+            gated_timings[key] = {"unfused_us": t_unfused, "gated_us": t_gated}
+            _gated_wins[key] = t_gated < t_unfused
+        return _gated_wins[key]
+
+
+def gated_choices() -> dict[str, dict[str, object]]:
+    """Per timed shape ('int8 M<=b N=n K=k', 'int4 ... g=G'): gated GEMV or silu_mul + GEMV, and the times."""
+    return {" ".join(str(v) for v in key[:-1]) + f" {str(key[-1]).removeprefix('torch.')}":
+            {"backend": "gated" if won else "unfused", **gated_timings.get(key, {})}
+            for key, won in _gated_wins.items()}
+
+
 def _int8_gated(gu: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     m, n = gu.shape[0], w_q.shape[0]
     if not (m and n and quant_gemv.serves_int8(m)):
         return _int8(_halves(gu), w_q, scale)
+    w_q, scale = w_q.contiguous(), scale.contiguous()
     y = torch.empty((m, n), dtype=gu.dtype, device=gu.device)
-    quant_gemv.launch_int8(gu, w_q.contiguous(), scale.contiguous(), y, gated=True)
-    return y
+
+    def gated() -> torch.Tensor:
+        quant_gemv.launch_int8(gu, w_q, scale, y, gated=True)
+        return y
+
+    def unfused() -> torch.Tensor:
+        return _int8(_halves(gu), w_q, scale)
+
+    key = ("int8", f"M<={bucket(m)}", f"N={n}", f"K={w_q.shape[1]}", gu.dtype)
+    return gated() if _prefer_gated(key, gu.device, gated, unfused) else unfused()
 
 
 def _int4_gated(gu: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -190,9 +237,18 @@ def _int4_gated(gu: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     m, n = gu.shape[0], qweight.shape[0]
     if not (m and n and quant_gemv.serves_int4(m, group_size)):
         return _int4(_halves(gu), qweight, scales, zeros, group_size)
+    qweight, scales, zeros = _rows(qweight), _rows(scales), _rows(zeros)
     y = torch.empty((m, n), dtype=gu.dtype, device=gu.device)
-    quant_gemv.launch_int4(gu, _rows(qweight), _rows(scales), _rows(zeros), group_size, y, gated=True)
-    return y
+
+    def gated() -> torch.Tensor:
+        quant_gemv.launch_int4(gu, qweight, scales, zeros, group_size, y, gated=True)
+        return y
+
+    def unfused() -> torch.Tensor:
+        return _int4(_halves(gu), qweight, scales, zeros, group_size)
+
+    key = ("int4", f"M<={bucket(m)}", f"N={n}", f"K={2 * qweight.shape[1]}", f"g={group_size}", gu.dtype)
+    return gated() if _prefer_gated(key, gu.device, gated, unfused) else unfused()
 
 
 _int8_gated_op = matmul_custom_op("matmul_int8_weight_only_gated", _int8_gated)
@@ -201,7 +257,8 @@ _int4_gated_op = matmul_custom_op("matmul_int4_awq_gated", _int4_gated)
 
 def matmul_int8_weight_only_gated(gu: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Same contract as `reference.matmul_int8_weight_only_gated`: at decode shapes one GEMV launch that reads
-    silu_mul(gate, up) from gu, else the Triton silu_mul and then the plain op."""
+    silu_mul(gate, up) from gu where that beats silu_mul + the plain GEMV (`_prefer_gated`), else the Triton
+    silu_mul and then the plain op."""
     return _int8_gated_op(gu, w_q, scale)
 
 
