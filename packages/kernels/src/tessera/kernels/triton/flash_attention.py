@@ -19,6 +19,7 @@ import triton.language as tl
 
 from tessera.kernels.custom_ops import eager_bypass
 from tessera.kernels.support import FLOATS, dtype_reasons, same_dtype_reasons, triton_device_reasons
+from tessera.kernels.triton.tiles import divide
 from tessera.kernels.triton.tuning import autotune, bucket, dot_precision
 from tessera.specs import KernelRegistry
 
@@ -113,7 +114,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, scale_log2, stride_qn, stride_qh, stride_kn
                                0, full_end, scale_log2, False, CAUSAL, PREC, BLOCK_N)
     acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K, V, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, L,
                                full_end, hi, scale_log2, True, CAUSAL, PREC, BLOCK_N)
-    acc = acc / l_i[:, None]
+    acc = divide(acc, l_i[:, None], PREC == "ieee")  # correctly rounded for float32 data (`tiles`)
     tl.store(O + (bos + offs_m[:, None]) * stride_on + head * stride_oh + offs_d[None, :],
              acc.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + head * stride_lh + bos + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)

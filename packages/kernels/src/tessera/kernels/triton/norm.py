@@ -13,6 +13,7 @@ import triton.language as tl
 from tessera.kernels.custom_ops import eager_bypass
 from tessera.kernels.support import FLOATS, dtype_reasons, triton_device_reasons
 from tessera.kernels.triton import pdl
+from tessera.kernels.triton.tiles import divide, inv_sqrt
 from tessera.specs import KernelRegistry
 
 MAX_D = 65536
@@ -20,7 +21,8 @@ MAX_D = 65536
 
 @triton.jit
 def _rms_norm_kernel(X, R, W, Y, H, stride_x, stride_r, stride_y, stride_h, D, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = 0,
+                     PRECISE: tl.constexpr = False):
     pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -32,7 +34,8 @@ def _rms_norm_kernel(X, R, W, Y, H, stride_x, stride_r, stride_y, stride_h, D, e
         x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
         tl.store(H + row * stride_h + cols, x, mask=mask)
     xf = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
+    # The mean, the square root and the reciprocal correctly rounded for float32 data (`tiles`).
+    rstd = inv_sqrt(divide(tl.sum(xf * xf, axis=0), D, PRECISE) + eps, PRECISE)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(Y + row * stride_y + cols, (xf * rstd * w).to(Y.dtype.element_ty), mask=mask)
 
@@ -47,7 +50,8 @@ def _launch(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor, eps
         _rms_norm_kernel[(rows,)](
             x2, r2 if r2 is not None else x2, weight, y, h2 if h2 is not None else y,
             x2.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0), h2.stride(0) if h2 is not None else 0,
-            d, eps, HAS_RESIDUAL=r2 is not None, BLOCK=block, num_warps=warps, **pdl.launch_options(x2.device))
+            d, eps, HAS_RESIDUAL=r2 is not None, BLOCK=block, PRECISE=x2.dtype == torch.float32, num_warps=warps,
+            **pdl.launch_options(x2.device))
     return y
 
 

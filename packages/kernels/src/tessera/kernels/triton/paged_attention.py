@@ -18,6 +18,7 @@ import triton.language as tl
 from tessera.kernels.support import no_grad_reasons, triton_device_reasons, triton_interpreting
 from tessera.kernels.triton import pdl
 from tessera.kernels.triton.flash_attention import LOG2E, attention_reasons
+from tessera.kernels.triton.tiles import divide
 from tessera.kernels.triton.tuning import dot_precision
 from tessera.specs import KernelRegistry
 
@@ -62,7 +63,7 @@ def _decode_kernel(Q, K, V, O, O_PART, ML_PART, TABLES, CTX, scale_log2, stride_
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
         m_i = m_new
     if SPLITS == 1:
-        out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
+        out = tl.where(l_i[:, None] > 0, divide(acc, l_i[:, None], PREC == "ieee"), 0.0)
         tl.store(O + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=g_ok[:, None])
     else:
@@ -75,7 +76,7 @@ def _decode_kernel(Q, K, V, O, O_PART, ML_PART, TABLES, CTX, scale_log2, stride_
 
 @triton.jit
 def _merge_kernel(O, O_PART, ML_PART, stride_ob, stride_oh, HQ, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
-                  S_BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
+                  S_BLOCK: tl.constexpr, PDL: tl.constexpr = 0, PRECISE: tl.constexpr = False):
     pdl.enter(PDL)
     b = tl.program_id(0)
     head = tl.program_id(1)
@@ -90,7 +91,7 @@ def _merge_kernel(O, O_PART, ML_PART, stride_ob, stride_oh, HQ, HEAD_DIM: tl.con
     total = tl.sum(w * l, 0)
     acc = tl.load(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
     out = tl.sum(acc * w[:, None], 0)
-    out = tl.where(total > 0, out / total, 0.0)
+    out = tl.where(total > 0, divide(out, total, PRECISE), 0.0)
     tl.store(O + b.to(tl.int64) * stride_ob + head * stride_oh + offs_d, out.to(O.dtype.element_ty))
 
 
@@ -137,7 +138,8 @@ def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         BLOCK_N=block_n, num_warps=4, num_stages=2, **launch)
     if splits > 1:
         _merge_kernel[(batch, hq)](o, o_part, ml_part, o.stride(0), o.stride(1), hq, HEAD_DIM=d, SPLITS=splits,
-                                   S_BLOCK=triton.next_power_of_2(splits), num_warps=4, **launch)
+                                   S_BLOCK=triton.next_power_of_2(splits), PRECISE=q.dtype == torch.float32,
+                                   num_warps=4, **launch)
     return o
 
 
@@ -201,7 +203,7 @@ def _prefill_paged_kernel(Q, K, V, O, TABLES, CU_Q, CTX, scale_log2, stride_qn, 
                     other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
         m_i = m_new
-    out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
+    out = tl.where(l_i[:, None] > 0, divide(acc, l_i[:, None], PREC == "ieee"), 0.0)
     tl.store(O + (bos + offs_m[:, None]) * stride_on + head * stride_oh + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None])
 

@@ -23,6 +23,7 @@ from tessera.kernels.custom_ops import eager_bypass
 from tessera.kernels.support import FLOATS, dtype_reasons, same_dtype_reasons, triton_device_reasons
 from tessera.kernels.triton import pdl
 from tessera.kernels.triton.norm import norm_grads
+from tessera.kernels.triton.tiles import divide, inv_sqrt
 from tessera.specs import KernelRegistry
 
 MAX_HEAD_DIM = 512
@@ -34,7 +35,8 @@ _DECODE_HEADS = 4
 
 @triton.jit
 def _rotate_heads(X, W, O, row, h0, sx_n, sx_h, sx_d, so_n, so_h, H, c1, c2, s1, s2, eps,
-                  HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr):
+                  HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr,
+                  PRECISE: tl.constexpr):
     """Heads [h0, h0 + BLOCK_H) of token `row` (those below H)."""
     d = tl.arange(0, BLOCK_D)
     dmask = d < HALF
@@ -46,7 +48,7 @@ def _rotate_heads(X, W, O, row, h0, sx_n, sx_h, sx_d, so_n, so_h, H, c1, c2, s1,
     if NORM:
         w1 = tl.load(W + d, mask=dmask, other=0.0).to(tl.float32)
         w2 = tl.load(W + HALF + d, mask=dmask, other=0.0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)
+        rstd = inv_sqrt(divide(tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1), 2 * HALF, PRECISE) + eps, PRECISE)
         # Kept in float32 for the rotation: rounding here too would let a one-ulp difference in the
         # normed value (a tie broken differently) reach the output multiplied by the tables.
         x1 = x1 * rstd[:, None] * w1[None, :]
@@ -60,7 +62,7 @@ def _rotate_heads(X, W, O, row, h0, sx_n, sx_h, sx_d, so_n, so_h, H, c1, c2, s1,
 def _rope_kernel(Q, K, COS, SIN, QW, KW, QO, KO,
                  sq_n, sq_h, sq_d, sk_n, sk_h, sk_d, sc_n, sc_d, ss_n, ss_d, sqo_n, sqo_h, sko_n, sko_h,
                  HQ, HKV, eps, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                 NORM: tl.constexpr, TRANSPOSE: tl.constexpr, PDL: tl.constexpr = 0):
+                 NORM: tl.constexpr, TRANSPOSE: tl.constexpr, PDL: tl.constexpr = 0, PRECISE: tl.constexpr = False):
     pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)  # the first cdiv(HQ, BLOCK_H) blocks are q's heads, the rest k's
@@ -77,10 +79,10 @@ def _rope_kernel(Q, K, COS, SIN, QW, KW, QO, KO,
         s1, s2 = -s2, -s1
     if block < q_blocks:
         _rotate_heads(Q, QW, QO, row, block * BLOCK_H, sq_n, sq_h, sq_d, sqo_n, sqo_h, HQ, c1, c2, s1, s2, eps,
-                      HALF, BLOCK_H, BLOCK_D, NORM)
+                      HALF, BLOCK_H, BLOCK_D, NORM, PRECISE)
     else:
         _rotate_heads(K, KW, KO, row, (block - q_blocks) * BLOCK_H, sk_n, sk_h, sk_d, sko_n, sko_h, HKV, c1, c2,
-                      s1, s2, eps, HALF, BLOCK_H, BLOCK_D, NORM)
+                      s1, s2, eps, HALF, BLOCK_H, BLOCK_D, NORM, PRECISE)
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -102,6 +104,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         q, k, cos, sin, qw, kw, q_out, k_out, *q.stride(), *k.stride(), *cos.stride(), *sin.stride(),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), hq, hkv, eps,
         HALF=d // 2, BLOCK_H=block_h, BLOCK_D=block_d, NORM=weights is not None, TRANSPOSE=transpose,
+        PRECISE=q.dtype == torch.float32,
         num_warps=2 if tile <= 512 else 4 if tile <= 2048 else 8, **pdl.launch_options(q.device))
     return q_out, k_out
 

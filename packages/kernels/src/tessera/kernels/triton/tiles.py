@@ -1,4 +1,11 @@
-"""Launch-order helpers shared by the tiled GEMM kernels."""
+"""Helpers shared by the kernels: launch order for the tiled GEMMs, and float32 arithmetic rounded as IEEE
+requires where the data is float32.
+
+Triton's `/` and `tl.sqrt` compile to the GPU's fast approximations (`div.full.f32`, about 2 ulp;
+`sqrt.approx.ftz.f32`). Under bf16 or fp16 data the rounding to the data type hides that, but float32 ops
+answer to the catalogue's 1e-5 tolerance and the model's float32 parity against independent
+implementations, so there the normalisations divide and take square roots correctly rounded
+(`div.rn`, `sqrt.rn`), as torch's float32 ops do."""
 
 from __future__ import annotations
 
@@ -15,3 +22,22 @@ def grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
     pid_m = first_m + (tile % (GROUP_M * num_n)) % group_m
     pid_n = (tile % (GROUP_M * num_n)) // group_m
     return pid_m, pid_n
+
+
+@triton.jit
+def divide(a, b, PRECISE: tl.constexpr):
+    """a / b (float32 a; b may be an integer): correctly rounded when PRECISE (float32 data), else the fast
+    division."""
+    if PRECISE:
+        return tl.div_rn(a, b * 1.0)
+    else:
+        return a / b
+
+
+@triton.jit
+def inv_sqrt(x, PRECISE: tl.constexpr):
+    """1 / sqrt(x): each step correctly rounded when PRECISE (float32 data), else the fast approximations."""
+    if PRECISE:
+        return tl.div_rn(1.0, tl.sqrt_rn(x))
+    else:
+        return 1.0 / tl.sqrt(x)
