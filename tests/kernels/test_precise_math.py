@@ -9,7 +9,7 @@ import re
 import pytest
 
 from tessera.kernels.triton import flash_attention as fa
-from tessera.kernels.triton import norm, rope
+from tessera.kernels.triton import gemv, norm, rope, swiglu
 from tessera.kernels.triton import paged_attention as pa
 
 _ROPE = ("Q", "K", "COS", "SIN", "QW", "KW", "QO", "KO")
@@ -28,8 +28,14 @@ _CASES = {
                      {"N_REP": 2, "G": 16, "HEAD_DIM": 128, "PAGE": 16, "SPLITS": 1, "PREC": "tf32", "BLOCK_N": 64}),
     "merge": (pa._merge_kernel, ("O",), {"HEAD_DIM": 128, "SPLITS": 4, "S_BLOCK": 4, "PRECISE": True},
               {"HEAD_DIM": 128, "SPLITS": 4, "S_BLOCK": 4}),
+    "silu_mul": (swiglu._silu_mul_kernel, "GUY", {"BLOCK": 1024, "PRECISE": True}, {"BLOCK": 1024}),
+    # The gated GEMV forms silu_mul's values itself, rounded (and divided) as silu_mul does.
+    "gated_gemv": (gemv.dense_gemv_kernel, ("X", "W", "Y"), {"PREC": "ieee", "BM": 1, "BN": 8, "BK": 256,
+                                                             "SPLIT_K": 2, "EVEN": True, "GATED": True},
+                   {"PREC": "tf32", "BM": 1, "BN": 8, "BK": 256, "SPLIT_K": 2, "EVEN": True, "GATED": True}),
 }
 _EXTRA_PTRS = {"flash_fwd": {"LSE": "fp32", "CU": "i32"}, "merge": {"O_PART": "fp32", "ML_PART": "fp32"},
+               "gated_gemv": {"WS": "fp32", "CNT": "i32"},
                "paged_decode": {"O_PART": "fp32", "ML_PART": "fp32", "TABLES": "i32", "CTX": "i32"}}
 _FAST = re.compile(r"\b(div\.full|div\.approx|sqrt\.approx|rsqrt\.approx)\.")
 _EXACT = re.compile(r"\b(div\.rn|sqrt\.rn)\.f32")

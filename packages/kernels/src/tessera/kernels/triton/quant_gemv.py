@@ -48,6 +48,7 @@ from tessera.kernels.triton.split_k import (
     max_split,
     workspace,
 )
+from tessera.kernels.triton.tiles import divide
 from tessera.kernels.triton.tuned_launch import TunedLaunch
 from tessera.kernels.triton.tuning import autotune, bucket, dot_precision, graph_bench
 
@@ -238,8 +239,8 @@ def _load(ptrs, mask):
 @triton.jit
 def _gate_f32(g, u, DT: tl.constexpr):
     """silu(g) * u from float32 g and u, rounded as the `silu_mul` op rounds (silu to DT, then the product
-    to DT), returned as float32."""
-    act = (g / (1.0 + tl.exp(-g))).to(DT).to(tl.float32)
+    to DT; its division correctly rounded for float32), returned as float32."""
+    act = divide(g, 1.0 + tl.exp(-g), DT == tl.float32).to(DT).to(tl.float32)
     return (act * u).to(DT).to(tl.float32)
 
 
