@@ -50,24 +50,45 @@ def _decode_shaped(x: torch.Tensor, w: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
+def _faster(key: tuple, what: str, start: float, table: dict[tuple, dict[str, float]],
+            baseline: tuple[str, Callable[[], object]], candidate: tuple[str, Callable[[], object]]) -> bool:
+    """Whether `candidate` beats `baseline` (both tuned already) as a decode step pays them (`graph_bench`);
+    records both times in `table[key]` (us, under their names) and logs the pick."""
+    from tessera.kernels.triton.tuning import graph_bench
+
+    (base_name, base), (cand_name, cand) = baseline, candidate
+    t_base, t_cand = graph_bench(base) * 1e3, graph_bench(cand) * 1e3
+    table[key] = {f"{base_name}_us": t_base, f"{cand_name}_us": t_cand}
+    # Each new shape costs a tuning sweep (seconds with a cold Triton cache): say so, since a serving
+    # engine's start-up spends most of its time here.
+    log.info("%s, rows <= %d, N=%d, K=%d, %s: %s %.1f us, %s %.1f us -> %s (tuned in %.1f s)", what, key[0], key[1],
+             key[2], str(key[3]).removeprefix("torch."), base_name, t_base, cand_name, t_cand,
+             cand_name if t_cand < t_base else base_name, time.perf_counter() - start)
+    return t_cand < t_base
+
+
+def _remembered(table: dict[tuple, object], key: tuple, choose: Callable[[], object]) -> object:
+    """table[key], made by `choose()` at the key's first call (under the lock); `_UNSET` while the stream
+    captures a CUDA graph and the key has no choice yet (a capture cannot time anything)."""
+    fn = table.get(key, _UNSET)
+    if fn is _UNSET and not torch.cuda.is_current_stream_capturing():
+        with _lock:
+            if key not in table:
+                table[key] = choose()
+            fn = table[key]
+    return fn
+
+
 def _choose(key: tuple, x2: torch.Tensor, w: torch.Tensor) -> Callable | None:
     try:
         gemv = registry.get("matmul.dense", x2, w, backend="triton")
     except KernelUnavailableError:
         return None
-    from tessera.kernels.triton.tuning import graph_bench
-
     start = time.perf_counter()
     gemv(x2, w)  # tunes its tiles first, so the timing below is of the tuned kernel
-    t_blas = graph_bench(lambda: F.linear(x2, w)) * 1e3
-    t_gemv = graph_bench(lambda: gemv(x2, w)) * 1e3
-    timings[key] = {"cublas_us": t_blas, "gemv_us": t_gemv}
-    # Each new shape costs a tuning sweep (seconds with a cold Triton cache): say so, since a serving
-    # engine's start-up spends most of its time here.
-    log.info("decode linear, rows <= %d, N=%d, K=%d, %s: cuBLAS %.1f us, GEMV %.1f us -> %s (tuned in %.1f s)",
-             key[0], key[1], key[2], str(key[3]).removeprefix("torch."), t_blas, t_gemv,
-             "GEMV" if t_gemv < t_blas else "cuBLAS", time.perf_counter() - start)
-    return gemv.fn if t_gemv < t_blas else None
+    won = _faster(key, "decode linear", start, timings, ("cublas", lambda: F.linear(x2, w)),
+                  ("gemv", lambda: gemv(x2, w)))
+    return gemv.fn if won else None
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -79,15 +100,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     if x2.stride(-1) != 1 or not w.is_contiguous():
         return F.linear(x, w, bias)
     key = (bucket(x2.shape[0]), w.shape[0], k, x.dtype, x.device)
-    fn = _choice.get(key, _UNSET)
-    if fn is _UNSET:
-        if torch.cuda.is_current_stream_capturing():
-            return F.linear(x, w, bias)  # inside a capture an unchosen shape stays on cuBLAS
-        with _lock:
-            if key not in _choice:
-                _choice[key] = _choose(key, x2, w)
-            fn = _choice[key]
-    if fn is None:
+    fn = _remembered(_choice, key, lambda: _choose(key, x2, w))
+    if fn is None or fn is _UNSET:  # inside a capture an unchosen shape stays on cuBLAS
         return F.linear(x, w, bias)
     y = fn(x2, w).view(*x.shape[:-1], w.shape[0])
     return y if bias is None else y + bias
@@ -111,18 +125,12 @@ def _choose_gated(key: tuple, gu2: torch.Tensor, w: torch.Tensor) -> Callable | 
         gated = registry.get("matmul.dense_gated", gu2, w, backend="triton")
     except KernelUnavailableError:
         return None
-    from tessera.kernels.triton.tuning import graph_bench
-
     start = time.perf_counter()
     gated(gu2, w)  # tunes the gated tiles; the unfused side tunes (and chooses) its own
     _unfused(gu2, w, None)
-    t_unfused = graph_bench(lambda: _unfused(gu2, w, None)) * 1e3
-    t_gated = graph_bench(lambda: gated(gu2, w)) * 1e3
-    gated_timings[key] = {"unfused_us": t_unfused, "gated_us": t_gated}
-    log.info("decode down projection, rows <= %d, N=%d, K=%d, %s: silu_mul + linear %.1f us, gated GEMV %.1f us "
-             "-> %s (tuned in %.1f s)", key[0], key[1], key[2], str(key[3]).removeprefix("torch."), t_unfused,
-             t_gated, "gated" if t_gated < t_unfused else "unfused", time.perf_counter() - start)
-    return gated.fn if t_gated < t_unfused else None
+    won = _faster(key, "decode down projection", start, gated_timings, ("unfused", lambda: _unfused(gu2, w, None)),
+                  ("gated", lambda: gated(gu2, w)))
+    return gated.fn if won else None
 
 
 def gated_linear(gu: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -137,15 +145,8 @@ def gated_linear(gu: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     if gu2.stride(-1) != 1 or not w.is_contiguous():
         return _unfused(gu, w, bias)
     key = (bucket(gu2.shape[0]), w.shape[0], k, gu.dtype, gu.device)
-    fn = _gated_choice.get(key, _UNSET)
-    if fn is _UNSET:
-        if torch.cuda.is_current_stream_capturing():
-            return _unfused(gu, w, bias)  # inside a capture an unchosen shape stays unfused
-        with _lock:
-            if key not in _gated_choice:
-                _gated_choice[key] = _choose_gated(key, gu2, w)
-            fn = _gated_choice[key]
-    if fn is None:
+    fn = _remembered(_gated_choice, key, lambda: _choose_gated(key, gu2, w))
+    if fn is None or fn is _UNSET:  # inside a capture an unchosen shape stays unfused
         return _unfused(gu, w, bias)
     y = fn(gu2, w).view(*gu.shape[:-1], w.shape[0])
     return y if bias is None else y + bias
