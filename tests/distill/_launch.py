@@ -15,8 +15,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(script: Path, args: list[str], world: int, timeout: float = 120.0) -> None:
-    """Run `python script *args` on `world` ranks over gloo; raises with every rank's output if one fails."""
+#: What a rank prints when the rendezvous port was taken between `free_port` and rank 0's bind (another
+#: process's connection can land on it while the ranks import torch).
+_PORT_TAKEN = ("EADDRINUSE", "address already in use")
+
+
+def launch(script: Path, args: list[str], world: int, timeout: float = 120.0, attempts: int = 3) -> None:
+    """Run `python script *args` on `world` ranks over gloo; raises with every rank's output if one fails.
+    A run that failed only because its rendezvous port was taken meanwhile is started again on a new port."""
+    for attempt in range(attempts):
+        try:
+            return _launch_once(script, args, world, timeout)
+        except RuntimeError as exc:
+            if attempt + 1 == attempts or not any(m in str(exc).lower() for m in map(str.lower, _PORT_TAKEN)):
+                raise
+
+
+def _launch_once(script: Path, args: list[str], world: int, timeout: float) -> None:
     port = free_port()
     procs = []
     for rank in range(world):
