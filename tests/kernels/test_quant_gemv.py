@@ -217,12 +217,13 @@ def test_gated_quant_matmuls_keep_the_faster_of_gated_and_unfused(monkeypatch: p
     the faster; off CUDA the gated one runs (the interpreter's tests); inside a capture an unchosen shape
     stays unfused and nothing is remembered (timings stubbed: no GPU here)."""
     from tessera.kernels.triton import quant_matmul as qm
+    from tessera.kernels.triton import tuning
 
     monkeypatch.setattr(qm, "_gated_wins", {})
     monkeypatch.setattr(qm, "gated_timings", {})
     calls = []
     times = iter([0.004, 0.003, 0.002, 0.005])  # (unfused, gated) for the first key, then the second (ms)
-    monkeypatch.setattr(qm, "graph_bench", lambda fn: (fn(), next(times))[1])
+    monkeypatch.setattr(tuning, "graph_bench", lambda fn: (fn(), next(times))[1])
     gated, unfused = (lambda: calls.append("g")), (lambda: calls.append("u"))
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)

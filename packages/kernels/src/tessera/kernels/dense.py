@@ -18,26 +18,21 @@ silu_mul launch, and keeps the faster per shape, in the same way.
 
 from __future__ import annotations
 
-import logging
-import threading
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from tessera.kernels import shape_choice
 from tessera.kernels.registry import registry
 from tessera.kernels.support import bucket
 from tessera.specs import KernelUnavailableError
-
-log = logging.getLogger(__name__)
 
 #: Most rows a call may have to count as decode-shaped (the GEMV backend's limit).
 MAX_ROWS = 16
 _HALF = (torch.bfloat16, torch.float16)
 
-_lock = threading.RLock()  # reentrant: choosing a gated shape times `linear`, which may choose its own
-_UNSET = object()
 #: (row bucket, N, K, dtype, device) -> the chosen 2-D matmul, or None for F.linear.
 _choice: dict[tuple, Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None] = {}
 #: What each timed key measured, in microseconds: {"cublas_us": ..., "gemv_us": ...}.
@@ -50,45 +45,19 @@ def _decode_shaped(x: torch.Tensor, w: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
-def _faster(key: tuple, what: str, start: float, table: dict[tuple, dict[str, float]],
-            baseline: tuple[str, Callable[[], object]], candidate: tuple[str, Callable[[], object]]) -> bool:
-    """Whether `candidate` beats `baseline` (both tuned already) as a decode step pays them (`graph_bench`);
-    records both times in `table[key]` (us, under their names) and logs the pick."""
-    from tessera.kernels.triton.tuning import graph_bench
-
-    (base_name, base), (cand_name, cand) = baseline, candidate
-    t_base, t_cand = graph_bench(base) * 1e3, graph_bench(cand) * 1e3
-    table[key] = {f"{base_name}_us": t_base, f"{cand_name}_us": t_cand}
-    # Each new shape costs a tuning sweep (seconds with a cold Triton cache): say so, since a serving
-    # engine's start-up spends most of its time here.
-    log.info("%s, rows <= %d, N=%d, K=%d, %s: %s %.1f us, %s %.1f us -> %s (tuned in %.1f s)", what, key[0], key[1],
-             key[2], str(key[3]).removeprefix("torch."), base_name, t_base, cand_name, t_cand,
-             cand_name if t_cand < t_base else base_name, time.perf_counter() - start)
-    return t_cand < t_base
-
-
-def _remembered(table: dict[tuple, object], key: tuple, choose: Callable[[], object]) -> object:
-    """table[key], made by `choose()` at the key's first call (under the lock); `_UNSET` while the stream
-    captures a CUDA graph and the key has no choice yet (a capture cannot time anything)."""
-    fn = table.get(key, _UNSET)
-    if fn is _UNSET and not torch.cuda.is_current_stream_capturing():
-        with _lock:
-            if key not in table:
-                table[key] = choose()
-            fn = table[key]
-    return fn
-
-
-def _choose(key: tuple, x2: torch.Tensor, w: torch.Tensor) -> Callable | None:
+def _choose(table: dict, key: tuple, what: str, op: str, args: tuple, baseline: tuple[str, Callable[[], object]],
+            name: str) -> Callable | None:
+    """The Triton backend of `op` (its plain function) where it beats `baseline` at this shape, both tuned
+    first; None where the baseline wins or the backend cannot take `args`."""
     try:
-        gemv = registry.get("matmul.dense", x2, w, backend="triton")
+        impl = registry.get(op, *args, backend="triton")
     except KernelUnavailableError:
         return None
     start = time.perf_counter()
-    gemv(x2, w)  # tunes its tiles first, so the timing below is of the tuned kernel
-    won = _faster(key, "decode linear", start, timings, ("cublas", lambda: F.linear(x2, w)),
-                  ("gemv", lambda: gemv(x2, w)))
-    return gemv.fn if won else None
+    impl(*args)  # each side tunes its tiles first, so the timings are of tuned kernels
+    baseline[1]()
+    label = f"{what}, rows <= {key[0]}, N={key[1]}, K={key[2]}, {str(key[3]).removeprefix('torch.')}"
+    return impl.fn if shape_choice.faster(label, start, table, key, baseline, (name, lambda: impl(*args))) else None
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -100,8 +69,9 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     if x2.stride(-1) != 1 or not w.is_contiguous():
         return F.linear(x, w, bias)
     key = (bucket(x2.shape[0]), w.shape[0], k, x.dtype, x.device)
-    fn = _remembered(_choice, key, lambda: _choose(key, x2, w))
-    if fn is None or fn is _UNSET:  # inside a capture an unchosen shape stays on cuBLAS
+    fn = shape_choice.remembered(_choice, key, lambda: _choose(timings, key, "decode linear", "matmul.dense", (x2, w),
+                                                          ("cublas", lambda: F.linear(x2, w)), "gemv"))
+    if fn is None or fn is shape_choice.UNSET:  # inside a capture an unchosen shape stays on cuBLAS
         return F.linear(x, w, bias)
     y = fn(x2, w).view(*x.shape[:-1], w.shape[0])
     return y if bias is None else y + bias
@@ -120,19 +90,6 @@ def _unfused(gu: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> to
     return linear(act.view(*gu.shape[:-1], k), w, bias)
 
 
-def _choose_gated(key: tuple, gu2: torch.Tensor, w: torch.Tensor) -> Callable | None:
-    try:
-        gated = registry.get("matmul.dense_gated", gu2, w, backend="triton")
-    except KernelUnavailableError:
-        return None
-    start = time.perf_counter()
-    gated(gu2, w)  # tunes the gated tiles; the unfused side tunes (and chooses) its own
-    _unfused(gu2, w, None)
-    won = _faster(key, "decode down projection", start, gated_timings, ("unfused", lambda: _unfused(gu2, w, None)),
-                  ("gated", lambda: gated(gu2, w)))
-    return gated.fn if won else None
-
-
 def gated_linear(gu: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`linear(silu_mul(gu[..., :K], gu[..., K:]), w, bias)` for a fused gate/up output gu [..., 2K] and w [N, K];
     decode-shaped calls take the faster of that and the gated GEMV for the shape (one launch fewer)."""
@@ -145,8 +102,10 @@ def gated_linear(gu: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     if gu2.stride(-1) != 1 or not w.is_contiguous():
         return _unfused(gu, w, bias)
     key = (bucket(gu2.shape[0]), w.shape[0], k, gu.dtype, gu.device)
-    fn = _remembered(_gated_choice, key, lambda: _choose_gated(key, gu2, w))
-    if fn is None or fn is _UNSET:  # inside a capture an unchosen shape stays unfused
+    fn = shape_choice.remembered(_gated_choice, key, lambda: _choose(
+        gated_timings, key, "decode down projection", "matmul.dense_gated", (gu2, w),
+        ("unfused", lambda: _unfused(gu2, w, None)), "gated"))
+    if fn is None or fn is shape_choice.UNSET:  # inside a capture an unchosen shape stays unfused
         return _unfused(gu, w, bias)
     y = fn(gu2, w).view(*gu.shape[:-1], w.shape[0])
     return y if bias is None else y + bias

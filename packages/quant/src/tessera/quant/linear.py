@@ -66,9 +66,8 @@ class QuantLinear(nn.Module, ABC):
         k = self.in_features
         gu2 = gu.reshape(-1, 2 * k)
         if self.gated_op is None:
-            y = registry(self.op, registry("silu_mul", gu2[:, :k], gu2[:, k:]), *self._op_args())
-        else:
-            y = registry(self.gated_op, gu2, *self._op_args())
+            return self.forward(registry("silu_mul", gu2[:, :k], gu2[:, k:]).view(*gu.shape[:-1], k))
+        y = registry(self.gated_op, gu2, *self._op_args())
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*gu.shape[:-1], self.out_features)

@@ -28,11 +28,19 @@ from tessera.serve.block_manager import BlockManager
 from tessera.serve.detokenizer import Decoder, IncrementalDetokenizer
 from tessera.serve.errors import RequestRejected
 from tessera.serve.model_runner import ModelRunner, StepInput, kv_cache_spec
-from tessera.serve.sampler import RowsCache, Sampler, SamplerOutput, SamplingRows, derive_seed, plain_greedy
+from tessera.serve.sampler import (
+    RowsCache,
+    Sampler,
+    SamplerOutput,
+    SamplingRows,
+    derive_seed,
+    penalised,
+    plain_greedy,
+)
 from tessera.serve.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from tessera.serve.sequence import Sequence
 from tessera.serve.speculative import DraftProposer, NgramProposer, greedy_verdicts, target_rows, verify
-from tessera.serve.transfer import upload
+from tessera.serve.transfer import fetch, take_rows, upload
 from tessera.specs import (
     CompletionOutput,
     EngineConfig,
@@ -81,31 +89,6 @@ class _Flight:
     result: SamplerOutput | None = None
     host: SamplerOutput | None = None
     ready: torch.cuda.Event | None = None
-
-
-def _fetch(result: SamplerOutput) -> tuple[SamplerOutput, torch.cuda.Event | None]:
-    """`result` copied to the host asynchronously, and the event after which the copy is complete. A
-    blocking read (`.tolist()`) would wait for everything queued on the stream, including the next step
-    launched since; this waits for this step's work only."""
-    if result.token_ids.device.type != "cuda":
-        return result, None
-
-    def pinned(t: torch.Tensor | None) -> torch.Tensor | None:
-        if t is None:
-            return None
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        return host.copy_(t, non_blocking=True)
-
-    host = SamplerOutput(*(pinned(t) for t in (result.token_ids, result.logprobs, result.top_ids,
-                                               result.top_logprobs)))
-    ready = torch.cuda.Event()
-    ready.record()
-    return host, ready
-
-
-def _penalised(seq: Sequence) -> bool:
-    sp = seq.sampling
-    return sp.repetition_penalty != 1.0 or sp.frequency_penalty != 0.0 or sp.presence_penalty != 0.0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -349,7 +332,9 @@ class LLMEngine:
         rows_ = self._rows.get(sampled, self.vocab_size, self.device, self.eos_token_id,
                                ahead=0 if device_first is None else 1)
         result = self.sampler.sample(logits, rows_)
-        return _Flight(scheduled, sampled, result, *_fetch(result))
+        # Read through a fenced copy: a `.tolist()` would also wait for the step launched behind this one.
+        host, ready = fetch([result.token_ids, result.logprobs, result.top_ids, result.top_logprobs])
+        return _Flight(scheduled, sampled, result, SamplerOutput(*host), ready)
 
     def _land(self, flight: _Flight) -> list[Sequence]:
         """Read a launched step's tokens (the wait for the device) and append them, skipping sequences
@@ -378,7 +363,7 @@ class LLMEngine:
         live = [s for s in seqs if not s.finished]
         if not live or len(seqs) != len(flight.scheduled) or len(live) != len(self.scheduler.running):
             return None
-        if any(_penalised(s) for s in live):
+        if any(penalised(s.sampling) for s in live):
             return None
         keep = [i for i, s in enumerate(seqs) if not s.finished and s.num_tokens + 1 < s.max_len]
         if not keep:
@@ -392,11 +377,8 @@ class LLMEngine:
                 seq.handle = self.bm.append(handle, grow)
         self.runner.copy_blocks(self.bm.take_copies())
         assert flight.result is not None
-        tokens = flight.result.token_ids
-        if len(keep) < len(seqs):
-            tokens = tokens.index_select(0, upload([keep], torch.int64, self.device)[0])
         self.overlapped_steps += 1
-        return self._launch([ScheduledSeq(s, 1) for s in nxt], device_first=tokens)
+        return self._launch([ScheduledSeq(s, 1) for s in nxt], device_first=take_rows(flight.result.token_ids, keep))
 
     def _speculative_step(self, out: SchedulerOutput) -> list[Sequence]:
         assert self.proposer is not None

@@ -49,8 +49,8 @@ class StepInput:
     #: [B, >= max(len(tokens[i])) - 1] int64 on the device, or None: tokens[i][1:] are placeholders
     #: whose values are device_tokens[i, :len(tokens[i]) - 1] (draft tokens the host has not read).
     device_tokens: torch.Tensor | None = None
-    #: [B] int64 on the device, or None: tokens[i][0] is a placeholder whose value is device_first[i]
-    #: (the token the previous step drew, which the host has not read: overlapped decode).
+    #: [B] int64 on the device, or None: a decode step (one token a sequence) whose tokens are placeholders
+    #: for device_first (the tokens the previous step drew, which the host has not read: overlapped decode).
     device_first: torch.Tensor | None = None
 
     @property
@@ -135,8 +135,7 @@ class ModelRunner:
                                                 device_tokens=step.device_tokens, logit_rows=step.logit_rows)
         ids, pos, meta = self._prepare(step)
         if step.device_first is not None:
-            firsts = slice(0, len(step.tokens)) if step.decode_only else meta.cu_seqlens_q[:-1].long()
-            ids[0, firsts] = step.device_first
+            ids[0, :len(step.tokens)] = step.device_first  # a decode step: row i is sequence i's token
         if step.device_tokens is not None:
             at, seq, col = [], [], []
             row = 0

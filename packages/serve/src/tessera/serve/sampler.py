@@ -21,6 +21,7 @@ import torch
 
 from tessera.serve.sequence import Sequence
 from tessera.serve.transfer import upload
+from tessera.specs import SamplingParams
 
 SAMPLE, DRAFT, ACCEPT, RESIDUAL = 0, 1, 2, 3  # stream ids: independent draws for one position
 _M32 = 0xFFFFFFFF
@@ -159,14 +160,18 @@ class SamplingRows:
         )
 
 
+def penalised(sp: SamplingParams) -> bool:
+    """Whether `sp` asks for a repetition, frequency or presence penalty (rows that read the history)."""
+    return sp.repetition_penalty != 1.0 or sp.frequency_penalty != 0.0 or sp.presence_penalty != 0.0
+
+
 def plain_greedy(seq: Sequence) -> bool:
     """Whether `Sampler.process` leaves this sequence's next logits as they are and it takes their
     argmax, for this step and every later one: temperature 0, no penalty, no logprobs, and no
     min_tokens ban left (the conditions under which `SamplingRows.build` sets nothing for it). Read
     from the parameters alone, without building rows."""
     sp = seq.sampling
-    return (sp.temperature == 0.0 and sp.logprobs is None and sp.repetition_penalty == 1.0
-            and sp.frequency_penalty == 0.0 and sp.presence_penalty == 0.0
+    return (sp.temperature == 0.0 and sp.logprobs is None and not penalised(sp)
             and seq.num_output_tokens >= sp.min_tokens)
 
 

@@ -21,6 +21,19 @@ def upload(parts: Sequence[Sequence[int | float | bool]], dtype: torch.dtype,
     return list(host.split([len(part) for part in parts]))
 
 
+def fetch(tensors: Sequence[torch.Tensor | None]) -> tuple[list[torch.Tensor | None], torch.cuda.Event | None]:
+    """Device tensors copied to the host asynchronously (pinned memory), and the event after which the
+    copies are complete; off CUDA the tensors themselves and None. Reading a CUDA tensor with `.tolist()`
+    would wait for everything queued on the stream since, not only for the work that made it."""
+    if not any(t is not None and t.is_cuda for t in tensors):
+        return list(tensors), None
+    host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+            for t in tensors]
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
 def take_rows(x: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
     """x[rows] along the first dimension: `x` itself when `rows` are all of its rows in order, else a
     gather whose index goes through `upload` (indexing with a list copies it from pageable memory,

@@ -48,7 +48,7 @@ from tessera.kernels.triton.split_k import (
     max_split,
     workspace,
 )
-from tessera.kernels.triton.tiles import divide
+from tessera.kernels.triton.tiles import silu_mul_f32
 from tessera.kernels.triton.tuned_launch import TunedLaunch
 from tessera.kernels.triton.tuning import autotune, bucket, dot_precision, graph_bench
 
@@ -237,21 +237,13 @@ def _load(ptrs, mask):
 
 
 @triton.jit
-def _gate_f32(g, u, DT: tl.constexpr):
-    """silu(g) * u from float32 g and u, rounded as the `silu_mul` op rounds (silu to DT, then the product
-    to DT; its division correctly rounded for float32), returned as float32."""
-    act = divide(g, 1.0 + tl.exp(-g), DT == tl.float32).to(DT).to(tl.float32)
-    return (act * u).to(DT).to(tl.float32)
-
-
-@triton.jit
 def _xg(ptrs, mask, UP, GATED: tl.constexpr):
     """x at `ptrs` in x's dtype (mask None: all in bounds; masked lanes 0). GATED: x = silu_mul(gate, up), the
     gate at `ptrs` and up UP elements further (a fused gate/up output), rounded as the `silu_mul` op rounds,
     so the product is the unfused one's bit for bit."""
     if GATED:
         DT: tl.constexpr = ptrs.dtype.element_ty
-        return _gate_f32(_load(ptrs, mask).to(tl.float32), _load(ptrs + UP, mask).to(tl.float32), DT).to(DT)
+        return silu_mul_f32(_load(ptrs, mask).to(tl.float32), _load(ptrs + UP, mask).to(tl.float32), DT).to(DT)
     else:
         return _load(ptrs, mask)
 
@@ -263,7 +255,7 @@ def _x4(X, ks, mask, stride_xk, UP, GATED: tl.constexpr):
         DT: tl.constexpr = X.dtype.element_ty
         g0, g1, g2, g3 = _x4_plain(X, ks, mask, stride_xk)
         u0, u1, u2, u3 = _x4_plain(X + UP, ks, mask, stride_xk)
-        return _gate_f32(g0, u0, DT), _gate_f32(g1, u1, DT), _gate_f32(g2, u2, DT), _gate_f32(g3, u3, DT)
+        return silu_mul_f32(g0, u0, DT), silu_mul_f32(g1, u1, DT), silu_mul_f32(g2, u2, DT), silu_mul_f32(g3, u3, DT)
     else:
         return _x4_plain(X, ks, mask, stride_xk)
 

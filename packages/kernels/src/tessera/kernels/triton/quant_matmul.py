@@ -18,18 +18,19 @@ reached through its `torch.library.custom_op`, so tracing sees one opaque op.
 
 from __future__ import annotations
 
-import threading
+import time
 from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 
+from tessera.kernels import shape_choice
 from tessera.kernels.custom_ops import matmul_custom_op
 from tessera.kernels.support import FLOATS, dtype_reasons, no_grad_reasons, triton_device_reasons
 from tessera.kernels.triton import quant_dequant, quant_gemv, swiglu
 from tessera.kernels.triton.tuned_launch import TunedLaunch
-from tessera.kernels.triton.tuning import autotune, bucket, dot_precision, graph_bench
+from tessera.kernels.triton.tuning import autotune, bucket, dot_precision
 from tessera.specs import KernelRegistry
 
 _INTERPRET = triton.Config({"BM": 16, "BN": 16, "BK": 32}, num_warps=4, num_stages=1)
@@ -179,38 +180,36 @@ def _halves(gu: torch.Tensor) -> torch.Tensor:
     return swiglu.silu_mul(gu[:, :k], gu[:, k:])
 
 
-_gated_lock = threading.RLock()
 #: Per decode shape: whether the gated GEMV beat silu_mul + the plain GEMV, and both times (us).
 _gated_wins: dict[tuple, bool] = {}
 gated_timings: dict[tuple, dict[str, float]] = {}
 
 
+def _label(key: tuple) -> str:
+    return " ".join(str(v) for v in key[:-1]) + f" {str(key[-1]).removeprefix('torch.')}"
+
+
 def _prefer_gated(key: tuple, device: torch.device, gated: Callable[[], object],
                   unfused: Callable[[], object]) -> bool:
-    """Whether a decode shape takes the gated GEMV: the faster of it and silu_mul + the plain GEMV in
-    CUDA-graph time (`graph_bench`, L2 cold), chosen at the shape's first call and kept. Always off CUDA
-    (the interpreter, for tests); never chosen inside a capture, where the shape stays unfused."""
-    won = _gated_wins.get(key)
-    if won is not None:
-        return won
+    """Whether a decode shape takes the gated GEMV: the faster of it and silu_mul + the plain GEMV
+    (`shape_choice`), chosen at the shape's first call and kept. Always off CUDA (the interpreter, for tests);
+    never chosen inside a capture, where the shape stays unfused."""
     if device.type != "cuda":
         return True
-    if torch.cuda.is_current_stream_capturing():
-        return False
-    with _gated_lock:
-        if key not in _gated_wins:
-            gated()
-            unfused()  # both tuned before they are timed
-            t_unfused, t_gated = graph_bench(unfused) * 1e3, graph_bench(gated) * 1e3
-            gated_timings[key] = {"unfused_us": t_unfused, "gated_us": t_gated}
-            _gated_wins[key] = t_gated < t_unfused
-        return _gated_wins[key]
+
+    def choose() -> bool:
+        start = time.perf_counter()
+        gated()
+        unfused()  # both tuned before they are timed
+        return shape_choice.faster(f"decode down projection, {_label(key)}", start, gated_timings, key,
+                              ("unfused", unfused), ("gated", gated))
+
+    return shape_choice.remembered(_gated_wins, key, choose) is True
 
 
 def gated_choices() -> dict[str, dict[str, object]]:
     """Per timed shape ('int8 M<=b N=n K=k', 'int4 ... g=G'): gated GEMV or silu_mul + GEMV, and the times."""
-    return {" ".join(str(v) for v in key[:-1]) + f" {str(key[-1]).removeprefix('torch.')}":
-            {"backend": "gated" if won else "unfused", **gated_timings.get(key, {})}
+    return {_label(key): {"backend": "gated" if won else "unfused", **gated_timings.get(key, {})}
             for key, won in _gated_wins.items()}
 
 

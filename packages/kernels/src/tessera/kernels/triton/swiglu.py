@@ -18,7 +18,7 @@ import triton.language as tl
 from tessera.kernels.custom_ops import eager_bypass
 from tessera.kernels.support import FLOATS, dtype_reasons, no_grad_reasons, same_dtype_reasons, triton_device_reasons
 from tessera.kernels.triton import pdl
-from tessera.kernels.triton.tiles import divide, grouped_tile
+from tessera.kernels.triton.tiles import grouped_tile, silu_mul_f32
 from tessera.kernels.triton.tuning import autotune, bucket, dot_precision
 from tessera.specs import KernelRegistry
 
@@ -99,17 +99,15 @@ _GATE_BLOCK = 1024
 
 
 @triton.jit
-def _silu_mul_kernel(G, U, Y, stride_g, stride_u, stride_y, F, BLOCK: tl.constexpr, PDL: tl.constexpr = 0,
-                     PRECISE: tl.constexpr = False):
+def _silu_mul_kernel(G, U, Y, stride_g, stride_u, stride_y, F, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
     pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < F
     g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0)
-    # F.silu's output, rounded to the dtype; the division correctly rounded for float32 data (`tiles`).
-    act = divide(g, 1.0 + tl.exp(-g), PRECISE).to(U.dtype.element_ty)
-    tl.store(Y + row * stride_y + cols, (act.to(tl.float32) * u.to(tl.float32)).to(Y.dtype.element_ty), mask=mask)
+    u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    y = silu_mul_f32(g, u, Y.dtype.element_ty)  # F.silu's rounding, then the product's (`tiles`)
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
 def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -117,8 +115,8 @@ def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     y = torch.empty((m, f), dtype=gate.dtype, device=gate.device)
     if m and f:
         _silu_mul_kernel[(m, triton.cdiv(f, _GATE_BLOCK))](gate, up, y, gate.stride(0), up.stride(0), y.stride(0), f,
-                                                           BLOCK=_GATE_BLOCK, PRECISE=gate.dtype == torch.float32,
-                                                           num_warps=4, **pdl.launch_options(gate.device))
+                                                           BLOCK=_GATE_BLOCK, num_warps=4,
+                                                           **pdl.launch_options(gate.device))
     return y
 
 

@@ -35,6 +35,15 @@ def divide(a, b, PRECISE: tl.constexpr):
 
 
 @triton.jit
+def silu_mul_f32(g, u, DT: tl.constexpr):
+    """silu(g) * u from float32 g and u, rounded as torch's eager ops round it in DT (silu to DT, then the
+    product to DT; the division correctly rounded for float32), returned as float32. The `silu_mul` op and
+    the gated GEMVs both form it here, so their values agree bit for bit."""
+    act = divide(g, 1.0 + tl.exp(-g), DT == tl.float32).to(DT).to(tl.float32)
+    return (act * u).to(DT).to(tl.float32)
+
+
+@triton.jit
 def inv_sqrt(x, PRECISE: tl.constexpr):
     """1 / sqrt(x): each step correctly rounded when PRECISE (float32 data), else the fast approximations."""
     if PRECISE:

@@ -1,0 +1,58 @@
+"""Per-shape choices between two implementations of a decode-shaped product, timed once as a decode step
+pays them and remembered for the rest of the process.
+
+Which of two implementations wins (cuBLAS or the GEMV kernel; silu_mul and a GEMV, or the gated GEMV)
+depends on the shape and the GPU, and a decode step runs the same few shapes over and over. `remembered`
+makes a shape's choice at its first call, and `faster` times the two sides with `tuning.graph_bench`
+(inside a captured CUDA graph, L2 cold), as a decode step under CUDA graphs pays them. A first call made
+while the stream captures a CUDA graph cannot time anything: `remembered` then returns `UNSET` and
+chooses nothing, and the caller takes its baseline (callers warm up before capturing).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+log = logging.getLogger(__name__)
+
+#: What `remembered` returns inside a CUDA-graph capture for a key with no choice yet.
+UNSET = object()
+# Reentrant: making one choice may time code that makes another (the gated down projection times
+# silu_mul + `dense.linear`, which chooses its own shape).
+_lock = threading.RLock()
+
+T = TypeVar("T")
+
+
+def remembered(table: dict, key: object, choose: Callable[[], T]) -> T | object:
+    """table[key], made by `choose()` at the key's first call (under the lock); `UNSET` while the stream
+    captures a CUDA graph and the key has no choice yet."""
+    value = table.get(key, UNSET)
+    if value is UNSET and not torch.cuda.is_current_stream_capturing():
+        with _lock:
+            if key not in table:
+                table[key] = choose()
+            value = table[key]
+    return value
+
+
+def faster(what: str, start: float, table: dict, key: object, baseline: tuple[str, Callable[[], object]],
+           candidate: tuple[str, Callable[[], object]]) -> bool:
+    """Whether `candidate` beats `baseline` (both tuned already) in CUDA-graph time; records both times in
+    `table[key]` (microseconds, under their names) and logs the pick with `what` (the shape) and the
+    time since `start` (a new shape costs a tuning sweep, seconds with a cold Triton cache: a serving
+    engine's start-up spends most of its time here)."""
+    from tessera.kernels.triton.tuning import graph_bench
+
+    (base_name, base), (cand_name, cand) = baseline, candidate
+    t_base, t_cand = graph_bench(base) * 1e3, graph_bench(cand) * 1e3
+    table[key] = {f"{base_name}_us": t_base, f"{cand_name}_us": t_cand}
+    log.info("%s: %s %.1f us, %s %.1f us -> %s (tuned in %.1f s)", what, base_name, t_base, cand_name, t_cand,
+             cand_name if t_cand < t_base else base_name, time.perf_counter() - start)
+    return t_cand < t_base
