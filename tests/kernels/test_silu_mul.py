@@ -43,3 +43,7 @@ def test_kernel_compiles_for_sm90(dtype: str, compile_sm90) -> None:
     compiled = compile_sm90(swiglu._silu_mul_kernel, {"G": dtype, "U": dtype, "Y": dtype},
                             {"BLOCK": swiglu._GATE_BLOCK})
     assert compiled.asm["cubin"]
+
+
+def test_interpreter_rounds_to_bfloat16_as_the_gpu_does(run_check) -> None:
+    run_check("interpreter_check.py", "interp-ok", interpret="always")

@@ -8,6 +8,11 @@ same kernels in bfloat16 too:
 - integer <-> bfloat16 casts reinterpreted values with `astype(uint16)`: they go through float32.
 - float32 -> float8_e4m3 conversion rounded some values a binade low (124.3 became 64): conversions
   to and from E4M3 go through torch's, which rounds to nearest even like the GPU's `cvt`.
+- float32 -> bfloat16 conversion truncated, even where round-to-nearest-even was asked for; the GPU's
+  `cvt.rn.bf16.f32` rounds to nearest even. A single output is one ulp off either way, but a truncated
+  value that feeds a reduction (the gated GEMVs' silu_mul over K) is biased toward zero, which made the
+  CPU results drift from the GPU's past the parity tolerances. These conversions go through torch's,
+  unless round-toward-zero is asked for explicitly.
 - NumPy >= 2.4 refuses `int(one-element 1-d array)`, which the interpreter uses for runtime loop
   bounds (`range(0, K, BLOCK)`): the single element is read explicitly.
 """
@@ -40,8 +45,17 @@ def install() -> None:
             b = original_cast(self, b, tl.float32)
         return original_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
 
+    def to_bf16(src: Any) -> Any:
+        import numpy as np
+        import torch
+
+        data = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.bfloat16)
+        return interpreter.TensorHandle(data.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+
     def cast_impl(self: Any, src: Any, dst_type: Any) -> Any:
         src_ty, dst_ty = src.dtype.scalar, dst_type.scalar
+        if src_ty == tl.float32 and dst_ty == tl.bfloat16:
+            return to_bf16(src)
         if src_ty == tl.bfloat16 and dst_ty not in (tl.float32, tl.bfloat16):
             return original_cast(self, original_cast(self, src, tl.float32), dst_type)
         if dst_ty == tl.bfloat16 and src_ty not in (tl.float32, tl.bfloat16):
@@ -59,6 +73,8 @@ def install() -> None:
         if src_ty == tl.float8e4nv and dst_ty == tl.float32:
             data = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.uint8)).view(torch.float8_e4m3fn)
             return interpreter.TensorHandle(data.float().numpy(), dst_ty)
+        if dst_ty == tl.bfloat16 and src_ty == tl.float32 and rounding_mode != interpreter._ir.ROUNDING_MODE.RTZ:
+            return to_bf16(src)
         return original_fp_to_fp(self, src, dst_type, rounding_mode)
 
     interpreter._patch_lang_tensor = patch_lang_tensor
