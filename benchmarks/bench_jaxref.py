@@ -15,6 +15,10 @@ sync costs a negligible share. The JAX time excludes compilation (warm-up compil
     python3 benchmarks/bench_jaxref.py --parity-only --fp64-floor                  # full presets, CPU parity
     python3 benchmarks/bench_jaxref.py --parity-only --fp64-floor --torch-blas cublas cublaslt  # GPU, per BLAS
 
+`--sum-block N` adds, to each parity row, the torch model with its float32 projections summed over K in
+blocks of N products added pairwise (`tessera.kernels.dense.float32_sum_blocks`), as jaxref sums its own
+(`tessera.jaxref.layers.SUM_BLOCK`); the plain figures stay beside it.
+
 `--torch-blas` repeats the parity rows with the torch side's CUDA matmuls on each named library
 (`torch.backends.cuda.preferred_blas_library`): their float32 GEMMs sum in different orders, so the
 torch model's own float32 error, and hence the difference to jaxref, depends on the library.
@@ -44,8 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import measure_ceilings, print_table, write_result
 
 from tessera.jaxref import forward, from_hf_state
-from tessera.kernels import registry
+from tessera.kernels import dense, registry
 from tessera.model import Transformer
+from tessera.model.fusion import route_decode_linears
 from tessera.specs import ModelConfig
 
 
@@ -102,9 +107,10 @@ def blas_library(name: str | None) -> Iterator[None]:
 
 
 def _parity(model: Transformer, got: np.ndarray, ids: np.ndarray, name: str, parity_tokens: int,
-            device: torch.device, exact: np.ndarray | None, library: str | None) -> dict:
+            device: torch.device, exact: np.ndarray | None, library: str | None, sum_block: int | None) -> dict:
     """One parity row: jaxref's float32 logits `got` against the torch model's, with the BLAS in force;
-    with `exact` (the torch model's float64 logits) also each side's float32 error against it."""
+    with `exact` (the torch model's float64 logits) also each side's float32 error against it; with
+    `sum_block` also the torch model's logits with its float32 projections summed in blocks."""
     label = f"{name} ({library})" if library else name
     with torch.inference_mode():
         default = model(torch.from_numpy(ids).to(device)).float().cpu().numpy()
@@ -120,17 +126,31 @@ def _parity(model: Transformer, got: np.ndarray, ids: np.ndarray, name: str, par
         parity["torch_fp32_vs_fp64"] = float(np.abs(ref - exact).max())
         parity["jax_fp32_vs_fp64"] = float(np.abs(got - exact).max())
         print(f"{label}: vs float64, torch {parity['torch_fp32_vs_fp64']:.3g}, jax {parity['jax_fp32_vs_fp64']:.3g}")
+    if sum_block is not None:
+        with torch.inference_mode(), reference_kernels(), dense.float32_sum_blocks(sum_block):
+            blocked = model(torch.from_numpy(ids).to(device)).float().cpu().numpy()
+        parity["sum_block"] = sum_block
+        parity["fp32_max_logit_diff_sum_blocks"] = float(np.abs(got - blocked).max())
+        parity["within_2e-5_sum_blocks"] = parity["fp32_max_logit_diff_sum_blocks"] <= 2e-5
+        print(f"{label}: torch float32 sums in blocks of {sum_block}: max|logit diff| "
+              f"{parity['fp32_max_logit_diff_sum_blocks']:.3g}")
+        if exact is not None:
+            parity["torch_sum_blocks_fp32_vs_fp64"] = float(np.abs(blocked - exact).max())
+            print(f"{label}: torch float32 sums in blocks vs float64 {parity['torch_sum_blocks_fp32_vs_fp64']:.3g}")
     return parity
 
 
 def run_preset(cfg: ModelConfig, name: str, device: torch.device, shapes: list[tuple[int, int]],
                parity_tokens: int, repeats: int, warmup: int, peak: dict[str, float],
-               fp64_floor: bool = False, blas: list[str | None] | None = None) -> tuple[list[dict], list[dict]]:
+               fp64_floor: bool = False, blas: list[str | None] | None = None,
+               sum_block: int | None = None) -> tuple[list[dict], list[dict]]:
     """The fp32 parity rows (one per BLAS library in `blas`) and the bf16 speed rows of one preset (same
     random weights on both sides)."""
     torch.manual_seed(0)
     with torch.device(device):
         model = Transformer(cfg).eval()
+    if sum_block is not None:
+        route_decode_linears(model)  # every projection through dense.linear, where `sum_block` reaches it
     state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
         state.pop("lm_head.weight")
@@ -151,7 +171,7 @@ def run_preset(cfg: ModelConfig, name: str, device: torch.device, shapes: list[t
     parities = []
     for library in blas or [None]:
         with blas_library(library):
-            parities.append(_parity(model, got, ids, name, parity_tokens, device, exact, library))
+            parities.append(_parity(model, got, ids, name, parity_tokens, device, exact, library, sum_block))
 
     model = model.to(torch.bfloat16)
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
@@ -189,8 +209,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the fp32 parity rows: no ceilings, no bf16 timing (e.g. full presets on a CPU)")
     parser.add_argument("--torch-blas", nargs="+", choices=("cublas", "cublaslt"), default=None,
                         help="parity rows once per CUDA BLAS library of the torch side (default: torch's choice)")
+    parser.add_argument("--sum-block", type=int, default=None, metavar="N",
+                        help="also run the torch model with float32 projections summed in blocks of N (32: jaxref's)")
     parser.add_argument("--out", type=Path, default=None, help="directory for the JSON result")
     args = parser.parse_args(argv)
+    if args.sum_block is not None and args.sum_block < 1:
+        parser.error(f"--sum-block={args.sum_block}: a block holds at least one product")
     if args.torch_blas and not torch.cuda.is_available():
         parser.error("--torch-blas picks a CUDA BLAS library; no CUDA device here")
 
@@ -213,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     speed_rows, parity_rows = [], []
     for name in presets:
         parity, speed = run_preset(ModelConfig.preset(name), name, device, shapes, parity_tokens, repeats, warmup, peak,
-                                   args.fp64_floor, args.torch_blas)
+                                   args.fp64_floor, args.torch_blas, args.sum_block)
         parity_rows += parity
         speed_rows += speed
         if cuda:
@@ -223,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(speed_rows, title="bf16 prefill forward: tessera.jaxref (JAX/XLA) vs tessera.model (PyTorch)")
     print_table(parity_rows, title="fp32 parity, highest matmul precision on both sides")
     path = write_result("jaxref" + ("-tiny" if args.tiny else "") + ("-parity" if args.parity_only else "")
-                        + ("-" + "-".join(args.torch_blas) if args.torch_blas else ""), {
+                        + ("-" + "-".join(args.torch_blas) if args.torch_blas else "")
+                        + (f"-sum{args.sum_block}" if args.sum_block else ""), {
         "ceilings": peak, "speed": speed_rows, "parity": parity_rows, "jax": jax.__version__,
         "jax_device": jax.devices()[0].device_kind, "timing": "wall clock + sync, median", "tiny": args.tiny},
         args.out)

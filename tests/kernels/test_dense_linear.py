@@ -147,3 +147,65 @@ def test_choosing_a_gated_shape_may_choose_its_plain_shape_inside(monkeypatch: p
     key = (1, 8, 32, torch.float32, gu.device)
     assert dense._choice[key] is F.linear and dense._gated_choice[key] is not None
     assert dense.choices()["M<=1 N=8 K=32 float32 gated"]["backend"] == "gated"
+
+
+@pytest.mark.parametrize("k", [2048, 100, 31])
+@pytest.mark.parametrize("bias", [False, True])
+def test_float32_sum_blocks_are_closer_to_float64(k: int, bias: bool) -> None:
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(2, 64, k, generator=gen)
+    w = torch.randn(96, k, generator=gen) * k**-0.5
+    b = torch.randn(96, generator=gen) if bias else None
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    with dense.float32_sum_blocks(8):
+        blocked = dense.linear(x, w, b)
+    assert blocked.dtype == torch.float32 and blocked.shape == (2, 64, 96)
+    torch.testing.assert_close(blocked.double(), exact, rtol=0, atol=1e-5)
+    if k >= 2048:  # long sums: the BLAS's running sums err more than the blocks' pairwise tree
+        assert (blocked.double() - exact).abs().max() < (F.linear(x, w, b).double() - exact).abs().max()
+
+
+def test_float32_sum_blocks_sum_each_block_then_pairwise() -> None:
+    # Integers (exact in float32 up to 2**24) sum without rounding in any order, so the blocked result must
+    # equal F.linear exactly; a block left out or counted twice would not.
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(-4, 5, (5, 77), generator=gen).float()
+    w = torch.randint(-4, 5, (13, 77), generator=gen).float()
+    for block in (1, 2, 7, 32, 77, 200):
+        assert torch.equal(dense.blocked_linear(x, w, block=block), F.linear(x, w)), block
+    # and a sum whose rounding shows the tree: 1 and four e = 2**-24 (half an ulp of 1), one per block.
+    # Halves of five blocks: ((1 + e) + e) + (e + e) = 1 + 2e; one running sum would give 1, the exact 1 + 4e.
+    x = torch.tensor([[1.0, 2.0**-24, 2.0**-24, 2.0**-24, 2.0**-24]])
+    assert dense.blocked_linear(x, torch.ones(1, 5), block=1).item() == 1.0 + 2.0**-23
+
+
+def test_float32_sum_blocks_scope_dtype_grad_and_errors() -> None:
+    x = torch.randn(3, 40, requires_grad=True)
+    w = torch.randn(6, 40, requires_grad=True)
+    assert dense.float32_sum_block() is None
+    with dense.float32_sum_blocks(16):
+        assert dense.float32_sum_block() == 16
+        with dense.float32_sum_blocks(4):
+            assert dense.float32_sum_block() == 4
+        assert dense.float32_sum_block() == 16
+        y = dense.linear(x, w)
+        half = dense.linear(x.detach().bfloat16(), w.detach().bfloat16())  # half dtypes untouched
+    assert dense.float32_sum_block() is None
+    assert torch.equal(half, F.linear(x.detach().bfloat16(), w.detach().bfloat16()))
+    y.square().sum().backward()
+    gx, gw = torch.autograd.grad(F.linear(x, w).square().sum(), (x, w))
+    torch.testing.assert_close(x.grad, gx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad, gw, rtol=1e-5, atol=1e-5)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="block="):
+            with dense.float32_sum_blocks(bad):
+                pass
+    with pytest.raises(ValueError, match=r"x\.shape=.*w\.shape="):
+        dense.blocked_linear(torch.randn(2, 5), torch.randn(3, 4))
+
+
+def test_float32_sum_blocks_walk_n_in_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dense, "_PARTIALS_BYTES", 4 * 3 * 8 * 5)  # five output columns a slice
+    gen = torch.Generator().manual_seed(2)
+    x, w = torch.randn(8, 24, generator=gen), torch.randn(23, 24, generator=gen)
+    torch.testing.assert_close(dense.blocked_linear(x, w, block=8), F.linear(x, w), rtol=1e-6, atol=1e-6)

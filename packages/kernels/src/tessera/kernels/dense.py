@@ -14,12 +14,21 @@ engine's graphs do).
 silu_mul(gate, up). A decode-shaped call times that (the silu_mul op, then `linear`'s choice) against
 the gated GEMV (`matmul.dense_gated`), which reads silu_mul(gate, up) as it loads x and so saves the
 silu_mul launch, and keeps the faster per shape, in the same way.
+
+`float32_sum_blocks(32)` (a context manager) makes float32 calls of both sum each output over K in blocks:
+one matmul per block of `block` consecutive products, and the partial results added pairwise
+(`blocked_linear`). A BLAS float32 GEMM adds its K products into one running sum in long runs, and over
+K = 2048 to 8192 that rounding is most of a float32 forward's error against float64; blocks and a pairwise
+tree cut it about threefold, at several times the time. It is for float32 reference runs (parity against
+other implementations, which sum the same way), not for speed; half dtypes are unaffected.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -60,8 +69,66 @@ def _choose(table: dict, key: tuple, what: str, op: str, args: tuple, baseline: 
     return impl.fn if shape_choice.faster(label, start, table, key, baseline, (name, lambda: impl(*args))) else None
 
 
+#: Most bytes of partial sums `blocked_linear` holds at once (it walks N in slices to stay under it).
+_PARTIALS_BYTES = 1 << 28
+_sum_block = threading.local()
+
+
+@contextmanager
+def float32_sum_blocks(block: int = 32) -> Iterator[None]:
+    """Inside the block (this thread), float32 `linear` and `gated_linear` calls sum over K in blocks of
+    `block` products added pairwise (`blocked_linear`); restores the previous setting on exit."""
+    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+        raise ValueError(f"float32_sum_blocks: block={block!r} is not a positive int")
+    previous = getattr(_sum_block, "value", None)
+    _sum_block.value = block
+    try:
+        yield
+    finally:
+        _sum_block.value = previous
+
+
+def float32_sum_block() -> int | None:
+    """The block size `float32_sum_blocks` set for this thread, or None (plain `F.linear`)."""
+    return getattr(_sum_block, "value", None)
+
+
+def _pairwise(parts: torch.Tensor) -> torch.Tensor:
+    """Sum of `parts [B, ...]` over B as a balanced tree: halves summed recursively, then added."""
+    if parts.shape[0] == 1:
+        return parts[0]
+    mid = (parts.shape[0] + 1) // 2
+    return _pairwise(parts[:mid]) + _pairwise(parts[mid:])
+
+
+def blocked_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, block: int = 32) -> torch.Tensor:
+    """`F.linear(x, w, bias)` with each output summed over K as the pairwise sum of `ceil(K / block)` partial
+    matmuls of `block` consecutive products each (the last block zero-padded); differentiable. Its rounding
+    error grows with `block + log2(K / block)` products rather than K's run lengths inside a BLAS kernel."""
+    if block < 1:
+        raise ValueError(f"blocked_linear: block={block} is not positive")
+    if x.shape[-1] != w.shape[-1] or w.dim() != 2:
+        raise ValueError(f"blocked_linear: x.shape={tuple(x.shape)} and w.shape={tuple(w.shape)} are not [..., K], "
+                         "[N, K]")
+    k, n = w.shape[1], w.shape[0]
+    x2 = x.reshape(-1, k)
+    pad = -k % block
+    if pad:
+        x2, w = F.pad(x2, (0, pad)), F.pad(w, (0, pad))
+    blocks = (k + pad) // block
+    xb = x2.reshape(x2.shape[0], blocks, block).transpose(0, 1)  # [blocks, M, block]
+    wb = w.reshape(n, blocks, block).permute(1, 2, 0)  # [blocks, block, N]
+    step = max(1, _PARTIALS_BYTES // max(1, blocks * x2.shape[0] * x2.element_size()))
+    y = torch.cat([_pairwise(torch.bmm(xb, wb[..., i : i + step])) for i in range(0, n, step)], dim=-1)
+    y = y.view(*x.shape[:-1], n)
+    return y if bias is None else y + bias
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, w, bias)`; decode-shaped calls take the faster of cuBLAS and the GEMV for the shape."""
+    """`F.linear(x, w, bias)`; decode-shaped calls take the faster of cuBLAS and the GEMV for the shape, and
+    float32 calls inside `float32_sum_blocks` sum in blocks (`blocked_linear`)."""
+    if x.dtype == torch.float32 and (block := float32_sum_block()) is not None:
+        return blocked_linear(x, w, bias, block)
     if not _decode_shaped(x, w):
         return F.linear(x, w, bias)
     k = x.shape[-1]
