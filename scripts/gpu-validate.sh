@@ -8,12 +8,13 @@
 #                                                #   graph replay in PDL modes 3 (default), 1 and 4, HF static
 #   bash scripts/gpu-validate.sh OUT_DIR quant   # bench_quant --speed, PDL mode 4 beside the default
 #   bash scripts/gpu-validate.sh OUT_DIR probe   # probe_engine_step, overlapped and step by step
+#   bash scripts/gpu-validate.sh OUT_DIR jaxref  # float32 parity vs jaxref, plain and with blocked sums
 #
 # Stages may be combined (`... tests serve`). Each prints its exit status, time and last lines; a failing
 # stage does not stop the next.
 set -u
 if [ $# -lt 2 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 out=$1
@@ -49,8 +50,11 @@ for stage in "$@"; do
     probe)
         run probe-overlapped python3 benchmarks/probe_engine_step.py --out "$out"
         run probe-step-by-step python3 benchmarks/probe_engine_step.py --no-overlap --out "$out" ;;
+    jaxref)
+        run jaxref-parity python3 benchmarks/bench_jaxref.py --parity-only \
+            --fp64-floor --sum-block 32 --out "$out" ;;
     *)
-        echo "unknown stage '$stage': expected tests, serve, quant or probe" >&2
+        echo "unknown stage '$stage': expected tests, serve, quant, probe or jaxref" >&2
         status=2 ;;
     esac
 done
