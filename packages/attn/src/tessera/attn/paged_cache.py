@@ -1,8 +1,8 @@
 """Paged KV storage (`KVCacheSpec` layout "NHD") and the `KVContext` that a serving step runs through.
 
 The block manager (in tessera-serve) decides which blocks a sequence owns; this module only holds
-the tensors and runs the registry ops `kv_cache.write`, `attention.decode_paged` and
-`attention.prefill_paged` over them.
+the tensors and runs the registry ops `kv_cache.write` with `attention.prefill_paged`, or
+`attention.decode_paged_write` (both in one) for a decode step, over them.
 """
 
 from __future__ import annotations
@@ -89,8 +89,8 @@ class PagedAttentionMetadata:
 class PagedKVContext:
     """`KVContext` over a `PagedKVCache` for one step: the model is called with every sequence's new
     tokens packed into one row (`input_ids [1, N]`, `positions [1, N]`, batch order). `attend` writes
-    k/v by `slot_mapping`, then runs `attention.decode_paged` (`decode_only`) or
-    `attention.prefill_paged`. The decode path reads no tensor on the host.
+    k/v by `slot_mapping` and attends: `attention.decode_paged_write` (`decode_only`, both in one op) or
+    `kv_cache.write`, then `attention.prefill_paged`. The decode path reads no tensor on the host.
     """
 
     def __init__(self, cache: PagedKVCache, meta: PagedAttentionMetadata) -> None:
@@ -104,10 +104,11 @@ class PagedKVContext:
             raise ValueError(f"decode_only step with {q.shape[1]} tokens for {meta.block_tables.shape[0]} "
                              "sequences: a decode step has exactly one token per sequence")
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
-        registry("kv_cache.write", k[0], v[0], k_cache, v_cache, meta.slot_mapping)
-        if meta.decode_only:
-            out = registry("attention.decode_paged", q[0], k_cache, v_cache, meta.block_tables, meta.context_lens)
+        if meta.decode_only:  # the write and the attention in one op (one launch on the GPU)
+            out = registry("attention.decode_paged_write", q[0], k[0], v[0], k_cache, v_cache, meta.slot_mapping,
+                           meta.block_tables, meta.context_lens)
         else:
+            registry("kv_cache.write", k[0], v[0], k_cache, v_cache, meta.slot_mapping)
             out = registry("attention.prefill_paged", q[0], k_cache, v_cache, meta.block_tables,
                            meta.cu_seqlens_q, meta.context_lens, meta.max_seqlen_q)
         return out[None]

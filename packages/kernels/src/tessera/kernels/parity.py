@@ -29,9 +29,9 @@ def _clone(args: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def _outputs(result: Any, args: tuple[Any, ...], sample: Sample) -> tuple[torch.Tensor, ...]:
-    if sample.inplace:
-        return tuple(args[i] for i in sample.inplace)
-    return tuple(result) if isinstance(result, tuple) else (result,)
+    """The op's results (none for an op that returns None), then the arguments it writes in place."""
+    results = () if result is None else tuple(result) if isinstance(result, tuple) else (result,)
+    return results + tuple(args[i] for i in sample.inplace)
 
 
 def _assert_close(op: str, what: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:

@@ -133,6 +133,13 @@ def kv_cache_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
 
 
+def attention_decode_paged_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                                 v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                                 context_lens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    kv_cache_write(k, v, k_cache, v_cache, slot_mapping)
+    return attention_decode_paged(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
 def matmul_dense(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
@@ -224,6 +231,7 @@ REFERENCES = {
     "attention.prefill": attention_prefill,
     "attention.prefill_paged": attention_prefill_paged,
     "attention.decode_paged": attention_decode_paged,
+    "attention.decode_paged_write": attention_decode_paged_write,
     "kv_cache.write": kv_cache_write,
     "matmul.dense": matmul_dense,
     "matmul.int8_weight_only": matmul_int8_weight_only,

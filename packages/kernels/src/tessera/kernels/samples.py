@@ -18,7 +18,8 @@ from tessera.kernels.reference import pack_int4
 
 @dataclass
 class Sample:
-    """One call of an op. `outputs(result, args)` picks what parity compares (in-place ops: the caches)."""
+    """One call of an op. Parity compares its results, then the arguments at `inplace` (what it writes in
+    place: the caches of `kv_cache.write` and `attention.decode_paged_write`)."""
 
     name: str
     args: tuple[Any, ...]
@@ -185,6 +186,25 @@ def _decode(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
     return out
 
 
+def _decode_write(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
+    """`_decode`'s cases, each sequence bringing its newest k/v row (v a strided view) for the slot of
+    position ctx - 1; a sequence without context, and one padding lane (slot -1), write nothing."""
+    out = []
+    for i, s in enumerate(_decode(r, dtype, real)):
+        q, k_cache, v_cache, table, lens = s.args
+        b, hkv, d = q.shape[0], k_cache.shape[2], k_cache.shape[3]
+        page = k_cache.shape[1]
+        slots = [int(table[j, (c - 1) // page]) * page + (c - 1) % page if c > 0 else -1
+                 for j, c in enumerate(lens.tolist())]
+        if i == 0 and b > 1:
+            slots[1] = -1
+        k = r.randn(b, hkv, d, dtype=dtype)
+        v = r.randn(b, 2 * hkv, d, dtype=dtype)[:, ::2]
+        slot_mapping = torch.tensor(slots, dtype=torch.int64, device=r.device)
+        out.append(Sample(s.name, (q, k, v, k_cache, v_cache, slot_mapping, table, lens), s.kwargs, inplace=(3, 4)))
+    return out
+
+
 def _prefill_paged(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
     cases = [([1500, 300, 64], [1500, 17, 64], 16, 32, 8, 128)] if real else \
         [([9, 20, 3], [4, 20, 1], 4, 4, 2, 64), ([33], [5], 8, 2, 1, 32)]
@@ -299,6 +319,7 @@ SAMPLERS: dict[str, tuple[Callable[[_Rand, torch.dtype, bool], list[Sample]], tu
     "attention.prefill": (_prefill, _FLOATS),
     "attention.prefill_paged": (_prefill_paged, _FLOATS),
     "attention.decode_paged": (_decode, _FLOATS),
+    "attention.decode_paged_write": (_decode_write, _FLOATS),
     "kv_cache.write": (_kv_write, _FLOATS),
     "matmul.dense": (_dense, _FLOATS),
     "matmul.int8_weight_only": (_int8, _FLOATS),

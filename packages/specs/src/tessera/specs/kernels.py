@@ -285,6 +285,18 @@ CATALOGUE: tuple[KernelSpec, ...] = (
               _t("block_tables", "B", "MB", dtypes=("int32",)), _t("context_lens", "B", dtypes=("int32",))),
         results=(_t("o", "B", "Hq", "D", dtypes=_FLOAT),), tolerances=_TOL_ATTN),
     KernelSpec(
+        name="attention.decode_paged_write",
+        description="kv_cache.write(k, v, k_cache, v_cache, slot_mapping), then attention.decode_paged: a decode "
+        "step's new k/v rows (one a sequence) enter the cache and the query attends to it, in one op. "
+        "slot_mapping[i] is the slot of sequence i's position context_lens[i] - 1, or < 0 (nothing written). "
+        "attention.decode_paged_write(q, k, v, k_cache, v_cache, slot_mapping, block_tables, context_lens, "
+        "scale=None) -> o, and the caches written in place",
+        args=(_t("q", "B", "Hq", "D", dtypes=_FLOAT), _t("k", "B", "Hkv", "D", dtypes=_FLOAT),
+              _t("v", "B", "Hkv", "D", dtypes=_FLOAT), _t("k_cache", "NB", "BS", "Hkv", "D", dtypes=_FLOAT),
+              _t("v_cache", "NB", "BS", "Hkv", "D", dtypes=_FLOAT), _t("slot_mapping", "B", dtypes=("int64",)),
+              _t("block_tables", "B", "MB", dtypes=("int32",)), _t("context_lens", "B", dtypes=("int32",))),
+        results=(_t("o", "B", "Hq", "D", dtypes=_FLOAT),), tolerances=_TOL_ATTN),
+    KernelSpec(
         name="kv_cache.write",
         description="Scatter new k/v rows into the cache by slot (block * block_size + offset); slot < 0 is "
         "skipped. In place. kv_cache.write(k, v, k_cache, v_cache, slot_mapping) -> None",

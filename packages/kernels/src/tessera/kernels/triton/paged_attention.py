@@ -1,4 +1,5 @@
-"""Attention over a paged KV cache in Triton: `attention.decode_paged` and `attention.prefill_paged`.
+"""Attention over a paged KV cache in Triton: `attention.decode_paged` (and `attention.decode_paged_write`, which
+writes the step's k/v rows in the same launch) and `attention.prefill_paged`.
 
 Cache layout [num_blocks, block_size, Hkv, D]; token t of sequence b sits in physical row
 block_tables[b, t // block_size] * block_size + t % block_size. Keys are gathered a tile at a time.
@@ -24,10 +25,12 @@ from tessera.specs import KernelRegistry
 
 
 @triton.jit
-def _decode_kernel(Q, K, V, O, O_PART, ML_PART, TABLES, CTX, scale_log2, stride_qb, stride_qh, stride_kr, stride_kh,
-                   stride_vr, stride_vh, stride_ob, stride_oh, stride_tb,
+def _decode_kernel(Q, K, V, O, O_PART, ML_PART, TABLES, CTX, K_NEW, V_NEW, SLOTS, scale_log2, stride_qb, stride_qh,
+                   stride_kr, stride_kh, stride_vr, stride_vh, stride_ob, stride_oh, stride_tb, stride_knb, stride_knh,
+                   stride_vnb, stride_vnh,
                    N_REP: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                   SPLITS: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = 0):
+                   SPLITS: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = 0,
+                   WRITE: tl.constexpr = False):
     pdl.enter(PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -35,6 +38,16 @@ def _decode_kernel(Q, K, V, O, O_PART, ML_PART, TABLES, CTX, scale_log2, stride_
     ctx = tl.load(CTX + b)
     offs_g = tl.arange(0, G)
     offs_d = tl.arange(0, HEAD_DIM)
+    if WRITE:
+        # The step's own k/v row (position ctx - 1) goes to its slot first, by the one program whose tiles
+        # hold that position: the only reader of the slot in this launch, after the barrier below.
+        slot = tl.load(SLOTS + b)
+        if (ctx > 0) & (slot >= 0) & ((ctx - 1) // BLOCK_N % SPLITS == split):
+            k_new = tl.load(K_NEW + b.to(tl.int64) * stride_knb + kv_head * stride_knh + offs_d)
+            v_new = tl.load(V_NEW + b.to(tl.int64) * stride_vnb + kv_head * stride_vnh + offs_d)
+            tl.store(K + slot * stride_kr + kv_head * stride_kh + offs_d, k_new.to(K.dtype.element_ty))
+            tl.store(V + slot * stride_vr + kv_head * stride_vh + offs_d, v_new.to(V.dtype.element_ty))
+        tl.debug_barrier()
     heads = kv_head * N_REP + offs_g
     g_ok = offs_g < N_REP
     q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
@@ -112,9 +125,11 @@ def _cache_strides(cache: torch.Tensor) -> tuple[int, int]:
     return cache.stride(1), cache.stride(2)
 
 
-@torch.library.custom_op("tessera::paged_decode", mutates_args=())
-def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+def _paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                  context_lens: torch.Tensor, scale: float,
+                  new: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Decode attention; with `new` = (k, v, slot_mapping) the launch first writes each sequence's k/v row
+    to its slot (`attention.decode_paged_write`)."""
     batch, hq, d = q.shape
     page, hkv = k_cache.shape[1], k_cache.shape[2]
     n_rep = hq // hkv
@@ -131,11 +146,13 @@ def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     krs, khs = _cache_strides(k_cache)
     vrs, vhs = _cache_strides(v_cache)
     launch = pdl.launch_options(q.device)
+    k_new, v_new, slots = new if new is not None else (q, q, context_lens)  # unread without WRITE
     _decode_kernel[(batch, hkv, splits)](
-        q, k_cache, v_cache, o, o_part, ml_part, block_tables, context_lens, scale * LOG2E, q.stride(0), q.stride(1),
-        krs, khs, vrs, vhs, o.stride(0), o.stride(1), block_tables.stride(0), N_REP=n_rep,
+        q, k_cache, v_cache, o, o_part, ml_part, block_tables, context_lens, k_new, v_new, slots, scale * LOG2E,
+        q.stride(0), q.stride(1), krs, khs, vrs, vhs, o.stride(0), o.stride(1), block_tables.stride(0),
+        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), N_REP=n_rep,
         G=max(16, triton.next_power_of_2(n_rep)), HEAD_DIM=d, PAGE=page, SPLITS=splits, PREC=dot_precision(q.dtype),
-        BLOCK_N=block_n, num_warps=4, num_stages=2, **launch)
+        BLOCK_N=block_n, WRITE=new is not None, num_warps=4, num_stages=2, **launch)
     if splits > 1:
         _merge_kernel[(batch, hq)](o, o_part, ml_part, o.stride(0), o.stride(1), hq, HEAD_DIM=d, SPLITS=splits,
                                    S_BLOCK=triton.next_power_of_2(splits), PRECISE=q.dtype == torch.float32,
@@ -143,9 +160,28 @@ def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return o
 
 
+@torch.library.custom_op("tessera::paged_decode", mutates_args=())
+def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    return _paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
 @_paged_decode_op.register_fake
 def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
       context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("tessera::paged_decode_write", mutates_args=("k_cache", "v_cache"))
+def _paged_decode_write_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    return _paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, (k, v, slot_mapping))
+
+
+@_paged_decode_write_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+      slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     return q.new_empty(q.shape)
 
 
@@ -155,6 +191,18 @@ def attention_decode_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     q = q if q.stride(-1) == 1 else q.contiguous()
     return _paged_decode_op(q, k_cache, v_cache, block_tables, context_lens,
                             q.shape[-1] ** -0.5 if scale is None else float(scale))
+
+
+def attention_decode_paged_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                                 v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                                 context_lens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Same contract as `reference.attention_decode_paged_write`: `kv_cache.write` and `attention.decode_paged`
+    in one launch (a decode step's cache write no longer needs its own)."""
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    return _paged_decode_write_op(q, k, v, k_cache, v_cache, slot_mapping, block_tables, context_lens,
+                                  q.shape[-1] ** -0.5 if scale is None else float(scale))
 
 
 @triton.jit
@@ -280,6 +328,27 @@ def supports_decode(q: torch.Tensor | None = None, k_cache: torch.Tensor | None 
     return reasons + no_grad_reasons(q, k_cache, v_cache)
 
 
+def supports_decode_write(q: torch.Tensor | None = None, k: torch.Tensor | None = None, v: torch.Tensor | None = None,
+                          k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
+                          slot_mapping: torch.Tensor | None = None, block_tables: torch.Tensor | None = None,
+                          context_lens: torch.Tensor | None = None, scale: float | None = None) -> list[str]:
+    if k is None or v is None or slot_mapping is None:
+        return triton_device_reasons()
+    reasons = supports_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+    if q is None or k_cache is None:
+        return reasons
+    reasons += triton_device_reasons(k, v, slot_mapping)
+    want = (q.shape[0], *k_cache.shape[2:])
+    for name, t in (("k", k), ("v", v)):
+        if tuple(t.shape) != want:
+            reasons.append(f"{name}.shape={tuple(t.shape)} is not [B, Hkv, D]={want}")
+        if t.dtype != q.dtype:
+            reasons.append(f"{name}.dtype={t.dtype} is not q's {q.dtype}")
+    if slot_mapping.dtype != torch.int64 or tuple(slot_mapping.shape) != (q.shape[0],):
+        reasons.append(f"slot_mapping {tuple(slot_mapping.shape)}/{slot_mapping.dtype} is not [B={q.shape[0]}] int64")
+    return reasons + no_grad_reasons(k, v)
+
+
 def supports_prefill(q: torch.Tensor | None = None, k_cache: torch.Tensor | None = None,
                      v_cache: torch.Tensor | None = None, block_tables: torch.Tensor | None = None,
                      cu_seqlens_q: torch.Tensor | None = None, context_lens: torch.Tensor | None = None,
@@ -295,5 +364,7 @@ def supports_prefill(q: torch.Tensor | None = None, k_cache: torch.Tensor | None
 
 def register(reg: KernelRegistry) -> None:
     reg.register("attention.decode_paged", "triton", attention_decode_paged, supports=supports_decode, priority=20)
+    reg.register("attention.decode_paged_write", "triton", attention_decode_paged_write,
+                 supports=supports_decode_write, priority=20)
     reg.register("attention.prefill_paged", "triton", attention_prefill_paged, supports=supports_prefill,
                  priority=20)

@@ -1,0 +1,86 @@
+"""`attention.decode_paged_write`: a decode step's cache write inside the paged decode launch. Parity with
+the reference (write, then attend) runs in test_parity; here, on a GPU, the fused launch gives exactly the
+bits of `kv_cache.write` followed by `attention.decode_paged` (the same kernel reads the same cache), for
+contexts that put the newest position in every split, eager and replayed from a CUDA graph, where a write
+that raced its read would show."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tessera.kernels.triton import kv_cache
+from tessera.kernels.triton import paged_attention as pa
+
+
+def _case(batch: int, hq: int, hkv: int, hd: int, page: int, width: int, dev: torch.device) -> dict:
+    gen = torch.Generator(device=dev).manual_seed(batch * 1000 + hq)
+    blocks = batch * width + 1
+    k_cache = torch.randn(blocks, page, hkv, hd, device=dev, dtype=torch.bfloat16, generator=gen)
+    tables = (torch.randperm(blocks - 1, device=dev, generator=gen)[: batch * width] + 1).view(batch, width)
+    return {"q": torch.randn(batch, hq, hd, device=dev, dtype=torch.bfloat16, generator=gen),
+            "k": torch.randn(batch, hkv, hd, device=dev, dtype=torch.bfloat16, generator=gen),
+            "v": torch.randn(batch, 2 * hkv, hd, device=dev, dtype=torch.bfloat16, generator=gen)[:, ::2],
+            "k_cache": k_cache, "v_cache": torch.randn_like(k_cache), "tables": tables.to(torch.int32)}
+
+
+def _slots(tables: torch.Tensor, lens: torch.Tensor, page: int) -> torch.Tensor:
+    pos = (lens - 1).long()
+    return tables.long().gather(1, (pos // page)[:, None])[:, 0] * page + pos % page
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,hq,hkv", [(1, 16, 8), (4, 32, 8), (16, 16, 8)])
+def test_fused_write_gives_the_bits_of_write_then_decode(batch: int, hq: int, hkv: int) -> None:
+    dev, hd, page, width = torch.device("cuda"), 128, 16, 64
+    c = _case(batch, hq, hkv, hd, page, width, dev)
+    gen = torch.Generator(device=dev).manual_seed(7)
+    for trial in range(40):  # lengths that move the newest position through every split and tile
+        lens = torch.randint(1, width * page + 1, (batch,), device=dev, generator=gen, dtype=torch.int32)
+        if trial == 0:
+            lens[0] = 1
+        slots = _slots(c["tables"], lens, page)
+        if batch > 1:
+            slots[-1] = -1  # a padding lane: nothing written, its context read as it is
+        kc, vc = c["k_cache"].clone(), c["v_cache"].clone()
+        kv_cache.kv_cache_write(c["k"], c["v"], kc, vc, slots)
+        want = pa.attention_decode_paged(c["q"], kc, vc, c["tables"], lens)
+        kf, vf = c["k_cache"].clone(), c["v_cache"].clone()
+        got = pa.attention_decode_paged_write(c["q"], c["k"], c["v"], kf, vf, slots, c["tables"], lens)
+        assert torch.equal(got, want), trial
+        assert torch.equal(kf, kc) and torch.equal(vf, vc), trial
+
+
+@pytest.mark.gpu
+def test_fused_write_replays_from_a_cuda_graph() -> None:
+    dev, hd, page, width, batch = torch.device("cuda"), 128, 16, 32, 8
+    c = _case(batch, 16, 8, hd, page, width, dev)
+    lens = torch.full((batch,), 1, device=dev, dtype=torch.int32)
+    slots = _slots(c["tables"], lens, page)
+    kf, vf = c["k_cache"].clone(), c["v_cache"].clone()
+    out = pa.attention_decode_paged_write(c["q"], c["k"], c["v"], kf, vf, slots, c["tables"], lens)  # compile
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = pa.attention_decode_paged_write(c["q"], c["k"], c["v"], kf, vf, slots, c["tables"], lens)
+    kc, vc = c["k_cache"].clone(), c["v_cache"].clone()
+    for n in range(1, width * page, 37):  # each replay a step further along every sequence
+        lens.fill_(n)
+        slots.copy_(_slots(c["tables"], lens, page))
+        c["k"].normal_()
+        graph.replay()
+        kv_cache.kv_cache_write(c["k"], c["v"], kc, vc, slots)
+        want = pa.attention_decode_paged(c["q"], kc, vc, c["tables"], lens)
+        assert torch.equal(out, want), n
+    assert torch.equal(kf, kc) and torch.equal(vf, vc)
+
+
+def test_supports_names_what_is_wrong() -> None:
+    q = torch.zeros(2, 4, 32)
+    cache = torch.zeros(5, 4, 2, 32)
+    tables, lens = torch.zeros(2, 3, dtype=torch.int32), torch.ones(2, dtype=torch.int32)
+    reasons = pa.supports_decode_write(q, torch.zeros(2, 3, 32), torch.zeros(2, 2, 32).half(), cache, cache,
+                                       torch.zeros(2, dtype=torch.int32), tables, lens)
+    text = " | ".join(reasons)
+    assert "k.shape=(2, 3, 32) is not [B, Hkv, D]=(2, 2, 32)" in text
+    assert "v.dtype=torch.float16" in text
+    assert "slot_mapping (2,)/torch.int32 is not [B=2] int64" in text
