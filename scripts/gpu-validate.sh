@@ -3,7 +3,8 @@
 # machine after `source scripts/gpu-env.sh`; logs and result JSONs go to OUT_DIR.
 #
 #   bash scripts/gpu-validate.sh OUT_DIR tests   # GPU tests: serving engine (graphs, overlapped decode),
-#                                                #   PDL chain in every mode, dense routing, gated-op parity
+#                                                #   PDL chain in every mode, dense routing, fused cache
+#                                                #   write, parity of the gated and paged decode ops
 #   bash scripts/gpu-validate.sh OUT_DIR serve   # bench_serve decode: engine overlapped and step by step,
 #                                                #   graph replay in PDL modes 3 (default), 1 and 4, HF static
 #   bash scripts/gpu-validate.sh OUT_DIR quant   # bench_quant --speed, PDL mode 4 beside the default
@@ -14,7 +15,7 @@
 # stage does not stop the next.
 set -u
 if [ $# -lt 2 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 out=$1
@@ -40,8 +41,8 @@ for stage in "$@"; do
     case $stage in
     tests)
         run gpu-tests python3 -m pytest -q -m gpu tests/serve tests/kernels/test_pdl.py \
-            tests/kernels/test_dense_linear.py tests/kernels/test_quant_gemv.py
-        run gated-parity python3 -m pytest -q tests/kernels/test_parity.py -k gated ;;
+            tests/kernels/test_dense_linear.py tests/kernels/test_quant_gemv.py tests/kernels/test_decode_write.py
+        run new-op-parity python3 -m pytest -q tests/kernels/test_parity.py -k "gated or decode_paged" ;;
     serve)
         run serve-decode python3 benchmarks/bench_serve.py --sections decode --hf-decode-modes static \
             --decode-tokens 64 --pdl-modes 1 4 --out "$out" ;;
