@@ -115,3 +115,33 @@ def test_paged_context_rejects_misshapen_steps() -> None:
         ctx.attend(0, q, kv, kv)
     with pytest.raises(ValueError, match="packed as one row"):
         ctx.attend(0, q.expand(2, -1, -1, -1), kv.expand(2, -1, -1, -1), kv.expand(2, -1, -1, -1))
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_paged_context_rotary_decode_equals_rope_then_attend(qk_norm: bool) -> None:
+    from tessera.kernels import reference
+
+    torch.manual_seed(1)
+    spec = KVCacheSpec(n_layers=2, n_kv_heads=2, head_dim=8, block_size=3, num_blocks=9, dtype="float32")
+    handles = [KVCacheHandle(seq_id=0, block_ids=(8, 1, 4), num_tokens=7, block_size=3),
+               KVCacheHandle(seq_id=1, block_ids=(0, 6), num_tokens=4, block_size=3)]
+    caches = [PagedKVCache(spec), PagedKVCache(spec)]
+    for layer in range(2):
+        fill_k, fill_v = torch.randn(9, 3, 2, 8), torch.randn(9, 3, 2, 8)
+        for c in caches:
+            c.k[layer].copy_(fill_k)
+            c.v[layer].copy_(fill_v)
+    q, k, v = torch.randn(2, 6, 8), torch.randn(2, 2, 8), torch.randn(2, 2, 8)
+    cos, sin = torch.randn(2, 8), torch.randn(2, 8)
+    norm = (torch.rand(8) + 0.5, torch.rand(8) + 0.5, 1e-6) if qk_norm else None
+    decode = PagedAttentionMetadata.from_handles(handles, [1, 1])
+    got = PagedKVContext(caches[0], decode).attend_rotary(1, q, k, v, cos, sin, norm)
+    qr, kr = reference.rope_qk_norm(q, k, cos, sin, *norm) if qk_norm else reference.rope(q, k, cos, sin)
+    want = PagedKVContext(caches[1], decode).attend(1, qr[None], kr[None], v[None])[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for a, b in ((caches[0].k[1], caches[1].k[1]), (caches[0].v[1], caches[1].v[1]), (caches[0].k[0], caches[1].k[0])):
+        assert torch.equal(a, b)
+    prefill = PagedAttentionMetadata.from_handles(handles, [2, 1])  # not decode-only: the caller ropes
+    assert PagedKVContext(caches[0], prefill).attend_rotary(0, torch.randn(3, 6, 8), torch.randn(3, 2, 8),
+                                                            torch.randn(3, 2, 8), cos[:1].expand(3, 8),
+                                                            sin[:1].expand(3, 8)) is None

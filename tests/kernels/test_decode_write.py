@@ -1,8 +1,8 @@
-"""`attention.decode_paged_write`: a decode step's cache write inside the paged decode launch. Parity with
-the reference (write, then attend) runs in test_parity; here, on a GPU, the fused launch gives exactly the
-bits of `kv_cache.write` followed by `attention.decode_paged` (the same kernel reads the same cache), for
-contexts that put the newest position in every split, eager and replayed from a CUDA graph, where a write
-that raced its read would show."""
+"""`attention.decode_paged_write` and `attention.decode_paged_rope`: a decode step's cache write (and rope)
+inside the paged decode launch. Parity with the references runs in test_parity; here, on a GPU, the fused
+write gives exactly the bits of `kv_cache.write` followed by `attention.decode_paged` (the same kernel reads
+the same cache), for contexts that put the newest position in every split, eager and replayed from a CUDA
+graph, where a write that raced its read would show; and the fused rope matches the rope kernels."""
 
 from __future__ import annotations
 
@@ -84,3 +84,43 @@ def test_supports_names_what_is_wrong() -> None:
     assert "k.shape=(2, 3, 32) is not [B, Hkv, D]=(2, 2, 32)" in text
     assert "v.dtype=torch.float16" in text
     assert "slot_mapping (2,)/torch.int32 is not [B=2] int64" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_fused_rope_matches_rope_then_write_then_decode(qk_norm: bool) -> None:
+    """`attention.decode_paged_rope` against the Triton rope (or rope_qk_norm) kernel, the write and the decode.
+    Plain rope runs the same expression (`rope.rotate_halves`) elementwise: the same bits. QK-norm's sum of
+    squares is reduced over another register layout, so a rounding may differ: within the op's tolerance."""
+    from tessera.kernels import registry
+    from tessera.kernels.triton import rope
+
+    dev, hd, page, width, batch, hq, hkv = torch.device("cuda"), 128, 16, 64, 4, 16, 8
+    c = _case(batch, hq, hkv, hd, page, width, dev)
+    gen = torch.Generator(device=dev).manual_seed(3)
+    angles = torch.randint(0, 4096, (batch, 1), device=dev, generator=gen) * 1e4 ** (-torch.arange(
+        0, hd, 2, device=dev) / hd)
+    emb = torch.cat((angles, angles), -1)
+    cos, sin = emb.cos().bfloat16(), emb.sin().bfloat16()
+    weights = (torch.rand(hd, device=dev, dtype=torch.bfloat16) + 0.5,
+               torch.rand(hd, device=dev, dtype=torch.bfloat16) + 0.5) if qk_norm else None
+    tol = registry.catalogue["attention.decode_paged_rope"].tolerance("bfloat16")
+    for _ in range(20):
+        lens = torch.randint(1, width * page + 1, (batch,), device=dev, generator=gen, dtype=torch.int32)
+        slots = _slots(c["tables"], lens, page)
+        if weights is None:
+            qr, kr = rope.rope(c["q"], c["k"], cos, sin)
+        else:
+            qr, kr = rope.rope_qk_norm(c["q"], c["k"], cos, sin, *weights, 1e-6)
+        kc, vc = c["k_cache"].clone(), c["v_cache"].clone()
+        want = pa.attention_decode_paged_write(qr, kr, c["v"], kc, vc, slots, c["tables"], lens)
+        kf, vf = c["k_cache"].clone(), c["v_cache"].clone()
+        qw, kw = weights if weights is not None else (None, None)
+        got = pa.attention_decode_paged_rope(c["q"], c["k"], c["v"], cos, sin, kf, vf, slots, c["tables"], lens,
+                                             q_weight=qw, k_weight=kw)
+        if weights is None:
+            assert torch.equal(got, want) and torch.equal(kf, kc)
+        else:
+            torch.testing.assert_close(got, want, atol=tol.atol, rtol=tol.rtol)
+            torch.testing.assert_close(kf, kc, atol=tol.atol, rtol=tol.rtol)
+        assert torch.equal(vf, vc)

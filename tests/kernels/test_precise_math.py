@@ -26,6 +26,12 @@ _CASES = {
     "paged_decode": (pa._decode_kernel, ("Q", "K", "V", "O"), {"N_REP": 2, "G": 16, "HEAD_DIM": 128, "PAGE": 16,
                                                                "SPLITS": 1, "PREC": "ieee", "BLOCK_N": 64},
                      {"N_REP": 2, "G": 16, "HEAD_DIM": 128, "PAGE": 16, "SPLITS": 1, "PREC": "tf32", "BLOCK_N": 64}),
+    # The rotary prologue's QK-norm (`rope.rotate_halves`) inside the paged decode kernel.
+    "paged_decode_rope": (pa._decode_kernel, ("Q", "K", "V", "O", "K_NEW", "V_NEW", "COS", "SIN", "QW", "KW"),
+                          {"N_REP": 2, "G": 16, "HEAD_DIM": 128, "PAGE": 16, "SPLITS": 1, "PREC": "ieee",
+                           "BLOCK_N": 64, "WRITE": True, "ROPE": 2},
+                          {"N_REP": 2, "G": 16, "HEAD_DIM": 128, "PAGE": 16, "SPLITS": 1, "PREC": "tf32",
+                           "BLOCK_N": 64, "WRITE": True, "ROPE": 2}),
     "merge": (pa._merge_kernel, ("O",), {"HEAD_DIM": 128, "SPLITS": 4, "S_BLOCK": 4, "PRECISE": True},
               {"HEAD_DIM": 128, "SPLITS": 4, "S_BLOCK": 4}),
     "silu_mul": (swiglu._silu_mul_kernel, "GUY", {"BLOCK": 1024}, {"BLOCK": 1024}),
@@ -36,7 +42,9 @@ _CASES = {
 }
 _EXTRA_PTRS = {"flash_fwd": {"LSE": "fp32", "CU": "i32"}, "merge": {"O_PART": "fp32", "ML_PART": "fp32"},
                "gated_gemv": {"WS": "fp32", "CNT": "i32"},
-               "paged_decode": {"O_PART": "fp32", "ML_PART": "fp32", "TABLES": "i32", "CTX": "i32"}}
+               "paged_decode": {"O_PART": "fp32", "ML_PART": "fp32", "TABLES": "i32", "CTX": "i32"},
+               "paged_decode_rope": {"O_PART": "fp32", "ML_PART": "fp32", "TABLES": "i32", "CTX": "i32",
+                                     "SLOTS": "i64"}}
 _FAST = re.compile(r"\b(div\.full|div\.approx|sqrt\.approx|rsqrt\.approx)\.")
 _EXACT = re.compile(r"\b(div\.rn|sqrt\.rn)\.f32")
 

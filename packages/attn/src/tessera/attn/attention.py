@@ -20,6 +20,11 @@ class KVContext(Protocol):
     `attend(layer, q [B, T, Hq, D], k [B, T, Hkv, D], v [B, T, Hkv, D]) -> [B, T, Hq, D]`: q and k
     arrive RoPE'd (and QK-normed); the context stores k/v for this step and attends the queries
     to everything cached for their sequence, causally.
+
+    A context may also offer `attend_rotary(layer, q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, D], cos [N, D],
+    sin [N, D], norm=None) -> [N, Hq, D] | None`, taking q and k before RoPE (and before QK-norm, with
+    `norm` = (q_weight, k_weight, eps)) so it can fuse the rotation into its own op; the model tries it
+    first and calls `attend` when it returns None (`PagedKVContext` does it for decode steps).
     """
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...

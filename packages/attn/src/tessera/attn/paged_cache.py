@@ -96,6 +96,21 @@ class PagedKVContext:
     def __init__(self, cache: PagedKVCache, meta: PagedAttentionMetadata) -> None:
         self.cache, self.meta = cache, meta
 
+    def attend_rotary(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor, float] | None = None
+                      ) -> torch.Tensor | None:
+        """For a decode-only step: rope q [N, Hq, D] and k [N, Hkv, D] by the rows' cos/sin [N, D] (after
+        QK-norm when `norm` = (q_weight, k_weight, eps)), write k/v and attend, as one registry op
+        (`attention.decode_paged_rope`); returns [N, Hq, D]. None for any other step: the caller rotates
+        and calls `attend`."""
+        meta = self.meta
+        if not meta.decode_only or q.shape[0] != meta.block_tables.shape[0]:
+            return None
+        q_weight, k_weight, eps = norm if norm is not None else (None, None, 1e-6)
+        return registry("attention.decode_paged_rope", q, k, v, cos, sin, self.cache.k[layer], self.cache.v[layer],
+                        meta.slot_mapping, meta.block_tables, meta.context_lens, q_weight=q_weight,
+                        k_weight=k_weight, eps=eps)
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if q.shape[0] != 1:
             raise ValueError(f"PagedKVContext expects the step packed as one row, got batch {q.shape[0]}")

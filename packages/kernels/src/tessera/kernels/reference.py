@@ -140,6 +140,20 @@ def attention_decode_paged_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return attention_decode_paged(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
+def attention_decode_paged_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                                sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                                q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
+                                eps: float = 1e-6, scale: float | None = None) -> torch.Tensor:
+    if (q_weight is None) != (k_weight is None):
+        raise ValueError("attention.decode_paged_rope: q_weight and k_weight come together (QK-norm) or not at all")
+    if q_weight is None:
+        q, k = rope(q, k, cos, sin)
+    else:
+        q, k = rope_qk_norm(q, k, cos, sin, q_weight, k_weight, eps)
+    return attention_decode_paged_write(q, k, v, k_cache, v_cache, slot_mapping, block_tables, context_lens, scale)
+
+
 def matmul_dense(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
@@ -232,6 +246,7 @@ REFERENCES = {
     "attention.prefill_paged": attention_prefill_paged,
     "attention.decode_paged": attention_decode_paged,
     "attention.decode_paged_write": attention_decode_paged_write,
+    "attention.decode_paged_rope": attention_decode_paged_rope,
     "kv_cache.write": kv_cache_write,
     "matmul.dense": matmul_dense,
     "matmul.int8_weight_only": matmul_int8_weight_only,

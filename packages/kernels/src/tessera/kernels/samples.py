@@ -205,6 +205,24 @@ def _decode_write(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
     return out
 
 
+def _decode_rope(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
+    """`_decode_write`'s cases with unrotated q and k and their rows' rope tables, alternately with QK-norm
+    weights; q as a head slice of a fused projection."""
+    out = []
+    for i, s in enumerate(_decode_write(r, dtype, real)):
+        q, k, v, *rest = s.args
+        b, hq, d = q.shape
+        q = r.randn(b, hq + 2, d, dtype=dtype)[:, 1 : hq + 1]
+        cos, sin = _rope_tables(r, b, d, dtype)
+        kwargs = dict(s.kwargs)
+        if i % 2:
+            kwargs |= {"q_weight": r.randn(d, dtype=dtype, scale=0.3) + 1,
+                       "k_weight": r.randn(d, dtype=dtype, scale=0.3) + 1, "eps": 1e-6}
+        out.append(Sample(f"{s.name}{'-qk-norm' if i % 2 else ''}", (q, k, v, cos, sin, *rest), kwargs,
+                          inplace=(5, 6)))
+    return out
+
+
 def _prefill_paged(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
     cases = [([1500, 300, 64], [1500, 17, 64], 16, 32, 8, 128)] if real else \
         [([9, 20, 3], [4, 20, 1], 4, 4, 2, 64), ([33], [5], 8, 2, 1, 32)]
@@ -320,6 +338,7 @@ SAMPLERS: dict[str, tuple[Callable[[_Rand, torch.dtype, bool], list[Sample]], tu
     "attention.prefill_paged": (_prefill_paged, _FLOATS),
     "attention.decode_paged": (_decode, _FLOATS),
     "attention.decode_paged_write": (_decode_write, _FLOATS),
+    "attention.decode_paged_rope": (_decode_rope, _FLOATS),
     "kv_cache.write": (_kv_write, _FLOATS),
     "matmul.dense": (_dense, _FLOATS),
     "matmul.int8_weight_only": (_int8, _FLOATS),

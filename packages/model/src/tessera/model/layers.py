@@ -38,7 +38,9 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Grouped-query self-attention: `n_heads` query heads share `n_kv_heads` key/value heads.
 
-    RoPE (after QK-norm when the config has it) is one registry op over q and k together.
+    RoPE (after QK-norm when the config has it) is one registry op over q and k together; a KV context
+    with `attend_rotary` (a paged decode step) takes q and k unrotated and does the rotation, the cache
+    write and the attention in one op instead.
     `tessera.model.fusion.fuse_projections` may set `qkv` so that inference runs q/k/v as one GEMM.
     """
 
@@ -70,6 +72,12 @@ class Attention(nn.Module):
         n, hd = b * t, self.head_dim
         q, k = q.view(n, self.n_heads, hd), k.view(n, self.n_kv_heads, hd)
         cos, sin = cos.reshape(n, hd), sin.reshape(n, hd)
+        rotary = getattr(kv, "attend_rotary", None)
+        if rotary is not None:  # a context that may rotate, store and attend in one op (a decode step)
+            norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else None
+            o = rotary(self.layer_idx, q, k, v.view(n, self.n_kv_heads, hd), cos, sin, norm)
+            if o is not None:
+                return self.o_proj(o.reshape(b, t, self.n_heads * hd))
         if self.qk_norm:
             q, k = registry("rope_qk_norm", q, k, cos, sin, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
         else:

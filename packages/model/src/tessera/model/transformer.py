@@ -59,7 +59,9 @@ class Transformer(nn.Module):
         """Logits `[B, T, vocab]` (the model's dtype) for `input_ids` `[B, T]` int64.
 
         `positions` `[B, T]` int64 (default `0..T-1` in every row) index RoPE. With `kv=None`
-        attention is causal within each row; otherwise layer `i` calls `kv.attend(i, q, k, v)`.
+        attention is causal within each row; otherwise layer `i` calls `kv.attend(i, q, k, v)`, or first
+        `kv.attend_rotary(i, q, k, v, cos, sin, norm)` with q and k unrotated where the context has that
+        method (it returns None for a step it leaves to `attend`).
         """
         h, _ = self.hidden_states(input_ids, positions, kv)
         return self.lm_head(h)

@@ -297,6 +297,19 @@ CATALOGUE: tuple[KernelSpec, ...] = (
               _t("block_tables", "B", "MB", dtypes=("int32",)), _t("context_lens", "B", dtypes=("int32",))),
         results=(_t("o", "B", "Hq", "D", dtypes=_FLOAT),), tolerances=_TOL_ATTN),
     KernelSpec(
+        name="attention.decode_paged_rope",
+        description="rope(q, k, cos, sin) (rope_qk_norm with q_weight and k_weight), then "
+        "attention.decode_paged_write with the rotated q and k: a decode step's rotation, cache write and "
+        "attention in one op; cos/sin are the rows of the sequences' positions. "
+        "attention.decode_paged_rope(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, block_tables, "
+        "context_lens, q_weight=None, k_weight=None, eps=1e-6, scale=None) -> o, and the caches written in place",
+        args=(_t("q", "B", "Hq", "D", dtypes=_FLOAT), _t("k", "B", "Hkv", "D", dtypes=_FLOAT),
+              _t("v", "B", "Hkv", "D", dtypes=_FLOAT), _t("cos", "B", "D", dtypes=_FLOAT),
+              _t("sin", "B", "D", dtypes=_FLOAT), _t("k_cache", "NB", "BS", "Hkv", "D", dtypes=_FLOAT),
+              _t("v_cache", "NB", "BS", "Hkv", "D", dtypes=_FLOAT), _t("slot_mapping", "B", dtypes=("int64",)),
+              _t("block_tables", "B", "MB", dtypes=("int32",)), _t("context_lens", "B", dtypes=("int32",))),
+        results=(_t("o", "B", "Hq", "D", dtypes=_FLOAT),), tolerances=_TOL_ATTN),
+    KernelSpec(
         name="kv_cache.write",
         description="Scatter new k/v rows into the cache by slot (block * block_size + offset); slot < 0 is "
         "skipped. In place. kv_cache.write(k, v, k_cache, v_cache, slot_mapping) -> None",

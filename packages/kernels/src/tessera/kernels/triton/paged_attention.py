@@ -19,18 +19,22 @@ import triton.language as tl
 from tessera.kernels.support import no_grad_reasons, triton_device_reasons, triton_interpreting
 from tessera.kernels.triton import pdl
 from tessera.kernels.triton.flash_attention import LOG2E, attention_reasons
+from tessera.kernels.triton.rope import rotate_halves
 from tessera.kernels.triton.tiles import divide
 from tessera.kernels.triton.tuning import dot_precision
 from tessera.specs import KernelRegistry
 
 
 @triton.jit
-def _decode_kernel(Q, K, V, O, O_PART, ML_PART, TABLES, CTX, K_NEW, V_NEW, SLOTS, scale_log2, stride_qb, stride_qh,
-                   stride_kr, stride_kh, stride_vr, stride_vh, stride_ob, stride_oh, stride_tb, stride_knb, stride_knh,
-                   stride_vnb, stride_vnh,
+def _decode_kernel(Q, K, V, O, O_PART, ML_PART, TABLES, CTX, K_NEW, V_NEW, SLOTS, COS, SIN, QW, KW, scale_log2,
+                   stride_qb, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_ob, stride_oh, stride_tb,
+                   stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cb, stride_sb, eps,
                    N_REP: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
                    SPLITS: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = 0,
-                   WRITE: tl.constexpr = False):
+                   WRITE: tl.constexpr = False, ROPE: tl.constexpr = 0):
+    """WRITE: first store the step's k/v rows (K_NEW, V_NEW) to their SLOTS. ROPE (with WRITE): q and the new
+    k arrive unrotated and are rotated here by the row's COS/SIN, after a per-head RMSNorm (QW, KW) when
+    ROPE == 2, as the `rope` / `rope_qk_norm` kernel computes them (`rope.rotate_halves`), rounded once."""
     pdl.enter(PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -38,20 +42,44 @@ def _decode_kernel(Q, K, V, O, O_PART, ML_PART, TABLES, CTX, K_NEW, V_NEW, SLOTS
     ctx = tl.load(CTX + b)
     offs_g = tl.arange(0, G)
     offs_d = tl.arange(0, HEAD_DIM)
+    HALF: tl.constexpr = HEAD_DIM // 2
+    offs_h = tl.arange(0, HALF)
+    h_ok = offs_h < HALF
+    if ROPE > 0:
+        c1 = tl.load(COS + b.to(tl.int64) * stride_cb + offs_h).to(tl.float32)
+        c2 = tl.load(COS + b.to(tl.int64) * stride_cb + HALF + offs_h).to(tl.float32)
+        s1 = tl.load(SIN + b.to(tl.int64) * stride_sb + offs_h).to(tl.float32)
+        s2 = tl.load(SIN + b.to(tl.int64) * stride_sb + HALF + offs_h).to(tl.float32)
     if WRITE:
         # The step's own k/v row (position ctx - 1) goes to its slot first, by the one program whose tiles
         # hold that position: the only reader of the slot in this launch, after the barrier below.
         slot = tl.load(SLOTS + b)
         if (ctx > 0) & (slot >= 0) & ((ctx - 1) // BLOCK_N % SPLITS == split):
-            k_new = tl.load(K_NEW + b.to(tl.int64) * stride_knb + kv_head * stride_knh + offs_d)
+            k_row = K_NEW + b.to(tl.int64) * stride_knb + kv_head * stride_knh
+            k_dst = K + slot * stride_kr + kv_head * stride_kh
+            if ROPE > 0:
+                k1 = tl.load(k_row + offs_h).to(tl.float32)[None, :]
+                k2 = tl.load(k_row + HALF + offs_h).to(tl.float32)[None, :]
+                r1, r2 = rotate_halves(k1, k2, KW, offs_h, h_ok, c1, c2, s1, s2, eps, HALF, ROPE == 2, PREC == "ieee")
+                tl.store(k_dst + offs_h[None, :], r1.to(K.dtype.element_ty))
+                tl.store(k_dst + HALF + offs_h[None, :], r2.to(K.dtype.element_ty))
+            else:
+                tl.store(k_dst + offs_d, tl.load(k_row + offs_d).to(K.dtype.element_ty))
             v_new = tl.load(V_NEW + b.to(tl.int64) * stride_vnb + kv_head * stride_vnh + offs_d)
-            tl.store(K + slot * stride_kr + kv_head * stride_kh + offs_d, k_new.to(K.dtype.element_ty))
             tl.store(V + slot * stride_vr + kv_head * stride_vh + offs_d, v_new.to(V.dtype.element_ty))
         tl.debug_barrier()
     heads = kv_head * N_REP + offs_g
     g_ok = offs_g < N_REP
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=g_ok[:, None], other=0.0)
+    q_rows = Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
+    if ROPE > 0:
+        q1 = tl.load(q_rows + offs_h[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+        q2 = tl.load(q_rows + HALF + offs_h[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+        r1, r2 = rotate_halves(q1, q2, QW, offs_h, h_ok, c1, c2, s1, s2, eps, HALF, ROPE == 2, PREC == "ieee")
+        dt = Q.dtype.element_ty
+        # [G, HALF] halves side by side as [G, HEAD_DIM]: join -> [G, HALF, 2] -> [G, 2, HALF] -> reshape.
+        q = tl.reshape(tl.permute(tl.join(r1.to(dt), r2.to(dt)), (0, 2, 1)), (G, HEAD_DIM))
+    else:
+        q = tl.load(q_rows + offs_d[None, :], mask=g_ok[:, None], other=0.0)
     m_i = tl.full((G,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((G,), dtype=tl.float32)
     acc = tl.zeros((G, HEAD_DIM), dtype=tl.float32)
@@ -127,9 +155,13 @@ def _cache_strides(cache: torch.Tensor) -> tuple[int, int]:
 
 def _paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                   context_lens: torch.Tensor, scale: float,
-                  new: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                  new: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                  rotary: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, float] | None
+                  = None) -> torch.Tensor:
     """Decode attention; with `new` = (k, v, slot_mapping) the launch first writes each sequence's k/v row
-    to its slot (`attention.decode_paged_write`)."""
+    to its slot (`attention.decode_paged_write`); with `rotary` = (cos, sin, q_weight, k_weight, eps) too, q
+    and the new k are rotated (after QK-norm when the weights are given) in the launch
+    (`attention.decode_paged_rope`)."""
     batch, hq, d = q.shape
     page, hkv = k_cache.shape[1], k_cache.shape[2]
     n_rep = hq // hkv
@@ -147,12 +179,16 @@ def _paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     vrs, vhs = _cache_strides(v_cache)
     launch = pdl.launch_options(q.device)
     k_new, v_new, slots = new if new is not None else (q, q, context_lens)  # unread without WRITE
+    cos, sin, q_weight, k_weight, eps = rotary if rotary is not None else (q[:, 0], q[:, 0], None, None, 0.0)
+    rope_mode = 0 if rotary is None else 1 if q_weight is None else 2
     _decode_kernel[(batch, hkv, splits)](
-        q, k_cache, v_cache, o, o_part, ml_part, block_tables, context_lens, k_new, v_new, slots, scale * LOG2E,
+        q, k_cache, v_cache, o, o_part, ml_part, block_tables, context_lens, k_new, v_new, slots, cos, sin,
+        q if q_weight is None else q_weight, q if k_weight is None else k_weight, scale * LOG2E,
         q.stride(0), q.stride(1), krs, khs, vrs, vhs, o.stride(0), o.stride(1), block_tables.stride(0),
-        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), N_REP=n_rep,
-        G=max(16, triton.next_power_of_2(n_rep)), HEAD_DIM=d, PAGE=page, SPLITS=splits, PREC=dot_precision(q.dtype),
-        BLOCK_N=block_n, WRITE=new is not None, num_warps=4, num_stages=2, **launch)
+        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), cos.stride(0), sin.stride(0), eps,
+        N_REP=n_rep, G=max(16, triton.next_power_of_2(n_rep)), HEAD_DIM=d, PAGE=page, SPLITS=splits,
+        PREC=dot_precision(q.dtype), BLOCK_N=block_n, WRITE=new is not None, ROPE=rope_mode, num_warps=4,
+        num_stages=2, **launch)
     if splits > 1:
         _merge_kernel[(batch, hq)](o, o_part, ml_part, o.stride(0), o.stride(1), hq, HEAD_DIM=d, SPLITS=splits,
                                    S_BLOCK=triton.next_power_of_2(splits), PRECISE=q.dtype == torch.float32,
@@ -191,6 +227,38 @@ def attention_decode_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     q = q if q.stride(-1) == 1 else q.contiguous()
     return _paged_decode_op(q, k_cache, v_cache, block_tables, context_lens,
                             q.shape[-1] ** -0.5 if scale is None else float(scale))
+
+
+@torch.library.custom_op("tessera::paged_decode_rope", mutates_args=("k_cache", "v_cache"))
+def _paged_decode_rope_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                          block_tables: torch.Tensor, context_lens: torch.Tensor, q_weight: torch.Tensor | None,
+                          k_weight: torch.Tensor | None, eps: float, scale: float) -> torch.Tensor:
+    return _paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, (k, v, slot_mapping),
+                         (cos, sin, q_weight, k_weight, eps))
+
+
+@_paged_decode_rope_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+      v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+      q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float, scale: float) -> torch.Tensor:
+    return q.new_empty(q.shape)
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def attention_decode_paged_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                                sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                                q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
+                                eps: float = 1e-6, scale: float | None = None) -> torch.Tensor:
+    """Same contract as `reference.attention_decode_paged_rope`: rope (after QK-norm with weights), the cache
+    write and paged decode in one launch."""
+    q, k, v, cos, sin = (_last_dim_contiguous(t) for t in (q, k, v, cos, sin))
+    return _paged_decode_rope_op(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, block_tables, context_lens,
+                                 q_weight, k_weight, float(eps), q.shape[-1] ** -0.5 if scale is None else float(scale))
 
 
 def attention_decode_paged_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -349,6 +417,34 @@ def supports_decode_write(q: torch.Tensor | None = None, k: torch.Tensor | None 
     return reasons + no_grad_reasons(k, v)
 
 
+def supports_decode_rope(q: torch.Tensor | None = None, k: torch.Tensor | None = None,
+                         v: torch.Tensor | None = None, cos: torch.Tensor | None = None,
+                         sin: torch.Tensor | None = None, k_cache: torch.Tensor | None = None,
+                         v_cache: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None,
+                         block_tables: torch.Tensor | None = None, context_lens: torch.Tensor | None = None,
+                         q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
+                         eps: float = 1e-6, scale: float | None = None) -> list[str]:
+    if cos is None or sin is None:
+        return triton_device_reasons()
+    reasons = supports_decode_write(q, k, v, k_cache, v_cache, slot_mapping, block_tables, context_lens, scale)
+    if q is None:
+        return reasons
+    d = q.shape[-1]
+    if d % 2 or d & (d - 1):
+        reasons.append(f"head_dim={d} is not an even power of two")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if tuple(t.shape) != (q.shape[0], d):
+            reasons.append(f"{name}.shape={tuple(t.shape)} is not [B, D]=({q.shape[0]}, {d})")
+        if not t.is_floating_point():
+            reasons.append(f"{name}.dtype={t.dtype} is not floating point")
+    if (q_weight is None) != (k_weight is None):
+        reasons.append("q_weight and k_weight come together (QK-norm) or not at all")
+    for name, t in (("q_weight", q_weight), ("k_weight", k_weight)):
+        if t is not None and (tuple(t.shape) != (d,) or t.stride(-1) != 1):
+            reasons.append(f"{name} {tuple(t.shape)} is not a contiguous [D={d}]")
+    return reasons + triton_device_reasons(cos, sin, *(t for t in (q_weight, k_weight) if t is not None))
+
+
 def supports_prefill(q: torch.Tensor | None = None, k_cache: torch.Tensor | None = None,
                      v_cache: torch.Tensor | None = None, block_tables: torch.Tensor | None = None,
                      cu_seqlens_q: torch.Tensor | None = None, context_lens: torch.Tensor | None = None,
@@ -366,5 +462,7 @@ def register(reg: KernelRegistry) -> None:
     reg.register("attention.decode_paged", "triton", attention_decode_paged, supports=supports_decode, priority=20)
     reg.register("attention.decode_paged_write", "triton", attention_decode_paged_write,
                  supports=supports_decode_write, priority=20)
+    reg.register("attention.decode_paged_rope", "triton", attention_decode_paged_rope,
+                 supports=supports_decode_rope, priority=20)
     reg.register("attention.prefill_paged", "triton", attention_prefill_paged, supports=supports_prefill,
                  priority=20)

@@ -34,6 +34,24 @@ _DECODE_HEADS = 4
 
 
 @triton.jit
+def rotate_halves(x1, x2, W, d, dmask, c1, c2, s1, s2, eps, HALF: tl.constexpr, NORM: tl.constexpr,
+                  PRECISE: tl.constexpr):
+    """The rotated halves (float32) of heads whose halves are x1, x2 [heads, BLOCK_D] (float32), after a
+    per-head RMSNorm with weight W [2 * HALF] when NORM. `d`, `dmask`: the half's columns and which are real;
+    c1, c2, s1, s2 [BLOCK_D]: the row's tables. Shared by the rope kernel and the paged decode kernel's
+    rotary prologue, so both compute the same expression."""
+    if NORM:
+        w1 = tl.load(W + d, mask=dmask, other=0.0).to(tl.float32)
+        w2 = tl.load(W + HALF + d, mask=dmask, other=0.0).to(tl.float32)
+        rstd = inv_sqrt(divide(tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1), 2 * HALF, PRECISE) + eps, PRECISE)
+        # Kept in float32 for the rotation: rounding here too would let a one-ulp difference in the
+        # normed value (a tie broken differently) reach the output multiplied by the tables.
+        x1 = x1 * rstd[:, None] * w1[None, :]
+        x2 = x2 * rstd[:, None] * w2[None, :]
+    return x1 * c1[None, :] - x2 * s1[None, :], x2 * c2[None, :] + x1 * s2[None, :]
+
+
+@triton.jit
 def _rotate_heads(X, W, O, row, h0, sx_n, sx_h, sx_d, so_n, so_h, H, c1, c2, s1, s2, eps,
                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr,
                   PRECISE: tl.constexpr):
@@ -45,17 +63,10 @@ def _rotate_heads(X, W, O, row, h0, sx_n, sx_h, sx_d, so_n, so_h, H, c1, c2, s1,
     base = X + row * sx_n + h[:, None] * sx_h
     x1 = tl.load(base + d[None, :] * sx_d, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(base + (d[None, :] + HALF) * sx_d, mask=mask, other=0.0).to(tl.float32)
-    if NORM:
-        w1 = tl.load(W + d, mask=dmask, other=0.0).to(tl.float32)
-        w2 = tl.load(W + HALF + d, mask=dmask, other=0.0).to(tl.float32)
-        rstd = inv_sqrt(divide(tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1), 2 * HALF, PRECISE) + eps, PRECISE)
-        # Kept in float32 for the rotation: rounding here too would let a one-ulp difference in the
-        # normed value (a tie broken differently) reach the output multiplied by the tables.
-        x1 = x1 * rstd[:, None] * w1[None, :]
-        x2 = x2 * rstd[:, None] * w2[None, :]
+    r1, r2 = rotate_halves(x1, x2, W, d, dmask, c1, c2, s1, s2, eps, HALF, NORM, PRECISE)
     out = O + row * so_n + h[:, None] * so_h + d[None, :]
-    tl.store(out, (x1 * c1[None, :] - x2 * s1[None, :]).to(O.dtype.element_ty), mask=mask)
-    tl.store(out + HALF, (x2 * c2[None, :] + x1 * s2[None, :]).to(O.dtype.element_ty), mask=mask)
+    tl.store(out, r1.to(O.dtype.element_ty), mask=mask)
+    tl.store(out + HALF, r2.to(O.dtype.element_ty), mask=mask)
 
 
 @triton.jit
