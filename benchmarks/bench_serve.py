@@ -190,6 +190,22 @@ def section_decode(model, hf, args, ceil, cuda, rows, results) -> None:
                                  "roofline_fraction": (1 / mode_step) / roof}
                 rows.append({"what": f"batch-1 decode, graph replay, PDL mode {mode}", "tok/s": 1 / mode_step,
                              "roofline": (1 / mode_step) / roof})
+        # The same graph with the decode step's rope, KV write and paged decode as separate launches, as
+        # before `attention.decode_paged_rope`: what fusing them gained, in this process.
+        from tessera.attn import paged_cache
+
+        paged_cache.FUSED_DECODE = False
+        try:
+            other = make_engine(model, args, max_num_seqs=1, cuda_graph_batch_sizes=(1,))
+            unfused_step = median_seconds(other.runner.graphs.graphs[1].replay, 50, 5, cuda)
+        finally:
+            paged_cache.FUSED_DECODE = True
+        del other
+        free_memory()
+        res["graph_unfused_decode"] = {"graph_step_ms": unfused_step * 1e3, "tok_s": 1 / unfused_step,
+                                       "roofline_fraction": (1 / unfused_step) / roof}
+        rows.append({"what": "batch-1 decode, graph replay, rope/write/decode unfused", "tok/s": 1 / unfused_step,
+                     "roofline": (1 / unfused_step) / roof})
     if hf is not None:
         modes = (("dynamic", {}), ("static", {"cache_implementation": "static"}))
         for mode, kw in (m for m in modes if m[0] in args.hf_decode_modes):

@@ -6,7 +6,8 @@
 #                                                #   PDL chain in every mode, dense routing, fused cache
 #                                                #   write, parity of the gated and paged decode ops
 #   bash scripts/gpu-validate.sh OUT_DIR serve   # bench_serve decode: engine overlapped and step by step,
-#                                                #   graph replay in PDL modes 3 (default), 1 and 4, HF static
+#                                                #   graph replay in PDL modes 3 (default), 1 and 4 and with
+#                                                #   rope/KV write/decode unfused, HF static
 #   bash scripts/gpu-validate.sh OUT_DIR quant   # bench_quant --speed, PDL mode 4 beside the default
 #   bash scripts/gpu-validate.sh OUT_DIR probe   # probe_engine_step, overlapped and step by step
 #   bash scripts/gpu-validate.sh OUT_DIR jaxref  # float32 parity vs jaxref, plain and with blocked sums
@@ -15,7 +16,7 @@
 # stage does not stop the next.
 set -u
 if [ $# -lt 2 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
-    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 out=$1

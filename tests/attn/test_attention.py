@@ -119,6 +119,7 @@ def test_paged_context_rejects_misshapen_steps() -> None:
 
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_paged_context_rotary_decode_equals_rope_then_attend(qk_norm: bool) -> None:
+    from tessera.attn import paged_cache
     from tessera.kernels import reference
 
     torch.manual_seed(1)
@@ -141,6 +142,14 @@ def test_paged_context_rotary_decode_equals_rope_then_attend(qk_norm: bool) -> N
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     for a, b in ((caches[0].k[1], caches[1].k[1]), (caches[0].v[1], caches[1].v[1]), (caches[0].k[0], caches[1].k[0])):
         assert torch.equal(a, b)
+    off = PagedKVContext(caches[0], decode)
+    try:  # switched off, decode steps take the separate ops
+        paged_cache.FUSED_DECODE = False
+        assert off.attend_rotary(1, q, k, v, cos, sin, norm) is None
+        again = off.attend(1, qr[None], kr[None], v[None])[0]
+    finally:
+        paged_cache.FUSED_DECODE = True
+    torch.testing.assert_close(again, want, rtol=0, atol=0)
     prefill = PagedAttentionMetadata.from_handles(handles, [2, 1])  # not decode-only: the caller ropes
     assert PagedKVContext(caches[0], prefill).attend_rotary(0, torch.randn(3, 6, 8), torch.randn(3, 2, 8),
                                                             torch.randn(3, 2, 8), cos[:1].expand(3, 8),

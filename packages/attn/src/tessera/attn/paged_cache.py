@@ -7,6 +7,7 @@ the tensors and runs the registry ops `kv_cache.write` with `attention.prefill_p
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,6 +17,12 @@ from tessera.kernels import registry
 from tessera.specs import KVCacheHandle, KVCacheSpec
 
 _UNSCALED_DTYPES = {"float32", "bfloat16", "float16", "float8_e4m3fn"}
+
+#: Whether decode-only steps rotate (`attend_rotary`), write and attend in one op. False restores the
+#: separate rope, `kv_cache.write` and `attention.decode_paged` ops: for timing one against the other in a
+#: process, or to set the fused kernel aside. Read at each call (a CUDA graph keeps what was in force when
+#: it was captured); TESSERA_FUSED_DECODE=0 turns it off from the start.
+FUSED_DECODE = os.environ.get("TESSERA_FUSED_DECODE", "1") != "0"
 
 
 class PagedKVCache:
@@ -104,7 +111,7 @@ class PagedKVContext:
         (`attention.decode_paged_rope`); returns [N, Hq, D]. None for any other step: the caller rotates
         and calls `attend`."""
         meta = self.meta
-        if not meta.decode_only or q.shape[0] != meta.block_tables.shape[0]:
+        if not (FUSED_DECODE and meta.decode_only) or q.shape[0] != meta.block_tables.shape[0]:
             return None
         q_weight, k_weight, eps = norm if norm is not None else (None, None, 1e-6)
         return registry("attention.decode_paged_rope", q, k, v, cos, sin, self.cache.k[layer], self.cache.v[layer],
@@ -119,11 +126,15 @@ class PagedKVContext:
             raise ValueError(f"decode_only step with {q.shape[1]} tokens for {meta.block_tables.shape[0]} "
                              "sequences: a decode step has exactly one token per sequence")
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
-        if meta.decode_only:  # the write and the attention in one op (one launch on the GPU)
+        if meta.decode_only and FUSED_DECODE:  # the write and the attention in one op (one launch on the GPU)
             out = registry("attention.decode_paged_write", q[0], k[0], v[0], k_cache, v_cache, meta.slot_mapping,
                            meta.block_tables, meta.context_lens)
         else:
             registry("kv_cache.write", k[0], v[0], k_cache, v_cache, meta.slot_mapping)
-            out = registry("attention.prefill_paged", q[0], k_cache, v_cache, meta.block_tables,
-                           meta.cu_seqlens_q, meta.context_lens, meta.max_seqlen_q)
+            if meta.decode_only:
+                out = registry("attention.decode_paged", q[0], k_cache, v_cache, meta.block_tables,
+                               meta.context_lens)
+            else:
+                out = registry("attention.prefill_paged", q[0], k_cache, v_cache, meta.block_tables,
+                               meta.cu_seqlens_q, meta.context_lens, meta.max_seqlen_q)
         return out[None]
