@@ -1,8 +1,9 @@
 """Paged KV storage (`KVCacheSpec` layout "NHD") and the `KVContext` that a serving step runs through.
 
 The block manager (in tessera-serve) decides which blocks a sequence owns; this module only holds
-the tensors and runs the registry ops `kv_cache.write` with `attention.prefill_paged`, or
-`attention.decode_paged_write` (both in one) for a decode step, over them.
+the tensors and runs the registry ops over them: `kv_cache.write` with `attention.prefill_paged`, and for a
+decode step `attention.decode_paged_rope` (rope, write and attention in one, through `attend_rotary`) or
+`attention.decode_paged_write` (write and attention, when q and k arrive rotated).
 """
 
 from __future__ import annotations

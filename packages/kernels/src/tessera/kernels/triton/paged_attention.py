@@ -1,5 +1,6 @@
-"""Attention over a paged KV cache in Triton: `attention.decode_paged` (and `attention.decode_paged_write`, which
-writes the step's k/v rows in the same launch) and `attention.prefill_paged`.
+"""Attention over a paged KV cache in Triton: `attention.decode_paged`, `attention.prefill_paged`, and the decode
+kernel's fused variants: `attention.decode_paged_write` (the step's k/v rows written in the same launch) and
+`attention.decode_paged_rope` (q and the new k rotated there too).
 
 Cache layout [num_blocks, block_size, Hkv, D]; token t of sequence b sits in physical row
 block_tables[b, t // block_size] * block_size + t % block_size. Keys are gathered a tile at a time.
@@ -266,9 +267,7 @@ def attention_decode_paged_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                  context_lens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Same contract as `reference.attention_decode_paged_write`: `kv_cache.write` and `attention.decode_paged`
     in one launch (a decode step's cache write no longer needs its own)."""
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    k = k if k.stride(-1) == 1 else k.contiguous()
-    v = v if v.stride(-1) == 1 else v.contiguous()
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     return _paged_decode_write_op(q, k, v, k_cache, v_cache, slot_mapping, block_tables, context_lens,
                                   q.shape[-1] ** -0.5 if scale is None else float(scale))
 
