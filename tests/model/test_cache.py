@@ -156,3 +156,46 @@ def test_metadata_from_handles_slots() -> None:
     assert meta.max_seqlen_q == 3 and not meta.decode_only
     with pytest.raises(ValueError, match="query length 2"):
         PagedAttentionMetadata.from_handles([h1], [2])
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_a_paged_decode_step_runs_rope_write_and_attention_as_one_op(qk_norm: bool, monkeypatch) -> None:
+    """The model hands a decode step's attention to `attention.decode_paged_rope` (one launch on a GPU), and a
+    prefill step to rope, `kv_cache.write` and `attention.prefill_paged`; with the fusion switched off, decode
+    goes back to the separate ops. Registry dispatches are counted per op."""
+    from tessera.attn import paged_cache
+    from tessera.kernels import registry
+
+    cfg = ModelConfig(vocab_size=31, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=24,
+                      qk_norm=qk_norm, max_seq_len=32)
+    model = _model(cfg, 0)
+    spec = KVCacheSpec(n_layers=2, n_kv_heads=2, head_dim=8, block_size=4, num_blocks=8, dtype="float32")
+    cache = PagedKVCache(spec, device="cpu")
+    calls: list[str] = []
+    dispatch = type(registry).__call__
+
+    def counting(self, op: str, *args, **kwargs):
+        calls.append(op)
+        return dispatch(self, op, *args, **kwargs)
+
+    monkeypatch.setattr(type(registry), "__call__", counting)
+    rope = "rope_qk_norm" if qk_norm else "rope"
+
+    def step(ids: list[int], start: int, n: int) -> dict[str, int]:
+        calls.clear()
+        handle = KVCacheHandle(seq_id=0, block_ids=(3, 5), num_tokens=start + n, block_size=4)
+        meta = PagedAttentionMetadata.from_handles([handle], [n])
+        with torch.no_grad():
+            model(torch.tensor([ids]), positions=torch.arange(start, start + n)[None], kv=PagedKVContext(cache, meta))
+        return {op: calls.count(op) for op in set(calls)}
+
+    prefill = step([1, 2, 3, 4, 5], 0, 5)
+    assert prefill[rope] == prefill["kv_cache.write"] == prefill["attention.prefill_paged"] == 2
+    assert "attention.decode_paged_rope" not in prefill
+    decode = step([6], 5, 1)
+    assert decode["attention.decode_paged_rope"] == 2
+    assert not {rope, "kv_cache.write", "attention.decode_paged", "attention.decode_paged_write"} & set(decode)
+    monkeypatch.setattr(paged_cache, "FUSED_DECODE", False)
+    unfused = step([7], 6, 1)
+    assert unfused[rope] == unfused["kv_cache.write"] == unfused["attention.decode_paged"] == 2
+    assert "attention.decode_paged_rope" not in unfused
