@@ -124,3 +124,24 @@ def test_fused_rope_matches_rope_then_write_then_decode(qk_norm: bool) -> None:
             torch.testing.assert_close(got, want, atol=tol.atol, rtol=tol.rtol)
             torch.testing.assert_close(kf, kc, atol=tol.atol, rtol=tol.rtol)
         assert torch.equal(vf, vc)
+
+
+@pytest.mark.gpu
+def test_a_context_leaves_to_the_separate_ops_what_the_fused_kernel_refuses() -> None:
+    """On a GPU the fused ops' fallback would be the reference, which reads context lengths on the host (no
+    CUDA graph could hold it): `PagedKVContext` hands such a step back to the separate ops instead."""
+    from tessera.attn import PagedAttentionMetadata, PagedKVCache, PagedKVContext
+    from tessera.specs import KVCacheHandle, KVCacheSpec
+
+    dev = torch.device("cuda")
+    spec = KVCacheSpec(n_layers=1, n_kv_heads=2, head_dim=64, block_size=16, num_blocks=4, dtype="bfloat16")
+    handle = KVCacheHandle(seq_id=0, block_ids=(1, 2), num_tokens=20, block_size=16)
+    meta = PagedAttentionMetadata.from_handles([handle], [1], device=dev)
+    ctx = PagedKVContext(PagedKVCache(spec, device=dev), meta)
+    q, kv = torch.randn(1, 4, 64, device=dev, dtype=torch.bfloat16), torch.randn(1, 2, 64, device=dev,
+                                                                                dtype=torch.bfloat16)
+    cos, sin = torch.ones(1, 64, device=dev, dtype=torch.bfloat16), torch.zeros(1, 64, device=dev,
+                                                                               dtype=torch.bfloat16)
+    weight = torch.ones(128, device=dev, dtype=torch.bfloat16)[::2]  # a strided norm weight: refused
+    assert ctx.attend_rotary(0, q, kv, kv, cos, sin, (weight, weight, 1e-6)) is None
+    assert ctx.attend_rotary(0, q, kv, kv, cos, sin, (weight.contiguous(), weight.contiguous(), 1e-6)) is not None

@@ -162,7 +162,7 @@ def test_metadata_from_handles_slots() -> None:
 def test_a_paged_decode_step_runs_rope_write_and_attention_as_one_op(qk_norm: bool, monkeypatch) -> None:
     """The model hands a decode step's attention to `attention.decode_paged_rope` (one launch on a GPU), and a
     prefill step to rope, `kv_cache.write` and `attention.prefill_paged`; with the fusion switched off, decode
-    goes back to the separate ops. Registry dispatches are counted per op."""
+    goes back to the separate ops. The registry's backend choices are counted per op."""
     from tessera.attn import paged_cache
     from tessera.kernels import registry
 
@@ -172,13 +172,13 @@ def test_a_paged_decode_step_runs_rope_write_and_attention_as_one_op(qk_norm: bo
     spec = KVCacheSpec(n_layers=2, n_kv_heads=2, head_dim=8, block_size=4, num_blocks=8, dtype="float32")
     cache = PagedKVCache(spec, device="cpu")
     calls: list[str] = []
-    dispatch = type(registry).__call__
+    choose = type(registry).get
 
     def counting(self, op: str, *args, **kwargs):
         calls.append(op)
-        return dispatch(self, op, *args, **kwargs)
+        return choose(self, op, *args, **kwargs)
 
-    monkeypatch.setattr(type(registry), "__call__", counting)
+    monkeypatch.setattr(type(registry), "get", counting)
     rope = "rope_qk_norm" if qk_norm else "rope"
 
     def step(ids: list[int], start: int, n: int) -> dict[str, int]:

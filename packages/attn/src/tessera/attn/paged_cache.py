@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from tessera.kernels import registry
-from tessera.specs import KVCacheHandle, KVCacheSpec
+from tessera.specs import KernelImpl, KVCacheHandle, KVCacheSpec
 
 _UNSCALED_DTYPES = {"float32", "bfloat16", "float16", "float8_e4m3fn"}
 
@@ -24,6 +24,14 @@ _UNSCALED_DTYPES = {"float32", "bfloat16", "float16", "float8_e4m3fn"}
 #: process, or to set the fused kernel aside. Read at each call (a CUDA graph keeps what was in force when
 #: it was captured); TESSERA_FUSED_DECODE=0 turns it off from the start.
 FUSED_DECODE = os.environ.get("TESSERA_FUSED_DECODE", "1") != "0"
+
+
+def _fused(op: str, *args: torch.Tensor, **kwargs: object) -> KernelImpl | None:
+    """The backend the registry picks for a fused decode op, or None where that would be the reference on a
+    GPU: the separate ops' kernels may still take inputs the fused kernel refuses, and the reference reads
+    context lengths on the host (no CUDA graph could hold it)."""
+    impl = registry.get(op, *args, **kwargs)
+    return None if impl.backend == "reference" and args[0].is_cuda else impl
 
 
 class PagedKVCache:
@@ -115,9 +123,10 @@ class PagedKVContext:
         if not (FUSED_DECODE and meta.decode_only) or q.shape[0] != meta.block_tables.shape[0]:
             return None
         q_weight, k_weight, eps = norm if norm is not None else (None, None, 1e-6)
-        return registry("attention.decode_paged_rope", q, k, v, cos, sin, self.cache.k[layer], self.cache.v[layer],
-                        meta.slot_mapping, meta.block_tables, meta.context_lens, q_weight=q_weight,
-                        k_weight=k_weight, eps=eps)
+        args = (q, k, v, cos, sin, self.cache.k[layer], self.cache.v[layer], meta.slot_mapping, meta.block_tables,
+                meta.context_lens)
+        impl = _fused("attention.decode_paged_rope", *args, q_weight=q_weight, k_weight=k_weight, eps=eps)
+        return None if impl is None else impl(*args, q_weight=q_weight, k_weight=k_weight, eps=eps)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if q.shape[0] != 1:
@@ -127,9 +136,10 @@ class PagedKVContext:
             raise ValueError(f"decode_only step with {q.shape[1]} tokens for {meta.block_tables.shape[0]} "
                              "sequences: a decode step has exactly one token per sequence")
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
-        if meta.decode_only and FUSED_DECODE:  # the write and the attention in one op (one launch on the GPU)
-            out = registry("attention.decode_paged_write", q[0], k[0], v[0], k_cache, v_cache, meta.slot_mapping,
-                           meta.block_tables, meta.context_lens)
+        args = (q[0], k[0], v[0], k_cache, v_cache, meta.slot_mapping, meta.block_tables, meta.context_lens)
+        fused = _fused("attention.decode_paged_write", *args) if meta.decode_only and FUSED_DECODE else None
+        if fused is not None:  # the write and the attention in one op (one launch on the GPU)
+            out = fused(*args)
         else:
             registry("kv_cache.write", k[0], v[0], k_cache, v_cache, meta.slot_mapping)
             if meta.decode_only:
