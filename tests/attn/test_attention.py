@@ -56,8 +56,13 @@ def test_flat_cache_hands_the_paged_kernels_a_layout_they_accept(max_len: int, m
         seen.append((op, args))
         return real(op, *args, **kwargs)
 
-    real = flat.registry
+    def spy_fused(op: str, *args: torch.Tensor, **kwargs: object):
+        seen.append((op, args))
+        return real_fused(op, *args, **kwargs)
+
+    real, real_fused = flat.registry, flat.paged_cache.fused_impl
     monkeypatch.setattr(flat, "registry", spy)
+    monkeypatch.setattr(flat.paged_cache, "fused_impl", spy_fused)
     cfg = ModelConfig(vocab_size=8, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=8)
     cache = FlatKVCache(cfg, batch_size=2, max_len=max_len)
     torch.manual_seed(0)
@@ -65,15 +70,14 @@ def test_flat_cache_hands_the_paged_kernels_a_layout_they_accept(max_len: int, m
         q, k, v = torch.randn(2, n, 4, 16), torch.randn(2, n, 2, 16), torch.randn(2, n, 2, 16)
         cache.attend(0, q, k, v)
         cache.advance(n)
-    assert [op for op, _ in seen] == ["kv_cache.write", "attention.prefill_paged",
-                                      "kv_cache.write", "attention.decode_paged"]
+    assert [op for op, _ in seen] == ["kv_cache.write", "attention.prefill_paged", "attention.decode_paged_write"]
     # the decode step's slots and context lengths are rows of tables built once, not new tensors
-    slots, lens = seen[2][1][-1], seen[3][1][-1]
+    q, _, _, k_cache, v_cache, slots, tables, lens = seen[2][1]
     assert slots.tolist() == [5, cache._slots.shape[0] + 5] and lens.tolist() == [6, 6]
     assert slots._base is cache._slots and lens._base is cache._lens
-    for _, (q, k_cache, v_cache, tables, *rest) in seen[1::2]:
-        ctx = rest[-1] if len(rest) == 1 else rest[1]
-        assert _cache_reasons(q, k_cache, v_cache, tables, ctx) == []
+    assert _cache_reasons(q, k_cache, v_cache, tables, lens) == []
+    q, k_cache, v_cache, tables, _, ctx, _ = seen[1][1]
+    assert _cache_reasons(q, k_cache, v_cache, tables, ctx) == []
 
 
 @pytest.mark.parametrize("decode", [False, True])

@@ -199,3 +199,25 @@ def test_a_paged_decode_step_runs_rope_write_and_attention_as_one_op(qk_norm: bo
     unfused = step([7], 6, 1)
     assert unfused[rope] == unfused["kv_cache.write"] == unfused["attention.decode_paged"] == 2
     assert "attention.decode_paged_rope" not in unfused
+
+
+def test_a_flat_cache_decode_step_also_runs_one_attention_op(monkeypatch) -> None:
+    from tessera.kernels import registry
+
+    cfg = ModelConfig(vocab_size=31, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=24,
+                      qk_norm=True, max_seq_len=32)
+    model = _model(cfg, 1)
+    ids = torch.randint(0, 31, (2, 6))
+    cache = FlatKVCache(cfg, batch_size=2, max_len=8)
+    calls: list[str] = []
+    choose = type(registry).get
+    monkeypatch.setattr(type(registry), "get",
+                        lambda self, op, *a, **kw: calls.append(op) or choose(self, op, *a, **kw))
+    with torch.no_grad():
+        model(ids[:, :5], positions=cache.positions(5), kv=cache)
+        cache.advance(5)
+        calls.clear()
+        step = model(ids[:, 5:], positions=cache.positions(1), kv=cache)[:, 0]
+        full = model(ids)[:, 5]
+    assert calls.count("attention.decode_paged_rope") == 2 and "kv_cache.write" not in calls
+    torch.testing.assert_close(step, full, rtol=0, atol=ATOL)

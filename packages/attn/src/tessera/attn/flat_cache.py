@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from tessera.attn import paged_cache
 from tessera.kernels import registry
 from tessera.specs import ModelConfig
 
@@ -71,6 +72,26 @@ class FlatKVCache:
     def reset(self) -> None:
         self.length = 0
 
+    def _paged(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s keys and values as the paged kernels' [blocks, 16, Hkv, D] caches."""
+        k_rows, v_rows = self.k[layer], self.v[layer]
+        return k_rows.view(-1, _PAGE, *k_rows.shape[2:]), v_rows.view(-1, _PAGE, *v_rows.shape[2:])
+
+    def attend_rotary(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor, float] | None = None
+                      ) -> torch.Tensor | None:
+        """A one-token step (q [batch_size, Hq, D], unrotated): rope (after QK-norm with `norm`), write and
+        attend as one op (`attention.decode_paged_rope`), as `PagedKVContext.attend_rotary` does. None for
+        longer steps, or one that would overflow (then `attend` runs, or raises)."""
+        if not paged_cache.FUSED_DECODE or q.shape[0] != self.batch_size or self.length + 1 > self.max_len:
+            return None
+        q_weight, k_weight, eps = norm if norm is not None else (None, None, 1e-6)
+        args = (q, k, v, cos, sin, *self._paged(layer), self._slots[self.length], self._block_tables,
+                self._lens[self.length + 1])
+        impl = paged_cache.fused_impl("attention.decode_paged_rope", *args, q_weight=q_weight, k_weight=k_weight,
+                                      eps=eps)
+        return None if impl is None else impl(*args, q_weight=q_weight, k_weight=k_weight, eps=eps)
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, t, hq, d = q.shape
         if b != self.batch_size:
@@ -78,14 +99,17 @@ class FlatKVCache:
         end = self.length + t
         if end > self.max_len:
             raise ValueError(f"{t} new tokens at length {self.length} overflow max_len={self.max_len}")
-        k_rows, v_rows = self.k[layer], self.v[layer]
-        k_cache = k_rows.view(-1, _PAGE, *k_rows.shape[2:])
-        v_cache = v_rows.view(-1, _PAGE, *v_rows.shape[2:])
+        k_cache, v_cache = self._paged(layer)
         # slot of row i's token j: i * capacity + length + j, in the (row, token) order of k.reshape
         slots = self._slots[self.length] if t == 1 else self._slots[self.length:end].T.reshape(-1)
+        context_lens = self._lens[end]
+        if t == 1 and paged_cache.FUSED_DECODE:  # write and attention in one op where its kernel takes them
+            args = (q[:, 0], k[:, 0], v[:, 0], k_cache, v_cache, slots, self._block_tables, context_lens)
+            fused = paged_cache.fused_impl("attention.decode_paged_write", *args)
+            if fused is not None:
+                return fused(*args)[:, None]
         registry("kv_cache.write", k.reshape(b * t, *k.shape[2:]), v.reshape(b * t, *v.shape[2:]), k_cache, v_cache,
                  slots)
-        context_lens = self._lens[end]
         if t == 1:
             out = registry("attention.decode_paged", q[:, 0], k_cache, v_cache, self._block_tables, context_lens)
             return out[:, None]

@@ -26,7 +26,7 @@ _UNSCALED_DTYPES = {"float32", "bfloat16", "float16", "float8_e4m3fn"}
 FUSED_DECODE = os.environ.get("TESSERA_FUSED_DECODE", "1") != "0"
 
 
-def _fused(op: str, *args: torch.Tensor, **kwargs: object) -> KernelImpl | None:
+def fused_impl(op: str, *args: torch.Tensor, **kwargs: object) -> KernelImpl | None:
     """The backend the registry picks for a fused decode op, or None where that would be the reference on a
     GPU: the separate ops' kernels may still take inputs the fused kernel refuses, and the reference reads
     context lengths on the host (no CUDA graph could hold it)."""
@@ -125,7 +125,7 @@ class PagedKVContext:
         q_weight, k_weight, eps = norm if norm is not None else (None, None, 1e-6)
         args = (q, k, v, cos, sin, self.cache.k[layer], self.cache.v[layer], meta.slot_mapping, meta.block_tables,
                 meta.context_lens)
-        impl = _fused("attention.decode_paged_rope", *args, q_weight=q_weight, k_weight=k_weight, eps=eps)
+        impl = fused_impl("attention.decode_paged_rope", *args, q_weight=q_weight, k_weight=k_weight, eps=eps)
         return None if impl is None else impl(*args, q_weight=q_weight, k_weight=k_weight, eps=eps)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -137,7 +137,7 @@ class PagedKVContext:
                              "sequences: a decode step has exactly one token per sequence")
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
         args = (q[0], k[0], v[0], k_cache, v_cache, meta.slot_mapping, meta.block_tables, meta.context_lens)
-        fused = _fused("attention.decode_paged_write", *args) if meta.decode_only and FUSED_DECODE else None
+        fused = fused_impl("attention.decode_paged_write", *args) if meta.decode_only and FUSED_DECODE else None
         if fused is not None:  # the write and the attention in one op (one launch on the GPU)
             out = fused(*args)
         else:
