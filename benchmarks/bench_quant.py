@@ -388,6 +388,7 @@ def speed(args: argparse.Namespace) -> dict:
     shape = "tiny" if tiny else "llama-3.2-1b"
     head = "float lm_head" if args.float_lm_head else "lm_head quantized too"
     head += ", separate projections" if args.no_fuse else ", fused q/k/v and gate/up"
+    head += ", rope/KV write/attention separate" if args.no_fused_decode else ", rope/KV write/attention in one launch"
     print_table(rows, f"{shape} ({label}, random weights, {head}): decode step at context {context} "
                       f"({'CUDA graph' if graphed else 'eager'}), prefill {pre_b}x{pre_t}; "
                       f"ceilings {peak['bandwidth'] / 1e9:.1f} GB/s copy, {peak['flops'] / 1e9:.0f} GFLOP/s mm")
@@ -438,6 +439,9 @@ def main() -> None:
     p.add_argument("--no-fuse", action="store_true",
                    help="keep q/k/v and gate/up as separate matmuls (default: fused, as the serving engine runs them)")
     p.add_argument("--no-graph", action="store_true", help="time the decode step eagerly, without a CUDA graph")
+    p.add_argument("--no-fused-decode", action="store_true",
+                   help="run the decode step's rope, KV write and paged attention as separate launches, as before "
+                        "attention.decode_paged_rope (default: one launch, as the serving engine runs them)")
     p.add_argument("--pdl-modes", type=int, nargs="+", default=[], choices=(0, 1, 2, 3, 4), metavar="MODE",
                    help="with --speed: also time the decode steps in these PDL modes (0 off, 1 launch overlap, "
                         "2 overlap + GEMV weight prefetch, 3 overlap + GEMV first weight tile before the wait, 4 the "
@@ -452,6 +456,11 @@ def main() -> None:
     if not args.quality and not args.speed:
         p.error("give --quality MODEL_DIR and/or --speed")
     payload: dict = {"note": args.note} if args.note else {}
+    if args.no_fused_decode:
+        from tessera.attn import paged_cache
+
+        paged_cache.FUSED_DECODE = False
+        payload["fused_decode"] = False
     if args.quality:
         payload.update(quality(args))
     if args.speed:

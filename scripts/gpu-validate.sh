@@ -9,6 +9,7 @@
 #                                                #   graph replay in PDL modes 3 (default), 1 and 4 and with
 #                                                #   rope/KV write/decode unfused, HF static
 #   bash scripts/gpu-validate.sh OUT_DIR quant   # bench_quant --speed, PDL mode 4 beside the default
+#   bash scripts/gpu-validate.sh OUT_DIR quant-unfused  # the same with rope/KV write/decode separate
 #   bash scripts/gpu-validate.sh OUT_DIR probe   # probe_engine_step, overlapped and step by step
 #   bash scripts/gpu-validate.sh OUT_DIR jaxref  # float32 parity vs jaxref, plain and with blocked sums
 #
@@ -16,7 +17,7 @@
 # stage does not stop the next.
 set -u
 if [ $# -lt 2 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 out=$1
@@ -49,6 +50,9 @@ for stage in "$@"; do
             --decode-tokens 64 --pdl-modes 1 4 --out "$out" ;;
     quant)
         run quant-speed python3 benchmarks/bench_quant.py --speed --reps 10 --pdl-modes 4 --no-progress --out "$out" ;;
+    quant-unfused)
+        run quant-speed-unfused python3 benchmarks/bench_quant.py --speed --reps 10 --no-fused-decode --no-progress \
+            --out "$out" ;;
     probe)
         run probe-overlapped python3 benchmarks/probe_engine_step.py --out "$out"
         run probe-step-by-step python3 benchmarks/probe_engine_step.py --no-overlap --out "$out" ;;
@@ -56,7 +60,7 @@ for stage in "$@"; do
         run jaxref-parity python3 benchmarks/bench_jaxref.py --parity-only \
             --fp64-floor --sum-block 32 --out "$out" ;;
     *)
-        echo "unknown stage '$stage': expected tests, serve, quant, probe or jaxref" >&2
+        echo "unknown stage '$stage': expected tests, serve, quant, quant-unfused, probe or jaxref" >&2
         status=2 ;;
     esac
 done

@@ -157,10 +157,12 @@ def test_early_weights_only_for_gemvs_under_static_weights(monkeypatch: pytest.M
 
 
 @pytest.mark.gpu
-def test_decode_chain_same_bits_with_and_without_pdl() -> None:
-    """A decode-step-like chain (norm, int8/int4/dense GEMVs, silu_mul, rope, KV write, paged decode),
-    replayed from CUDA graphs captured in each PDL mode, back to back so that each kernel overlaps
-    the previous one's tail: identical outputs, and equal to eager launches."""
+@pytest.mark.parametrize("fused", [False, True], ids=["rope-write-decode", "decode-paged-rope"])
+def test_decode_chain_same_bits_with_and_without_pdl(fused: bool) -> None:
+    """A decode-step-like chain (norm, int8/int4/dense GEMVs, silu_mul, rope, KV write, paged decode; or rope,
+    write and decode as the one fused launch), replayed from CUDA graphs captured in each PDL mode, back to
+    back so that each kernel overlaps the previous one's tail: identical outputs, and equal to eager
+    launches."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("PDL needs compute capability 9.0")
     torch.manual_seed(0)
@@ -187,9 +189,12 @@ def test_decode_chain_same_bits_with_and_without_pdl() -> None:
         proj = gemv.matmul_dense(h, qkv)
         q, k = proj[:, : hq * hd].view(1, hq, hd), proj[:, hq * hd:(hq + hkv) * hd].view(1, hkv, hd)
         v = proj[:, (hq + hkv) * hd:].view(1, hkv, hd)
-        q, k = rope.rope(q, k, cos, sin)
-        kv_cache.kv_cache_write(k, v, k_cache, v_cache, slot)
-        att = pa.attention_decode_paged(q, k_cache, v_cache, tables, lens, hd**-0.5)
+        if fused:
+            att = pa.attention_decode_paged_rope(q, k, v, cos, sin, k_cache, v_cache, slot, tables, lens)
+        else:
+            q, k = rope.rope(q, k, cos, sin)
+            kv_cache.kv_cache_write(k, v, k_cache, v_cache, slot)
+            att = pa.attention_decode_paged(q, k_cache, v_cache, tables, lens, hd**-0.5)
         gu = torch.empty(1, 2 * f, device=dev, dtype=bf)
         qg.launch_int8(att.reshape(1, d), w8, s8, gu)
         a = swiglu.silu_mul(gu[:, :f], gu[:, f:])
