@@ -47,3 +47,7 @@ def test_kernel_compiles_for_sm90(dtype: str, compile_sm90) -> None:
 
 def test_interpreter_rounds_to_bfloat16_as_the_gpu_does(run_check) -> None:
     run_check("interpreter_check.py", "interp-ok", interpret="always")
+
+
+def test_triton_silu_mul_reads_strided_halves(run_check) -> None:
+    run_check("strided_silu_mul_check.py", "strided-ok", interpret="always")

@@ -48,7 +48,9 @@ def rotate_halves(x1, x2, W, d, dmask, c1, c2, s1, s2, eps, HALF: tl.constexpr, 
         # normed value (a tie broken differently) reach the output multiplied by the tables.
         x1 = x1 * rstd[:, None] * w1[None, :]
         x2 = x2 * rstd[:, None] * w2[None, :]
-    return x1 * c1[None, :] - x2 * s1[None, :], x2 * c2[None, :] + x1 * s2[None, :]
+    # Explicit fmas: left to the compiler, `a * b - c * d` contracts to an fma over either product depending on
+    # the kernel around it, and the two kernels that share this expression would round differently.
+    return tl.fma(x1, c1[None, :], -(x2 * s1[None, :])), tl.fma(x2, c2[None, :], x1 * s2[None, :])
 
 
 @triton.jit

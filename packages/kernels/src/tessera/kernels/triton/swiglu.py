@@ -111,6 +111,11 @@ def _silu_mul_kernel(G, U, Y, stride_g, stride_u, stride_y, F, BLOCK: tl.constex
 
 
 def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    # The kernel walks a row's columns at unit stride; a strided half (the halves of a transposed fused
+    # gate/up output) is copied first rather than read wrongly. The registry refuses such inputs
+    # (`supports_silu_mul`), but the gated matmuls' unfused path calls this function directly.
+    gate = gate if gate.stride(-1) == 1 else gate.contiguous()
+    up = up if up.stride(-1) == 1 else up.contiguous()
     m, f = gate.shape
     y = torch.empty((m, f), dtype=gate.dtype, device=gate.device)
     if m and f:
