@@ -85,12 +85,8 @@ class FlatKVCache:
         longer steps, or one that would overflow (then `attend` runs, or raises)."""
         if not paged_cache.FUSED_DECODE or q.shape[0] != self.batch_size or self.length + 1 > self.max_len:
             return None
-        q_weight, k_weight, eps = norm if norm is not None else (None, None, 1e-6)
-        args = (q, k, v, cos, sin, *self._paged(layer), self._slots[self.length], self._block_tables,
-                self._lens[self.length + 1])
-        impl = paged_cache.fused_impl("attention.decode_paged_rope", *args, q_weight=q_weight, k_weight=k_weight,
-                                      eps=eps)
-        return None if impl is None else impl(*args, q_weight=q_weight, k_weight=k_weight, eps=eps)
+        return paged_cache.rotary_decode((q, k, v, cos, sin, *self._paged(layer), self._slots[self.length],
+                                          self._block_tables, self._lens[self.length + 1]), norm)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, t, hq, d = q.shape

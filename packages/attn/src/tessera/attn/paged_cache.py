@@ -34,6 +34,15 @@ def fused_impl(op: str, *args: torch.Tensor, **kwargs: object) -> KernelImpl | N
     return None if impl.backend == "reference" and args[0].is_cuda else impl
 
 
+def rotary_decode(args: tuple[torch.Tensor, ...], norm: tuple[torch.Tensor, torch.Tensor, float] | None
+                  ) -> torch.Tensor | None:
+    """`attention.decode_paged_rope` of `args` (q, k, v, cos, sin, caches, slots, tables, lengths), after
+    QK-norm with `norm` = (q_weight, k_weight, eps); None where `fused_impl` leaves it to the separate ops."""
+    q_weight, k_weight, eps = norm if norm is not None else (None, None, 1e-6)
+    impl = fused_impl("attention.decode_paged_rope", *args, q_weight=q_weight, k_weight=k_weight, eps=eps)
+    return None if impl is None else impl(*args, q_weight=q_weight, k_weight=k_weight, eps=eps)
+
+
 class PagedKVCache:
     """`k[layer]`, `v[layer]`: `[num_blocks, block_size, n_kv_heads, head_dim]` in `spec.dtype`, zeroed.
 
@@ -122,11 +131,8 @@ class PagedKVContext:
         meta = self.meta
         if not (FUSED_DECODE and meta.decode_only) or q.shape[0] != meta.block_tables.shape[0]:
             return None
-        q_weight, k_weight, eps = norm if norm is not None else (None, None, 1e-6)
-        args = (q, k, v, cos, sin, self.cache.k[layer], self.cache.v[layer], meta.slot_mapping, meta.block_tables,
-                meta.context_lens)
-        impl = fused_impl("attention.decode_paged_rope", *args, q_weight=q_weight, k_weight=k_weight, eps=eps)
-        return None if impl is None else impl(*args, q_weight=q_weight, k_weight=k_weight, eps=eps)
+        return rotary_decode((q, k, v, cos, sin, self.cache.k[layer], self.cache.v[layer], meta.slot_mapping,
+                              meta.block_tables, meta.context_lens), norm)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if q.shape[0] != 1:

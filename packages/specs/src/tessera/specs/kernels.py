@@ -217,6 +217,17 @@ _TOL_ROPE = {"float32": Tolerance(atol=1e-5, rtol=1e-5), "bfloat16": Tolerance(a
              "float16": Tolerance(atol=1e-3, rtol=1e-3)}
 _TOL_EXACT = {d: Tolerance(atol=0.0, rtol=0.0) for d in (*_FLOAT, "float8_e4m3fn")}
 
+def _gated(plain: KernelSpec) -> KernelSpec:
+    """`<plain>_gated`: the same matmul of silu_mul(gu[:, :K], gu[:, K:]), SwiGLU's down projection reading a
+    fused gate/up output gu [M, 2K] (the gated decode GEMVs skip the separate silu_mul launch)."""
+    call = plain.description.rsplit(". ", 1)[-1].replace("(x, ", "_gated(gu, ", 1).replace("x's dtype", "gu's dtype")
+    return KernelSpec(name=plain.name + "_gated",
+                      description=f"{plain.name} of silu_mul(gu[:, :K], gu[:, K:]) for a fused gate/up output gu "
+                      f"[M, 2K]. {call}",
+                      args=(_t("gu", "M", "GU", dtypes=plain.args[0].dtypes), *plain.args[1:]),
+                      results=plain.results, tolerances=plain.tolerances)
+
+
 CATALOGUE: tuple[KernelSpec, ...] = (
     KernelSpec(
         name="rms_norm", description="y = x / sqrt(mean(x^2, -1) + eps) * weight, computed in float32. "
@@ -340,27 +351,6 @@ CATALOGUE: tuple[KernelSpec, ...] = (
               _t("scales", "N", "G", dtypes=_FLOAT), _t("zeros", "N", "G", dtypes=_FLOAT)),
         results=(_t("y", "M", "N", dtypes=_FLOAT),), tolerances=_TOL_MM),
     KernelSpec(
-        name="matmul.dense_gated",
-        description="matmul.dense of silu_mul(gu[:, :K], gu[:, K:]): SwiGLU's down projection reading a fused "
-        "gate/up output gu [M, 2K] (gated decode GEMVs skip the separate silu_mul launch). "
-        "matmul.dense_gated(gu, w) -> y (gu's dtype)",
-        args=(_t("gu", "M", "K2", dtypes=_FLOAT), _t("w", "N", "K", dtypes=_FLOAT)),
-        results=(_t("y", "M", "N", dtypes=_FLOAT),), tolerances=_TOL_MM),
-    KernelSpec(
-        name="matmul.int8_weight_only_gated",
-        description="matmul.int8_weight_only of silu_mul(gu[:, :K], gu[:, K:]) for a fused gate/up output gu "
-        "[M, 2K]. matmul.int8_weight_only_gated(gu, w_q, scale) -> y (gu's dtype)",
-        args=(_t("gu", "M", "K2", dtypes=_FLOAT), _t("w_q", "N", "K", dtypes=("int8",)),
-              _t("scale", "N", dtypes=_FLOAT)),
-        results=(_t("y", "M", "N", dtypes=_FLOAT),), tolerances=_TOL_MM),
-    KernelSpec(
-        name="matmul.int4_awq_gated",
-        description="matmul.int4_awq of silu_mul(gu[:, :K], gu[:, K:]) for a fused gate/up output gu [M, 2K]. "
-        "matmul.int4_awq_gated(gu, qweight, scales, zeros, group_size) -> y (gu's dtype)",
-        args=(_t("gu", "M", "K2", dtypes=_FLOAT), _t("qweight", "N", "KH", dtypes=("uint8",)),
-              _t("scales", "N", "G", dtypes=_FLOAT), _t("zeros", "N", "G", dtypes=_FLOAT)),
-        results=(_t("y", "M", "N", dtypes=_FLOAT),), tolerances=_TOL_MM),
-    KernelSpec(
         name="matmul.fp8",
         description="E4M3 matmul: x is quantized per row (dynamic scale amax/448), w_q [N, K] float8_e4m3fn "
         "with w_scale of shape [1] (per tensor) or [N] (per row); accumulates in float32. "
@@ -369,3 +359,5 @@ CATALOGUE: tuple[KernelSpec, ...] = (
               _t("w_scale", "S", dtypes=("float32",))),
         results=(_t("y", "M", "N", dtypes=_FLOAT),), tolerances=_TOL_MM),
 )
+CATALOGUE += tuple(_gated(spec) for spec in CATALOGUE
+                   if spec.name in ("matmul.dense", "matmul.int8_weight_only", "matmul.int4_awq"))

@@ -222,10 +222,14 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, 
     return q.new_empty(q.shape)
 
 
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def attention_decode_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Same contract as `reference.attention_decode_paged` (a sequence with no context yields zeros)."""
-    q = q if q.stride(-1) == 1 else q.contiguous()
+    q = _last_dim_contiguous(q)
     return _paged_decode_op(q, k_cache, v_cache, block_tables, context_lens,
                             q.shape[-1] ** -0.5 if scale is None else float(scale))
 
@@ -244,10 +248,6 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin:
       v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
       q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float, scale: float) -> torch.Tensor:
     return q.new_empty(q.shape)
-
-
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def attention_decode_paged_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,

@@ -213,22 +213,30 @@ def gated_choices() -> dict[str, dict[str, object]]:
             for key, won in _gated_wins.items()}
 
 
+def _gated_or_unfused(gu: torch.Tensor, n: int, key: tuple, launch: Callable[[torch.Tensor], None],
+                      plain: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """A decode-shaped gated matmul: `launch(y)` fills y [M, N] through the gated GEMV, `plain(x)` is the plain
+    op; whichever `_prefer_gated` picks for `key` runs."""
+    y = torch.empty((gu.shape[0], n), dtype=gu.dtype, device=gu.device)
+
+    def gated() -> torch.Tensor:
+        launch(y)
+        return y
+
+    def unfused() -> torch.Tensor:
+        return plain(_halves(gu))
+
+    return gated() if _prefer_gated(key, gu.device, gated, unfused) else unfused()
+
+
 def _int8_gated(gu: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     m, n = gu.shape[0], w_q.shape[0]
     if not (m and n and quant_gemv.serves_int8(m)):
         return _int8(_halves(gu), w_q, scale)
     w_q, scale = w_q.contiguous(), scale.contiguous()
-    y = torch.empty((m, n), dtype=gu.dtype, device=gu.device)
-
-    def gated() -> torch.Tensor:
-        quant_gemv.launch_int8(gu, w_q, scale, y, gated=True)
-        return y
-
-    def unfused() -> torch.Tensor:
-        return _int8(_halves(gu), w_q, scale)
-
     key = ("int8", f"M<={bucket(m)}", f"N={n}", f"K={w_q.shape[1]}", gu.dtype)
-    return gated() if _prefer_gated(key, gu.device, gated, unfused) else unfused()
+    return _gated_or_unfused(gu, n, key, lambda y: quant_gemv.launch_int8(gu, w_q, scale, y, gated=True),
+                             lambda x: _int8(x, w_q, scale))
 
 
 def _int4_gated(gu: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -237,17 +245,10 @@ def _int4_gated(gu: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     if not (m and n and quant_gemv.serves_int4(m, group_size)):
         return _int4(_halves(gu), qweight, scales, zeros, group_size)
     qweight, scales, zeros = _rows(qweight), _rows(scales), _rows(zeros)
-    y = torch.empty((m, n), dtype=gu.dtype, device=gu.device)
-
-    def gated() -> torch.Tensor:
-        quant_gemv.launch_int4(gu, qweight, scales, zeros, group_size, y, gated=True)
-        return y
-
-    def unfused() -> torch.Tensor:
-        return _int4(_halves(gu), qweight, scales, zeros, group_size)
-
     key = ("int4", f"M<={bucket(m)}", f"N={n}", f"K={2 * qweight.shape[1]}", f"g={group_size}", gu.dtype)
-    return gated() if _prefer_gated(key, gu.device, gated, unfused) else unfused()
+    return _gated_or_unfused(
+        gu, n, key, lambda y: quant_gemv.launch_int4(gu, qweight, scales, zeros, group_size, y, gated=True),
+        lambda x: _int4(x, qweight, scales, zeros, group_size))
 
 
 _int8_gated_op = matmul_custom_op("matmul_int8_weight_only_gated", _int8_gated)
