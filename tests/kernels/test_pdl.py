@@ -54,8 +54,11 @@ _CASES = {
 # The same GEMVs reading silu_mul(gate, up) from a fused gate/up output (`GATED`): the up half is x too.
 _CASES |= {f"{name}_gated": (fn, ptrs, {**consts, "GATED": True})
            for name, (fn, ptrs, consts) in list(_CASES.items()) if name in ("dense_gemv", "int8_words", "int4_words")}
+# And normalising x + residual as they load x (`NORM`): the prologue reads x and the residual and stores h.
+_CASES |= {f"{name}_normed": (fn, {**ptrs, "R": _BF16, "NW": _BF16, "H": _BF16}, {**consts, "NORM": True})
+           for name, (fn, ptrs, consts) in list(_CASES.items()) if name in ("dense_gemv", "int8_words", "int4_words")}
 _GEMVS = {"dense_gemv", "int8_words", "int8_m16", "int4_words", "dense_gemv_gated", "int8_words_gated",
-          "int4_words_gated"}
+          "int4_words_gated", "dense_gemv_normed", "int8_words_normed", "int4_words_normed"}
 # Any global memory access: a load, a store, an atomic, an async copy into shared memory.
 _MEMORY = re.compile(r"^\s*(@%p\d+\s+)?(ld\.global|st\.global|atom\.|red\.|cp\.async\.(ca|cg))", re.M)
 

@@ -30,6 +30,10 @@ def test_gated_gemvs_give_the_bits_of_silu_mul_then_the_gemv(run_check) -> None:
     run_check("gated_gemv_check.py", "gated-ok", interpret="always")
 
 
+def test_normed_gemvs_match_rms_norm_residual_then_the_gemv(run_check) -> None:
+    run_check("normed_gemv_check.py", "normed-ok", interpret="always")
+
+
 def _named(m: int, k: int, n: int, group: int | None = None) -> dict:
     args = {"M_BUCKET": bucket(m), "N": n, "K": k}
     return args if group is None else {**args, "GROUP": group}
@@ -226,13 +230,18 @@ def test_gated_quant_matmuls_keep_the_faster_of_gated_and_unfused(monkeypatch: p
     monkeypatch.setattr(tuning, "graph_bench", lambda fn: (fn(), next(times))[1])
     gated, unfused = (lambda: calls.append("g")), (lambda: calls.append("u"))
     cuda = torch.device("cuda", 0)
+
+    def prefer(key: tuple, device: torch.device) -> bool:
+        return qm._prefer_fused(qm._gated_wins, qm.gated_timings, "test", ("unfused", "gated"), key, device, gated,
+                                unfused)
+
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    assert not qm._prefer_gated(("int8", 1), cuda, gated, unfused) and not qm._gated_wins and not calls
+    assert not prefer(("int8", 1), cuda) and not qm._gated_wins and not calls
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    assert qm._prefer_gated(("int8", 1), cuda, gated, unfused)
-    assert not qm._prefer_gated(("int4", 2), cuda, gated, unfused)
+    assert prefer(("int8", 1), cuda)
+    assert not prefer(("int4", 2), cuda)
     assert calls == ["g", "u", "u", "g"] * 2  # each tuned once, then timed once
-    assert qm._prefer_gated(("int8", 1), cuda, gated, unfused) and len(calls) == 8  # remembered
-    assert qm._prefer_gated(("int8", 3), torch.device("cpu"), gated, unfused) and len(calls) == 8
+    assert prefer(("int8", 1), cuda) and len(calls) == 8  # remembered
+    assert prefer(("int8", 3), torch.device("cpu")) and len(calls) == 8
     assert qm.gated_choices() == {"int8 1": {"backend": "gated", "unfused_us": 4.0, "gated_us": 3.0},
                                   "int4 2": {"backend": "unfused", "unfused_us": 2.0, "gated_us": 5.0}}

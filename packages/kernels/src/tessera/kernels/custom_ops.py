@@ -39,3 +39,18 @@ def matmul_custom_op(name: str, fn: Callable[..., torch.Tensor]) -> Callable[...
         return x.new_empty((x.shape[0], w.shape[0]))
 
     return eager_bypass(op, fn, autograd=False)
+
+
+def normed_custom_op(name: str, fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+                     ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """Register `fn(x [M, K], residual [M, K], weight [K], w [N, ...], *rest) -> (y [M, N], h [M, K])` (a
+    matmul of rms_norm_residual's output, and h = x + residual) as custom op `tessera::<name>`, as
+    `matmul_custom_op` does."""
+    op = torch.library.custom_op(f"tessera::{name}", fn, mutates_args=())
+
+    @op.register_fake
+    def _(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, w: torch.Tensor,
+          *rest: object) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.new_empty((x.shape[0], w.shape[0])), x.new_empty(x.shape)
+
+    return eager_bypass(op, fn, autograd=False)

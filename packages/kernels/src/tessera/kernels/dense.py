@@ -15,6 +15,11 @@ silu_mul(gate, up). A decode-shaped call times that (the silu_mul op, then `line
 the gated GEMV (`matmul.dense_gated`), which reads silu_mul(gate, up) as it loads x and so saves the
 silu_mul launch, and keeps the faster per shape, in the same way.
 
+`normed_linear(x, residual, weight, eps, w, bias)` is a decoder layer's residual add and RMSNorm followed by its
+fused q/k/v or gate/up projection; a one-row decode call times the two launches against the normalised GEMV
+(`matmul.dense_normed`, which normalises x + residual as it loads x and writes h) and keeps the faster, again
+per shape.
+
 `float32_sum_blocks(32)` (a context manager) makes float32 calls of both sum each output over K in blocks:
 one matmul per block of `block` consecutive products, and the partial results added pairwise
 (`blocked_linear`). A BLAS float32 GEMM adds its K products into one running sum in long runs, and over
@@ -179,13 +184,51 @@ def gated_linear(gu: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     return y if bias is None else y + bias
 
 
+#: (N, K, dtype, device) -> the normalised GEMV for `normed_linear`, or None for rms_norm_residual + `linear`.
+_normed_choice: dict[tuple, Callable[..., tuple[torch.Tensor, torch.Tensor]] | None] = {}
+#: What each timed normalised key measured, in microseconds: {"unfused_us": ..., "normed_us": ...}.
+normed_timings: dict[tuple, dict[str, float]] = {}
+
+
+def _norm_then_linear(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, w: torch.Tensor,
+                      bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    normed, h = registry("rms_norm_residual", x, residual, weight, eps)
+    return linear(normed, w, bias), h
+
+
+def normed_linear(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, w: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(linear(y, w, bias), h)` for `y, h = rms_norm_residual(x, residual, weight, eps)`: a decoder layer's
+    residual add and norm, then its fused q/k/v or gate/up projection. A decode step of one row (CUDA, half
+    dtype, no autograd) takes the faster of that and the normalised GEMV (`matmul.dense_normed`), which
+    normalises x + residual as it loads x and writes h itself: one launch fewer."""
+    if residual.shape != x.shape:
+        raise ValueError(f"normed_linear: residual.shape={tuple(residual.shape)} is not x.shape={tuple(x.shape)}")
+    k = x.shape[-1]
+    if not (_decode_shaped(x, w) and x.numel() == k and w.is_contiguous() and w.shape[1] == k):
+        return _norm_then_linear(x, residual, weight, eps, w, bias)
+    x2, r2 = x.reshape(1, k), residual.reshape(1, k)
+    key = (w.shape[0], k, x.dtype, x.device)
+    fn = shape_choice.remembered(_normed_choice, key, lambda: _choose(
+        normed_timings, (1, *key), "decode normalised projection", "matmul.dense_normed", (x2, r2, weight, w, eps),
+        ("unfused", lambda: _norm_then_linear(x2, r2, weight, eps, w, None)), "normed"))
+    if fn is None or fn is shape_choice.UNSET:  # inside a capture an unchosen shape stays unfused
+        return _norm_then_linear(x, residual, weight, eps, w, bias)
+    y, h = fn(x2, r2, weight, w, eps)
+    y = y.view(*x.shape[:-1], w.shape[0])
+    return (y if bias is None else y + bias), h.view(x.shape)
+
+
 def choices() -> dict[str, dict[str, object]]:
-    """Per timed shape ('M<=b N=n K=k dtype', with ' gated' for `gated_linear`'s): the backend chosen ('gemv' or
-    'cublas'; 'gated' or 'unfused') and the timings."""
+    """Per timed shape ('M<=b N=n K=k dtype', with ' gated' for `gated_linear`'s and ' normed' for
+    `normed_linear`'s): the backend chosen ('gemv' or 'cublas'; 'gated', 'normed' or 'unfused') and the timings."""
     out = {f"M<={b} N={n} K={k} {str(dt).removeprefix('torch.')}":
            {"backend": "cublas" if fn is None else "gemv", **timings.get((b, n, k, dt, dev), {})}
            for (b, n, k, dt, dev), fn in _choice.items()}
     out |= {f"M<={b} N={n} K={k} {str(dt).removeprefix('torch.')} gated":
             {"backend": "unfused" if fn is None else "gated", **gated_timings.get((b, n, k, dt, dev), {})}
             for (b, n, k, dt, dev), fn in _gated_choice.items()}
+    out |= {f"M<=1 N={n} K={k} {str(dt).removeprefix('torch.')} normed":
+            {"backend": "unfused" if fn is None else "normed", **normed_timings.get((1, n, k, dt, dev), {})}
+            for (n, k, dt, dev), fn in _normed_choice.items()}
     return out

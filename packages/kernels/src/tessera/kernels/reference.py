@@ -235,6 +235,25 @@ def matmul_int4_awq_gated(gu: torch.Tensor, qweight: torch.Tensor, scales: torch
     return matmul_int4_awq(gated_halves(gu), qweight, scales, zeros, group_size)
 
 
+def matmul_dense_normed(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, w: torch.Tensor,
+                        eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    normed, h = rms_norm_residual(x, residual, weight, eps)
+    return matmul_dense(normed, w), h
+
+
+def matmul_int8_weight_only_normed(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, w_q: torch.Tensor,
+                                   scale: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    normed, h = rms_norm_residual(x, residual, weight, eps)
+    return matmul_int8_weight_only(normed, w_q, scale), h
+
+
+def matmul_int4_awq_normed(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, qweight: torch.Tensor,
+                           scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                           eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    normed, h = rms_norm_residual(x, residual, weight, eps)
+    return matmul_int4_awq(normed, qweight, scales, zeros, group_size), h
+
+
 REFERENCES = {
     "rms_norm": rms_norm,
     "rms_norm_residual": rms_norm_residual,
@@ -255,4 +274,7 @@ REFERENCES = {
     "matmul.dense_gated": matmul_dense_gated,
     "matmul.int8_weight_only_gated": matmul_int8_weight_only_gated,
     "matmul.int4_awq_gated": matmul_int4_awq_gated,
+    "matmul.dense_normed": matmul_dense_normed,
+    "matmul.int8_weight_only_normed": matmul_int8_weight_only_normed,
+    "matmul.int4_awq_normed": matmul_int4_awq_normed,
 }

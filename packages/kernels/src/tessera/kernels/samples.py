@@ -326,6 +326,24 @@ def _gated(base: Callable[[_Rand, torch.dtype, bool], list[Sample]]) -> Callable
     return make
 
 
+def _normed(base: Callable[[_Rand, torch.dtype, bool], list[Sample]]) -> Callable[[_Rand, torch.dtype, bool],
+                                                                                 list[Sample]]:
+    """Samples of a normalised matmul from its plain one's: x [M, K] gains a residual (a transposed one beside
+    a transposed x) and a norm weight, and eps follows the plain arguments."""
+
+    def make(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
+        out = []
+        for s in base(r, dtype, real):
+            x, *rest = s.args
+            m, k = x.shape
+            residual = r.randn(m, k, dtype=dtype) if x.is_contiguous() else r.randn(k, m, dtype=dtype).T
+            weight = (r.randn(k).abs() + 0.5).to(dtype)
+            out.append(Sample(s.name, (x, residual, weight, *rest, 1e-6), s.kwargs))
+        return out
+
+    return make
+
+
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 SAMPLERS: dict[str, tuple[Callable[[_Rand, torch.dtype, bool], list[Sample]], tuple[torch.dtype, ...]]] = {
     "rms_norm": (_rms_norm, _FLOATS),
@@ -347,6 +365,9 @@ SAMPLERS: dict[str, tuple[Callable[[_Rand, torch.dtype, bool], list[Sample]], tu
     "matmul.dense_gated": (_gated(_dense), _FLOATS),
     "matmul.int8_weight_only_gated": (_gated(_int8), _FLOATS),
     "matmul.int4_awq_gated": (_gated(_int4), _FLOATS),
+    "matmul.dense_normed": (_normed(_dense), _FLOATS),
+    "matmul.int8_weight_only_normed": (_normed(_int8), _FLOATS),
+    "matmul.int4_awq_normed": (_normed(_int4), _FLOATS),
 }
 
 

@@ -99,3 +99,13 @@ def no_grad_reasons(*tensors: torch.Tensor) -> list[str]:
 
 def tensors_in(args: Iterable[object]) -> list[torch.Tensor]:
     return [a for a in args if isinstance(a, torch.Tensor)]
+
+
+def norm_reasons(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> list[str]:
+    """What a normalised matmul cannot take in its x, residual and norm weight (beyond the plain op's x)."""
+    reasons = dtype_reasons("weight", weight, FLOATS)
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        reasons.append(f"residual {tuple(residual.shape)}/{residual.dtype} differs from x {tuple(x.shape)}/{x.dtype}")
+    if weight.shape != x.shape[-1:]:
+        reasons.append(f"weight.shape={tuple(weight.shape)} does not match x's last dim {x.shape[-1]}")
+    return reasons

@@ -228,6 +228,21 @@ def _gated(plain: KernelSpec) -> KernelSpec:
                       results=plain.results, tolerances=plain.tolerances)
 
 
+def _normed(plain: KernelSpec) -> KernelSpec:
+    """`<plain>_normed`: the same matmul of rms_norm_residual(x, residual, weight, eps)'s output, also returning
+    h = x + residual: a decoder layer's residual add and norm before its q/k/v or gate/up projection (the
+    normalised decode GEMVs skip the separate norm launch)."""
+    call = plain.description.rsplit(". ", 1)[-1].replace("(x, ", "_normed(x, residual, weight, ", 1)
+    call = call.replace(") -> y", ", eps) -> (y", 1) + ", h)"
+    x = plain.args[0]
+    return KernelSpec(name=plain.name + "_normed",
+                      description=f"{plain.name} of the output of rms_norm_residual(x, residual, weight, eps), and "
+                      f"h = x + residual. {call}",
+                      args=(x, _t("residual", "M", "K", dtypes=x.dtypes), _t("weight", "K", dtypes=_FLOAT),
+                            *plain.args[1:]),
+                      results=(*plain.results, _t("h", "M", "K", dtypes=x.dtypes)), tolerances=plain.tolerances)
+
+
 CATALOGUE: tuple[KernelSpec, ...] = (
     KernelSpec(
         name="rms_norm", description="y = x / sqrt(mean(x^2, -1) + eps) * weight, computed in float32. "
@@ -359,5 +374,6 @@ CATALOGUE: tuple[KernelSpec, ...] = (
               _t("w_scale", "S", dtypes=("float32",))),
         results=(_t("y", "M", "N", dtypes=_FLOAT),), tolerances=_TOL_MM),
 )
-CATALOGUE += tuple(_gated(spec) for spec in CATALOGUE
-                   if spec.name in ("matmul.dense", "matmul.int8_weight_only", "matmul.int4_awq"))
+_DECODE_MATMULS = ("matmul.dense", "matmul.int8_weight_only", "matmul.int4_awq")
+CATALOGUE += tuple(_gated(spec) for spec in CATALOGUE if spec.name in _DECODE_MATMULS)
+CATALOGUE += tuple(_normed(spec) for spec in CATALOGUE if spec.name in _DECODE_MATMULS)

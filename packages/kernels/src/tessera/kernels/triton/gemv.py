@@ -19,10 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from tessera.kernels.custom_ops import matmul_custom_op
-from tessera.kernels.support import FLOATS, dtype_reasons, no_grad_reasons, triton_device_reasons
-from tessera.kernels.triton import pdl, split_k
-from tessera.kernels.triton.quant_gemv import gated_k, rowwise_tiles
+from tessera.kernels.custom_ops import matmul_custom_op, normed_custom_op
+from tessera.kernels.support import FLOATS, dtype_reasons, no_grad_reasons, norm_reasons, triton_device_reasons
+from tessera.kernels.triton import norm, pdl, split_k
+from tessera.kernels.triton.quant_gemv import Norm, gated_k, norm_args, norm_prologue, normed, rowwise_tiles
 from tessera.kernels.triton.split_k import MAX_M, config
 from tessera.kernels.triton.tuned_launch import TunedLaunch
 from tessera.kernels.triton.tuning import autotune, bucket, dot_precision, graph_bench
@@ -45,54 +45,62 @@ _INTERPRET = config(16, 32, 2, 4, 1)
 
 def _prune(configs: list, named_args: dict, **kwargs: object) -> list:
     pool = _M1 if named_args["M_BUCKET"] == 1 else _MX
-    mine = list(dict.fromkeys(c for c in configs if c in pool))
+    no_dot = normed(named_args, kwargs)  # the tl.dot path takes no NORM
+    mine = list(dict.fromkeys(c for c in configs if c in pool and not (no_dot and c.kwargs.get("M1_DOT"))))
     return split_k.keep_splittable(split_k.fits_k(mine, named_args["K"]), named_args["N"], named_args["K"])
 
 
 @triton.heuristics({"EVEN": split_k.even})
 @triton.jit
-def dense_gemv_kernel(X, W, Y, WS, CNT, M, N, K, UP, stride_xm, stride_xk, stride_wn, stride_ym, M_BUCKET,
-                      PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+def dense_gemv_kernel(X, W, Y, WS, CNT, M, N, K, UP, R, NW, H, eps, stride_xm, stride_xk, stride_wn, stride_ym,
+                      M_BUCKET, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                       SPLIT_K: tl.constexpr, M1_DOT: tl.constexpr = False, EVEN: tl.constexpr = False,
-                      PDL: tl.constexpr = 0, GATED: tl.constexpr = False):
+                      PDL: tl.constexpr = 0, GATED: tl.constexpr = False, NORM: tl.constexpr = False):
     """y[M, N] = x[M, K] @ w[N, K].T; BM == 1 (M == 1) or 16 (M <= 16); grid (N / BN, SPLIT_K). With
     BM == 1, M1_DOT takes the tl.dot path (rows padded to 16). EVEN (BN divides N, BK divides K) drops
     the bounds masks on the weight and x tiles. PDL: the launch may overlap the previous kernel (`pdl`).
-    GATED: x is silu_mul(gate, up) of a fused gate/up output [M, 2K], up UP elements after the gate."""
+    GATED: x is silu_mul(gate, up) of a fused gate/up output [M, 2K], up UP elements after the gate. NORM (M == 1,
+    not M1_DOT): x is rms_norm_residual(x, R, NW, eps)'s output [1, K], and h = x + R goes to H."""
+    tl.static_assert(not NORM or (BM == 1 and not M1_DOT and not GATED), "NORM takes one row, without M1_DOT")
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     k_start, k_end = split_k.k_range(K, tl.program_id(1), BK, SPLIT_K)
     # Early weights (PDL modes 3, 4): the one-row path with whole tiles loads its first tile(s), then enters.
     EARLY: tl.constexpr = PDL >= 3 and BM == 1 and EVEN and not M1_DOT
     if not EARLY:
         pdl.enter_prefetching(PDL, W, rows, rows < N, stride_wn, k_start, k_end)
+        rstd = norm_prologue(X, R, H, K, eps, NORM)
+    else:
+        rstd = 1.0  # the path takes it after its wait
     # W doubles as the unused scale pointer.
     if BM == 1 and M1_DOT:
         rowwise_tiles(X, W, W, Y, WS, CNT, M, N, K, UP, stride_xm, stride_xk, stride_wn, stride_ym, PREC, 16, BN,
                       BK, SPLIT_K, EVEN, False, 0, GATED)
     else:
         rowwise_tiles(X, W, W, Y, WS, CNT, M, N, K, UP, stride_xm, stride_xk, stride_wn, stride_ym, PREC, BM, BN,
-                      BK, SPLIT_K, EVEN, False, PDL if EARLY else 0, GATED)
+                      BK, SPLIT_K, EVEN, False, PDL if EARLY else 0, GATED, R, NW, H, eps, rstd, NORM)
 
 
-_tuned = autotune(_M1 + _MX, key=["M_BUCKET", "N", "K", "PREC", "GATED"], interpret=_INTERPRET,
+_tuned = autotune(_M1 + _MX, key=["M_BUCKET", "N", "K", "PREC", "GATED", "NORM"], interpret=_INTERPRET,
                   prune_configs_by={"early_config_prune": _prune}, do_bench=graph_bench)(dense_gemv_kernel)
 _launch = TunedLaunch(_tuned)
 
 
 def launch(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, kernel: object = None, gated: bool = False,
-           **meta: object) -> None:
+           norm: Norm | None = None, **meta: object) -> None:
     """y[M, N] = x @ w.T (M <= 16, w contiguous, x's dtype). `kernel` defaults to the autotuned one;
     with the raw `dense_gemv_kernel`, `meta` gives BN, BK, SPLIT_K (and launch options). `gated`: x is a
-    fused gate/up output [M, 2K] and the product is of silu_mul(gate, up)."""
+    fused gate/up output [M, 2K] and the product is of silu_mul(gate, up). `norm` (M == 1, x contiguous):
+    (residual, weight, h, eps), the product of rms_norm_residual's output, h written (`quant_gemv.launch_int8`)."""
     (m, n), (k, up) = (x.shape[0], w.shape[0]), gated_k(x, gated)
+    extra, is_norm = norm_args(x, norm)
     mb = bucket(m)
     split = split_k.max_split(_tuned, n) if kernel is None else int(meta["SPLIT_K"])
     ws, counters = split_k.workspace(n, split, x.device)
-    args = (x, w, y, ws, counters, m, n, k, up, x.stride(0), x.stride(1), w.stride(0), y.stride(0), mb)
-    consts = {"PREC": dot_precision(x.dtype), "BM": 1 if m == 1 else MAX_M, "GATED": gated,
+    args = (x, w, y, ws, counters, m, n, k, up, *extra, x.stride(0), x.stride(1), w.stride(0), y.stride(0), mb)
+    consts = {"PREC": dot_precision(x.dtype), "BM": 1 if m == 1 else MAX_M, "GATED": gated, "NORM": is_norm,
               **pdl.launch_options(x.device, gemv=True)}
     if kernel is None:
-        _launch((mb, n, k, x.dtype, gated), split_k.grid(n), *args, **consts)
+        _launch((mb, n, k, x.dtype, gated, is_norm), split_k.grid(n), *args, **consts)
     else:
         kernel[split_k.grid(n)](*args, **consts, **meta)
 
@@ -115,6 +123,29 @@ def _dense_gated(gu: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 _gated_op = matmul_custom_op("matmul_dense_gated", _dense_gated)
+
+
+def _dense_normed(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, w: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.shape[0] != 1 or not w.shape[0]:
+        normed, h = norm.rms_norm_residual(x, residual, weight, eps)
+        return _dense(normed, w), h
+    x, residual = x.contiguous(), residual.contiguous()
+    y = torch.empty((1, w.shape[0]), dtype=x.dtype, device=x.device)
+    h = torch.empty_like(x)
+    launch(x, w, y, norm=(residual, weight, h, eps))
+    return y, h
+
+
+_normed_op = normed_custom_op("matmul_dense_normed", _dense_normed)
+
+
+def matmul_dense_normed(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, w: torch.Tensor,
+                        eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `reference.matmul_dense_normed`, for M <= 16: one row is one GEMV launch that normalises
+    x + residual as it loads x and writes h; more rows are the Triton rms_norm_residual, then the GEMV. Which of
+    that and the separate launches a decode step should take is `dense.normed_linear`'s choice."""
+    return _normed_op(x, residual, weight, w, float(eps))
 
 
 def matmul_dense_gated(gu: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -155,6 +186,14 @@ def supports_gated(gu: torch.Tensor | None = None, w: torch.Tensor | None = None
     return supports(gu[:, : w.shape[-1]], w)
 
 
+def supports_normed(x: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                    weight: torch.Tensor | None = None, w: torch.Tensor | None = None, eps: float = 1e-6) -> list[str]:
+    if x is None or residual is None or weight is None or w is None:
+        return triton_device_reasons()
+    return supports(x, w) + triton_device_reasons(residual, weight) + norm_reasons(x, residual, weight)
+
+
 def register(reg: KernelRegistry) -> None:
     reg.register("matmul.dense", "triton", matmul_dense, supports=supports, priority=20)
     reg.register("matmul.dense_gated", "triton", matmul_dense_gated, supports=supports_gated, priority=20)
+    reg.register("matmul.dense_normed", "triton", matmul_dense_normed, supports=supports_normed, priority=20)

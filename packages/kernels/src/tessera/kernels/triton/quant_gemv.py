@@ -48,7 +48,7 @@ from tessera.kernels.triton.split_k import (
     max_split,
     workspace,
 )
-from tessera.kernels.triton.tiles import silu_mul_f32
+from tessera.kernels.triton.tiles import divide, inv_sqrt, silu_mul_f32
 from tessera.kernels.triton.tuned_launch import TunedLaunch
 from tessera.kernels.triton.tuning import autotune, bucket, dot_precision, graph_bench
 
@@ -113,9 +113,15 @@ def _words_fit(bk: int, k: int, group: int | None = None) -> bool:
 M1_DOT_MIN_ELEMENTS = 1 << 25
 
 
+def normed(named_args: dict, kwargs: dict) -> bool:
+    """Whether an autotuned launch is a normalised one (NORM, passed by keyword like GROUP)."""
+    return bool(kwargs["NORM"] if "NORM" in kwargs else named_args.get("NORM", False))
+
+
 def _prune_int8(configs: list, named_args: dict, **kwargs: object) -> list:
     pool = _INT8_M1 if named_args["M_BUCKET"] == 1 else _INT8_MX
-    small = named_args["N"] * named_args["K"] < M1_DOT_MIN_ELEMENTS
+    # The tl.dot path pads rows and takes no NORM: a normalised launch leaves it out.
+    small = named_args["N"] * named_args["K"] < M1_DOT_MIN_ELEMENTS or normed(named_args, kwargs)
     # Where the word path applies (whole int32 words a row) it replaces the byte path at M == 1: it won or
     # tied every shape of the H200 sweeps, and fewer candidates make a new shape's tuning shorter.
     words_ok = named_args["M_BUCKET"] == 1 and _words_fit(0, named_args["K"])
@@ -248,10 +254,67 @@ def _xg(ptrs, mask, UP, GATED: tl.constexpr):
         return _load(ptrs, mask)
 
 
+#: Elements of the row `norm_prologue` reads a step.
+_NORM_BLOCK = tl.constexpr(1024)
+
+
 @triton.jit
-def _x4(X, ks, mask, stride_xk, UP, GATED: tl.constexpr):
-    """`_x4_plain`, of silu_mul(gate, up) when GATED (the gate at X, up UP elements further)."""
-    if GATED:
+def norm_prologue(X, R, H, K, eps, NORM: tl.constexpr):
+    """NORM: 1 / rms(h) of the row h = x + residual (x at X, the residual at R, both contiguous), h rounded to
+    x's dtype and the statistics taken as `rms_norm_residual` takes them; every program reads the whole row,
+    and the first program (0, 0) also stores h to H. Called after the PDL wait. Else 1.0."""
+    if NORM:
+        DT: tl.constexpr = X.dtype.element_ty
+        PRECISE: tl.constexpr = DT == tl.float32
+        first = (tl.program_id(0) == 0) & (tl.program_id(1) == 0)
+        acc = tl.zeros((_NORM_BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, _NORM_BLOCK):
+            offs = k0 + tl.arange(0, _NORM_BLOCK)
+            ok = offs < K
+            h = (tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+                 + tl.load(R + offs, mask=ok, other=0.0).to(tl.float32)).to(DT)
+            tl.store(H + offs, h, mask=ok & first)
+            hf = h.to(tl.float32)
+            acc += hf * hf
+        return inv_sqrt(divide(tl.sum(acc, axis=0), K, PRECISE) + eps, PRECISE)
+    else:
+        return 1.0
+
+
+@triton.jit
+def _normed(x, r, w, rstd, DT: tl.constexpr):
+    """rms_norm_residual's output element from float32 x, residual, norm weight and 1 / rms, rounded as that
+    op rounds it (h = x + r to DT, then h * rstd * w to DT), as float32."""
+    h = (x + r).to(DT).to(tl.float32)
+    return (h * rstd * w).to(DT).to(tl.float32)
+
+
+@triton.jit
+def _xr(X, koffs, mask, stride_xk, UP, GATED: tl.constexpr, R, NW, rstd, NORM: tl.constexpr):
+    """x at k = `koffs` in x's dtype as `_xg` reads it; NORM: rms_norm_residual(x, residual, NW)'s output there
+    instead (x, the residual R and the norm weight NW contiguous; `rstd` from `norm_prologue`)."""
+    if NORM:
+        DT: tl.constexpr = X.dtype.element_ty
+        x = _load(X + koffs, mask).to(tl.float32)
+        r = _load(R + koffs, mask).to(tl.float32)
+        w = _load(NW + koffs, mask).to(tl.float32)
+        return _normed(x, r, w, rstd, DT).to(DT)
+    else:
+        return _xg(X + koffs * stride_xk, mask, UP, GATED)
+
+
+@triton.jit
+def _x4(X, ks, mask, stride_xk, UP, GATED: tl.constexpr, R=None, NW=None, rstd=1.0, NORM: tl.constexpr = False):
+    """`_x4_plain`, of silu_mul(gate, up) when GATED (the gate at X, up UP elements further), of
+    rms_norm_residual(x, R, NW) when NORM (`_xr`)."""
+    if NORM:
+        DT: tl.constexpr = X.dtype.element_ty
+        x0, x1, x2, x3 = _x4_plain(X, ks, mask, stride_xk)
+        r0, r1, r2, r3 = _x4_plain(R, ks, mask, 1)
+        w0, w1, w2, w3 = _x4_plain(NW, ks, mask, 1)
+        return (_normed(x0, r0, w0, rstd, DT), _normed(x1, r1, w1, rstd, DT), _normed(x2, r2, w2, rstd, DT),
+                _normed(x3, r3, w3, rstd, DT))
+    elif GATED:
         DT: tl.constexpr = X.dtype.element_ty
         g0, g1, g2, g3 = _x4_plain(X, ks, mask, stride_xk)
         u0, u1, u2, u3 = _x4_plain(X + UP, ks, mask, stride_xk)
@@ -288,23 +351,25 @@ def _fma4(acc, w0, w1, w2, w3, x0, x1, x2, x3):
 
 @triton.jit
 def _int8_words_tile(acc2, X, v, t, t_end, last, offs_j, stride_xk, UP, BK: tl.constexpr, ASM: tl.constexpr,
-                     GATED: tl.constexpr):
+                     GATED: tl.constexpr, R, NW, rstd, NORM: tl.constexpr):
     """acc2 plus tile t's products (its words `v`, loaded ahead), or acc2 itself when t >= t_end; x is read
     at the tile clamped to `last`, so in bounds either way."""
     ks = tl.minimum(t, last) * BK + 4 * offs_j
-    x0, x1, x2, x3 = _x4(X, ks, None, stride_xk, UP, GATED)
+    x0, x1, x2, x3 = _x4(X, ks, None, stride_xk, UP, GATED, R, NW, rstd, NORM)
     w0, w1, w2, w3 = _s8_words(v, ASM)
     return tl.where(t < t_end, _fma4(acc2, w0, w1, w2, w3, x0, x1, x2, x3), acc2)
 
 
 @triton.jit
 def _int8_words_m1(X, W, N, K, stride_xk, stride_wn, pid_n, k_start, k_end, UP, BN: tl.constexpr, BK: tl.constexpr,
-                   EVEN: tl.constexpr, ASM: tl.constexpr, ENTER: tl.constexpr = 0, GATED: tl.constexpr = False):
+                   EVEN: tl.constexpr, ASM: tl.constexpr, ENTER: tl.constexpr = 0, GATED: tl.constexpr = False,
+                   R=None, NW=None, H=None, eps=0.0, rstd=1.0, NORM: tl.constexpr = False):
     """acc [1, BN] of x[1, K] @ w_q.T over [k_start, k_end) (K % 4 == 0), the weights read as int32 words.
     EVEN: the next tile's words are loaded before this tile is multiplied (one tile in flight per thread
     while it computes; the address is clamped, so the last iteration re-reads its own tile). ENTER (EVEN
     only): the PDL mode to enter once the first tile (four in mode 4) is loaded (`pdl`, early weights); 0
-    when entered."""
+    when entered. NORM: x is rms_norm_residual(x, R, NW)'s output (`_xr`): `rstd` as given, or, with ENTER,
+    from `norm_prologue` after the wait."""
     BW: tl.constexpr = BK // 4
     offs_n = pid_n * BN + tl.arange(0, BN)
     n_ok = offs_n < N
@@ -325,15 +390,22 @@ def _int8_words_m1(X, W, N, K, stride_xk, stride_wn, pid_n, k_start, k_end, UP, 
         v_c = tl.load(w_ptrs + tl.minimum(t_start + 2, last) * BW)
         v_d = tl.load(w_ptrs + tl.minimum(t_start + 3, last) * BW)
         pdl.enter(ENTER)
-        acc2 = _int8_words_tile(acc2, X, v_a, t_start, t_end, last, offs_j, stride_xk, UP, BK, ASM, GATED)
-        acc2 = _int8_words_tile(acc2, X, v_b, t_start + 1, t_end, last, offs_j, stride_xk, UP, BK, ASM, GATED)
-        acc2 = _int8_words_tile(acc2, X, v_c, t_start + 2, t_end, last, offs_j, stride_xk, UP, BK, ASM, GATED)
-        acc2 = _int8_words_tile(acc2, X, v_d, t_start + 3, t_end, last, offs_j, stride_xk, UP, BK, ASM, GATED)
+        rstd = norm_prologue(X, R, H, K, eps, NORM)
+        acc2 = _int8_words_tile(acc2, X, v_a, t_start, t_end, last, offs_j, stride_xk, UP, BK, ASM, GATED, R, NW,
+                                rstd, NORM)
+        acc2 = _int8_words_tile(acc2, X, v_b, t_start + 1, t_end, last, offs_j, stride_xk, UP, BK, ASM, GATED, R,
+                                NW, rstd, NORM)
+        acc2 = _int8_words_tile(acc2, X, v_c, t_start + 2, t_end, last, offs_j, stride_xk, UP, BK, ASM, GATED, R,
+                                NW, rstd, NORM)
+        acc2 = _int8_words_tile(acc2, X, v_d, t_start + 3, t_end, last, offs_j, stride_xk, UP, BK, ASM, GATED, R,
+                                NW, rstd, NORM)
         t_start += 4
         v = tl.load(w_ptrs + tl.minimum(t_start, last) * BW)
     elif EVEN:
         v = tl.load(w_ptrs + tl.minimum(t_start, K // BK - 1) * BW)  # a split may be empty: stay in bounds
         pdl.enter(ENTER)
+        if ENTER != 0:
+            rstd = norm_prologue(X, R, H, K, eps, NORM)
     for t in range(t_start, t_end):
         ks = t * BK + 4 * offs_j
         if EVEN:
@@ -342,7 +414,7 @@ def _int8_words_m1(X, W, N, K, stride_xk, stride_wn, pid_n, k_start, k_end, UP, 
         else:
             k_ok = ks < K
             v = tl.load(w_ptrs + t * BW, mask=n_ok[:, None] & k_ok[None, :], other=0)
-        x0, x1, x2, x3 = _x4(X, ks, k_ok, stride_xk, UP, GATED)
+        x0, x1, x2, x3 = _x4(X, ks, k_ok, stride_xk, UP, GATED, R, NW, rstd, NORM)
         w0, w1, w2, w3 = _s8_words(v, ASM)
         acc2 = _fma4(acc2, w0, w1, w2, w3, x0, x1, x2, x3)
         if EVEN:
@@ -353,12 +425,13 @@ def _int8_words_m1(X, W, N, K, stride_xk, stride_wn, pid_n, k_start, k_end, UP, 
 @triton.jit
 def _int4_words_m1(X, QW, S, Z, K, stride_xk, stride_qn, stride_sn, stride_zn, n64, n_ok, k_start, k_end, UP,
                    GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr,
-                   ENTER: tl.constexpr = 0, GATED: tl.constexpr = False):
+                   ENTER: tl.constexpr = 0, GATED: tl.constexpr = False, R=None, NW=None, H=None, eps=0.0,
+                   rstd=1.0, NORM: tl.constexpr = False):
     """acc [1, BN] of AWQ x[1, K] @ W.T over [k_start, k_end) (K % 8 == 0), tiles of NG = BK // GROUP whole
     groups read as int32 words ([BN, NG, GROUP // 8]); per group s * (sum_k q_k x_k - z * sum_k x_k), the
     x sums taken once for all rows. EVEN: the next tile's words are loaded before this one is used. ENTER
     (EVEN only): the PDL mode to enter once the first tile (four, with their scales and zeros, in mode 4)
-    is loaded; 0 when entered already."""
+    is loaded; 0 when entered already. NORM: as in `_int8_words_m1`."""
     NG: tl.constexpr = BK // GROUP
     GW: tl.constexpr = GROUP // 8
     offs_g = tl.arange(0, NG)
@@ -386,19 +459,22 @@ def _int4_words_m1(X, QW, S, Z, K, stride_xk, stride_qn, stride_sn, stride_zn, n
         s_c, z_c = _int4_group_params(S, Z, n64, stride_sn, stride_zn, t_c * BK // GROUP + offs_g)
         s_d, z_d = _int4_group_params(S, Z, n64, stride_sn, stride_zn, t_d * BK // GROUP + offs_g)
         pdl.enter(ENTER)
+        rstd = norm_prologue(X, R, H, K, eps, NORM)
         acc = tl.where(t_start < t_end, _int4_words_tile(acc, X, v_a, s_a, z_a, t_a * BK + 8 * word, None,
-                                                         stride_xk, UP, ASM, GATED), acc)
+                                                         stride_xk, UP, ASM, GATED, R, NW, rstd, NORM), acc)
         acc = tl.where(t_start + 1 < t_end, _int4_words_tile(acc, X, v_b, s_b, z_b, t_b * BK + 8 * word, None,
-                                                             stride_xk, UP, ASM, GATED), acc)
+                                                             stride_xk, UP, ASM, GATED, R, NW, rstd, NORM), acc)
         acc = tl.where(t_start + 2 < t_end, _int4_words_tile(acc, X, v_c, s_c, z_c, t_c * BK + 8 * word, None,
-                                                             stride_xk, UP, ASM, GATED), acc)
+                                                             stride_xk, UP, ASM, GATED, R, NW, rstd, NORM), acc)
         acc = tl.where(t_start + 3 < t_end, _int4_words_tile(acc, X, v_d, s_d, z_d, t_d * BK + 8 * word, None,
-                                                             stride_xk, UP, ASM, GATED), acc)
+                                                             stride_xk, UP, ASM, GATED, R, NW, rstd, NORM), acc)
         t_start += 4
         v = tl.load(q_ptrs + tl.minimum(t_start, last) * TW)
     elif EVEN:  # offsets as tile index * TW: 16-byte aligned rows, 128-bit loads
         v = tl.load(q_ptrs + tl.minimum(t_start, K // BK - 1) * TW)
         pdl.enter(ENTER)
+        if ENTER != 0:
+            rstd = norm_prologue(X, R, H, K, eps, NORM)
     for t in range(t_start, t_end):
         k0 = t * BK
         ks = k0 + 8 * word
@@ -413,7 +489,7 @@ def _int4_words_m1(X, QW, S, Z, K, stride_xk, stride_qn, stride_sn, stride_zn, n
             g_ok = n_ok[:, None] & ((k0 + offs_g * GROUP) < K)[None, :]
             s = tl.load(S + n64[:, None] * stride_sn + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
             z = tl.load(Z + n64[:, None] * stride_zn + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
-        acc = _int4_words_tile(acc, X, v, s, z, ks, k_ok, stride_xk, UP, ASM, GATED)
+        acc = _int4_words_tile(acc, X, v, s, z, ks, k_ok, stride_xk, UP, ASM, GATED, R, NW, rstd, NORM)
         if EVEN:
             v = v_next
     return acc[None, :]
@@ -428,11 +504,12 @@ def _int4_group_params(S, Z, n64, stride_sn, stride_zn, g):
 
 
 @triton.jit
-def _int4_words_tile(acc, X, v, s, z, ks, k_ok, stride_xk, UP, ASM: tl.constexpr, GATED: tl.constexpr):
+def _int4_words_tile(acc, X, v, s, z, ks, k_ok, stride_xk, UP, ASM: tl.constexpr, GATED: tl.constexpr, R, NW, rstd,
+                     NORM: tl.constexpr):
     """acc [BN] plus one tile of `_int4_words_m1`: words `v` [BN, NG, GW], scales and zeros [BN, NG], x at
     `ks` [NG, GW] (mask `k_ok`, or None)."""
-    x0, x1, x2, x3 = _x4(X, ks, k_ok, stride_xk, UP, GATED)
-    x4, x5, x6, x7 = _x4(X, ks + 4, k_ok, stride_xk, UP, GATED)
+    x0, x1, x2, x3 = _x4(X, ks, k_ok, stride_xk, UP, GATED, R, NW, rstd, NORM)
+    x4, x5, x6, x7 = _x4(X, ks + 4, k_ok, stride_xk, UP, GATED, R, NW, rstd, NORM)
     q0, q1, q2, q3, q4, q5, q6, q7 = _u4_words(v, ASM)
     part = (q0 - 8388608.0) * x0[None, :, :] + (q1 - 8388608.0) * x1[None, :, :] \
         + (q2 - 8388608.0) * x2[None, :, :] + (q3 - 8388608.0) * x3[None, :, :] \
@@ -444,17 +521,20 @@ def _int4_words_tile(acc, X, v, s, z, ks, k_ok, stride_xk, UP, ASM: tl.constexpr
 
 @triton.heuristics({"EVEN": even})
 @triton.jit
-def int8_gemv_kernel(X, W, S, Y, WS, CNT, M, N, K, UP, stride_xm, stride_xk, stride_wn, stride_ym, M_BUCKET,
-                     PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+def int8_gemv_kernel(X, W, S, Y, WS, CNT, M, N, K, UP, R, NW, H, eps, stride_xm, stride_xk, stride_wn, stride_ym,
+                     M_BUCKET, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      SPLIT_K: tl.constexpr, M1_DOT: tl.constexpr = False, WORDS: tl.constexpr = False,
                      ASM: tl.constexpr = False, EVEN: tl.constexpr = False, PDL: tl.constexpr = 0,
-                     GATED: tl.constexpr = False):
+                     GATED: tl.constexpr = False, NORM: tl.constexpr = False):
     """y[M, N] = (x[M, K] @ w_q[N, K].T) * scale[N]; BM == 1 (M == 1) or 16 (M <= 16); grid (N / BN, SPLIT_K).
     With BM == 1, M1_DOT takes the tl.dot path (rows padded to 16) and WORDS the word path
     (`_int8_words_m1`; K % 4 == 0) instead of the CUDA-core one; ASM lets the word path convert by PTX
     (not under the interpreter). EVEN (set from the shapes: BN divides N and BK divides K) drops the bounds
     masks on the weight and x tiles. PDL: the launch may overlap the previous kernel (`pdl`). GATED: x is
-    silu_mul(gate, up) of a fused gate/up output [M, 2K], the gate at X and up UP elements further (`_xg`)."""
+    silu_mul(gate, up) of a fused gate/up output [M, 2K], the gate at X and up UP elements further (`_xg`). NORM
+    (M == 1, not M1_DOT): x is rms_norm_residual(x, R, NW, eps)'s output [1, K], and h = x + R goes to H
+    (`norm_prologue`)."""
+    tl.static_assert(not NORM or (BM == 1 and not M1_DOT and not GATED), "NORM takes one row, without M1_DOT")
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     k_start, k_end = k_range(K, pid_k, BK, SPLIT_K)
@@ -463,9 +543,12 @@ def int8_gemv_kernel(X, W, S, Y, WS, CNT, M, N, K, UP, stride_xm, stride_xk, str
     EARLY: tl.constexpr = PDL >= 3 and BM == 1 and EVEN and not M1_DOT
     if not EARLY:
         pdl.enter_prefetching(PDL, W, rows, rows < N, stride_wn, k_start, k_end)
+        rstd = norm_prologue(X, R, H, K, eps, NORM)
+    else:
+        rstd = 1.0  # the paths take it after their wait
     if BM == 1 and WORDS:
         acc = _int8_words_m1(X, W, N, K, stride_xk, stride_wn, pid_n, k_start, k_end, UP, BN, BK, EVEN, ASM,
-                             PDL if EARLY else 0, GATED)
+                             PDL if EARLY else 0, GATED, R, NW, H, eps, rstd, NORM)
         acc = acc * tl.load(S + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
         combine_and_store(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, 1, BN, SPLIT_K)
     elif BM == 1 and M1_DOT:
@@ -473,7 +556,7 @@ def int8_gemv_kernel(X, W, S, Y, WS, CNT, M, N, K, UP, stride_xm, stride_xk, str
                       BK, SPLIT_K, EVEN, True, 0, GATED)
     else:
         rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, UP, stride_xm, stride_xk, stride_wn, stride_ym, PREC, BM, BN,
-                      BK, SPLIT_K, EVEN, True, PDL if EARLY else 0, GATED)
+                      BK, SPLIT_K, EVEN, True, PDL if EARLY else 0, GATED, R, NW, H, eps, rstd, NORM)
 
 
 @triton.jit
@@ -488,11 +571,13 @@ def _weights_f32(w, INT8: tl.constexpr):
 @triton.jit
 def rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, UP, stride_xm, stride_xk, stride_wn, stride_ym, PREC: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr,
-                  INT8: tl.constexpr, ENTER: tl.constexpr = 0, GATED: tl.constexpr = False):
+                  INT8: tl.constexpr, ENTER: tl.constexpr = 0, GATED: tl.constexpr = False, R=None, NW=None, H=None,
+                  eps=0.0, rstd=1.0, NORM: tl.constexpr = False):
     """One program's [BN] output columns of x @ w.T over its split of K, combined and stored. INT8: w holds
     int8 rows scaled per output channel by S; else w is in a float dtype (the dense GEMV) and S unused.
     ENTER (BM == 1 and EVEN only): the PDL mode to enter once the first weight tile (four in mode 4) is
-    loaded (early weights, `pdl`); 0 when the kernel has entered already."""
+    loaded (early weights, `pdl`); 0 when the kernel has entered already. NORM (BM == 1 only): x is
+    rms_norm_residual(x, R, NW)'s output (`_xr`), `rstd` as given or, with ENTER, from `norm_prologue`."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -518,24 +603,25 @@ def rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, UP, stride_xm, stride_xk, stride
                 w_c = tl.load(w_ptrs + k_c)
                 w_d = tl.load(w_ptrs + k_d)
             pdl.enter(ENTER)
-            x = _xg(X + (k_a + offs_k) * stride_xk, None, UP, GATED).to(tl.float32)
+            rstd = norm_prologue(X, R, H, K, eps, NORM)
+            x = _xr(X, k_a + offs_k, None, stride_xk, UP, GATED, R, NW, rstd, NORM).to(tl.float32)
             acc2 += tl.where(k_start < k_end, _weights_f32(w_a, INT8) * x[None, :], 0.0)
             loop_start = k_start + BK
             if ENTER == 4:
-                x = _xg(X + (k_b + offs_k) * stride_xk, None, UP, GATED).to(tl.float32)
+                x = _xr(X, k_b + offs_k, None, stride_xk, UP, GATED, R, NW, rstd, NORM).to(tl.float32)
                 acc2 += tl.where(k_start + BK < k_end, _weights_f32(w_b, INT8) * x[None, :], 0.0)
-                x = _xg(X + (k_c + offs_k) * stride_xk, None, UP, GATED).to(tl.float32)
+                x = _xr(X, k_c + offs_k, None, stride_xk, UP, GATED, R, NW, rstd, NORM).to(tl.float32)
                 acc2 += tl.where(k_start + 2 * BK < k_end, _weights_f32(w_c, INT8) * x[None, :], 0.0)
-                x = _xg(X + (k_d + offs_k) * stride_xk, None, UP, GATED).to(tl.float32)
+                x = _xr(X, k_d + offs_k, None, stride_xk, UP, GATED, R, NW, rstd, NORM).to(tl.float32)
                 acc2 += tl.where(k_start + 3 * BK < k_end, _weights_f32(w_d, INT8) * x[None, :], 0.0)
                 loop_start = k_start + 4 * BK
         for k0 in range(loop_start, k_end, BK):
             if EVEN:
-                x = _xg(X + (k0 + offs_k) * stride_xk, None, UP, GATED).to(tl.float32)
+                x = _xr(X, k0 + offs_k, None, stride_xk, UP, GATED, R, NW, rstd, NORM).to(tl.float32)
                 w = tl.load(w_ptrs + k0)
             else:
                 k_ok = (k0 + offs_k) < K
-                x = _xg(X + (k0 + offs_k) * stride_xk, k_ok, UP, GATED).to(tl.float32)
+                x = _xr(X, k0 + offs_k, k_ok, stride_xk, UP, GATED, R, NW, rstd, NORM).to(tl.float32)
                 w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0)
             acc2 += _weights_f32(w, INT8) * x[None, :]
         acc = tl.sum(acc2, axis=1)[None, :]
@@ -561,8 +647,10 @@ def rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, UP, stride_xm, stride_xk, stride
 @triton.jit
 def _int4_in_group(X, QW, S, Z, M, K, K2, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, n64, n_ok, k_start,
                    k_end, UP, GROUP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                   BK: tl.constexpr, GATED: tl.constexpr = False):
-    """acc [BM, BN] float32 over K in [k_start, k_end), tiles of BK inside one group (GROUP % BK == 0)."""
+                   BK: tl.constexpr, GATED: tl.constexpr = False, R=None, NW=None, rstd=1.0,
+                   NORM: tl.constexpr = False):
+    """acc [BM, BN] float32 over K in [k_start, k_end), tiles of BK inside one group (GROUP % BK == 0). NORM
+    (BM == 1 only): of rms_norm_residual(x, R, NW) (`_xr`)."""
     offs_j = tl.arange(0, BK // 2)  # byte j of a tile holds k = 2j (low nibble) and 2j + 1 (high)
     offs_k = tl.arange(0, BK)
     q_ptrs = QW + n64[:, None] * stride_qn + offs_j[None, :]
@@ -573,7 +661,7 @@ def _int4_in_group(X, QW, S, Z, M, K, K2, stride_xm, stride_xk, stride_qn, strid
         for k0 in range(k_start, k_end, BK):
             # Masks in bytes (K2 = K / 2) keep the weight loads vectorised.
             packed = tl.load(q_ptrs + k0 // 2, mask=n_ok[:, None] & ((k0 // 2 + offs_j) < K2)[None, :], other=0)
-            x = _xg(X + (k0 + offs_k) * stride_xk, (k0 + offs_k) < K, UP, GATED).to(tl.float32)
+            x = _xr(X, k0 + offs_k, (k0 + offs_k) < K, stride_xk, UP, GATED, R, NW, rstd, NORM).to(tl.float32)
             x_even, x_odd = tl.split(tl.reshape(x, (BK // 2, 2)))
             p32 = packed.to(tl.int32)
             part = tl.sum(_exact_f32(p32 & 0xF, 0) * x_even[None, :] + _exact_f32(p32 >> 4, 0) * x_odd[None, :],
@@ -609,10 +697,12 @@ def _int4_in_group(X, QW, S, Z, M, K, K2, stride_xm, stride_xk, stride_qn, strid
 @triton.jit
 def _int4_whole_groups(X, QW, S, Z, M, K, K2, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, n64, n_ok,
                        k_start, k_end, UP, GROUP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
-                       BN: tl.constexpr, BK: tl.constexpr, GATED: tl.constexpr = False):
+                       BN: tl.constexpr, BK: tl.constexpr, GATED: tl.constexpr = False, R=None, NW=None, rstd=1.0,
+                       NORM: tl.constexpr = False):
     """acc [BM, BN] float32 over K in [k_start, k_end), tiles of NG = BK // GROUP whole groups (k_start a
     multiple of BK): the weight tile is read as [BN, NG, GROUP // 2] bytes, one contiguous BK / 2 byte
-    segment a row, and each group's sums are reduced apart and scaled by the group's own s and z."""
+    segment a row, and each group's sums are reduced apart and scaled by the group's own s and z. NORM (BM == 1
+    only): of rms_norm_residual(x, R, NW) (`_xr`)."""
     NG: tl.constexpr = BK // GROUP
     HG: tl.constexpr = GROUP // 2
     offs_g = tl.arange(0, NG)
@@ -624,7 +714,7 @@ def _int4_whole_groups(X, QW, S, Z, M, K, K2, stride_xm, stride_xk, stride_qn, s
         for k0 in range(k_start, k_end, BK):
             packed = tl.load(q_ptrs + k0 // 2, mask=n_ok[:, None, None] & ((k0 // 2 + byte) < K2)[None, :, :],
                              other=0)
-            x = _xg(X + (k0 + col) * stride_xk, (k0 + col) < K, UP, GATED).to(tl.float32)
+            x = _xr(X, k0 + col, (k0 + col) < K, stride_xk, UP, GATED, R, NW, rstd, NORM).to(tl.float32)
             x_even, x_odd = tl.split(tl.reshape(x, (NG, HG, 2)))
             p32 = packed.to(tl.int32)
             part = tl.sum(_exact_f32(p32 & 0xF, 0) * x_even[None, :, :] + _exact_f32(p32 >> 4, 0) * x_odd[None, :, :],
@@ -663,15 +753,16 @@ def _int4_whole_groups(X, QW, S, Z, M, K, K2, stride_xm, stride_xk, stride_qn, s
 
 @triton.heuristics({"EVEN": even})
 @triton.jit
-def int4_gemv_kernel(X, QW, S, Z, Y, WS, CNT, M, N, K, K2, UP, stride_xm, stride_xk, stride_qn, stride_sn,
-                     stride_zn, stride_ym, M_BUCKET, GROUP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
-                     BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, WORDS: tl.constexpr = False,
-                     ASM: tl.constexpr = False, EVEN: tl.constexpr = False, PDL: tl.constexpr = 0,
-                     GATED: tl.constexpr = False):
+def int4_gemv_kernel(X, QW, S, Z, Y, WS, CNT, M, N, K, K2, UP, R, NW, H, eps, stride_xm, stride_xk, stride_qn,
+                     stride_sn, stride_zn, stride_ym, M_BUCKET, GROUP: tl.constexpr, PREC: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
+                     WORDS: tl.constexpr = False, ASM: tl.constexpr = False, EVEN: tl.constexpr = False,
+                     PDL: tl.constexpr = 0, GATED: tl.constexpr = False, NORM: tl.constexpr = False):
     """y[M, N] = x[M, K] @ ((q - z) * s).T with q packed two per byte along K (K2 = K / 2 bytes a row, even
     k in the low nibble); a tile never splits a group: GROUP % BK == 0 (one tile inside one group) or
     BK % GROUP == 0 (a tile of whole groups; GROUP >= 32 where BM > 1, for the dots' K of GROUP / 2). GATED:
-    x is silu_mul(gate, up) of a fused gate/up output, as in `int8_gemv_kernel`."""
+    x is silu_mul(gate, up) of a fused gate/up output, as in `int8_gemv_kernel`; NORM (M == 1) as there."""
+    tl.static_assert(not NORM or (BM == 1 and not GATED), "NORM takes one row")
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -681,22 +772,25 @@ def int4_gemv_kernel(X, QW, S, Z, Y, WS, CNT, M, N, K, K2, UP, stride_xm, stride
     EARLY: tl.constexpr = PDL >= 3 and BM == 1 and WORDS and EVEN  # early weights: the word path enters
     if not EARLY:
         pdl.enter_prefetching(PDL, QW, offs_n, n_ok, stride_qn, k_start // 2, (k_end + 1) // 2)
+        rstd = norm_prologue(X, R, H, K, eps, NORM)
+    else:
+        rstd = 1.0  # the word path takes it after its wait
     if BM == 1 and WORDS:
         acc = _int4_words_m1(X, QW, S, Z, K, stride_xk, stride_qn, stride_sn, stride_zn, n64, n_ok, k_start, k_end,
-                             UP, GROUP, BN, BK, EVEN, ASM, PDL if EARLY else 0, GATED)
+                             UP, GROUP, BN, BK, EVEN, ASM, PDL if EARLY else 0, GATED, R, NW, H, eps, rstd, NORM)
     elif BK <= GROUP:
         acc = _int4_in_group(X, QW, S, Z, M, K, K2, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, n64, n_ok,
-                             k_start, k_end, UP, GROUP, PREC, BM, BN, BK, GATED)
+                             k_start, k_end, UP, GROUP, PREC, BM, BN, BK, GATED, R, NW, rstd, NORM)
     else:
         acc = _int4_whole_groups(X, QW, S, Z, M, K, K2, stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, n64,
-                                 n_ok, k_start, k_end, UP, GROUP, PREC, BM, BN, BK, GATED)
+                                 n_ok, k_start, k_end, UP, GROUP, PREC, BM, BN, BK, GATED, R, NW, rstd, NORM)
     combine_and_store(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, BM, BN, SPLIT_K)
 
 
 # Ranked by CUDA-graph time with a cold L2 (`graph_bench`): the time a decode step pays for them.
-_int8_tuned = autotune(_INT8_M1 + _INT8_MX, key=["M_BUCKET", "N", "K", "PREC", "GATED"], interpret=_INTERPRET,
+_int8_tuned = autotune(_INT8_M1 + _INT8_MX, key=["M_BUCKET", "N", "K", "PREC", "GATED", "NORM"], interpret=_INTERPRET,
                        prune_configs_by={"early_config_prune": _prune_int8}, do_bench=graph_bench)(int8_gemv_kernel)
-_int4_tuned = autotune(_INT4_M1 + _INT4_MX, key=["M_BUCKET", "N", "K", "GROUP", "PREC", "GATED"],
+_int4_tuned = autotune(_INT4_M1 + _INT4_MX, key=["M_BUCKET", "N", "K", "GROUP", "PREC", "GATED", "NORM"],
                        interpret=_INTERPRET,
                        prune_configs_by={"early_config_prune": _prune_int4}, do_bench=graph_bench)(int4_gemv_kernel)
 _int8_launch = TunedLaunch(_int8_tuned)
@@ -719,6 +813,25 @@ def _words_reasons(meta: dict, k: int, group: int | None = None) -> list[str]:
     return [f"WORDS needs whole groups and words a tile, got BK={meta['BK']} group_size={group} K={k}"]
 
 
+#: A normalised launch's extra operands: (residual [1, K], norm weight [K], h [1, K] to fill, eps).
+Norm = tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]
+
+
+def norm_args(x: torch.Tensor, norm: Norm | None) -> tuple[tuple, bool]:
+    """The kernels' (R, NW, H, eps) and NORM for `norm` (x itself in the unused pointer slots without one). A
+    bf16 residual or norm weight that the word paths could not read as int32 words is copied (K elements)."""
+    if norm is None:
+        return (x, x, x, 0.0), False
+    residual, weight, h, eps = norm
+    if x.shape[0] != 1:
+        raise ValueError(f"norm: x.shape={tuple(x.shape)}; the normalised GEMVs take one row")
+    for name, t in (("x", x), ("residual", residual), ("h", h)):
+        if t.shape != x.shape or t.stride(-1) != 1:
+            raise ValueError(f"norm: {name} (shape {tuple(t.shape)}, strides {t.stride()}) is not a contiguous "
+                             f"row like x {tuple(x.shape)}")
+    return (_word_aligned(residual), _word_aligned(weight.view(1, -1)), h, float(eps)), True
+
+
 def gated_k(x: torch.Tensor, gated: bool) -> tuple[int, int]:
     """(K, the up half's offset in elements): x [M, K] as it is, or (`gated`) a fused gate/up output [M, 2K]
     whose halves are the gate and up inputs of silu_mul."""
@@ -731,45 +844,53 @@ def gated_k(x: torch.Tensor, gated: bool) -> tuple[int, int]:
 
 
 def launch_int8(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, y: torch.Tensor,
-                kernel: object = None, gated: bool = False, **meta: object) -> None:
+                kernel: object = None, gated: bool = False, norm: Norm | None = None, **meta: object) -> None:
     """y[M, N] = int8 weight-only x @ w_q.T (M <= 16, w_q and scale contiguous). `kernel` defaults to the
     autotuned one; with the raw `int8_gemv_kernel`, `meta` gives BN, BK, SPLIT_K (and launch options, M1_DOT
-    or WORDS). `gated`: x is a fused gate/up output [M, 2K] and the product is of silu_mul(gate, up)."""
+    or WORDS). `gated`: x is a fused gate/up output [M, 2K] and the product is of silu_mul(gate, up).
+    `norm` (M == 1, x contiguous): (residual, weight, h, eps); the product is of rms_norm_residual(x, residual,
+    weight, eps)'s output, and h = x + residual is written to h (`norm_prologue`)."""
     x = _word_aligned(x)
     (m, n), (k, up) = (x.shape[0], w_q.shape[0]), gated_k(x, gated)
     if kernel is not None and (bad := _words_reasons(meta, k)):
         raise ValueError(bad[0])
+    extra, is_norm = norm_args(x, norm)
     mb = bucket(m)
     ws, counters = workspace(n, max_split(_int8_tuned, n) if kernel is None else int(meta["SPLIT_K"]), x.device)
-    args = (x, w_q, scale, y, ws, counters, m, n, k, up, x.stride(0), x.stride(1), w_q.stride(0), y.stride(0), mb)
+    args = (x, w_q, scale, y, ws, counters, m, n, k, up, *extra, x.stride(0), x.stride(1), w_q.stride(0),
+            y.stride(0), mb)
     consts = {"PREC": dot_precision(x.dtype), "BM": 1 if m == 1 else MAX_M, "ASM": not triton_interpreting(),
-              "GATED": gated, **pdl.launch_options(x.device, gemv=True)}
+              "GATED": gated, "NORM": is_norm, **pdl.launch_options(x.device, gemv=True)}
     if kernel is None:
-        _int8_launch((mb, n, k, x.dtype, scale.dtype, gated), grid(n), *args, **consts)
+        _int8_launch((mb, n, k, x.dtype, scale.dtype, gated, is_norm), grid(n), *args, **consts)
     else:
         kernel[grid(n)](*args, **consts, **meta)
 
 
 def launch_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                y: torch.Tensor, kernel: object = None, gated: bool = False, **meta: object) -> None:
+                y: torch.Tensor, kernel: object = None, gated: bool = False, norm: Norm | None = None,
+                **meta: object) -> None:
     """y[M, N] = AWQ int4 x @ W.T (M <= 16, group_size a multiple of 32, last dims contiguous). `kernel`
     defaults to the autotuned one; with the raw `int4_gemv_kernel`, `meta` gives BN, BK, SPLIT_K, where BK
     must divide group_size or (a power-of-two group_size) be a multiple of it, else ValueError. `gated`: x is a
-    fused gate/up output [M, 2K] and the product is of silu_mul(gate, up)."""
+    fused gate/up output [M, 2K] and the product is of silu_mul(gate, up); `norm` as in `launch_int8`."""
     x = _word_aligned(x)
     (m, n), (k, up) = (x.shape[0], qweight.shape[0]), gated_k(x, gated)
     if kernel is not None and not _tile_fits_groups(int(meta["BK"]), group_size):
         raise ValueError(f"BK={meta['BK']} would split a group of group_size={group_size}")
     if kernel is not None and (bad := _words_reasons(meta, k, group_size)):
         raise ValueError(bad[0])
+    extra, is_norm = norm_args(x, norm)
     mb = bucket(m)
     ws, counters = workspace(n, max_split(_int4_tuned, n) if kernel is None else int(meta["SPLIT_K"]), x.device)
-    args = (x, qweight, scales, zeros, y, ws, counters, m, n, k, k // 2, up, x.stride(0), x.stride(1),
+    args = (x, qweight, scales, zeros, y, ws, counters, m, n, k, k // 2, up, *extra, x.stride(0), x.stride(1),
             qweight.stride(0), scales.stride(0), zeros.stride(0), y.stride(0), mb)
     consts = {"GROUP": group_size, "PREC": dot_precision(x.dtype), "BM": 1 if m == 1 else MAX_M,
-              "ASM": not triton_interpreting(), "GATED": gated, **pdl.launch_options(x.device, gemv=True)}
+              "ASM": not triton_interpreting(), "GATED": gated, "NORM": is_norm,
+              **pdl.launch_options(x.device, gemv=True)}
     if kernel is None:
-        _int4_launch((mb, n, k, group_size, x.dtype, scales.dtype, zeros.dtype, gated), grid(n), *args, **consts)
+        _int4_launch((mb, n, k, group_size, x.dtype, scales.dtype, zeros.dtype, gated, is_norm), grid(n), *args,
+                     **consts)
     else:
         kernel[grid(n)](*args, **consts, **meta)
 

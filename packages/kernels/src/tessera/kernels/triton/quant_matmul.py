@@ -26,9 +26,9 @@ import triton
 import triton.language as tl
 
 from tessera.kernels import shape_choice
-from tessera.kernels.custom_ops import matmul_custom_op
-from tessera.kernels.support import FLOATS, dtype_reasons, no_grad_reasons, triton_device_reasons
-from tessera.kernels.triton import quant_dequant, quant_gemv, swiglu
+from tessera.kernels.custom_ops import matmul_custom_op, normed_custom_op
+from tessera.kernels.support import FLOATS, dtype_reasons, no_grad_reasons, norm_reasons, triton_device_reasons
+from tessera.kernels.triton import norm, quant_dequant, quant_gemv, swiglu
 from tessera.kernels.triton.tuned_launch import TunedLaunch
 from tessera.kernels.triton.tuning import autotune, bucket, dot_precision
 from tessera.specs import KernelRegistry
@@ -183,28 +183,32 @@ def _halves(gu: torch.Tensor) -> torch.Tensor:
 #: Per decode shape: whether the gated GEMV beat silu_mul + the plain GEMV, and both times (us).
 _gated_wins: dict[tuple, bool] = {}
 gated_timings: dict[tuple, dict[str, float]] = {}
+#: Per decode shape: whether the normalised GEMV beat rms_norm_residual + the plain GEMV, and both times (us).
+_normed_wins: dict[tuple, bool] = {}
+normed_timings: dict[tuple, dict[str, float]] = {}
 
 
 def _label(key: tuple) -> str:
     return " ".join(str(v) for v in key[:-1]) + f" {str(key[-1]).removeprefix('torch.')}"
 
 
-def _prefer_gated(key: tuple, device: torch.device, gated: Callable[[], object],
-                  unfused: Callable[[], object]) -> bool:
-    """Whether a decode shape takes the gated GEMV: the faster of it and silu_mul + the plain GEMV
-    (`shape_choice`), chosen at the shape's first call and kept. Always off CUDA (the interpreter, for tests);
-    never chosen inside a capture, where the shape stays unfused."""
+def _prefer_fused(wins: dict, timings: dict, what: str, names: tuple[str, str], key: tuple, device: torch.device,
+                  fused: Callable[[], object], unfused: Callable[[], object]) -> bool:
+    """Whether a decode shape takes a fused GEMV (gated or normalised, `names`[1]) rather than the separate
+    launches (`names`[0]): the faster of the two (`shape_choice`), chosen at the shape's first call and kept
+    in `wins`, the times in `timings`. Always fused off CUDA (the interpreter, for tests); never chosen inside
+    a capture, where the shape stays unfused."""
     if device.type != "cuda":
         return True
 
     def choose() -> bool:
         start = time.perf_counter()
-        gated()
+        fused()
         unfused()  # both tuned before they are timed
-        return shape_choice.faster(f"decode down projection, {_label(key)}", start, gated_timings, key,
-                              ("unfused", unfused), ("gated", gated))
+        return shape_choice.faster(f"{what}, {_label(key)}", start, timings, key, (names[0], unfused),
+                                   (names[1], fused))
 
-    return shape_choice.remembered(_gated_wins, key, choose) is True
+    return shape_choice.remembered(wins, key, choose) is True
 
 
 def gated_choices() -> dict[str, dict[str, object]]:
@@ -213,10 +217,16 @@ def gated_choices() -> dict[str, dict[str, object]]:
             for key, won in _gated_wins.items()}
 
 
+def normed_choices() -> dict[str, dict[str, object]]:
+    """Per timed shape: normalised GEMV or rms_norm_residual + GEMV ('normed' or 'unfused'), and the times."""
+    return {_label(key): {"backend": "normed" if won else "unfused", **normed_timings.get(key, {})}
+            for key, won in _normed_wins.items()}
+
+
 def _gated_or_unfused(gu: torch.Tensor, n: int, key: tuple, launch: Callable[[torch.Tensor], None],
                       plain: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """A decode-shaped gated matmul: `launch(y)` fills y [M, N] through the gated GEMV, `plain(x)` is the plain
-    op; whichever `_prefer_gated` picks for `key` runs."""
+    op; whichever `_prefer_fused` picks for `key` runs."""
     y = torch.empty((gu.shape[0], n), dtype=gu.dtype, device=gu.device)
 
     def gated() -> torch.Tensor:
@@ -226,7 +236,9 @@ def _gated_or_unfused(gu: torch.Tensor, n: int, key: tuple, launch: Callable[[to
     def unfused() -> torch.Tensor:
         return plain(_halves(gu))
 
-    return gated() if _prefer_gated(key, gu.device, gated, unfused) else unfused()
+    fused = _prefer_fused(_gated_wins, gated_timings, "decode down projection", ("unfused", "gated"), key,
+                          gu.device, gated, unfused)
+    return gated() if fused else unfused()
 
 
 def _int8_gated(gu: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -257,7 +269,7 @@ _int4_gated_op = matmul_custom_op("matmul_int4_awq_gated", _int4_gated)
 
 def matmul_int8_weight_only_gated(gu: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Same contract as `reference.matmul_int8_weight_only_gated`: at decode shapes one GEMV launch that reads
-    silu_mul(gate, up) from gu where that beats silu_mul + the plain GEMV (`_prefer_gated`), else the Triton
+    silu_mul(gate, up) from gu where that beats silu_mul + the plain GEMV (`_prefer_fused`), else the Triton
     silu_mul and then the plain op."""
     return _int8_gated_op(gu, w_q, scale)
 
@@ -266,6 +278,76 @@ def matmul_int4_awq_gated(gu: torch.Tensor, qweight: torch.Tensor, scales: torch
                           group_size: int) -> torch.Tensor:
     """Same contract as `reference.matmul_int4_awq_gated` (see `matmul_int8_weight_only_gated`)."""
     return _int4_gated_op(gu, qweight, scales, zeros, int(group_size))
+
+
+def _normed_or_unfused(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, n: int, key: tuple,
+                       launch: Callable[[torch.Tensor, quant_gemv.Norm], None] | None,
+                       plain: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(plain(rms_norm_residual(x, residual, weight, eps)'s output), h): with `launch` (a one-row decode
+    shape), `launch(y, norm)` fills y [1, N] and h through the normalised GEMV where that beats the Triton
+    rms_norm_residual + `plain` for `key`; without it, always the two launches."""
+
+    def unfused() -> tuple[torch.Tensor, torch.Tensor]:
+        normed, h = norm.rms_norm_residual(x, residual, weight, eps)
+        return plain(normed), h
+
+    if launch is None:
+        return unfused()
+    x, residual = x.contiguous(), residual.contiguous()
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    h = torch.empty_like(x)
+
+    def fused() -> tuple[torch.Tensor, torch.Tensor]:
+        launch(y, (residual, weight, h, eps))
+        return y, h
+
+    chosen = _prefer_fused(_normed_wins, normed_timings, "decode normalised projection", ("unfused", "normed"),
+                           key, x.device, fused, unfused)
+    return fused() if chosen else unfused()
+
+
+def _int8_normed(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, w_q: torch.Tensor,
+                 scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    m, n = x.shape[0], w_q.shape[0]
+    w_q, scale = w_q.contiguous(), scale.contiguous()
+    key = ("int8", f"M<={bucket(m)}", f"N={n}", f"K={w_q.shape[1]}", x.dtype)
+    one_row = m == 1 and n > 0 and quant_gemv.serves_int8(m)
+    return _normed_or_unfused(
+        x, residual, weight, eps, n, key,
+        (lambda y, nm: quant_gemv.launch_int8(x, w_q, scale, y, norm=nm)) if one_row else None,
+        lambda xn: _int8(xn, w_q, scale))
+
+
+def _int4_normed(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, qweight: torch.Tensor,
+                 scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    m, n = x.shape[0], qweight.shape[0]
+    qweight, scales, zeros = _rows(qweight), _rows(scales), _rows(zeros)
+    key = ("int4", f"M<={bucket(m)}", f"N={n}", f"K={2 * qweight.shape[1]}", f"g={group_size}", x.dtype)
+    one_row = m == 1 and n > 0 and quant_gemv.serves_int4(m, group_size)
+    return _normed_or_unfused(
+        x, residual, weight, eps, n, key,
+        (lambda y, nm: quant_gemv.launch_int4(x, qweight, scales, zeros, group_size, y, norm=nm)) if one_row else None,
+        lambda xn: _int4(xn, qweight, scales, zeros, group_size))
+
+
+_int8_normed_op = normed_custom_op("matmul_int8_weight_only_normed", _int8_normed)
+_int4_normed_op = normed_custom_op("matmul_int4_awq_normed", _int4_normed)
+
+
+def matmul_int8_weight_only_normed(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, w_q: torch.Tensor,
+                                   scale: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `reference.matmul_int8_weight_only_normed`: for one row, one GEMV launch that normalises
+    x + residual as it loads x (and writes h) where that beats the Triton rms_norm_residual + the plain op
+    (`_prefer_fused`); else those two."""
+    return _int8_normed_op(x, residual, weight, w_q, scale, float(eps))
+
+
+def matmul_int4_awq_normed(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, qweight: torch.Tensor,
+                           scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                           eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `reference.matmul_int4_awq_normed` (see `matmul_int8_weight_only_normed`)."""
+    return _int4_normed_op(x, residual, weight, qweight, scales, zeros, int(group_size), float(eps))
 
 
 def _x_reasons(x: torch.Tensor, n_k: int, gated: bool = False) -> list[str]:
@@ -317,10 +399,32 @@ def supports_int4_gated(gu: torch.Tensor | None = None, qweight: torch.Tensor | 
     return supports_int4(gu, qweight, scales, zeros, group_size, gated=True)
 
 
+def supports_int8_normed(x: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                         weight: torch.Tensor | None = None, w_q: torch.Tensor | None = None,
+                         scale: torch.Tensor | None = None, eps: float = 1e-6) -> list[str]:
+    if residual is None or weight is None:
+        return triton_device_reasons()
+    return supports_int8(x, w_q, scale) + triton_device_reasons(residual, weight) + norm_reasons(x, residual, weight)
+
+
+def supports_int4_normed(x: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                         weight: torch.Tensor | None = None, qweight: torch.Tensor | None = None,
+                         scales: torch.Tensor | None = None, zeros: torch.Tensor | None = None,
+                         group_size: int = 128, eps: float = 1e-6) -> list[str]:
+    if residual is None or weight is None:
+        return triton_device_reasons()
+    return (supports_int4(x, qweight, scales, zeros, group_size) + triton_device_reasons(residual, weight)
+            + norm_reasons(x, residual, weight))
+
+
 def register(reg: KernelRegistry) -> None:
     reg.register("matmul.int8_weight_only", "triton", matmul_int8_weight_only, supports=supports_int8, priority=20)
     reg.register("matmul.int4_awq", "triton", matmul_int4_awq, supports=supports_int4, priority=20)
     reg.register("matmul.int8_weight_only_gated", "triton", matmul_int8_weight_only_gated,
                  supports=supports_int8_gated, priority=20)
     reg.register("matmul.int4_awq_gated", "triton", matmul_int4_awq_gated, supports=supports_int4_gated,
+                 priority=20)
+    reg.register("matmul.int8_weight_only_normed", "triton", matmul_int8_weight_only_normed,
+                 supports=supports_int8_normed, priority=20)
+    reg.register("matmul.int4_awq_normed", "triton", matmul_int4_awq_normed, supports=supports_int4_normed,
                  priority=20)
