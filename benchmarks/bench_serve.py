@@ -206,6 +206,21 @@ def section_decode(model, hf, args, ceil, cuda, rows, results) -> None:
                                        "roofline_fraction": (1 / unfused_step) / roof}
         rows.append({"what": "batch-1 decode, graph replay, rope/write/decode unfused", "tok/s": 1 / unfused_step,
                      "roofline": (1 / unfused_step) / roof})
+        # And with every norm a launch of its own, as before the normalised q/k/v and gate/up GEMVs.
+        from tessera.model import layers
+
+        layers.FUSED_NORMS = False
+        try:
+            other = make_engine(model, args, max_num_seqs=1, cuda_graph_batch_sizes=(1,))
+            norms_step = median_seconds(other.runner.graphs.graphs[1].replay, 50, 5, cuda)
+        finally:
+            layers.FUSED_NORMS = True
+        del other
+        free_memory()
+        res["graph_unfused_norms"] = {"graph_step_ms": norms_step * 1e3, "tok_s": 1 / norms_step,
+                                      "roofline_fraction": (1 / norms_step) / roof}
+        rows.append({"what": "batch-1 decode, graph replay, norms unfused", "tok/s": 1 / norms_step,
+                     "roofline": (1 / norms_step) / roof})
     if hf is not None:
         modes = (("dynamic", {}), ("static", {"cache_implementation": "static"}))
         for mode, kw in (m for m in modes if m[0] in args.hf_decode_modes):

@@ -183,3 +183,36 @@ def test_routed_down_projection_takes_the_fused_gate_up_output_unless_hooked() -
     with torch.no_grad():
         assert torch.equal(model(ids), want)
     assert seen == [(2, 7, model.config.d_ff)] and len(calls) == 2 * len(mlps) - 1
+
+
+def test_chained_norms_go_to_the_fused_projections_unless_hooked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With q/k/v and gate/up fused, every norm that adds a residual (the post-attention norm of each layer,
+    the input norm of each layer after the first) runs through the fused projection's `matmul_normed`
+    (`dense.normed_linear`; on a CPU the two ops, so the same bits); a forward hook on a layer's attention or
+    MLP sends its norm back to the separate op, so the hook still sees the normalised input."""
+    from tessera.model import fusion
+
+    _, model = _pair("qwen2-bias")
+    fuse_projections(model)
+    ids = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(5))
+    calls = []
+    original = fusion.normed_linear
+    monkeypatch.setattr(fusion, "normed_linear", lambda x, *rest: calls.append(tuple(x.shape)) or original(x, *rest))
+    with torch.no_grad():
+        fused_out = model(ids)
+    layers = model.config.n_layers
+    assert calls == [(2, 7, 32)] * (2 * layers - 1)
+    monkeypatch.setattr(fusion, "normed_linear", original)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.qkv = layer.mlp.gate_up = None
+        torch.testing.assert_close(model(ids), fused_out, atol=1e-5, rtol=1e-5)  # all separate
+    fuse_projections(model)
+    monkeypatch.setattr(fusion, "normed_linear", lambda x, *rest: calls.append(tuple(x.shape)) or original(x, *rest))
+    seen = []
+    model.model.layers[1].self_attn.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape))
+    model.model.layers[1].mlp.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape))
+    calls.clear()
+    with torch.no_grad():
+        assert torch.equal(model(ids), fused_out)
+    assert len(calls) == 2 * layers - 3 and len(seen) == 2

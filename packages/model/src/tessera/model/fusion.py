@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tessera.kernels.dense import gated_linear, linear
+from tessera.kernels import registry
+from tessera.kernels.dense import gated_linear, linear, normed_linear
 from tessera.model.layers import MLP, Attention
 
 
@@ -60,6 +61,13 @@ class FusedProjections(ABC):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """`x [..., in]` -> `[..., sum(sizes)]`: the one matmul of all parts."""
 
+    def matmul_normed(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(matmul(y), h)` for `y, h = rms_norm_residual(x, residual, weight, eps)`: the norm before the
+        projections and the matmul, which a subclass may run as one launch; here the two ops."""
+        y, h = registry("rms_norm_residual", x, residual, weight, eps)
+        return self.matmul(y), h
+
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """`x [..., in]` -> one `[..., size_i]` view per part (column slices of one matmul's output)."""
         return self.matmul(x).split(self.sizes, dim=-1)
@@ -74,6 +82,10 @@ class FusedLinear(FusedProjections):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+    def matmul_normed(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return normed_linear(x, residual, weight, eps, self.weight, self.bias)
 
 
 def _fusable(parts: tuple[nn.Module, ...]) -> bool:

@@ -7,6 +7,7 @@ replace it in place.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,6 +19,11 @@ from tessera.specs import ModelConfig
 
 if TYPE_CHECKING:
     from tessera.model.fusion import FusedProjections
+
+
+#: Whether a chained block's norms may run inside its fused projections (`forward_normed`); off
+#: (`TESSERA_FUSED_NORM=0`, or set to False) to compare against the separate norm launches.
+FUSED_NORMS = os.environ.get("TESSERA_FUSED_NORM", "1") != "0"
 
 
 class RMSNorm(nn.Module):
@@ -63,11 +69,27 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv: KVContext | None = None) -> torch.Tensor:
-        b, t, _ = x.shape
         if self.qkv is not None and self.qkv.active(self.q_proj, self.k_proj, self.v_proj):
             q, k, v = self.qkv(x)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self._attend(q, k, v, cos, sin, kv)
+
+    def forward_normed(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm, cos: torch.Tensor,
+                       sin: torch.Tensor, kv: KVContext | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(self(y, cos, sin, kv), h)` for `y, h = rms_norm_residual(x, residual)` under `norm`'s weight: with
+        q/k/v fused, the norm goes to the fused projection (`matmul_normed`: one launch at a decode step)."""
+        fused = FUSED_NORMS and self.qkv is not None and self.qkv.active(self.q_proj, self.k_proj, self.v_proj)
+        if not fused or self._forward_hooks or self._forward_pre_hooks:
+            y, h = registry("rms_norm_residual", x, residual, norm.weight, norm.eps)
+            return self(y, cos, sin, kv), h
+        qkv, h = self.qkv.matmul_normed(x, residual, norm.weight, norm.eps)
+        q, k, v = qkv.split(self.qkv.sizes, dim=-1)
+        return self._attend(q, k, v, cos, sin, kv), h
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv: KVContext | None) -> torch.Tensor:
+        b, t, _ = q.shape
         # The rope ops take token rows [B*T, H, D]; these views keep the fused projection's strides.
         n, hd = b * t, self.head_dim
         q, k = q.view(n, self.n_heads, hd), k.view(n, self.n_kv_heads, hd)
@@ -106,14 +128,29 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None and self.gate_up.active(self.gate_proj, self.up_proj):
-            gu = self.gate_up.matmul(x)
-            down = self.down_proj
-            gated = getattr(down, "forward_gated", None)
-            if gated is not None and not (down._forward_hooks or down._forward_pre_hooks):
-                return gated(gu)
-            gate, up = gu.split(self.gate_up.sizes, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+            return self._down_fused(self.gate_up.matmul(x))
+        return self._down(self.gate_proj(x), self.up_proj(x))
+
+    def forward_normed(self, x: torch.Tensor, residual: torch.Tensor,
+                       norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(self(y), h)` for `y, h = rms_norm_residual(x, residual)` under `norm`'s weight: with gate/up fused,
+        the norm goes to the fused projection (`matmul_normed`: one launch at a decode step)."""
+        fused = FUSED_NORMS and self.gate_up is not None and self.gate_up.active(self.gate_proj, self.up_proj)
+        if not fused or self._forward_hooks or self._forward_pre_hooks:
+            y, h = registry("rms_norm_residual", x, residual, norm.weight, norm.eps)
+            return self(y), h
+        gu, h = self.gate_up.matmul_normed(x, residual, norm.weight, norm.eps)
+        return self._down_fused(gu), h
+
+    def _down_fused(self, gu: torch.Tensor) -> torch.Tensor:
+        down = self.down_proj
+        gated = getattr(down, "forward_gated", None)
+        if gated is not None and not (down._forward_hooks or down._forward_pre_hooks):
+            return gated(gu)
+        gate, up = gu.split(self.gate_up.sizes, dim=-1)
+        return self._down(gate, up)
+
+    def _down(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         lead, f = gate.shape[:-1], gate.shape[-1]
         act = registry("silu_mul", gate.reshape(-1, f), up.reshape(-1, f))  # one launch for silu and product
         return self.down_proj(act.view(*lead, f))
@@ -121,7 +158,8 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     """Pre-norm block: `h = x + attn(norm(x)); out = h + mlp(norm(h))`, the add and the second norm
-    in one registry op (`rms_norm_residual`).
+    in one registry op (`rms_norm_residual`), or inside the fused gate/up projection where it runs as one
+    launch (`MLP.forward_normed`; likewise the first norm, for a chained block, in q/k/v's).
 
     Inference may chain blocks without materialising their outputs: with `defer_add` a block returns
     `(mlp_out, h)`, whose sum is its output, and the next block takes that pair as `(x, residual)`, so
@@ -141,10 +179,8 @@ class DecoderLayer(nn.Module):
                 defer_add: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         first = self.input_layernorm
         if residual is None:
-            h_in, normed = x, first(x)
+            h_in, attn = x, self.self_attn(first(x), cos, sin, kv)
         else:  # the previous block's deferred add: its output is x + residual
-            normed, h_in = registry("rms_norm_residual", x, residual, first.weight, first.eps)
-        norm = self.post_attention_layernorm
-        y, h = registry("rms_norm_residual", self.self_attn(normed, cos, sin, kv), h_in, norm.weight, norm.eps)
-        out = self.mlp(y)
+            attn, h_in = self.self_attn.forward_normed(x, residual, first, cos, sin, kv)
+        out, h = self.mlp.forward_normed(attn, h_in, self.post_attention_layernorm)
         return (out, h) if defer_add else h + out

@@ -35,6 +35,8 @@ class QuantLinear(nn.Module, ABC):
     op: str
     #: The op of silu_mul(gate, up) and then `op` on a fused gate/up output (None: silu_mul, then `op`).
     gated_op: str | None = None
+    #: The op of rms_norm_residual and then `op` (None: the two ops).
+    normed_op: str | None = None
     #: Buffers whose first dim is `out_features` (one row per output): concatenated when fusing.
     row_buffers: tuple[str, ...] = ()
 
@@ -71,6 +73,20 @@ class QuantLinear(nn.Module, ABC):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*gu.shape[:-1], self.out_features)
+
+    def forward_normed(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(forward(y), h)` for `y, h = rms_norm_residual(x, residual, weight, eps)` (a decoder layer's norm
+        before its fused q/k/v or gate/up projection): one op where the class has a normalised one, whose
+        one-row decode GEMV normalises x + residual as it loads x."""
+        if self.normed_op is None:
+            y, h = registry("rms_norm_residual", x, residual, weight, eps)
+            return self.forward(y), h
+        k = self.in_features
+        y, h = registry(self.normed_op, x.reshape(-1, k), residual.reshape(-1, k), weight, *self._op_args(), eps)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features), h.view(x.shape)
 
     @abstractmethod
     def dequantized_weight(self) -> torch.Tensor:
@@ -132,6 +148,7 @@ class QuantLinear(nn.Module, ABC):
 class Int8Linear(QuantLinear):
     op = "matmul.int8_weight_only"
     gated_op = "matmul.int8_weight_only_gated"
+    normed_op = "matmul.int8_weight_only_normed"
     row_buffers = ("weight", "weight_scale")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
@@ -160,6 +177,7 @@ class Int8Linear(QuantLinear):
 class Int4Linear(QuantLinear):
     op = "matmul.int4_awq"
     gated_op = "matmul.int4_awq_gated"
+    normed_op = "matmul.int4_awq_normed"
     row_buffers = ("qweight", "scales", "zeros")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *, group_size: int = 128,
@@ -248,3 +266,7 @@ class FusedQuantLinear(FusedProjections):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return self.fused(x)
+
+    def matmul_normed(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fused.forward_normed(x, residual, weight, eps)
