@@ -4,7 +4,7 @@
 #
 #   bash scripts/gpu-validate.sh OUT_DIR tests   # GPU tests: serving engine (graphs, overlapped decode),
 #                                                #   PDL chain in every mode, dense routing, fused cache
-#                                                #   write, parity of the gated and paged decode ops
+#                                                #   write, parity of the gated, normalised and paged decode ops
 #   bash scripts/gpu-validate.sh OUT_DIR serve   # bench_serve decode: engine overlapped and step by step,
 #                                                #   graph replay in PDL modes 3 (default), 1 and 4 and with
 #                                                #   rope/KV write/decode unfused, HF static
@@ -44,7 +44,7 @@ for stage in "$@"; do
     tests)
         run gpu-tests python3 -m pytest -q -m gpu tests/serve tests/kernels/test_pdl.py \
             tests/kernels/test_dense_linear.py tests/kernels/test_quant_gemv.py tests/kernels/test_decode_write.py
-        run new-op-parity python3 -m pytest -q tests/kernels/test_parity.py -k "gated or decode_paged" ;;
+        run new-op-parity python3 -m pytest -q tests/kernels/test_parity.py -k "gated or normed or decode_paged" ;;
     serve)
         run serve-decode python3 benchmarks/bench_serve.py --sections decode --hf-decode-modes static \
             --decode-tokens 64 --pdl-modes 1 4 --out "$out" ;;
