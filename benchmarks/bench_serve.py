@@ -190,37 +190,25 @@ def section_decode(model, hf, args, ceil, cuda, rows, results) -> None:
                                  "roofline_fraction": (1 / mode_step) / roof}
                 rows.append({"what": f"batch-1 decode, graph replay, PDL mode {mode}", "tok/s": 1 / mode_step,
                              "roofline": (1 / mode_step) / roof})
-        # The same graph with the decode step's rope, KV write and paged decode as separate launches, as
-        # before `attention.decode_paged_rope`: what fusing them gained, in this process.
+        # The same graph with a fusion turned off, what it gained in this process: the decode step's rope, KV
+        # write and paged decode as separate launches (before `attention.decode_paged_rope`), then every norm
+        # a launch of its own (before the normalised q/k/v and gate/up GEMVs).
         from tessera.attn import paged_cache
-
-        paged_cache.FUSED_DECODE = False
-        try:
-            other = make_engine(model, args, max_num_seqs=1, cuda_graph_batch_sizes=(1,))
-            unfused_step = median_seconds(other.runner.graphs.graphs[1].replay, 50, 5, cuda)
-        finally:
-            paged_cache.FUSED_DECODE = True
-        del other
-        free_memory()
-        res["graph_unfused_decode"] = {"graph_step_ms": unfused_step * 1e3, "tok_s": 1 / unfused_step,
-                                       "roofline_fraction": (1 / unfused_step) / roof}
-        rows.append({"what": "batch-1 decode, graph replay, rope/write/decode unfused", "tok/s": 1 / unfused_step,
-                     "roofline": (1 / unfused_step) / roof})
-        # And with every norm a launch of its own, as before the normalised q/k/v and gate/up GEMVs.
         from tessera.model import layers
 
-        layers.FUSED_NORMS = False
-        try:
-            other = make_engine(model, args, max_num_seqs=1, cuda_graph_batch_sizes=(1,))
-            norms_step = median_seconds(other.runner.graphs.graphs[1].replay, 50, 5, cuda)
-        finally:
-            layers.FUSED_NORMS = True
-        del other
-        free_memory()
-        res["graph_unfused_norms"] = {"graph_step_ms": norms_step * 1e3, "tok_s": 1 / norms_step,
-                                      "roofline_fraction": (1 / norms_step) / roof}
-        rows.append({"what": "batch-1 decode, graph replay, norms unfused", "tok/s": 1 / norms_step,
-                     "roofline": (1 / norms_step) / roof})
+        for key, module, flag, what in (("graph_unfused_decode", paged_cache, "FUSED_DECODE", "rope/write/decode"),
+                                        ("graph_unfused_norms", layers, "FUSED_NORMS", "norms")):
+            setattr(module, flag, False)
+            try:
+                other = make_engine(model, args, max_num_seqs=1, cuda_graph_batch_sizes=(1,))
+                step = median_seconds(other.runner.graphs.graphs[1].replay, 50, 5, cuda)
+            finally:
+                setattr(module, flag, True)
+            del other
+            free_memory()
+            res[key] = {"graph_step_ms": step * 1e3, "tok_s": 1 / step, "roofline_fraction": (1 / step) / roof}
+            rows.append({"what": f"batch-1 decode, graph replay, {what} unfused", "tok/s": 1 / step,
+                         "roofline": (1 / step) / roof})
     if hf is not None:
         modes = (("dynamic", {}), ("static", {"cache_implementation": "static"}))
         for mode, kw in (m for m in modes if m[0] in args.hf_decode_modes):
