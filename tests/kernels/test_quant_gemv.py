@@ -245,3 +245,46 @@ def test_gated_quant_matmuls_keep_the_faster_of_gated_and_unfused(monkeypatch: p
     assert prefer(("int8", 3), torch.device("cpu")) and len(calls) == 8
     assert qm.gated_choices() == {"int8 1": {"backend": "gated", "unfused_us": 4.0, "gated_us": 3.0},
                                   "int4 2": {"backend": "unfused", "unfused_us": 2.0, "gated_us": 5.0}}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k, n", [(1024, 4096), (1024, 6144), (2048, 3072)])
+def test_normed_ops_match_the_two_launches_at_decode_shapes_on_the_gpu(k: int, n: int) -> None:
+    """At Qwen3-0.6B and Llama-3.2-1B q/k/v and gate/up shapes, bf16, the normalised GEMVs (autotuned, PDL as
+    configured, weights declared static) give h bit for bit and y within the op's tolerance of
+    rms_norm_residual followed by the plain op."""
+    from tessera.kernels import reference, static_weights
+    from tessera.kernels.triton import norm
+    from tessera.kernels.triton import quant_matmul as qm
+
+    gen = torch.Generator(device="cuda").manual_seed(k + n)
+    dev, bf = "cuda", torch.bfloat16
+    x, r = (torch.randn(1, k, device=dev, generator=gen, dtype=bf) * 3 for _ in range(2))
+    nw = torch.rand(k, device=dev, generator=gen).to(bf) + 0.5
+    w = (torch.randn(n, k, device=dev, generator=gen) * k**-0.5).to(bf)
+    w_q = torch.randint(-127, 128, (n, k), device=dev, generator=gen, dtype=torch.int8)
+    scale = ((torch.rand(n, device=dev, generator=gen) + 0.5) / 127 * k**-0.5).to(bf)
+    qweight = reference.pack_int4(torch.randint(0, 16, (n, k), device=dev, generator=gen))
+    scales = ((torch.rand(n, k // 128, device=dev, generator=gen) + 0.2) * k**-0.5 / 8).to(bf)
+    zeros = torch.randint(0, 16, (n, k // 128), device=dev, generator=gen).to(bf)
+    normed, h_ref = norm.rms_norm_residual(x, r, nw, 1e-6)
+    cases = {"dense": (lambda: gemv.matmul_dense_normed(x, r, nw, w, 1e-6), lambda: gemv.matmul_dense(normed, w)),
+             "int8": (lambda: _normed_launch(qg.launch_int8, x, (w_q, scale), n, (r, nw)),
+                      lambda: qm.matmul_int8_weight_only(normed, w_q, scale)),
+             "int4": (lambda: _normed_launch(qg.launch_int4, x, (qweight, scales, zeros, 128), n, (r, nw)),
+                      lambda: qm.matmul_int4_awq(normed, qweight, scales, zeros, 128))}
+    with torch.no_grad(), static_weights():
+        for name, (fused, unfused) in cases.items():
+            y, h = fused()
+            want = unfused()
+            torch.cuda.synchronize()
+            assert torch.equal(h, h_ref), name
+            torch.testing.assert_close(y, want, atol=3e-2, rtol=3e-2, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def _normed_launch(launch: object, x: torch.Tensor, weights: tuple, n: int, norm: tuple) -> tuple:
+    """One normalised launch through `launch` (`launch_int8` or `launch_int4`): (y, h)."""
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    h = torch.empty_like(x)
+    launch(x, *weights, y, norm=(*norm, h, 1e-6))
+    return y, h
