@@ -26,6 +26,15 @@ if TYPE_CHECKING:
 FUSED_NORMS = os.environ.get("TESSERA_FUSED_NORM", "1") != "0"
 
 
+def _norm_target(module: nn.Module, fused: FusedProjections | None,
+                 *parts: nn.Module) -> FusedProjections | None:
+    """`fused` where a chained block's norm may run inside it (`FUSED_NORMS` on, `parts` still fused and
+    active, no hook on `module`, which must see the normalised input); else None."""
+    if not FUSED_NORMS or fused is None or module._forward_hooks or module._forward_pre_hooks:
+        return None
+    return fused if fused.active(*parts) else None
+
+
 class RMSNorm(nn.Module):
     """`x / sqrt(mean(x^2) + eps) * weight` over the last dim `[..., dim]`, via registry op `rms_norm`."""
 
@@ -79,12 +88,12 @@ class Attention(nn.Module):
                        sin: torch.Tensor, kv: KVContext | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`(self(y, cos, sin, kv), h)` for `y, h = rms_norm_residual(x, residual)` under `norm`'s weight: with
         q/k/v fused, the norm goes to the fused projection (`matmul_normed`: one launch at a decode step)."""
-        fused = FUSED_NORMS and self.qkv is not None and self.qkv.active(self.q_proj, self.k_proj, self.v_proj)
-        if not fused or self._forward_hooks or self._forward_pre_hooks:
+        target = _norm_target(self, self.qkv, self.q_proj, self.k_proj, self.v_proj)
+        if target is None:
             y, h = registry("rms_norm_residual", x, residual, norm.weight, norm.eps)
             return self(y, cos, sin, kv), h
-        qkv, h = self.qkv.matmul_normed(x, residual, norm.weight, norm.eps)
-        q, k, v = qkv.split(self.qkv.sizes, dim=-1)
+        qkv, h = target.matmul_normed(x, residual, norm.weight, norm.eps)
+        q, k, v = qkv.split(target.sizes, dim=-1)
         return self._attend(q, k, v, cos, sin, kv), h
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -135,11 +144,11 @@ class MLP(nn.Module):
                        norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """`(self(y), h)` for `y, h = rms_norm_residual(x, residual)` under `norm`'s weight: with gate/up fused,
         the norm goes to the fused projection (`matmul_normed`: one launch at a decode step)."""
-        fused = FUSED_NORMS and self.gate_up is not None and self.gate_up.active(self.gate_proj, self.up_proj)
-        if not fused or self._forward_hooks or self._forward_pre_hooks:
+        target = _norm_target(self, self.gate_up, self.gate_proj, self.up_proj)
+        if target is None:
             y, h = registry("rms_norm_residual", x, residual, norm.weight, norm.eps)
             return self(y), h
-        gu, h = self.gate_up.matmul_normed(x, residual, norm.weight, norm.eps)
+        gu, h = target.matmul_normed(x, residual, norm.weight, norm.eps)
         return self._down_fused(gu), h
 
     def _down_fused(self, gu: torch.Tensor) -> torch.Tensor:

@@ -217,6 +217,15 @@ _TOL_ROPE = {"float32": Tolerance(atol=1e-5, rtol=1e-5), "bfloat16": Tolerance(a
              "float16": Tolerance(atol=1e-3, rtol=1e-3)}
 _TOL_EXACT = {d: Tolerance(atol=0.0, rtol=0.0) for d in (*_FLOAT, "float8_e4m3fn")}
 
+# The paged decode ops' shared arguments: one query token (and new k/v row) a sequence, the caches, where the new
+# rows go, and each sequence's blocks and length.
+_DECODE_Q = _t("q", "B", "Hq", "D", dtypes=_FLOAT)
+_DECODE_KV = (_t("k", "B", "Hkv", "D", dtypes=_FLOAT), _t("v", "B", "Hkv", "D", dtypes=_FLOAT))
+_CACHES = (_t("k_cache", "NB", "BS", "Hkv", "D", dtypes=_FLOAT), _t("v_cache", "NB", "BS", "Hkv", "D", dtypes=_FLOAT))
+_SLOTS = _t("slot_mapping", "B", dtypes=("int64",))
+_TABLES = (_t("block_tables", "B", "MB", dtypes=("int32",)), _t("context_lens", "B", dtypes=("int32",)))
+_DECODE_O = (_t("o", "B", "Hq", "D", dtypes=_FLOAT),)
+
 def _gated(plain: KernelSpec) -> KernelSpec:
     """`<plain>_gated`: the same matmul of silu_mul(gu[:, :K], gu[:, K:]), SwiGLU's down projection reading a
     fused gate/up output gu [M, 2K] (the gated decode GEMVs skip the separate silu_mul launch)."""
@@ -306,10 +315,7 @@ CATALOGUE: tuple[KernelSpec, ...] = (
         name="attention.decode_paged",
         description="One query token per sequence against its paged cache of context_lens[i] tokens. "
         "attention.decode_paged(q, k_cache, v_cache, block_tables, context_lens, scale=None) -> o",
-        args=(_t("q", "B", "Hq", "D", dtypes=_FLOAT), _t("k_cache", "NB", "BS", "Hkv", "D", dtypes=_FLOAT),
-              _t("v_cache", "NB", "BS", "Hkv", "D", dtypes=_FLOAT),
-              _t("block_tables", "B", "MB", dtypes=("int32",)), _t("context_lens", "B", dtypes=("int32",))),
-        results=(_t("o", "B", "Hq", "D", dtypes=_FLOAT),), tolerances=_TOL_ATTN),
+        args=(_DECODE_Q, *_CACHES, *_TABLES), results=_DECODE_O, tolerances=_TOL_ATTN),
     KernelSpec(
         name="attention.decode_paged_write",
         description="kv_cache.write(k, v, k_cache, v_cache, slot_mapping), then attention.decode_paged: a decode "
@@ -317,11 +323,7 @@ CATALOGUE: tuple[KernelSpec, ...] = (
         "slot_mapping[i] is the slot of sequence i's position context_lens[i] - 1, or < 0 (nothing written). "
         "attention.decode_paged_write(q, k, v, k_cache, v_cache, slot_mapping, block_tables, context_lens, "
         "scale=None) -> o, and the caches written in place",
-        args=(_t("q", "B", "Hq", "D", dtypes=_FLOAT), _t("k", "B", "Hkv", "D", dtypes=_FLOAT),
-              _t("v", "B", "Hkv", "D", dtypes=_FLOAT), _t("k_cache", "NB", "BS", "Hkv", "D", dtypes=_FLOAT),
-              _t("v_cache", "NB", "BS", "Hkv", "D", dtypes=_FLOAT), _t("slot_mapping", "B", dtypes=("int64",)),
-              _t("block_tables", "B", "MB", dtypes=("int32",)), _t("context_lens", "B", dtypes=("int32",))),
-        results=(_t("o", "B", "Hq", "D", dtypes=_FLOAT),), tolerances=_TOL_ATTN),
+        args=(_DECODE_Q, *_DECODE_KV, *_CACHES, _SLOTS, *_TABLES), results=_DECODE_O, tolerances=_TOL_ATTN),
     KernelSpec(
         name="attention.decode_paged_rope",
         description="rope(q, k, cos, sin) (rope_qk_norm with q_weight and k_weight), then "
@@ -329,19 +331,14 @@ CATALOGUE: tuple[KernelSpec, ...] = (
         "attention in one op; cos/sin are the rows of the sequences' positions. "
         "attention.decode_paged_rope(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, block_tables, "
         "context_lens, q_weight=None, k_weight=None, eps=1e-6, scale=None) -> o, and the caches written in place",
-        args=(_t("q", "B", "Hq", "D", dtypes=_FLOAT), _t("k", "B", "Hkv", "D", dtypes=_FLOAT),
-              _t("v", "B", "Hkv", "D", dtypes=_FLOAT), _t("cos", "B", "D", dtypes=_FLOAT),
-              _t("sin", "B", "D", dtypes=_FLOAT), _t("k_cache", "NB", "BS", "Hkv", "D", dtypes=_FLOAT),
-              _t("v_cache", "NB", "BS", "Hkv", "D", dtypes=_FLOAT), _t("slot_mapping", "B", dtypes=("int64",)),
-              _t("block_tables", "B", "MB", dtypes=("int32",)), _t("context_lens", "B", dtypes=("int32",))),
-        results=(_t("o", "B", "Hq", "D", dtypes=_FLOAT),), tolerances=_TOL_ATTN),
+        args=(_DECODE_Q, *_DECODE_KV, _t("cos", "B", "D", dtypes=_FLOAT), _t("sin", "B", "D", dtypes=_FLOAT),
+              *_CACHES, _SLOTS, *_TABLES), results=_DECODE_O, tolerances=_TOL_ATTN),
     KernelSpec(
         name="kv_cache.write",
         description="Scatter new k/v rows into the cache by slot (block * block_size + offset); slot < 0 is "
         "skipped. In place. kv_cache.write(k, v, k_cache, v_cache, slot_mapping) -> None",
         args=(_t("k", "N", "Hkv", "D", dtypes=_FLOAT), _t("v", "N", "Hkv", "D", dtypes=_FLOAT),
-              _t("k_cache", "NB", "BS", "Hkv", "D", dtypes=_FLOAT),
-              _t("v_cache", "NB", "BS", "Hkv", "D", dtypes=_FLOAT), _t("slot_mapping", "N", dtypes=("int64",))),
+              *_CACHES, _t("slot_mapping", "N", dtypes=("int64",))),
         results=(), tolerances=_TOL_EXACT),
     KernelSpec(
         name="matmul.dense",
