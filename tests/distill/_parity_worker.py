@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _launch import DONE
 from _parity import ACCUM, LR, MAX_NORM, STEPS, batch, lm_loss, make_model, micro
 
 from tessera.distill.sharded_checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -75,6 +76,7 @@ def main() -> None:
         run("zero3-rs", "float32", out)
     dist.barrier()
     dist.destroy_process_group()
+    print(DONE, flush=True)
 
 
 if __name__ == "__main__":
