@@ -3,6 +3,11 @@ its group destroyed) died in interpreter teardown and passes; any other non-zero
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from _launch import DONE, _failed
 
 
