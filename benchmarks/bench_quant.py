@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from _common import print_table, write_result
 from torch import nn
 
-from tessera.attn import FlatKVCache
+from tessera.attn import FlatKVCache, paged_cache
 from tessera.kernels import dense, registry, static_weights
-from tessera.model import Transformer, fuse_projections
+from tessera.model import Transformer, fuse_projections, layers
 from tessera.model.fusion import route_decode_linears
 from tessera.quant import QuantLinear, quantize
 from tessera.serve.cuda_graphs import check_capturable
@@ -391,7 +391,8 @@ def speed(args: argparse.Namespace) -> dict:
     shape = "tiny" if tiny else "llama-3.2-1b"
     head = "float lm_head" if args.float_lm_head else "lm_head quantized too"
     head += ", separate projections" if args.no_fuse else ", fused q/k/v and gate/up"
-    head += ", rope/KV write/attention separate" if args.no_fused_decode else ", rope/KV write/attention in one launch"
+    head += ", rope/KV write/attention in one launch" if paged_cache.FUSED_DECODE else ", rope/KV write/attention apart"
+    head += ", norms inside the GEMVs" if layers.FUSED_NORMS else ", norms apart"
     print_table(rows, f"{shape} ({label}, random weights, {head}): decode step at context {context} "
                       f"({'CUDA graph' if graphed else 'eager'}), prefill {pre_b}x{pre_t}; "
                       f"ceilings {peak['bandwidth'] / 1e9:.1f} GB/s copy, {peak['flops'] / 1e9:.0f} GFLOP/s mm")
@@ -443,9 +444,13 @@ def main() -> None:
     p.add_argument("--no-fuse", action="store_true",
                    help="keep q/k/v and gate/up as separate matmuls (default: fused, as the serving engine runs them)")
     p.add_argument("--no-graph", action="store_true", help="time the decode step eagerly, without a CUDA graph")
-    p.add_argument("--no-fused-decode", action="store_true",
-                   help="run the decode step's rope, KV write and paged attention as separate launches, as before "
-                        "attention.decode_paged_rope (default: one launch, as the serving engine runs them)")
+    p.add_argument("--fused-decode", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the decode step's rope, KV write and paged attention as one launch "
+                        "(attention.decode_paged_rope) or three (default: as the serving engine runs them, "
+                        "TESSERA_FUSED_DECODE, off unless set to 1)")
+    p.add_argument("--fused-norms", action=argparse.BooleanOptionalAction, default=None,
+                   help="run each chained RMSNorm inside the q/k/v and gate/up GEMVs or as a launch of its own "
+                        "(default: as the serving engine runs them, TESSERA_FUSED_NORM, off unless set to 1)")
     p.add_argument("--pdl-modes", type=int, nargs="+", default=[], choices=(0, 1, 2, 3, 4), metavar="MODE",
                    help="with --speed: also time the decode steps in these PDL modes (0 off, 1 launch overlap, "
                         "2 overlap + GEMV weight prefetch, 3 overlap + GEMV first weight tile before the wait, 4 the "
@@ -460,11 +465,11 @@ def main() -> None:
     if not args.quality and not args.speed:
         p.error("give --quality MODEL_DIR and/or --speed")
     payload: dict = {"note": args.note} if args.note else {}
-    if args.no_fused_decode:
-        from tessera.attn import paged_cache
-
-        paged_cache.FUSED_DECODE = False
-        payload["fused_decode"] = False
+    if args.fused_decode is not None:
+        paged_cache.FUSED_DECODE = args.fused_decode
+    if args.fused_norms is not None:
+        layers.FUSED_NORMS = args.fused_norms
+    payload["fused_decode"], payload["fused_norms"] = paged_cache.FUSED_DECODE, layers.FUSED_NORMS
     if args.quality:
         payload.update(quality(args))
     if args.speed:

@@ -190,24 +190,27 @@ def section_decode(model, hf, args, ceil, cuda, rows, results) -> None:
                                  "roofline_fraction": (1 / mode_step) / roof}
                 rows.append({"what": f"batch-1 decode, graph replay, PDL mode {mode}", "tok/s": 1 / mode_step,
                              "roofline": (1 / mode_step) / roof})
-        # The same graph with a fusion turned off, what it gained in this process: the decode step's rope, KV
-        # write and paged decode as separate launches (before `attention.decode_paged_rope`), then every norm
-        # a launch of its own (before the normalised q/k/v and gate/up GEMVs).
+        # The same graph with a fusion switched the other way, its effect in this process: the decode step's
+        # rope, KV write and paged decode in one launch (`attention.decode_paged_rope`) or three, then each
+        # chained norm inside the q/k/v and gate/up GEMVs or a launch of its own. Both are off by default.
         from tessera.attn import paged_cache
         from tessera.model import layers
 
-        for key, module, flag, what in (("graph_unfused_decode", paged_cache, "FUSED_DECODE", "rope/write/decode"),
-                                        ("graph_unfused_norms", layers, "FUSED_NORMS", "norms")):
-            setattr(module, flag, False)
+        for name, module, flag, what in (("decode", paged_cache, "FUSED_DECODE", "rope/write/decode"),
+                                         ("norms", layers, "FUSED_NORMS", "norms")):
+            default = getattr(module, flag)
+            setattr(module, flag, not default)
             try:
                 other = make_engine(model, args, max_num_seqs=1, cuda_graph_batch_sizes=(1,))
                 step = median_seconds(other.runner.graphs.graphs[1].replay, 50, 5, cuda)
             finally:
-                setattr(module, flag, True)
+                setattr(module, flag, default)
             del other
             free_memory()
-            res[key] = {"graph_step_ms": step * 1e3, "tok_s": 1 / step, "roofline_fraction": (1 / step) / roof}
-            rows.append({"what": f"batch-1 decode, graph replay, {what} unfused", "tok/s": 1 / step,
+            state = "unfused" if default else "fused"
+            res[f"graph_{state}_{name}"] = {"graph_step_ms": step * 1e3, "tok_s": 1 / step,
+                                            "roofline_fraction": (1 / step) / roof}
+            rows.append({"what": f"batch-1 decode, graph replay, {what} {state}", "tok/s": 1 / step,
                          "roofline": (1 / step) / roof})
     if hf is not None:
         modes = (("dynamic", {}), ("static", {"cache_implementation": "static"}))

@@ -7,9 +7,11 @@
 #                                                #   write, parity of the gated, normalised and paged decode ops
 #   bash scripts/gpu-validate.sh OUT_DIR serve   # bench_serve decode: engine overlapped and step by step,
 #                                                #   graph replay in PDL modes 3 (default), 1 and 4 and with
-#                                                #   rope/KV write/decode unfused, HF static
+#                                                #   rope/KV write/decode and the norms fused, HF static
 #   bash scripts/gpu-validate.sh OUT_DIR quant   # bench_quant --speed, PDL mode 4 beside the default
-#   bash scripts/gpu-validate.sh OUT_DIR quant-unfused  # the same with rope/KV write/decode separate
+#   bash scripts/gpu-validate.sh OUT_DIR quant-fused  # the same with rope/KV write/decode and norms fused
+#   bash scripts/gpu-validate.sh OUT_DIR persistent  # probe_persistent_layer: one persistent launch for
+#                                                #   every layer's GEMVs against a launch per projection
 #   bash scripts/gpu-validate.sh OUT_DIR probe   # probe_engine_step, overlapped and step by step
 #   bash scripts/gpu-validate.sh OUT_DIR jaxref  # float32 parity vs jaxref, plain and with blocked sums
 #
@@ -17,7 +19,7 @@
 # stage does not stop the next.
 set -u
 if [ $# -lt 2 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
-    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 out=$1
@@ -50,9 +52,11 @@ for stage in "$@"; do
             --decode-tokens 64 --pdl-modes 1 4 --out "$out" ;;
     quant)
         run quant-speed python3 benchmarks/bench_quant.py --speed --reps 10 --pdl-modes 4 --no-progress --out "$out" ;;
-    quant-unfused)
-        run quant-speed-unfused python3 benchmarks/bench_quant.py --speed --reps 10 --no-fused-decode --no-progress \
-            --out "$out" ;;
+    quant-fused)
+        run quant-speed-fused python3 benchmarks/bench_quant.py --speed --reps 10 --fused-decode --fused-norms \
+            --no-progress --out "$out" ;;
+    persistent)
+        run persistent-layer python3 benchmarks/probe_persistent_layer.py --out "$out" ;;
     probe)
         run probe-overlapped python3 benchmarks/probe_engine_step.py --out "$out"
         run probe-step-by-step python3 benchmarks/probe_engine_step.py --no-overlap --out "$out" ;;
@@ -60,7 +64,7 @@ for stage in "$@"; do
         run jaxref-parity python3 benchmarks/bench_jaxref.py --parity-only \
             --fp64-floor --sum-block 32 --out "$out" ;;
     *)
-        echo "unknown stage '$stage': expected tests, serve, quant, quant-unfused, probe or jaxref" >&2
+        echo "unknown stage '$stage': expected tests, serve, quant, quant-fused, persistent, probe or jaxref" >&2
         status=2 ;;
     esac
 done

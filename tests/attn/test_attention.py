@@ -61,6 +61,7 @@ def test_flat_cache_hands_the_paged_kernels_a_layout_they_accept(max_len: int, m
         return real_fused(op, *args, **kwargs)
 
     real, real_fused = flat.registry, flat.paged_cache.fused_impl
+    monkeypatch.setattr(flat.paged_cache, "FUSED_DECODE", True)  # the fused write's layout (opt-in)
     monkeypatch.setattr(flat, "registry", spy)
     monkeypatch.setattr(flat.paged_cache, "fused_impl", spy_fused)
     cfg = ModelConfig(vocab_size=8, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=8)
@@ -122,9 +123,11 @@ def test_paged_context_rejects_misshapen_steps() -> None:
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])
-def test_paged_context_rotary_decode_equals_rope_then_attend(qk_norm: bool) -> None:
+def test_paged_context_rotary_decode_equals_rope_then_attend(qk_norm: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     from tessera.attn import paged_cache
     from tessera.kernels import reference
+
+    monkeypatch.setattr(paged_cache, "FUSED_DECODE", True)  # opt-in (TESSERA_FUSED_DECODE=1)
 
     torch.manual_seed(1)
     spec = KVCacheSpec(n_layers=2, n_kv_heads=2, head_dim=8, block_size=3, num_blocks=9, dtype="float32")
@@ -147,12 +150,9 @@ def test_paged_context_rotary_decode_equals_rope_then_attend(qk_norm: bool) -> N
     for a, b in ((caches[0].k[1], caches[1].k[1]), (caches[0].v[1], caches[1].v[1]), (caches[0].k[0], caches[1].k[0])):
         assert torch.equal(a, b)
     off = PagedKVContext(caches[0], decode)
-    try:  # switched off, decode steps take the separate ops
-        paged_cache.FUSED_DECODE = False
-        assert off.attend_rotary(1, q, k, v, cos, sin, norm) is None
-        again = off.attend(1, qr[None], kr[None], v[None])[0]
-    finally:
-        paged_cache.FUSED_DECODE = True
+    monkeypatch.setattr(paged_cache, "FUSED_DECODE", False)  # switched off, decode steps take the separate ops
+    assert off.attend_rotary(1, q, k, v, cos, sin, norm) is None
+    again = off.attend(1, qr[None], kr[None], v[None])[0]
     torch.testing.assert_close(again, want, rtol=0, atol=0)
     prefill = PagedAttentionMetadata.from_handles(handles, [2, 1])  # not decode-only: the caller ropes
     assert PagedKVContext(caches[0], prefill).attend_rotary(0, torch.randn(3, 6, 8), torch.randn(3, 2, 8),

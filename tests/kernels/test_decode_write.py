@@ -132,12 +132,13 @@ def test_fused_rope_matches_rope_then_write_then_decode(qk_norm: bool) -> None:
 
 
 @pytest.mark.gpu
-def test_a_context_leaves_to_the_separate_ops_what_the_fused_kernel_refuses() -> None:
+def test_a_context_leaves_to_the_separate_ops_what_the_fused_kernel_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a GPU the fused ops' fallback would be the reference, which reads context lengths on the host (no
     CUDA graph could hold it): `PagedKVContext` hands such a step back to the separate ops instead."""
-    from tessera.attn import PagedAttentionMetadata, PagedKVCache, PagedKVContext
+    from tessera.attn import PagedAttentionMetadata, PagedKVCache, PagedKVContext, paged_cache
     from tessera.specs import KVCacheHandle, KVCacheSpec
 
+    monkeypatch.setattr(paged_cache, "FUSED_DECODE", True)  # off by default
     dev = torch.device("cuda")
     spec = KVCacheSpec(n_layers=1, n_kv_heads=2, head_dim=64, block_size=16, num_blocks=4, dtype="bfloat16")
     handle = KVCacheHandle(seq_id=0, block_ids=(1, 2), num_tokens=20, block_size=16)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -166,6 +168,8 @@ def test_a_paged_decode_step_runs_rope_write_and_attention_as_one_op(qk_norm: bo
     from tessera.attn import paged_cache
     from tessera.kernels import registry
 
+    monkeypatch.setattr(paged_cache, "FUSED_DECODE", True)  # off by default (slower at batch 1 on the H200)
+
     cfg = ModelConfig(vocab_size=31, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=24,
                       qk_norm=qk_norm, max_seq_len=32)
     model = _model(cfg, 0)
@@ -201,8 +205,27 @@ def test_a_paged_decode_step_runs_rope_write_and_attention_as_one_op(qk_norm: bo
     assert "attention.decode_paged_rope" not in unfused
 
 
+def test_decode_steps_take_the_separate_ops_by_default() -> None:
+    """The fused rope/write/decode op is opt-in (TESSERA_FUSED_DECODE=1): a process started without it runs a
+    decode step as rope, `kv_cache.write` and `attention.decode_paged`."""
+    import subprocess
+    import sys
+
+    code = "from tessera.attn import paged_cache; from tessera.model import layers; " \
+           "print(paged_cache.FUSED_DECODE, layers.FUSED_NORMS)"
+    env = {k: v for k, v in os.environ.items() if k not in ("TESSERA_FUSED_DECODE", "TESSERA_FUSED_NORM")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+    env.update(TESSERA_FUSED_DECODE="1", TESSERA_FUSED_NORM="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"]
+
+
 def test_a_flat_cache_decode_step_also_runs_one_attention_op(monkeypatch) -> None:
+    from tessera.attn import paged_cache
     from tessera.kernels import registry
+
+    monkeypatch.setattr(paged_cache, "FUSED_DECODE", True)
 
     cfg = ModelConfig(vocab_size=31, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=24,
                       qk_norm=True, max_seq_len=32)

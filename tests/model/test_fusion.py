@@ -191,7 +191,9 @@ def test_chained_norms_go_to_the_fused_projections_unless_hooked(monkeypatch: py
     (`dense.normed_linear`; on a CPU the two ops, so the same bits); a forward hook on a layer's attention or
     MLP sends its norm back to the separate op, so the hook still sees the normalised input."""
     from tessera.model import fusion
+    from tessera.model import layers as model_layers
 
+    monkeypatch.setattr(model_layers, "FUSED_NORMS", True)  # opt-in (TESSERA_FUSED_NORM=1)
     _, model = _pair("qwen2-bias")
     fuse_projections(model)
     ids = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(5))

@@ -19,11 +19,12 @@ from tessera.specs import KernelImpl, KVCacheHandle, KVCacheSpec
 
 _UNSCALED_DTYPES = {"float32", "bfloat16", "float16", "float8_e4m3fn"}
 
-#: Whether decode-only steps rotate (`attend_rotary`), write and attend in one op. False restores the
-#: separate rope, `kv_cache.write` and `attention.decode_paged` ops: for timing one against the other in a
-#: process, or to set the fused kernel aside. Read at each call (a CUDA graph keeps what was in force when
-#: it was captured); TESSERA_FUSED_DECODE=0 turns it off from the start.
-FUSED_DECODE = os.environ.get("TESSERA_FUSED_DECODE", "1") != "0"
+#: Whether decode-only steps rotate (`attend_rotary`), write and attend in one op. Off by default: on the
+#: H200 a batch-1 decode graph replayed 3% faster with the separate rope, `kv_cache.write` and
+#: `attention.decode_paged` launches, which PDL overlaps (benchmarks/results/
+#: serve-decode-normed-nvidia-h200-2026-12-05.json). Read at each call (a CUDA graph keeps what was in force
+#: when it was captured); TESSERA_FUSED_DECODE=1 turns it on from the start.
+FUSED_DECODE = os.environ.get("TESSERA_FUSED_DECODE", "0") == "1"
 
 
 def fused_impl(op: str, *args: torch.Tensor, **kwargs: object) -> KernelImpl | None:

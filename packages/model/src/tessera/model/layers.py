@@ -21,9 +21,11 @@ if TYPE_CHECKING:
     from tessera.model.fusion import FusedProjections
 
 
-#: Whether a chained block's norms may run inside its fused projections (`forward_normed`); off
-#: (`TESSERA_FUSED_NORM=0`, or set to False) to compare against the separate norm launches.
-FUSED_NORMS = os.environ.get("TESSERA_FUSED_NORM", "1") != "0"
+#: Whether a chained block's norms may run inside its fused projections (`forward_normed`). Off by default:
+#: on the H200 a batch-1 decode graph replayed 1.7% faster with each norm a launch of its own, which PDL
+#: overlaps (benchmarks/results/serve-decode-normed-nvidia-h200-2026-12-05.json); `TESSERA_FUSED_NORM=1`, or
+#: setting it True, turns it on.
+FUSED_NORMS = os.environ.get("TESSERA_FUSED_NORM", "0") == "1"
 
 
 def _norm_target(module: nn.Module, fused: FusedProjections | None,
