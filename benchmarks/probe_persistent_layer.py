@@ -14,7 +14,7 @@ A diagnosis that decides whether a persistent per-layer decode kernel is worth b
 benchmark with a target.
 
     source scripts/gpu-env.sh && python3 benchmarks/probe_persistent_layer.py --out $OUT
-    TRITON_INTERPRET=1 python3 benchmarks/probe_persistent_layer.py --tiny   # CPU check of the arithmetic
+    TRITON_INTERPRET=1 python3 benchmarks/probe_persistent_layer.py --tiny   # CPU check (float32, one program)
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def _grid_barrier(counter, target, flag, SPIN_LIMIT: tl.constexpr):
     """Arrive at `counter` and wait until `target` programs have arrived; gives up after SPIN_LIMIT polls
     and raises `flag` so that a barrier that can never complete (programs not co-resident) shows up as an
     error instead of a hang."""
+    tl.debug_barrier()  # every thread's stores of this phase before the program's release
     tl.atomic_add(counter, 1, sem="release", scope="gpu")
     seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
     spins = 0
@@ -46,6 +47,7 @@ def _grid_barrier(counter, target, flag, SPIN_LIMIT: tl.constexpr):
         spins += 1
     if seen < target:
         tl.atomic_add(flag, 1)
+    tl.debug_barrier()
 
 
 @triton.jit
@@ -56,18 +58,19 @@ def _tile(w_ptr, tile, K: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
-def _normed(h_ptr, D: tl.constexpr, eps):
+def _normed(h_ptr, D: tl.constexpr, eps, DT: tl.constexpr):
     cols = tl.arange(0, D)
     h = tl.load(h_ptr + cols, cache_modifier=".cg")
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / D + eps)
-    return (h * rstd).to(tl.bfloat16).to(tl.float32)
+    return (h * rstd).to(DT).to(tl.float32)
 
 
 @triton.jit
 def _phase(w_ptr, first, x, out_ptr, res_ptr, pid, P, N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
            BN: tl.constexpr, RESIDUAL: tl.constexpr):
     """y = W @ x over this program's tiles (the first one already loaded: `first`); writes y rounded to
-    bf16, or with RESIDUAL adds y to the float32 residual rows instead."""
+    the weights' dtype, or with RESIDUAL adds y so rounded to the float32 residual rows instead."""
+    DT: tl.constexpr = w_ptr.dtype.element_ty
     ntiles: tl.constexpr = N // BN
     w = first
     tile = pid
@@ -76,9 +79,9 @@ def _phase(w_ptr, first, x, out_ptr, res_ptr, pid, P, N: tl.constexpr, K: tl.con
         rows = tile * BN + tl.arange(0, BN)
         if RESIDUAL:
             r = tl.load(res_ptr + rows, cache_modifier=".cg")
-            tl.store(res_ptr + rows, r + y.to(tl.bfloat16).to(tl.float32))
+            tl.store(res_ptr + rows, r + y.to(DT).to(tl.float32))
         else:
-            tl.store(out_ptr + rows, y.to(tl.bfloat16))
+            tl.store(out_ptr + rows, y.to(DT))
         tile += P
         if tile < ntiles:
             w = _tile(w_ptr, tile, K, KP, BN)
@@ -92,6 +95,7 @@ def _layers_kernel(h_ptr, wqkv, wo, wgu, wd, a_ptr, g_ptr, counter, flag, eps, L
                    PREFETCH: tl.constexpr, SPIN_LIMIT: tl.constexpr):
     pid = tl.program_id(0)
     P = tl.num_programs(0)
+    DT: tl.constexpr = wqkv.dtype.element_ty
     phase = 0
     for layer in range(L):
         lqkv = wqkv + layer * NQKV * D
@@ -100,7 +104,7 @@ def _layers_kernel(h_ptr, wqkv, wo, wgu, wd, a_ptr, g_ptr, counter, flag, eps, L
         ld = wd + layer * D * DI
         # q/k/v from the normalised residual; its first DO outputs stand in for the attention output
         w = _tile(lqkv, pid, D, D, BN_QKV)
-        x = _normed(h_ptr, D, eps)
+        x = _normed(h_ptr, D, eps, DT)
         _phase(lqkv, w, x, a_ptr, h_ptr, pid, P, NQKV, D, D, BN_QKV, False)
         if PREFETCH:
             w = _tile(lo, pid, DO, DO_P, BN_O)
@@ -117,7 +121,7 @@ def _layers_kernel(h_ptr, wqkv, wo, wgu, wd, a_ptr, g_ptr, counter, flag, eps, L
         _grid_barrier(counter, phase * P, flag, SPIN_LIMIT)
         if not PREFETCH:
             w = _tile(lgu, pid, D, D, BN_GU)
-        x = _normed(h_ptr, D, eps)
+        x = _normed(h_ptr, D, eps, DT)
         _phase(lgu, w, x, g_ptr, h_ptr, pid, P, NGU, D, D, BN_GU, False)
         if PREFETCH:
             w = _tile(ld, pid, DI, DI_P, BN_D)
@@ -128,24 +132,25 @@ def _layers_kernel(h_ptr, wqkv, wo, wgu, wd, a_ptr, g_ptr, counter, flag, eps, L
         cols = tl.arange(0, DI_P)
         gate = tl.load(g_ptr + cols, mask=cols < DI, other=0.0, cache_modifier=".cg").to(tl.float32)
         up = tl.load(g_ptr + DI + cols, mask=cols < DI, other=0.0, cache_modifier=".cg").to(tl.float32)
-        x = (gate * tl.sigmoid(gate)).to(tl.bfloat16).to(tl.float32) * up
-        x = x.to(tl.bfloat16).to(tl.float32)
+        x = (gate * tl.sigmoid(gate)).to(DT).to(tl.float32) * up
+        x = x.to(DT).to(tl.float32)
         _phase(ld, w, x, g_ptr, h_ptr, pid, P, D, DI, DI_P, BN_D, True)
         phase += 1
         _grid_barrier(counter, phase * P, flag, SPIN_LIMIT)
 
 
-def _rms(h: torch.Tensor, eps: float) -> torch.Tensor:
-    return (h * torch.rsqrt(h.pow(2).mean() + eps)).to(torch.bfloat16)
+def _rms(h: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    return (h * torch.rsqrt(h.pow(2).mean() + eps)).to(dtype)
 
 
 def torch_layers(h: torch.Tensor, w: dict[str, torch.Tensor], eps: float, do: int, di: int) -> torch.Tensor:
     """The same arithmetic, one cuBLAS launch per projection (h float32 of shape (D,), updated in place)."""
+    dt = w["qkv"].dtype
     for layer in range(w["qkv"].shape[0]):
-        a = F.linear(_rms(h, eps)[None], w["qkv"][layer])[0]
+        a = F.linear(_rms(h, eps, dt)[None], w["qkv"][layer])[0]
         h += F.linear(a[None, :do], w["o"][layer])[0].float()
-        g = F.linear(_rms(h, eps)[None], w["gu"][layer])[0]
-        x = (F.silu(g[:di].float()).to(torch.bfloat16).float() * g[di:].float()).to(torch.bfloat16)
+        g = F.linear(_rms(h, eps, dt)[None], w["gu"][layer])[0]
+        x = (F.silu(g[:di].float()).to(dt).float() * g[di:].float()).to(dt)
         h += F.linear(x[None], w["d"][layer])[0].float()
     return h
 
@@ -213,14 +218,17 @@ def main(argv: list[str] | None = None) -> int:
                {"qkv": 32, "o": 16, "gu": 32, "d": 16}]
         programs = torch.cuda.get_device_properties(dev).multi_processor_count
     eps = 1e-6
+    # bf16 as served; the CPU check in float32, whose roundings the interpreter and torch share (the
+    # interpreter's float32 -> bf16 conversion does not round as torch's does)
+    dtype, limit = (torch.float32, 1e-4) if args.tiny else (torch.bfloat16, 2e-2)
 
     def weight(n: int, k: int) -> torch.Tensor:
-        return (torch.randn(layers, n, k, device=dev) * k ** -0.5).to(torch.bfloat16)
+        return (torch.randn(layers, n, k, device=dev) * k ** -0.5).to(dtype)
 
     w = {"qkv": weight(nqkv, d), "o": weight(d, do), "gu": weight(ngu, d), "d": weight(d, di)}
     h0 = torch.randn(d, device=dev)
-    scratch = {"a": torch.empty(nqkv, device=dev, dtype=torch.bfloat16),
-               "g": torch.empty(ngu, device=dev, dtype=torch.bfloat16),
+    scratch = {"a": torch.empty(nqkv, device=dev, dtype=dtype),
+               "g": torch.empty(ngu, device=dev, dtype=dtype),
                "counter": torch.zeros(1, device=dev, dtype=torch.int32),
                "flag": torch.zeros(1, device=dev, dtype=torch.int32)}
     want = torch_layers(h0.clone(), w, eps, do, di)
@@ -256,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(row, flush=True)
     print_table(rows, "four projections per layer, batch 1 (relative error of the final residual vs the cuBLAS path)")
     result["rows"] = rows
-    bad = [r for r in rows if r.get("max_err") is not None and (r["max_err"] > 2e-2 or r["barrier_timeouts"])]
+    bad = [r for r in rows if r.get("max_err") is not None and (r["max_err"] > limit or r["barrier_timeouts"])]
     if cuda or args.out:
         write_result("probe-persistent-layer", result, args.out)
     if bad:
