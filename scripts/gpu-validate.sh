@@ -4,7 +4,7 @@
 #
 #   bash scripts/gpu-validate.sh OUT_DIR tests   # GPU tests: serving engine (graphs, overlapped decode),
 #                                                #   PDL chain in every mode, dense routing, fused cache
-#                                                #   write, parity of the gated, normalised and paged decode ops
+#                                                #   write, parity of the quantized gated and normalised ops
 #   bash scripts/gpu-validate.sh OUT_DIR serve   # bench_serve decode: engine overlapped and step by step,
 #                                                #   graph replay in PDL modes 3 (default), 1 and 4 and with
 #                                                #   rope/KV write/decode and the norms fused, HF static
@@ -46,7 +46,10 @@ for stage in "$@"; do
     tests)
         run gpu-tests python3 -m pytest -q -m gpu tests/serve tests/kernels/test_pdl.py \
             tests/kernels/test_dense_linear.py tests/kernels/test_quant_gemv.py tests/kernels/test_decode_write.py
-        run new-op-parity python3 -m pytest -q tests/kernels/test_parity.py -k "gated or normed or decode_paged" ;;
+        # the quantized gated and normalised ops (their small-shape parity, ~20 s a case on the H200; the
+        # dense ones and the paged decode ops passed at cddc026), on the seed of the strided gated int4 failure
+        run new-op-parity env TESSERA_TEST_SEED="${TESSERA_TEST_SEED:-16163947}" python3 -m pytest -q \
+            tests/kernels/test_parity.py -k "not real_shapes and (int4_awq_gated or int4_awq_normed or int8_weight_only_gated or int8_weight_only_normed)" ;;
     serve)
         run serve-decode python3 benchmarks/bench_serve.py --sections decode --hf-decode-modes static \
             --decode-tokens 64 --pdl-modes 1 4 --out "$out" ;;
