@@ -51,10 +51,26 @@ def _grid_barrier(counter, target, flag, SPIN_LIMIT: tl.constexpr):
 
 
 @triton.jit
-def _tile(w_ptr, tile, K: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr):
+def _tile(w_ptr, tile, N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr):
+    """Rows [tile * BN, tile * BN + BN) of an [N, K] weight; a program past the last tile reads nothing."""
     rows = tile * BN + tl.arange(0, BN)
     cols = tl.arange(0, KP)
-    return tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=cols[None, :] < K, other=0.0)
+    return tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=(rows[:, None] < N) & (cols[None, :] < K),
+                   other=0.0)
+
+
+@triton.jit
+def _handoff(w_ptr, pid, N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr, counter, target,
+             flag, PREFETCH: tl.constexpr, SPIN_LIMIT: tl.constexpr):
+    """The grid barrier between two phases, and this program's first weight tile of the next one: loaded
+    before the wait with PREFETCH (weights do not depend on the activations), after it otherwise."""
+    if PREFETCH:
+        w = _tile(w_ptr, pid, N, K, KP, BN)
+        _grid_barrier(counter, target, flag, SPIN_LIMIT)
+    else:
+        _grid_barrier(counter, target, flag, SPIN_LIMIT)
+        w = _tile(w_ptr, pid, N, K, KP, BN)
+    return w
 
 
 @triton.jit
@@ -84,7 +100,7 @@ def _phase(w_ptr, first, x, out_ptr, res_ptr, pid, P, N: tl.constexpr, K: tl.con
             tl.store(out_ptr + rows, y.to(DT))
         tile += P
         if tile < ntiles:
-            w = _tile(w_ptr, tile, K, KP, BN)
+            w = _tile(w_ptr, tile, N, K, KP, BN)
 
 
 @triton.jit
@@ -97,38 +113,25 @@ def _layers_kernel(h_ptr, wqkv, wo, wgu, wd, a_ptr, g_ptr, counter, flag, eps, L
     P = tl.num_programs(0)
     DT: tl.constexpr = wqkv.dtype.element_ty
     phase = 0
+    w = _tile(wqkv, pid, NQKV, D, D, BN_QKV)
     for layer in range(L):
-        lqkv = wqkv + layer * NQKV * D
         lo = wo + layer * D * DO
         lgu = wgu + layer * NGU * D
         ld = wd + layer * D * DI
         # q/k/v from the normalised residual; its first DO outputs stand in for the attention output
-        w = _tile(lqkv, pid, D, D, BN_QKV)
         x = _normed(h_ptr, D, eps, DT)
-        _phase(lqkv, w, x, a_ptr, h_ptr, pid, P, NQKV, D, D, BN_QKV, False)
-        if PREFETCH:
-            w = _tile(lo, pid, DO, DO_P, BN_O)
+        _phase(wqkv + layer * NQKV * D, w, x, a_ptr, h_ptr, pid, P, NQKV, D, D, BN_QKV, False)
         phase += 1
-        _grid_barrier(counter, phase * P, flag, SPIN_LIMIT)
-        if not PREFETCH:
-            w = _tile(lo, pid, DO, DO_P, BN_O)
+        w = _handoff(lo, pid, D, DO, DO_P, BN_O, counter, phase * P, flag, PREFETCH, SPIN_LIMIT)
         cols = tl.arange(0, DO_P)
         x = tl.load(a_ptr + cols, mask=cols < DO, other=0.0, cache_modifier=".cg").to(tl.float32)
         _phase(lo, w, x, a_ptr, h_ptr, pid, P, D, DO, DO_P, BN_O, True)
-        if PREFETCH:
-            w = _tile(lgu, pid, D, D, BN_GU)
         phase += 1
-        _grid_barrier(counter, phase * P, flag, SPIN_LIMIT)
-        if not PREFETCH:
-            w = _tile(lgu, pid, D, D, BN_GU)
+        w = _handoff(lgu, pid, NGU, D, D, BN_GU, counter, phase * P, flag, PREFETCH, SPIN_LIMIT)
         x = _normed(h_ptr, D, eps, DT)
         _phase(lgu, w, x, g_ptr, h_ptr, pid, P, NGU, D, D, BN_GU, False)
-        if PREFETCH:
-            w = _tile(ld, pid, DI, DI_P, BN_D)
         phase += 1
-        _grid_barrier(counter, phase * P, flag, SPIN_LIMIT)
-        if not PREFETCH:
-            w = _tile(ld, pid, DI, DI_P, BN_D)
+        w = _handoff(ld, pid, D, DI, DI_P, BN_D, counter, phase * P, flag, PREFETCH, SPIN_LIMIT)
         cols = tl.arange(0, DI_P)
         gate = tl.load(g_ptr + cols, mask=cols < DI, other=0.0, cache_modifier=".cg").to(tl.float32)
         up = tl.load(g_ptr + DI + cols, mask=cols < DI, other=0.0, cache_modifier=".cg").to(tl.float32)
@@ -136,7 +139,9 @@ def _layers_kernel(h_ptr, wqkv, wo, wgu, wd, a_ptr, g_ptr, counter, flag, eps, L
         x = x.to(DT).to(tl.float32)
         _phase(ld, w, x, g_ptr, h_ptr, pid, P, D, DI, DI_P, BN_D, True)
         phase += 1
-        _grid_barrier(counter, phase * P, flag, SPIN_LIMIT)
+        # the next layer's q/k/v (after the last layer, layer 0's again: read and left unused)
+        nxt = wqkv + ((layer + 1) % L) * NQKV * D
+        w = _handoff(nxt, pid, NQKV, D, D, BN_QKV, counter, phase * P, flag, PREFETCH, SPIN_LIMIT)
 
 
 def _rms(h: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
