@@ -1,19 +1,22 @@
-"""Would a persistent decode kernel reach the bandwidth roofline? A feasibility probe for batch-1 decode:
-the four weight GEMVs of each layer of a Qwen3-0.6B-shaped model (fused q/k/v, o, fused gate/up, down),
-28 layers, run by ONE Triton launch whose programs (one per SM) step through the phases together,
-separated by grid-wide barriers (an atomic counter), against the same work as one cuBLAS launch per
-projection (`F.linear`, with the RMSNorm, residual and SiLU-gate ops between them) replayed from a CUDA
-graph. Attention is left out (at short contexts it reads little), as are rope and the KV write; what is
-measured is how close the weight stream gets to the copy ceiling once launches and their ramps are gone.
+"""Would a persistent decode kernel reach the bandwidth roofline? A feasibility probe for batch-1 decode
+of a Qwen3-0.6B-shaped model (28 layers; per layer the fused q/k/v, o, fused gate/up and down
+projections, RMSNorm, the SiLU gate and the residual adds, and with `--context T` attention over T cached
+positions with this step's k and v written first), run by ONE Triton launch whose programs (one per
+SM) step through the phases together, separated by grid-wide barriers (an atomic counter). The peer is
+the same work as a launch per op (`F.linear`, SDPA, the pointwise ops) replayed from a CUDA graph. Rope
+and QK-norm are left out (a few hundred flops a head); what is measured is how close the weight and
+KV stream gets to the copy ceiling once launches and their ramps are gone.
 
-Each phase's program takes tiles of `BN` weight rows by the whole K. With `--prefetch`, a program loads
-its first tile of the next phase before it waits at the barrier (weights do not depend on the
-activations), so the wait overlaps the load. The activations go through global memory (L2) between phases.
+Each projection phase gives a program tiles of `BN` weight rows by the whole K. With prefetch, a program
+loads its first tile of the next phase before it waits at the barrier (weights do not depend on the
+activations), so the wait overlaps the load. Attention splits each kv head's positions over programs;
+the last split of a head to finish merges the head's partials (a counter per head), and one more
+barrier precedes the o projection. Activations go through global memory (L2) between phases.
 
 A diagnosis that decides whether a persistent per-layer decode kernel is worth building, not a
 benchmark with a target.
 
-    source scripts/gpu-env.sh && python3 benchmarks/probe_persistent_layer.py --out $OUT
+    source scripts/gpu-env.sh && python3 benchmarks/probe_persistent_layer.py --out $OUT   # contexts 0, 512
     TRITON_INTERPRET=1 python3 benchmarks/probe_persistent_layer.py --tiny   # CPU check (float32, one program)
 """
 
@@ -74,6 +77,60 @@ def _handoff(w_ptr, pid, N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BN:
 
 
 @triton.jit
+def _attention(a_ptr, o_ptr, kc, vc, part, hcnt, pid, P, scale, T: tl.constexpr, HKV: tl.constexpr,
+               G: tl.constexpr, HD: tl.constexpr, TS: tl.constexpr, S: tl.constexpr, SP: tl.constexpr):
+    """Batch-1 decode attention of one layer over its cache kc / vc [TMAX, HKV, HD] holding T positions,
+    the last one this step's: a work item is (kv head, split of TS positions); its program writes the new
+    k and v where the split holds position T - 1, attends its G query heads over the split, and stores
+    (acc, max, sum) to `part`. The last split of a head to finish (a counter per head) merges the head's
+    S partials into o_ptr, as split-K's combine does."""
+    DT: tl.constexpr = o_ptr.dtype.element_ty
+    NQ: tl.constexpr = HKV * G * HD
+    W: tl.constexpr = HD + 2  # a partial: acc [HD], max, sum
+    gs = tl.arange(0, G)
+    ds = tl.arange(0, HD)
+    item = pid
+    while item < HKV * S:
+        kvh = item // S
+        split = item % S
+        q = tl.load(a_ptr + (kvh * G + gs)[:, None] * HD + ds[None, :], cache_modifier=".cg").to(tl.float32)
+        newest = split == S - 1  # position T - 1 lies in the last split
+        row = (T - 1) * HKV * HD + kvh * HD + ds
+        tl.store(kc + row, tl.load(a_ptr + NQ + kvh * HD + ds, cache_modifier=".cg"), mask=newest & (ds < HD))
+        tl.store(vc + row, tl.load(a_ptr + NQ + HKV * HD + kvh * HD + ds, cache_modifier=".cg"),
+                 mask=newest & (ds < HD))
+        tl.debug_barrier()  # the CTA reads back what it wrote
+        ts = split * TS + tl.arange(0, TS)
+        at = ts[:, None] * HKV * HD + kvh * HD + ds[None, :]
+        k = tl.load(kc + at, mask=(ts < T)[:, None], other=0.0).to(tl.float32)
+        v = tl.load(vc + at, mask=(ts < T)[:, None], other=0.0).to(tl.float32)
+        sc = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [G, TS]
+        sc = tl.where((ts < T)[None, :], sc, float("-inf"))
+        m = tl.max(sc, axis=1)
+        p = tl.exp(sc - m[:, None])
+        acc = tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # [G, HD]
+        base = part + (kvh * S + split) * G * W
+        tl.store(base + gs[:, None] * W + ds[None, :], acc)
+        tl.store(base + gs * W + HD, m)
+        tl.store(base + gs * W + HD + 1, tl.sum(p, axis=1))
+        tl.debug_barrier()  # every thread's partial before one thread publishes it
+        arrived = tl.atomic_add(hcnt + kvh, 1, sem="acq_rel", scope="gpu")
+        last = arrived == S - 1
+        ss = tl.arange(0, SP)
+        ok = (ss < S)[:, None] & last
+        hp = part + (kvh * S + ss)[:, None] * G * W + gs[None, :] * W  # [SP, G]
+        pm = tl.load(hp + HD, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        pl = tl.load(hp + HD + 1, mask=ok, other=0.0, cache_modifier=".cg")
+        top = tl.max(pm, axis=0)
+        wgt = tl.where(ok, tl.exp(pm - top[None, :]), 0.0)
+        pacc = tl.load(hp[:, :, None] + ds[None, None, :], mask=ok[:, :, None], other=0.0, cache_modifier=".cg")
+        out = tl.sum(pacc * wgt[:, :, None], axis=0) / tl.sum(pl * wgt, axis=0)[:, None]
+        tl.store(o_ptr + (kvh * G + gs)[:, None] * HD + ds[None, :], out.to(DT), mask=last & (ds < HD)[None, :])
+        tl.atomic_xchg(hcnt + kvh, 0, mask=last, sem="relaxed", scope="gpu")  # ready for the next layer
+        item += P
+
+
+@triton.jit
 def _normed(h_ptr, D: tl.constexpr, eps, DT: tl.constexpr):
     cols = tl.arange(0, D)
     h = tl.load(h_ptr + cols, cache_modifier=".cg")
@@ -104,10 +161,12 @@ def _phase(w_ptr, first, x, out_ptr, res_ptr, pid, P, N: tl.constexpr, K: tl.con
 
 
 @triton.jit
-def _layers_kernel(h_ptr, wqkv, wo, wgu, wd, a_ptr, g_ptr, counter, flag, eps, L: tl.constexpr,
-                   D: tl.constexpr, NQKV: tl.constexpr, DO: tl.constexpr, DO_P: tl.constexpr,
+def _layers_kernel(h_ptr, wqkv, wo, wgu, wd, a_ptr, o_ptr, g_ptr, kc, vc, part, hcnt, counter, flag, eps,
+                   L: tl.constexpr, D: tl.constexpr, NQKV: tl.constexpr, DO: tl.constexpr, DO_P: tl.constexpr,
                    NGU: tl.constexpr, DI: tl.constexpr, DI_P: tl.constexpr,
                    BN_QKV: tl.constexpr, BN_O: tl.constexpr, BN_GU: tl.constexpr, BN_D: tl.constexpr,
+                   ATTN: tl.constexpr, T: tl.constexpr, TMAX: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+                   HD: tl.constexpr, TS: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, SCALE: tl.constexpr,
                    PREFETCH: tl.constexpr, SPIN_LIMIT: tl.constexpr):
     pid = tl.program_id(0)
     P = tl.num_programs(0)
@@ -118,13 +177,20 @@ def _layers_kernel(h_ptr, wqkv, wo, wgu, wd, a_ptr, g_ptr, counter, flag, eps, L
         lo = wo + layer * D * DO
         lgu = wgu + layer * NGU * D
         ld = wd + layer * D * DI
-        # q/k/v from the normalised residual; its first DO outputs stand in for the attention output
         x = _normed(h_ptr, D, eps, DT)
         _phase(wqkv + layer * NQKV * D, w, x, a_ptr, h_ptr, pid, P, NQKV, D, D, BN_QKV, False)
         phase += 1
         w = _handoff(lo, pid, D, DO, DO_P, BN_O, counter, phase * P, flag, PREFETCH, SPIN_LIMIT)
+        if ATTN:  # then a second barrier, the o projection's tile held meanwhile
+            lkv = layer * TMAX * HKV * HD
+            _attention(a_ptr, o_ptr, kc + lkv, vc + lkv, part, hcnt, pid, P, SCALE, T, HKV, G, HD, TS, S, SP)
+            phase += 1
+            _grid_barrier(counter, phase * P, flag, SPIN_LIMIT)
+            src = o_ptr
+        else:  # the first DO outputs of q/k/v stand in for the attention output
+            src = a_ptr
         cols = tl.arange(0, DO_P)
-        x = tl.load(a_ptr + cols, mask=cols < DO, other=0.0, cache_modifier=".cg").to(tl.float32)
+        x = tl.load(src + cols, mask=cols < DO, other=0.0, cache_modifier=".cg").to(tl.float32)
         _phase(lo, w, x, a_ptr, h_ptr, pid, P, D, DO, DO_P, BN_O, True)
         phase += 1
         w = _handoff(lgu, pid, NGU, D, D, BN_GU, counter, phase * P, flag, PREFETCH, SPIN_LIMIT)
@@ -148,12 +214,26 @@ def _rms(h: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
     return (h * torch.rsqrt(h.pow(2).mean() + eps)).to(dtype)
 
 
-def torch_layers(h: torch.Tensor, w: dict[str, torch.Tensor], eps: float, do: int, di: int) -> torch.Tensor:
-    """The same arithmetic, one cuBLAS launch per projection (h float32 of shape (D,), updated in place)."""
+def torch_layers(h: torch.Tensor, w: dict[str, torch.Tensor], eps: float, do: int, di: int,
+                 kv: dict | None = None) -> torch.Tensor:
+    """The same arithmetic, one cuBLAS launch per projection (h float32 of shape (D,), updated in place);
+    with `kv` (caches kc / vc [L, TMAX, HKV, HD], `t`, `g`), each layer writes its k and v at position t - 1
+    and attends over t positions with SDPA."""
     dt = w["qkv"].dtype
     for layer in range(w["qkv"].shape[0]):
         a = F.linear(_rms(h, eps, dt)[None], w["qkv"][layer])[0]
-        h += F.linear(a[None, :do], w["o"][layer])[0].float()
+        if kv is None:
+            o = a[:do]
+        else:
+            kc, vc, t = kv["kc"][layer], kv["vc"][layer], kv["t"]
+            hkv, hd = kc.shape[1], kc.shape[2]
+            nq = hkv * kv["g"] * hd
+            kc[t - 1] = a[nq:nq + hkv * hd].view(hkv, hd)
+            vc[t - 1] = a[nq + hkv * hd:nq + 2 * hkv * hd].view(hkv, hd)
+            q = a[:nq].view(1, hkv * kv["g"], 1, hd)
+            o = F.scaled_dot_product_attention(q, kc[:t].transpose(0, 1)[None], vc[:t].transpose(0, 1)[None],
+                                               enable_gqa=True).reshape(-1)
+        h += F.linear(o[None], w["o"][layer])[0].float()
         g = F.linear(_rms(h, eps, dt)[None], w["gu"][layer])[0]
         x = (F.silu(g[:di].float()).to(dt).float() * g[di:].float()).to(dt)
         h += F.linear(x[None], w["d"][layer])[0].float()
@@ -166,13 +246,24 @@ def _pow2(n: int) -> int:
 
 def persistent_layers(h: torch.Tensor, w: dict[str, torch.Tensor], eps: float, do: int, di: int,
                       programs: int, bn: dict[str, int], prefetch: bool, num_warps: int,
-                      scratch: dict[str, torch.Tensor]) -> None:
+                      scratch: dict[str, torch.Tensor], kv: dict | None = None) -> None:
+    """One launch of `_layers_kernel` over `programs` programs (all resident: one an SM); `kv` as for
+    `torch_layers`, with `ts` positions a split."""
     d = h.shape[0]
     scratch["counter"].zero_()
+    if kv is None:
+        kc = vc = scratch["a"]
+        t = tmax = hkv = g = hd = ts = splits = 1
+    else:
+        kc, vc, t, g, ts = kv["kc"], kv["vc"], kv["t"], kv["g"], kv["ts"]
+        tmax, hkv, hd = kc.shape[1], kc.shape[2], kc.shape[3]
+        splits = -(-t // ts)
     _layers_kernel[(programs,)](
-        h, w["qkv"], w["o"], w["gu"], w["d"], scratch["a"], scratch["g"], scratch["counter"], scratch["flag"],
-        eps, L=w["qkv"].shape[0], D=d, NQKV=w["qkv"].shape[1], DO=do, DO_P=_pow2(do), NGU=w["gu"].shape[1],
+        h, w["qkv"], w["o"], w["gu"], w["d"], scratch["a"], scratch["o"], scratch["g"], kc, vc, scratch["part"],
+        scratch["hcnt"], scratch["counter"], scratch["flag"], eps,
+        L=w["qkv"].shape[0], D=d, NQKV=w["qkv"].shape[1], DO=do, DO_P=_pow2(do), NGU=w["gu"].shape[1],
         DI=di, DI_P=_pow2(di), BN_QKV=bn["qkv"], BN_O=bn["o"], BN_GU=bn["gu"], BN_D=bn["d"],
+        ATTN=kv is not None, T=t, TMAX=tmax, HKV=hkv, G=g, HD=hd, TS=ts, S=splits, SP=_pow2(splits), SCALE=hd ** -0.5,
         PREFETCH=prefetch, SPIN_LIMIT=1 << 16, num_warps=num_warps)
 
 
@@ -200,28 +291,40 @@ def _graph_ms(fn, reps: int) -> float:
     return times[len(times) // 2]
 
 
+def _fresh(kv: dict | None) -> dict | None:
+    """`kv` with caches of its own (each path writes this step's k and v into them)."""
+    return None if kv is None else {**kv, "kc": kv["kc"].clone(), "vc": kv["vc"].clone()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--context", type=int, nargs="+", default=[0, 512],
+                        help="cached positions attended at the step, this step's included; 0 leaves attention "
+                             "out (the GEMVs alone)")
     parser.add_argument("--reps", type=int, default=50, help="timed graph replays (median)")
     parser.add_argument("--warps", type=int, nargs="+", default=[8, 16], help="num_warps values to try")
     parser.add_argument("--tiny", action="store_true", help="small shapes, one program: the CPU check")
     parser.add_argument("--out", type=Path, default=None, help="directory for the JSON (default benchmarks/results)")
     args = parser.parse_args(argv)
-    if args.layers < 1 or args.reps < 1:
-        parser.error(f"--layers and --reps must be positive, got {args.layers} and {args.reps}")
+    if args.layers < 1 or args.reps < 1 or any(c < 0 for c in args.context):
+        parser.error(f"--layers, --reps must be positive and --context >= 0, got {args.layers}, {args.reps}, "
+                     f"{args.context}")
     cuda = torch.cuda.is_available() and not args.tiny
     dev = torch.device("cuda" if cuda else "cpu")
     torch.manual_seed(0)
-    if args.tiny:
-        d, nqkv, do, ngu, di, layers = 64, 128, 96, 192, 96, 2
+    if args.tiny:  # 4 query heads, 2 kv heads of 16
+        d, hkv, g, hd, ngu, di, layers = 64, 2, 2, 16, 192, 96, 2
+        contexts = [0, 20]
         bns = [{"qkv": 16, "o": 16, "gu": 16, "d": 16}]
         programs = 1
-    else:
-        d, nqkv, do, ngu, di, layers = 1024, 4096, 2048, 6144, 3072, args.layers
+    else:  # Qwen3-0.6B: 16 query heads, 8 kv heads of 128
+        d, hkv, g, hd, ngu, di, layers = 1024, 8, 2, 128, 6144, 3072, args.layers
+        contexts = args.context
         bns = [{"qkv": 32, "o": 8, "gu": 32, "d": 8}, {"qkv": 16, "o": 8, "gu": 16, "d": 8},
                {"qkv": 32, "o": 16, "gu": 32, "d": 16}]
         programs = torch.cuda.get_device_properties(dev).multi_processor_count
+    do, nqkv = hkv * g * hd, (hkv * g + 2 * hkv) * hd
     eps = 1e-6
     # bf16 as served; the CPU check in float32, whose roundings the interpreter and torch share (the
     # interpreter's float32 -> bf16 conversion does not round as torch's does)
@@ -232,48 +335,67 @@ def main(argv: list[str] | None = None) -> int:
 
     w = {"qkv": weight(nqkv, d), "o": weight(d, do), "gu": weight(ngu, d), "d": weight(d, di)}
     h0 = torch.randn(d, device=dev)
-    scratch = {"a": torch.empty(nqkv, device=dev, dtype=dtype),
-               "g": torch.empty(ngu, device=dev, dtype=dtype),
-               "counter": torch.zeros(1, device=dev, dtype=torch.int32),
-               "flag": torch.zeros(1, device=dev, dtype=torch.int32)}
-    want = torch_layers(h0.clone(), w, eps, do, di)
     weight_bytes = sum(t.numel() * t.element_size() for t in w.values())
-    rows = []
-    result: dict = {"layers": layers, "weight_bytes": weight_bytes, "programs": programs}
+    result: dict = {"layers": layers, "weight_bytes": weight_bytes, "programs": programs, "by_context": {}}
+    ceil = None
     if cuda:
         from _common import measure_ceilings
 
         ceil = measure_ceilings(dev, True, False)["copy_bytes_per_s"]
         result["copy_bytes_per_s"] = ceil
-        h = h0.clone()
-        ms = _graph_ms(lambda: torch_layers(h, w, eps, do, di), args.reps)
-        rows.append({"what": "cuBLAS, one launch per projection (graph)", "ms": ms, "us_per_layer": ms * 1e3 / layers,
-                     "fraction_of_copy": weight_bytes / (ms * 1e-3) / ceil, "max_err": None})
-    for bn in bns:
-        for prefetch in (False, True):
-            for warps in (args.warps if cuda else [4]):
-                h = h0.clone()
-                scratch["flag"].zero_()
-                persistent_layers(h, w, eps, do, di, programs, bn, prefetch, warps, scratch)
-                err = float((h - want).abs().max() / want.abs().max())
-                row = {"what": f"persistent, BN {bn}, prefetch {prefetch}, warps {warps}", "max_err": err,
-                       "barrier_timeouts": int(scratch["flag"].item())}
-                if cuda:
-                    call = functools.partial(persistent_layers, h, w, eps, do, di, programs, bn, prefetch, warps,
-                                             scratch)
-                    ms = _graph_ms(call, args.reps)
-                    row.update(ms=ms, us_per_layer=ms * 1e3 / layers,
-                               fraction_of_copy=weight_bytes / (ms * 1e-3) / ceil)
-                    row["barrier_timeouts"] = int(scratch["flag"].item())
-                rows.append(row)
-                print(row, flush=True)
-    print_table(rows, "four projections per layer, batch 1 (relative error of the final residual vs the cuBLAS path)")
-    result["rows"] = rows
-    bad = [r for r in rows if r.get("max_err") is not None and (r["max_err"] > limit or r["barrier_timeouts"])]
+    failed = 0
+    for t in contexts:
+        kv0 = None
+        if t:
+            tmax = _pow2(t)
+            kv0 = {"kc": torch.randn(layers, tmax, hkv, hd, device=dev).to(dtype),
+                   "vc": torch.randn(layers, tmax, hkv, hd, device=dev).to(dtype), "t": t, "g": g,
+                   "ts": 8 if args.tiny else _pow2(-(-t // max(1, programs // hkv)))}
+
+        scratch = {"a": torch.empty(nqkv, device=dev, dtype=dtype), "o": torch.empty(do, device=dev, dtype=dtype),
+                   "g": torch.empty(ngu, device=dev, dtype=dtype),
+                   "part": torch.empty(hkv * 64 * g * (hd + 2), device=dev),  # up to 64 splits a head
+                   "hcnt": torch.zeros(hkv, device=dev, dtype=torch.int32),
+                   "counter": torch.zeros(1, device=dev, dtype=torch.int32),
+                   "flag": torch.zeros(1, device=dev, dtype=torch.int32)}
+        if kv0 is not None and -(-t // kv0["ts"]) > 64:
+            parser.error(f"--context {t}: more than 64 splits a head")
+        want = torch_layers(h0.clone(), w, eps, do, di, _fresh(kv0))
+        kv_bytes = 0 if kv0 is None else 2 * layers * t * hkv * hd * kv0["kc"].element_size()
+        rows = []
+        if cuda:
+            ms = _graph_ms(functools.partial(torch_layers, h0.clone(), w, eps, do, di, _fresh(kv0)), args.reps)
+            rows.append({"what": "cuBLAS + SDPA, a launch per op (graph)" if t else "cuBLAS, a launch per projection "
+                         "(graph)", "ms": ms, "us_per_layer": ms * 1e3 / layers,
+                         "fraction_of_copy": (weight_bytes + kv_bytes) / (ms * 1e-3) / ceil, "max_err": None})
+        for bn in bns:
+            for prefetch in (False, True):
+                for warps in (args.warps if cuda else [4]):
+                    h, kv = h0.clone(), _fresh(kv0)
+                    scratch["flag"].zero_()
+                    persistent_layers(h, w, eps, do, di, programs, bn, prefetch, warps, scratch, kv)
+                    err = float((h - want).abs().max() / want.abs().max())
+                    row = {"what": f"persistent, BN {bn}, prefetch {prefetch}, warps {warps}", "max_err": err,
+                           "barrier_timeouts": int(scratch["flag"].item())}
+                    if cuda:
+                        call = functools.partial(persistent_layers, h, w, eps, do, di, programs, bn, prefetch,
+                                                 warps, scratch, kv)
+                        ms = _graph_ms(call, args.reps)
+                        row.update(ms=ms, us_per_layer=ms * 1e3 / layers,
+                                   fraction_of_copy=(weight_bytes + kv_bytes) / (ms * 1e-3) / ceil)
+                        row["barrier_timeouts"] = int(scratch["flag"].item())
+                    rows.append(row)
+                    print(t, row, flush=True)
+        what = f"attention over {t} positions" if t else "no attention"
+        print_table(rows, f"batch 1, {layers} layers, {what} (max_err: the final residual's error relative to "
+                          "the per-launch path)")
+        result["by_context"][str(t)] = {"kv_bytes": kv_bytes, "rows": rows}
+        failed += sum(1 for r in rows
+                      if r.get("max_err") is not None and (r["max_err"] > limit or r["barrier_timeouts"]))
     if cuda or args.out:
         write_result("probe-persistent-layer", result, args.out)
-    if bad:
-        print(f"{len(bad)} configuration(s) disagree with the per-launch path or timed out at a barrier")
+    if failed:
+        print(f"{failed} configuration(s) disagree with the per-launch path or timed out at a barrier")
         return 1
     return 0
 
