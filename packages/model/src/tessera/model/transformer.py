@@ -17,6 +17,7 @@ from torch.nn.modules import module as module_hooks
 
 from tessera.attn import KVContext, RotaryEmbedding
 from tessera.kernels import registry
+from tessera.model import persistent
 from tessera.model.layers import DecoderLayer, RMSNorm
 from tessera.specs import ModelConfig
 
@@ -89,6 +90,10 @@ class Transformer(nn.Module):
             raise ValueError(f"positions shape {tuple(positions.shape)} != input_ids shape {tuple(input_ids.shape)}")
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(positions, x.dtype)
+        if kv is not None and not wanted and persistent.PERSISTENT_DECODE and self._adds_deferrable():
+            h = persistent.hidden(self, input_ids, x, cos, sin, kv)  # None where it cannot take the step
+            if h is not None:
+                return h, {}
         if not wanted and self.model.layers and self._adds_deferrable():
             # Each block's residual add runs inside the next norm (`DecoderLayer`): one launch fewer a block.
             out, h = x, None

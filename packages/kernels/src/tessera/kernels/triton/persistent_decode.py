@@ -1,0 +1,253 @@
+"""Every decoder layer of a batch-1 decode step in ONE launch (opt-in, experimental).
+
+At one token a step, a decode layer is a chain of small launches (norm, q/k/v, rope, cache write,
+paged decode, merge, o, norm, gate/up, down), each a few microseconds of launch, ramp-up and tail
+around a few MB of weights. Here one program per SM steps through all layers' phases together,
+separated by grid-wide barriers (an arrival counter at GPU scope), so nothing is launched between
+them; before each barrier a program loads its first weight tile of the next phase, which does not
+depend on the activations, so the wait overlaps that load.
+
+Per layer:
+1. every program takes 1 / rms of the residual row (kept in float32, holding values of the model
+   dtype) and computes tiles of the fused q/k/v projection from the normalised row;
+2. attention: a work item per (kv head, split of the context); its program applies QK-norm and rope
+   to the head's queries and key (float32, rounded once, as `rope_qk_norm`), writes the new key and
+   value to the paged cache where its split holds the newest position, attends over its positions
+   (online softmax) and stores its partial; the last split of a head to arrive (a counter per head)
+   merges the head's partials into the attention output;
+3. the o projection, added to the residual (each sum rounded to the model dtype, as the model's adds);
+4. the post-attention norm and the fused gate/up projection;
+5. silu(gate) * up (rounded as `silu_mul`) and the down projection, added to the residual.
+
+The caller applies the final norm and the LM head. The kernel needs all programs resident at once
+(one per SM, and nothing else holding the SMs): a barrier that cannot complete gives up after a bounded
+number of polls and counts the failure in `flag`, so an impossible launch shows as an error, not a hang.
+Under the interpreter the programs run one after another, so only a one-program launch is meaningful
+there.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+#: Pointers per layer in the table the kernel reads: fused q/k/v, o, fused gate/up, down, input norm,
+#: post-attention norm, q norm, k norm, key cache, value cache.
+SLOTS = 10
+
+
+@triton.jit
+def _grid_barrier(counter, target, flag, SPIN_LIMIT: tl.constexpr):
+    """Arrive at `counter` and wait until it reaches `target`; after SPIN_LIMIT polls give up and count
+    it in `flag`."""
+    tl.debug_barrier()  # every thread's stores of the phase before the program's release
+    tl.atomic_add(counter, 1, sem="release", scope="gpu")
+    seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
+    spins = 0
+    while (seen < target) & (spins < SPIN_LIMIT):
+        seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
+        spins += 1
+    if seen < target:
+        tl.atomic_add(flag, 1)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _ptr(PTRS, layer, j: tl.constexpr, DT: tl.constexpr):
+    return tl.load(PTRS + layer * 10 + j).to(tl.pointer_type(DT))
+
+
+@triton.jit
+def _tile(w, tile, N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr):
+    """Rows [tile * BN, tile * BN + BN) of a row-major [N, K] weight; rows past N read nothing."""
+    rows = tile * BN + tl.arange(0, BN)
+    cols = tl.arange(0, KP)
+    return tl.load(w + rows[:, None] * K + cols[None, :], mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0)
+
+
+@triton.jit
+def _handoff(w, pid, N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr, counter, target, flag,
+             PREFETCH: tl.constexpr, SPIN_LIMIT: tl.constexpr):
+    """The barrier between two phases, and this program's first tile of the next phase's weight `w`:
+    loaded before the wait with PREFETCH, after it otherwise."""
+    if PREFETCH:
+        first = _tile(w, pid, N, K, KP, BN)
+        _grid_barrier(counter, target, flag, SPIN_LIMIT)
+    else:
+        _grid_barrier(counter, target, flag, SPIN_LIMIT)
+        first = _tile(w, pid, N, K, KP, BN)
+    return first
+
+
+@triton.jit
+def _gemv(w, first, x, out, resid, pid, P, N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr,
+          RESIDUAL: tl.constexpr):
+    """y = W @ x over this program's tiles (`first` already loaded), rounded to the dtype; stored to `out`,
+    or with RESIDUAL added to the float32 residual rows and the sum rounded."""
+    DT: tl.constexpr = out.dtype.element_ty
+    tiles: tl.constexpr = (N + BN - 1) // BN
+    wt = first
+    tile = pid
+    while tile < tiles:
+        y = tl.sum(wt.to(tl.float32) * x[None, :], axis=1).to(DT).to(tl.float32)
+        rows = tile * BN + tl.arange(0, BN)
+        if RESIDUAL:
+            r = tl.load(resid + rows, mask=rows < N, other=0.0, cache_modifier=".cg")
+            tl.store(resid + rows, (r + y).to(DT).to(tl.float32), mask=rows < N)
+        else:
+            tl.store(out + rows, y.to(DT), mask=rows < N)
+        tile += P
+        if tile < tiles:
+            wt = _tile(w, tile, N, K, KP, BN)
+
+
+@triton.jit
+def _normed_row(X, weight, D: tl.constexpr, eps, DT: tl.constexpr):
+    """rms_norm of the residual row with `weight`, rounded to the dtype (as the norm op), in float32."""
+    cols = tl.arange(0, D)
+    h = tl.load(X + cols, cache_modifier=".cg")
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / D + eps)
+    return (h * rstd * tl.load(weight + cols).to(tl.float32)).to(DT).to(tl.float32)
+
+
+@triton.jit
+def _rotated(src, rows, w, cos, sin, eps, HD: tl.constexpr, QK_NORM: tl.constexpr, DT: tl.constexpr):
+    """Heads `rows` [R] of `src` (rows of HD) after QK-norm (with QK_NORM) and rope, in float32, rounded
+    once to the dtype: `x * cos + rotate_half(x) * sin`."""
+    HALF: tl.constexpr = HD // 2
+    ds = tl.arange(0, HD)
+    sw = (ds + HALF) % HD
+    x = tl.load(src + rows[:, None] * HD + ds[None, :], cache_modifier=".cg").to(tl.float32)
+    xs = tl.load(src + rows[:, None] * HD + sw[None, :], cache_modifier=".cg").to(tl.float32)
+    if QK_NORM:
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / HD + eps)
+        x = x * rstd[:, None] * tl.load(w + ds).to(tl.float32)[None, :]
+        xs = xs * rstd[:, None] * tl.load(w + sw).to(tl.float32)[None, :]
+    sign = tl.where(ds < HALF, -1.0, 1.0)
+    return (x * cos[None, :] + sign[None, :] * xs * sin[None, :]).to(DT).to(tl.float32)
+
+
+@triton.jit
+def _attention(A, O, kc, vc, wq, wk, COS, SIN, SLOT, TABLE, CTX, PART, HCNT, pid, P, eps, scale,
+               HKV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, BS: tl.constexpr, S: tl.constexpr,
+               SP: tl.constexpr, BT: tl.constexpr, QK_NORM: tl.constexpr):
+    DT: tl.constexpr = O.dtype.element_ty
+    NQ: tl.constexpr = HKV * G * HD
+    W: tl.constexpr = HD + 2  # a partial: acc [HD], running max, running sum
+    gs = tl.arange(0, G)
+    ds = tl.arange(0, HD)
+    one = tl.arange(0, 1)
+    t_ctx = tl.load(CTX)
+    span = (t_ctx + S - 1) // S
+    slot = tl.load(SLOT).to(tl.int64)
+    cos = tl.load(COS + ds).to(tl.float32)
+    sin = tl.load(SIN + ds).to(tl.float32)
+    item = pid
+    while item < HKV * S:
+        kvh = item // S
+        split = item % S
+        begin = split * span
+        end = tl.minimum(begin + span, t_ctx)
+        q = _rotated(A, kvh * G + gs, wq, cos, sin, eps, HD, QK_NORM, DT)  # [G, HD]
+        k_new = _rotated(A + NQ, kvh + one, wk, cos, sin, eps, HD, QK_NORM, DT)  # [1, HD]
+        v_new = tl.load(A + NQ + HKV * HD + kvh * HD + ds[None, :] + one[:, None] * 0, cache_modifier=".cg")
+        newest = (t_ctx - 1 >= begin) & (t_ctx - 1 < end) & (slot >= 0)
+        dst = slot * (HKV * HD) + kvh * HD + ds[None, :] + one[:, None] * 0
+        tl.store(kc + dst, k_new.to(DT), mask=newest & (ds[None, :] < HD))
+        tl.store(vc + dst, v_new, mask=newest & (ds[None, :] < HD))
+        tl.debug_barrier()  # the program reads back what it wrote
+        m = tl.full((G,), float("-inf"), tl.float32)
+        lsum = tl.zeros((G,), tl.float32)
+        acc = tl.zeros((G, HD), tl.float32)
+        for t0 in range(begin, end, BT):
+            ts = t0 + tl.arange(0, BT)
+            ok = ts < end
+            blk = tl.load(TABLE + ts // BS, mask=ok, other=0).to(tl.int64)
+            at = ((blk * BS + ts % BS) * (HKV * HD) + kvh * HD)[:, None] + ds[None, :]
+            kk = tl.load(kc + at, mask=ok[:, None], other=0.0).to(tl.float32)
+            vv = tl.load(vc + at, mask=ok[:, None], other=0.0).to(tl.float32)
+            sc = tl.sum(q[:, None, :] * kk[None, :, :], axis=2) * scale  # [G, BT]
+            sc = tl.where(ok[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m, tl.max(sc, axis=1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(sc - m_new[:, None])
+            lsum = lsum * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vv[None, :, :], axis=1)
+            m = m_new
+        base = PART + (kvh * S + split) * G * W
+        tl.store(base + gs[:, None] * W + ds[None, :], acc)
+        tl.store(base + gs * W + HD, m)
+        tl.store(base + gs * W + HD + 1, lsum)
+        tl.debug_barrier()  # every thread's partial before one thread publishes it
+        arrived = tl.atomic_add(HCNT + kvh, 1, sem="acq_rel", scope="gpu")
+        last = arrived == S - 1
+        ss = tl.arange(0, SP)
+        live = (ss < S)[:, None] & last
+        hp = PART + (kvh * S + ss)[:, None] * G * W + gs[None, :] * W  # [SP, G]
+        pm = tl.load(hp + HD, mask=live, other=float("-inf"), cache_modifier=".cg")
+        pl = tl.load(hp + HD + 1, mask=live, other=0.0, cache_modifier=".cg")
+        top = tl.max(pm, axis=0)
+        wgt = tl.where(live & (pm > float("-inf")), tl.exp(pm - top[None, :]), 0.0)
+        pacc = tl.load(hp[:, :, None] + ds[None, None, :], mask=live[:, :, None], other=0.0, cache_modifier=".cg")
+        out = tl.sum(pacc * wgt[:, :, None], axis=0) / tl.sum(pl * wgt, axis=0)[:, None]
+        tl.store(O + (kvh * G + gs)[:, None] * HD + ds[None, :], out.to(DT), mask=last & (ds[None, :] < HD))
+        tl.atomic_xchg(HCNT + kvh, 0, mask=last, sem="relaxed", scope="gpu")  # ready for the next layer
+        item += P
+
+
+@triton.jit
+def decode_layers_kernel(X, PTRS, A, O, GU, PART, HCNT, CNT, FLAG, COS, SIN, SLOT, TABLE, CTX, eps,
+                         SCALE: tl.constexpr, L: tl.constexpr, D: tl.constexpr, HKV: tl.constexpr,
+                         G: tl.constexpr, HD: tl.constexpr,
+                         DI: tl.constexpr, DI_P: tl.constexpr, BS: tl.constexpr, S: tl.constexpr,
+                         SP: tl.constexpr, BT: tl.constexpr, BN_QKV: tl.constexpr, BN_O: tl.constexpr,
+                         BN_GU: tl.constexpr, BN_D: tl.constexpr, QK_NORM: tl.constexpr, PREFETCH: tl.constexpr,
+                         SPIN_LIMIT: tl.constexpr):
+    pid = tl.program_id(0)
+    P = tl.num_programs(0)
+    DT: tl.constexpr = A.dtype.element_ty
+    DO: tl.constexpr = HKV * G * HD
+    NQKV: tl.constexpr = DO + 2 * HKV * HD
+    phase = 0
+    w = _tile(_ptr(PTRS, 0, 0, DT), pid, NQKV, D, D, BN_QKV)
+    for layer in range(L):
+        x = _normed_row(X, _ptr(PTRS, layer, 4, DT), D, eps, DT)
+        _gemv(_ptr(PTRS, layer, 0, DT), w, x, A, X, pid, P, NQKV, D, D, BN_QKV, False)
+        phase += 1
+        wo = _ptr(PTRS, layer, 1, DT)
+        w = _handoff(wo, pid, D, DO, DO, BN_O, CNT, phase * P, FLAG, PREFETCH, SPIN_LIMIT)
+        _attention(A, O, _ptr(PTRS, layer, 8, DT), _ptr(PTRS, layer, 9, DT), _ptr(PTRS, layer, 6, DT),
+                   _ptr(PTRS, layer, 7, DT), COS, SIN, SLOT, TABLE, CTX, PART, HCNT, pid, P, eps, SCALE,
+                   HKV, G, HD, BS, S, SP, BT, QK_NORM)
+        phase += 1
+        _grid_barrier(CNT, phase * P, FLAG, SPIN_LIMIT)
+        cols = tl.arange(0, DO)
+        x = tl.load(O + cols, cache_modifier=".cg").to(tl.float32)
+        _gemv(wo, w, x, A, X, pid, P, D, DO, DO, BN_O, True)
+        phase += 1
+        wgu = _ptr(PTRS, layer, 2, DT)
+        w = _handoff(wgu, pid, 2 * DI, D, D, BN_GU, CNT, phase * P, FLAG, PREFETCH, SPIN_LIMIT)
+        x = _normed_row(X, _ptr(PTRS, layer, 5, DT), D, eps, DT)
+        _gemv(wgu, w, x, GU, X, pid, P, 2 * DI, D, D, BN_GU, False)
+        phase += 1
+        wd = _ptr(PTRS, layer, 3, DT)
+        w = _handoff(wd, pid, D, DI, DI_P, BN_D, CNT, phase * P, FLAG, PREFETCH, SPIN_LIMIT)
+        cols = tl.arange(0, DI_P)
+        gate = tl.load(GU + cols, mask=cols < DI, other=0.0, cache_modifier=".cg").to(tl.float32)
+        up = tl.load(GU + DI + cols, mask=cols < DI, other=0.0, cache_modifier=".cg").to(tl.float32)
+        x = ((gate * tl.sigmoid(gate)).to(DT).to(tl.float32) * up).to(DT).to(tl.float32)
+        _gemv(wd, w, x, GU, X, pid, P, D, DI, DI_P, BN_D, True)
+        phase += 1
+        # the next layer's q/k/v tile (after the last layer, layer 0's: read and left unused)
+        nxt = _ptr(PTRS, (layer + 1) % L, 0, DT)
+        w = _handoff(nxt, pid, NQKV, D, D, BN_QKV, CNT, phase * P, FLAG, PREFETCH, SPIN_LIMIT)
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def tile_rows(n: int, k_padded: int, programs: int, elements: int = 16384) -> int:
+    """Rows a tile for an [n, k] weight: at most `elements` weights a tile (registers), and no more rows
+    than spread the tiles over every program."""
+    return max(1, min(_pow2_floor(elements // k_padded), _pow2_floor(max(1, n // programs))))

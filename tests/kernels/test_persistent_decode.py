@@ -1,0 +1,36 @@
+"""`persistent_decode.decode_layers_kernel` through ptxas for sm_90 at the two serving shapes: the grid barrier
+publishes with release and polls with acquire at GPU scope, the per-head merge counter resets, and the
+activations are read past L1. (Its arithmetic is checked against the model's per-op path in
+tests/model/test_persistent.py.)"""
+
+from __future__ import annotations
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+
+@pytest.mark.parametrize(("d", "hkv", "g", "hd", "di"), [(1024, 8, 2, 128, 3072), (2048, 8, 4, 64, 8192)],
+                         ids=["qwen3-0.6b", "llama-3.2-1b"])
+def test_decode_layers_kernel_compiles_for_sm90(d: int, hkv: int, g: int, hd: int, di: int, compile_sm90) -> None:
+    from tessera.kernels.triton import persistent_decode as pd
+
+    p, nqkv, do, di_p = 132, (hkv * g + 2 * hkv) * hd, hkv * g * hd, triton.next_power_of_2(di)
+    consts = {"SCALE": hd ** -0.5, "L": 28, "D": d, "HKV": hkv, "G": g, "HD": hd, "DI": di, "DI_P": di_p, "BS": 16,
+              "S": 16, "SP": 16, "BT": 32, "BN_QKV": pd.tile_rows(nqkv, d, p), "BN_O": pd.tile_rows(d, do, p),
+              "BN_GU": pd.tile_rows(2 * di, d, p), "BN_D": pd.tile_rows(d, di_p, p), "QK_NORM": True,
+              "PREFETCH": True, "SPIN_LIMIT": 1 << 16}
+    ptrs = {"X": "fp32", "PTRS": "i64", "A": "bf16", "O": "bf16", "GU": "bf16", "PART": "fp32", "HCNT": "i32",
+            "CNT": "i32", "FLAG": "i32", "COS": "bf16", "SIN": "bf16", "SLOT": "i64", "TABLE": "i32", "CTX": "i32"}
+    ptx = compile_sm90(pd.decode_layers_kernel, ptrs, consts, {}, 8, 1).asm["ptx"]
+    assert "atom.global.gpu.release.add" in ptx and "atom.global.gpu.acq_rel.add" in ptx
+    assert "atom.global.gpu.relaxed.exch" in ptx and "ld.global.cg" in ptx
+
+
+def test_tile_rows_bounds_registers_and_spreads_tiles() -> None:
+    from tessera.kernels.triton.persistent_decode import tile_rows
+
+    assert tile_rows(4096, 1024, 132) == 16  # 16 x 1024 weights a tile, 256 tiles over 132 programs
+    assert tile_rows(1024, 4096, 132) == 4
+    assert tile_rows(8, 1024, 132) == 1  # fewer rows than programs: one row a tile
+    assert tile_rows(1 << 20, 64, 1) == 256  # one program: the register bound alone

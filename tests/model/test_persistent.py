@@ -1,0 +1,114 @@
+"""The persistent decode launch (`tessera.model.persistent`, opt-in): what it refuses, that a refused step
+takes the per-op path, its arithmetic against that path under the interpreter, and on a GPU its logits
+eager and replayed from a CUDA graph."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tessera.attn import PagedAttentionMetadata, PagedKVCache, PagedKVContext
+from tessera.model import Transformer, fuse_projections, persistent
+from tessera.specs import KVCacheHandle, KVCacheSpec, ModelConfig
+
+HERE = Path(__file__).resolve().parent
+CFG = ModelConfig(vocab_size=61, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=96, qk_norm=True,
+                  max_seq_len=64)
+
+
+def _decode_context(cfg: ModelConfig, device: str = "cpu") -> PagedKVContext:
+    spec = KVCacheSpec(n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim or 16, block_size=4,
+                       num_blocks=4, dtype="float32")
+    handle = KVCacheHandle(seq_id=0, block_ids=(1, 2), num_tokens=6, block_size=4)
+    return PagedKVContext(PagedKVCache(spec, device=device), PagedAttentionMetadata.from_handles([handle], [1]))
+
+
+def test_reasons_name_what_the_launch_cannot_take() -> None:
+    model = Transformer(CFG).eval()
+    ids = torch.tensor([[3]])
+    with torch.inference_mode():
+        assert any("fuse_projections" in r for r in persistent.reasons(model, ids, _decode_context(CFG)))
+        fuse_projections(model)
+        found = persistent.reasons(model, ids, _decode_context(CFG))
+        assert found == [] or found == ["needs a CUDA device (or TRITON_INTERPRET=1)"]
+        assert any("one token of one sequence" in r for r in persistent.reasons(model, torch.tensor([[3, 4]]),
+                                                                                  _decode_context(CFG)))
+        assert any("PagedKVContext" in r for r in persistent.reasons(model, ids, None))
+    assert any("gradients" in r for r in persistent.reasons(model, ids, _decode_context(CFG)))
+    odd = ModelConfig(vocab_size=61, d_model=48, n_layers=1, n_heads=3, n_kv_heads=1, head_dim=16, d_ff=64,
+                      attention_bias=True, max_seq_len=64)
+    biased = Transformer(odd).eval()
+    fuse_projections(biased)
+    with torch.inference_mode():
+        found = persistent.reasons(biased, ids, _decode_context(odd))
+    assert "attention biases" in found
+    assert "d_model=48 is not a power of two" in found and "n_heads // n_kv_heads=3 is not a power of two" in found
+
+
+def test_a_refused_step_takes_the_per_op_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Switched on, a step the launch cannot take (here: two tokens, a prefill) gives the per-op output."""
+    monkeypatch.setattr(persistent, "PERSISTENT_DECODE", True)
+    torch.manual_seed(0)
+    model = Transformer(CFG).eval()
+    fuse_projections(model)
+    ids = torch.randint(0, 61, (1, 5))
+    with torch.inference_mode():
+        want = model(ids)
+        spec = KVCacheSpec(n_layers=2, n_kv_heads=2, head_dim=16, block_size=4, num_blocks=4, dtype="float32")
+        meta = PagedAttentionMetadata.from_handles([KVCacheHandle(seq_id=0, block_ids=(2, 0), num_tokens=5,
+                                                                  block_size=4)], [5])
+        got = model(ids, kv=PagedKVContext(PagedKVCache(spec), meta))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert "_persistent_decode" not in model.__dict__  # no launch was built
+
+
+def test_persistent_launch_matches_the_per_op_path_under_the_interpreter() -> None:
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, str(HERE / "persistent_decode_check.py"), "3"], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and "persistent-ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.gpu
+def test_persistent_launch_on_the_gpu_eager_and_in_a_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Qwen3-0.6B-wide model (4 layers, bf16): one decode step's logits through the persistent launch
+    (all programs resident, no barrier given up) against the per-op path, eager and replayed from a graph."""
+    cfg = ModelConfig(vocab_size=1000, d_model=1024, n_layers=4, n_heads=16, n_kv_heads=8, head_dim=128, d_ff=3072,
+                      qk_norm=True, max_seq_len=1024)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval().to("cuda", torch.bfloat16)
+    fuse_projections(model)
+    spec = KVCacheSpec(n_layers=4, n_kv_heads=8, head_dim=128, block_size=16, num_blocks=64, dtype="bfloat16")
+    cache = PagedKVCache(spec, device="cuda")
+    blocks = tuple(range(63, 23, -1))  # 40 blocks, out of order
+    prompt = torch.randint(0, 1000, (1, 300), device="cuda")
+    with torch.inference_mode():
+        meta = PagedAttentionMetadata.from_handles([KVCacheHandle(seq_id=0, block_ids=blocks, num_tokens=300,
+                                                                  block_size=16)], [300], device="cuda")
+        model(prompt, kv=PagedKVContext(cache, meta))
+        saved = [t.clone() for t in cache.k + cache.v]
+        meta = PagedAttentionMetadata.from_handles([KVCacheHandle(seq_id=0, block_ids=blocks, num_tokens=301,
+                                                                  block_size=16)], [1], device="cuda")
+        ids, pos = torch.tensor([[7]], device="cuda"), torch.tensor([[300]], device="cuda")
+        want = model(ids, positions=pos, kv=PagedKVContext(cache, meta)).float()
+        for t, s in zip(cache.k + cache.v, saved):
+            t.copy_(s)
+        monkeypatch.setattr(persistent, "PERSISTENT_DECODE", True)
+        kv = PagedKVContext(cache, meta)
+        got = model(ids, positions=pos, kv=kv).float()
+        assert persistent.barrier_failures(model) == 0
+        scale = want.abs().max()
+        assert (got - want).abs().max() <= 0.03 * scale, float((got - want).abs().max() / scale)
+        out = torch.empty_like(got)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out.copy_(model(ids, positions=pos, kv=kv).float())
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, got) and persistent.barrier_failures(model) == 0
