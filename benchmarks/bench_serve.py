@@ -191,26 +191,34 @@ def section_decode(model, hf, args, ceil, cuda, rows, results) -> None:
                 rows.append({"what": f"batch-1 decode, graph replay, PDL mode {mode}", "tok/s": 1 / mode_step,
                              "roofline": (1 / mode_step) / roof})
         # The same graph with a fusion switched the other way, its effect in this process: the decode step's
-        # rope, KV write and paged decode in one launch (`attention.decode_paged_rope`) or three, then each
-        # chained norm inside the q/k/v and gate/up GEMVs or a launch of its own. Both are off by default.
+        # rope, KV write and paged decode in one launch (`attention.decode_paged_rope`) or three, each
+        # chained norm inside the q/k/v and gate/up GEMVs or a launch of its own, and every decoder layer in
+        # one persistent launch (`tessera.model.persistent`). All three are off by default.
         from tessera.attn import paged_cache
-        from tessera.model import layers
+        from tessera.model import layers, persistent
 
-        for name, module, flag, what in (("decode", paged_cache, "FUSED_DECODE", "rope/write/decode"),
-                                         ("norms", layers, "FUSED_NORMS", "norms")):
+        for module, flag, on, off, what in (
+                (paged_cache, "FUSED_DECODE", "fused_decode", "unfused_decode", "rope/write/decode {} "),
+                (layers, "FUSED_NORMS", "fused_norms", "unfused_norms", "norms {}"),
+                (persistent, "PERSISTENT_DECODE", "persistent", "per_op", "layers in one persistent launch {}")):
             default = getattr(module, flag)
             setattr(module, flag, not default)
             try:
                 other = make_engine(model, args, max_num_seqs=1, cuda_graph_batch_sizes=(1,))
                 step = median_seconds(other.runner.graphs.graphs[1].replay, 50, 5, cuda)
+                failures = persistent.barrier_failures(model) if flag == "PERSISTENT_DECODE" else 0
             finally:
                 setattr(module, flag, default)
             del other
             free_memory()
-            state = "unfused" if default else "fused"
-            res[f"graph_{state}_{name}"] = {"graph_step_ms": step * 1e3, "tok_s": 1 / step,
-                                            "roofline_fraction": (1 / step) / roof}
-            rows.append({"what": f"batch-1 decode, graph replay, {what} {state}", "tok/s": 1 / step,
+            key = off if default else on
+            res[f"graph_{key}"] = {"graph_step_ms": step * 1e3, "tok_s": 1 / step,
+                                   "roofline_fraction": (1 / step) / roof}
+            if failures:
+                res[f"graph_{key}"]["barrier_failures"] = failures
+            state = ("off" if default else "on") if flag == "PERSISTENT_DECODE" else \
+                ("unfused" if default else "fused")
+            rows.append({"what": f"batch-1 decode, graph replay, {what.format(state).strip()}", "tok/s": 1 / step,
                          "roofline": (1 / step) / roof})
     if hf is not None:
         modes = (("dynamic", {}), ("static", {"cache_implementation": "static"}))

@@ -3,11 +3,13 @@
 # machine after `source scripts/gpu-env.sh`; logs and result JSONs go to OUT_DIR.
 #
 #   bash scripts/gpu-validate.sh OUT_DIR tests   # GPU tests: serving engine (graphs, overlapped decode),
-#                                                #   PDL chain in every mode, dense routing, fused cache
+#                                                #   persistent decode launch (eager, graph), PDL chain in
+#                                                #   every mode, dense routing, fused cache
 #                                                #   write, parity of the quantized gated and normalised ops
 #   bash scripts/gpu-validate.sh OUT_DIR serve   # bench_serve decode: engine overlapped and step by step,
 #                                                #   graph replay in PDL modes 3 (default), 1 and 4 and with
-#                                                #   rope/KV write/decode and the norms fused, HF static
+#                                                #   rope/KV write/decode and the norms fused, with the
+#                                                #   persistent decode launch, HF static
 #   bash scripts/gpu-validate.sh OUT_DIR quant   # bench_quant --speed, PDL mode 4 beside the default
 #   bash scripts/gpu-validate.sh OUT_DIR quant-fused  # the same with rope/KV write/decode and norms fused
 #   bash scripts/gpu-validate.sh OUT_DIR persistent  # probe_persistent_layer: one persistent launch for
@@ -19,7 +21,7 @@
 # stage does not stop the next.
 set -u
 if [ $# -lt 2 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
-    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 out=$1
@@ -44,7 +46,7 @@ run() {
 for stage in "$@"; do
     case $stage in
     tests)
-        run gpu-tests python3 -m pytest -q -m gpu tests/serve tests/kernels/test_pdl.py \
+        run gpu-tests python3 -m pytest -q -m gpu tests/serve tests/kernels/test_pdl.py tests/model/test_persistent.py \
             tests/kernels/test_dense_linear.py tests/kernels/test_quant_gemv.py tests/kernels/test_decode_write.py
         # the quantized gated and normalised ops (their small-shape parity, ~20 s a case on the H200; the
         # dense ones and the paged decode ops passed at cddc026), on the seed of the strided gated int4 failure
