@@ -1,11 +1,12 @@
 """A batch-1 decode step's decoder layers as one persistent launch (opt-in: `TESSERA_PERSISTENT_DECODE=1`).
 
 `Transformer.hidden_states` hands a step here when the switch is on, the step is one token of one
-sequence through a `PagedKVContext`, and the model is one this path can take (`reasons` says why
-not otherwise): q/k/v and gate/up fused over plain float weights, no attention biases, power-of-two
-widths, a cache in the model's dtype, and Triton on a CUDA device (or its interpreter, where the
-launch is one program). The embedding, the rope angles, the final norm and the LM head stay where
-they were; everything between runs in `tessera.kernels.triton.persistent_decode`.
+sequence through a `PagedKVContext` or a one-row `FlatKVCache`, and the model is one this path can
+take (`reasons` says why not otherwise): q/k/v and gate/up fused, every projection in one format
+(float weights of the model's dtype, or tessera.quant's int8 weight-only or AWQ int4, without biases),
+no attention biases, power-of-two widths, a cache in the model's dtype, and Triton on a CUDA device (or
+its interpreter, where the launch is one program). The embedding, the rope angles, the final norm and
+the LM head stay where they were; everything between runs in `tessera.kernels.triton.persistent_decode`.
 
 Experimental: built and checked against the per-op path under the interpreter, not yet timed on a GPU.
 """
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tessera.attn import PagedKVContext
+from tessera.attn import FlatKVCache, PagedKVContext
 from tessera.kernels import registry
 
 #: Read at each call (a CUDA graph keeps what was in force at capture).
@@ -37,12 +38,72 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@dataclass
+class _Step:
+    """A decode step's cache: per-layer key and value tensors ([slots, n_kv_heads, head_dim] in memory),
+    tokens a block, and the step's slot [1], block table [1, blocks] and context length [1] on the device.
+    `owner` keeps the launch alive as long as the cache."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    block_size: int
+    slot: torch.Tensor
+    table: torch.Tensor
+    ctx: torch.Tensor
+    owner: object
+
+
+def _step(kv: object) -> _Step | None:
+    """The cache inputs of a one-sequence decode step through `kv`, or None for any other step."""
+    if isinstance(kv, PagedKVContext):
+        meta = kv.meta
+        if not meta.decode_only or meta.block_tables.shape[0] != 1:
+            return None
+        return _Step(kv.cache.k, kv.cache.v, kv.cache.spec.block_size, meta.slot_mapping, meta.block_tables,
+                     meta.context_lens, kv.cache)
+    if isinstance(kv, FlatKVCache):
+        if kv.batch_size != 1 or kv.length + 1 > kv.max_len:
+            return None
+        pages = [kv._paged(i) for i in range(len(kv.k))]
+        return _Step([k for k, _ in pages], [v for _, v in pages], pages[0][0].shape[1], kv._slots[kv.length],
+                     kv._block_tables, kv._lens[kv.length + 1], kv)
+    return None
+
+
+def _kind(module: nn.Module) -> str:
+    """'float', 'int8' or 'int4' for a projection this launch can take (a plain or fused float weight, or
+    the int8 / AWQ-int4 weight-only formats of tessera.quant), else a description of what it is."""
+    weight = getattr(module, "weight", None)
+    if getattr(module, "bias", None) is not None:
+        return f"{type(module).__name__} with a bias"
+    if isinstance(getattr(module, "qweight", None), torch.Tensor) and hasattr(module, "scales"):
+        return "int4"
+    if isinstance(weight, torch.Tensor) and weight.dtype == torch.int8 and hasattr(module, "weight_scale"):
+        return "int8"
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.element_size() >= 2 \
+            and (type(module) is nn.Linear or not isinstance(module, nn.Module)):
+        return "float"
+    return type(module).__name__
+
+
+def _projections(layer: nn.Module) -> list[object] | None:
+    """A layer's fused q/k/v, o, fused gate/up and down projections as weight holders, or None when q/k/v
+    or gate/up is not fused (or no longer current)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    if attn.qkv is None or not attn.qkv.active(attn.q_proj, attn.k_proj, attn.v_proj):
+        return None
+    if mlp.gate_up is None or not mlp.gate_up.active(mlp.gate_proj, mlp.up_proj):
+        return None
+    return [getattr(f, "fused", f) for f in (attn.qkv, attn.o_proj, mlp.gate_up, mlp.down_proj)]
+
+
 def reasons(model: nn.Module, input_ids: torch.Tensor, kv: object) -> list[str]:
     """Why this step cannot take the persistent launch (empty when it can)."""
     out = []
     cfg = model.config
-    if not isinstance(kv, PagedKVContext) or not kv.meta.decode_only:
-        out.append("not a decode-only step through a PagedKVContext")
+    step = _step(kv)
+    if step is None:
+        out.append("not a one-sequence decode step through a PagedKVContext or a FlatKVCache")
     if tuple(input_ids.shape) != (1, 1):
         out.append(f"input_ids of shape {tuple(input_ids.shape)}: one token of one sequence only")
     if not (input_ids.is_cuda or _interpreting()):
@@ -56,24 +117,26 @@ def reasons(model: nn.Module, input_ids: torch.Tensor, kv: object) -> list[str]:
     widths = {"d_model": cfg.d_model, "head_dim": hd, "n_heads // n_kv_heads": g,
               "n_heads * head_dim": cfg.n_heads * hd}
     out += [f"{k}={v} is not a power of two" for k, v in widths.items() if not _pow2(v)]
-    dtype = model.lm_head.weight.dtype
+    dtype = model.model.embed_tokens.weight.dtype
+    kinds = set()
     for i, layer in enumerate(model.model.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        if attn.qkv is None or not attn.qkv.active(attn.q_proj, attn.k_proj, attn.v_proj) \
-                or not hasattr(attn.qkv, "weight"):
-            out.append(f"layer {i}: q/k/v not fused over plain weights (fuse_projections)")
-        if mlp.gate_up is None or not mlp.gate_up.active(mlp.gate_proj, mlp.up_proj) \
-                or not hasattr(mlp.gate_up, "weight"):
-            out.append(f"layer {i}: gate/up not fused over plain weights (fuse_projections)")
-        for name, lin in (("o_proj", attn.o_proj), ("down_proj", mlp.down_proj)):
-            if type(lin) is not nn.Linear or lin.bias is not None:
-                out.append(f"layer {i}: {name} is {type(lin).__name__}, not a plain bias-free nn.Linear")
-            elif lin.weight.dtype != dtype:
-                out.append(f"layer {i}: {name} weight in {lin.weight.dtype}, the model in {dtype}")
+        parts = _projections(layer)
+        if parts is None:
+            out.append(f"layer {i}: q/k/v or gate/up not fused (fuse_projections)")
+            break
+        for name, part in zip(("q/k/v", "o_proj", "gate/up", "down_proj"), parts):
+            kind = _kind(part)
+            if kind not in ("float", "int8", "int4"):
+                out.append(f"layer {i}: {name} is {kind}")
+            elif kind == "float" and part.weight.dtype != dtype:
+                out.append(f"layer {i}: {name} weight in {part.weight.dtype}, the model in {dtype}")
+            kinds.add((kind, getattr(part, "group_size", None)))
         if out:
             break
-    if isinstance(kv, PagedKVContext) and kv.cache.k[0].dtype != dtype:
-        out.append(f"KV cache in {kv.cache.k[0].dtype}, the model in {dtype}")
+    if len(kinds) > 1:
+        out.append(f"projections of mixed formats {sorted(map(str, kinds))}: one format for every projection")
+    if step is not None and step.k[0].dtype != dtype:
+        out.append(f"KV cache in {step.k[0].dtype}, the model in {dtype}")
     if not out:
         try:
             import triton  # noqa: F401
@@ -92,28 +155,44 @@ class _Launch:
     scratch: dict[str, torch.Tensor]
     programs: int
     splits: int
+    quant: int
+    group_size: int
 
 
-def _tensors(model: nn.Module, cache: object) -> list[torch.Tensor]:
+def _tensors(model: nn.Module, step: _Step) -> tuple[list[torch.Tensor], int, int]:
+    """The pointer table's tensors (`persistent_decode.SLOTS` a layer), the weight format (0 float, 1 int8,
+    2 int4) and the int4 group size."""
     cfg = model.config
-    rows = []
+    rows, quant, group = [], 0, 128
     for i, layer in enumerate(model.model.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        qn = attn.q_norm.weight if cfg.qk_norm else layer.input_layernorm.weight  # any valid pointer
-        kn = attn.k_norm.weight if cfg.qk_norm else layer.input_layernorm.weight
-        rows += [attn.qkv.weight, attn.o_proj.weight, mlp.gate_up.weight, mlp.down_proj.weight,
-                 layer.input_layernorm.weight, layer.post_attention_layernorm.weight, qn, kn, cache.k[i], cache.v[i]]
-    return rows
+        attn = layer.self_attn
+        parts = _projections(layer)
+        kind = _kind(parts[0])
+        quant = {"float": 0, "int8": 1, "int4": 2}[kind]
+        spare = layer.input_layernorm.weight  # any valid address, for entries this model does not use
+        qn = attn.q_norm.weight if cfg.qk_norm else spare
+        kn = attn.k_norm.weight if cfg.qk_norm else spare
+        if quant == 2:
+            group = parts[0].group_size
+            weights = [p.qweight for p in parts]
+            scales, zeros = [p.scales for p in parts], [p.zeros for p in parts]
+        else:
+            weights = [p.weight for p in parts]
+            scales = [p.weight_scale for p in parts] if quant == 1 else [spare] * 4
+            zeros = [spare] * 4
+        rows += [*weights, layer.input_layernorm.weight, layer.post_attention_layernorm.weight, qn, kn,
+                 step.k[i], step.v[i], *scales, *zeros]
+    return rows, quant, group
 
 
-def _launch_for(model: nn.Module, kv: PagedKVContext) -> _Launch:
+def _launch_for(model: nn.Module, step: _Step) -> _Launch:
     from tessera.kernels.triton import persistent_decode as pd
 
-    tensors = _tensors(model, kv.cache)
+    tensors, quant, group = _tensors(model, step)
     addresses = tuple(t.data_ptr() for t in tensors)
     # The launch (its scratch is what a captured graph writes) lives as long as the cache, which outlives
     # the graphs that use it; the model only finds its launches, weakly.
-    owned: dict = kv.cache.__dict__.setdefault("_persistent_decode", {})
+    owned: dict = step.owner.__dict__.setdefault("_persistent_decode", {})
     found = owned.get(id(model))
     if found is not None and found.addresses == addresses and (SPLITS is None or found.splits == SPLITS):
         return found
@@ -124,7 +203,7 @@ def _launch_for(model: nn.Module, kv: PagedKVContext) -> _Launch:
     if bad:
         raise ValueError(f"persistent decode: table entries {bad} are not contiguous")
     cfg = model.config
-    dev, dtype = tensors[0].device, tensors[0].dtype
+    dev, dtype = tensors[0].device, model.model.embed_tokens.weight.dtype
     hd = cfg.head_dim or cfg.d_model // cfg.n_heads
     hkv, g = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
     programs = 1 if dev.type != "cuda" else torch.cuda.get_device_properties(dev).multi_processor_count
@@ -138,7 +217,7 @@ def _launch_for(model: nn.Module, kv: PagedKVContext) -> _Launch:
                "flag": torch.zeros(1, device=dev, dtype=torch.int32),
                "x": torch.empty(cfg.d_model, device=dev, dtype=torch.float32)}
     ptrs = torch.tensor(addresses, dtype=torch.int64).view(cfg.n_layers, pd.SLOTS).to(dev)
-    launch = _Launch(ptrs, tuple(tensors), addresses, scratch, programs, splits)
+    launch = _Launch(ptrs, tuple(tensors), addresses, scratch, programs, splits, quant, group)
     owned[id(model)] = launch
     model.__dict__.setdefault("_persistent_decode", weakref.WeakSet()).add(launch)
     return launch
@@ -155,24 +234,25 @@ def hidden(model: nn.Module, input_ids: torch.Tensor, x: torch.Tensor, cos: torc
     from tessera.kernels.triton import persistent_decode as pd
 
     cfg = model.config
-    launch = _launch_for(model, kv)
+    step = _step(kv)
+    launch = _launch_for(model, step)
     s = launch.scratch
     hd = cfg.head_dim or cfg.d_model // cfg.n_heads
     hkv, g = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
     d, di, p = cfg.d_model, cfg.d_ff, launch.programs
     di_p = triton.next_power_of_2(di)
-    meta = kv.meta
+    pack = 2 if launch.quant == 2 else 1
     s["x"].copy_(x.reshape(-1))
     s["cnt"].zero_()
     s["hcnt"].zero_()  # the last split of each head resets it; zeroed anyway should a launch have given up
     pd.decode_layers_kernel[(p,)](
         s["x"], launch.ptrs, s["a"], s["o"], s["gu"], s["part"], s["hcnt"], s["cnt"], s["flag"],
-        cos.reshape(-1), sin.reshape(-1), meta.slot_mapping, meta.block_tables, meta.context_lens, cfg.norm_eps,
-        SCALE=hd ** -0.5, L=cfg.n_layers, D=d, HKV=hkv, G=g, HD=hd, DI=di, DI_P=di_p,
-        BS=kv.cache.spec.block_size, S=launch.splits, SP=triton.next_power_of_2(launch.splits), BT=32,
-        BN_QKV=pd.tile_rows((hkv * g + 2 * hkv) * hd, d, p), BN_O=pd.tile_rows(d, hkv * g * hd, p),
-        BN_GU=pd.tile_rows(2 * di, d, p), BN_D=pd.tile_rows(d, di_p, p), QK_NORM=cfg.qk_norm, PREFETCH=True,
-        SPIN_LIMIT=1 << 16, num_warps=8)
+        cos.reshape(-1), sin.reshape(-1), step.slot, step.table, step.ctx, cfg.norm_eps,
+        SCALE=hd ** -0.5, L=cfg.n_layers, D=d, HKV=hkv, G=g, HD=hd, DI=di, DI_P=di_p, BS=step.block_size,
+        S=launch.splits, SP=triton.next_power_of_2(launch.splits), BT=32,
+        BN_QKV=pd.tile_rows((hkv * g + 2 * hkv) * hd, d // pack, p), BN_O=pd.tile_rows(d, hkv * g * hd // pack, p),
+        BN_GU=pd.tile_rows(2 * di, d // pack, p), BN_D=pd.tile_rows(d, di_p // pack, p), QK_NORM=cfg.qk_norm,
+        PREFETCH=True, SPIN_LIMIT=1 << 16, QUANT=launch.quant, GS=launch.group_size, num_warps=8)
     final = model.model.norm
     return registry("rms_norm", s["x"].to(x.dtype).view(1, 1, d), final.weight, final.eps)
 

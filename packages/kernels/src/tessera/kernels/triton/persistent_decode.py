@@ -31,9 +31,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-#: Pointers per layer in the table the kernel reads: fused q/k/v, o, fused gate/up, down, input norm,
-#: post-attention norm, q norm, k norm, key cache, value cache.
-SLOTS = 10
+#: Pointers per layer in the table the kernel reads: the weights of fused q/k/v, o, fused gate/up and down
+#: (float, int8, or int4 packed two a byte); input norm, post-attention norm, q norm, k norm; key cache,
+#: value cache; the four projections' scales (int8: per row; int4: per row and group), then their zero
+#: points (int4). Entries a model does not use hold any valid address.
+SLOTS = 18
 
 
 @triton.jit
@@ -54,7 +56,18 @@ def _grid_barrier(counter, target, flag, SPIN_LIMIT: tl.constexpr):
 
 @triton.jit
 def _ptr(PTRS, layer, j: tl.constexpr, DT: tl.constexpr):
-    return tl.load(PTRS + layer * 10 + j).to(tl.pointer_type(DT))
+    return tl.load(PTRS + layer * 18 + j).to(tl.pointer_type(DT))
+
+
+@triton.jit
+def _wptr(PTRS, layer, j: tl.constexpr, DT: tl.constexpr, QUANT: tl.constexpr):
+    """Projection j's weight: DT for QUANT 0, int8 for 1, packed int4 (uint8) for 2."""
+    if QUANT == 1:
+        return _ptr(PTRS, layer, j, tl.int8)
+    elif QUANT == 2:
+        return _ptr(PTRS, layer, j, tl.uint8)
+    else:
+        return _ptr(PTRS, layer, j, DT)
 
 
 @triton.jit
@@ -81,16 +94,35 @@ def _handoff(w, pid, N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BN: tl.
 
 @triton.jit
 def _gemv(w, first, x, out, resid, pid, P, N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr,
-          RESIDUAL: tl.constexpr):
+          RESIDUAL: tl.constexpr, sc, zp, QUANT: tl.constexpr, GS: tl.constexpr):
     """y = W @ x over this program's tiles (`first` already loaded), rounded to the dtype; stored to `out`,
-    or with RESIDUAL added to the float32 residual rows and the sum rounded."""
+    or with RESIDUAL added to the float32 residual rows and the sum rounded. K is the input width (KP its
+    power of two); QUANT 1: int8 rows times their scale `sc`; QUANT 2: int4, even k in the low nibble,
+    (q - zero) * scale per row and group of GS (`zp`, `sc`)."""
     DT: tl.constexpr = out.dtype.element_ty
     tiles: tl.constexpr = (N + BN - 1) // BN
+    PACK: tl.constexpr = 2 if QUANT == 2 else 1
+    if QUANT == 2:
+        xe, xo = tl.split(tl.reshape(x, (KP // 2, 2)))
+        j = tl.arange(0, KP // 2)
+        group = (2 * j) // GS
     wt = first
     tile = pid
     while tile < tiles:
-        y = tl.sum(wt.to(tl.float32) * x[None, :], axis=1).to(DT).to(tl.float32)
         rows = tile * BN + tl.arange(0, BN)
+        if QUANT == 2:
+            ok = (rows[:, None] < N) & (j[None, :] < K // 2)
+            at = rows[:, None] * (K // GS) + group[None, :]
+            s = tl.load(sc + at, mask=ok, other=0.0)
+            z = tl.load(zp + at, mask=ok, other=0.0)
+            lo = (wt & 15).to(tl.float32)
+            hi = (wt >> 4).to(tl.float32)
+            y = tl.sum((lo - z) * s * xe[None, :] + (hi - z) * s * xo[None, :], axis=1)
+        else:
+            y = tl.sum(wt.to(tl.float32) * x[None, :], axis=1)
+            if QUANT == 1:
+                y = y * tl.load(sc + rows, mask=rows < N, other=0.0)
+        y = y.to(DT).to(tl.float32)
         if RESIDUAL:
             r = tl.load(resid + rows, mask=rows < N, other=0.0, cache_modifier=".cg")
             tl.store(resid + rows, (r + y).to(DT).to(tl.float32), mask=rows < N)
@@ -98,7 +130,7 @@ def _gemv(w, first, x, out, resid, pid, P, N: tl.constexpr, K: tl.constexpr, KP:
             tl.store(out + rows, y.to(DT), mask=rows < N)
         tile += P
         if tile < tiles:
-            wt = _tile(w, tile, N, K, KP, BN)
+            wt = _tile(w, tile, N, K // PACK, KP // PACK, BN)
 
 
 @triton.jit
@@ -202,20 +234,22 @@ def decode_layers_kernel(X, PTRS, A, O, GU, PART, HCNT, CNT, FLAG, COS, SIN, SLO
                          DI: tl.constexpr, DI_P: tl.constexpr, BS: tl.constexpr, S: tl.constexpr,
                          SP: tl.constexpr, BT: tl.constexpr, BN_QKV: tl.constexpr, BN_O: tl.constexpr,
                          BN_GU: tl.constexpr, BN_D: tl.constexpr, QK_NORM: tl.constexpr, PREFETCH: tl.constexpr,
-                         SPIN_LIMIT: tl.constexpr):
+                         SPIN_LIMIT: tl.constexpr, QUANT: tl.constexpr = 0, GS: tl.constexpr = 128):
     pid = tl.program_id(0)
     P = tl.num_programs(0)
     DT: tl.constexpr = A.dtype.element_ty
     DO: tl.constexpr = HKV * G * HD
     NQKV: tl.constexpr = DO + 2 * HKV * HD
+    PK: tl.constexpr = 2 if QUANT == 2 else 1  # weights a byte of the weight tiles
     phase = 0
-    w = _tile(_ptr(PTRS, 0, 0, DT), pid, NQKV, D, D, BN_QKV)
+    w = _tile(_wptr(PTRS, 0, 0, DT, QUANT), pid, NQKV, D // PK, D // PK, BN_QKV)
     for layer in range(L):
         x = _normed_row(X, _ptr(PTRS, layer, 4, DT), D, eps, DT)
-        _gemv(_ptr(PTRS, layer, 0, DT), w, x, A, X, pid, P, NQKV, D, D, BN_QKV, False)
+        _gemv(_wptr(PTRS, layer, 0, DT, QUANT), w, x, A, X, pid, P, NQKV, D, D, BN_QKV, False,
+              _ptr(PTRS, layer, 10, tl.float32), _ptr(PTRS, layer, 14, tl.float32), QUANT, GS)
         phase += 1
-        wo = _ptr(PTRS, layer, 1, DT)
-        w = _handoff(wo, pid, D, DO, DO, BN_O, CNT, phase * P, FLAG, PREFETCH, SPIN_LIMIT)
+        wo = _wptr(PTRS, layer, 1, DT, QUANT)
+        w = _handoff(wo, pid, D, DO // PK, DO // PK, BN_O, CNT, phase * P, FLAG, PREFETCH, SPIN_LIMIT)
         _attention(A, O, _ptr(PTRS, layer, 8, DT), _ptr(PTRS, layer, 9, DT), _ptr(PTRS, layer, 6, DT),
                    _ptr(PTRS, layer, 7, DT), COS, SIN, SLOT, TABLE, CTX, PART, HCNT, pid, P, eps, SCALE,
                    HKV, G, HD, BS, S, SP, BT, QK_NORM)
@@ -223,24 +257,27 @@ def decode_layers_kernel(X, PTRS, A, O, GU, PART, HCNT, CNT, FLAG, COS, SIN, SLO
         _grid_barrier(CNT, phase * P, FLAG, SPIN_LIMIT)
         cols = tl.arange(0, DO)
         x = tl.load(O + cols, cache_modifier=".cg").to(tl.float32)
-        _gemv(wo, w, x, A, X, pid, P, D, DO, DO, BN_O, True)
+        _gemv(wo, w, x, A, X, pid, P, D, DO, DO, BN_O, True, _ptr(PTRS, layer, 11, tl.float32),
+              _ptr(PTRS, layer, 15, tl.float32), QUANT, GS)
         phase += 1
-        wgu = _ptr(PTRS, layer, 2, DT)
-        w = _handoff(wgu, pid, 2 * DI, D, D, BN_GU, CNT, phase * P, FLAG, PREFETCH, SPIN_LIMIT)
+        wgu = _wptr(PTRS, layer, 2, DT, QUANT)
+        w = _handoff(wgu, pid, 2 * DI, D // PK, D // PK, BN_GU, CNT, phase * P, FLAG, PREFETCH, SPIN_LIMIT)
         x = _normed_row(X, _ptr(PTRS, layer, 5, DT), D, eps, DT)
-        _gemv(wgu, w, x, GU, X, pid, P, 2 * DI, D, D, BN_GU, False)
+        _gemv(wgu, w, x, GU, X, pid, P, 2 * DI, D, D, BN_GU, False, _ptr(PTRS, layer, 12, tl.float32),
+              _ptr(PTRS, layer, 16, tl.float32), QUANT, GS)
         phase += 1
-        wd = _ptr(PTRS, layer, 3, DT)
-        w = _handoff(wd, pid, D, DI, DI_P, BN_D, CNT, phase * P, FLAG, PREFETCH, SPIN_LIMIT)
+        wd = _wptr(PTRS, layer, 3, DT, QUANT)
+        w = _handoff(wd, pid, D, DI // PK, DI_P // PK, BN_D, CNT, phase * P, FLAG, PREFETCH, SPIN_LIMIT)
         cols = tl.arange(0, DI_P)
         gate = tl.load(GU + cols, mask=cols < DI, other=0.0, cache_modifier=".cg").to(tl.float32)
         up = tl.load(GU + DI + cols, mask=cols < DI, other=0.0, cache_modifier=".cg").to(tl.float32)
         x = ((gate * tl.sigmoid(gate)).to(DT).to(tl.float32) * up).to(DT).to(tl.float32)
-        _gemv(wd, w, x, GU, X, pid, P, D, DI, DI_P, BN_D, True)
+        _gemv(wd, w, x, GU, X, pid, P, D, DI, DI_P, BN_D, True, _ptr(PTRS, layer, 13, tl.float32),
+              _ptr(PTRS, layer, 17, tl.float32), QUANT, GS)
         phase += 1
         # the next layer's q/k/v tile (after the last layer, layer 0's: read and left unused)
-        nxt = _ptr(PTRS, (layer + 1) % L, 0, DT)
-        w = _handoff(nxt, pid, NQKV, D, D, BN_QKV, CNT, phase * P, FLAG, PREFETCH, SPIN_LIMIT)
+        nxt = _wptr(PTRS, (layer + 1) % L, 0, DT, QUANT)
+        w = _handoff(nxt, pid, NQKV, D // PK, D // PK, BN_QKV, CNT, phase * P, FLAG, PREFETCH, SPIN_LIMIT)
 
 
 def _pow2_floor(n: int) -> int:
