@@ -37,7 +37,7 @@ from torch import nn
 
 from tessera.attn import FlatKVCache, paged_cache
 from tessera.kernels import dense, registry, static_weights
-from tessera.model import Transformer, fuse_projections, layers
+from tessera.model import Transformer, fuse_projections, layers, persistent
 from tessera.model.fusion import route_decode_linears
 from tessera.quant import QuantLinear, quantize
 from tessera.serve.cuda_graphs import check_capturable
@@ -357,6 +357,17 @@ def speed(args: argparse.Namespace) -> dict:
             entry[f"decode_b{b}_graphed"] = g
             moved = step_bytes(model, cfg, b, context, dtype)
             entry[f"decode_b{b}_bw_fraction"] = moved / (ms * 1e-3) / peak["bandwidth"]
+        if args.persistent:  # batch 1 with every decoder layer in one launch (tessera.model.persistent)
+            with torch.inference_mode():
+                probe = FlatKVCache(cfg, 1, 2, dtype=dtype, device=device)
+                entry["persistent_reasons"] = persistent.reasons(model, torch.zeros(1, 1, dtype=torch.long,
+                                                                                    device=device), probe)
+            previous, persistent.PERSISTENT_DECODE = persistent.PERSISTENT_DECODE, True
+            try:
+                entry["decode_b1_ms_persistent"] = decode_ms(model, 1, context, dtype, timer, graphed)[0]
+                entry["persistent_barrier_failures"] = persistent.barrier_failures(model)
+            finally:
+                persistent.PERSISTENT_DECODE = previous
         ms = prefill_ms(model, pre_b, pre_t, timer)
         entry["prefill_tokens_per_s"] = pre_b * pre_t / (ms * 1e-3)
         hd = cfg.head_dim or cfg.d_model // cfg.n_heads
@@ -396,6 +407,18 @@ def speed(args: argparse.Namespace) -> dict:
     print_table(rows, f"{shape} ({label}, random weights, {head}): decode step at context {context} "
                       f"({'CUDA graph' if graphed else 'eager'}), prefill {pre_b}x{pre_t}; "
                       f"ceilings {peak['bandwidth'] / 1e9:.1f} GB/s copy, {peak['flops'] / 1e9:.0f} GFLOP/s mm")
+    if args.persistent:
+        # each method at its faster batch-1 step (per-op or persistent), against bf16's faster one
+        best = {m: min(e["decode_b1_ms"], e["decode_b1_ms_persistent"]) for m, e in results.items()}
+        for m, e in results.items():
+            e["decode_b1_speedup_best"] = best[label] / best[m]
+        print_table([{"method": m, "b1 ms per-op": e["decode_b1_ms"], "b1 ms persistent": e["decode_b1_ms_persistent"],
+                      "persistent x per-op": e["decode_b1_ms"] / e["decode_b1_ms_persistent"],
+                      "best x bf16 best": e["decode_b1_speedup_best"],
+                      "persistent ran": not e["persistent_reasons"]} for m, e in results.items()],
+                    "batch-1 decode step with every decoder layer in one persistent launch")
+        checks["int8 decode b1 >= 1.5x (each at its faster step)"] = results["int8"]["decode_b1_speedup_best"] >= 1.5
+        checks["awq decode b1 >= 2x (each at its faster step)"] = results["awq"]["decode_b1_speedup_best"] >= 2.0
     for name, ok in checks.items():
         print(f"  {'PASS' if ok else 'FAIL'}  {name}")
     by_mode = {}
@@ -448,6 +471,10 @@ def main() -> None:
                    help="run the decode step's rope, KV write and paged attention as one launch "
                         "(attention.decode_paged_rope) or three (default: as the serving engine runs them, "
                         "TESSERA_FUSED_DECODE, off unless set to 1)")
+    p.add_argument("--persistent", action="store_true",
+                   help="with --speed: also time each method's batch-1 decode step with every decoder layer in one "
+                        "persistent launch (tessera.model.persistent; FP8 and anything else it refuses runs per op, "
+                        "and its reasons are recorded), in the same process")
     p.add_argument("--fused-norms", action=argparse.BooleanOptionalAction, default=None,
                    help="run each chained RMSNorm inside the q/k/v and gate/up GEMVs or as a launch of its own "
                         "(default: as the serving engine runs them, TESSERA_FUSED_NORM, off unless set to 1)")

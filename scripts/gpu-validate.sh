@@ -10,7 +10,7 @@
 #                                                #   graph replay in PDL modes 3 (default), 1 and 4 and with
 #                                                #   rope/KV write/decode and the norms fused, with the
 #                                                #   persistent decode launch, HF static
-#   bash scripts/gpu-validate.sh OUT_DIR quant   # bench_quant --speed, PDL mode 4 beside the default
+#   bash scripts/gpu-validate.sh OUT_DIR quant   # bench_quant --speed, batch 1 also with the persistent launch
 #   bash scripts/gpu-validate.sh OUT_DIR quant-fused  # the same with rope/KV write/decode and norms fused
 #   bash scripts/gpu-validate.sh OUT_DIR persistent  # probe_persistent_layer: one persistent launch for
 #                                                #   every layer's GEMVs against a launch per projection
@@ -56,7 +56,7 @@ for stage in "$@"; do
         run serve-decode python3 benchmarks/bench_serve.py --sections decode --hf-decode-modes static \
             --decode-tokens 64 --pdl-modes 1 4 --out "$out" ;;
     quant)
-        run quant-speed python3 benchmarks/bench_quant.py --speed --reps 10 --pdl-modes 4 --no-progress --out "$out" ;;
+        run quant-speed python3 benchmarks/bench_quant.py --speed --reps 10 --persistent --no-progress --out "$out" ;;
     quant-fused)
         run quant-speed-fused python3 benchmarks/bench_quant.py --speed --reps 10 --fused-decode --fused-norms \
             --no-progress --out "$out" ;;
