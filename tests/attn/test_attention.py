@@ -158,3 +158,18 @@ def test_paged_context_rotary_decode_equals_rope_then_attend(qk_norm: bool, monk
     assert PagedKVContext(caches[0], prefill).attend_rotary(0, torch.randn(3, 6, 8), torch.randn(3, 2, 8),
                                                             torch.randn(3, 2, 8), cos[:1].expand(3, 8),
                                                             sin[:1].expand(3, 8)) is None
+
+
+def test_flat_cache_decode_tables_are_the_step_rows_it_attends_with() -> None:
+    cfg = ModelConfig(vocab_size=8, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=8)
+    cache = FlatKVCache(cfg, batch_size=2, max_len=20)
+    cache.advance(5)
+    block, slots, tables, lens = cache.decode_tables()
+    capacity = cache.k[0].shape[1]
+    assert block == 16 and slots.tolist() == [5, capacity + 5] and lens.tolist() == [6, 6]
+    assert tables.tolist() == [[0, 1], [2, 3]]
+    k, v = cache.paged(1)
+    assert k.shape == (4, 16, 2, 8) and k.data_ptr() == cache.k[1].data_ptr() and v.data_ptr() == cache.v[1].data_ptr()
+    cache.advance(15)
+    with pytest.raises(ValueError, match="overflows max_len=20"):
+        cache.decode_tables()

@@ -72,6 +72,18 @@ class FlatKVCache:
     def reset(self) -> None:
         self.length = 0
 
+    def decode_tables(self) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the paged kernels need for a one-token step at the current length: tokens a block, and the
+        step's cache slots [batch_size] int64, block tables [batch_size, pages] int32 and context lengths
+        [batch_size] int32 (views of tables built once; `paged(layer)` gives the caches)."""
+        if self.length + 1 > self.max_len:
+            raise ValueError(f"a token at length {self.length} overflows max_len={self.max_len}")
+        return _PAGE, self._slots[self.length], self._block_tables, self._lens[self.length + 1]
+
+    def paged(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s keys and values as the paged kernels' [blocks, 16, Hkv, D] caches (views)."""
+        return self._paged(layer)
+
     def _paged(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `layer`'s keys and values as the paged kernels' [blocks, 16, Hkv, D] caches."""
         k_rows, v_rows = self.k[layer], self.v[layer]

@@ -64,9 +64,9 @@ def _step(kv: object) -> _Step | None:
     if isinstance(kv, FlatKVCache):
         if kv.batch_size != 1 or kv.length + 1 > kv.max_len:
             return None
-        pages = [kv._paged(i) for i in range(len(kv.k))]
-        return _Step([k for k, _ in pages], [v for _, v in pages], pages[0][0].shape[1], kv._slots[kv.length],
-                     kv._block_tables, kv._lens[kv.length + 1], kv)
+        pages = [kv.paged(i) for i in range(len(kv.k))]
+        block_size, slot, table, ctx = kv.decode_tables()
+        return _Step([k for k, _ in pages], [v for _, v in pages], block_size, slot, table, ctx, kv)
     return None
 
 
