@@ -35,45 +35,8 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_result
 
-
-@triton.jit
-def _grid_barrier(counter, target, flag, SPIN_LIMIT: tl.constexpr):
-    """Arrive at `counter` and wait until `target` programs have arrived; gives up after SPIN_LIMIT polls
-    and raises `flag` so that a barrier that can never complete (programs not co-resident) shows up as an
-    error instead of a hang."""
-    tl.debug_barrier()  # every thread's stores of this phase before the program's release
-    tl.atomic_add(counter, 1, sem="release", scope="gpu")
-    seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
-    spins = 0
-    while (seen < target) & (spins < SPIN_LIMIT):
-        seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
-        spins += 1
-    if seen < target:
-        tl.atomic_add(flag, 1)
-    tl.debug_barrier()
-
-
-@triton.jit
-def _tile(w_ptr, tile, N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr):
-    """Rows [tile * BN, tile * BN + BN) of an [N, K] weight; a program past the last tile reads nothing."""
-    rows = tile * BN + tl.arange(0, BN)
-    cols = tl.arange(0, KP)
-    return tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=(rows[:, None] < N) & (cols[None, :] < K),
-                   other=0.0)
-
-
-@triton.jit
-def _handoff(w_ptr, pid, N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr, counter, target,
-             flag, PREFETCH: tl.constexpr, SPIN_LIMIT: tl.constexpr):
-    """The grid barrier between two phases, and this program's first weight tile of the next one: loaded
-    before the wait with PREFETCH (weights do not depend on the activations), after it otherwise."""
-    if PREFETCH:
-        w = _tile(w_ptr, pid, N, K, KP, BN)
-        _grid_barrier(counter, target, flag, SPIN_LIMIT)
-    else:
-        _grid_barrier(counter, target, flag, SPIN_LIMIT)
-        w = _tile(w_ptr, pid, N, K, KP, BN)
-    return w
+# the barrier, tile and hand-off of the model's persistent launch, so the probe measures that design
+from tessera.kernels.triton.persistent_decode import _grid_barrier, _handoff, _tile
 
 
 @triton.jit
