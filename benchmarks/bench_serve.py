@@ -202,16 +202,28 @@ def section_decode(model, hf, args, ceil, cuda, rows, results) -> None:
                 (layers, "FUSED_NORMS", "fused_norms", "unfused_norms", "norms {}"),
                 (persistent, "PERSISTENT_DECODE", "persistent", "per_op", "layers in one persistent launch {}")):
             default = getattr(module, flag)
+            key = off if default else on
             setattr(module, flag, not default)
+            other = None
             try:
                 other = make_engine(model, args, max_num_seqs=1, cuda_graph_batch_sizes=(1,))
                 step = median_seconds(other.runner.graphs.graphs[1].replay, 50, 5, cuda)
-                failures = persistent.barrier_failures(model) if flag == "PERSISTENT_DECODE" else 0
+                failures, engine_rate = 0, None
+                if flag == "PERSISTENT_DECODE":  # and the engine end to end, as the headline figure
+                    generate_one(other, prompt.prompt_token_ids, 16, "pwarm")
+                    engine_rate = statistics.median(
+                        generate_one(other, prompt.prompt_token_ids, args.decode_tokens, f"p{i}")[1]
+                        for i in range(3))
+                    failures = persistent.barrier_failures(model)
+            except Exception as exc:  # an experimental path that fails is reported, not fatal to the run
+                if flag != "PERSISTENT_DECODE":
+                    raise
+                res[f"graph_{key}_error"] = repr(exc)
+                continue
             finally:
                 setattr(module, flag, default)
-            del other
-            free_memory()
-            key = off if default else on
+                del other
+                free_memory()
             res[f"graph_{key}"] = {"graph_step_ms": step * 1e3, "tok_s": 1 / step,
                                    "roofline_fraction": (1 / step) / roof}
             if failures:
@@ -220,6 +232,10 @@ def section_decode(model, hf, args, ceil, cuda, rows, results) -> None:
                 ("unfused" if default else "fused")
             rows.append({"what": f"batch-1 decode, graph replay, {what.format(state).strip()}", "tok/s": 1 / step,
                          "roofline": (1 / step) / roof})
+            if engine_rate is not None:
+                res[f"engine_{key}_tok_s"] = engine_rate
+                rows.append({"what": f"batch-1 decode, engine, {what.format(state).strip()}", "tok/s": engine_rate,
+                             "roofline": engine_rate / roof})
     if hf is not None:
         modes = (("dynamic", {}), ("static", {"cache_implementation": "static"}))
         for mode, kw in (m for m in modes if m[0] in args.hf_decode_modes):
