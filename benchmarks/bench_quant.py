@@ -366,6 +366,9 @@ def speed(args: argparse.Namespace) -> dict:
             try:
                 entry["decode_b1_ms_persistent"] = decode_ms(model, 1, context, dtype, timer, graphed)[0]
                 entry["persistent_barrier_failures"] = persistent.barrier_failures(model)
+            except Exception as exc:  # an experimental path that fails is reported, not fatal to the run
+                entry["persistent_error"] = repr(exc)
+                entry["decode_b1_ms_persistent"] = float("inf")
             finally:
                 persistent.PERSISTENT_DECODE = previous
         ms = prefill_ms(model, pre_b, pre_t, timer)
