@@ -368,7 +368,7 @@ def speed(args: argparse.Namespace) -> dict:
                 entry["persistent_barrier_failures"] = persistent.barrier_failures(model)
             except Exception as exc:  # an experimental path that fails is reported, not fatal to the run
                 entry["persistent_error"] = repr(exc)
-                entry["decode_b1_ms_persistent"] = float("inf")
+                entry["decode_b1_ms_persistent"] = None
             finally:
                 persistent.PERSISTENT_DECODE = previous
         ms = prefill_ms(model, pre_b, pre_t, timer)
@@ -412,11 +412,11 @@ def speed(args: argparse.Namespace) -> dict:
                       f"ceilings {peak['bandwidth'] / 1e9:.1f} GB/s copy, {peak['flops'] / 1e9:.0f} GFLOP/s mm")
     if args.persistent:
         # each method at its faster batch-1 step (per-op or persistent), against bf16's faster one
-        best = {m: min(e["decode_b1_ms"], e["decode_b1_ms_persistent"]) for m, e in results.items()}
+        best = {m: min(e["decode_b1_ms"], e["decode_b1_ms_persistent"] or math.inf) for m, e in results.items()}
         for m, e in results.items():
             e["decode_b1_speedup_best"] = best[label] / best[m]
         print_table([{"method": m, "b1 ms per-op": e["decode_b1_ms"], "b1 ms persistent": e["decode_b1_ms_persistent"],
-                      "persistent x per-op": e["decode_b1_ms"] / e["decode_b1_ms_persistent"],
+                      "persistent x per-op": e["decode_b1_ms"] / (e["decode_b1_ms_persistent"] or math.inf),
                       "best x bf16 best": e["decode_b1_speedup_best"],
                       "persistent ran": not e["persistent_reasons"]} for m, e in results.items()],
                     "batch-1 decode step with every decoder layer in one persistent launch")
