@@ -1,8 +1,11 @@
-"""Run under TRITON_INTERPRET=1 (one program): decode steps through the persistent launch
+"""Run under TRITON_INTERPRET=1: decode steps through the persistent launch
 (`tessera.model.persistent`) against the per-op path on a copy of the same paged cache, for a QK-norm
 model (Qwen3-like, 2 query heads a kv head) and a plain one (4 query heads on one kv head), at one and
 at 16 context splits a head (most of them empty), over two consecutive steps with the blocks out of
-order. Logits within 1e-5 (float32), and both caches equal after each step. Prints `persistent-ok`."""
+order; and with each phase a launch of its own over 3 and 5 programs, so the spreading of tiles and work
+items over programs is checked too (the interpreter runs programs one after another, so only the kernel
+boundary can stand in for the grid barrier). Logits within 1e-5 (float32), and both caches equal after
+each step. Prints `persistent-ok`."""
 
 from __future__ import annotations
 
@@ -46,7 +49,10 @@ def step(model: Transformer, cache: PagedKVCache, ids: list[int], start: int) ->
 def main(seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     for name, cfg in CONFIGS.items():
-        for splits in (1, 16):
+        # (splits a head, programs): one program in one launch; or each phase a launch over several
+        # programs (tiles and work items spread and strided over them, pid past the last tile)
+        for splits, programs in ((1, None), (16, None), (2, 3), (3, 5)):
+            persistent.STEP_PROGRAMS = programs
             model = model_for(cfg, seed)
             spec = KVCacheSpec(n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                                block_size=4, num_blocks=10, dtype="float32")
@@ -64,13 +70,14 @@ def main(seed: int) -> None:
                 assert got.__dict__.get("_persistent_decode"), f"{name}: the persistent launch did not run"
                 assert len(model.__dict__["_persistent_decode"]) == 1
                 diff = (have - want).abs().max().item()
-                assert diff <= 1e-5, f"{name}, {splits} splits, position {pos}: max |logit diff| {diff:.3g}"
+                assert diff <= 1e-5, \
+                    f"{name}, {splits} splits, {programs} programs, position {pos}: max |logit diff| {diff:.3g}"
                 for layer in range(cfg.n_layers):
                     for which, a, b in (("k", ref.k[layer], got.k[layer]), ("v", ref.v[layer], got.v[layer])):
                         where = f"{name}: {which} cache, layer {layer}"
                         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6, msg=lambda m, w=where: f"{w}: {m}")
             assert persistent.barrier_failures(model) == 0
-            print(f"{name}, {splits} splits: ok")
+            print(f"{name}, {splits} splits, {programs or 1} programs: ok")
     print("persistent-ok")
 
 

@@ -28,6 +28,9 @@ PERSISTENT_DECODE = os.environ.get("TESSERA_PERSISTENT_DECODE", "0") == "1"
 #: Context splits a kv head (None: the programs a kv head, so every program has one); for tests, where one
 #: program under the interpreter still exercises the merge of several splits.
 SPLITS: int | None = None
+#: For CPU checks: run each phase of each layer as a launch of its own over this many programs (the kernel
+#: boundary standing in for the grid barrier, which the interpreter cannot run with several programs).
+STEP_PROGRAMS: int | None = None
 
 
 def _pow2(n: int) -> bool:
@@ -194,7 +197,8 @@ def _launch_for(model: nn.Module, step: _Step) -> _Launch:
     # the graphs that use it; the model only finds its launches, weakly.
     owned: dict = step.owner.__dict__.setdefault("_persistent_decode", {})
     found = owned.get(id(model))
-    if found is not None and found.addresses == addresses and (SPLITS is None or found.splits == SPLITS):
+    if found is not None and found.addresses == addresses and (SPLITS is None or found.splits == SPLITS) \
+            and (STEP_PROGRAMS is None or found.programs == STEP_PROGRAMS):
         return found
     if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("persistent decode: the weights or the cache moved since the last eager call; "
@@ -207,6 +211,7 @@ def _launch_for(model: nn.Module, step: _Step) -> _Launch:
     hd = cfg.head_dim or cfg.d_model // cfg.n_heads
     hkv, g = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
     programs = 1 if dev.type != "cuda" else torch.cuda.get_device_properties(dev).multi_processor_count
+    programs = STEP_PROGRAMS or programs
     splits = SPLITS or max(1, programs // hkv)
     scratch = {"a": torch.empty((hkv * g + 2 * hkv) * hd, device=dev, dtype=dtype),
                "o": torch.empty(hkv * g * hd, device=dev, dtype=dtype),
@@ -245,14 +250,20 @@ def hidden(model: nn.Module, input_ids: torch.Tensor, x: torch.Tensor, cos: torc
     s["x"].copy_(x.reshape(-1))
     s["cnt"].zero_()
     s["hcnt"].zero_()  # the last split of each head resets it; zeroed anyway should a launch have given up
-    pd.decode_layers_kernel[(p,)](
-        s["x"], launch.ptrs, s["a"], s["o"], s["gu"], s["part"], s["hcnt"], s["cnt"], s["flag"],
-        cos.reshape(-1), sin.reshape(-1), step.slot, step.table, step.ctx, cfg.norm_eps,
-        SCALE=hd ** -0.5, L=cfg.n_layers, D=d, HKV=hkv, G=g, HD=hd, DI=di, DI_P=di_p, BS=step.block_size,
-        S=launch.splits, SP=triton.next_power_of_2(launch.splits), BT=32,
-        BN_QKV=pd.tile_rows((hkv * g + 2 * hkv) * hd, d // pack, p), BN_O=pd.tile_rows(d, hkv * g * hd // pack, p),
-        BN_GU=pd.tile_rows(2 * di, d // pack, p), BN_D=pd.tile_rows(d, di_p // pack, p), QK_NORM=cfg.qk_norm,
-        PREFETCH=True, SPIN_LIMIT=1 << 16, QUANT=launch.quant, GS=launch.group_size, num_warps=8)
+    args = (s["x"], launch.ptrs, s["a"], s["o"], s["gu"], s["part"], s["hcnt"], s["cnt"], s["flag"],
+            cos.reshape(-1), sin.reshape(-1), step.slot, step.table, step.ctx, cfg.norm_eps)
+    meta = dict(SCALE=hd ** -0.5, L=cfg.n_layers, D=d, HKV=hkv, G=g, HD=hd, DI=di, DI_P=di_p, BS=step.block_size,
+                S=launch.splits, SP=triton.next_power_of_2(launch.splits), BT=32,
+                BN_QKV=pd.tile_rows((hkv * g + 2 * hkv) * hd, d // pack, p),
+                BN_O=pd.tile_rows(d, hkv * g * hd // pack, p), BN_GU=pd.tile_rows(2 * di, d // pack, p),
+                BN_D=pd.tile_rows(d, di_p // pack, p), QK_NORM=cfg.qk_norm, PREFETCH=True, SPIN_LIMIT=1 << 16,
+                QUANT=launch.quant, GS=launch.group_size, num_warps=8)
+    if STEP_PROGRAMS is None:
+        pd.decode_layers_kernel[(p,)](*args, 0, **meta)
+    else:  # each phase of each layer a launch of its own (CPU checks with several programs)
+        for layer in range(cfg.n_layers):
+            for phase in range(5):
+                pd.decode_layers_kernel[(p,)](*args, layer, **meta, ONLY=phase)
     final = model.model.norm
     return registry("rms_norm", s["x"].to(x.dtype).view(1, 1, d), final.weight, final.eps)
 

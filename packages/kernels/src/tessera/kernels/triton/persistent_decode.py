@@ -228,56 +228,105 @@ def _attention(A, O, kc, vc, wq, wk, COS, SIN, SLOT, TABLE, CTX, PART, HCNT, pid
 
 
 @triton.jit
-def decode_layers_kernel(X, PTRS, A, O, GU, PART, HCNT, CNT, FLAG, COS, SIN, SLOT, TABLE, CTX, eps,
+def _qkv_phase(PTRS, layer, w, X, A, pid, P, eps, D: tl.constexpr, NQKV: tl.constexpr, BN: tl.constexpr,
+               QUANT: tl.constexpr, GS: tl.constexpr, DT: tl.constexpr):
+    """Input norm, then this program's tiles of the fused q/k/v projection (the first, `w`, loaded)."""
+    x = _normed_row(X, _ptr(PTRS, layer, 4, DT), D, eps, DT)
+    _gemv(_wptr(PTRS, layer, 0, DT, QUANT), w, x, A, X, pid, P, NQKV, D, D, BN, False,
+          _ptr(PTRS, layer, 10, tl.float32), _ptr(PTRS, layer, 14, tl.float32), QUANT, GS)
+
+
+@triton.jit
+def _o_phase(PTRS, layer, w, O, A, X, pid, P, D: tl.constexpr, DO: tl.constexpr, BN: tl.constexpr,
+             QUANT: tl.constexpr, GS: tl.constexpr, DT: tl.constexpr):
+    """The o projection of the attention output, added to the residual."""
+    cols = tl.arange(0, DO)
+    x = tl.load(O + cols, cache_modifier=".cg").to(tl.float32)
+    _gemv(_wptr(PTRS, layer, 1, DT, QUANT), w, x, A, X, pid, P, D, DO, DO, BN, True,
+          _ptr(PTRS, layer, 11, tl.float32), _ptr(PTRS, layer, 15, tl.float32), QUANT, GS)
+
+
+@triton.jit
+def _gate_up_phase(PTRS, layer, w, X, GU, pid, P, eps, D: tl.constexpr, DI: tl.constexpr, BN: tl.constexpr,
+                   QUANT: tl.constexpr, GS: tl.constexpr, DT: tl.constexpr):
+    """Post-attention norm, then the fused gate/up projection."""
+    x = _normed_row(X, _ptr(PTRS, layer, 5, DT), D, eps, DT)
+    _gemv(_wptr(PTRS, layer, 2, DT, QUANT), w, x, GU, X, pid, P, 2 * DI, D, D, BN, False,
+          _ptr(PTRS, layer, 12, tl.float32), _ptr(PTRS, layer, 16, tl.float32), QUANT, GS)
+
+
+@triton.jit
+def _down_phase(PTRS, layer, w, GU, X, pid, P, D: tl.constexpr, DI: tl.constexpr, DI_P: tl.constexpr,
+                BN: tl.constexpr, QUANT: tl.constexpr, GS: tl.constexpr, DT: tl.constexpr):
+    """silu(gate) * up (rounded as `silu_mul`), then the down projection, added to the residual."""
+    cols = tl.arange(0, DI_P)
+    gate = tl.load(GU + cols, mask=cols < DI, other=0.0, cache_modifier=".cg").to(tl.float32)
+    up = tl.load(GU + DI + cols, mask=cols < DI, other=0.0, cache_modifier=".cg").to(tl.float32)
+    x = ((gate * tl.sigmoid(gate)).to(DT).to(tl.float32) * up).to(DT).to(tl.float32)
+    _gemv(_wptr(PTRS, layer, 3, DT, QUANT), w, x, GU, X, pid, P, D, DI, DI_P, BN, True,
+          _ptr(PTRS, layer, 13, tl.float32), _ptr(PTRS, layer, 17, tl.float32), QUANT, GS)
+
+
+@triton.jit
+def decode_layers_kernel(X, PTRS, A, O, GU, PART, HCNT, CNT, FLAG, COS, SIN, SLOT, TABLE, CTX, eps, LAYER,
                          SCALE: tl.constexpr, L: tl.constexpr, D: tl.constexpr, HKV: tl.constexpr,
                          G: tl.constexpr, HD: tl.constexpr,
                          DI: tl.constexpr, DI_P: tl.constexpr, BS: tl.constexpr, S: tl.constexpr,
                          SP: tl.constexpr, BT: tl.constexpr, BN_QKV: tl.constexpr, BN_O: tl.constexpr,
                          BN_GU: tl.constexpr, BN_D: tl.constexpr, QK_NORM: tl.constexpr, PREFETCH: tl.constexpr,
-                         SPIN_LIMIT: tl.constexpr, QUANT: tl.constexpr = 0, GS: tl.constexpr = 128):
+                         SPIN_LIMIT: tl.constexpr, QUANT: tl.constexpr = 0, GS: tl.constexpr = 128,
+                         ONLY: tl.constexpr = -1):
+    """Every layer, phases between grid barriers; or, with ONLY = k in 0..4, phase k of layer LAYER alone
+    and no barrier (a launch per phase: the kernel boundary is the barrier, which is how the CPU checks run
+    several programs under the interpreter)."""
     pid = tl.program_id(0)
     P = tl.num_programs(0)
     DT: tl.constexpr = A.dtype.element_ty
     DO: tl.constexpr = HKV * G * HD
     NQKV: tl.constexpr = DO + 2 * HKV * HD
     PK: tl.constexpr = 2 if QUANT == 2 else 1  # weights a byte of the weight tiles
-    phase = 0
-    w = _tile(_wptr(PTRS, 0, 0, DT, QUANT), pid, NQKV, D // PK, D // PK, BN_QKV)
-    for layer in range(L):
-        x = _normed_row(X, _ptr(PTRS, layer, 4, DT), D, eps, DT)
-        _gemv(_wptr(PTRS, layer, 0, DT, QUANT), w, x, A, X, pid, P, NQKV, D, D, BN_QKV, False,
-              _ptr(PTRS, layer, 10, tl.float32), _ptr(PTRS, layer, 14, tl.float32), QUANT, GS)
-        phase += 1
-        wo = _wptr(PTRS, layer, 1, DT, QUANT)
-        w = _handoff(wo, pid, D, DO // PK, DO // PK, BN_O, CNT, phase * P, FLAG, PREFETCH, SPIN_LIMIT)
-        _attention(A, O, _ptr(PTRS, layer, 8, DT), _ptr(PTRS, layer, 9, DT), _ptr(PTRS, layer, 6, DT),
-                   _ptr(PTRS, layer, 7, DT), COS, SIN, SLOT, TABLE, CTX, PART, HCNT, pid, P, eps, SCALE,
+    if ONLY == 0:
+        w = _tile(_wptr(PTRS, LAYER, 0, DT, QUANT), pid, NQKV, D // PK, D // PK, BN_QKV)
+        _qkv_phase(PTRS, LAYER, w, X, A, pid, P, eps, D, NQKV, BN_QKV, QUANT, GS, DT)
+    elif ONLY == 1:
+        _attention(A, O, _ptr(PTRS, LAYER, 8, DT), _ptr(PTRS, LAYER, 9, DT), _ptr(PTRS, LAYER, 6, DT),
+                   _ptr(PTRS, LAYER, 7, DT), COS, SIN, SLOT, TABLE, CTX, PART, HCNT, pid, P, eps, SCALE,
                    HKV, G, HD, BS, S, SP, BT, QK_NORM)
-        phase += 1
-        _grid_barrier(CNT, phase * P, FLAG, SPIN_LIMIT)
-        cols = tl.arange(0, DO)
-        x = tl.load(O + cols, cache_modifier=".cg").to(tl.float32)
-        _gemv(wo, w, x, A, X, pid, P, D, DO, DO, BN_O, True, _ptr(PTRS, layer, 11, tl.float32),
-              _ptr(PTRS, layer, 15, tl.float32), QUANT, GS)
-        phase += 1
-        wgu = _wptr(PTRS, layer, 2, DT, QUANT)
-        w = _handoff(wgu, pid, 2 * DI, D // PK, D // PK, BN_GU, CNT, phase * P, FLAG, PREFETCH, SPIN_LIMIT)
-        x = _normed_row(X, _ptr(PTRS, layer, 5, DT), D, eps, DT)
-        _gemv(wgu, w, x, GU, X, pid, P, 2 * DI, D, D, BN_GU, False, _ptr(PTRS, layer, 12, tl.float32),
-              _ptr(PTRS, layer, 16, tl.float32), QUANT, GS)
-        phase += 1
-        wd = _wptr(PTRS, layer, 3, DT, QUANT)
-        w = _handoff(wd, pid, D, DI // PK, DI_P // PK, BN_D, CNT, phase * P, FLAG, PREFETCH, SPIN_LIMIT)
-        cols = tl.arange(0, DI_P)
-        gate = tl.load(GU + cols, mask=cols < DI, other=0.0, cache_modifier=".cg").to(tl.float32)
-        up = tl.load(GU + DI + cols, mask=cols < DI, other=0.0, cache_modifier=".cg").to(tl.float32)
-        x = ((gate * tl.sigmoid(gate)).to(DT).to(tl.float32) * up).to(DT).to(tl.float32)
-        _gemv(wd, w, x, GU, X, pid, P, D, DI, DI_P, BN_D, True, _ptr(PTRS, layer, 13, tl.float32),
-              _ptr(PTRS, layer, 17, tl.float32), QUANT, GS)
-        phase += 1
-        # the next layer's q/k/v tile (after the last layer, layer 0's: read and left unused)
-        nxt = _wptr(PTRS, (layer + 1) % L, 0, DT, QUANT)
-        w = _handoff(nxt, pid, NQKV, D // PK, D // PK, BN_QKV, CNT, phase * P, FLAG, PREFETCH, SPIN_LIMIT)
+    elif ONLY == 2:
+        w = _tile(_wptr(PTRS, LAYER, 1, DT, QUANT), pid, D, DO // PK, DO // PK, BN_O)
+        _o_phase(PTRS, LAYER, w, O, A, X, pid, P, D, DO, BN_O, QUANT, GS, DT)
+    elif ONLY == 3:
+        w = _tile(_wptr(PTRS, LAYER, 2, DT, QUANT), pid, 2 * DI, D // PK, D // PK, BN_GU)
+        _gate_up_phase(PTRS, LAYER, w, X, GU, pid, P, eps, D, DI, BN_GU, QUANT, GS, DT)
+    elif ONLY == 4:
+        w = _tile(_wptr(PTRS, LAYER, 3, DT, QUANT), pid, D, DI // PK, DI_P // PK, BN_D)
+        _down_phase(PTRS, LAYER, w, GU, X, pid, P, D, DI, DI_P, BN_D, QUANT, GS, DT)
+    else:
+        phase = 0
+        w = _tile(_wptr(PTRS, 0, 0, DT, QUANT), pid, NQKV, D // PK, D // PK, BN_QKV)
+        for layer in range(L):
+            _qkv_phase(PTRS, layer, w, X, A, pid, P, eps, D, NQKV, BN_QKV, QUANT, GS, DT)
+            phase += 1
+            w = _handoff(_wptr(PTRS, layer, 1, DT, QUANT), pid, D, DO // PK, DO // PK, BN_O, CNT, phase * P, FLAG,
+                         PREFETCH, SPIN_LIMIT)
+            _attention(A, O, _ptr(PTRS, layer, 8, DT), _ptr(PTRS, layer, 9, DT), _ptr(PTRS, layer, 6, DT),
+                       _ptr(PTRS, layer, 7, DT), COS, SIN, SLOT, TABLE, CTX, PART, HCNT, pid, P, eps, SCALE,
+                       HKV, G, HD, BS, S, SP, BT, QK_NORM)
+            phase += 1
+            _grid_barrier(CNT, phase * P, FLAG, SPIN_LIMIT)
+            _o_phase(PTRS, layer, w, O, A, X, pid, P, D, DO, BN_O, QUANT, GS, DT)
+            phase += 1
+            w = _handoff(_wptr(PTRS, layer, 2, DT, QUANT), pid, 2 * DI, D // PK, D // PK, BN_GU, CNT, phase * P,
+                         FLAG, PREFETCH, SPIN_LIMIT)
+            _gate_up_phase(PTRS, layer, w, X, GU, pid, P, eps, D, DI, BN_GU, QUANT, GS, DT)
+            phase += 1
+            w = _handoff(_wptr(PTRS, layer, 3, DT, QUANT), pid, D, DI // PK, DI_P // PK, BN_D, CNT, phase * P,
+                         FLAG, PREFETCH, SPIN_LIMIT)
+            _down_phase(PTRS, layer, w, GU, X, pid, P, D, DI, DI_P, BN_D, QUANT, GS, DT)
+            phase += 1
+            # the next layer's q/k/v tile (after the last layer, layer 0's: read and left unused)
+            w = _handoff(_wptr(PTRS, (layer + 1) % L, 0, DT, QUANT), pid, NQKV, D // PK, D // PK, BN_QKV, CNT,
+                         phase * P, FLAG, PREFETCH, SPIN_LIMIT)
 
 
 def _pow2_floor(n: int) -> int:
