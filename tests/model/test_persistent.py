@@ -4,11 +4,6 @@ eager and replayed from a CUDA graph."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -16,7 +11,6 @@ from tessera.attn import PagedAttentionMetadata, PagedKVCache, PagedKVContext
 from tessera.model import Transformer, fuse_projections, persistent
 from tessera.specs import KVCacheHandle, KVCacheSpec, ModelConfig
 
-HERE = Path(__file__).resolve().parent
 CFG = ModelConfig(vocab_size=61, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=96, qk_norm=True,
                   max_seq_len=64)
 
@@ -67,12 +61,9 @@ def test_a_refused_step_takes_the_per_op_path(monkeypatch: pytest.MonkeyPatch) -
     assert "_persistent_decode" not in model.__dict__  # no launch was built
 
 
-def test_persistent_launch_matches_the_per_op_path_under_the_interpreter() -> None:
+def test_persistent_launch_matches_the_per_op_path_under_the_interpreter(run_check) -> None:
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, str(HERE / "persistent_decode_check.py"), "3"], capture_output=True,
-                          text=True, env=env, timeout=600)
-    assert proc.returncode == 0 and "persistent-ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_check("persistent_decode_check.py", "persistent-ok", interpret="always")
 
 
 @pytest.mark.gpu
