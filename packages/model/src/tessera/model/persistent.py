@@ -102,9 +102,13 @@ def _projections(layer: nn.Module) -> list[object] | None:
 
 def reasons(model: nn.Module, input_ids: torch.Tensor, kv: object) -> list[str]:
     """Why this step cannot take the persistent launch (empty when it can)."""
+    return _check(model, input_ids, _step(kv))[0]
+
+
+def _check(model: nn.Module, input_ids: torch.Tensor, step: _Step | None) -> tuple[list[str], list[list[object]]]:
+    """`reasons`, and each layer's projections (`_projections`) as far as the walk got."""
     out = []
     cfg = model.config
-    step = _step(kv)
     if step is None:
         out.append("not a one-sequence decode step through a PagedKVContext or a FlatKVCache")
     if tuple(input_ids.shape) != (1, 1):
@@ -115,18 +119,18 @@ def reasons(model: nn.Module, input_ids: torch.Tensor, kv: object) -> list[str]:
         out.append("gradients enabled")
     if cfg.attention_bias:
         out.append("attention biases")
-    hd = cfg.head_dim or cfg.d_model // cfg.n_heads
-    g = cfg.n_heads // cfg.n_kv_heads
+    hd, _, g = _shape(cfg)
     widths = {"d_model": cfg.d_model, "head_dim": hd, "n_heads // n_kv_heads": g,
               "n_heads * head_dim": cfg.n_heads * hd}
     out += [f"{k}={v} is not a power of two" for k, v in widths.items() if not _pow2(v)]
     dtype = model.model.embed_tokens.weight.dtype
-    kinds = set()
+    kinds, layers = set(), []
     for i, layer in enumerate(model.model.layers):
         parts = _projections(layer)
         if parts is None:
             out.append(f"layer {i}: q/k/v or gate/up not fused (fuse_projections)")
             break
+        layers.append(parts)
         for name, part in zip(("q/k/v", "o_proj", "gate/up", "down_proj"), parts):
             kind = _kind(part)
             if kind not in ("float", "int8", "int4"):
@@ -145,7 +149,7 @@ def reasons(model: nn.Module, input_ids: torch.Tensor, kv: object) -> list[str]:
             import triton  # noqa: F401
         except ImportError:
             out.append("Triton is not installed")
-    return out
+    return out, layers
 
 
 @dataclass(eq=False)
@@ -158,18 +162,22 @@ class _Launch:
     scratch: dict[str, torch.Tensor]
     programs: int
     splits: int
-    quant: int
-    group_size: int
+    #: the kernel's constexpr arguments and launch options
+    meta: dict
 
 
-def _tensors(model: nn.Module, step: _Step) -> tuple[list[torch.Tensor], int, int]:
+def _shape(cfg: object) -> tuple[int, int, int]:
+    """(head_dim, kv heads, query heads a kv head)."""
+    return cfg.head_dim or cfg.d_model // cfg.n_heads, cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
+
+
+def _tensors(model: nn.Module, step: _Step, projections: list[list[object]]) -> tuple[list[torch.Tensor], int, int]:
     """The pointer table's tensors (`persistent_decode.SLOTS` a layer), the weight format (0 float, 1 int8,
-    2 int4) and the int4 group size."""
+    2 int4) and the int4 group size; `projections` from `_check`."""
     cfg = model.config
     rows, quant, group = [], 0, 128
-    for i, layer in enumerate(model.model.layers):
+    for i, (layer, parts) in enumerate(zip(model.model.layers, projections)):
         attn = layer.self_attn
-        parts = _projections(layer)
         kind = _kind(parts[0])
         quant = {"float": 0, "int8": 1, "int4": 2}[kind]
         spare = layer.input_layernorm.weight  # any valid address, for entries this model does not use
@@ -188,10 +196,12 @@ def _tensors(model: nn.Module, step: _Step) -> tuple[list[torch.Tensor], int, in
     return rows, quant, group
 
 
-def _launch_for(model: nn.Module, step: _Step) -> _Launch:
+def _launch_for(model: nn.Module, step: _Step, projections: list[list[object]]) -> _Launch:
+    import triton
+
     from tessera.kernels.triton import persistent_decode as pd
 
-    tensors, quant, group = _tensors(model, step)
+    tensors, quant, group = _tensors(model, step, projections)
     addresses = tuple(t.data_ptr() for t in tensors)
     # The launch (its scratch is what a captured graph writes) lives as long as the cache, which outlives
     # the graphs that use it; the model only finds its launches, weakly.
@@ -208,8 +218,7 @@ def _launch_for(model: nn.Module, step: _Step) -> _Launch:
         raise ValueError(f"persistent decode: table entries {bad} are not contiguous")
     cfg = model.config
     dev, dtype = tensors[0].device, model.model.embed_tokens.weight.dtype
-    hd = cfg.head_dim or cfg.d_model // cfg.n_heads
-    hkv, g = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
+    hd, hkv, g = _shape(cfg)
     programs = 1 if dev.type != "cuda" else torch.cuda.get_device_properties(dev).multi_processor_count
     programs = STEP_PROGRAMS or programs
     splits = SPLITS or max(1, programs // hkv)
@@ -222,7 +231,15 @@ def _launch_for(model: nn.Module, step: _Step) -> _Launch:
                "flag": torch.zeros(1, device=dev, dtype=torch.int32),
                "x": torch.empty(cfg.d_model, device=dev, dtype=torch.float32)}
     ptrs = torch.tensor(addresses, dtype=torch.int64).view(cfg.n_layers, pd.SLOTS).to(dev)
-    launch = _Launch(ptrs, tuple(tensors), addresses, scratch, programs, splits, quant, group)
+    d, di, p, pack = cfg.d_model, cfg.d_ff, programs, 2 if quant == 2 else 1
+    di_p = triton.next_power_of_2(di)
+    meta = dict(SCALE=hd ** -0.5, L=cfg.n_layers, D=d, HKV=hkv, G=g, HD=hd, DI=di, DI_P=di_p, BS=step.block_size,
+                S=splits, SP=triton.next_power_of_2(splits), BT=32,
+                BN_QKV=pd.tile_rows((hkv * g + 2 * hkv) * hd, d // pack, p),
+                BN_O=pd.tile_rows(d, hkv * g * hd // pack, p), BN_GU=pd.tile_rows(2 * di, d // pack, p),
+                BN_D=pd.tile_rows(d, di_p // pack, p), QK_NORM=cfg.qk_norm, PREFETCH=True, SPIN_LIMIT=1 << 16,
+                QUANT=quant, GS=group, num_warps=8)
+    launch = _Launch(ptrs, tuple(tensors), addresses, scratch, programs, splits, meta)
     owned[id(model)] = launch
     model.__dict__.setdefault("_persistent_decode", weakref.WeakSet()).add(launch)
     return launch
@@ -232,40 +249,29 @@ def hidden(model: nn.Module, input_ids: torch.Tensor, x: torch.Tensor, cos: torc
            kv: object) -> torch.Tensor | None:
     """The final-normed hidden state [1, 1, d_model] of a decode step (`x` its embedding, `cos`/`sin` its
     rope angles) through the persistent launch, or None when the switch is off or `reasons` objects."""
-    if not PERSISTENT_DECODE or reasons(model, input_ids, kv):
+    if not PERSISTENT_DECODE:
         return None
-    import triton
-
+    step = _step(kv)
+    problems, projections = _check(model, input_ids, step)
+    if problems:
+        return None
     from tessera.kernels.triton import persistent_decode as pd
 
-    cfg = model.config
-    step = _step(kv)
-    launch = _launch_for(model, step)
-    s = launch.scratch
-    hd = cfg.head_dim or cfg.d_model // cfg.n_heads
-    hkv, g = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
-    d, di, p = cfg.d_model, cfg.d_ff, launch.programs
-    di_p = triton.next_power_of_2(di)
-    pack = 2 if launch.quant == 2 else 1
+    launch = _launch_for(model, step, projections)
+    s, p, meta = launch.scratch, launch.programs, launch.meta
     s["x"].copy_(x.reshape(-1))
     s["cnt"].zero_()
     s["hcnt"].zero_()  # the last split of each head resets it; zeroed anyway should a launch have given up
     args = (s["x"], launch.ptrs, s["a"], s["o"], s["gu"], s["part"], s["hcnt"], s["cnt"], s["flag"],
-            cos.reshape(-1), sin.reshape(-1), step.slot, step.table, step.ctx, cfg.norm_eps)
-    meta = dict(SCALE=hd ** -0.5, L=cfg.n_layers, D=d, HKV=hkv, G=g, HD=hd, DI=di, DI_P=di_p, BS=step.block_size,
-                S=launch.splits, SP=triton.next_power_of_2(launch.splits), BT=32,
-                BN_QKV=pd.tile_rows((hkv * g + 2 * hkv) * hd, d // pack, p),
-                BN_O=pd.tile_rows(d, hkv * g * hd // pack, p), BN_GU=pd.tile_rows(2 * di, d // pack, p),
-                BN_D=pd.tile_rows(d, di_p // pack, p), QK_NORM=cfg.qk_norm, PREFETCH=True, SPIN_LIMIT=1 << 16,
-                QUANT=launch.quant, GS=launch.group_size, num_warps=8)
+            cos.reshape(-1), sin.reshape(-1), step.slot, step.table, step.ctx, model.config.norm_eps)
     if STEP_PROGRAMS is None:
         pd.decode_layers_kernel[(p,)](*args, 0, **meta)
     else:  # each phase of each layer a launch of its own (CPU checks with several programs)
-        for layer in range(cfg.n_layers):
+        for layer in range(meta["L"]):
             for phase in range(5):
                 pd.decode_layers_kernel[(p,)](*args, layer, **meta, ONLY=phase)
     final = model.model.norm
-    return registry("rms_norm", s["x"].to(x.dtype).view(1, 1, d), final.weight, final.eps)
+    return registry("rms_norm", s["x"].to(x.dtype).view(1, 1, -1), final.weight, final.eps)
 
 
 def barrier_failures(model: nn.Module) -> int:
