@@ -3,9 +3,11 @@ of a Qwen3-0.6B-shaped model (28 layers; per layer the fused q/k/v, o, fused gat
 projections, RMSNorm, the SiLU gate and the residual adds, and with `--context T` attention over T cached
 positions with this step's k and v written first), run by ONE Triton launch whose programs (one per
 SM) step through the phases together, separated by grid-wide barriers (an atomic counter). The peer is
-the same work as a launch per op (`F.linear`, SDPA, the pointwise ops) replayed from a CUDA graph. Rope
-and QK-norm are left out (a few hundred flops a head); what is measured is how close the weight and
-KV stream gets to the copy ceiling once launches and their ramps are gone.
+the same work as a launch per op (`F.linear`, SDPA, the pointwise ops) replayed from a CUDA graph. The
+phases are those of the model's launch (`tessera.kernels.triton.persistent_decode`) over stacked weights:
+rope runs at angle 0 and QK-norm is off (a few hundred flops a head), the cache is one block, the norm
+weights are ones. What is measured is how close the weight and KV stream gets to the copy ceiling once
+launches and their ramps are gone, across tile heights, prefetch and warps.
 
 Each projection phase gives a program tiles of `BN` weight rows by the whole K. With prefetch, a program
 loads its first tile of the next phase before it waits at the barrier (weights do not depend on the
@@ -35,102 +37,21 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_result
 
-# the barrier, tile and hand-off of the model's persistent launch, so the probe measures that design
-from tessera.kernels.triton.persistent_decode import _grid_barrier, _handoff, _tile
+# the pieces of the model's persistent launch, so the probe measures that design
+from tessera.kernels.triton.persistent_decode import _attention, _gemv, _grid_barrier, _handoff, _normed_row, _tile
 
 
 @triton.jit
-def _attention(a_ptr, o_ptr, kc, vc, part, hcnt, pid, P, scale, T: tl.constexpr, HKV: tl.constexpr,
-               G: tl.constexpr, HD: tl.constexpr, TS: tl.constexpr, S: tl.constexpr, SP: tl.constexpr):
-    """Batch-1 decode attention of one layer over its cache kc / vc [TMAX, HKV, HD] holding T positions,
-    the last one this step's: a work item is (kv head, split of TS positions); its program writes the new
-    k and v where the split holds position T - 1, attends its G query heads over the split, and stores
-    (acc, max, sum) to `part`. The last split of a head to finish (a counter per head) merges the head's
-    S partials into o_ptr, as split-K's combine does."""
-    DT: tl.constexpr = o_ptr.dtype.element_ty
-    NQ: tl.constexpr = HKV * G * HD
-    W: tl.constexpr = HD + 2  # a partial: acc [HD], max, sum
-    gs = tl.arange(0, G)
-    ds = tl.arange(0, HD)
-    item = pid
-    while item < HKV * S:
-        kvh = item // S
-        split = item % S
-        q = tl.load(a_ptr + (kvh * G + gs)[:, None] * HD + ds[None, :], cache_modifier=".cg").to(tl.float32)
-        newest = split == S - 1  # position T - 1 lies in the last split
-        row = (T - 1) * HKV * HD + kvh * HD + ds
-        tl.store(kc + row, tl.load(a_ptr + NQ + kvh * HD + ds, cache_modifier=".cg"), mask=newest & (ds < HD))
-        tl.store(vc + row, tl.load(a_ptr + NQ + HKV * HD + kvh * HD + ds, cache_modifier=".cg"),
-                 mask=newest & (ds < HD))
-        tl.debug_barrier()  # the CTA reads back what it wrote
-        ts = split * TS + tl.arange(0, TS)
-        at = ts[:, None] * HKV * HD + kvh * HD + ds[None, :]
-        k = tl.load(kc + at, mask=(ts < T)[:, None], other=0.0).to(tl.float32)
-        v = tl.load(vc + at, mask=(ts < T)[:, None], other=0.0).to(tl.float32)
-        sc = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [G, TS]
-        sc = tl.where((ts < T)[None, :], sc, float("-inf"))
-        m = tl.max(sc, axis=1)
-        p = tl.exp(sc - m[:, None])
-        acc = tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # [G, HD]
-        base = part + (kvh * S + split) * G * W
-        tl.store(base + gs[:, None] * W + ds[None, :], acc)
-        tl.store(base + gs * W + HD, m)
-        tl.store(base + gs * W + HD + 1, tl.sum(p, axis=1))
-        tl.debug_barrier()  # every thread's partial before one thread publishes it
-        arrived = tl.atomic_add(hcnt + kvh, 1, sem="acq_rel", scope="gpu")
-        last = arrived == S - 1
-        ss = tl.arange(0, SP)
-        ok = (ss < S)[:, None] & last
-        hp = part + (kvh * S + ss)[:, None] * G * W + gs[None, :] * W  # [SP, G]
-        pm = tl.load(hp + HD, mask=ok, other=float("-inf"), cache_modifier=".cg")
-        pl = tl.load(hp + HD + 1, mask=ok, other=0.0, cache_modifier=".cg")
-        top = tl.max(pm, axis=0)
-        wgt = tl.where(ok, tl.exp(pm - top[None, :]), 0.0)
-        pacc = tl.load(hp[:, :, None] + ds[None, None, :], mask=ok[:, :, None], other=0.0, cache_modifier=".cg")
-        out = tl.sum(pacc * wgt[:, :, None], axis=0) / tl.sum(pl * wgt, axis=0)[:, None]
-        tl.store(o_ptr + (kvh * G + gs)[:, None] * HD + ds[None, :], out.to(DT), mask=last & (ds < HD)[None, :])
-        tl.atomic_xchg(hcnt + kvh, 0, mask=last, sem="relaxed", scope="gpu")  # ready for the next layer
-        item += P
-
-
-@triton.jit
-def _normed(h_ptr, D: tl.constexpr, eps, DT: tl.constexpr):
-    cols = tl.arange(0, D)
-    h = tl.load(h_ptr + cols, cache_modifier=".cg")
-    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / D + eps)
-    return (h * rstd).to(DT).to(tl.float32)
-
-
-@triton.jit
-def _phase(w_ptr, first, x, out_ptr, res_ptr, pid, P, N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-           BN: tl.constexpr, RESIDUAL: tl.constexpr):
-    """y = W @ x over this program's tiles (the first one already loaded: `first`); writes y rounded to
-    the weights' dtype, or with RESIDUAL adds y so rounded to the float32 residual rows instead."""
-    DT: tl.constexpr = w_ptr.dtype.element_ty
-    ntiles: tl.constexpr = N // BN
-    w = first
-    tile = pid
-    while tile < ntiles:
-        y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
-        rows = tile * BN + tl.arange(0, BN)
-        if RESIDUAL:
-            r = tl.load(res_ptr + rows, cache_modifier=".cg")
-            tl.store(res_ptr + rows, r + y.to(DT).to(tl.float32))
-        else:
-            tl.store(out_ptr + rows, y.to(DT))
-        tile += P
-        if tile < ntiles:
-            w = _tile(w_ptr, tile, N, K, KP, BN)
-
-
-@triton.jit
-def _layers_kernel(h_ptr, wqkv, wo, wgu, wd, a_ptr, o_ptr, g_ptr, kc, vc, part, hcnt, counter, flag, eps,
-                   L: tl.constexpr, D: tl.constexpr, NQKV: tl.constexpr, DO: tl.constexpr, DO_P: tl.constexpr,
-                   NGU: tl.constexpr, DI: tl.constexpr, DI_P: tl.constexpr,
+def _layers_kernel(h_ptr, wqkv, wo, wgu, wd, a_ptr, o_ptr, g_ptr, kc, vc, part, hcnt, counter, flag, ones, cos, sin,
+                   slot, table, ctx, eps, L: tl.constexpr, D: tl.constexpr, NQKV: tl.constexpr, DO: tl.constexpr,
+                   DO_P: tl.constexpr, NGU: tl.constexpr, DI: tl.constexpr, DI_P: tl.constexpr,
                    BN_QKV: tl.constexpr, BN_O: tl.constexpr, BN_GU: tl.constexpr, BN_D: tl.constexpr,
-                   ATTN: tl.constexpr, T: tl.constexpr, TMAX: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
-                   HD: tl.constexpr, TS: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, SCALE: tl.constexpr,
-                   PREFETCH: tl.constexpr, SPIN_LIMIT: tl.constexpr):
+                   ATTN: tl.constexpr, TMAX: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr,
+                   S: tl.constexpr, SP: tl.constexpr, SCALE: tl.constexpr, PREFETCH: tl.constexpr,
+                   SPIN_LIMIT: tl.constexpr):
+    """The persistent launch's phases over stacked [L, N, K] weights: norms with unit weights, attention
+    (with ATTN) through the launch's own `_attention` with rope at angle 0 and no QK-norm over a cache of one
+    TMAX-position block; without ATTN the first DO outputs of q/k/v stand in for the attention output."""
     pid = tl.program_id(0)
     P = tl.num_programs(0)
     DT: tl.constexpr = wqkv.dtype.element_ty
@@ -140,33 +61,33 @@ def _layers_kernel(h_ptr, wqkv, wo, wgu, wd, a_ptr, o_ptr, g_ptr, kc, vc, part, 
         lo = wo + layer * D * DO
         lgu = wgu + layer * NGU * D
         ld = wd + layer * D * DI
-        x = _normed(h_ptr, D, eps, DT)
-        _phase(wqkv + layer * NQKV * D, w, x, a_ptr, h_ptr, pid, P, NQKV, D, D, BN_QKV, False)
+        x = _normed_row(h_ptr, ones, D, eps, DT)
+        _gemv(wqkv + layer * NQKV * D, w, x, a_ptr, h_ptr, pid, P, NQKV, D, D, BN_QKV, False, h_ptr, h_ptr, 0, 128)
         phase += 1
         w = _handoff(lo, pid, D, DO, DO_P, BN_O, counter, phase * P, flag, PREFETCH, SPIN_LIMIT)
         if ATTN:  # then a second barrier, the o projection's tile held meanwhile
             lkv = layer * TMAX * HKV * HD
-            _attention(a_ptr, o_ptr, kc + lkv, vc + lkv, part, hcnt, pid, P, SCALE, T, HKV, G, HD, TS, S, SP)
+            _attention(a_ptr, o_ptr, kc + lkv, vc + lkv, ones, ones, cos, sin, slot, table, ctx, part, hcnt, pid, P,
+                       eps, SCALE, HKV, G, HD, TMAX, S, SP, 32, False)
             phase += 1
             _grid_barrier(counter, phase * P, flag, SPIN_LIMIT)
             src = o_ptr
-        else:  # the first DO outputs of q/k/v stand in for the attention output
+        else:
             src = a_ptr
         cols = tl.arange(0, DO_P)
         x = tl.load(src + cols, mask=cols < DO, other=0.0, cache_modifier=".cg").to(tl.float32)
-        _phase(lo, w, x, a_ptr, h_ptr, pid, P, D, DO, DO_P, BN_O, True)
+        _gemv(lo, w, x, a_ptr, h_ptr, pid, P, D, DO, DO_P, BN_O, True, h_ptr, h_ptr, 0, 128)
         phase += 1
         w = _handoff(lgu, pid, NGU, D, D, BN_GU, counter, phase * P, flag, PREFETCH, SPIN_LIMIT)
-        x = _normed(h_ptr, D, eps, DT)
-        _phase(lgu, w, x, g_ptr, h_ptr, pid, P, NGU, D, D, BN_GU, False)
+        x = _normed_row(h_ptr, ones, D, eps, DT)
+        _gemv(lgu, w, x, g_ptr, h_ptr, pid, P, NGU, D, D, BN_GU, False, h_ptr, h_ptr, 0, 128)
         phase += 1
         w = _handoff(ld, pid, D, DI, DI_P, BN_D, counter, phase * P, flag, PREFETCH, SPIN_LIMIT)
         cols = tl.arange(0, DI_P)
         gate = tl.load(g_ptr + cols, mask=cols < DI, other=0.0, cache_modifier=".cg").to(tl.float32)
         up = tl.load(g_ptr + DI + cols, mask=cols < DI, other=0.0, cache_modifier=".cg").to(tl.float32)
-        x = (gate * tl.sigmoid(gate)).to(DT).to(tl.float32) * up
-        x = x.to(DT).to(tl.float32)
-        _phase(ld, w, x, g_ptr, h_ptr, pid, P, D, DI, DI_P, BN_D, True)
+        x = ((gate * tl.sigmoid(gate)).to(DT).to(tl.float32) * up).to(DT).to(tl.float32)
+        _gemv(ld, w, x, g_ptr, h_ptr, pid, P, D, DI, DI_P, BN_D, True, h_ptr, h_ptr, 0, 128)
         phase += 1
         # the next layer's q/k/v (after the last layer, layer 0's again: read and left unused)
         nxt = wqkv + ((layer + 1) % L) * NQKV * D
@@ -216,17 +137,18 @@ def persistent_layers(h: torch.Tensor, w: dict[str, torch.Tensor], eps: float, d
     scratch["counter"].zero_()
     if kv is None:
         kc = vc = scratch["a"]
-        t = tmax = hkv = g = hd = ts = splits = 1
+        t = tmax = hkv = g = hd = splits = 1
     else:
         kc, vc, t, g, ts = kv["kc"], kv["vc"], kv["t"], kv["g"], kv["ts"]
         tmax, hkv, hd = kc.shape[1], kc.shape[2], kc.shape[3]
         splits = -(-t // ts)
     _layers_kernel[(programs,)](
         h, w["qkv"], w["o"], w["gu"], w["d"], scratch["a"], scratch["o"], scratch["g"], kc, vc, scratch["part"],
-        scratch["hcnt"], scratch["counter"], scratch["flag"], eps,
+        scratch["hcnt"], scratch["counter"], scratch["flag"], scratch["ones"], scratch["cos"], scratch["sin"],
+        scratch["slot"], scratch["table"], scratch["ctx"], eps,
         L=w["qkv"].shape[0], D=d, NQKV=w["qkv"].shape[1], DO=do, DO_P=_pow2(do), NGU=w["gu"].shape[1],
         DI=di, DI_P=_pow2(di), BN_QKV=bn["qkv"], BN_O=bn["o"], BN_GU=bn["gu"], BN_D=bn["d"],
-        ATTN=kv is not None, T=t, TMAX=tmax, HKV=hkv, G=g, HD=hd, TS=ts, S=splits, SP=_pow2(splits), SCALE=hd ** -0.5,
+        ATTN=kv is not None, TMAX=tmax, HKV=hkv, G=g, HD=hd, S=splits, SP=_pow2(splits), SCALE=hd ** -0.5,
         PREFETCH=prefetch, SPIN_LIMIT=1 << 16, num_warps=num_warps)
 
 
@@ -320,7 +242,13 @@ def main(argv: list[str] | None = None) -> int:
                    "part": torch.empty(hkv * 64 * g * (hd + 2), device=dev),  # up to 64 splits a head
                    "hcnt": torch.zeros(hkv, device=dev, dtype=torch.int32),
                    "counter": torch.zeros(1, device=dev, dtype=torch.int32),
-                   "flag": torch.zeros(1, device=dev, dtype=torch.int32)}
+                   "flag": torch.zeros(1, device=dev, dtype=torch.int32),
+                   # attention's other inputs: unit norm weights, rope at angle 0, the step at position t - 1 of
+                   # one block (built here, outside the timed graph)
+                   "ones": torch.ones(d, device=dev, dtype=dtype), "cos": torch.ones(hd, device=dev, dtype=dtype),
+                   "sin": torch.zeros(hd, device=dev, dtype=dtype), "slot": torch.full((1,), max(t, 1) - 1, device=dev),
+                   "table": torch.zeros(1, device=dev, dtype=torch.int32),
+                   "ctx": torch.full((1,), t, device=dev, dtype=torch.int32)}
         if kv0 is not None and -(-t // kv0["ts"]) > 64:
             parser.error(f"--context {t}: more than 64 splits a head")
         want = torch_layers(h0.clone(), w, eps, do, di, _fresh(kv0))
