@@ -197,12 +197,15 @@ def section_decode(model, hf, args, ceil, cuda, rows, results) -> None:
         from tessera.attn import paged_cache
         from tessera.model import layers, persistent
 
-        for module, flag, on, off, what in (
-                (paged_cache, "FUSED_DECODE", "fused_decode", "unfused_decode", "rope/write/decode {} "),
-                (layers, "FUSED_NORMS", "fused_norms", "unfused_norms", "norms {}"),
-                (persistent, "PERSISTENT_DECODE", "persistent", "per_op", "layers in one persistent launch {}")):
+        # (module, switch, JSON key and row label with it on, the same with it off)
+        for module, flag, on, off in (
+                (paged_cache, "FUSED_DECODE", ("fused_decode", "rope/write/decode fused"),
+                 ("unfused_decode", "rope/write/decode unfused")),
+                (layers, "FUSED_NORMS", ("fused_norms", "norms fused"), ("unfused_norms", "norms unfused")),
+                (persistent, "PERSISTENT_DECODE", ("persistent", "layers in one persistent launch"),
+                 ("per_op", "layers launched per op"))):
             default = getattr(module, flag)
-            key = off if default else on
+            key, label = off if default else on
             setattr(module, flag, not default)
             other = None
             try:
@@ -228,13 +231,11 @@ def section_decode(model, hf, args, ceil, cuda, rows, results) -> None:
                                    "roofline_fraction": (1 / step) / roof}
             if failures:
                 res[f"graph_{key}"]["barrier_failures"] = failures
-            state = ("off" if default else "on") if flag == "PERSISTENT_DECODE" else \
-                ("unfused" if default else "fused")
-            rows.append({"what": f"batch-1 decode, graph replay, {what.format(state).strip()}", "tok/s": 1 / step,
+            rows.append({"what": f"batch-1 decode, graph replay, {label}", "tok/s": 1 / step,
                          "roofline": (1 / step) / roof})
             if engine_rate is not None:
                 res[f"engine_{key}_tok_s"] = engine_rate
-                rows.append({"what": f"batch-1 decode, engine, {what.format(state).strip()}", "tok/s": engine_rate,
+                rows.append({"what": f"batch-1 decode, engine, {label}", "tok/s": engine_rate,
                              "roofline": engine_rate / roof})
     if hf is not None:
         modes = (("dynamic", {}), ("static", {"cache_implementation": "static"}))
