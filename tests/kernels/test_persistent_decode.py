@@ -1,5 +1,5 @@
 """`persistent_decode.decode_layers_kernel` through ptxas for sm_90 at the two serving shapes, with float, int8
-and int4 weights: the grid barrier
+and int4 weights, one or two weight tiles in flight: the grid barrier
 publishes with release and polls with acquire at GPU scope, the per-head merge counter resets, and the
 activations are read past L1. (Its arithmetic is checked against the model's per-op path in
 tests/model/test_persistent.py.)"""
@@ -11,10 +11,11 @@ import pytest
 triton = pytest.importorskip("triton")
 
 
+@pytest.mark.parametrize("depth", [1, 2], ids=["depth1", "depth2"])
 @pytest.mark.parametrize("quant", [0, 1, 2], ids=["float", "int8", "int4"])
 @pytest.mark.parametrize(("d", "hkv", "g", "hd", "di"), [(1024, 8, 2, 128, 3072), (2048, 8, 4, 64, 8192)],
                          ids=["qwen3-0.6b", "llama-3.2-1b"])
-def test_decode_layers_kernel_compiles_for_sm90(d: int, hkv: int, g: int, hd: int, di: int, quant: int,
+def test_decode_layers_kernel_compiles_for_sm90(d: int, hkv: int, g: int, hd: int, di: int, quant: int, depth: int,
                                                 compile_sm90) -> None:
     from tessera.kernels.triton import persistent_decode as pd
 
@@ -24,7 +25,7 @@ def test_decode_layers_kernel_compiles_for_sm90(d: int, hkv: int, g: int, hd: in
               "S": 16, "SP": 16, "BT": 32, "BN_QKV": pd.tile_rows(nqkv, d // pk, p),
               "BN_O": pd.tile_rows(d, do // pk, p), "BN_GU": pd.tile_rows(2 * di, d // pk, p),
               "BN_D": pd.tile_rows(d, di_p // pk, p), "QK_NORM": True, "PREFETCH": True, "SPIN_LIMIT": 1 << 16,
-              "QUANT": quant, "GS": 128}
+              "QUANT": quant, "GS": 128, "DEPTH": depth}
     ptrs = {"X": "fp32", "PTRS": "i64", "A": "bf16", "O": "bf16", "GU": "bf16", "PART": "fp32", "HCNT": "i32",
             "CNT": "i32", "FLAG": "i32", "COS": "bf16", "SIN": "bf16", "SLOT": "i64", "TABLE": "i32", "CTX": "i32"}
     ptx = compile_sm90(pd.decode_layers_kernel, ptrs, consts, {}, 8, 1).asm["ptx"]

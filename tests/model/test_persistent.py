@@ -69,7 +69,9 @@ def test_persistent_launch_matches_the_per_op_path_under_the_interpreter(run_che
 @pytest.mark.gpu
 def test_persistent_launch_on_the_gpu_eager_and_in_a_graph(monkeypatch: pytest.MonkeyPatch) -> None:
     """A Qwen3-0.6B-wide model (4 layers, bf16): one decode step's logits through the persistent launch
-    (all programs resident, no barrier given up) against the per-op path, eager and replayed from a graph."""
+    (all programs resident, no barrier given up, every head's splits merged once) against the per-op path,
+    eager (also with two weight tiles in flight, and without the prefetch across barriers) and replayed from a
+    graph."""
     cfg = ModelConfig(vocab_size=1000, d_model=1024, n_layers=4, n_heads=16, n_kv_heads=8, head_dim=128, d_ff=3072,
                       qk_norm=True, max_seq_len=1024)
     torch.manual_seed(0)
@@ -93,9 +95,16 @@ def test_persistent_launch_on_the_gpu_eager_and_in_a_graph(monkeypatch: pytest.M
         monkeypatch.setattr(persistent, "PERSISTENT_DECODE", True)
         kv = PagedKVContext(cache, meta)
         got = model(ids, positions=pos, kv=kv).float()
-        assert persistent.barrier_failures(model) == 0
+        assert persistent.barrier_failures(model) == 0 and persistent.unmerged_heads(model) == 0
         scale = want.abs().max()
         assert (got - want).abs().max() <= 0.03 * scale, float((got - want).abs().max() / scale)
+        for options in ({"DEPTH": 2}, {"PREFETCH": False}):  # the variants the benchmarks time
+            monkeypatch.setattr(persistent, "OPTIONS", options)
+            other = model(ids, positions=pos, kv=kv).float()
+            assert persistent.barrier_failures(model) == 0 and persistent.unmerged_heads(model) == 0
+            assert (other - want).abs().max() <= 0.03 * scale, (options, float((other - want).abs().max() / scale))
+        monkeypatch.setattr(persistent, "OPTIONS", {})
+        model(ids, positions=pos, kv=kv)  # the default launch again, eagerly, before the capture
         out = torch.empty_like(got)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -103,3 +112,21 @@ def test_persistent_launch_on_the_gpu_eager_and_in_a_graph(monkeypatch: pytest.M
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, got) and persistent.barrier_failures(model) == 0
+
+
+def test_options_are_checked_and_parsed() -> None:
+    assert persistent.parse_options("") == {}
+    assert persistent.parse_options("DEPTH=2, PREFETCH=false,num_warps=4") == {"DEPTH": 2, "PREFETCH": False,
+                                                                               "num_warps": 4}
+    with pytest.raises(ValueError, match=r"unknown \['DEPT'\]"):
+        persistent.parse_options("DEPT=2")
+    with pytest.raises(ValueError, match="DEPTH=3: expected 1 or 2"):
+        persistent.check_options({"DEPTH": 3})
+    with pytest.raises(ValueError, match="BN_O=12: expected a power of two"):
+        persistent.parse_options("BN_O=12")
+    with pytest.raises(ValueError, match="PREFETCH=1: expected true or false"):
+        persistent.parse_options("PREFETCH=1")
+    with pytest.raises(ValueError, match="'BT' is not KEY=VALUE"):
+        persistent.parse_options("BT")
+    with pytest.raises(ValueError, match="'BT=x': the value is not an integer"):
+        persistent.parse_options("BT=x")

@@ -34,8 +34,9 @@ def main() -> None:
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.3)
     prompt = torch.randint(0, 61, (9,), generator=torch.Generator().manual_seed(2)).tolist()
-    for method, programs in (("int8", None), ("int4_rtn", None), ("int8", 3), ("int4_rtn", 3)):
+    for method, programs, depth in (("int8", None, 1), ("int4_rtn", None, 2), ("int8", 3, 2), ("int4_rtn", 3, 1)):
         persistent.STEP_PROGRAMS = programs  # 3: each phase a launch over three programs
+        persistent.OPTIONS = {"DEPTH": depth}  # 2: two weight tiles in flight
         config = QuantConfig(method=method) if method == "int8" else QuantConfig(method=method, group_size=32)
         model = quantize(copy.deepcopy(base), config, progress=False)
         fuse_projections(model)
@@ -72,7 +73,8 @@ def main() -> None:
             diff = (outs[1] - outs[0]).abs().max().item()
             assert diff <= 2e-5, f"{method}, paged cache: max |logit diff| {diff:.3g}"
         assert persistent.barrier_failures(model) == 0
-        print(f"{method}, {programs or 1} programs: ok")
+        assert persistent.unmerged_heads(model) == 0
+        print(f"{method}, {programs or 1} programs, depth {depth}: ok")
     print("persistent-quant-ok")
 
 

@@ -31,6 +31,12 @@ SPLITS: int | None = None
 #: For CPU checks: run each phase of each layer as a launch of its own over this many programs (the kernel
 #: boundary standing in for the grid barrier, which the interpreter cannot run with several programs).
 STEP_PROGRAMS: int | None = None
+#: Overrides of the launch's tuning (for benchmarks comparing variants in one process): any of `TUNABLE`.
+OPTIONS: dict[str, int | bool] = {}
+#: What OPTIONS may set: gemv depth (1 or 2 tiles in flight), the tile heights of the four projections,
+#: positions an attention block, whether a phase's first tile loads before its barrier, the barrier's poll
+#: bound, and warps a program.
+TUNABLE = ("DEPTH", "BN_QKV", "BN_O", "BN_GU", "BN_D", "BT", "PREFETCH", "SPIN_LIMIT", "num_warps")
 
 
 def _pow2(n: int) -> bool:
@@ -164,6 +170,8 @@ class _Launch:
     splits: int
     #: the kernel's constexpr arguments and launch options
     meta: dict
+    #: the OPTIONS in force when it was built
+    options: dict
 
 
 def _shape(cfg: object) -> tuple[int, int, int]:
@@ -196,11 +204,49 @@ def _tensors(model: nn.Module, step: _Step, projections: list[list[object]]) -> 
     return rows, quant, group
 
 
+def check_options(options: dict[str, int | bool]) -> dict[str, int | bool]:
+    """A copy of `options` (for OPTIONS) after checking it: known names, and values the kernel can take."""
+    unknown = sorted(set(options) - set(TUNABLE))
+    if unknown:
+        raise ValueError(f"persistent decode options: unknown {unknown}; tunable: {list(TUNABLE)}")
+    for key, value in options.items():
+        if key == "PREFETCH":
+            ok = isinstance(value, bool)
+        elif key == "DEPTH":
+            ok = value in (1, 2) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, int) and not isinstance(value, bool) and _pow2(value)
+        if not ok:
+            want = {"PREFETCH": "true or false", "DEPTH": "1 or 2"}.get(key, "a power of two")
+            raise ValueError(f"persistent decode option {key}={value!r}: expected {want}")
+    return dict(options)
+
+
+def parse_options(text: str) -> dict[str, int | bool]:
+    """`check_options` of 'KEY=VALUE,KEY=VALUE' (VALUE an integer, or true / false); '' is no override."""
+    options: dict[str, int | bool] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"persistent decode options {text!r}: {item!r} is not KEY=VALUE")
+        value = value.strip()
+        if value.lower() in ("true", "false"):
+            options[key.strip()] = value.lower() == "true"
+        else:
+            try:
+                options[key.strip()] = int(value)
+            except ValueError:
+                raise ValueError(f"persistent decode option {item!r}: the value is not an integer, true or "
+                                 "false") from None
+    return check_options(options)
+
+
 def _launch_for(model: nn.Module, step: _Step, projections: list[list[object]]) -> _Launch:
     import triton
 
     from tessera.kernels.triton import persistent_decode as pd
 
+    options = check_options(OPTIONS)
     tensors, quant, group = _tensors(model, step, projections)
     addresses = tuple(t.data_ptr() for t in tensors)
     # The launch (its scratch is what a captured graph writes) lives as long as the cache, which outlives
@@ -208,10 +254,10 @@ def _launch_for(model: nn.Module, step: _Step, projections: list[list[object]]) 
     owned: dict = step.owner.__dict__.setdefault("_persistent_decode", {})
     found = owned.get(id(model))
     if found is not None and found.addresses == addresses and (SPLITS is None or found.splits == SPLITS) \
-            and (STEP_PROGRAMS is None or found.programs == STEP_PROGRAMS):
+            and (STEP_PROGRAMS is None or found.programs == STEP_PROGRAMS) and found.options == options:
         return found
     if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("persistent decode: the weights or the cache moved since the last eager call; "
+        raise RuntimeError("persistent decode: the weights, the cache or OPTIONS changed since the last eager call; "
                            "run one eager step before capturing")
     bad = [i for i, t in enumerate(tensors) if not t.is_contiguous()]
     if bad:
@@ -238,8 +284,9 @@ def _launch_for(model: nn.Module, step: _Step, projections: list[list[object]]) 
                 BN_QKV=pd.tile_rows((hkv * g + 2 * hkv) * hd, d // pack, p),
                 BN_O=pd.tile_rows(d, hkv * g * hd // pack, p), BN_GU=pd.tile_rows(2 * di, d // pack, p),
                 BN_D=pd.tile_rows(d, di_p // pack, p), QK_NORM=cfg.qk_norm, PREFETCH=True, SPIN_LIMIT=1 << 16,
-                QUANT=quant, GS=group, num_warps=8)
-    launch = _Launch(ptrs, tuple(tensors), addresses, scratch, programs, splits, meta)
+                QUANT=quant, GS=group, DEPTH=1, num_warps=8)
+    meta.update(options)
+    launch = _Launch(ptrs, tuple(tensors), addresses, scratch, programs, splits, meta, options)
     owned[id(model)] = launch
     model.__dict__.setdefault("_persistent_decode", weakref.WeakSet()).add(launch)
     return launch
@@ -278,3 +325,10 @@ def barrier_failures(model: nn.Module) -> int:
     """Grid barriers that gave up in the launches so far (0 unless the programs were not all resident);
     reads the device counter, so it synchronises."""
     return sum(int(launch.scratch["flag"].item()) for launch in model.__dict__.get("_persistent_decode", ()))
+
+
+def unmerged_heads(model: nn.Module) -> int:
+    """Heads whose merge counter is not back at zero after the last step (0 unless some head's context splits
+    were not each counted exactly once: a split skipped or run twice); reads the device, so it synchronises."""
+    return sum(int((launch.scratch["hcnt"] != 0).sum().item())
+               for launch in model.__dict__.get("_persistent_decode", ()))

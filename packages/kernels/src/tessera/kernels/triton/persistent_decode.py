@@ -94,11 +94,12 @@ def _handoff(w, pid, N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BN: tl.
 
 @triton.jit
 def _gemv(w, first, x, out, resid, pid, P, N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr,
-          RESIDUAL: tl.constexpr, sc, zp, QUANT: tl.constexpr, GS: tl.constexpr):
+          RESIDUAL: tl.constexpr, sc, zp, QUANT: tl.constexpr, GS: tl.constexpr, DEPTH: tl.constexpr = 1):
     """y = W @ x over this program's tiles (`first` already loaded), rounded to the dtype; stored to `out`,
     or with RESIDUAL added to the float32 residual rows and the sum rounded. K is the input width (KP its
     power of two); QUANT 1: int8 rows times their scale `sc`; QUANT 2: int4, even k in the low nibble,
-    (q - zero) * scale per row and group of GS (`zp`, `sc`)."""
+    (q - zero) * scale per row and group of GS (`zp`, `sc`). DEPTH 1 loads a program's next tile after the
+    current one's arithmetic; DEPTH 2 before it, so two tiles are in flight (twice the registers for them)."""
     DT: tl.constexpr = out.dtype.element_ty
     tiles: tl.constexpr = (N + BN - 1) // BN
     PACK: tl.constexpr = 2 if QUANT == 2 else 1
@@ -109,6 +110,8 @@ def _gemv(w, first, x, out, resid, pid, P, N: tl.constexpr, K: tl.constexpr, KP:
     wt = first
     tile = pid
     while tile < tiles:
+        if DEPTH == 2:  # the next tile's load issued before this one's arithmetic (past the end: all masked)
+            ahead = _tile(w, tile + P, N, K // PACK, KP // PACK, BN)
         rows = tile * BN + tl.arange(0, BN)
         if QUANT == 2:
             ok = (rows[:, None] < N) & (j[None, :] < K // 2)
@@ -129,7 +132,9 @@ def _gemv(w, first, x, out, resid, pid, P, N: tl.constexpr, K: tl.constexpr, KP:
         else:
             tl.store(out + rows, y.to(DT), mask=rows < N)
         tile += P
-        if tile < tiles:
+        if DEPTH == 2:
+            wt = ahead
+        elif tile < tiles:
             wt = _tile(w, tile, N, K // PACK, KP // PACK, BN)
 
 
@@ -229,42 +234,42 @@ def _attention(A, O, kc, vc, wq, wk, COS, SIN, SLOT, TABLE, CTX, PART, HCNT, pid
 
 @triton.jit
 def _qkv_phase(PTRS, layer, w, X, A, pid, P, eps, D: tl.constexpr, NQKV: tl.constexpr, BN: tl.constexpr,
-               QUANT: tl.constexpr, GS: tl.constexpr, DT: tl.constexpr):
+               QUANT: tl.constexpr, GS: tl.constexpr, DT: tl.constexpr, DEPTH: tl.constexpr):
     """Input norm, then this program's tiles of the fused q/k/v projection (the first, `w`, loaded)."""
     x = _normed_row(X, _ptr(PTRS, layer, 4, DT), D, eps, DT)
     _gemv(_wptr(PTRS, layer, 0, DT, QUANT), w, x, A, X, pid, P, NQKV, D, D, BN, False,
-          _ptr(PTRS, layer, 10, tl.float32), _ptr(PTRS, layer, 14, tl.float32), QUANT, GS)
+          _ptr(PTRS, layer, 10, tl.float32), _ptr(PTRS, layer, 14, tl.float32), QUANT, GS, DEPTH)
 
 
 @triton.jit
 def _o_phase(PTRS, layer, w, O, A, X, pid, P, D: tl.constexpr, DO: tl.constexpr, BN: tl.constexpr,
-             QUANT: tl.constexpr, GS: tl.constexpr, DT: tl.constexpr):
+             QUANT: tl.constexpr, GS: tl.constexpr, DT: tl.constexpr, DEPTH: tl.constexpr):
     """The o projection of the attention output, added to the residual."""
     cols = tl.arange(0, DO)
     x = tl.load(O + cols, cache_modifier=".cg").to(tl.float32)
     _gemv(_wptr(PTRS, layer, 1, DT, QUANT), w, x, A, X, pid, P, D, DO, DO, BN, True,
-          _ptr(PTRS, layer, 11, tl.float32), _ptr(PTRS, layer, 15, tl.float32), QUANT, GS)
+          _ptr(PTRS, layer, 11, tl.float32), _ptr(PTRS, layer, 15, tl.float32), QUANT, GS, DEPTH)
 
 
 @triton.jit
 def _gate_up_phase(PTRS, layer, w, X, GU, pid, P, eps, D: tl.constexpr, DI: tl.constexpr, BN: tl.constexpr,
-                   QUANT: tl.constexpr, GS: tl.constexpr, DT: tl.constexpr):
+                   QUANT: tl.constexpr, GS: tl.constexpr, DT: tl.constexpr, DEPTH: tl.constexpr):
     """Post-attention norm, then the fused gate/up projection."""
     x = _normed_row(X, _ptr(PTRS, layer, 5, DT), D, eps, DT)
     _gemv(_wptr(PTRS, layer, 2, DT, QUANT), w, x, GU, X, pid, P, 2 * DI, D, D, BN, False,
-          _ptr(PTRS, layer, 12, tl.float32), _ptr(PTRS, layer, 16, tl.float32), QUANT, GS)
+          _ptr(PTRS, layer, 12, tl.float32), _ptr(PTRS, layer, 16, tl.float32), QUANT, GS, DEPTH)
 
 
 @triton.jit
 def _down_phase(PTRS, layer, w, GU, X, pid, P, D: tl.constexpr, DI: tl.constexpr, DI_P: tl.constexpr,
-                BN: tl.constexpr, QUANT: tl.constexpr, GS: tl.constexpr, DT: tl.constexpr):
+                BN: tl.constexpr, QUANT: tl.constexpr, GS: tl.constexpr, DT: tl.constexpr, DEPTH: tl.constexpr):
     """silu(gate) * up (rounded as `silu_mul`), then the down projection, added to the residual."""
     cols = tl.arange(0, DI_P)
     gate = tl.load(GU + cols, mask=cols < DI, other=0.0, cache_modifier=".cg").to(tl.float32)
     up = tl.load(GU + DI + cols, mask=cols < DI, other=0.0, cache_modifier=".cg").to(tl.float32)
     x = ((gate * tl.sigmoid(gate)).to(DT).to(tl.float32) * up).to(DT).to(tl.float32)
     _gemv(_wptr(PTRS, layer, 3, DT, QUANT), w, x, GU, X, pid, P, D, DI, DI_P, BN, True,
-          _ptr(PTRS, layer, 13, tl.float32), _ptr(PTRS, layer, 17, tl.float32), QUANT, GS)
+          _ptr(PTRS, layer, 13, tl.float32), _ptr(PTRS, layer, 17, tl.float32), QUANT, GS, DEPTH)
 
 
 @triton.jit
@@ -275,7 +280,7 @@ def decode_layers_kernel(X, PTRS, A, O, GU, PART, HCNT, CNT, FLAG, COS, SIN, SLO
                          SP: tl.constexpr, BT: tl.constexpr, BN_QKV: tl.constexpr, BN_O: tl.constexpr,
                          BN_GU: tl.constexpr, BN_D: tl.constexpr, QK_NORM: tl.constexpr, PREFETCH: tl.constexpr,
                          SPIN_LIMIT: tl.constexpr, QUANT: tl.constexpr = 0, GS: tl.constexpr = 128,
-                         ONLY: tl.constexpr = -1):
+                         DEPTH: tl.constexpr = 1, ONLY: tl.constexpr = -1):
     """Every layer, phases between grid barriers; or, with ONLY = k in 0..4, phase k of layer LAYER alone
     and no barrier (a launch per phase: the kernel boundary is the barrier, which is how the CPU checks run
     several programs under the interpreter)."""
@@ -287,25 +292,25 @@ def decode_layers_kernel(X, PTRS, A, O, GU, PART, HCNT, CNT, FLAG, COS, SIN, SLO
     PK: tl.constexpr = 2 if QUANT == 2 else 1  # weights a byte of the weight tiles
     if ONLY == 0:
         w = _tile(_wptr(PTRS, LAYER, 0, DT, QUANT), pid, NQKV, D // PK, D // PK, BN_QKV)
-        _qkv_phase(PTRS, LAYER, w, X, A, pid, P, eps, D, NQKV, BN_QKV, QUANT, GS, DT)
+        _qkv_phase(PTRS, LAYER, w, X, A, pid, P, eps, D, NQKV, BN_QKV, QUANT, GS, DT, DEPTH)
     elif ONLY == 1:
         _attention(A, O, _ptr(PTRS, LAYER, 8, DT), _ptr(PTRS, LAYER, 9, DT), _ptr(PTRS, LAYER, 6, DT),
                    _ptr(PTRS, LAYER, 7, DT), COS, SIN, SLOT, TABLE, CTX, PART, HCNT, pid, P, eps, SCALE,
                    HKV, G, HD, BS, S, SP, BT, QK_NORM)
     elif ONLY == 2:
         w = _tile(_wptr(PTRS, LAYER, 1, DT, QUANT), pid, D, DO // PK, DO // PK, BN_O)
-        _o_phase(PTRS, LAYER, w, O, A, X, pid, P, D, DO, BN_O, QUANT, GS, DT)
+        _o_phase(PTRS, LAYER, w, O, A, X, pid, P, D, DO, BN_O, QUANT, GS, DT, DEPTH)
     elif ONLY == 3:
         w = _tile(_wptr(PTRS, LAYER, 2, DT, QUANT), pid, 2 * DI, D // PK, D // PK, BN_GU)
-        _gate_up_phase(PTRS, LAYER, w, X, GU, pid, P, eps, D, DI, BN_GU, QUANT, GS, DT)
+        _gate_up_phase(PTRS, LAYER, w, X, GU, pid, P, eps, D, DI, BN_GU, QUANT, GS, DT, DEPTH)
     elif ONLY == 4:
         w = _tile(_wptr(PTRS, LAYER, 3, DT, QUANT), pid, D, DI // PK, DI_P // PK, BN_D)
-        _down_phase(PTRS, LAYER, w, GU, X, pid, P, D, DI, DI_P, BN_D, QUANT, GS, DT)
+        _down_phase(PTRS, LAYER, w, GU, X, pid, P, D, DI, DI_P, BN_D, QUANT, GS, DT, DEPTH)
     else:
         phase = 0
         w = _tile(_wptr(PTRS, 0, 0, DT, QUANT), pid, NQKV, D // PK, D // PK, BN_QKV)
         for layer in range(L):
-            _qkv_phase(PTRS, layer, w, X, A, pid, P, eps, D, NQKV, BN_QKV, QUANT, GS, DT)
+            _qkv_phase(PTRS, layer, w, X, A, pid, P, eps, D, NQKV, BN_QKV, QUANT, GS, DT, DEPTH)
             phase += 1
             w = _handoff(_wptr(PTRS, layer, 1, DT, QUANT), pid, D, DO // PK, DO // PK, BN_O, CNT, phase * P, FLAG,
                          PREFETCH, SPIN_LIMIT)
@@ -314,15 +319,15 @@ def decode_layers_kernel(X, PTRS, A, O, GU, PART, HCNT, CNT, FLAG, COS, SIN, SLO
                        HKV, G, HD, BS, S, SP, BT, QK_NORM)
             phase += 1
             _grid_barrier(CNT, phase * P, FLAG, SPIN_LIMIT)
-            _o_phase(PTRS, layer, w, O, A, X, pid, P, D, DO, BN_O, QUANT, GS, DT)
+            _o_phase(PTRS, layer, w, O, A, X, pid, P, D, DO, BN_O, QUANT, GS, DT, DEPTH)
             phase += 1
             w = _handoff(_wptr(PTRS, layer, 2, DT, QUANT), pid, 2 * DI, D // PK, D // PK, BN_GU, CNT, phase * P,
                          FLAG, PREFETCH, SPIN_LIMIT)
-            _gate_up_phase(PTRS, layer, w, X, GU, pid, P, eps, D, DI, BN_GU, QUANT, GS, DT)
+            _gate_up_phase(PTRS, layer, w, X, GU, pid, P, eps, D, DI, BN_GU, QUANT, GS, DT, DEPTH)
             phase += 1
             w = _handoff(_wptr(PTRS, layer, 3, DT, QUANT), pid, D, DI // PK, DI_P // PK, BN_D, CNT, phase * P,
                          FLAG, PREFETCH, SPIN_LIMIT)
-            _down_phase(PTRS, layer, w, GU, X, pid, P, D, DI, DI_P, BN_D, QUANT, GS, DT)
+            _down_phase(PTRS, layer, w, GU, X, pid, P, D, DI, DI_P, BN_D, QUANT, GS, DT, DEPTH)
             phase += 1
             # the next layer's q/k/v tile (after the last layer, layer 0's: read and left unused)
             w = _handoff(_wptr(PTRS, (layer + 1) % L, 0, DT, QUANT), pid, NQKV, D // PK, D // PK, BN_QKV, CNT,
