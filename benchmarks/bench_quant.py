@@ -362,15 +362,21 @@ def speed(args: argparse.Namespace) -> dict:
                 probe = FlatKVCache(cfg, 1, 2, dtype=dtype, device=device)
                 entry["persistent_reasons"] = persistent.reasons(model, torch.zeros(1, 1, dtype=torch.long,
                                                                                     device=device), probe)
-            previous, persistent.PERSISTENT_DECODE = persistent.PERSISTENT_DECODE, True
-            try:
-                entry["decode_b1_ms_persistent"] = decode_ms(model, 1, context, dtype, timer, graphed)[0]
-                entry["persistent_barrier_failures"] = persistent.barrier_failures(model)
-            except Exception as exc:  # an experimental path that fails is reported, not fatal to the run
-                entry["persistent_error"] = repr(exc)
-                entry["decode_b1_ms_persistent"] = None
-            finally:
-                persistent.PERSISTENT_DECODE = previous
+            previous = persistent.PERSISTENT_DECODE, persistent.OPTIONS
+            entry["decode_b1_ms_persistent_variants"] = variants = {}
+            # the default launch (""), then each tuning variant (`persistent.OPTIONS`)
+            for text in ["", *args.persistent_variants]:
+                persistent.PERSISTENT_DECODE, persistent.OPTIONS = True, persistent.parse_options(text)
+                try:
+                    variants[text] = decode_ms(model, 1, context, dtype, timer, graphed)[0]
+                    if persistent.barrier_failures(model):
+                        entry.setdefault("persistent_barrier_failures", {})[text] = persistent.barrier_failures(model)
+                except Exception as exc:  # an experimental path that fails is reported, not fatal to the run
+                    entry.setdefault("persistent_error", {})[text] = repr(exc)
+                    variants[text] = None
+                finally:
+                    persistent.PERSISTENT_DECODE, persistent.OPTIONS = previous
+            entry["decode_b1_ms_persistent"] = variants.pop("")
         ms = prefill_ms(model, pre_b, pre_t, timer)
         entry["prefill_tokens_per_s"] = pre_b * pre_t / (ms * 1e-3)
         hd = cfg.head_dim or cfg.d_model // cfg.n_heads
@@ -412,11 +418,14 @@ def speed(args: argparse.Namespace) -> dict:
                       f"ceilings {peak['bandwidth'] / 1e9:.1f} GB/s copy, {peak['flops'] / 1e9:.0f} GFLOP/s mm")
     if args.persistent:
         # each method at its faster batch-1 step (per-op or persistent), against bf16's faster one
-        best = {m: min(e["decode_b1_ms"], e["decode_b1_ms_persistent"] or math.inf) for m, e in results.items()}
+        best = {m: min(e["decode_b1_ms"], e["decode_b1_ms_persistent"] or math.inf,
+                       *(v or math.inf for v in e["decode_b1_ms_persistent_variants"].values()))
+                for m, e in results.items()}
         for m, e in results.items():
             e["decode_b1_speedup_best"] = best[label] / best[m]
         print_table([{"method": m, "b1 ms per-op": e["decode_b1_ms"], "b1 ms persistent": e["decode_b1_ms_persistent"],
                       "persistent x per-op": e["decode_b1_ms"] / (e["decode_b1_ms_persistent"] or math.inf),
+                      **{f"b1 ms {t}": v for t, v in e["decode_b1_ms_persistent_variants"].items()},
                       "best x bf16 best": e["decode_b1_speedup_best"],
                       "persistent ran": not e["persistent_reasons"]} for m, e in results.items()],
                     "batch-1 decode step with every decoder layer in one persistent launch")
@@ -478,6 +487,10 @@ def main() -> None:
                    help="with --speed: also time each method's batch-1 decode step with every decoder layer in one "
                         "persistent launch (tessera.model.persistent; FP8 and anything else it refuses runs per op, "
                         "and its reasons are recorded), in the same process")
+    p.add_argument("--persistent-variants", nargs="*", default=["DEPTH=2"], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="with --persistent: also time the launch with these tunings (tessera.model.persistent."
+                        f"TUNABLE: {', '.join(persistent.TUNABLE)}; default: DEPTH=2; none: no values); the "
+                        "targets are checked with each method at its fastest step")
     p.add_argument("--fused-norms", action=argparse.BooleanOptionalAction, default=None,
                    help="run each chained RMSNorm inside the q/k/v and gate/up GEMVs or as a launch of its own "
                         "(default: as the serving engine runs them, TESSERA_FUSED_NORM, off unless set to 1)")
@@ -494,6 +507,11 @@ def main() -> None:
     args = p.parse_args()
     if not args.quality and not args.speed:
         p.error("give --quality MODEL_DIR and/or --speed")
+    for text in args.persistent_variants:
+        try:
+            persistent.parse_options(text)
+        except ValueError as exc:
+            p.error(f"--persistent-variants: {exc}")
     payload: dict = {"note": args.note} if args.note else {}
     if args.fused_decode is not None:
         paged_cache.FUSED_DECODE = args.fused_decode

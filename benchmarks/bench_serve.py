@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import measure_ceilings, median_seconds, print_table, require_positive, write_result
 
 from tessera.kernels import dense
-from tessera.model import Transformer
+from tessera.model import Transformer, persistent
 from tessera.model.hf import export_hf
 from tessera.serve.bench import BenchRequest, offline_throughput, online_latency, random_requests
 from tessera.serve.engine import LLMEngine
@@ -195,7 +195,7 @@ def section_decode(model, hf, args, ceil, cuda, rows, results) -> None:
         # chained norm inside the q/k/v and gate/up GEMVs or a launch of its own, and every decoder layer in
         # one persistent launch (`tessera.model.persistent`). All three are off by default.
         from tessera.attn import paged_cache
-        from tessera.model import layers, persistent
+        from tessera.model import layers
 
         # (module, switch, JSON key and row label with it on, the same with it off)
         for module, flag, on, off in (
@@ -237,6 +237,27 @@ def section_decode(model, hf, args, ceil, cuda, rows, results) -> None:
                 res[f"engine_{key}_tok_s"] = engine_rate
                 rows.append({"what": f"batch-1 decode, engine, {label}", "tok/s": engine_rate,
                              "roofline": engine_rate / roof})
+        # the persistent launch's tuning variants (`persistent.OPTIONS`), graph replay only, beside its default
+        if "graph_persistent" in res and args.persistent_variants:
+            res["graph_persistent_variants"] = variants = {}
+            saved = persistent.PERSISTENT_DECODE, persistent.OPTIONS
+            for text in args.persistent_variants:
+                persistent.PERSISTENT_DECODE, persistent.OPTIONS = True, persistent.parse_options(text)
+                other = None
+                try:
+                    other = make_engine(model, args, max_num_seqs=1, cuda_graph_batch_sizes=(1,))
+                    step = median_seconds(other.runner.graphs.graphs[1].replay, 50, 5, cuda)
+                    variants[text] = {"graph_step_ms": step * 1e3, "tok_s": 1 / step,
+                                      "roofline_fraction": (1 / step) / roof,
+                                      "barrier_failures": persistent.barrier_failures(model)}
+                    rows.append({"what": f"batch-1 decode, graph replay, persistent {text}", "tok/s": 1 / step,
+                                 "roofline": (1 / step) / roof})
+                except Exception as exc:  # reported, not fatal, as the default launch's error
+                    variants[text] = {"error": repr(exc)}
+                finally:
+                    persistent.PERSISTENT_DECODE, persistent.OPTIONS = saved
+                    del other
+                    free_memory()
     if hf is not None:
         modes = (("dynamic", {}), ("static", {"cache_implementation": "static"}))
         for mode, kw in (m for m in modes if m[0] in args.hf_decode_modes):
@@ -520,7 +541,15 @@ def main() -> None:
                         "replay, in the same process with the same tuned kernels (GPU only)")
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
                    help="which sections to run, in this order (default: all)")
+    p.add_argument("--persistent-variants", nargs="*", default=["DEPTH=2"], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="decode: also time the persistent launch's graph with these tunings (tessera.model."
+                        f"persistent.TUNABLE: {', '.join(persistent.TUNABLE)}; default: DEPTH=2; none: no values)")
     args = p.parse_args()
+    for text in args.persistent_variants:
+        try:
+            persistent.parse_options(text)
+        except ValueError as exc:
+            p.error(f"--persistent-variants: {exc}")
     if args.draft and len(set(args.draft)) < len(args.draft):
         p.error(f"--draft: a directory is named twice in {args.draft}")
     require_positive(p, args, "spec_prompts", "spec_repeats", "spec_tokens")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import sys
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def _layers_kernel(h_ptr, wqkv, wo, wgu, wd, a_ptr, o_ptr, g_ptr, kc, vc, part, 
                    BN_QKV: tl.constexpr, BN_O: tl.constexpr, BN_GU: tl.constexpr, BN_D: tl.constexpr,
                    ATTN: tl.constexpr, TMAX: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr,
                    S: tl.constexpr, SP: tl.constexpr, SCALE: tl.constexpr, PREFETCH: tl.constexpr,
-                   SPIN_LIMIT: tl.constexpr):
+                   SPIN_LIMIT: tl.constexpr, DEPTH: tl.constexpr):
     """The persistent launch's phases over stacked [L, N, K] weights: norms with unit weights, attention
     (with ATTN) through the launch's own `_attention` with rope at angle 0 and no QK-norm over a cache of one
     TMAX-position block; without ATTN the first DO outputs of q/k/v stand in for the attention output."""
@@ -62,7 +63,8 @@ def _layers_kernel(h_ptr, wqkv, wo, wgu, wd, a_ptr, o_ptr, g_ptr, kc, vc, part, 
         lgu = wgu + layer * NGU * D
         ld = wd + layer * D * DI
         x = _normed_row(h_ptr, ones, D, eps, DT)
-        _gemv(wqkv + layer * NQKV * D, w, x, a_ptr, h_ptr, pid, P, NQKV, D, D, BN_QKV, False, h_ptr, h_ptr, 0, 128)
+        _gemv(wqkv + layer * NQKV * D, w, x, a_ptr, h_ptr, pid, P, NQKV, D, D, BN_QKV, False, h_ptr, h_ptr, 0, 128,
+              DEPTH)
         phase += 1
         w = _handoff(lo, pid, D, DO, DO_P, BN_O, counter, phase * P, flag, PREFETCH, SPIN_LIMIT)
         if ATTN:  # then a second barrier, the o projection's tile held meanwhile
@@ -76,18 +78,18 @@ def _layers_kernel(h_ptr, wqkv, wo, wgu, wd, a_ptr, o_ptr, g_ptr, kc, vc, part, 
             src = a_ptr
         cols = tl.arange(0, DO_P)
         x = tl.load(src + cols, mask=cols < DO, other=0.0, cache_modifier=".cg").to(tl.float32)
-        _gemv(lo, w, x, a_ptr, h_ptr, pid, P, D, DO, DO_P, BN_O, True, h_ptr, h_ptr, 0, 128)
+        _gemv(lo, w, x, a_ptr, h_ptr, pid, P, D, DO, DO_P, BN_O, True, h_ptr, h_ptr, 0, 128, DEPTH)
         phase += 1
         w = _handoff(lgu, pid, NGU, D, D, BN_GU, counter, phase * P, flag, PREFETCH, SPIN_LIMIT)
         x = _normed_row(h_ptr, ones, D, eps, DT)
-        _gemv(lgu, w, x, g_ptr, h_ptr, pid, P, NGU, D, D, BN_GU, False, h_ptr, h_ptr, 0, 128)
+        _gemv(lgu, w, x, g_ptr, h_ptr, pid, P, NGU, D, D, BN_GU, False, h_ptr, h_ptr, 0, 128, DEPTH)
         phase += 1
         w = _handoff(ld, pid, D, DI, DI_P, BN_D, counter, phase * P, flag, PREFETCH, SPIN_LIMIT)
         cols = tl.arange(0, DI_P)
         gate = tl.load(g_ptr + cols, mask=cols < DI, other=0.0, cache_modifier=".cg").to(tl.float32)
         up = tl.load(g_ptr + DI + cols, mask=cols < DI, other=0.0, cache_modifier=".cg").to(tl.float32)
         x = ((gate * tl.sigmoid(gate)).to(DT).to(tl.float32) * up).to(DT).to(tl.float32)
-        _gemv(ld, w, x, g_ptr, h_ptr, pid, P, D, DI, DI_P, BN_D, True, h_ptr, h_ptr, 0, 128)
+        _gemv(ld, w, x, g_ptr, h_ptr, pid, P, D, DI, DI_P, BN_D, True, h_ptr, h_ptr, 0, 128, DEPTH)
         phase += 1
         # the next layer's q/k/v (after the last layer, layer 0's again: read and left unused)
         nxt = wqkv + ((layer + 1) % L) * NQKV * D
@@ -129,7 +131,7 @@ def _pow2(n: int) -> int:
 
 
 def persistent_layers(h: torch.Tensor, w: dict[str, torch.Tensor], eps: float, do: int, di: int,
-                      programs: int, bn: dict[str, int], prefetch: bool, num_warps: int,
+                      programs: int, bn: dict[str, int], prefetch: bool, num_warps: int, depth: int,
                       scratch: dict[str, torch.Tensor], kv: dict | None = None) -> None:
     """One launch of `_layers_kernel` over `programs` programs (all resident: one an SM); `kv` as for
     `torch_layers`, with `ts` positions a split."""
@@ -149,7 +151,7 @@ def persistent_layers(h: torch.Tensor, w: dict[str, torch.Tensor], eps: float, d
         L=w["qkv"].shape[0], D=d, NQKV=w["qkv"].shape[1], DO=do, DO_P=_pow2(do), NGU=w["gu"].shape[1],
         DI=di, DI_P=_pow2(di), BN_QKV=bn["qkv"], BN_O=bn["o"], BN_GU=bn["gu"], BN_D=bn["d"],
         ATTN=kv is not None, TMAX=tmax, HKV=hkv, G=g, HD=hd, S=splits, SP=_pow2(splits), SCALE=hd ** -0.5,
-        PREFETCH=prefetch, SPIN_LIMIT=1 << 16, num_warps=num_warps)
+        PREFETCH=prefetch, SPIN_LIMIT=1 << 16, DEPTH=depth, num_warps=num_warps)
 
 
 def _graph_ms(fn, reps: int) -> float:
@@ -188,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="cached positions attended at the step, this step's included; 0 leaves attention "
                              "out (the GEMVs alone)")
     parser.add_argument("--reps", type=int, default=50, help="timed graph replays (median)")
-    parser.add_argument("--warps", type=int, nargs="+", default=[8, 16], help="num_warps values to try")
+    parser.add_argument("--warps", type=int, nargs="+", default=[8], help="num_warps values to try (default 8)")
+    parser.add_argument("--depth", type=int, nargs="+", default=[1, 2], choices=(1, 2),
+                        help="weight tiles a program keeps in flight in a projection (default: both)")
     parser.add_argument("--tiny", action="store_true", help="small shapes, one program: the CPU check")
     parser.add_argument("--out", type=Path, default=None, help="directory for the JSON (default benchmarks/results)")
     args = parser.parse_args(argv)
@@ -259,34 +263,36 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"what": "cuBLAS + SDPA, a launch per op (graph)" if t else "cuBLAS, a launch per projection "
                          "(graph)", "ms": ms, "us_per_layer": ms * 1e3 / layers,
                          "fraction_of_copy": (weight_bytes + kv_bytes) / (ms * 1e-3) / ceil, "max_err": None})
-        for bn in bns:
-            for prefetch in (False, True):
-                for warps in (args.warps if cuda else [4]):
-                    h, kv = h0.clone(), _fresh(kv0)
-                    scratch["flag"].zero_()
-                    persistent_layers(h, w, eps, do, di, programs, bn, prefetch, warps, scratch, kv)
-                    err = float((h - want).abs().max() / want.abs().max())
-                    row = {"what": f"persistent, BN {bn}, prefetch {prefetch}, warps {warps}", "max_err": err,
-                           "barrier_timeouts": int(scratch["flag"].item())}
-                    if cuda:
-                        call = functools.partial(persistent_layers, h, w, eps, do, di, programs, bn, prefetch,
-                                                 warps, scratch, kv)
-                        ms = _graph_ms(call, args.reps)
-                        row.update(ms=ms, us_per_layer=ms * 1e3 / layers,
-                                   fraction_of_copy=(weight_bytes + kv_bytes) / (ms * 1e-3) / ceil)
-                        row["barrier_timeouts"] = int(scratch["flag"].item())
-                    rows.append(row)
-                    print(t, row, flush=True)
+        variants = itertools.product(bns, (False, True), args.warps if cuda else [4], args.depth)
+        for bn, prefetch, warps, depth in variants:
+            h, kv = h0.clone(), _fresh(kv0)
+            scratch["flag"].zero_()
+            persistent_layers(h, w, eps, do, di, programs, bn, prefetch, warps, depth, scratch, kv)
+            err = float((h - want).abs().max() / want.abs().max())
+            row = {"what": f"persistent, BN {bn}, prefetch {prefetch}, warps {warps}, depth {depth}",
+                   "max_err": err, "barrier_timeouts": int(scratch["flag"].item()),
+                   "unmerged_heads": int((scratch["hcnt"] != 0).sum().item())}
+            if cuda:
+                call = functools.partial(persistent_layers, h, w, eps, do, di, programs, bn, prefetch,
+                                         warps, depth, scratch, kv)
+                ms = _graph_ms(call, args.reps)
+                row.update(ms=ms, us_per_layer=ms * 1e3 / layers,
+                           fraction_of_copy=(weight_bytes + kv_bytes) / (ms * 1e-3) / ceil)
+                row["barrier_timeouts"] = int(scratch["flag"].item())
+            rows.append(row)
+            print(t, row, flush=True)
         what = f"attention over {t} positions" if t else "no attention"
         print_table(rows, f"batch 1, {layers} layers, {what} (max_err: the final residual's error relative to "
                           "the per-launch path)")
         result["by_context"][str(t)] = {"kv_bytes": kv_bytes, "rows": rows}
         failed += sum(1 for r in rows
-                      if r.get("max_err") is not None and (r["max_err"] > limit or r["barrier_timeouts"]))
+                      if r.get("max_err") is not None
+                      and (r["max_err"] > limit or r["barrier_timeouts"] or r["unmerged_heads"]))
     if cuda or args.out:
         write_result("probe-persistent-layer", result, args.out)
     if failed:
-        print(f"{failed} configuration(s) disagree with the per-launch path or timed out at a barrier")
+        print(f"{failed} configuration(s) disagree with the per-launch path, timed out at a barrier or left a "
+              "head's merge counter set")
         return 1
     return 0
 

@@ -32,7 +32,8 @@ def test_persistent_kernel_compiles_for_sm90(attention: bool, compile_sm90) -> N
         sys.path.remove(str(ROOT / "benchmarks"))
     consts = {"L": 28, "D": 1024, "NQKV": 4096, "DO": 2048, "DO_P": 2048, "NGU": 6144, "DI": 3072, "DI_P": 4096,
               "BN_QKV": 16, "BN_O": 8, "BN_GU": 16, "BN_D": 8, "PREFETCH": True, "SPIN_LIMIT": 1 << 16,
-              "ATTN": attention, "TMAX": 512, "HKV": 8, "G": 2, "HD": 128, "S": 16, "SP": 16, "SCALE": 128 ** -0.5}
+              "ATTN": attention, "TMAX": 512, "HKV": 8, "G": 2, "HD": 128, "S": 16, "SP": 16, "SCALE": 128 ** -0.5,
+              "DEPTH": 2}
     ptrs = {"h_ptr": "fp32", "wqkv": "bf16", "wo": "bf16", "wgu": "bf16", "wd": "bf16", "a_ptr": "bf16",
             "o_ptr": "bf16", "g_ptr": "bf16", "kc": "bf16", "vc": "bf16", "part": "fp32", "hcnt": "i32",
             "counter": "i32", "flag": "i32", "ones": "bf16", "cos": "bf16", "sin": "bf16", "slot": "i64",
