@@ -116,8 +116,8 @@ def test_persistent_launch_on_the_gpu_eager_and_in_a_graph(monkeypatch: pytest.M
 
 def test_options_are_checked_and_parsed() -> None:
     assert persistent.parse_options("") == {}
-    assert persistent.parse_options("DEPTH=2, PREFETCH=false,num_warps=4") == {"DEPTH": 2, "PREFETCH": False,
-                                                                               "num_warps": 4}
+    assert persistent.parse_options("DEPTH=2, PREFETCH=false,num_warps=4,TILE=8192") == {
+        "DEPTH": 2, "PREFETCH": False, "num_warps": 4, "TILE": 8192}
     with pytest.raises(ValueError, match=r"unknown \['DEPT'\]"):
         persistent.parse_options("DEPT=2")
     with pytest.raises(ValueError, match="DEPTH=3: expected 1 or 2"):

@@ -33,10 +33,11 @@ SPLITS: int | None = None
 STEP_PROGRAMS: int | None = None
 #: Overrides of the launch's tuning (for benchmarks comparing variants in one process): any of `TUNABLE`.
 OPTIONS: dict[str, int | bool] = {}
-#: What OPTIONS may set: gemv depth (1 or 2 tiles in flight), the tile heights of the four projections,
-#: positions an attention block, whether a phase's first tile loads before its barrier, the barrier's poll
-#: bound, and warps a program.
-TUNABLE = ("DEPTH", "BN_QKV", "BN_O", "BN_GU", "BN_D", "BT", "PREFETCH", "SPIN_LIMIT", "num_warps")
+#: What OPTIONS may set: gemv depth (1 or 2 tiles in flight), elements a weight tile at most (TILE, default
+#: 16384: weights, or bytes of packed int4; the tile heights follow from it) or the tile heights of the four
+#: projections themselves, positions an attention block, whether a phase's first tile loads before its
+#: barrier, the barrier's poll bound, and warps a program.
+TUNABLE = ("DEPTH", "TILE", "BN_QKV", "BN_O", "BN_GU", "BN_D", "BT", "PREFETCH", "SPIN_LIMIT", "num_warps")
 
 
 def _pow2(n: int) -> bool:
@@ -262,6 +263,10 @@ def _launch_for(model: nn.Module, step: _Step, projections: list[list[object]]) 
     bad = [i for i, t in enumerate(tensors) if not t.is_contiguous()]
     if bad:
         raise ValueError(f"persistent decode: table entries {bad} are not contiguous")
+    # the kernel reads the table's addresses as 16-byte aligned (so its tiles load 16 bytes at a time)
+    bad = {i: hex(a) for i, a in enumerate(addresses) if a % 16}
+    if bad:
+        raise ValueError(f"persistent decode: table entries not 16-byte aligned (entry: address): {bad}")
     cfg = model.config
     dev, dtype = tensors[0].device, model.model.embed_tokens.weight.dtype
     hd, hkv, g = _shape(cfg)
@@ -279,13 +284,14 @@ def _launch_for(model: nn.Module, step: _Step, projections: list[list[object]]) 
     ptrs = torch.tensor(addresses, dtype=torch.int64).view(cfg.n_layers, pd.SLOTS).to(dev)
     d, di, p, pack = cfg.d_model, cfg.d_ff, programs, 2 if quant == 2 else 1
     di_p = triton.next_power_of_2(di)
+    tile = options.get("TILE", 16384)  # elements a tile at most (the BN_* options override it)
     meta = dict(SCALE=hd ** -0.5, L=cfg.n_layers, D=d, HKV=hkv, G=g, HD=hd, DI=di, DI_P=di_p, BS=step.block_size,
                 S=splits, SP=triton.next_power_of_2(splits), BT=32,
-                BN_QKV=pd.tile_rows((hkv * g + 2 * hkv) * hd, d // pack, p),
-                BN_O=pd.tile_rows(d, hkv * g * hd // pack, p), BN_GU=pd.tile_rows(2 * di, d // pack, p),
-                BN_D=pd.tile_rows(d, di_p // pack, p), QK_NORM=cfg.qk_norm, PREFETCH=True, SPIN_LIMIT=1 << 16,
+                BN_QKV=pd.tile_rows((hkv * g + 2 * hkv) * hd, d // pack, p, tile),
+                BN_O=pd.tile_rows(d, hkv * g * hd // pack, p, tile), BN_GU=pd.tile_rows(2 * di, d // pack, p, tile),
+                BN_D=pd.tile_rows(d, di_p // pack, p, tile), QK_NORM=cfg.qk_norm, PREFETCH=True, SPIN_LIMIT=1 << 16,
                 QUANT=quant, GS=group, DEPTH=1, num_warps=8)
-    meta.update(options)
+    meta.update((k, v) for k, v in options.items() if k != "TILE")
     launch = _Launch(ptrs, tuple(tensors), addresses, scratch, programs, splits, meta, options)
     owned[id(model)] = launch
     model.__dict__.setdefault("_persistent_decode", weakref.WeakSet()).add(launch)

@@ -56,7 +56,10 @@ def _grid_barrier(counter, target, flag, SPIN_LIMIT: tl.constexpr):
 
 @triton.jit
 def _ptr(PTRS, layer, j: tl.constexpr, DT: tl.constexpr):
-    return tl.load(PTRS + layer * 18 + j).to(tl.pointer_type(DT))
+    """Entry j of `layer`'s row of the table, as a pointer to DT. The table holds 16-byte aligned addresses
+    only (the caller checks), and saying so lets the weight tiles load 16 bytes a thread at a time: of a
+    pointer read from memory the compiler otherwise assumes nothing, and loads element by element."""
+    return tl.multiple_of(tl.load(PTRS + layer * 18 + j).to(tl.pointer_type(DT)), 16)
 
 
 @triton.jit
@@ -98,15 +101,21 @@ def _gemv(w, first, x, out, resid, pid, P, N: tl.constexpr, K: tl.constexpr, KP:
     """y = W @ x over this program's tiles (`first` already loaded), rounded to the dtype; stored to `out`,
     or with RESIDUAL added to the float32 residual rows and the sum rounded. K is the input width (KP its
     power of two); QUANT 1: int8 rows times their scale `sc`; QUANT 2: int4, even k in the low nibble,
-    (q - zero) * scale per row and group of GS (`zp`, `sc`). DEPTH 1 loads a program's next tile after the
-    current one's arithmetic; DEPTH 2 before it, so two tiles are in flight (twice the registers for them)."""
+    (q - zero) * scale per row and group of GS (`zp`, `sc`; GS divides d_model, so is a power of two),
+    taken per group as s * (sum q x - z * sum x), so a tile reads each row's scales and zeros once, not
+    once a weight. DEPTH 1 loads a program's next tile after the current one's arithmetic; DEPTH 2 before
+    it, so two tiles are in flight (twice the registers for them)."""
     DT: tl.constexpr = out.dtype.element_ty
     tiles: tl.constexpr = (N + BN - 1) // BN
     PACK: tl.constexpr = 2 if QUANT == 2 else 1
     if QUANT == 2:
-        xe, xo = tl.split(tl.reshape(x, (KP // 2, 2)))
-        j = tl.arange(0, KP // 2)
-        group = (2 * j) // GS
+        NG: tl.constexpr = KP // GS  # groups a padded row (those past K // GS: zero weights, scales and x)
+        HG: tl.constexpr = GS // 2  # bytes a group
+        xe, xo = tl.split(tl.reshape(x, (KP // 2, 2)))  # x at even k, at odd k: [KP // 2], byte by byte
+        xe = tl.reshape(xe, (NG, HG))
+        xo = tl.reshape(xo, (NG, HG))
+        xsum = tl.sum(xe + xo, axis=1)  # [NG]
+        g = tl.arange(0, NG)
     wt = first
     tile = pid
     while tile < tiles:
@@ -114,13 +123,14 @@ def _gemv(w, first, x, out, resid, pid, P, N: tl.constexpr, K: tl.constexpr, KP:
             ahead = _tile(w, tile + P, N, K // PACK, KP // PACK, BN)
         rows = tile * BN + tl.arange(0, BN)
         if QUANT == 2:
-            ok = (rows[:, None] < N) & (j[None, :] < K // 2)
-            at = rows[:, None] * (K // GS) + group[None, :]
-            s = tl.load(sc + at, mask=ok, other=0.0)
+            ok = (rows[:, None] < N) & (g[None, :] < K // GS)
+            at = rows[:, None] * (K // GS) + g[None, :]
+            s = tl.load(sc + at, mask=ok, other=0.0)  # [BN, NG]
             z = tl.load(zp + at, mask=ok, other=0.0)
-            lo = (wt & 15).to(tl.float32)
-            hi = (wt >> 4).to(tl.float32)
-            y = tl.sum((lo - z) * s * xe[None, :] + (hi - z) * s * xo[None, :], axis=1)
+            lo = tl.reshape((wt & 15).to(tl.float32), (BN, NG, HG))
+            hi = tl.reshape((wt >> 4).to(tl.float32), (BN, NG, HG))
+            dots = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)  # [BN, NG]
+            y = tl.sum(s * (dots - z * xsum[None, :]), axis=1)
         else:
             y = tl.sum(wt.to(tl.float32) * x[None, :], axis=1)
             if QUANT == 1:
@@ -339,6 +349,6 @@ def _pow2_floor(n: int) -> int:
 
 
 def tile_rows(n: int, k_padded: int, programs: int, elements: int = 16384) -> int:
-    """Rows a tile for an [n, k] weight: at most `elements` weights a tile (registers), and no more rows
-    than spread the tiles over every program."""
+    """Rows a tile for an [n, k] weight: at most `elements` a tile (weights, or bytes of packed int4; they
+    take registers), and no more rows than spread the tiles over every program."""
     return max(1, min(_pow2_floor(elements // k_padded), _pow2_floor(max(1, n // programs))))
