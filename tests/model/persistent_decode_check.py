@@ -6,8 +6,7 @@ order; and with each phase a launch of its own over 3 and 5 programs, so the spr
 items over programs is checked too (the interpreter runs programs one after another, so only the kernel
 boundary can stand in for the grid barrier); half the cases with two weight tiles in flight (DEPTH 2).
 Logits within 1e-5 (float32), both caches equal after each step, and every head's merge counter back at
-zero (each split counted once); and a table entry that is not 16-byte aligned refused by name. Prints
-`persistent-ok`."""
+zero (each split counted once). Prints `persistent-ok`."""
 
 from __future__ import annotations
 
@@ -83,20 +82,6 @@ def main(seed: int) -> None:
                         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6, msg=lambda m, w=where: f"{w}: {m}")
             assert persistent.barrier_failures(model) == 0
             print(f"{name}, {splits} splits, {programs or 1} programs, depth {depth}: ok")
-    # the kernel reads the table's addresses as 16-byte aligned: a tensor that is not is refused by name
-    cfg = CONFIGS["mqa"]
-    model = model_for(cfg, seed)
-    norm = model.model.layers[1].input_layernorm
-    norm.weight = torch.nn.Parameter(torch.cat([torch.zeros(1), norm.weight.detach()])[1:])  # 4 bytes in
-    persistent.OPTIONS, persistent.STEP_PROGRAMS, persistent.PERSISTENT_DECODE = {}, None, True
-    spec = KVCacheSpec(n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, block_size=4,
-                       num_blocks=10, dtype="float32")
-    try:
-        step(model, PagedKVCache(spec), [3], 9)
-    except ValueError as exc:
-        assert "not 16-byte aligned" in str(exc) and "{22: " in str(exc), exc  # layer 1's entry 4 of 18
-    else:
-        raise AssertionError("a misaligned table entry was not refused")
     print("persistent-ok")
 
 

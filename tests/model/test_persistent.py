@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from tessera.attn import PagedAttentionMetadata, PagedKVCache, PagedKVContext
 from tessera.model import Transformer, fuse_projections, persistent
@@ -42,6 +43,25 @@ def test_reasons_name_what_the_launch_cannot_take() -> None:
         found = persistent.reasons(biased, ids, _decode_context(odd))
     assert "attention biases" in found
     assert "d_model=48 is not a power of two" in found and "n_heads // n_kv_heads=3 is not a power of two" in found
+
+
+def test_reasons_name_a_table_entry_the_kernel_cannot_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel reads each pointer-table entry as a dense tensor at a 16-byte aligned address: one that is
+    not is named (layer and entry), so the step takes the per-op path instead of failing."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # past the device check; nothing is launched
+    model = Transformer(CFG).eval()
+    fuse_projections(model)
+    ids = torch.tensor([[3]])
+    with torch.inference_mode():
+        assert persistent.reasons(model, ids, _decode_context(CFG)) == []
+        norm = model.model.layers[1].input_layernorm
+        norm.weight = nn.Parameter(torch.cat([torch.zeros(1), norm.weight.detach()])[1:])  # 4 bytes in
+        attn = model.model.layers[0].self_attn
+        attn.k_norm.weight = nn.Parameter(torch.ones(2 * CFG.head_dim)[::2])  # every other element
+        found = persistent.reasons(model, ids, _decode_context(CFG))
+    assert len(found) == 2, found
+    assert found[0] == "layer 0: k norm weight is not contiguous"
+    assert found[1].startswith("layer 1: input norm weight is not 16-byte aligned (address 0x")
 
 
 def test_a_refused_step_takes_the_per_op_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -94,7 +114,9 @@ def test_persistent_launch_on_the_gpu_eager_and_in_a_graph(monkeypatch: pytest.M
             t.copy_(s)
         monkeypatch.setattr(persistent, "PERSISTENT_DECODE", True)
         kv = PagedKVContext(cache, meta)
+        assert persistent.reasons(model, ids, kv) == []
         got = model(ids, positions=pos, kv=kv).float()
+        assert cache.__dict__.get("_persistent_decode"), "the persistent launch did not run"
         assert persistent.barrier_failures(model) == 0 and persistent.unmerged_heads(model) == 0
         scale = want.abs().max()
         assert (got - want).abs().max() <= 0.03 * scale, float((got - want).abs().max() / scale)

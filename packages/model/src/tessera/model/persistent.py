@@ -112,8 +112,9 @@ def reasons(model: nn.Module, input_ids: torch.Tensor, kv: object) -> list[str]:
     return _check(model, input_ids, _step(kv))[0]
 
 
-def _check(model: nn.Module, input_ids: torch.Tensor, step: _Step | None) -> tuple[list[str], list[list[object]]]:
-    """`reasons`, and each layer's projections (`_projections`) as far as the walk got."""
+def _check(model: nn.Module, input_ids: torch.Tensor, step: _Step | None) -> tuple[list[str], tuple | None]:
+    """`reasons`, and (when there are none) the pointer table's tensors, weight format and group size
+    (`_tensors`)."""
     out = []
     cfg = model.config
     if step is None:
@@ -156,7 +157,22 @@ def _check(model: nn.Module, input_ids: torch.Tensor, step: _Step | None) -> tup
             import triton  # noqa: F401
         except ImportError:
             out.append("Triton is not installed")
-    return out, layers
+    if out or step is None:
+        return out, None
+    table = _tensors(model, step, layers)
+    # the kernel reads each entry as one dense row-major tensor at a 16-byte aligned address (its tiles
+    # load 16 bytes a thread)
+    seen = set()
+    for i, t in enumerate(table[0]):
+        if id(t) in seen:  # a tensor in several entries (those a model does not use hold another's) once
+            continue
+        seen.add(id(t))
+        where = f"layer {i // len(_SLOT_NAMES)}: {_SLOT_NAMES[i % len(_SLOT_NAMES)]}"
+        if not t.is_contiguous():
+            out.append(f"{where} is not contiguous")
+        elif t.data_ptr() % 16:
+            out.append(f"{where} is not 16-byte aligned (address {t.data_ptr():#x})")
+    return out, None if out else table
 
 
 @dataclass(eq=False)
@@ -180,9 +196,16 @@ def _shape(cfg: object) -> tuple[int, int, int]:
     return cfg.head_dim or cfg.d_model // cfg.n_heads, cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
 
 
+#: The pointer table's entries a layer, in the kernel's order (`persistent_decode.SLOTS` of them).
+_SLOT_NAMES = ("q/k/v weight", "o_proj weight", "gate/up weight", "down_proj weight", "input norm weight",
+               "post-attention norm weight", "q norm weight", "k norm weight", "key cache", "value cache",
+               "q/k/v scales", "o_proj scales", "gate/up scales", "down_proj scales", "q/k/v zeros",
+               "o_proj zeros", "gate/up zeros", "down_proj zeros")
+
+
 def _tensors(model: nn.Module, step: _Step, projections: list[list[object]]) -> tuple[list[torch.Tensor], int, int]:
     """The pointer table's tensors (`persistent_decode.SLOTS` a layer), the weight format (0 float, 1 int8,
-    2 int4) and the int4 group size; `projections` from `_check`."""
+    2 int4) and the int4 group size; `projections`: each layer's, from `_projections`."""
     cfg = model.config
     rows, quant, group = [], 0, 128
     for i, (layer, parts) in enumerate(zip(model.model.layers, projections)):
@@ -242,13 +265,14 @@ def parse_options(text: str) -> dict[str, int | bool]:
     return check_options(options)
 
 
-def _launch_for(model: nn.Module, step: _Step, projections: list[list[object]]) -> _Launch:
+def _launch_for(model: nn.Module, step: _Step, table: tuple) -> _Launch:
     import triton
 
     from tessera.kernels.triton import persistent_decode as pd
 
+    assert len(_SLOT_NAMES) == pd.SLOTS
     options = check_options(OPTIONS)
-    tensors, quant, group = _tensors(model, step, projections)
+    tensors, quant, group = table
     addresses = tuple(t.data_ptr() for t in tensors)
     # The launch (its scratch is what a captured graph writes) lives as long as the cache, which outlives
     # the graphs that use it; the model only finds its launches, weakly.
@@ -260,13 +284,6 @@ def _launch_for(model: nn.Module, step: _Step, projections: list[list[object]]) 
     if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("persistent decode: the weights, the cache or OPTIONS changed since the last eager call; "
                            "run one eager step before capturing")
-    bad = [i for i, t in enumerate(tensors) if not t.is_contiguous()]
-    if bad:
-        raise ValueError(f"persistent decode: table entries {bad} are not contiguous")
-    # the kernel reads the table's addresses as 16-byte aligned (so its tiles load 16 bytes at a time)
-    bad = {i: hex(a) for i, a in enumerate(addresses) if a % 16}
-    if bad:
-        raise ValueError(f"persistent decode: table entries not 16-byte aligned (entry: address): {bad}")
     cfg = model.config
     dev, dtype = tensors[0].device, model.model.embed_tokens.weight.dtype
     hd, hkv, g = _shape(cfg)
@@ -305,12 +322,12 @@ def hidden(model: nn.Module, input_ids: torch.Tensor, x: torch.Tensor, cos: torc
     if not PERSISTENT_DECODE:
         return None
     step = _step(kv)
-    problems, projections = _check(model, input_ids, step)
+    problems, table = _check(model, input_ids, step)
     if problems:
         return None
     from tessera.kernels.triton import persistent_decode as pd
 
-    launch = _launch_for(model, step, projections)
+    launch = _launch_for(model, step, table)
     s, p, meta = launch.scratch, launch.programs, launch.meta
     s["x"].copy_(x.reshape(-1))
     s["cnt"].zero_()
