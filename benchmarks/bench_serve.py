@@ -211,13 +211,16 @@ def section_decode(model, hf, args, ceil, cuda, rows, results) -> None:
             try:
                 other = make_engine(model, args, max_num_seqs=1, cuda_graph_batch_sizes=(1,))
                 step = median_seconds(other.runner.graphs.graphs[1].replay, 50, 5, cuda)
-                failures, engine_rate = 0, None
+                failures, engine_rate, ran = 0, None, None
                 if flag == "PERSISTENT_DECODE":  # and the engine end to end, as the headline figure
                     generate_one(other, prompt.prompt_token_ids, 16, "pwarm")
                     engine_rate = statistics.median(
                         generate_one(other, prompt.prompt_token_ids, args.decode_tokens, f"p{i}")[1]
                         for i in range(3))
                     failures = persistent.barrier_failures(model)
+                    # whether the launch was built (persistent.reasons refuses a step it cannot take, which
+                    # then runs per op: a figure that would be the default's under another name)
+                    ran = bool(other.runner.cache.__dict__.get("_persistent_decode"))
             except Exception as exc:  # an experimental path that fails is reported, not fatal to the run
                 if flag != "PERSISTENT_DECODE":
                     raise
@@ -231,6 +234,8 @@ def section_decode(model, hf, args, ceil, cuda, rows, results) -> None:
                                    "roofline_fraction": (1 / step) / roof}
             if failures:
                 res[f"graph_{key}"]["barrier_failures"] = failures
+            if ran is not None:
+                res[f"graph_{key}"]["launch_ran"] = ran
             rows.append({"what": f"batch-1 decode, graph replay, {label}", "tok/s": 1 / step,
                          "roofline": (1 / step) / roof})
             if engine_rate is not None:
@@ -249,7 +254,8 @@ def section_decode(model, hf, args, ceil, cuda, rows, results) -> None:
                     step = median_seconds(other.runner.graphs.graphs[1].replay, 50, 5, cuda)
                     variants[text] = {"graph_step_ms": step * 1e3, "tok_s": 1 / step,
                                       "roofline_fraction": (1 / step) / roof,
-                                      "barrier_failures": persistent.barrier_failures(model)}
+                                      "barrier_failures": persistent.barrier_failures(model),
+                                      "launch_ran": bool(other.runner.cache.__dict__.get("_persistent_decode"))}
                     rows.append({"what": f"batch-1 decode, graph replay, persistent {text}", "tok/s": 1 / step,
                                  "roofline": (1 / step) / roof})
                 except Exception as exc:  # reported, not fatal, as the default launch's error
