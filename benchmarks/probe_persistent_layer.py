@@ -39,7 +39,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_result
 
 # the pieces of the model's persistent launch, so the probe measures that design
-from tessera.kernels.triton.persistent_decode import _attention, _gemv, _grid_barrier, _handoff, _normed_row, _tile
+from tessera.kernels.triton.persistent_decode import (
+    _attention,
+    _first_tiles,
+    _gemv,
+    _grid_barrier,
+    _handoff,
+    _normed_row,
+    _tile,
+)
 
 
 @triton.jit
@@ -57,43 +65,50 @@ def _layers_kernel(h_ptr, wqkv, wo, wgu, wd, a_ptr, o_ptr, g_ptr, kc, vc, part, 
     P = tl.num_programs(0)
     DT: tl.constexpr = wqkv.dtype.element_ty
     phase = 0
-    w = _tile(wqkv, pid, NQKV, D, D, BN_QKV)
+    w, w2 = _first_tiles(wqkv, pid, P, NQKV, D, D, BN_QKV, DEPTH)
     for layer in range(L):
         lo = wo + layer * D * DO
         lgu = wgu + layer * NGU * D
         ld = wd + layer * D * DI
         x = _normed_row(h_ptr, ones, D, eps, DT)
-        _gemv(wqkv + layer * NQKV * D, w, x, a_ptr, h_ptr, pid, P, NQKV, D, D, BN_QKV, False, h_ptr, h_ptr, 0, 128,
-              DEPTH)
+        _gemv(wqkv + layer * NQKV * D, w, w2, x, a_ptr, h_ptr, pid, P, NQKV, D, D, BN_QKV, False, h_ptr, h_ptr, 0,
+              128, DEPTH)
         phase += 1
-        w = _handoff(lo, pid, D, DO, DO_P, BN_O, counter, phase * P, flag, PREFETCH, SPIN_LIMIT)
-        if ATTN:  # then a second barrier, the o projection's tile held meanwhile
+        if ATTN:  # then a second barrier, the o projection's first tile held meanwhile (as the model's launch)
+            w, w2 = _handoff(lo, pid, P, D, DO, DO_P, BN_O, counter, phase * P, flag, PREFETCH, SPIN_LIMIT, 1)
             lkv = layer * TMAX * HKV * HD
             _attention(a_ptr, o_ptr, kc + lkv, vc + lkv, ones, ones, cos, sin, slot, table, ctx, part, hcnt, pid, P,
                        eps, SCALE, HKV, G, HD, TMAX, S, SP, 32, False)
             phase += 1
+            if DEPTH == 2:
+                if PREFETCH:
+                    w2 = _tile(lo, pid + P, D, DO, DO_P, BN_O)
             _grid_barrier(counter, phase * P, flag, SPIN_LIMIT)
+            if DEPTH == 2:
+                if not PREFETCH:
+                    w2 = _tile(lo, pid + P, D, DO, DO_P, BN_O)
             src = o_ptr
         else:
+            w, w2 = _handoff(lo, pid, P, D, DO, DO_P, BN_O, counter, phase * P, flag, PREFETCH, SPIN_LIMIT, DEPTH)
             src = a_ptr
         cols = tl.arange(0, DO_P)
         x = tl.load(src + cols, mask=cols < DO, other=0.0, cache_modifier=".cg").to(tl.float32)
-        _gemv(lo, w, x, a_ptr, h_ptr, pid, P, D, DO, DO_P, BN_O, True, h_ptr, h_ptr, 0, 128, DEPTH)
+        _gemv(lo, w, w2, x, a_ptr, h_ptr, pid, P, D, DO, DO_P, BN_O, True, h_ptr, h_ptr, 0, 128, DEPTH)
         phase += 1
-        w = _handoff(lgu, pid, NGU, D, D, BN_GU, counter, phase * P, flag, PREFETCH, SPIN_LIMIT)
+        w, w2 = _handoff(lgu, pid, P, NGU, D, D, BN_GU, counter, phase * P, flag, PREFETCH, SPIN_LIMIT, DEPTH)
         x = _normed_row(h_ptr, ones, D, eps, DT)
-        _gemv(lgu, w, x, g_ptr, h_ptr, pid, P, NGU, D, D, BN_GU, False, h_ptr, h_ptr, 0, 128, DEPTH)
+        _gemv(lgu, w, w2, x, g_ptr, h_ptr, pid, P, NGU, D, D, BN_GU, False, h_ptr, h_ptr, 0, 128, DEPTH)
         phase += 1
-        w = _handoff(ld, pid, D, DI, DI_P, BN_D, counter, phase * P, flag, PREFETCH, SPIN_LIMIT)
+        w, w2 = _handoff(ld, pid, P, D, DI, DI_P, BN_D, counter, phase * P, flag, PREFETCH, SPIN_LIMIT, DEPTH)
         cols = tl.arange(0, DI_P)
         gate = tl.load(g_ptr + cols, mask=cols < DI, other=0.0, cache_modifier=".cg").to(tl.float32)
         up = tl.load(g_ptr + DI + cols, mask=cols < DI, other=0.0, cache_modifier=".cg").to(tl.float32)
         x = ((gate * tl.sigmoid(gate)).to(DT).to(tl.float32) * up).to(DT).to(tl.float32)
-        _gemv(ld, w, x, g_ptr, h_ptr, pid, P, D, DI, DI_P, BN_D, True, h_ptr, h_ptr, 0, 128, DEPTH)
+        _gemv(ld, w, w2, x, g_ptr, h_ptr, pid, P, D, DI, DI_P, BN_D, True, h_ptr, h_ptr, 0, 128, DEPTH)
         phase += 1
         # the next layer's q/k/v (after the last layer, layer 0's again: read and left unused)
         nxt = wqkv + ((layer + 1) % L) * NQKV * D
-        w = _handoff(nxt, pid, NQKV, D, D, BN_QKV, counter, phase * P, flag, PREFETCH, SPIN_LIMIT)
+        w, w2 = _handoff(nxt, pid, P, NQKV, D, D, BN_QKV, counter, phase * P, flag, PREFETCH, SPIN_LIMIT, DEPTH)
 
 
 def _rms(h: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:

@@ -4,7 +4,8 @@ model (Qwen3-like, 2 query heads a kv head) and a plain one (4 query heads on on
 at 16 context splits a head (most of them empty), over two consecutive steps with the blocks out of
 order; and with each phase a launch of its own over 3 and 5 programs, so the spreading of tiles and work
 items over programs is checked too (the interpreter runs programs one after another, so only the kernel
-boundary can stand in for the grid barrier); half the cases with two weight tiles in flight (DEPTH 2).
+boundary can stand in for the grid barrier); three cases in five with two weight tiles in flight (DEPTH 2),
+one of them loading a phase's first tiles after its barrier (PREFETCH false).
 Logits within 1e-5 (float32), both caches equal after each step, and every head's merge counter back at
 zero (each split counted once). Prints `persistent-ok`."""
 
@@ -52,10 +53,12 @@ def main(seed: int) -> None:
     for name, cfg in CONFIGS.items():
         # (splits a head, programs): one program in one launch; or each phase a launch over several
         # programs (tiles and work items spread and strided over them, pid past the last tile)
-        # DEPTH 2: each program's next weight tile loaded before the current tile's arithmetic
-        for splits, programs, depth in ((1, None, 1), (16, None, 2), (2, 3, 1), (3, 5, 2)):
+        # DEPTH 2: two weight tiles in flight a program (PREFETCH false: a phase's first tiles loaded after
+        # its barrier)
+        for splits, programs, options in ((1, None, {}), (16, None, {"DEPTH": 2}), (4, None, {"DEPTH": 2,
+                                          "PREFETCH": False}), (2, 3, {}), (3, 5, {"DEPTH": 2})):
             persistent.STEP_PROGRAMS = programs
-            persistent.OPTIONS = {"DEPTH": depth}
+            persistent.OPTIONS = options
             model = model_for(cfg, seed)
             spec = KVCacheSpec(n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                                block_size=4, num_blocks=10, dtype="float32")
@@ -81,7 +84,7 @@ def main(seed: int) -> None:
                         where = f"{name}: {which} cache, layer {layer}"
                         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6, msg=lambda m, w=where: f"{w}: {m}")
             assert persistent.barrier_failures(model) == 0
-            print(f"{name}, {splits} splits, {programs or 1} programs, depth {depth}: ok")
+            print(f"{name}, {splits} splits, {programs or 1} programs, {options or 'defaults'}: ok")
     print("persistent-ok")
 
 

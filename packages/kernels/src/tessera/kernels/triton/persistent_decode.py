@@ -4,8 +4,8 @@ At one token a step, a decode layer is a chain of small launches (norm, q/k/v, r
 paged decode, merge, o, norm, gate/up, down), each a few microseconds of launch, ramp-up and tail
 around a few MB of weights. Here one program per SM steps through all layers' phases together,
 separated by grid-wide barriers (an arrival counter at GPU scope), so nothing is launched between
-them; before each barrier a program loads its first weight tile of the next phase, which does not
-depend on the activations, so the wait overlaps that load.
+them; before each barrier a program loads its first weight tile of the next phase (its first two with
+DEPTH 2), which does not depend on the activations, so the wait overlaps that load.
 
 Per layer:
 1. every program takes 1 / rms of the residual row (kept in float32, holding values of the model
@@ -82,29 +82,44 @@ def _tile(w, tile, N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BN: tl.co
 
 
 @triton.jit
-def _handoff(w, pid, N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr, counter, target, flag,
-             PREFETCH: tl.constexpr, SPIN_LIMIT: tl.constexpr):
-    """The barrier between two phases, and this program's first tile of the next phase's weight `w`:
-    loaded before the wait with PREFETCH, after it otherwise."""
+def _handoff(w, pid, P, N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr, counter, target, flag,
+             PREFETCH: tl.constexpr, SPIN_LIMIT: tl.constexpr, DEPTH: tl.constexpr):
+    """The barrier between two phases, and this program's first tile of the next phase's weight `w` and,
+    with DEPTH 2, its second (else the first again, unused): loaded before the wait with PREFETCH, so the
+    wait overlaps their loads, after it otherwise."""
     if PREFETCH:
-        first = _tile(w, pid, N, K, KP, BN)
+        first, second = _first_tiles(w, pid, P, N, K, KP, BN, DEPTH)
         _grid_barrier(counter, target, flag, SPIN_LIMIT)
     else:
         _grid_barrier(counter, target, flag, SPIN_LIMIT)
-        first = _tile(w, pid, N, K, KP, BN)
-    return first
+        first, second = _first_tiles(w, pid, P, N, K, KP, BN, DEPTH)
+    return first, second
 
 
 @triton.jit
-def _gemv(w, first, x, out, resid, pid, P, N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr,
-          RESIDUAL: tl.constexpr, sc, zp, QUANT: tl.constexpr, GS: tl.constexpr, DEPTH: tl.constexpr = 1):
-    """y = W @ x over this program's tiles (`first` already loaded), rounded to the dtype; stored to `out`,
-    or with RESIDUAL added to the float32 residual rows and the sum rounded. K is the input width (KP its
-    power of two); QUANT 1: int8 rows times their scale `sc`; QUANT 2: int4, even k in the low nibble,
-    (q - zero) * scale per row and group of GS (`zp`, `sc`; GS divides d_model, so is a power of two),
-    taken per group as s * (sum q x - z * sum x), so a tile reads each row's scales and zeros once, not
-    once a weight. DEPTH 1 loads a program's next tile after the current one's arithmetic; DEPTH 2 before
-    it, so two tiles are in flight (twice the registers for them)."""
+def _first_tiles(w, pid, P, N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr,
+                 DEPTH: tl.constexpr):
+    """This program's first tile of `w` and, with DEPTH 2, its second (past the last tile: all masked);
+    with DEPTH 1 the first twice."""
+    first = _tile(w, pid, N, K, KP, BN)
+    if DEPTH == 2:
+        second = _tile(w, pid + P, N, K, KP, BN)
+    else:
+        second = first
+    return first, second
+
+
+@triton.jit
+def _gemv(w, first, second, x, out, resid, pid, P, N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+          BN: tl.constexpr, RESIDUAL: tl.constexpr, sc, zp, QUANT: tl.constexpr, GS: tl.constexpr,
+          DEPTH: tl.constexpr = 1):
+    """y = W @ x over this program's tiles (`first` and `second` issued: `_first_tiles`), rounded to the
+    dtype; stored to `out`, or with RESIDUAL added to the float32 residual rows and the sum rounded. K is
+    the input width (KP its power of two); QUANT 1: int8 rows times their scale `sc`; QUANT 2: int4, even k
+    in the low nibble, (q - zero) * scale per row and group of GS (`zp`, `sc`; GS divides d_model, so is a
+    power of two), taken per group as s * (sum q x - z * sum x), so a tile reads each row's scales and
+    zeros once, not once a weight. DEPTH 1 loads a program's next tile after the current one's arithmetic;
+    DEPTH 2 keeps two tiles in flight: while one is multiplied the next is loading (twice the registers)."""
     DT: tl.constexpr = out.dtype.element_ty
     tiles: tl.constexpr = (N + BN - 1) // BN
     PACK: tl.constexpr = 2 if QUANT == 2 else 1
@@ -117,10 +132,9 @@ def _gemv(w, first, x, out, resid, pid, P, N: tl.constexpr, K: tl.constexpr, KP:
         xsum = tl.sum(xe + xo, axis=1)  # [NG]
         g = tl.arange(0, NG)
     wt = first
+    wn = second  # DEPTH 2: the tile after `wt`, issued
     tile = pid
     while tile < tiles:
-        if DEPTH == 2:  # the next tile's load issued before this one's arithmetic (past the end: all masked)
-            ahead = _tile(w, tile + P, N, K // PACK, KP // PACK, BN)
         rows = tile * BN + tl.arange(0, BN)
         if QUANT == 2:
             ok = (rows[:, None] < N) & (g[None, :] < K // GS)
@@ -142,8 +156,9 @@ def _gemv(w, first, x, out, resid, pid, P, N: tl.constexpr, K: tl.constexpr, KP:
         else:
             tl.store(out + rows, y.to(DT), mask=rows < N)
         tile += P
-        if DEPTH == 2:
-            wt = ahead
+        if DEPTH == 2:  # the tile after the next issued now, while the next (in flight) is multiplied
+            wt = wn
+            wn = _tile(w, tile + P, N, K // PACK, KP // PACK, BN)  # past the end: all masked, nothing read
         elif tile < tiles:
             wt = _tile(w, tile, N, K // PACK, KP // PACK, BN)
 
@@ -243,42 +258,42 @@ def _attention(A, O, kc, vc, wq, wk, COS, SIN, SLOT, TABLE, CTX, PART, HCNT, pid
 
 
 @triton.jit
-def _qkv_phase(PTRS, layer, w, X, A, pid, P, eps, D: tl.constexpr, NQKV: tl.constexpr, BN: tl.constexpr,
+def _qkv_phase(PTRS, layer, w, w2, X, A, pid, P, eps, D: tl.constexpr, NQKV: tl.constexpr, BN: tl.constexpr,
                QUANT: tl.constexpr, GS: tl.constexpr, DT: tl.constexpr, DEPTH: tl.constexpr):
     """Input norm, then this program's tiles of the fused q/k/v projection (the first, `w`, loaded)."""
     x = _normed_row(X, _ptr(PTRS, layer, 4, DT), D, eps, DT)
-    _gemv(_wptr(PTRS, layer, 0, DT, QUANT), w, x, A, X, pid, P, NQKV, D, D, BN, False,
+    _gemv(_wptr(PTRS, layer, 0, DT, QUANT), w, w2, x, A, X, pid, P, NQKV, D, D, BN, False,
           _ptr(PTRS, layer, 10, tl.float32), _ptr(PTRS, layer, 14, tl.float32), QUANT, GS, DEPTH)
 
 
 @triton.jit
-def _o_phase(PTRS, layer, w, O, A, X, pid, P, D: tl.constexpr, DO: tl.constexpr, BN: tl.constexpr,
+def _o_phase(PTRS, layer, w, w2, O, A, X, pid, P, D: tl.constexpr, DO: tl.constexpr, BN: tl.constexpr,
              QUANT: tl.constexpr, GS: tl.constexpr, DT: tl.constexpr, DEPTH: tl.constexpr):
     """The o projection of the attention output, added to the residual."""
     cols = tl.arange(0, DO)
     x = tl.load(O + cols, cache_modifier=".cg").to(tl.float32)
-    _gemv(_wptr(PTRS, layer, 1, DT, QUANT), w, x, A, X, pid, P, D, DO, DO, BN, True,
+    _gemv(_wptr(PTRS, layer, 1, DT, QUANT), w, w2, x, A, X, pid, P, D, DO, DO, BN, True,
           _ptr(PTRS, layer, 11, tl.float32), _ptr(PTRS, layer, 15, tl.float32), QUANT, GS, DEPTH)
 
 
 @triton.jit
-def _gate_up_phase(PTRS, layer, w, X, GU, pid, P, eps, D: tl.constexpr, DI: tl.constexpr, BN: tl.constexpr,
+def _gate_up_phase(PTRS, layer, w, w2, X, GU, pid, P, eps, D: tl.constexpr, DI: tl.constexpr, BN: tl.constexpr,
                    QUANT: tl.constexpr, GS: tl.constexpr, DT: tl.constexpr, DEPTH: tl.constexpr):
     """Post-attention norm, then the fused gate/up projection."""
     x = _normed_row(X, _ptr(PTRS, layer, 5, DT), D, eps, DT)
-    _gemv(_wptr(PTRS, layer, 2, DT, QUANT), w, x, GU, X, pid, P, 2 * DI, D, D, BN, False,
+    _gemv(_wptr(PTRS, layer, 2, DT, QUANT), w, w2, x, GU, X, pid, P, 2 * DI, D, D, BN, False,
           _ptr(PTRS, layer, 12, tl.float32), _ptr(PTRS, layer, 16, tl.float32), QUANT, GS, DEPTH)
 
 
 @triton.jit
-def _down_phase(PTRS, layer, w, GU, X, pid, P, D: tl.constexpr, DI: tl.constexpr, DI_P: tl.constexpr,
+def _down_phase(PTRS, layer, w, w2, GU, X, pid, P, D: tl.constexpr, DI: tl.constexpr, DI_P: tl.constexpr,
                 BN: tl.constexpr, QUANT: tl.constexpr, GS: tl.constexpr, DT: tl.constexpr, DEPTH: tl.constexpr):
     """silu(gate) * up (rounded as `silu_mul`), then the down projection, added to the residual."""
     cols = tl.arange(0, DI_P)
     gate = tl.load(GU + cols, mask=cols < DI, other=0.0, cache_modifier=".cg").to(tl.float32)
     up = tl.load(GU + DI + cols, mask=cols < DI, other=0.0, cache_modifier=".cg").to(tl.float32)
     x = ((gate * tl.sigmoid(gate)).to(DT).to(tl.float32) * up).to(DT).to(tl.float32)
-    _gemv(_wptr(PTRS, layer, 3, DT, QUANT), w, x, GU, X, pid, P, D, DI, DI_P, BN, True,
+    _gemv(_wptr(PTRS, layer, 3, DT, QUANT), w, w2, x, GU, X, pid, P, D, DI, DI_P, BN, True,
           _ptr(PTRS, layer, 13, tl.float32), _ptr(PTRS, layer, 17, tl.float32), QUANT, GS, DEPTH)
 
 
@@ -301,47 +316,56 @@ def decode_layers_kernel(X, PTRS, A, O, GU, PART, HCNT, CNT, FLAG, COS, SIN, SLO
     NQKV: tl.constexpr = DO + 2 * HKV * HD
     PK: tl.constexpr = 2 if QUANT == 2 else 1  # weights a byte of the weight tiles
     if ONLY == 0:
-        w = _tile(_wptr(PTRS, LAYER, 0, DT, QUANT), pid, NQKV, D // PK, D // PK, BN_QKV)
-        _qkv_phase(PTRS, LAYER, w, X, A, pid, P, eps, D, NQKV, BN_QKV, QUANT, GS, DT, DEPTH)
+        w, w2 = _first_tiles(_wptr(PTRS, LAYER, 0, DT, QUANT), pid, P, NQKV, D // PK, D // PK, BN_QKV, DEPTH)
+        _qkv_phase(PTRS, LAYER, w, w2, X, A, pid, P, eps, D, NQKV, BN_QKV, QUANT, GS, DT, DEPTH)
     elif ONLY == 1:
         _attention(A, O, _ptr(PTRS, LAYER, 8, DT), _ptr(PTRS, LAYER, 9, DT), _ptr(PTRS, LAYER, 6, DT),
                    _ptr(PTRS, LAYER, 7, DT), COS, SIN, SLOT, TABLE, CTX, PART, HCNT, pid, P, eps, SCALE,
                    HKV, G, HD, BS, S, SP, BT, QK_NORM)
     elif ONLY == 2:
-        w = _tile(_wptr(PTRS, LAYER, 1, DT, QUANT), pid, D, DO // PK, DO // PK, BN_O)
-        _o_phase(PTRS, LAYER, w, O, A, X, pid, P, D, DO, BN_O, QUANT, GS, DT, DEPTH)
+        w, w2 = _first_tiles(_wptr(PTRS, LAYER, 1, DT, QUANT), pid, P, D, DO // PK, DO // PK, BN_O, DEPTH)
+        _o_phase(PTRS, LAYER, w, w2, O, A, X, pid, P, D, DO, BN_O, QUANT, GS, DT, DEPTH)
     elif ONLY == 3:
-        w = _tile(_wptr(PTRS, LAYER, 2, DT, QUANT), pid, 2 * DI, D // PK, D // PK, BN_GU)
-        _gate_up_phase(PTRS, LAYER, w, X, GU, pid, P, eps, D, DI, BN_GU, QUANT, GS, DT, DEPTH)
+        w, w2 = _first_tiles(_wptr(PTRS, LAYER, 2, DT, QUANT), pid, P, 2 * DI, D // PK, D // PK, BN_GU, DEPTH)
+        _gate_up_phase(PTRS, LAYER, w, w2, X, GU, pid, P, eps, D, DI, BN_GU, QUANT, GS, DT, DEPTH)
     elif ONLY == 4:
-        w = _tile(_wptr(PTRS, LAYER, 3, DT, QUANT), pid, D, DI // PK, DI_P // PK, BN_D)
-        _down_phase(PTRS, LAYER, w, GU, X, pid, P, D, DI, DI_P, BN_D, QUANT, GS, DT, DEPTH)
+        w, w2 = _first_tiles(_wptr(PTRS, LAYER, 3, DT, QUANT), pid, P, D, DI // PK, DI_P // PK, BN_D, DEPTH)
+        _down_phase(PTRS, LAYER, w, w2, GU, X, pid, P, D, DI, DI_P, BN_D, QUANT, GS, DT, DEPTH)
     else:
         phase = 0
-        w = _tile(_wptr(PTRS, 0, 0, DT, QUANT), pid, NQKV, D // PK, D // PK, BN_QKV)
+        w, w2 = _first_tiles(_wptr(PTRS, 0, 0, DT, QUANT), pid, P, NQKV, D // PK, D // PK, BN_QKV, DEPTH)
         for layer in range(L):
-            _qkv_phase(PTRS, layer, w, X, A, pid, P, eps, D, NQKV, BN_QKV, QUANT, GS, DT, DEPTH)
+            _qkv_phase(PTRS, layer, w, w2, X, A, pid, P, eps, D, NQKV, BN_QKV, QUANT, GS, DT, DEPTH)
             phase += 1
-            w = _handoff(_wptr(PTRS, layer, 1, DT, QUANT), pid, D, DO // PK, DO // PK, BN_O, CNT, phase * P, FLAG,
-                         PREFETCH, SPIN_LIMIT)
+            # the o projection's first tile, held through attention; with DEPTH 2 its second is loaded after
+            # attention, around the barrier that ends it as PREFETCH says (two tiles held through attention
+            # spill registers)
+            w, w2 = _handoff(_wptr(PTRS, layer, 1, DT, QUANT), pid, P, D, DO // PK, DO // PK, BN_O, CNT,
+                             phase * P, FLAG, PREFETCH, SPIN_LIMIT, 1)
             _attention(A, O, _ptr(PTRS, layer, 8, DT), _ptr(PTRS, layer, 9, DT), _ptr(PTRS, layer, 6, DT),
                        _ptr(PTRS, layer, 7, DT), COS, SIN, SLOT, TABLE, CTX, PART, HCNT, pid, P, eps, SCALE,
                        HKV, G, HD, BS, S, SP, BT, QK_NORM)
             phase += 1
+            if DEPTH == 2:
+                if PREFETCH:
+                    w2 = _tile(_wptr(PTRS, layer, 1, DT, QUANT), pid + P, D, DO // PK, DO // PK, BN_O)
             _grid_barrier(CNT, phase * P, FLAG, SPIN_LIMIT)
-            _o_phase(PTRS, layer, w, O, A, X, pid, P, D, DO, BN_O, QUANT, GS, DT, DEPTH)
+            if DEPTH == 2:
+                if not PREFETCH:
+                    w2 = _tile(_wptr(PTRS, layer, 1, DT, QUANT), pid + P, D, DO // PK, DO // PK, BN_O)
+            _o_phase(PTRS, layer, w, w2, O, A, X, pid, P, D, DO, BN_O, QUANT, GS, DT, DEPTH)
             phase += 1
-            w = _handoff(_wptr(PTRS, layer, 2, DT, QUANT), pid, 2 * DI, D // PK, D // PK, BN_GU, CNT, phase * P,
-                         FLAG, PREFETCH, SPIN_LIMIT)
-            _gate_up_phase(PTRS, layer, w, X, GU, pid, P, eps, D, DI, BN_GU, QUANT, GS, DT, DEPTH)
+            w, w2 = _handoff(_wptr(PTRS, layer, 2, DT, QUANT), pid, P, 2 * DI, D // PK, D // PK, BN_GU, CNT,
+                             phase * P, FLAG, PREFETCH, SPIN_LIMIT, DEPTH)
+            _gate_up_phase(PTRS, layer, w, w2, X, GU, pid, P, eps, D, DI, BN_GU, QUANT, GS, DT, DEPTH)
             phase += 1
-            w = _handoff(_wptr(PTRS, layer, 3, DT, QUANT), pid, D, DI // PK, DI_P // PK, BN_D, CNT, phase * P,
-                         FLAG, PREFETCH, SPIN_LIMIT)
-            _down_phase(PTRS, layer, w, GU, X, pid, P, D, DI, DI_P, BN_D, QUANT, GS, DT, DEPTH)
+            w, w2 = _handoff(_wptr(PTRS, layer, 3, DT, QUANT), pid, P, D, DI // PK, DI_P // PK, BN_D, CNT,
+                             phase * P, FLAG, PREFETCH, SPIN_LIMIT, DEPTH)
+            _down_phase(PTRS, layer, w, w2, GU, X, pid, P, D, DI, DI_P, BN_D, QUANT, GS, DT, DEPTH)
             phase += 1
-            # the next layer's q/k/v tile (after the last layer, layer 0's: read and left unused)
-            w = _handoff(_wptr(PTRS, (layer + 1) % L, 0, DT, QUANT), pid, NQKV, D // PK, D // PK, BN_QKV, CNT,
-                         phase * P, FLAG, PREFETCH, SPIN_LIMIT)
+            # the next layer's q/k/v tiles (after the last layer, layer 0's: read and left unused)
+            w, w2 = _handoff(_wptr(PTRS, (layer + 1) % L, 0, DT, QUANT), pid, P, NQKV, D // PK, D // PK, BN_QKV,
+                             CNT, phase * P, FLAG, PREFETCH, SPIN_LIMIT, DEPTH)
 
 
 def _pow2_floor(n: int) -> int:
