@@ -3,6 +3,7 @@ printed table. Results go to benchmarks/results/<name>-<device>-<date>.json."""
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -69,6 +70,18 @@ def require_positive(parser: Any, args: Any, *names: str) -> None:
     for name in names:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
+def persistent_variant(text: str) -> str:
+    """argparse type of `--persistent-variants`: `text` itself, once `tessera.model.persistent.parse_options`
+    accepts it."""
+    from tessera.model import persistent
+
+    try:
+        persistent.parse_options(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def write_result(name: str, payload: dict[str, Any], out_dir: Path | None = None) -> Path:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import print_table, write_result
+from _common import persistent_variant, print_table, write_result
 from torch import nn
 
 from tessera.attn import FlatKVCache, paged_cache
@@ -369,8 +369,9 @@ def speed(args: argparse.Namespace) -> dict:
                 persistent.PERSISTENT_DECODE, persistent.OPTIONS = True, persistent.parse_options(text)
                 try:
                     variants[text] = decode_ms(model, 1, context, dtype, timer, graphed)[0]
-                    if persistent.barrier_failures(model):
-                        entry.setdefault("persistent_barrier_failures", {})[text] = persistent.barrier_failures(model)
+                    failures = persistent.barrier_failures(model)
+                    if failures:
+                        entry.setdefault("persistent_barrier_failures", {})[text] = failures
                 except Exception as exc:  # an experimental path that fails is reported, not fatal to the run
                     entry.setdefault("persistent_error", {})[text] = repr(exc)
                     variants[text] = None
@@ -487,7 +488,8 @@ def main() -> None:
                    help="with --speed: also time each method's batch-1 decode step with every decoder layer in one "
                         "persistent launch (tessera.model.persistent; FP8 and anything else it refuses runs per op, "
                         "and its reasons are recorded), in the same process")
-    p.add_argument("--persistent-variants", nargs="*", default=["DEPTH=2"], metavar="KEY=VALUE[,KEY=VALUE]",
+    p.add_argument("--persistent-variants", nargs="*", default=["DEPTH=2"], type=persistent_variant,
+                   metavar="KEY=VALUE[,KEY=VALUE]",
                    help="with --persistent: also time the launch with these tunings (tessera.model.persistent."
                         f"TUNABLE: {', '.join(persistent.TUNABLE)}; default: DEPTH=2; none: no values); the "
                         "targets are checked with each method at its fastest step")
@@ -507,11 +509,6 @@ def main() -> None:
     args = p.parse_args()
     if not args.quality and not args.speed:
         p.error("give --quality MODEL_DIR and/or --speed")
-    for text in args.persistent_variants:
-        try:
-            persistent.parse_options(text)
-        except ValueError as exc:
-            p.error(f"--persistent-variants: {exc}")
     payload: dict = {"note": args.note} if args.note else {}
     if args.fused_decode is not None:
         paged_cache.FUSED_DECODE = args.fused_decode

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import measure_ceilings, median_seconds, print_table, require_positive, write_result
+from _common import measure_ceilings, median_seconds, persistent_variant, print_table, require_positive, write_result
 
 from tessera.kernels import dense
 from tessera.model import Transformer, persistent
@@ -547,15 +547,11 @@ def main() -> None:
                         "replay, in the same process with the same tuned kernels (GPU only)")
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
                    help="which sections to run, in this order (default: all)")
-    p.add_argument("--persistent-variants", nargs="*", default=["DEPTH=2"], metavar="KEY=VALUE[,KEY=VALUE]",
+    p.add_argument("--persistent-variants", nargs="*", default=["DEPTH=2"], type=persistent_variant,
+                   metavar="KEY=VALUE[,KEY=VALUE]",
                    help="decode: also time the persistent launch's graph with these tunings (tessera.model."
                         f"persistent.TUNABLE: {', '.join(persistent.TUNABLE)}; default: DEPTH=2; none: no values)")
     args = p.parse_args()
-    for text in args.persistent_variants:
-        try:
-            persistent.parse_options(text)
-        except ValueError as exc:
-            p.error(f"--persistent-variants: {exc}")
     if args.draft and len(set(args.draft)) < len(args.draft):
         p.error(f"--draft: a directory is named twice in {args.draft}")
     require_positive(p, args, "spec_prompts", "spec_repeats", "spec_tokens")
