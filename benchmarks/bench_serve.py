@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import statistics
 import sys
 import tempfile
@@ -256,6 +257,9 @@ def section_decode(model, hf, args, ceil, cuda, rows, results) -> None:
                                       "roofline_fraction": (1 / step) / roof,
                                       "barrier_failures": persistent.barrier_failures(model),
                                       "launch_ran": bool(other.runner.cache.__dict__.get("_persistent_decode"))}
+                    if persistent.OPTIONS.get("TIMED"):  # where the last replay's time went, phase by phase
+                        variants[text]["phase_profile"] = profile = persistent.phase_profile(model)
+                        print(f"persistent {text}: phase profile {json.dumps(profile)}", flush=True)
                     rows.append({"what": f"batch-1 decode, graph replay, persistent {text}", "tok/s": 1 / step,
                                  "roofline": (1 / step) / roof})
                 except Exception as exc:  # reported, not fatal, as the default launch's error

@@ -57,7 +57,7 @@ def _layers_kernel(h_ptr, wqkv, wo, wgu, wd, a_ptr, o_ptr, g_ptr, kc, vc, part, 
                    BN_QKV: tl.constexpr, BN_O: tl.constexpr, BN_GU: tl.constexpr, BN_D: tl.constexpr,
                    ATTN: tl.constexpr, TMAX: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr,
                    S: tl.constexpr, SP: tl.constexpr, SCALE: tl.constexpr, PREFETCH: tl.constexpr,
-                   SPIN_LIMIT: tl.constexpr, DEPTH: tl.constexpr):
+                   SPIN_LIMIT: tl.constexpr, DEPTH: tl.constexpr, POLL: tl.constexpr):
     """The persistent launch's phases over stacked [L, N, K] weights: norms with unit weights, attention
     (with ATTN) through the launch's own `_attention` with rope at angle 0 and no QK-norm over a cache of one
     TMAX-position block; without ATTN the first DO outputs of q/k/v stand in for the attention output."""
@@ -75,7 +75,7 @@ def _layers_kernel(h_ptr, wqkv, wo, wgu, wd, a_ptr, o_ptr, g_ptr, kc, vc, part, 
               128, DEPTH)
         phase += 1
         if ATTN:  # then a second barrier, the o projection's first tile held meanwhile (as the model's launch)
-            w, w2 = _handoff(lo, pid, P, D, DO, DO_P, BN_O, counter, phase * P, flag, PREFETCH, SPIN_LIMIT, 1)
+            w, w2 = _handoff(lo, pid, P, D, DO, DO_P, BN_O, counter, phase * P, flag, PREFETCH, SPIN_LIMIT, 1, POLL)
             lkv = layer * TMAX * HKV * HD
             _attention(a_ptr, o_ptr, kc + lkv, vc + lkv, ones, ones, cos, sin, slot, table, ctx, part, hcnt, pid, P,
                        eps, SCALE, HKV, G, HD, TMAX, S, SP, 32, False)
@@ -83,23 +83,25 @@ def _layers_kernel(h_ptr, wqkv, wo, wgu, wd, a_ptr, o_ptr, g_ptr, kc, vc, part, 
             if DEPTH == 2:
                 if PREFETCH:
                     w2 = _tile(lo, pid + P, D, DO, DO_P, BN_O)
-            _grid_barrier(counter, phase * P, flag, SPIN_LIMIT)
+            _grid_barrier(counter, phase * P, flag, SPIN_LIMIT, POLL)
             if DEPTH == 2:
                 if not PREFETCH:
                     w2 = _tile(lo, pid + P, D, DO, DO_P, BN_O)
             src = o_ptr
         else:
-            w, w2 = _handoff(lo, pid, P, D, DO, DO_P, BN_O, counter, phase * P, flag, PREFETCH, SPIN_LIMIT, DEPTH)
+            w, w2 = _handoff(lo, pid, P, D, DO, DO_P, BN_O, counter, phase * P, flag, PREFETCH, SPIN_LIMIT, DEPTH,
+                             POLL)
             src = a_ptr
         cols = tl.arange(0, DO_P)
         x = tl.load(src + cols, mask=cols < DO, other=0.0, cache_modifier=".cg").to(tl.float32)
         _gemv(lo, w, w2, x, a_ptr, h_ptr, pid, P, D, DO, DO_P, BN_O, True, h_ptr, h_ptr, 0, 128, DEPTH)
         phase += 1
-        w, w2 = _handoff(lgu, pid, P, NGU, D, D, BN_GU, counter, phase * P, flag, PREFETCH, SPIN_LIMIT, DEPTH)
+        w, w2 = _handoff(lgu, pid, P, NGU, D, D, BN_GU, counter, phase * P, flag, PREFETCH, SPIN_LIMIT, DEPTH,
+                         POLL)
         x = _normed_row(h_ptr, ones, D, eps, DT)
         _gemv(lgu, w, w2, x, g_ptr, h_ptr, pid, P, NGU, D, D, BN_GU, False, h_ptr, h_ptr, 0, 128, DEPTH)
         phase += 1
-        w, w2 = _handoff(ld, pid, P, D, DI, DI_P, BN_D, counter, phase * P, flag, PREFETCH, SPIN_LIMIT, DEPTH)
+        w, w2 = _handoff(ld, pid, P, D, DI, DI_P, BN_D, counter, phase * P, flag, PREFETCH, SPIN_LIMIT, DEPTH, POLL)
         cols = tl.arange(0, DI_P)
         gate = tl.load(g_ptr + cols, mask=cols < DI, other=0.0, cache_modifier=".cg").to(tl.float32)
         up = tl.load(g_ptr + DI + cols, mask=cols < DI, other=0.0, cache_modifier=".cg").to(tl.float32)
@@ -108,7 +110,34 @@ def _layers_kernel(h_ptr, wqkv, wo, wgu, wd, a_ptr, o_ptr, g_ptr, kc, vc, part, 
         phase += 1
         # the next layer's q/k/v (after the last layer, layer 0's again: read and left unused)
         nxt = wqkv + ((layer + 1) % L) * NQKV * D
-        w, w2 = _handoff(nxt, pid, P, NQKV, D, D, BN_QKV, counter, phase * P, flag, PREFETCH, SPIN_LIMIT, DEPTH)
+        w, w2 = _handoff(nxt, pid, P, NQKV, D, D, BN_QKV, counter, phase * P, flag, PREFETCH, SPIN_LIMIT, DEPTH,
+                         POLL)
+
+
+@triton.jit
+def _barriers_kernel(counter, flag, N: tl.constexpr, SPIN_LIMIT: tl.constexpr, POLL: tl.constexpr):
+    """N grid barriers and nothing else: what a barrier costs the launch."""
+    P = tl.num_programs(0)
+    for i in range(N):
+        _grid_barrier(counter, (i + 1) * P, flag, SPIN_LIMIT, POLL)
+
+
+def barrier_rows(dev: torch.device, programs: int, count: int, polls: list[int], reps: int) -> list[dict]:
+    """Microseconds a grid barrier over `programs` programs, per poll mode (a launch of `count` barriers,
+    less a launch of one, over count - 1)."""
+    counter = torch.zeros(1, device=dev, dtype=torch.int32)
+    flag = torch.zeros(1, device=dev, dtype=torch.int32)
+    rows = []
+    for poll in polls:
+        def launch(n: int, poll: int = poll) -> None:
+            counter.zero_()
+            _barriers_kernel[(programs,)](counter, flag, N=n, SPIN_LIMIT=1 << 16, POLL=poll, num_warps=8)
+
+        many, one = _graph_ms(functools.partial(launch, count), reps), _graph_ms(functools.partial(launch, 1), reps)
+        rows.append({"what": f"{count} barriers only, poll {poll}", "ms": many,
+                     "us_per_barrier": (many - one) * 1e3 / (count - 1), "barrier_timeouts": int(flag.item())})
+        print(rows[-1], flush=True)
+    return rows
 
 
 def _rms(h: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
@@ -147,7 +176,7 @@ def _pow2(n: int) -> int:
 
 def persistent_layers(h: torch.Tensor, w: dict[str, torch.Tensor], eps: float, do: int, di: int,
                       programs: int, bn: dict[str, int], prefetch: bool, num_warps: int, depth: int,
-                      scratch: dict[str, torch.Tensor], kv: dict | None = None) -> None:
+                      scratch: dict[str, torch.Tensor], kv: dict | None = None, poll: int = 0) -> None:
     """One launch of `_layers_kernel` over `programs` programs (all resident: one an SM); `kv` as for
     `torch_layers`, with `ts` positions a split."""
     d = h.shape[0]
@@ -166,7 +195,7 @@ def persistent_layers(h: torch.Tensor, w: dict[str, torch.Tensor], eps: float, d
         L=w["qkv"].shape[0], D=d, NQKV=w["qkv"].shape[1], DO=do, DO_P=_pow2(do), NGU=w["gu"].shape[1],
         DI=di, DI_P=_pow2(di), BN_QKV=bn["qkv"], BN_O=bn["o"], BN_GU=bn["gu"], BN_D=bn["d"],
         ATTN=kv is not None, TMAX=tmax, HKV=hkv, G=g, HD=hd, S=splits, SP=_pow2(splits), SCALE=hd ** -0.5,
-        PREFETCH=prefetch, SPIN_LIMIT=1 << 16, DEPTH=depth, num_warps=num_warps)
+        PREFETCH=prefetch, SPIN_LIMIT=1 << 16, DEPTH=depth, POLL=poll, num_warps=num_warps)
 
 
 def _graph_ms(fn, reps: int) -> float:
@@ -208,12 +237,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warps", type=int, nargs="+", default=[8], help="num_warps values to try (default 8)")
     parser.add_argument("--depth", type=int, nargs="+", default=[1, 2], choices=(1, 2),
                         help="weight tiles a program keeps in flight in a projection (default: both)")
+    parser.add_argument("--poll", type=int, nargs="+", default=[0, 1], choices=(0, 1),
+                        help="how the barriers poll: 0 an atomic add of zero, 1 an acquire load (default: both)")
+    parser.add_argument("--barriers", type=int, default=140,
+                        help="barriers in the barrier-only launch that times a barrier (default 140: 5 a layer)")
+    parser.add_argument("--barriers-only", action="store_true", help="time the barriers alone and stop")
     parser.add_argument("--tiny", action="store_true", help="small shapes, one program: the CPU check")
     parser.add_argument("--out", type=Path, default=None, help="directory for the JSON (default benchmarks/results)")
     args = parser.parse_args(argv)
-    if args.layers < 1 or args.reps < 1 or any(c < 0 for c in args.context):
-        parser.error(f"--layers, --reps must be positive and --context >= 0, got {args.layers}, {args.reps}, "
-                     f"{args.context}")
+    if args.layers < 1 or args.reps < 1 or args.barriers < 2 or any(c < 0 for c in args.context):
+        parser.error(f"--layers, --reps must be positive, --barriers at least 2 and --context >= 0, got "
+                     f"{args.layers}, {args.reps}, {args.barriers}, {args.context}")
     cuda = torch.cuda.is_available() and not args.tiny
     dev = torch.device("cuda" if cuda else "cpu")
     torch.manual_seed(0)
@@ -247,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
 
         ceil = measure_ceilings(dev, True, False)["copy_bytes_per_s"]
         result["copy_bytes_per_s"] = ceil
+        result["barriers"] = barrier_rows(dev, programs, args.barriers, args.poll, args.reps)
+        print_table(result["barriers"], f"grid barriers over {programs} programs")
+        if args.barriers_only:
+            write_result("probe-persistent-layer", result, args.out)
+            return 1 if any(r["barrier_timeouts"] for r in result["barriers"]) else 0
     failed = 0
     for t in contexts:
         kv0 = None
@@ -278,18 +317,19 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"what": "cuBLAS + SDPA, a launch per op (graph)" if t else "cuBLAS, a launch per projection "
                          "(graph)", "ms": ms, "us_per_layer": ms * 1e3 / layers,
                          "fraction_of_copy": (weight_bytes + kv_bytes) / (ms * 1e-3) / ceil, "max_err": None})
-        variants = itertools.product(bns, (False, True), args.warps if cuda else [4], args.depth)
-        for bn, prefetch, warps, depth in variants:
+        variants = itertools.product(bns, (False, True), args.warps if cuda else [4], args.depth,
+                                     args.poll if cuda else [0])  # the interpreter runs no inline PTX
+        for bn, prefetch, warps, depth, poll in variants:
             h, kv = h0.clone(), _fresh(kv0)
             scratch["flag"].zero_()
-            persistent_layers(h, w, eps, do, di, programs, bn, prefetch, warps, depth, scratch, kv)
+            persistent_layers(h, w, eps, do, di, programs, bn, prefetch, warps, depth, scratch, kv, poll)
             err = float((h - want).abs().max() / want.abs().max())
-            row = {"what": f"persistent, BN {bn}, prefetch {prefetch}, warps {warps}, depth {depth}",
+            row = {"what": f"persistent, BN {bn}, prefetch {prefetch}, warps {warps}, depth {depth}, poll {poll}",
                    "max_err": err, "barrier_timeouts": int(scratch["flag"].item()),
                    "unmerged_heads": int((scratch["hcnt"] != 0).sum().item())}
             if cuda:
                 call = functools.partial(persistent_layers, h, w, eps, do, di, programs, bn, prefetch,
-                                         warps, depth, scratch, kv)
+                                         warps, depth, scratch, kv, poll)
                 ms = _graph_ms(call, args.reps)
                 row.update(ms=ms, us_per_layer=ms * 1e3 / layers,
                            fraction_of_copy=(weight_bytes + kv_bytes) / (ms * 1e-3) / ceil)

@@ -29,7 +29,8 @@ def test_decode_layers_kernel_compiles_for_sm90(d: int, hkv: int, g: int, hd: in
               "BN_D": pd.tile_rows(d, di_p // pk, p), "QK_NORM": True, "PREFETCH": True, "SPIN_LIMIT": 1 << 16,
               "QUANT": quant, "GS": 128, "DEPTH": depth}
     ptrs = {"X": "fp32", "PTRS": "i64", "A": "bf16", "O": "bf16", "GU": "bf16", "PART": "fp32", "HCNT": "i32",
-            "CNT": "i32", "FLAG": "i32", "COS": "bf16", "SIN": "bf16", "SLOT": "i64", "TABLE": "i32", "CTX": "i32"}
+            "CNT": "i32", "FLAG": "i32", "COS": "bf16", "SIN": "bf16", "SLOT": "i64", "TABLE": "i32", "CTX": "i32",
+            "TIMES": "i64"}
     ptx = compile_sm90(pd.decode_layers_kernel, ptrs, consts, {}, 8, 1).asm["ptx"]
     assert "atom.global.gpu.release.add" in ptx and "atom.global.gpu.acq_rel.add" in ptx
     assert "atom.global.gpu.relaxed.exch" in ptx and "ld.global.cg" in ptx
@@ -37,6 +38,31 @@ def test_decode_layers_kernel_compiles_for_sm90(d: int, hkv: int, g: int, hd: in
     # zeros once a group: element-by-element loads were 622 (float) and 259 (int4) before either
     scalar = len(re.findall(r"ld\.global\.b(?:8|16|32)\b", ptx))
     assert ptx.count("ld.global.v4.b32") >= 16 and scalar < 64, (ptx.count("ld.global.v4.b32"), scalar)
+    assert "ld.acquire.gpu" not in ptx  # POLL 0 (the default) polls with atomics
+    assert "%clock64" not in ptx and "%globaltimer" not in ptx  # TIMED 0: no stamps
+
+
+def test_acquire_load_poll_and_stamps_compile_for_sm90(compile_sm90) -> None:
+    """POLL 1: the barrier polls with acquire loads in every thread, and no atomic or block-wide sync sits in
+    its poll loop (POLL 0 broadcasts each poll's atomic through shared memory). TIMED 1: the clock stamps."""
+    from tessera.kernels.triton import persistent_decode as pd
+
+    d, hkv, g, hd, di, p = 1024, 8, 2, 128, 3072, 132
+    nqkv, do = (hkv * g + 2 * hkv) * hd, hkv * g * hd
+    consts = {"SCALE": hd ** -0.5, "L": 28, "D": d, "HKV": hkv, "G": g, "HD": hd, "DI": di, "DI_P": 4096, "BS": 16,
+              "S": 16, "SP": 16, "BT": 32, "BN_QKV": pd.tile_rows(nqkv, d, p), "BN_O": pd.tile_rows(d, do, p),
+              "BN_GU": pd.tile_rows(2 * di, d, p), "BN_D": pd.tile_rows(d, 4096, p), "QK_NORM": True,
+              "PREFETCH": True, "SPIN_LIMIT": 1 << 16, "QUANT": 0, "GS": 128, "DEPTH": 1, "POLL": 1, "TIMED": 1}
+    ptrs = {"X": "fp32", "PTRS": "i64", "A": "bf16", "O": "bf16", "GU": "bf16", "PART": "fp32", "HCNT": "i32",
+            "CNT": "i32", "FLAG": "i32", "COS": "bf16", "SIN": "bf16", "SLOT": "i64", "TABLE": "i32", "CTX": "i32",
+            "TIMES": "i64"}
+    ptx = compile_sm90(pd.decode_layers_kernel, ptrs, consts, {}, 8, 1).asm["ptx"]
+    assert "atom.global.gpu.release.add" in ptx  # the arrival
+    loops = re.findall(r"Inner Loop Header(.*?)bra", ptx, flags=re.S)
+    polls = [body for body in loops if "ld.acquire.gpu.global.b32" in body]
+    assert len(polls) == 5, len(polls)  # the five barriers of a layer
+    assert not any("bar.sync" in body or "atom." in body for body in polls)
+    assert ptx.count("%clock64") == 10 + 2 and ptx.count("%globaltimer") == 2  # a layer's 10 and the launch's
 
 
 def test_tile_rows_bounds_registers_and_spreads_tiles() -> None:

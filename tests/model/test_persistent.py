@@ -4,6 +4,8 @@ eager and replayed from a CUDA graph."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -120,11 +122,16 @@ def test_persistent_launch_on_the_gpu_eager_and_in_a_graph(monkeypatch: pytest.M
         assert persistent.barrier_failures(model) == 0 and persistent.unmerged_heads(model) == 0
         scale = want.abs().max()
         assert (got - want).abs().max() <= 0.03 * scale, float((got - want).abs().max() / scale)
-        for options in ({"DEPTH": 2}, {"PREFETCH": False}):  # the variants the benchmarks time
+        # the variants the benchmarks time
+        for options in ({"DEPTH": 2}, {"PREFETCH": False}, {"POLL": 1}, {"POLL": 1, "DEPTH": 2}, {"TIMED": 1}):
             monkeypatch.setattr(persistent, "OPTIONS", options)
             other = model(ids, positions=pos, kv=kv).float()
             assert persistent.barrier_failures(model) == 0 and persistent.unmerged_heads(model) == 0
             assert (other - want).abs().max() <= 0.03 * scale, (options, float((other - want).abs().max() / scale))
+        profile = persistent.phase_profile(model)  # the TIMED launch's stamps: every phase took time
+        assert profile["layers"] == 4 and 0 < profile["span_us"] < 1e5, profile
+        assert all(profile[name]["work_us_mean"] > 0 and profile[name]["barrier_us_least"] >= 0
+                   for name in persistent.PHASES), profile
         monkeypatch.setattr(persistent, "OPTIONS", {})
         model(ids, positions=pos, kv=kv)  # the default launch again, eagerly, before the capture
         out = torch.empty_like(got)
@@ -134,6 +141,35 @@ def test_persistent_launch_on_the_gpu_eager_and_in_a_graph(monkeypatch: pytest.M
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, got) and persistent.barrier_failures(model) == 0
+
+
+def test_phase_profile_reads_the_stamps() -> None:
+    """Two layers over two programs whose clocks run 2 cycles a nanosecond: phase k of layer l starts at
+    1000 (l + 1) + 100 k ns and takes 20 + 10 p ns on program p; the launch runs from 0 to 4000 ns."""
+    layers, programs = 2, 2
+    t = torch.zeros(10 * layers + 4, programs, dtype=torch.int64)
+    for layer in range(layers):
+        for k in range(5):
+            for p in range(programs):
+                start = 1000 * (layer + 1) + 100 * k
+                t[10 * layer + 2 * k, p] = 2 * start
+                t[10 * layer + 2 * k + 1, p] = 2 * (start + 20 + 10 * p)
+    t[10 * layers] = 0  # the GPU timer at the start, then the clock
+    t[10 * layers + 1] = 0
+    t[10 * layers + 2] = 4000
+    t[10 * layers + 3] = 8000
+    launch = SimpleNamespace(options={"TIMED": 1}, scratch={"times": t})
+    model = SimpleNamespace(__dict__={})
+    model.__dict__["_persistent_decode"] = [launch]
+    profile = persistent.phase_profile(model)
+    assert profile["layers"] == 2 and profile["programs"] == 2 and profile["span_us"] == 4.0
+    assert profile["qkv"]["work_us_mean"] == pytest.approx(0.025)  # 20 and 30 ns
+    assert profile["qkv"]["work_us_slowest"] == pytest.approx(0.030)
+    assert profile["qkv"]["barrier_us_mean"] == pytest.approx(0.075)  # 80 and 70 ns to the next start
+    assert profile["qkv"]["barrier_us_least"] == pytest.approx(0.070)
+    # after layer 0's down: layer 1's start (1000 - 400 - 20 - 10 p ns); after layer 1's: the launch's end
+    assert profile["down"]["barrier_us_least"] == pytest.approx((0.570 + (4.000 - 2.430)) / 2)
+    assert persistent.phase_profile(SimpleNamespace()) == {}
 
 
 def test_options_are_checked_and_parsed() -> None:
@@ -148,6 +184,8 @@ def test_options_are_checked_and_parsed() -> None:
         persistent.parse_options("BN_O=12")
     with pytest.raises(ValueError, match="PREFETCH=1: expected true or false"):
         persistent.parse_options("PREFETCH=1")
+    with pytest.raises(ValueError, match="POLL=2: expected 0 or 1"):
+        persistent.parse_options("POLL=2")
     with pytest.raises(ValueError, match="'BT' is not KEY=VALUE"):
         persistent.parse_options("BT")
     with pytest.raises(ValueError, match="'BT=x': the value is not an integer"):

@@ -36,8 +36,11 @@ OPTIONS: dict[str, int | bool] = {}
 #: What OPTIONS may set: gemv depth (1 or 2 tiles in flight), elements a weight tile at most (TILE, default
 #: 16384: weights, or bytes of packed int4; the tile heights follow from it) or the tile heights of the four
 #: projections themselves, positions an attention block, whether a phase's first tile loads before its
-#: barrier, the barrier's poll bound, and warps a program.
-TUNABLE = ("DEPTH", "TILE", "BN_QKV", "BN_O", "BN_GU", "BN_D", "BT", "PREFETCH", "SPIN_LIMIT", "num_warps")
+#: barrier, the barrier's poll bound, how it polls (POLL 0: an atomic add of zero, 1: an acquire load in
+#: every thread), warps a program, and TIMED 1: each program stamps its clock at every phase's start and end
+#: (read by `phase_profile`).
+TUNABLE = ("DEPTH", "TILE", "BN_QKV", "BN_O", "BN_GU", "BN_D", "BT", "PREFETCH", "SPIN_LIMIT", "POLL", "TIMED",
+           "num_warps")
 
 
 def _pow2(n: int) -> bool:
@@ -238,10 +241,13 @@ def check_options(options: dict[str, int | bool]) -> dict[str, int | bool]:
             ok = isinstance(value, bool)
         elif key == "DEPTH":
             ok = value in (1, 2) and not isinstance(value, bool)
+        elif key in ("POLL", "TIMED"):
+            ok = value in (0, 1) and not isinstance(value, bool)
         else:
             ok = isinstance(value, int) and not isinstance(value, bool) and _pow2(value)
         if not ok:
-            want = {"PREFETCH": "true or false", "DEPTH": "1 or 2"}.get(key, "a power of two")
+            want = {"PREFETCH": "true or false", "DEPTH": "1 or 2", "POLL": "0 or 1",
+                    "TIMED": "0 or 1"}.get(key, "a power of two")
             raise ValueError(f"persistent decode option {key}={value!r}: expected {want}")
     return dict(options)
 
@@ -297,7 +303,9 @@ def _launch_for(model: nn.Module, step: _Step, table: tuple) -> _Launch:
                "hcnt": torch.zeros(hkv, device=dev, dtype=torch.int32),
                "cnt": torch.zeros(1, device=dev, dtype=torch.int32),
                "flag": torch.zeros(1, device=dev, dtype=torch.int32),
-               "x": torch.empty(cfg.d_model, device=dev, dtype=torch.float32)}
+               "x": torch.empty(cfg.d_model, device=dev, dtype=torch.float32),
+               "times": torch.zeros((10 * cfg.n_layers + 4, programs) if options.get("TIMED") else 1, device=dev,
+                                    dtype=torch.int64)}
     ptrs = torch.tensor(addresses, dtype=torch.int64).view(cfg.n_layers, pd.SLOTS).to(dev)
     d, di, p, pack = cfg.d_model, cfg.d_ff, programs, 2 if quant == 2 else 1
     di_p = triton.next_power_of_2(di)
@@ -309,6 +317,10 @@ def _launch_for(model: nn.Module, step: _Step, table: tuple) -> _Launch:
                 BN_D=pd.tile_rows(d, di_p // pack, p, tile), QK_NORM=cfg.qk_norm, PREFETCH=True, SPIN_LIMIT=1 << 16,
                 QUANT=quant, GS=group, DEPTH=1, num_warps=8)
     meta.update((k, v) for k, v in options.items() if k != "TILE")
+    for key in ("POLL", "TIMED"):
+        if meta.get(key) == 1 and dev.type != "cuda":
+            raise ValueError(f"persistent decode option {key}=1 runs inline PTX, which needs a CUDA device; the "
+                             f"interpreter runs {key}=0")
     launch = _Launch(ptrs, tuple(tensors), addresses, scratch, programs, splits, meta, options)
     owned[id(model)] = launch
     model.__dict__.setdefault("_persistent_decode", weakref.WeakSet()).add(launch)
@@ -335,11 +347,11 @@ def hidden(model: nn.Module, input_ids: torch.Tensor, x: torch.Tensor, cos: torc
     args = (s["x"], launch.ptrs, s["a"], s["o"], s["gu"], s["part"], s["hcnt"], s["cnt"], s["flag"],
             cos.reshape(-1), sin.reshape(-1), step.slot, step.table, step.ctx, model.config.norm_eps)
     if STEP_PROGRAMS is None:
-        pd.decode_layers_kernel[(p,)](*args, 0, **meta)
+        pd.decode_layers_kernel[(p,)](*args, 0, s["times"], **meta)
     else:  # each phase of each layer a launch of its own (CPU checks with several programs)
         for layer in range(meta["L"]):
             for phase in range(5):
-                pd.decode_layers_kernel[(p,)](*args, layer, **meta, ONLY=phase)
+                pd.decode_layers_kernel[(p,)](*args, layer, s["times"], **meta, ONLY=phase)
     final = model.model.norm
     return registry("rms_norm", s["x"].to(x.dtype).view(1, 1, -1), final.weight, final.eps)
 
@@ -355,3 +367,34 @@ def unmerged_heads(model: nn.Module) -> int:
     were not each counted exactly once: a split skipped or run twice); reads the device, so it synchronises."""
     return sum(int((launch.scratch["hcnt"] != 0).sum().item())
                for launch in model.__dict__.get("_persistent_decode", ()))
+
+
+#: The phases of a layer, in the order the launch runs them (`phase_profile`'s keys).
+PHASES = ("qkv", "attention", "o", "gate_up", "down")
+
+
+def phase_profile(model: nn.Module) -> dict:
+    """Where the last step of the model's TIMED launch spent its time (OPTIONS TIMED=1), averaged over layers:
+    per phase, microseconds of work (a program's time from the phase's start to its end, the mean over programs
+    and the slowest program's) and of the barrier after it (from the phase's end to the next one's start: the
+    mean over programs, and the least, which is what the last program to arrive waits: the barrier's own
+    latency), and the launch's span by the GPU timer. SM clocks convert to time by each program's clock rate
+    over the launch. Synchronises; {} when no TIMED launch has run."""
+    launches = [launch for launch in model.__dict__.get("_persistent_decode", ()) if launch.options.get("TIMED")]
+    if not launches:
+        return {}
+    t = launches[-1].scratch["times"].double().cpu()
+    layers = (t.shape[0] - 4) // 10
+    ns_per_cycle = (t[10 * layers + 2] - t[10 * layers]) / (t[10 * layers + 3] - t[10 * layers + 1])  # [P]
+    starts = t[0:10 * layers:2].view(layers, 5, -1)
+    ends = t[1:10 * layers:2].view(layers, 5, -1)
+    nxt = torch.cat([starts.reshape(5 * layers, -1)[1:], t[10 * layers + 3][None]]).view(layers, 5, -1)
+    work = (ends - starts) * ns_per_cycle / 1e3  # [layers, 5, P] microseconds
+    wait = (nxt - ends) * ns_per_cycle / 1e3
+    out = {"span_us": float(t[10 * layers + 2].max() - t[10 * layers].min()) / 1e3, "layers": layers,
+           "programs": t.shape[1]}
+    for i, name in enumerate(PHASES):
+        out[name] = {"work_us_mean": float(work[:, i].mean()), "work_us_slowest": float(work[:, i].amax(1).mean()),
+                     "barrier_us_mean": float(wait[:, i].mean()), "barrier_us_least": float(wait[:, i].amin(1).mean())}
+    return out
+

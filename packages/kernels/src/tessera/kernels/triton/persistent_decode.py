@@ -39,19 +39,50 @@ SLOTS = 18
 
 
 @triton.jit
-def _grid_barrier(counter, target, flag, SPIN_LIMIT: tl.constexpr):
+def _load_acquire(ptr):
+    """The int32 at `ptr`, loaded with acquire semantics at GPU scope by every thread (no read-modify-write,
+    so pollers do not serialise at the L2 slice that holds it, and no broadcast through shared memory)."""
+    return tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def _grid_barrier(counter, target, flag, SPIN_LIMIT: tl.constexpr, POLL: tl.constexpr = 0):
     """Arrive at `counter` and wait until it reaches `target`; after SPIN_LIMIT polls give up and count
-    it in `flag`."""
+    it in `flag`. POLL 0 polls with an atomic add of zero (one thread a program, its result broadcast to
+    the others through shared memory each poll; what the interpreter runs); POLL 1 with an acquire load in
+    every thread."""
     tl.debug_barrier()  # every thread's stores of the phase before the program's release
     tl.atomic_add(counter, 1, sem="release", scope="gpu")
-    seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
-    spins = 0
-    while (seen < target) & (spins < SPIN_LIMIT):
+    if POLL == 1:
+        seen = _load_acquire(counter)
+        spins = 0
+        while (seen < target) & (spins < SPIN_LIMIT):
+            seen = _load_acquire(counter)
+            spins += 1
+    else:
         seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
-        spins += 1
+        spins = 0
+        while (seen < target) & (spins < SPIN_LIMIT):
+            seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
+            spins += 1
     if seen < target:
         tl.atomic_add(flag, 1)
     tl.debug_barrier()
+
+
+@triton.jit
+def _stamp(TIMES, slot, pid, P, TIMED: tl.constexpr, GLOBAL: tl.constexpr = False):
+    """With TIMED, this program's clock (SM cycles; with GLOBAL the GPU's nanosecond timer) into slot `slot`
+    of TIMES ([slots, P] int64): where the phases' time goes, for `tessera.model.persistent.phase_profile`."""
+    if TIMED:
+        if GLOBAL:
+            t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [pid], dtype=tl.int64,
+                                          is_pure=False, pack=1)
+        else:
+            t = tl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,r", [pid], dtype=tl.int64, is_pure=False,
+                                          pack=1)
+        tl.store(TIMES + slot * P + pid, t)
 
 
 @triton.jit
@@ -83,15 +114,15 @@ def _tile(w, tile, N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BN: tl.co
 
 @triton.jit
 def _handoff(w, pid, P, N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr, counter, target, flag,
-             PREFETCH: tl.constexpr, SPIN_LIMIT: tl.constexpr, DEPTH: tl.constexpr):
-    """The barrier between two phases, and this program's first tile of the next phase's weight `w` and,
-    with DEPTH 2, its second (else the first again, unused): loaded before the wait with PREFETCH, so the
-    wait overlaps their loads, after it otherwise."""
+             PREFETCH: tl.constexpr, SPIN_LIMIT: tl.constexpr, DEPTH: tl.constexpr, POLL: tl.constexpr = 0):
+    """The barrier between two phases (polled as `_grid_barrier`'s POLL says), and this program's first
+    tile of the next phase's weight `w` and, with DEPTH 2, its second (else the first again, unused): loaded
+    before the wait with PREFETCH, so the wait overlaps their loads, after it otherwise."""
     if PREFETCH:
         first, second = _first_tiles(w, pid, P, N, K, KP, BN, DEPTH)
-        _grid_barrier(counter, target, flag, SPIN_LIMIT)
+        _grid_barrier(counter, target, flag, SPIN_LIMIT, POLL)
     else:
-        _grid_barrier(counter, target, flag, SPIN_LIMIT)
+        _grid_barrier(counter, target, flag, SPIN_LIMIT, POLL)
         first, second = _first_tiles(w, pid, P, N, K, KP, BN, DEPTH)
     return first, second
 
@@ -298,17 +329,20 @@ def _down_phase(PTRS, layer, w, w2, GU, X, pid, P, D: tl.constexpr, DI: tl.const
 
 
 @triton.jit
-def decode_layers_kernel(X, PTRS, A, O, GU, PART, HCNT, CNT, FLAG, COS, SIN, SLOT, TABLE, CTX, eps, LAYER,
+def decode_layers_kernel(X, PTRS, A, O, GU, PART, HCNT, CNT, FLAG, COS, SIN, SLOT, TABLE, CTX, eps, LAYER, TIMES,
                          SCALE: tl.constexpr, L: tl.constexpr, D: tl.constexpr, HKV: tl.constexpr,
                          G: tl.constexpr, HD: tl.constexpr,
                          DI: tl.constexpr, DI_P: tl.constexpr, BS: tl.constexpr, S: tl.constexpr,
                          SP: tl.constexpr, BT: tl.constexpr, BN_QKV: tl.constexpr, BN_O: tl.constexpr,
                          BN_GU: tl.constexpr, BN_D: tl.constexpr, QK_NORM: tl.constexpr, PREFETCH: tl.constexpr,
                          SPIN_LIMIT: tl.constexpr, QUANT: tl.constexpr = 0, GS: tl.constexpr = 128,
-                         DEPTH: tl.constexpr = 1, ONLY: tl.constexpr = -1):
+                         DEPTH: tl.constexpr = 1, ONLY: tl.constexpr = -1, POLL: tl.constexpr = 0,
+                         TIMED: tl.constexpr = 0):
     """Every layer, phases between grid barriers; or, with ONLY = k in 0..4, phase k of layer LAYER alone
     and no barrier (a launch per phase: the kernel boundary is the barrier, which is how the CPU checks run
-    several programs under the interpreter)."""
+    several programs under the interpreter). With TIMED, each program stamps its clock into TIMES
+    ([10 L + 4, P] int64) as each phase starts (slot 10 l + 2 k) and ends (10 l + 2 k + 1), and the GPU
+    timer and its clock at the launch's start and end (slots 10 L .. 10 L + 3)."""
     pid = tl.program_id(0)
     P = tl.num_programs(0)
     DT: tl.constexpr = A.dtype.element_ty
@@ -332,40 +366,54 @@ def decode_layers_kernel(X, PTRS, A, O, GU, PART, HCNT, CNT, FLAG, COS, SIN, SLO
         w, w2 = _first_tiles(_wptr(PTRS, LAYER, 3, DT, QUANT), pid, P, D, DI // PK, DI_P // PK, BN_D, DEPTH)
         _down_phase(PTRS, LAYER, w, w2, GU, X, pid, P, D, DI, DI_P, BN_D, QUANT, GS, DT, DEPTH)
     else:
+        _stamp(TIMES, 10 * L, pid, P, TIMED, True)
+        _stamp(TIMES, 10 * L + 1, pid, P, TIMED)
         phase = 0
         w, w2 = _first_tiles(_wptr(PTRS, 0, 0, DT, QUANT), pid, P, NQKV, D // PK, D // PK, BN_QKV, DEPTH)
         for layer in range(L):
+            _stamp(TIMES, 10 * layer, pid, P, TIMED)
             _qkv_phase(PTRS, layer, w, w2, X, A, pid, P, eps, D, NQKV, BN_QKV, QUANT, GS, DT, DEPTH)
+            _stamp(TIMES, 10 * layer + 1, pid, P, TIMED)
             phase += 1
             # the o projection's first tile, held through attention; with DEPTH 2 its second is loaded after
             # attention, around the barrier that ends it as PREFETCH says (two tiles held through attention
             # spill registers)
             w, w2 = _handoff(_wptr(PTRS, layer, 1, DT, QUANT), pid, P, D, DO // PK, DO // PK, BN_O, CNT,
-                             phase * P, FLAG, PREFETCH, SPIN_LIMIT, 1)
+                             phase * P, FLAG, PREFETCH, SPIN_LIMIT, 1, POLL)
+            _stamp(TIMES, 10 * layer + 2, pid, P, TIMED)
             _attention(A, O, _ptr(PTRS, layer, 8, DT), _ptr(PTRS, layer, 9, DT), _ptr(PTRS, layer, 6, DT),
                        _ptr(PTRS, layer, 7, DT), COS, SIN, SLOT, TABLE, CTX, PART, HCNT, pid, P, eps, SCALE,
                        HKV, G, HD, BS, S, SP, BT, QK_NORM)
+            _stamp(TIMES, 10 * layer + 3, pid, P, TIMED)
             phase += 1
             if DEPTH == 2:
                 if PREFETCH:
                     w2 = _tile(_wptr(PTRS, layer, 1, DT, QUANT), pid + P, D, DO // PK, DO // PK, BN_O)
-            _grid_barrier(CNT, phase * P, FLAG, SPIN_LIMIT)
+            _grid_barrier(CNT, phase * P, FLAG, SPIN_LIMIT, POLL)
             if DEPTH == 2:
                 if not PREFETCH:
                     w2 = _tile(_wptr(PTRS, layer, 1, DT, QUANT), pid + P, D, DO // PK, DO // PK, BN_O)
+            _stamp(TIMES, 10 * layer + 4, pid, P, TIMED)
             _o_phase(PTRS, layer, w, w2, O, A, X, pid, P, D, DO, BN_O, QUANT, GS, DT, DEPTH)
+            _stamp(TIMES, 10 * layer + 5, pid, P, TIMED)
             phase += 1
             w, w2 = _handoff(_wptr(PTRS, layer, 2, DT, QUANT), pid, P, 2 * DI, D // PK, D // PK, BN_GU, CNT,
-                             phase * P, FLAG, PREFETCH, SPIN_LIMIT, DEPTH)
+                             phase * P, FLAG, PREFETCH, SPIN_LIMIT, DEPTH, POLL)
+            _stamp(TIMES, 10 * layer + 6, pid, P, TIMED)
             _gate_up_phase(PTRS, layer, w, w2, X, GU, pid, P, eps, D, DI, BN_GU, QUANT, GS, DT, DEPTH)
+            _stamp(TIMES, 10 * layer + 7, pid, P, TIMED)
             phase += 1
             w, w2 = _handoff(_wptr(PTRS, layer, 3, DT, QUANT), pid, P, D, DI // PK, DI_P // PK, BN_D, CNT,
-                             phase * P, FLAG, PREFETCH, SPIN_LIMIT, DEPTH)
+                             phase * P, FLAG, PREFETCH, SPIN_LIMIT, DEPTH, POLL)
+            _stamp(TIMES, 10 * layer + 8, pid, P, TIMED)
             _down_phase(PTRS, layer, w, w2, GU, X, pid, P, D, DI, DI_P, BN_D, QUANT, GS, DT, DEPTH)
+            _stamp(TIMES, 10 * layer + 9, pid, P, TIMED)
             phase += 1
             # the next layer's q/k/v tiles (after the last layer, layer 0's: read and left unused)
             w, w2 = _handoff(_wptr(PTRS, (layer + 1) % L, 0, DT, QUANT), pid, P, NQKV, D // PK, D // PK, BN_QKV,
-                             CNT, phase * P, FLAG, PREFETCH, SPIN_LIMIT, DEPTH)
+                             CNT, phase * P, FLAG, PREFETCH, SPIN_LIMIT, DEPTH, POLL)
+        _stamp(TIMES, 10 * L + 2, pid, P, TIMED, True)
+        _stamp(TIMES, 10 * L + 3, pid, P, TIMED)
 
 
 def _pow2_floor(n: int) -> int:
