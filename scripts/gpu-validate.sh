@@ -9,7 +9,10 @@
 #   bash scripts/gpu-validate.sh OUT_DIR serve   # bench_serve decode: engine overlapped and step by step,
 #                                                #   graph replay in PDL modes 3 (default), 1 and 4 and with
 #                                                #   rope/KV write/decode and the norms fused, with the
-#                                                #   persistent decode launch (and DEPTH=2), HF static
+#                                                #   persistent decode launch and its variants (DEPTH=2,
+#                                                #   POLL=1, one tile round a phase, TIMED=1 phase
+#                                                #   profiles), HF static
+#   bash scripts/gpu-validate.sh OUT_DIR barriers   # a grid barrier's cost alone, by poll mode
 #   bash scripts/gpu-validate.sh OUT_DIR quant   # bench_quant --speed, batch 1 also with the persistent launch
 #                                                #   (and DEPTH=2)
 #   bash scripts/gpu-validate.sh OUT_DIR quant-fused  # the same with rope/KV write/decode and norms fused
@@ -22,7 +25,7 @@
 # stage does not stop the next.
 set -u
 if [ $# -lt 2 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
-    sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 out=$1
@@ -55,7 +58,10 @@ for stage in "$@"; do
             tests/kernels/test_parity.py -k "not real_shapes and (int4_awq_gated or int4_awq_normed or int8_weight_only_gated or int8_weight_only_normed)" ;;
     serve)
         run serve-decode python3 benchmarks/bench_serve.py --sections decode --hf-decode-modes static \
-            --decode-tokens 64 --pdl-modes 1 4 --out "$out" ;;
+            --decode-tokens 64 --pdl-modes 1 4 --out "$out" --persistent-variants DEPTH=2 POLL=1 POLL=1,DEPTH=2 \
+            POLL=1,BN_QKV=32,BN_O=8,BN_GU=32,BN_D=8 TIMED=1 POLL=1,TIMED=1 ;;
+    barriers)
+        run barriers python3 benchmarks/probe_persistent_layer.py --barriers-only --out "$out" ;;
     quant)
         run quant-speed python3 benchmarks/bench_quant.py --speed --reps 10 --persistent --no-progress --out "$out" ;;
     quant-fused)
@@ -70,7 +76,7 @@ for stage in "$@"; do
         run jaxref-parity python3 benchmarks/bench_jaxref.py --parity-only \
             --fp64-floor --sum-block 32 --out "$out" ;;
     *)
-        echo "unknown stage '$stage': expected tests, serve, quant, quant-fused, persistent, probe or jaxref" >&2
+        echo "unknown stage '$stage': expected tests, serve, barriers, quant, quant-fused, persistent, probe or jaxref" >&2
         status=2 ;;
     esac
 done

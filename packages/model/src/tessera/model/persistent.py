@@ -8,7 +8,8 @@ no attention biases, power-of-two widths, a cache in the model's dtype, and Trit
 its interpreter, where the launch is one program). The embedding, the rope angles, the final norm and
 the LM head stay where they were; everything between runs in `tessera.kernels.triton.persistent_decode`.
 
-Experimental: built and checked against the per-op path under the interpreter, not yet timed on a GPU.
+Experimental: checked against the per-op path under the interpreter and, in bf16, on an H100, where it was
+slower than the per-op graph (docs/serving.md); off by default.
 """
 
 from __future__ import annotations
