@@ -1,6 +1,6 @@
 """`persistent_decode.decode_layers_kernel` through ptxas for sm_90 at the two serving shapes, with float, int8
-and int4 weights, one or two weight tiles in flight: the grid barrier
-publishes with release and polls with acquire at GPU scope, the per-head merge counter resets, and the
+and int4 weights, one or two weight tiles in flight: the grid barrier publishes with release and polls with
+acquire at GPU scope (an atomic, or with POLL 1 a load), the per-head merge counter resets, and the
 activations are read past L1. (Its arithmetic is checked against the model's per-op path in
 tests/model/test_persistent.py.)"""
 
@@ -13,25 +13,32 @@ import pytest
 triton = pytest.importorskip("triton")
 
 
+PTRS = {"X": "fp32", "PTRS": "i64", "A": "bf16", "O": "bf16", "GU": "bf16", "PART": "fp32", "HCNT": "i32",
+        "CNT": "i32", "FLAG": "i32", "COS": "bf16", "SIN": "bf16", "SLOT": "i64", "TABLE": "i32", "CTX": "i32",
+        "TIMES": "i64"}
+
+
+def _ptx(compile_sm90, d: int, hkv: int, g: int, hd: int, di: int, **consts) -> str:
+    """The kernel's PTX over 132 programs (the H200's SMs) at 8 warps, 28 layers, the model's tile heights."""
+    from tessera.kernels.triton import persistent_decode as pd
+
+    p, nqkv, do, di_p = 132, (hkv * g + 2 * hkv) * hd, hkv * g * hd, triton.next_power_of_2(di)
+    pk = 2 if consts.get("QUANT", 0) == 2 else 1  # int4 tiles hold two weights a byte
+    meta = {"SCALE": hd ** -0.5, "L": 28, "D": d, "HKV": hkv, "G": g, "HD": hd, "DI": di, "DI_P": di_p, "BS": 16,
+            "S": 16, "SP": 16, "BT": 32, "BN_QKV": pd.tile_rows(nqkv, d // pk, p),
+            "BN_O": pd.tile_rows(d, do // pk, p), "BN_GU": pd.tile_rows(2 * di, d // pk, p),
+            "BN_D": pd.tile_rows(d, di_p // pk, p), "QK_NORM": True, "PREFETCH": True, "SPIN_LIMIT": 1 << 16,
+            "GS": 128, **consts}
+    return compile_sm90(pd.decode_layers_kernel, PTRS, meta, {}, 8, 1).asm["ptx"]
+
+
 @pytest.mark.parametrize("depth", [1, 2], ids=["depth1", "depth2"])
 @pytest.mark.parametrize("quant", [0, 1, 2], ids=["float", "int8", "int4"])
 @pytest.mark.parametrize(("d", "hkv", "g", "hd", "di"), [(1024, 8, 2, 128, 3072), (2048, 8, 4, 64, 8192)],
                          ids=["qwen3-0.6b", "llama-3.2-1b"])
 def test_decode_layers_kernel_compiles_for_sm90(d: int, hkv: int, g: int, hd: int, di: int, quant: int, depth: int,
                                                 compile_sm90) -> None:
-    from tessera.kernels.triton import persistent_decode as pd
-
-    p, nqkv, do, di_p = 132, (hkv * g + 2 * hkv) * hd, hkv * g * hd, triton.next_power_of_2(di)
-    pk = 2 if quant == 2 else 1  # int4 tiles hold two weights a byte
-    consts = {"SCALE": hd ** -0.5, "L": 28, "D": d, "HKV": hkv, "G": g, "HD": hd, "DI": di, "DI_P": di_p, "BS": 16,
-              "S": 16, "SP": 16, "BT": 32, "BN_QKV": pd.tile_rows(nqkv, d // pk, p),
-              "BN_O": pd.tile_rows(d, do // pk, p), "BN_GU": pd.tile_rows(2 * di, d // pk, p),
-              "BN_D": pd.tile_rows(d, di_p // pk, p), "QK_NORM": True, "PREFETCH": True, "SPIN_LIMIT": 1 << 16,
-              "QUANT": quant, "GS": 128, "DEPTH": depth}
-    ptrs = {"X": "fp32", "PTRS": "i64", "A": "bf16", "O": "bf16", "GU": "bf16", "PART": "fp32", "HCNT": "i32",
-            "CNT": "i32", "FLAG": "i32", "COS": "bf16", "SIN": "bf16", "SLOT": "i64", "TABLE": "i32", "CTX": "i32",
-            "TIMES": "i64"}
-    ptx = compile_sm90(pd.decode_layers_kernel, ptrs, consts, {}, 8, 1).asm["ptx"]
+    ptx = _ptx(compile_sm90, d, hkv, g, hd, di, QUANT=quant, DEPTH=depth)
     assert "atom.global.gpu.release.add" in ptx and "atom.global.gpu.acq_rel.add" in ptx
     assert "atom.global.gpu.relaxed.exch" in ptx and "ld.global.cg" in ptx
     # weight tiles load 16 bytes a thread (the table's pointers are declared aligned), and int4 scales and
@@ -45,18 +52,7 @@ def test_decode_layers_kernel_compiles_for_sm90(d: int, hkv: int, g: int, hd: in
 def test_acquire_load_poll_and_stamps_compile_for_sm90(compile_sm90) -> None:
     """POLL 1: the barrier polls with acquire loads in every thread, and no atomic or block-wide sync sits in
     its poll loop (POLL 0 broadcasts each poll's atomic through shared memory). TIMED 1: the clock stamps."""
-    from tessera.kernels.triton import persistent_decode as pd
-
-    d, hkv, g, hd, di, p = 1024, 8, 2, 128, 3072, 132
-    nqkv, do = (hkv * g + 2 * hkv) * hd, hkv * g * hd
-    consts = {"SCALE": hd ** -0.5, "L": 28, "D": d, "HKV": hkv, "G": g, "HD": hd, "DI": di, "DI_P": 4096, "BS": 16,
-              "S": 16, "SP": 16, "BT": 32, "BN_QKV": pd.tile_rows(nqkv, d, p), "BN_O": pd.tile_rows(d, do, p),
-              "BN_GU": pd.tile_rows(2 * di, d, p), "BN_D": pd.tile_rows(d, 4096, p), "QK_NORM": True,
-              "PREFETCH": True, "SPIN_LIMIT": 1 << 16, "QUANT": 0, "GS": 128, "DEPTH": 1, "POLL": 1, "TIMED": 1}
-    ptrs = {"X": "fp32", "PTRS": "i64", "A": "bf16", "O": "bf16", "GU": "bf16", "PART": "fp32", "HCNT": "i32",
-            "CNT": "i32", "FLAG": "i32", "COS": "bf16", "SIN": "bf16", "SLOT": "i64", "TABLE": "i32", "CTX": "i32",
-            "TIMES": "i64"}
-    ptx = compile_sm90(pd.decode_layers_kernel, ptrs, consts, {}, 8, 1).asm["ptx"]
+    ptx = _ptx(compile_sm90, 1024, 8, 2, 128, 3072, QUANT=0, DEPTH=1, POLL=1, TIMED=1)
     assert "atom.global.gpu.release.add" in ptx  # the arrival
     loops = re.findall(r"Inner Loop Header(.*?)bra", ptx, flags=re.S)
     polls = [body for body in loops if "ld.acquire.gpu.global.b32" in body]
