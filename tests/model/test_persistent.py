@@ -159,8 +159,8 @@ def test_phase_profile_reads_the_stamps() -> None:
     t[10 * layers + 2] = 4000
     t[10 * layers + 3] = 8000
     launch = SimpleNamespace(options={"TIMED": 1}, scratch={"times": t})
-    model = SimpleNamespace(__dict__={})
-    model.__dict__["_persistent_decode"] = [launch]
+    model = SimpleNamespace()
+    model._persistent_timed = lambda: launch  # as the weak reference `hidden` leaves
     profile = persistent.phase_profile(model)
     assert profile["layers"] == 2 and profile["programs"] == 2 and profile["span_us"] == 4.0
     assert profile["qkv"]["work_us_mean"] == pytest.approx(0.025)  # 20 and 30 ns

@@ -347,6 +347,8 @@ def hidden(model: nn.Module, input_ids: torch.Tensor, x: torch.Tensor, cos: torc
     s["hcnt"].zero_()  # the last split of each head resets it; zeroed anyway should a launch have given up
     args = (s["x"], launch.ptrs, s["a"], s["o"], s["gu"], s["part"], s["hcnt"], s["cnt"], s["flag"],
             cos.reshape(-1), sin.reshape(-1), step.slot, step.table, step.ctx, model.config.norm_eps)
+    if meta.get("TIMED"):  # the launch whose stamps `phase_profile` reads (also what a graph replays)
+        model.__dict__["_persistent_timed"] = weakref.ref(launch)
     if STEP_PROGRAMS is None:
         pd.decode_layers_kernel[(p,)](*args, 0, s["times"], **meta)
     else:  # each phase of each layer a launch of its own (CPU checks with several programs)
@@ -380,11 +382,12 @@ def phase_profile(model: nn.Module) -> dict:
     and the slowest program's) and of the barrier after it (from the phase's end to the next one's start: the
     mean over programs, and the least, which is what the last program to arrive waits: the barrier's own
     latency), and the launch's span by the GPU timer. SM clocks convert to time by each program's clock rate
-    over the launch. Synchronises; {} when no TIMED launch has run."""
-    launches = [launch for launch in model.__dict__.get("_persistent_decode", ()) if launch.options.get("TIMED")]
-    if not launches:
+    over the launch. Synchronises; {} when no TIMED launch has run (or its cache is gone)."""
+    ref = model.__dict__.get("_persistent_timed")
+    launch = ref() if ref is not None else None
+    if launch is None:
         return {}
-    t = launches[-1].scratch["times"].double().cpu()
+    t = launch.scratch["times"].double().cpu()
     layers = (t.shape[0] - 4) // 10
     ns_per_cycle = (t[10 * layers + 2] - t[10 * layers]) / (t[10 * layers + 3] - t[10 * layers + 1])  # [P]
     starts = t[0:10 * layers:2].view(layers, 5, -1)
