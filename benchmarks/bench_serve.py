@@ -221,7 +221,7 @@ def section_decode(model, hf, args, ceil, cuda, rows, results) -> None:
                     failures = persistent.barrier_failures(model)
                     # whether the launch was built (persistent.reasons refuses a step it cannot take, which
                     # then runs per op: a figure that would be the default's under another name)
-                    ran = bool(other.runner.cache.__dict__.get("_persistent_decode"))
+                    ran = persistent.launch_built(other.runner.cache)
             except Exception as exc:  # an experimental path that fails is reported, not fatal to the run
                 if flag != "PERSISTENT_DECODE":
                     raise
@@ -256,7 +256,7 @@ def section_decode(model, hf, args, ceil, cuda, rows, results) -> None:
                     variants[text] = {"graph_step_ms": step * 1e3, "tok_s": 1 / step,
                                       "roofline_fraction": (1 / step) / roof,
                                       "barrier_failures": persistent.barrier_failures(model),
-                                      "launch_ran": bool(other.runner.cache.__dict__.get("_persistent_decode"))}
+                                      "launch_ran": persistent.launch_built(other.runner.cache)}
                     if persistent.OPTIONS.get("TIMED"):  # where the last replay's time went, phase by phase
                         variants[text]["phase_profile"] = profile = persistent.phase_profile(model)
                         print(f"persistent {text}: phase profile {json.dumps(profile)}", flush=True)

@@ -46,7 +46,6 @@ from tessera.kernels.triton.persistent_decode import (
     _grid_barrier,
     _handoff,
     _normed_row,
-    _tile,
 )
 
 
@@ -80,13 +79,11 @@ def _layers_kernel(h_ptr, wqkv, wo, wgu, wd, a_ptr, o_ptr, g_ptr, kc, vc, part, 
             _attention(a_ptr, o_ptr, kc + lkv, vc + lkv, ones, ones, cos, sin, slot, table, ctx, part, hcnt, pid, P,
                        eps, SCALE, HKV, G, HD, TMAX, S, SP, 32, False)
             phase += 1
-            if DEPTH == 2:
-                if PREFETCH:
-                    w2 = _tile(lo, pid + P, D, DO, DO_P, BN_O)
-            _grid_barrier(counter, phase * P, flag, SPIN_LIMIT, POLL)
-            if DEPTH == 2:
-                if not PREFETCH:
-                    w2 = _tile(lo, pid + P, D, DO, DO_P, BN_O)
+            if DEPTH == 2:  # the o projection's second tile, around the barrier
+                w2, _ = _handoff(lo, pid + P, P, D, DO, DO_P, BN_O, counter, phase * P, flag, PREFETCH, SPIN_LIMIT,
+                                 1, POLL)
+            else:
+                _grid_barrier(counter, phase * P, flag, SPIN_LIMIT, POLL)
             src = o_ptr
         else:
             w, w2 = _handoff(lo, pid, P, D, DO, DO_P, BN_O, counter, phase * P, flag, PREFETCH, SPIN_LIMIT, DEPTH,

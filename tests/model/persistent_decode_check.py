@@ -73,7 +73,7 @@ def main(seed: int) -> None:
                 want = step(model, ref, [tok], pos)
                 persistent.PERSISTENT_DECODE = True
                 have = step(model, got, [tok], pos)
-                assert got.__dict__.get("_persistent_decode"), f"{name}: the persistent launch did not run"
+                assert persistent.launch_built(got), f"{name}: the persistent launch did not run"
                 assert len(model.__dict__["_persistent_decode"]) == 1
                 assert persistent.unmerged_heads(model) == 0, f"{name}: a head's splits not each merged once"
                 diff = (have - want).abs().max().item()

@@ -49,7 +49,7 @@ def main() -> None:
                 persistent.PERSISTENT_DECODE = True
                 have = model(torch.tensor([[tok]]), positions=got.positions(1), kv=got)
                 got.advance(1)
-                assert got.__dict__.get("_persistent_decode"), f"{method}: the persistent launch did not run"
+                assert persistent.launch_built(got), f"{method}: the persistent launch did not run"
                 diff = (have - want).abs().max().item()
                 assert diff <= 2e-5, f"{method}, flat cache: max |logit diff| {diff:.3g}"
             for a, b in zip(ref.k + ref.v, got.k + got.v):

@@ -34,7 +34,7 @@ def main() -> None:
     want, _ = generate(model, prompts, False)
     got, eng = generate(model, prompts, True)
     assert got == want, f"persistent {got} != per-op {want}"
-    assert eng.runner.cache.__dict__.get("_persistent_decode"), "the persistent launch never ran"
+    assert persistent.launch_built(eng.runner.cache), "the persistent launch never ran"
     assert persistent.barrier_failures(model) == 0
     print("persistent-engine-ok")
 

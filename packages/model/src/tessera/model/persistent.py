@@ -44,6 +44,10 @@ TUNABLE = ("DEPTH", "TILE", "BN_QKV", "BN_O", "BN_GU", "BN_D", "BT", "PREFETCH",
            "num_warps")
 
 
+#: The options that take one of a few integers (the others but PREFETCH take powers of two).
+_CHOICES = {"DEPTH": (1, 2), "POLL": (0, 1), "TIMED": (0, 1)}
+
+
 def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -239,16 +243,12 @@ def check_options(options: dict[str, int | bool]) -> dict[str, int | bool]:
         raise ValueError(f"persistent decode options: unknown {unknown}; tunable: {list(TUNABLE)}")
     for key, value in options.items():
         if key == "PREFETCH":
-            ok = isinstance(value, bool)
-        elif key == "DEPTH":
-            ok = value in (1, 2) and not isinstance(value, bool)
-        elif key in ("POLL", "TIMED"):
-            ok = value in (0, 1) and not isinstance(value, bool)
+            ok, want = isinstance(value, bool), "true or false"
+        elif key in _CHOICES:
+            ok, want = value in _CHOICES[key] and not isinstance(value, bool), " or ".join(map(str, _CHOICES[key]))
         else:
-            ok = isinstance(value, int) and not isinstance(value, bool) and _pow2(value)
+            ok, want = isinstance(value, int) and not isinstance(value, bool) and _pow2(value), "a power of two"
         if not ok:
-            want = {"PREFETCH": "true or false", "DEPTH": "1 or 2", "POLL": "0 or 1",
-                    "TIMED": "0 or 1"}.get(key, "a power of two")
             raise ValueError(f"persistent decode option {key}={value!r}: expected {want}")
     return dict(options)
 
@@ -305,8 +305,8 @@ def _launch_for(model: nn.Module, step: _Step, table: tuple) -> _Launch:
                "cnt": torch.zeros(1, device=dev, dtype=torch.int32),
                "flag": torch.zeros(1, device=dev, dtype=torch.int32),
                "x": torch.empty(cfg.d_model, device=dev, dtype=torch.float32),
-               "times": torch.zeros((10 * cfg.n_layers + 4, programs) if options.get("TIMED") else 1, device=dev,
-                                    dtype=torch.int64)}
+               "times": torch.zeros((pd.timer_slots(cfg.n_layers), programs) if options.get("TIMED") else 1,
+                                    device=dev, dtype=torch.int64)}
     ptrs = torch.tensor(addresses, dtype=torch.int64).view(cfg.n_layers, pd.SLOTS).to(dev)
     d, di, p, pack = cfg.d_model, cfg.d_ff, programs, 2 if quant == 2 else 1
     di_p = triton.next_power_of_2(di)
@@ -357,6 +357,12 @@ def hidden(model: nn.Module, input_ids: torch.Tensor, x: torch.Tensor, cos: torc
                 pd.decode_layers_kernel[(p,)](*args, layer, s["times"], **meta, ONLY=phase)
     final = model.model.norm
     return registry("rms_norm", s["x"].to(x.dtype).view(1, 1, -1), final.weight, final.eps)
+
+
+def launch_built(cache: object) -> bool:
+    """Whether a persistent launch was built for `cache` (a paged cache, or the owner of a flat one): False
+    when `reasons` refused every step, which then ran per op."""
+    return bool(cache.__dict__.get("_persistent_decode"))
 
 
 def barrier_failures(model: nn.Module) -> int:

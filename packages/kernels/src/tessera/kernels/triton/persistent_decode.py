@@ -47,25 +47,26 @@ def _load_acquire(ptr):
 
 
 @triton.jit
+def _poll(counter, POLL: tl.constexpr):
+    """The arrival count so far: POLL 0 an atomic add of zero (one thread a program, its result broadcast to
+    the others through shared memory; what the interpreter runs), POLL 1 an acquire load in every thread."""
+    if POLL == 1:
+        return _load_acquire(counter)
+    else:
+        return tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
+
+
+@triton.jit
 def _grid_barrier(counter, target, flag, SPIN_LIMIT: tl.constexpr, POLL: tl.constexpr = 0):
-    """Arrive at `counter` and wait until it reaches `target`; after SPIN_LIMIT polls give up and count
-    it in `flag`. POLL 0 polls with an atomic add of zero (one thread a program, its result broadcast to
-    the others through shared memory each poll; what the interpreter runs); POLL 1 with an acquire load in
-    every thread."""
+    """Arrive at `counter` and wait until it reaches `target`, polling as `_poll`'s POLL says; after
+    SPIN_LIMIT polls give up and count it in `flag`."""
     tl.debug_barrier()  # every thread's stores of the phase before the program's release
     tl.atomic_add(counter, 1, sem="release", scope="gpu")
-    if POLL == 1:
-        seen = _load_acquire(counter)
-        spins = 0
-        while (seen < target) & (spins < SPIN_LIMIT):
-            seen = _load_acquire(counter)
-            spins += 1
-    else:
-        seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
-        spins = 0
-        while (seen < target) & (spins < SPIN_LIMIT):
-            seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
-            spins += 1
+    seen = _poll(counter, POLL)
+    spins = 0
+    while (seen < target) & (spins < SPIN_LIMIT):
+        seen = _poll(counter, POLL)
+        spins += 1
     if seen < target:
         tl.atomic_add(flag, 1)
     tl.debug_barrier()
@@ -341,7 +342,7 @@ def decode_layers_kernel(X, PTRS, A, O, GU, PART, HCNT, CNT, FLAG, COS, SIN, SLO
     """Every layer, phases between grid barriers; or, with ONLY = k in 0..4, phase k of layer LAYER alone
     and no barrier (a launch per phase: the kernel boundary is the barrier, which is how the CPU checks run
     several programs under the interpreter). With TIMED, each program stamps its clock into TIMES
-    ([10 L + 4, P] int64) as each phase starts (slot 10 l + 2 k) and ends (10 l + 2 k + 1), and the GPU
+    ([timer_slots(L), P] int64) as each phase starts (slot 10 l + 2 k) and ends (10 l + 2 k + 1), and the GPU
     timer and its clock at the launch's start and end (slots 10 L .. 10 L + 3)."""
     pid = tl.program_id(0)
     P = tl.num_programs(0)
@@ -386,13 +387,11 @@ def decode_layers_kernel(X, PTRS, A, O, GU, PART, HCNT, CNT, FLAG, COS, SIN, SLO
                        HKV, G, HD, BS, S, SP, BT, QK_NORM)
             _stamp(TIMES, 10 * layer + 3, pid, P, TIMED)
             phase += 1
-            if DEPTH == 2:
-                if PREFETCH:
-                    w2 = _tile(_wptr(PTRS, layer, 1, DT, QUANT), pid + P, D, DO // PK, DO // PK, BN_O)
-            _grid_barrier(CNT, phase * P, FLAG, SPIN_LIMIT, POLL)
-            if DEPTH == 2:
-                if not PREFETCH:
-                    w2 = _tile(_wptr(PTRS, layer, 1, DT, QUANT), pid + P, D, DO // PK, DO // PK, BN_O)
+            if DEPTH == 2:  # the o projection's second tile (the one from pid + P), around the barrier
+                w2, _ = _handoff(_wptr(PTRS, layer, 1, DT, QUANT), pid + P, P, D, DO // PK, DO // PK, BN_O, CNT,
+                                 phase * P, FLAG, PREFETCH, SPIN_LIMIT, 1, POLL)
+            else:
+                _grid_barrier(CNT, phase * P, FLAG, SPIN_LIMIT, POLL)
             _stamp(TIMES, 10 * layer + 4, pid, P, TIMED)
             _o_phase(PTRS, layer, w, w2, O, A, X, pid, P, D, DO, BN_O, QUANT, GS, DT, DEPTH)
             _stamp(TIMES, 10 * layer + 5, pid, P, TIMED)
@@ -414,6 +413,12 @@ def decode_layers_kernel(X, PTRS, A, O, GU, PART, HCNT, CNT, FLAG, COS, SIN, SLO
                              CNT, phase * P, FLAG, PREFETCH, SPIN_LIMIT, DEPTH, POLL)
         _stamp(TIMES, 10 * L + 2, pid, P, TIMED, True)
         _stamp(TIMES, 10 * L + 3, pid, P, TIMED)
+
+
+def timer_slots(layers: int) -> int:
+    """Rows of a TIMED launch's TIMES: a start and an end for each of a layer's five phases, and the GPU
+    timer and the clock at the launch's start and end."""
+    return 10 * layers + 4
 
 
 def _pow2_floor(n: int) -> int:
