@@ -10,11 +10,11 @@
 #                                                #   graph replay in PDL modes 3 (default), 1 and 4 and with
 #                                                #   rope/KV write/decode and the norms fused, with the
 #                                                #   persistent decode launch and its variants (DEPTH=2,
-#                                                #   POLL=1, one tile round a phase, TIMED=1 phase
-#                                                #   profiles), HF static
+#                                                #   POLL=1, one tile round a phase, L2_AHEAD=1/2,
+#                                                #   TIMED=1 phase profiles), HF static
 #   bash scripts/gpu-validate.sh OUT_DIR barriers   # a grid barrier's cost alone, by poll mode
 #   bash scripts/gpu-validate.sh OUT_DIR quant   # bench_quant --speed, batch 1 also with the persistent launch
-#                                                #   (and DEPTH=2)
+#                                                #   (and DEPTH=2, POLL=1, L2_AHEAD=1, POLL=1 with L2_AHEAD=2)
 #   bash scripts/gpu-validate.sh OUT_DIR quant-fused  # the same with rope/KV write/decode and norms fused
 #   bash scripts/gpu-validate.sh OUT_DIR persistent  # probe_persistent_layer: one persistent launch for
 #                                                #   every layer's GEMVs against a launch per projection
@@ -59,11 +59,13 @@ for stage in "$@"; do
     serve)
         run serve-decode python3 benchmarks/bench_serve.py --sections decode --hf-decode-modes static \
             --decode-tokens 64 --pdl-modes 1 4 --out "$out" --persistent-variants DEPTH=2 POLL=1 POLL=1,DEPTH=2 \
-            POLL=1,BN_QKV=32,BN_O=8,BN_GU=32,BN_D=8 TIMED=1 POLL=1,TIMED=1 ;;
+            POLL=1,BN_QKV=32,BN_O=8,BN_GU=32,BN_D=8 L2_AHEAD=1 L2_AHEAD=2 POLL=1,L2_AHEAD=1 POLL=1,L2_AHEAD=2 \
+            TIMED=1 POLL=1,TIMED=1 POLL=1,L2_AHEAD=2,TIMED=1 ;;
     barriers)
         run barriers python3 benchmarks/probe_persistent_layer.py --barriers-only --out "$out" ;;
     quant)
-        run quant-speed python3 benchmarks/bench_quant.py --speed --reps 10 --persistent --no-progress --out "$out" ;;
+        run quant-speed python3 benchmarks/bench_quant.py --speed --reps 10 --persistent --no-progress --out "$out" \
+            --persistent-variants DEPTH=2 POLL=1 L2_AHEAD=1 POLL=1,L2_AHEAD=2 ;;
     quant-fused)
         run quant-speed-fused python3 benchmarks/bench_quant.py --speed --reps 10 --fused-decode --fused-norms \
             --no-progress --out "$out" ;;

@@ -1,7 +1,8 @@
 """`persistent_decode.decode_layers_kernel` through ptxas for sm_90 at the two serving shapes, with float, int8
 and int4 weights, one or two weight tiles in flight: the grid barrier publishes with release and polls with
-acquire at GPU scope (an atomic, or with POLL 1 a load), the per-head merge counter resets, and the
-activations are read past L1. (Its arithmetic is checked against the model's per-op path in
+acquire at GPU scope (an atomic, or with POLL 1 a load), the per-head merge counter resets, the
+activations are read past L1, and with L2_AHEAD the weights ahead are asked of the L2 (the byte ranges
+checked under the interpreter by prefetch_plan_check.py). (Its arithmetic is checked against the model's per-op path in
 tests/model/test_persistent.py.)"""
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def test_decode_layers_kernel_compiles_for_sm90(d: int, hkv: int, g: int, hd: in
     assert ptx.count("ld.global.v4.b32") >= 16 and scalar < 64, (ptx.count("ld.global.v4.b32"), scalar)
     assert "ld.acquire.gpu" not in ptx  # POLL 0 (the default) polls with atomics
     assert "%clock64" not in ptx and "%globaltimer" not in ptx  # TIMED 0: no stamps
+    assert "cp.async.bulk.prefetch" not in ptx  # L2_AHEAD 0: no prefetch
 
 
 def test_acquire_load_poll_and_stamps_compile_for_sm90(compile_sm90) -> None:
@@ -59,6 +61,19 @@ def test_acquire_load_poll_and_stamps_compile_for_sm90(compile_sm90) -> None:
     assert len(polls) == 5, len(polls)  # the five barriers of a layer
     assert not any("bar.sync" in body or "atom." in body for body in polls)
     assert ptx.count("%clock64") == 10 + 2 and ptx.count("%globaltimer") == 2  # a layer's 10 and the launch's
+
+
+@pytest.mark.parametrize("ahead", [1, 2])
+def test_l2_ahead_prefetches_at_each_projection(ahead: int, compile_sm90) -> None:
+    """L2_AHEAD a: a bulk L2 prefetch where each of a layer's four projections is reached, and a more at the
+    start (the projections after layer 0's q/k/v); int4 also asks for each projection's scales and zeros."""
+    count = {q: _ptx(compile_sm90, 1024, 8, 2, 128, 3072, QUANT=q, L2_AHEAD=ahead).count(
+        "cp.async.bulk.prefetch.L2.global") for q in (0, 2)}
+    assert count[0] == 4 + ahead and count[2] == 3 * count[0], count
+
+
+def test_l2_prefetch_asks_for_each_programs_own_tiles(run_check) -> None:
+    run_check("prefetch_plan_check.py", "prefetch-plan-ok", seeded=False, interpret="always")
 
 
 def test_tile_rows_bounds_registers_and_spreads_tiles() -> None:

@@ -123,7 +123,8 @@ def test_persistent_launch_on_the_gpu_eager_and_in_a_graph(monkeypatch: pytest.M
         scale = want.abs().max()
         assert (got - want).abs().max() <= 0.03 * scale, float((got - want).abs().max() / scale)
         # the variants the benchmarks time
-        for options in ({"DEPTH": 2}, {"PREFETCH": False}, {"POLL": 1}, {"POLL": 1, "DEPTH": 2}, {"TIMED": 1}):
+        for options in ({"DEPTH": 2}, {"PREFETCH": False}, {"POLL": 1}, {"POLL": 1, "DEPTH": 2}, {"L2_AHEAD": 1},
+                        {"L2_AHEAD": 2, "POLL": 1}, {"TIMED": 1}):
             monkeypatch.setattr(persistent, "OPTIONS", options)
             other = model(ids, positions=pos, kv=kv).float()
             assert persistent.barrier_failures(model) == 0 and persistent.unmerged_heads(model) == 0
@@ -186,6 +187,9 @@ def test_options_are_checked_and_parsed() -> None:
         persistent.parse_options("PREFETCH=1")
     with pytest.raises(ValueError, match="POLL=2: expected 0 or 1"):
         persistent.parse_options("POLL=2")
+    assert persistent.parse_options("L2_AHEAD=3") == {"L2_AHEAD": 3}
+    with pytest.raises(ValueError, match="L2_AHEAD=4: expected 0, 1, 2 or 3"):
+        persistent.parse_options("L2_AHEAD=4")
     with pytest.raises(ValueError, match="'BT' is not KEY=VALUE"):
         persistent.parse_options("BT")
     with pytest.raises(ValueError, match="'BT=x': the value is not an integer"):

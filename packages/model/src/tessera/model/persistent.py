@@ -38,14 +38,15 @@ OPTIONS: dict[str, int | bool] = {}
 #: 16384: weights, or bytes of packed int4; the tile heights follow from it) or the tile heights of the four
 #: projections themselves, positions an attention block, whether a phase's first tile loads before its
 #: barrier, the barrier's poll bound, how it polls (POLL 0: an atomic add of zero, 1: an acquire load in
-#: every thread), warps a program, and TIMED 1: each program stamps its clock at every phase's start and end
-#: (read by `phase_profile`).
+#: every thread), warps a program, TIMED 1: each program stamps its clock at every phase's start and end
+#: (read by `phase_profile`), and L2_AHEAD a > 0: each program asks the L2 for its share of the projection a
+#: ahead as it reaches each projection (compiled out under the interpreter).
 TUNABLE = ("DEPTH", "TILE", "BN_QKV", "BN_O", "BN_GU", "BN_D", "BT", "PREFETCH", "SPIN_LIMIT", "POLL", "TIMED",
-           "num_warps")
+           "L2_AHEAD", "num_warps")
 
 
 #: The options that take one of a few integers (the others but PREFETCH take powers of two).
-_CHOICES = {"DEPTH": (1, 2), "POLL": (0, 1), "TIMED": (0, 1)}
+_CHOICES = {"DEPTH": (1, 2), "POLL": (0, 1), "TIMED": (0, 1), "L2_AHEAD": (0, 1, 2, 3)}
 
 
 def _pow2(n: int) -> bool:
@@ -245,7 +246,8 @@ def check_options(options: dict[str, int | bool]) -> dict[str, int | bool]:
         if key == "PREFETCH":
             ok, want = isinstance(value, bool), "true or false"
         elif key in _CHOICES:
-            ok, want = value in _CHOICES[key] and not isinstance(value, bool), " or ".join(map(str, _CHOICES[key]))
+            *head, last = map(str, _CHOICES[key])
+            ok, want = value in _CHOICES[key] and not isinstance(value, bool), f"{', '.join(head)} or {last}"
         else:
             ok, want = isinstance(value, int) and not isinstance(value, bool) and _pow2(value), "a power of two"
         if not ok:

@@ -31,11 +31,21 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from tessera.kernels.support import triton_interpreting
+from tessera.kernels.triton.pdl import prefetch_l2
+
 #: Pointers per layer in the table the kernel reads: the weights of fused q/k/v, o, fused gate/up and down
 #: (float, int8, or int4 packed two a byte); input norm, post-attention norm, q norm, k norm; key cache,
 #: value cache; the four projections' scales (int8: per row; int4: per row and group), then their zero
 #: points (int4). Entries a model does not use hold any valid address.
 SLOTS = 18
+_SLOTS = tl.constexpr(SLOTS)
+
+#: Bytes of one projection that the programs together ask the L2 to prefetch at once (L2_AHEAD): a third
+#: of an H100's or H200's L2, so the projection in use and those asked ahead fit beside each other.
+L2_BUDGET = tl.constexpr(16 << 20)
+
+_INTERPRETING = tl.constexpr(triton_interpreting())
 
 
 @triton.jit
@@ -91,7 +101,7 @@ def _ptr(PTRS, layer, j: tl.constexpr, DT: tl.constexpr):
     """Entry j of `layer`'s row of the table, as a pointer to DT. The table holds 16-byte aligned addresses
     only (the caller checks), and saying so lets the weight tiles load 16 bytes a thread at a time: of a
     pointer read from memory the compiler otherwise assumes nothing, and loads element by element."""
-    return tl.multiple_of(tl.load(PTRS + layer * 18 + j).to(tl.pointer_type(DT)), 16)
+    return tl.multiple_of(tl.load(PTRS + layer * _SLOTS + j).to(tl.pointer_type(DT)), 16)
 
 
 @triton.jit
@@ -126,6 +136,89 @@ def _handoff(w, pid, P, N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BN: 
         _grid_barrier(counter, target, flag, SPIN_LIMIT, POLL)
         first, second = _first_tiles(w, pid, P, N, K, KP, BN, DEPTH)
     return first, second
+
+
+@triton.jit
+def _tile_chunks(tile, N: tl.constexpr, ROW_BYTES: tl.constexpr, BN: tl.constexpr):
+    """Byte offsets and sizes [256] that cover tile `tile` (rows [tile * BN, tile * BN + BN) of a row-major
+    [N, ROW_BYTES] byte matrix; rows past N are not covered) in consecutive chunks, one a thread of an 8-warp
+    program (a smaller vector would be replicated over the threads, and each copy would ask again): every
+    offset and size a multiple of 16 (a bulk prefetch's unit; bytes past the last multiple of 16 are left
+    out), so a 16-byte aligned matrix gives aligned chunks. Chunks past the tile's bytes have size 0."""
+    TB: tl.constexpr = BN * ROW_BYTES
+    CB: tl.constexpr = ((TB + 255) // 256 + 15) & -16
+    c = tl.arange(0, 256)
+    rows = tl.minimum(BN, N - tile * BN)
+    size = tl.minimum(tl.maximum(rows * ROW_BYTES - c * CB, 0), CB) & -16
+    return tile.to(tl.int64) * TB + c * CB, size
+
+
+@triton.jit
+def _prefetch_share(base, pid, P, N: tl.constexpr, ROW_BYTES: tl.constexpr, BN: tl.constexpr, OUT, MAXT: tl.constexpr,
+                    RECORD: tl.constexpr = False):
+    """Ask the L2 for this program's tiles (pid, pid + P, ...) of the [N, ROW_BYTES] byte matrix at address
+    `base` (an int64, 16-byte aligned), in order, until the program's share of `L2_BUDGET` is asked for. With
+    RECORD (for tests, under the interpreter) store each tile's chunks to OUT ([MAXT, 2, 256] int64: the
+    offsets, then the sizes) instead of prefetching."""
+    if (BN * ROW_BYTES) % 16 == 0:
+        tiles: tl.constexpr = (N + BN - 1) // BN
+        budget = L2_BUDGET // P
+        tile = pid
+        i = 0
+        while (tile < tiles) & (i * BN * ROW_BYTES < budget):
+            offs, size = _tile_chunks(tile, N, ROW_BYTES, BN)
+            if RECORD:
+                c = tl.arange(0, 256)
+                tl.store(OUT + i * 512 + c, offs, mask=i < MAXT)
+                tl.store(OUT + i * 512 + 256 + c, size.to(tl.int64), mask=i < MAXT)
+            elif not _INTERPRETING:
+                prefetch_l2(base + offs, size.to(tl.int32))
+            tile += P
+            i += 1
+
+
+@triton.jit
+def _prefetch_plan_kernel(OUT, N: tl.constexpr, ROW_BYTES: tl.constexpr, BN: tl.constexpr, MAXT: tl.constexpr):
+    """`_prefetch_share`'s chunks for program `program_id(0)` of `num_programs(0)`, recorded to its rows of
+    OUT ([programs, MAXT, 2, 256] int64), for tests."""
+    pid = tl.program_id(0)
+    _prefetch_share(0, pid, tl.num_programs(0), N, ROW_BYTES, BN, OUT + pid * MAXT * 512, MAXT, True)
+
+
+@triton.jit
+def _ahead(PTRS, layer, NOW: tl.constexpr, AHEAD: tl.constexpr, L: tl.constexpr, pid, P, D: tl.constexpr,
+           DO: tl.constexpr, DI: tl.constexpr, NQKV: tl.constexpr, BN_QKV: tl.constexpr, BN_O: tl.constexpr,
+           BN_GU: tl.constexpr, BN_D: tl.constexpr, QUANT: tl.constexpr, GS: tl.constexpr, DT: tl.constexpr):
+    """L2_AHEAD: ask the L2 for this program's share of the projection AHEAD after `layer`'s projection NOW
+    (0 q/k/v, 1 o, 2 gate/up, 3 down; counting on into the next layers; nothing past the last layer), so its
+    weights stream from memory while the phases before it wait on barriers and activations. Nothing for
+    AHEAD 0, or under the interpreter."""
+    if AHEAD > 0 and not _INTERPRETING:
+        KIND: tl.constexpr = (NOW + AHEAD) % 4
+        target = layer + (NOW + AHEAD) // 4
+        if target < L:
+            if KIND == 0:
+                _ahead_projection(PTRS, target, 0, NQKV, D, BN_QKV, pid, P, QUANT, GS, DT)
+            elif KIND == 1:
+                _ahead_projection(PTRS, target, 1, D, DO, BN_O, pid, P, QUANT, GS, DT)
+            elif KIND == 2:
+                _ahead_projection(PTRS, target, 2, 2 * DI, D, BN_GU, pid, P, QUANT, GS, DT)
+            else:
+                _ahead_projection(PTRS, target, 3, D, DI, BN_D, pid, P, QUANT, GS, DT)
+
+
+@triton.jit
+def _ahead_projection(PTRS, layer, J: tl.constexpr, N: tl.constexpr, K: tl.constexpr, BN: tl.constexpr, pid, P,
+                      QUANT: tl.constexpr, GS: tl.constexpr, DT: tl.constexpr):
+    """`_prefetch_share` of projection J's [N, K] weight in `layer`, with its int8 scales or int4 scales and
+    zeros (float32, per row or per row and group)."""
+    ROW: tl.constexpr = K * (DT.primitive_bitwidth // 8) if QUANT == 0 else (K if QUANT == 1 else K // 2)
+    _prefetch_share(tl.load(PTRS + layer * _SLOTS + J), pid, P, N, ROW, BN, PTRS, 1)
+    if QUANT == 1:
+        _prefetch_share(tl.load(PTRS + layer * _SLOTS + 10 + J), pid, P, N, 4, BN, PTRS, 1)
+    elif QUANT == 2:
+        _prefetch_share(tl.load(PTRS + layer * _SLOTS + 10 + J), pid, P, N, K // GS * 4, BN, PTRS, 1)
+        _prefetch_share(tl.load(PTRS + layer * _SLOTS + 14 + J), pid, P, N, K // GS * 4, BN, PTRS, 1)
 
 
 @triton.jit
@@ -338,12 +431,14 @@ def decode_layers_kernel(X, PTRS, A, O, GU, PART, HCNT, CNT, FLAG, COS, SIN, SLO
                          BN_GU: tl.constexpr, BN_D: tl.constexpr, QK_NORM: tl.constexpr, PREFETCH: tl.constexpr,
                          SPIN_LIMIT: tl.constexpr, QUANT: tl.constexpr = 0, GS: tl.constexpr = 128,
                          DEPTH: tl.constexpr = 1, ONLY: tl.constexpr = -1, POLL: tl.constexpr = 0,
-                         TIMED: tl.constexpr = 0):
+                         TIMED: tl.constexpr = 0, L2_AHEAD: tl.constexpr = 0):
     """Every layer, phases between grid barriers; or, with ONLY = k in 0..4, phase k of layer LAYER alone
     and no barrier (a launch per phase: the kernel boundary is the barrier, which is how the CPU checks run
     several programs under the interpreter). With TIMED, each program stamps its clock into TIMES
     ([timer_slots(L), P] int64) as each phase starts (slot 10 l + 2 k) and ends (10 l + 2 k + 1), and the GPU
-    timer and its clock at the launch's start and end (slots 10 L .. 10 L + 3)."""
+    timer and its clock at the launch's start and end (slots 10 L .. 10 L + 3). With L2_AHEAD = a > 0, as a
+    program reaches each projection (before the barrier that opens it) it asks the L2 for its share of the
+    projection a later (`_ahead`), so that in steady state each phase's weights load from the L2."""
     pid = tl.program_id(0)
     P = tl.num_programs(0)
     DT: tl.constexpr = A.dtype.element_ty
@@ -371,6 +466,8 @@ def decode_layers_kernel(X, PTRS, A, O, GU, PART, HCNT, CNT, FLAG, COS, SIN, SLO
         _stamp(TIMES, 10 * L + 1, pid, P, TIMED)
         phase = 0
         w, w2 = _first_tiles(_wptr(PTRS, 0, 0, DT, QUANT), pid, P, NQKV, D // PK, D // PK, BN_QKV, DEPTH)
+        for a in tl.static_range(1, L2_AHEAD + 1):  # the projections after layer 0's q/k/v, up to L2_AHEAD
+            _ahead(PTRS, 0, 0, a, L, pid, P, D, DO, DI, NQKV, BN_QKV, BN_O, BN_GU, BN_D, QUANT, GS, DT)
         for layer in range(L):
             _stamp(TIMES, 10 * layer, pid, P, TIMED)
             _qkv_phase(PTRS, layer, w, w2, X, A, pid, P, eps, D, NQKV, BN_QKV, QUANT, GS, DT, DEPTH)
@@ -379,6 +476,7 @@ def decode_layers_kernel(X, PTRS, A, O, GU, PART, HCNT, CNT, FLAG, COS, SIN, SLO
             # the o projection's first tile, held through attention; with DEPTH 2 its second is loaded after
             # attention, around the barrier that ends it as PREFETCH says (two tiles held through attention
             # spill registers)
+            _ahead(PTRS, layer, 1, L2_AHEAD, L, pid, P, D, DO, DI, NQKV, BN_QKV, BN_O, BN_GU, BN_D, QUANT, GS, DT)
             w, w2 = _handoff(_wptr(PTRS, layer, 1, DT, QUANT), pid, P, D, DO // PK, DO // PK, BN_O, CNT,
                              phase * P, FLAG, PREFETCH, SPIN_LIMIT, 1, POLL)
             _stamp(TIMES, 10 * layer + 2, pid, P, TIMED)
@@ -396,12 +494,14 @@ def decode_layers_kernel(X, PTRS, A, O, GU, PART, HCNT, CNT, FLAG, COS, SIN, SLO
             _o_phase(PTRS, layer, w, w2, O, A, X, pid, P, D, DO, BN_O, QUANT, GS, DT, DEPTH)
             _stamp(TIMES, 10 * layer + 5, pid, P, TIMED)
             phase += 1
+            _ahead(PTRS, layer, 2, L2_AHEAD, L, pid, P, D, DO, DI, NQKV, BN_QKV, BN_O, BN_GU, BN_D, QUANT, GS, DT)
             w, w2 = _handoff(_wptr(PTRS, layer, 2, DT, QUANT), pid, P, 2 * DI, D // PK, D // PK, BN_GU, CNT,
                              phase * P, FLAG, PREFETCH, SPIN_LIMIT, DEPTH, POLL)
             _stamp(TIMES, 10 * layer + 6, pid, P, TIMED)
             _gate_up_phase(PTRS, layer, w, w2, X, GU, pid, P, eps, D, DI, BN_GU, QUANT, GS, DT, DEPTH)
             _stamp(TIMES, 10 * layer + 7, pid, P, TIMED)
             phase += 1
+            _ahead(PTRS, layer, 3, L2_AHEAD, L, pid, P, D, DO, DI, NQKV, BN_QKV, BN_O, BN_GU, BN_D, QUANT, GS, DT)
             w, w2 = _handoff(_wptr(PTRS, layer, 3, DT, QUANT), pid, P, D, DI // PK, DI_P // PK, BN_D, CNT,
                              phase * P, FLAG, PREFETCH, SPIN_LIMIT, DEPTH, POLL)
             _stamp(TIMES, 10 * layer + 8, pid, P, TIMED)
@@ -409,6 +509,8 @@ def decode_layers_kernel(X, PTRS, A, O, GU, PART, HCNT, CNT, FLAG, COS, SIN, SLO
             _stamp(TIMES, 10 * layer + 9, pid, P, TIMED)
             phase += 1
             # the next layer's q/k/v tiles (after the last layer, layer 0's: read and left unused)
+            _ahead(PTRS, layer + 1, 0, L2_AHEAD, L, pid, P, D, DO, DI, NQKV, BN_QKV, BN_O, BN_GU, BN_D, QUANT, GS,
+                   DT)
             w, w2 = _handoff(_wptr(PTRS, (layer + 1) % L, 0, DT, QUANT), pid, P, NQKV, D // PK, D // PK, BN_QKV,
                              CNT, phase * P, FLAG, PREFETCH, SPIN_LIMIT, DEPTH, POLL)
         _stamp(TIMES, 10 * L + 2, pid, P, TIMED, True)
