@@ -159,6 +159,10 @@ def _check(model: nn.Module, input_ids: torch.Tensor, step: _Step | None) -> tup
             break
     if len(kinds) > 1:
         out.append(f"projections of mixed formats {sorted(map(str, kinds))}: one format for every projection")
+    per_word = {"int8": 4, "int4": 8}.get(next(iter(kinds))[0]) if len(kinds) == 1 else None
+    if per_word and cfg.d_ff % per_word:  # the kernel reads quantized rows as int32 words
+        out.append(f"d_ff={cfg.d_ff} is not a multiple of {per_word}: {next(iter(kinds))[0]} rows are read as "
+                   f"int32 words of {per_word} weights")
     if step is not None and step.k[0].dtype != dtype:
         out.append(f"KV cache in {step.k[0].dtype}, the model in {dtype}")
     if not out:

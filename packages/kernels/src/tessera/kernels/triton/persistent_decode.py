@@ -33,6 +33,7 @@ import triton.language as tl
 
 from tessera.kernels.support import triton_interpreting
 from tessera.kernels.triton.pdl import prefetch_l2
+from tessera.kernels.triton.quant_gemv import _s8_words, _u4_words
 
 #: Pointers per layer in the table the kernel reads: the weights of fused q/k/v, o, fused gate/up and down
 #: (float, int8, or int4 packed two a byte); input norm, post-attention norm, q norm, k norm; key cache,
@@ -106,13 +107,12 @@ def _ptr(PTRS, layer, j: tl.constexpr, DT: tl.constexpr):
 
 @triton.jit
 def _wptr(PTRS, layer, j: tl.constexpr, DT: tl.constexpr, QUANT: tl.constexpr):
-    """Projection j's weight: DT for QUANT 0, int8 for 1, packed int4 (uint8) for 2."""
-    if QUANT == 1:
-        return _ptr(PTRS, layer, j, tl.int8)
-    elif QUANT == 2:
-        return _ptr(PTRS, layer, j, tl.uint8)
-    else:
+    """Projection j's weight: DT for QUANT 0; for int8 (1) and packed int4 (2) int32 words, four or eight
+    weights a word, which `_gemv` converts a word at a time."""
+    if QUANT == 0:
         return _ptr(PTRS, layer, j, DT)
+    else:
+        return _ptr(PTRS, layer, j, tl.int32)
 
 
 @triton.jit
@@ -243,18 +243,41 @@ def _gemv(w, first, second, x, out, resid, pid, P, N: tl.constexpr, K: tl.conste
     the input width (KP its power of two); QUANT 1: int8 rows times their scale `sc`; QUANT 2: int4, even k
     in the low nibble, (q - zero) * scale per row and group of GS (`zp`, `sc`; GS divides d_model, so is a
     power of two), taken per group as s * (sum q x - z * sum x), so a tile reads each row's scales and
-    zeros once, not once a weight. DEPTH 1 loads a program's next tile after the current one's arithmetic;
-    DEPTH 2 keeps two tiles in flight: while one is multiplied the next is loading (twice the registers)."""
+    zeros once, not once a weight. int8 and int4 tiles are int32 words, each weight turned to float32 by
+    one PRMT and a subtraction (`quant_gemv._s8_words`, `_u4_words`), exactly, instead of an I2F, which
+    runs at an eighth of the FMA rate and would bound the phase: x is split once a phase into the four
+    (eight) vectors that meet byte (nibble) i of each word. DEPTH 1 loads a program's next tile after the
+    current one's arithmetic; DEPTH 2 keeps two tiles in flight: while one is multiplied the next is loading
+    (twice the registers)."""
     DT: tl.constexpr = out.dtype.element_ty
     tiles: tl.constexpr = (N + BN - 1) // BN
-    PACK: tl.constexpr = 2 if QUANT == 2 else 1
-    if QUANT == 2:
+    EW: tl.constexpr = 8 if QUANT == 2 else (4 if QUANT == 1 else 1)  # weights an element of the tiles
+    ASM: tl.constexpr = not _INTERPRETING  # the words' conversion by PRMT (bit ops under the interpreter)
+    if QUANT == 1:
+        # x at k = 4j + b for b = 0..3, [KP // 4] each, to meet byte b of word j
+        xa, xb = tl.split(tl.reshape(x, (KP // 4, 2, 2)))  # b even, b odd
+        x0, x2 = tl.split(xa)
+        x1, x3 = tl.split(xb)
+    elif QUANT == 2:
         NG: tl.constexpr = KP // GS  # groups a padded row (those past K // GS: zero weights, scales and x)
-        HG: tl.constexpr = GS // 2  # bytes a group
-        xe, xo = tl.split(tl.reshape(x, (KP // 2, 2)))  # x at even k, at odd k: [KP // 2], byte by byte
-        xe = tl.reshape(xe, (NG, HG))
-        xo = tl.reshape(xo, (NG, HG))
-        xsum = tl.sum(xe + xo, axis=1)  # [NG]
+        GW: tl.constexpr = GS // 8  # words a group
+        # x at k = 8j + i for nibble i = 0..7 of word j, [NG, GW] each
+        xa, xb = tl.split(tl.reshape(x, (KP // 8, 2, 2, 2)))  # i even, i odd
+        xaa, xab = tl.split(xa)
+        xba, xbb = tl.split(xb)
+        x0, x4 = tl.split(xaa)
+        x2, x6 = tl.split(xab)
+        x1, x5 = tl.split(xba)
+        x3, x7 = tl.split(xbb)
+        x0 = tl.reshape(x0, (NG, GW))
+        x1 = tl.reshape(x1, (NG, GW))
+        x2 = tl.reshape(x2, (NG, GW))
+        x3 = tl.reshape(x3, (NG, GW))
+        x4 = tl.reshape(x4, (NG, GW))
+        x5 = tl.reshape(x5, (NG, GW))
+        x6 = tl.reshape(x6, (NG, GW))
+        x7 = tl.reshape(x7, (NG, GW))
+        xsum = tl.sum(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, axis=1)  # [NG]
         g = tl.arange(0, NG)
     wt = first
     wn = second  # DEPTH 2: the tile after `wt`, issued
@@ -266,14 +289,18 @@ def _gemv(w, first, second, x, out, resid, pid, P, N: tl.constexpr, K: tl.conste
             at = rows[:, None] * (K // GS) + g[None, :]
             s = tl.load(sc + at, mask=ok, other=0.0)  # [BN, NG]
             z = tl.load(zp + at, mask=ok, other=0.0)
-            lo = tl.reshape((wt & 15).to(tl.float32), (BN, NG, HG))
-            hi = tl.reshape((wt >> 4).to(tl.float32), (BN, NG, HG))
-            dots = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)  # [BN, NG]
-            y = tl.sum(s * (dots - z * xsum[None, :]), axis=1)
+            q0, q1, q2, q3, q4, q5, q6, q7 = _u4_words(tl.reshape(wt, (BN, NG, GW)), ASM)  # 2**23 + q, exact
+            part = (q0 - 8388608.0) * x0[None, :, :] + (q1 - 8388608.0) * x1[None, :, :] \
+                + (q2 - 8388608.0) * x2[None, :, :] + (q3 - 8388608.0) * x3[None, :, :] \
+                + (q4 - 8388608.0) * x4[None, :, :] + (q5 - 8388608.0) * x5[None, :, :] \
+                + (q6 - 8388608.0) * x6[None, :, :] + (q7 - 8388608.0) * x7[None, :, :]
+            y = tl.sum(s * (tl.sum(part, axis=2) - z * xsum[None, :]), axis=1)
+        elif QUANT == 1:
+            w0, w1, w2, w3 = _s8_words(wt, ASM)
+            y = tl.sum(w0 * x0[None, :] + w1 * x1[None, :] + w2 * x2[None, :] + w3 * x3[None, :], axis=1)
+            y = y * tl.load(sc + rows, mask=rows < N, other=0.0)
         else:
             y = tl.sum(wt.to(tl.float32) * x[None, :], axis=1)
-            if QUANT == 1:
-                y = y * tl.load(sc + rows, mask=rows < N, other=0.0)
         y = y.to(DT).to(tl.float32)
         if RESIDUAL:
             r = tl.load(resid + rows, mask=rows < N, other=0.0, cache_modifier=".cg")
@@ -283,9 +310,9 @@ def _gemv(w, first, second, x, out, resid, pid, P, N: tl.constexpr, K: tl.conste
         tile += P
         if DEPTH == 2:  # the tile after the next issued now, while the next (in flight) is multiplied
             wt = wn
-            wn = _tile(w, tile + P, N, K // PACK, KP // PACK, BN)  # past the end: all masked, nothing read
+            wn = _tile(w, tile + P, N, K // EW, KP // EW, BN)  # past the end: all masked, nothing read
         elif tile < tiles:
-            wt = _tile(w, tile, N, K // PACK, KP // PACK, BN)
+            wt = _tile(w, tile, N, K // EW, KP // EW, BN)
 
 
 @triton.jit
@@ -444,7 +471,7 @@ def decode_layers_kernel(X, PTRS, A, O, GU, PART, HCNT, CNT, FLAG, COS, SIN, SLO
     DT: tl.constexpr = A.dtype.element_ty
     DO: tl.constexpr = HKV * G * HD
     NQKV: tl.constexpr = DO + 2 * HKV * HD
-    PK: tl.constexpr = 2 if QUANT == 2 else 1  # weights a byte of the weight tiles
+    PK: tl.constexpr = 8 if QUANT == 2 else (4 if QUANT == 1 else 1)  # weights an element of the weight tiles
     if ONLY == 0:
         w, w2 = _first_tiles(_wptr(PTRS, LAYER, 0, DT, QUANT), pid, P, NQKV, D // PK, D // PK, BN_QKV, DEPTH)
         _qkv_phase(PTRS, LAYER, w, w2, X, A, pid, P, eps, D, NQKV, BN_QKV, QUANT, GS, DT, DEPTH)
