@@ -41,6 +41,7 @@ from _common import print_table, write_result
 # the pieces of the model's persistent launch, so the probe measures that design
 from tessera.kernels.triton.persistent_decode import (
     _attention,
+    _attention_first,
     _first_tiles,
     _gemv,
     _grid_barrier,
@@ -74,10 +75,11 @@ def _layers_kernel(h_ptr, wqkv, wo, wgu, wd, a_ptr, o_ptr, g_ptr, kc, vc, part, 
               128, DEPTH)
         phase += 1
         if ATTN:  # then a second barrier, the o projection's first tile held meanwhile (as the model's launch)
-            w, w2 = _handoff(lo, pid, P, D, DO, DO_P, BN_O, counter, phase * P, flag, PREFETCH, SPIN_LIMIT, 1, POLL)
             lkv = layer * TMAX * HKV * HD
+            kf, vf = _attention_first(kc + lkv, vc + lkv, table, ctx, pid, HKV, HD, TMAX, S, 32)  # cached: early
+            w, w2 = _handoff(lo, pid, P, D, DO, DO_P, BN_O, counter, phase * P, flag, PREFETCH, SPIN_LIMIT, 1, POLL)
             _attention(a_ptr, o_ptr, kc + lkv, vc + lkv, ones, ones, cos, sin, slot, table, ctx, part, hcnt, pid, P,
-                       eps, SCALE, HKV, G, HD, TMAX, S, SP, 32, False)
+                       eps, SCALE, kf, vf, HKV, G, HD, TMAX, S, SP, 32, False)
             phase += 1
             if DEPTH == 2:  # the o projection's second tile, around the barrier
                 w2, _ = _handoff(lo, pid + P, P, D, DO, DO_P, BN_O, counter, phase * P, flag, PREFETCH, SPIN_LIMIT,

@@ -12,9 +12,10 @@ Per layer:
    dtype) and computes tiles of the fused q/k/v projection from the normalised row;
 2. attention: a work item per (kv head, split of the context); its program applies QK-norm and rope
    to the head's queries and key (float32, rounded once, as `rope_qk_norm`), writes the new key and
-   value to the paged cache where its split holds the newest position, attends over its positions
-   (online softmax) and stores its partial; the last split of a head to arrive (a counter per head)
-   merges the head's partials into the attention output;
+   value to the paged cache where its split holds the newest position (and takes that position's score
+   from them directly), attends over its cached positions (online softmax; the first chunk loaded
+   before the barrier, as nothing in the step writes it) and stores its partial; the last split of a
+   head to arrive (a counter per head) merges the head's partials into the attention output;
 3. the o projection, added to the residual (each sum rounded to the model dtype, as the model's adds);
 4. the post-attention norm and the fused gate/up projection;
 5. silu(gate) * up (rounded as `silu_mul`) and the down projection, added to the residual.
@@ -342,9 +343,46 @@ def _rotated(src, rows, w, cos, sin, eps, HD: tl.constexpr, QK_NORM: tl.constexp
 
 
 @triton.jit
-def _attention(A, O, kc, vc, wq, wk, COS, SIN, SLOT, TABLE, CTX, PART, HCNT, pid, P, eps, scale,
+def _span(item, t_ctx, S: tl.constexpr):
+    """Work item `item`'s kv head and its split's positions [begin, end) of a context of t_ctx."""
+    span = (t_ctx + S - 1) // S
+    begin = (item % S) * span
+    return item // S, begin, tl.minimum(begin + span, t_ctx)
+
+
+@triton.jit
+def _kv_chunk(kc, vc, TABLE, kvh, t0, stop, HKV: tl.constexpr, HD: tl.constexpr, BS: tl.constexpr,
+              BT: tl.constexpr):
+    """Keys and values [BT, HD] of kv head `kvh` at positions t0 .. t0 + BT - 1 through the block table, in
+    the cache's dtype; positions at or past `stop` read nothing (zeros)."""
+    ds = tl.arange(0, HD)
+    ts = t0 + tl.arange(0, BT)
+    ok = ts < stop
+    blk = tl.load(TABLE + ts // BS, mask=ok, other=0).to(tl.int64)
+    at = ((blk * BS + ts % BS) * (HKV * HD) + kvh * HD)[:, None] + ds[None, :]
+    return tl.load(kc + at, mask=ok[:, None], other=0.0), tl.load(vc + at, mask=ok[:, None], other=0.0)
+
+
+@triton.jit
+def _attention_first(kc, vc, TABLE, CTX, pid, HKV: tl.constexpr, HD: tl.constexpr, BS: tl.constexpr,
+                     S: tl.constexpr, BT: tl.constexpr):
+    """The first chunk of cached keys and values of this program's first work item (`_attention`): positions
+    before the newest, which nothing in this step writes, so they may load before the barrier that opens
+    attention, overlapping it. A program with no work item reads nothing."""
+    t_ctx = tl.load(CTX)
+    kvh, begin, end = _span(pid, t_ctx, S)
+    stop = tl.where(pid < HKV * S, tl.minimum(end, t_ctx - 1), begin)
+    return _kv_chunk(kc, vc, TABLE, kvh, begin, stop, HKV, HD, BS, BT)
+
+
+@triton.jit
+def _attention(A, O, kc, vc, wq, wk, COS, SIN, SLOT, TABLE, CTX, PART, HCNT, pid, P, eps, scale, k_first, v_first,
                HKV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, BS: tl.constexpr, S: tl.constexpr,
                SP: tl.constexpr, BT: tl.constexpr, QK_NORM: tl.constexpr):
+    """Phase 2 (module docstring). The newest position's key and value come from the q/k/v output, not
+    read back from the cache: a split that holds it starts its online softmax with that position, then
+    runs over its cached positions chunk by chunk (the first chunk, `k_first` and `v_first`, loaded by
+    `_attention_first`, before the barrier)."""
     DT: tl.constexpr = O.dtype.element_ty
     NQ: tl.constexpr = HKV * G * HD
     W: tl.constexpr = HD + 2  # a partial: acc [HD], running max, running sum
@@ -352,42 +390,41 @@ def _attention(A, O, kc, vc, wq, wk, COS, SIN, SLOT, TABLE, CTX, PART, HCNT, pid
     ds = tl.arange(0, HD)
     one = tl.arange(0, 1)
     t_ctx = tl.load(CTX)
-    span = (t_ctx + S - 1) // S
     slot = tl.load(SLOT).to(tl.int64)
     cos = tl.load(COS + ds).to(tl.float32)
     sin = tl.load(SIN + ds).to(tl.float32)
+    kk = k_first
+    vv = v_first
     item = pid
     while item < HKV * S:
-        kvh = item // S
+        kvh, begin, end = _span(item, t_ctx, S)
         split = item % S
-        begin = split * span
-        end = tl.minimum(begin + span, t_ctx)
+        cached = tl.minimum(end, t_ctx - 1)  # the cached positions are [begin, cached)
+        if item != pid:  # a later item of this program: its first chunk now
+            kk, vv = _kv_chunk(kc, vc, TABLE, kvh, begin, cached, HKV, HD, BS, BT)
         q = _rotated(A, kvh * G + gs, wq, cos, sin, eps, HD, QK_NORM, DT)  # [G, HD]
         k_new = _rotated(A + NQ, kvh + one, wk, cos, sin, eps, HD, QK_NORM, DT)  # [1, HD]
         v_new = tl.load(A + NQ + HKV * HD + kvh * HD + ds[None, :] + one[:, None] * 0, cache_modifier=".cg")
-        newest = (t_ctx - 1 >= begin) & (t_ctx - 1 < end) & (slot >= 0)
+        holds = (t_ctx - 1 >= begin) & (t_ctx - 1 < end)  # this split holds the newest position
         dst = slot * (HKV * HD) + kvh * HD + ds[None, :] + one[:, None] * 0
-        tl.store(kc + dst, k_new.to(DT), mask=newest & (ds[None, :] < HD))
-        tl.store(vc + dst, v_new, mask=newest & (ds[None, :] < HD))
-        tl.debug_barrier()  # the program reads back what it wrote
-        m = tl.full((G,), float("-inf"), tl.float32)
-        lsum = tl.zeros((G,), tl.float32)
-        acc = tl.zeros((G, HD), tl.float32)
-        for t0 in range(begin, end, BT):
-            ts = t0 + tl.arange(0, BT)
-            ok = ts < end
-            blk = tl.load(TABLE + ts // BS, mask=ok, other=0).to(tl.int64)
-            at = ((blk * BS + ts % BS) * (HKV * HD) + kvh * HD)[:, None] + ds[None, :]
-            kk = tl.load(kc + at, mask=ok[:, None], other=0.0).to(tl.float32)
-            vv = tl.load(vc + at, mask=ok[:, None], other=0.0).to(tl.float32)
-            sc = tl.sum(q[:, None, :] * kk[None, :, :], axis=2) * scale  # [G, BT]
+        tl.store(kc + dst, k_new.to(DT), mask=holds & (slot >= 0) & (ds[None, :] < HD))
+        tl.store(vc + dst, v_new, mask=holds & (slot >= 0) & (ds[None, :] < HD))
+        s_new = tl.sum(q * k_new, axis=1) * scale  # [G]
+        m = tl.where(holds, s_new, float("-inf"))
+        lsum = tl.where(holds, 1.0, 0.0) + tl.zeros((G,), tl.float32)
+        acc = tl.where(holds, v_new.to(tl.float32), 0.0) + tl.zeros((G, HD), tl.float32)
+        for t0 in range(begin, cached, BT):
+            ok = t0 + tl.arange(0, BT) < cached
+            sc = tl.sum(q[:, None, :] * kk.to(tl.float32)[None, :, :], axis=2) * scale  # [G, BT]
             sc = tl.where(ok[None, :], sc, float("-inf"))
             m_new = tl.maximum(m, tl.max(sc, axis=1))
             alpha = tl.exp(m - m_new)
             p = tl.exp(sc - m_new[:, None])
             lsum = lsum * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vv[None, :, :], axis=1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vv.to(tl.float32)[None, :, :], axis=1)
             m = m_new
+            # the next chunk (or nothing), loaded once this one is used: two chunks held at once spill
+            kk, vv = _kv_chunk(kc, vc, TABLE, kvh, t0 + BT, cached, HKV, HD, BS, BT)
         base = PART + (kvh * S + split) * G * W
         tl.store(base + gs[:, None] * W + ds[None, :], acc)
         tl.store(base + gs * W + HD, m)
@@ -476,8 +513,10 @@ def decode_layers_kernel(X, PTRS, A, O, GU, PART, HCNT, CNT, FLAG, COS, SIN, SLO
         w, w2 = _first_tiles(_wptr(PTRS, LAYER, 0, DT, QUANT), pid, P, NQKV, D // PK, D // PK, BN_QKV, DEPTH)
         _qkv_phase(PTRS, LAYER, w, w2, X, A, pid, P, eps, D, NQKV, BN_QKV, QUANT, GS, DT, DEPTH)
     elif ONLY == 1:
+        kf, vf = _attention_first(_ptr(PTRS, LAYER, 8, DT), _ptr(PTRS, LAYER, 9, DT), TABLE, CTX, pid, HKV, HD, BS,
+                                  S, BT)
         _attention(A, O, _ptr(PTRS, LAYER, 8, DT), _ptr(PTRS, LAYER, 9, DT), _ptr(PTRS, LAYER, 6, DT),
-                   _ptr(PTRS, LAYER, 7, DT), COS, SIN, SLOT, TABLE, CTX, PART, HCNT, pid, P, eps, SCALE,
+                   _ptr(PTRS, LAYER, 7, DT), COS, SIN, SLOT, TABLE, CTX, PART, HCNT, pid, P, eps, SCALE, kf, vf,
                    HKV, G, HD, BS, S, SP, BT, QK_NORM)
     elif ONLY == 2:
         w, w2 = _first_tiles(_wptr(PTRS, LAYER, 1, DT, QUANT), pid, P, D, DO // PK, DO // PK, BN_O, DEPTH)
@@ -504,11 +543,18 @@ def decode_layers_kernel(X, PTRS, A, O, GU, PART, HCNT, CNT, FLAG, COS, SIN, SLO
             # attention, around the barrier that ends it as PREFETCH says (two tiles held through attention
             # spill registers)
             _ahead(PTRS, layer, 1, L2_AHEAD, L, pid, P, D, DO, DI, NQKV, BN_QKV, BN_O, BN_GU, BN_D, QUANT, GS, DT)
+            # and attention's first chunk of cached keys and values, around the barrier as PREFETCH says
+            if PREFETCH:
+                kf, vf = _attention_first(_ptr(PTRS, layer, 8, DT), _ptr(PTRS, layer, 9, DT), TABLE, CTX, pid, HKV,
+                                          HD, BS, S, BT)
             w, w2 = _handoff(_wptr(PTRS, layer, 1, DT, QUANT), pid, P, D, DO // PK, DO // PK, BN_O, CNT,
                              phase * P, FLAG, PREFETCH, SPIN_LIMIT, 1, POLL)
+            if not PREFETCH:
+                kf, vf = _attention_first(_ptr(PTRS, layer, 8, DT), _ptr(PTRS, layer, 9, DT), TABLE, CTX, pid, HKV,
+                                          HD, BS, S, BT)
             _stamp(TIMES, 10 * layer + 2, pid, P, TIMED)
             _attention(A, O, _ptr(PTRS, layer, 8, DT), _ptr(PTRS, layer, 9, DT), _ptr(PTRS, layer, 6, DT),
-                       _ptr(PTRS, layer, 7, DT), COS, SIN, SLOT, TABLE, CTX, PART, HCNT, pid, P, eps, SCALE,
+                       _ptr(PTRS, layer, 7, DT), COS, SIN, SLOT, TABLE, CTX, PART, HCNT, pid, P, eps, SCALE, kf, vf,
                        HKV, G, HD, BS, S, SP, BT, QK_NORM)
             _stamp(TIMES, 10 * layer + 3, pid, P, TIMED)
             phase += 1
