@@ -11,7 +11,7 @@
 #                                                #   rope/KV write/decode and the norms fused, with the
 #                                                #   persistent decode launch and its variants (DEPTH=2,
 #                                                #   POLL=1, one tile round a phase, L2_AHEAD=1/2,
-#                                                #   TIMED=1 phase profiles), HF static
+#                                                #   SPLITS=4, TIMED=1 phase profiles), HF static
 #   bash scripts/gpu-validate.sh OUT_DIR barriers   # a grid barrier's cost alone, by poll mode
 #   bash scripts/gpu-validate.sh OUT_DIR quant   # bench_quant --speed, batch 1 also with the persistent launch
 #                                                #   (and DEPTH=2, POLL=1, L2_AHEAD=1, POLL=1 with L2_AHEAD=2)
@@ -58,9 +58,9 @@ for stage in "$@"; do
             tests/kernels/test_parity.py -k "not real_shapes and (int4_awq_gated or int4_awq_normed or int8_weight_only_gated or int8_weight_only_normed)" ;;
     serve)
         run serve-decode python3 benchmarks/bench_serve.py --sections decode --hf-decode-modes static \
-            --decode-tokens 64 --pdl-modes 1 4 --out "$out" --persistent-variants DEPTH=2 POLL=1 POLL=1,DEPTH=2 \
-            POLL=1,BN_QKV=32,BN_O=8,BN_GU=32,BN_D=8 L2_AHEAD=1 L2_AHEAD=2 POLL=1,L2_AHEAD=1 POLL=1,L2_AHEAD=2 \
-            TIMED=1 POLL=1,TIMED=1 POLL=1,L2_AHEAD=2,TIMED=1 ;;
+            --decode-tokens 64 --pdl-modes 1 4 --out "$out" --persistent-variants DEPTH=2 POLL=1 \
+            POLL=1,BN_QKV=32,BN_O=8,BN_GU=32,BN_D=8 L2_AHEAD=1 POLL=1,L2_AHEAD=2 POLL=1,SPLITS=4 \
+            POLL=1,L2_AHEAD=2,SPLITS=4 TIMED=1 POLL=1,L2_AHEAD=2,TIMED=1 ;;
     barriers)
         run barriers python3 benchmarks/probe_persistent_layer.py --barriers-only --out "$out" ;;
     quant)

@@ -6,7 +6,8 @@ order; and with each phase a launch of its own over 3 and 5 programs, so the spr
 items over programs is checked too (the interpreter runs programs one after another, so only the kernel
 boundary can stand in for the grid barrier); three cases in five with two weight tiles in flight (DEPTH 2),
 one of them loading a phase's first tiles after its barrier (PREFETCH false); one with L2_AHEAD 2 (the
-prefetches compile to nothing here: this checks the option reaches the kernel and changes no result).
+prefetches compile to nothing here: this checks the option reaches the kernel and changes no result) and
+its two splits a head set through OPTIONS.
 Logits within 1e-5 (float32), both caches equal after each step, and every head's merge counter back at
 zero (each split counted once). Prints `persistent-ok`."""
 
@@ -57,7 +58,7 @@ def main(seed: int) -> None:
         # DEPTH 2: two weight tiles in flight a program (PREFETCH false: a phase's first tiles loaded after
         # its barrier)
         for splits, programs, options in ((1, None, {}), (16, None, {"DEPTH": 2}), (4, None, {"DEPTH": 2,
-                                          "PREFETCH": False}), (2, 3, {"L2_AHEAD": 2}), (3, 5, {"DEPTH": 2})):
+                                          "PREFETCH": False}), (None, 3, {"L2_AHEAD": 2, "SPLITS": 2}), (3, 5, {"DEPTH": 2})):
             persistent.STEP_PROGRAMS = programs
             persistent.OPTIONS = options
             model = model_for(cfg, seed)

@@ -173,6 +173,25 @@ def test_phase_profile_reads_the_stamps() -> None:
     assert persistent.phase_profile(SimpleNamespace()) == {}
 
 
+def test_the_splits_option_sets_the_work_items(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OPTIONS SPLITS: the context splits a kv head (attention's work items, the merge's partials), not a kernel
+    argument of its own; the module's SPLITS (tests) wins over it."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # past the device check; nothing is launched
+    model = Transformer(CFG).eval()
+    fuse_projections(model)
+    kv = _decode_context(CFG)
+    step = persistent._step(kv)
+    with torch.inference_mode():
+        problems, table = persistent._check(model, torch.tensor([[3]]), step)
+    assert problems == []
+    monkeypatch.setattr(persistent, "OPTIONS", {"SPLITS": 4})
+    launch = persistent._launch_for(model, step, table)
+    assert (launch.splits, launch.meta["S"], launch.meta["SP"]) == (4, 4, 4) and "SPLITS" not in launch.meta
+    assert launch.scratch["part"].numel() == CFG.n_kv_heads * 4 * 2 * (CFG.head_dim + 2)  # 2 queries a kv head
+    monkeypatch.setattr(persistent, "SPLITS", 3)
+    assert persistent._launch_for(model, step, table).meta["S"] == 3
+
+
 def test_options_are_checked_and_parsed() -> None:
     assert persistent.parse_options("") == {}
     assert persistent.parse_options("DEPTH=2, PREFETCH=false,num_warps=4,TILE=8192") == {

@@ -39,10 +39,11 @@ OPTIONS: dict[str, int | bool] = {}
 #: projections themselves, positions an attention block, whether a phase's first tile loads before its
 #: barrier, the barrier's poll bound, how it polls (POLL 0: an atomic add of zero, 1: an acquire load in
 #: every thread), warps a program, TIMED 1: each program stamps its clock at every phase's start and end
-#: (read by `phase_profile`), and L2_AHEAD a > 0: each program asks the L2 for its share of the projection a
-#: ahead as it reaches each projection (compiled out under the interpreter).
+#: (read by `phase_profile`), L2_AHEAD a > 0: each program asks the L2 for its share of the projection a
+#: ahead as it reaches each projection (compiled out under the interpreter), and SPLITS, the context splits a
+#: kv head (default: the programs a kv head; fewer splits, fewer partials to merge, longer spans a program).
 TUNABLE = ("DEPTH", "TILE", "BN_QKV", "BN_O", "BN_GU", "BN_D", "BT", "PREFETCH", "SPIN_LIMIT", "POLL", "TIMED",
-           "L2_AHEAD", "num_warps")
+           "L2_AHEAD", "SPLITS", "num_warps")
 
 
 #: The options that take one of a few integers (the others but PREFETCH take powers of two).
@@ -302,7 +303,7 @@ def _launch_for(model: nn.Module, step: _Step, table: tuple) -> _Launch:
     hd, hkv, g = _shape(cfg)
     programs = 1 if dev.type != "cuda" else torch.cuda.get_device_properties(dev).multi_processor_count
     programs = STEP_PROGRAMS or programs
-    splits = SPLITS or max(1, programs // hkv)
+    splits = SPLITS or options.get("SPLITS") or max(1, programs // hkv)
     scratch = {"a": torch.empty((hkv * g + 2 * hkv) * hd, device=dev, dtype=dtype),
                "o": torch.empty(hkv * g * hd, device=dev, dtype=dtype),
                "gu": torch.empty(2 * cfg.d_ff, device=dev, dtype=dtype),
@@ -323,7 +324,7 @@ def _launch_for(model: nn.Module, step: _Step, table: tuple) -> _Launch:
                 BN_O=pd.tile_rows(d, hkv * g * hd // pack, p, tile), BN_GU=pd.tile_rows(2 * di, d // pack, p, tile),
                 BN_D=pd.tile_rows(d, di_p // pack, p, tile), QK_NORM=cfg.qk_norm, PREFETCH=True, SPIN_LIMIT=1 << 16,
                 QUANT=quant, GS=group, DEPTH=1, num_warps=8)
-    meta.update((k, v) for k, v in options.items() if k != "TILE")
+    meta.update((k, v) for k, v in options.items() if k not in ("TILE", "SPLITS"))
     for key in ("POLL", "TIMED"):
         if meta.get(key) == 1 and dev.type != "cuda":
             raise ValueError(f"persistent decode option {key}=1 runs inline PTX, which needs a CUDA device; the "
