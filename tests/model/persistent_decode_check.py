@@ -28,6 +28,12 @@ CONFIGS = {
                        max_seq_len=64),
 }
 BLOCKS = (5, 2, 9, 0)
+#: (splits a head, programs, OPTIONS): one program in one launch; or each phase a launch over several programs
+#: (tiles and work items spread and strided over them, pid past the last tile). DEPTH 2: two weight tiles in
+#: flight a program (PREFETCH false: a phase's first tiles loaded after its barrier); SPLITS through OPTIONS
+#: where the module's is None.
+CASES = ((1, None, {}), (16, None, {"DEPTH": 2}), (4, None, {"DEPTH": 2, "PREFETCH": False}),
+         (None, 3, {"L2_AHEAD": 2, "SPLITS": 2}), (3, 5, {"DEPTH": 2}))
 
 
 def model_for(cfg: ModelConfig, seed: int) -> Transformer:
@@ -53,12 +59,7 @@ def step(model: Transformer, cache: PagedKVCache, ids: list[int], start: int) ->
 def main(seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     for name, cfg in CONFIGS.items():
-        # (splits a head, programs): one program in one launch; or each phase a launch over several
-        # programs (tiles and work items spread and strided over them, pid past the last tile)
-        # DEPTH 2: two weight tiles in flight a program (PREFETCH false: a phase's first tiles loaded after
-        # its barrier)
-        for splits, programs, options in ((1, None, {}), (16, None, {"DEPTH": 2}), (4, None, {"DEPTH": 2,
-                                          "PREFETCH": False}), (None, 3, {"L2_AHEAD": 2, "SPLITS": 2}), (3, 5, {"DEPTH": 2})):
+        for splits, programs, options in CASES:
             persistent.STEP_PROGRAMS = programs
             persistent.OPTIONS = options
             model = model_for(cfg, seed)
