@@ -124,7 +124,7 @@ def test_persistent_launch_on_the_gpu_eager_and_in_a_graph(monkeypatch: pytest.M
         assert (got - want).abs().max() <= 0.03 * scale, float((got - want).abs().max() / scale)
         # the variants the benchmarks time
         for options in ({"DEPTH": 2}, {"PREFETCH": False}, {"POLL": 1}, {"POLL": 1, "DEPTH": 2}, {"L2_AHEAD": 1},
-                        {"L2_AHEAD": 2, "POLL": 1}, {"TIMED": 1}):
+                        {"L2_AHEAD": 2, "POLL": 1}, {"SPLITS": 4, "POLL": 1}, {"TIMED": 1}):
             monkeypatch.setattr(persistent, "OPTIONS", options)
             other = model(ids, positions=pos, kv=kv).float()
             assert persistent.barrier_failures(model) == 0 and persistent.unmerged_heads(model) == 0
