@@ -92,7 +92,8 @@ def test_persistent_launch_matches_the_per_op_path_under_the_interpreter(run_che
 def test_persistent_launch_on_the_gpu_eager_and_in_a_graph(monkeypatch: pytest.MonkeyPatch) -> None:
     """A Qwen3-0.6B-wide model (4 layers, bf16): one decode step's logits through the persistent launch
     (all programs resident, no barrier given up, every head's splits merged once) against the per-op path,
-    eager (also with two weight tiles in flight, and without the prefetch across barriers) and replayed from a
+    eager (also with the tuning variants the benchmarks time: two weight tiles in flight, no prefetch across
+    barriers, acquire-load polls, L2 prefetch ahead, fewer context splits, clock stamps) and replayed from a
     graph."""
     cfg = ModelConfig(vocab_size=1000, d_model=1024, n_layers=4, n_heads=16, n_kv_heads=8, head_dim=128, d_ff=3072,
                       qk_norm=True, max_seq_len=1024)
