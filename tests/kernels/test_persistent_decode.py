@@ -15,8 +15,8 @@ triton = pytest.importorskip("triton")
 
 
 PTRS = {"X": "fp32", "PTRS": "i64", "A": "bf16", "O": "bf16", "GU": "bf16", "PART": "fp32", "HCNT": "i32",
-        "CNT": "i32", "FLAG": "i32", "COS": "bf16", "SIN": "bf16", "SLOT": "i64", "TABLE": "i32", "CTX": "i32",
-        "TIMES": "i64"}
+        "HREADY": "i32", "CNT": "i32", "FLAG": "i32", "COS": "bf16", "SIN": "bf16", "SLOT": "i64", "TABLE": "i32",
+        "CTX": "i32", "TIMES": "i64"}
 
 
 def _ptx(compile_sm90, d: int, hkv: int, g: int, hd: int, di: int, **consts) -> str:
@@ -53,14 +53,16 @@ def test_decode_layers_kernel_compiles_for_sm90(d: int, hkv: int, g: int, hd: in
         assert not re.search(r"cvt\.rn\.f32\.[su](?:8|16|32)\b", ptx) and "prmt.b32" in ptx
 
 
-def test_acquire_load_poll_and_stamps_compile_for_sm90(compile_sm90) -> None:
+@pytest.mark.parametrize("ready", [0, 1], ids=["barriers", "head-ready"])
+def test_acquire_load_poll_and_stamps_compile_for_sm90(ready: int, compile_sm90) -> None:
     """POLL 1: the barrier polls with acquire loads in every thread, and no atomic or block-wide sync sits in
-    its poll loop (POLL 0 broadcasts each poll's atomic through shared memory). TIMED 1: the clock stamps."""
-    ptx = _ptx(compile_sm90, 1024, 8, 2, 128, 3072, QUANT=0, DEPTH=1, POLL=1, TIMED=1)
+    its poll loop (POLL 0 broadcasts each poll's atomic through shared memory). TIMED 1: the clock stamps.
+    HEAD_READY 1: one of a layer's barriers becomes attention's wait on its head's count, polled the same way."""
+    ptx = _ptx(compile_sm90, 1024, 8, 2, 128, 3072, QUANT=0, DEPTH=1, POLL=1, TIMED=1, HEAD_READY=ready)
     assert "atom.global.gpu.release.add" in ptx  # the arrival
     loops = re.findall(r"Inner Loop Header(.*?)bra", ptx, flags=re.S)
     polls = [body for body in loops if "ld.acquire.gpu.global.b32" in body]
-    assert len(polls) == 5, len(polls)  # the five barriers of a layer
+    assert len(polls) == 5, len(polls)  # the five barriers of a layer (four, and the wait on a head)
     assert not any("bar.sync" in body or "atom." in body for body in polls)
     assert ptx.count("%clock64") == 10 + 2 and ptx.count("%globaltimer") == 2  # a layer's 10 and the launch's
 

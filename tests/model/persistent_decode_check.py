@@ -31,9 +31,11 @@ BLOCKS = (5, 2, 9, 0)
 #: (splits a head, programs, OPTIONS): one program in one launch; or each phase a launch over several programs
 #: (tiles and work items spread and strided over them, pid past the last tile). DEPTH 2: two weight tiles in
 #: flight a program (PREFETCH false: a phase's first tiles loaded after its barrier); SPLITS through OPTIONS
-#: where the module's is None.
+#: where the module's is None; HEAD_READY: attention waits on per-head counts of q/k/v tiles (two and one
+#: tiles a head's q, k or v rows), which must come to the full count each step.
 CASES = ((1, None, {}), (16, None, {"DEPTH": 2}), (4, None, {"DEPTH": 2, "PREFETCH": False}),
-         (None, 3, {"L2_AHEAD": 2, "SPLITS": 2}), (3, 5, {"DEPTH": 2}))
+         (None, 3, {"L2_AHEAD": 2, "SPLITS": 2}), (3, 5, {"DEPTH": 2}), (4, None, {"HEAD_READY": 1, "BN_QKV": 8}),
+         (2, 3, {"HEAD_READY": 1, "BN_QKV": 16, "PREFETCH": False}))
 
 
 def model_for(cfg: ModelConfig, seed: int) -> Transformer:
@@ -79,6 +81,7 @@ def main(seed: int) -> None:
                 assert persistent.launch_built(got), f"{name}: the persistent launch did not run"
                 assert len(model.__dict__["_persistent_decode"]) == 1
                 assert persistent.unmerged_heads(model) == 0, f"{name}: a head's splits not each merged once"
+                assert persistent.unready_heads(model) == 0, f"{name}: a head's q/k/v tiles not each counted once"
                 diff = (have - want).abs().max().item()
                 assert diff <= 1e-5, \
                     f"{name}, {splits} splits, {programs} programs, position {pos}: max |logit diff| {diff:.3g}"

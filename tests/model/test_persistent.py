@@ -93,8 +93,8 @@ def test_persistent_launch_on_the_gpu_eager_and_in_a_graph(monkeypatch: pytest.M
     """A Qwen3-0.6B-wide model (4 layers, bf16): one decode step's logits through the persistent launch
     (all programs resident, no barrier given up, every head's splits merged once) against the per-op path,
     eager (also with the tuning variants the benchmarks time: two weight tiles in flight, no prefetch across
-    barriers, acquire-load polls, L2 prefetch ahead, fewer context splits, clock stamps) and replayed from a
-    graph."""
+    barriers, acquire-load polls, L2 prefetch ahead, fewer context splits, per-head readiness instead of a
+    barrier, clock stamps) and replayed from a graph."""
     cfg = ModelConfig(vocab_size=1000, d_model=1024, n_layers=4, n_heads=16, n_kv_heads=8, head_dim=128, d_ff=3072,
                       qk_norm=True, max_seq_len=1024)
     torch.manual_seed(0)
@@ -125,10 +125,12 @@ def test_persistent_launch_on_the_gpu_eager_and_in_a_graph(monkeypatch: pytest.M
         assert (got - want).abs().max() <= 0.03 * scale, float((got - want).abs().max() / scale)
         # the variants the benchmarks time
         for options in ({"DEPTH": 2}, {"PREFETCH": False}, {"POLL": 1}, {"POLL": 1, "DEPTH": 2}, {"L2_AHEAD": 1},
-                        {"L2_AHEAD": 2, "POLL": 1}, {"SPLITS": 4, "POLL": 1}, {"TIMED": 1}):
+                        {"L2_AHEAD": 2, "POLL": 1}, {"SPLITS": 4, "POLL": 1}, {"HEAD_READY": 1},
+                        {"HEAD_READY": 1, "POLL": 1, "L2_AHEAD": 2}, {"TIMED": 1}):
             monkeypatch.setattr(persistent, "OPTIONS", options)
             other = model(ids, positions=pos, kv=kv).float()
             assert persistent.barrier_failures(model) == 0 and persistent.unmerged_heads(model) == 0
+            assert persistent.unready_heads(model) == 0
             assert (other - want).abs().max() <= 0.03 * scale, (options, float((other - want).abs().max() / scale))
         profile = persistent.phase_profile(model)  # the TIMED launch's stamps: every phase took time
         assert profile["layers"] == 4 and 0 < profile["span_us"] < 1e5, profile
@@ -191,6 +193,11 @@ def test_the_splits_option_sets_the_work_items(monkeypatch: pytest.MonkeyPatch) 
     assert launch.scratch["part"].numel() == CFG.n_kv_heads * 4 * 2 * (CFG.head_dim + 2)  # 2 queries a kv head
     monkeypatch.setattr(persistent, "SPLITS", 3)
     assert persistent._launch_for(model, step, table).meta["S"] == 3
+    # HEAD_READY counts q/k/v tiles a head: a tile must not straddle two heads
+    monkeypatch.setattr(persistent, "OPTIONS", {"HEAD_READY": 1, "BN_QKV": 32})
+    with pytest.raises(ValueError, match="HEAD_READY=1 needs q/k/v tiles within one head: BN_QKV=32 does not "
+                                         "divide head_dim=16"):
+        persistent._launch_for(model, step, table)
 
 
 def test_options_are_checked_and_parsed() -> None:
@@ -208,6 +215,8 @@ def test_options_are_checked_and_parsed() -> None:
     with pytest.raises(ValueError, match="POLL=2: expected 0 or 1"):
         persistent.parse_options("POLL=2")
     assert persistent.parse_options("L2_AHEAD=3") == {"L2_AHEAD": 3}
+    with pytest.raises(ValueError, match="HEAD_READY=2: expected 0 or 1"):
+        persistent.parse_options("HEAD_READY=2")
     with pytest.raises(ValueError, match="L2_AHEAD=4: expected 0, 1, 2 or 3"):
         persistent.parse_options("L2_AHEAD=4")
     with pytest.raises(ValueError, match="'BT' is not KEY=VALUE"):

@@ -1,7 +1,7 @@
 """Run under TRITON_INTERPRET=1 (one program): decode steps of int8 weight-only and int4 (RTN, groups of 32)
 models through the persistent launch against the per-op path, on a one-row FlatKVCache (as
-bench_quant.py's decode step) and a PagedKVContext. Logits within 2e-5 (float32; the quantized
-products sum in another order), both caches equal. Prints `persistent-quant-ok`."""
+bench_quant.py's decode step) and a PagedKVContext, with and without HEAD_READY. Logits within 2e-5
+(float32; the quantized products sum in another order), both caches equal. Prints `persistent-quant-ok`."""
 
 from __future__ import annotations
 
@@ -34,9 +34,12 @@ def main() -> None:
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.3)
     prompt = torch.randint(0, 61, (9,), generator=torch.Generator().manual_seed(2)).tolist()
-    for method, programs, depth in (("int8", None, 1), ("int4_rtn", None, 2), ("int8", 3, 2), ("int4_rtn", 3, 1)):
+    for method, programs, depth, ready in (("int8", None, 1, 0), ("int4_rtn", None, 2, 0), ("int8", 3, 2, 1),
+                                           ("int4_rtn", 3, 1, 1)):
         persistent.STEP_PROGRAMS = programs  # 3: each phase a launch over three programs
         persistent.OPTIONS = {"DEPTH": depth}  # 2: two weight tiles in flight
+        if ready:  # attention waits on per-head counts of q/k/v tiles, 16 rows a tile (the head dim)
+            persistent.OPTIONS.update(HEAD_READY=1, BN_QKV=16)
         config = QuantConfig(method=method) if method == "int8" else QuantConfig(method=method, group_size=32)
         model = quantize(copy.deepcopy(base), config, progress=False)
         fuse_projections(model)
@@ -74,7 +77,8 @@ def main() -> None:
             assert diff <= 2e-5, f"{method}, paged cache: max |logit diff| {diff:.3g}"
         assert persistent.barrier_failures(model) == 0
         assert persistent.unmerged_heads(model) == 0
-        print(f"{method}, {programs or 1} programs, depth {depth}: ok")
+        assert persistent.unready_heads(model) == 0
+        print(f"{method}, {programs or 1} programs, depth {depth}{', HEAD_READY' if ready else ''}: ok")
     print("persistent-quant-ok")
 
 

@@ -41,13 +41,15 @@ OPTIONS: dict[str, int | bool] = {}
 #: every thread), warps a program, TIMED 1: each program stamps its clock at every phase's start and end
 #: (read by `phase_profile`), L2_AHEAD a > 0: each program asks the L2 for its share of the projection a
 #: ahead as it reaches each projection (compiled out under the interpreter), and SPLITS, the context splits a
-#: kv head (default: the programs a kv head; fewer splits, fewer partials to merge, longer spans a program).
+#: kv head (default: the programs a kv head; fewer splits, fewer partials to merge, longer spans a program),
+#: and HEAD_READY 1: no grid barrier between q/k/v and attention, each attention item waiting for its own kv
+#: head's q/k/v tiles instead (needs BN_QKV to divide the head dim).
 TUNABLE = ("DEPTH", "TILE", "BN_QKV", "BN_O", "BN_GU", "BN_D", "BT", "PREFETCH", "SPIN_LIMIT", "POLL", "TIMED",
-           "L2_AHEAD", "SPLITS", "num_warps")
+           "L2_AHEAD", "SPLITS", "HEAD_READY", "num_warps")
 
 
 #: The options that take one of a few integers (the others but PREFETCH take powers of two).
-_CHOICES = {"DEPTH": (1, 2), "POLL": (0, 1), "TIMED": (0, 1), "L2_AHEAD": (0, 1, 2, 3)}
+_CHOICES = {"DEPTH": (1, 2), "POLL": (0, 1), "TIMED": (0, 1), "L2_AHEAD": (0, 1, 2, 3), "HEAD_READY": (0, 1)}
 
 
 def _pow2(n: int) -> bool:
@@ -309,6 +311,7 @@ def _launch_for(model: nn.Module, step: _Step, table: tuple) -> _Launch:
                "gu": torch.empty(2 * cfg.d_ff, device=dev, dtype=dtype),
                "part": torch.empty(hkv * splits * g * (hd + 2), device=dev, dtype=torch.float32),
                "hcnt": torch.zeros(hkv, device=dev, dtype=torch.int32),
+               "hready": torch.zeros(hkv, device=dev, dtype=torch.int32),
                "cnt": torch.zeros(1, device=dev, dtype=torch.int32),
                "flag": torch.zeros(1, device=dev, dtype=torch.int32),
                "x": torch.empty(cfg.d_model, device=dev, dtype=torch.float32),
@@ -325,6 +328,9 @@ def _launch_for(model: nn.Module, step: _Step, table: tuple) -> _Launch:
                 BN_D=pd.tile_rows(d, di_p // pack, p, tile), QK_NORM=cfg.qk_norm, PREFETCH=True, SPIN_LIMIT=1 << 16,
                 QUANT=quant, GS=group, DEPTH=1, num_warps=8)
     meta.update((k, v) for k, v in options.items() if k not in ("TILE", "SPLITS"))
+    if meta.get("HEAD_READY") and hd % meta["BN_QKV"]:
+        raise ValueError(f"persistent decode option HEAD_READY=1 needs q/k/v tiles within one head: BN_QKV="
+                         f"{meta['BN_QKV']} does not divide head_dim={hd}")
     for key in ("POLL", "TIMED"):
         if meta.get(key) == 1 and dev.type != "cuda":
             raise ValueError(f"persistent decode option {key}=1 runs inline PTX, which needs a CUDA device; the "
@@ -352,7 +358,8 @@ def hidden(model: nn.Module, input_ids: torch.Tensor, x: torch.Tensor, cos: torc
     s["x"].copy_(x.reshape(-1))
     s["cnt"].zero_()
     s["hcnt"].zero_()  # the last split of each head resets it; zeroed anyway should a launch have given up
-    args = (s["x"], launch.ptrs, s["a"], s["o"], s["gu"], s["part"], s["hcnt"], s["cnt"], s["flag"],
+    s["hready"].zero_()
+    args = (s["x"], launch.ptrs, s["a"], s["o"], s["gu"], s["part"], s["hcnt"], s["hready"], s["cnt"], s["flag"],
             cos.reshape(-1), sin.reshape(-1), step.slot, step.table, step.ctx, model.config.norm_eps)
     if meta.get("TIMED"):  # the launch whose stamps `phase_profile` reads (also what a graph replays)
         model.__dict__["_persistent_timed"] = weakref.ref(launch)
@@ -383,6 +390,19 @@ def unmerged_heads(model: nn.Module) -> int:
     were not each counted exactly once: a split skipped or run twice); reads the device, so it synchronises."""
     return sum(int((launch.scratch["hcnt"] != 0).sum().item())
                for launch in model.__dict__.get("_persistent_decode", ()))
+
+
+def unready_heads(model: nn.Module) -> int:
+    """With HEAD_READY: kv heads whose count of q/k/v tiles after the last step is not every layer's full count
+    (0 unless a tile was counted twice or not at all, which would let attention read a head too early or wait
+    in vain); reads the device, so it synchronises. 0 for launches without HEAD_READY."""
+    out = 0
+    for launch in model.__dict__.get("_persistent_decode", ()):
+        meta = launch.meta
+        if meta.get("HEAD_READY"):
+            full = meta["L"] * (meta["G"] + 2) * meta["HD"] // meta["BN_QKV"]
+            out += int((launch.scratch["hready"] != full).sum().item())
+    return out
 
 
 #: The phases of a layer, in the order the launch runs them (`phase_profile`'s keys).

@@ -70,10 +70,16 @@ def _poll(counter, POLL: tl.constexpr):
 
 @triton.jit
 def _grid_barrier(counter, target, flag, SPIN_LIMIT: tl.constexpr, POLL: tl.constexpr = 0):
-    """Arrive at `counter` and wait until it reaches `target`, polling as `_poll`'s POLL says; after
-    SPIN_LIMIT polls give up and count it in `flag`."""
+    """Arrive at `counter` and wait until it reaches `target` (`_wait_for`)."""
     tl.debug_barrier()  # every thread's stores of the phase before the program's release
     tl.atomic_add(counter, 1, sem="release", scope="gpu")
+    _wait_for(counter, target, flag, SPIN_LIMIT, POLL)
+
+
+@triton.jit
+def _wait_for(counter, target, flag, SPIN_LIMIT: tl.constexpr, POLL: tl.constexpr = 0):
+    """Wait until `counter` reaches `target`, polling as `_poll`'s POLL says; after SPIN_LIMIT polls give up
+    and count it in `flag`. No thread of the program reads on before the wait ends."""
     seen = _poll(counter, POLL)
     spins = 0
     while (seen < target) & (spins < SPIN_LIMIT):
@@ -378,11 +384,13 @@ def _attention_first(kc, vc, TABLE, CTX, pid, HKV: tl.constexpr, HD: tl.constexp
 @triton.jit
 def _attention(A, O, kc, vc, wq, wk, COS, SIN, SLOT, TABLE, CTX, PART, HCNT, pid, P, eps, scale, k_first, v_first,
                HKV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, BS: tl.constexpr, S: tl.constexpr,
-               SP: tl.constexpr, BT: tl.constexpr, QK_NORM: tl.constexpr):
+               SP: tl.constexpr, BT: tl.constexpr, QK_NORM: tl.constexpr, HREADY=None, ready=0, flag=None,
+               SPIN_LIMIT: tl.constexpr = 0, POLL: tl.constexpr = 0, READY: tl.constexpr = False):
     """Phase 2 (module docstring). The newest position's key and value come from the q/k/v output, not
     read back from the cache: a split that holds it starts its online softmax with that position, then
     runs over its cached positions chunk by chunk (the first chunk, `k_first` and `v_first`, loaded by
-    `_attention_first`, before the barrier)."""
+    `_attention_first`, before the barrier). READY: no barrier before this phase; an item first waits until
+    its kv head's count in HREADY reaches `ready` (`_signal_heads`)."""
     DT: tl.constexpr = O.dtype.element_ty
     NQ: tl.constexpr = HKV * G * HD
     W: tl.constexpr = HD + 2  # a partial: acc [HD], running max, running sum
@@ -402,6 +410,8 @@ def _attention(A, O, kc, vc, wq, wk, COS, SIN, SLOT, TABLE, CTX, PART, HCNT, pid
         cached = tl.minimum(end, t_ctx - 1)  # the cached positions are [begin, cached)
         if item != pid:  # a later item of this program: its first chunk now
             kk, vv = _kv_chunk(kc, vc, TABLE, kvh, begin, cached, HKV, HD, BS, BT)
+        if READY:
+            _wait_for(HREADY + kvh, ready, flag, SPIN_LIMIT, POLL)
         q = _rotated(A, kvh * G + gs, wq, cos, sin, eps, HD, QK_NORM, DT)  # [G, HD]
         k_new = _rotated(A + NQ, kvh + one, wk, cos, sin, eps, HD, QK_NORM, DT)  # [1, HD]
         v_new = tl.load(A + NQ + HKV * HD + kvh * HD + ds[None, :] + one[:, None] * 0, cache_modifier=".cg")
@@ -448,11 +458,33 @@ def _attention(A, O, kc, vc, wq, wk, COS, SIN, SLOT, TABLE, CTX, PART, HCNT, pid
 
 @triton.jit
 def _qkv_phase(PTRS, layer, w, w2, X, A, pid, P, eps, D: tl.constexpr, NQKV: tl.constexpr, BN: tl.constexpr,
-               QUANT: tl.constexpr, GS: tl.constexpr, DT: tl.constexpr, DEPTH: tl.constexpr):
-    """Input norm, then this program's tiles of the fused q/k/v projection (the first, `w`, loaded)."""
+               QUANT: tl.constexpr, GS: tl.constexpr, DT: tl.constexpr, DEPTH: tl.constexpr, HREADY,
+               HKV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, READY: tl.constexpr):
+    """Input norm, then this program's tiles of the fused q/k/v projection (the first, `w`, loaded); with
+    READY, each tile then counted at its kv head (`_signal_heads`)."""
     x = _normed_row(X, _ptr(PTRS, layer, 4, DT), D, eps, DT)
     _gemv(_wptr(PTRS, layer, 0, DT, QUANT), w, w2, x, A, X, pid, P, NQKV, D, D, BN, False,
           _ptr(PTRS, layer, 10, tl.float32), _ptr(PTRS, layer, 14, tl.float32), QUANT, GS, DEPTH)
+    if READY:
+        _signal_heads(HREADY, pid, P, NQKV, BN, HKV, G, HD)
+
+
+@triton.jit
+def _signal_heads(HREADY, pid, P, N: tl.constexpr, BN: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+                  HD: tl.constexpr):
+    """HEAD_READY: for each q/k/v tile this program stored, one release increment of its kv head's count in
+    HREADY (a tile lies within one head's q, k or v rows: BN divides the head dim), so attention on a head
+    waits for that head's tiles alone, not for a grid barrier; a head is complete at (G + 2) * HD / BN a
+    layer (`ready_count`)."""
+    tl.debug_barrier()  # every thread's stores of the tiles before the program's release
+    NQ: tl.constexpr = HKV * G * HD
+    tiles: tl.constexpr = (N + BN - 1) // BN
+    tile = pid
+    while tile < tiles:
+        row = tile * BN
+        head = tl.where(row < NQ, row // (G * HD), ((row - NQ) // HD) % HKV)  # q rows, else k then v rows
+        tl.atomic_add(HREADY + head, 1, sem="release", scope="gpu")
+        tile += P
 
 
 @triton.jit
@@ -487,37 +519,42 @@ def _down_phase(PTRS, layer, w, w2, GU, X, pid, P, D: tl.constexpr, DI: tl.const
 
 
 @triton.jit
-def decode_layers_kernel(X, PTRS, A, O, GU, PART, HCNT, CNT, FLAG, COS, SIN, SLOT, TABLE, CTX, eps, LAYER, TIMES,
-                         SCALE: tl.constexpr, L: tl.constexpr, D: tl.constexpr, HKV: tl.constexpr,
+def decode_layers_kernel(X, PTRS, A, O, GU, PART, HCNT, HREADY, CNT, FLAG, COS, SIN, SLOT, TABLE, CTX, eps, LAYER,
+                         TIMES, SCALE: tl.constexpr, L: tl.constexpr, D: tl.constexpr, HKV: tl.constexpr,
                          G: tl.constexpr, HD: tl.constexpr,
                          DI: tl.constexpr, DI_P: tl.constexpr, BS: tl.constexpr, S: tl.constexpr,
                          SP: tl.constexpr, BT: tl.constexpr, BN_QKV: tl.constexpr, BN_O: tl.constexpr,
                          BN_GU: tl.constexpr, BN_D: tl.constexpr, QK_NORM: tl.constexpr, PREFETCH: tl.constexpr,
                          SPIN_LIMIT: tl.constexpr, QUANT: tl.constexpr = 0, GS: tl.constexpr = 128,
                          DEPTH: tl.constexpr = 1, ONLY: tl.constexpr = -1, POLL: tl.constexpr = 0,
-                         TIMED: tl.constexpr = 0, L2_AHEAD: tl.constexpr = 0):
+                         TIMED: tl.constexpr = 0, L2_AHEAD: tl.constexpr = 0, HEAD_READY: tl.constexpr = 0):
     """Every layer, phases between grid barriers; or, with ONLY = k in 0..4, phase k of layer LAYER alone
     and no barrier (a launch per phase: the kernel boundary is the barrier, which is how the CPU checks run
     several programs under the interpreter). With TIMED, each program stamps its clock into TIMES
     ([timer_slots(L), P] int64) as each phase starts (slot 10 l + 2 k) and ends (10 l + 2 k + 1), and the GPU
     timer and its clock at the launch's start and end (slots 10 L .. 10 L + 3). With L2_AHEAD = a > 0, as a
     program reaches each projection (before the barrier that opens it) it asks the L2 for its share of the
-    projection a later (`_ahead`), so that in steady state each phase's weights load from the L2."""
+    projection a later (`_ahead`), so that in steady state each phase's weights load from the L2. With
+    HEAD_READY, no grid barrier between q/k/v and attention: each attention item waits for its own kv head's
+    q/k/v tiles (HREADY, zeroed before the launch; `_signal_heads`)."""
     pid = tl.program_id(0)
     P = tl.num_programs(0)
     DT: tl.constexpr = A.dtype.element_ty
     DO: tl.constexpr = HKV * G * HD
     NQKV: tl.constexpr = DO + 2 * HKV * HD
     PK: tl.constexpr = 8 if QUANT == 2 else (4 if QUANT == 1 else 1)  # weights an element of the weight tiles
+    READY_LAYER: tl.constexpr = (G + 2) * HD // BN_QKV  # a kv head's q/k/v tiles a layer (HEAD_READY)
     if ONLY == 0:
         w, w2 = _first_tiles(_wptr(PTRS, LAYER, 0, DT, QUANT), pid, P, NQKV, D // PK, D // PK, BN_QKV, DEPTH)
-        _qkv_phase(PTRS, LAYER, w, w2, X, A, pid, P, eps, D, NQKV, BN_QKV, QUANT, GS, DT, DEPTH)
+        _qkv_phase(PTRS, LAYER, w, w2, X, A, pid, P, eps, D, NQKV, BN_QKV, QUANT, GS, DT, DEPTH, HREADY, HKV, G, HD,
+                   HEAD_READY)
     elif ONLY == 1:
         kf, vf = _attention_first(_ptr(PTRS, LAYER, 8, DT), _ptr(PTRS, LAYER, 9, DT), TABLE, CTX, pid, HKV, HD, BS,
                                   S, BT)
         _attention(A, O, _ptr(PTRS, LAYER, 8, DT), _ptr(PTRS, LAYER, 9, DT), _ptr(PTRS, LAYER, 6, DT),
                    _ptr(PTRS, LAYER, 7, DT), COS, SIN, SLOT, TABLE, CTX, PART, HCNT, pid, P, eps, SCALE, kf, vf,
-                   HKV, G, HD, BS, S, SP, BT, QK_NORM)
+                   HKV, G, HD, BS, S, SP, BT, QK_NORM, HREADY, (LAYER + 1) * READY_LAYER, FLAG, SPIN_LIMIT, POLL,
+                   HEAD_READY)
     elif ONLY == 2:
         w, w2 = _first_tiles(_wptr(PTRS, LAYER, 1, DT, QUANT), pid, P, D, DO // PK, DO // PK, BN_O, DEPTH)
         _o_phase(PTRS, LAYER, w, w2, O, A, X, pid, P, D, DO, BN_O, QUANT, GS, DT, DEPTH)
@@ -536,26 +573,31 @@ def decode_layers_kernel(X, PTRS, A, O, GU, PART, HCNT, CNT, FLAG, COS, SIN, SLO
             _ahead(PTRS, 0, 0, a, L, pid, P, D, DO, DI, NQKV, BN_QKV, BN_O, BN_GU, BN_D, QUANT, GS, DT)
         for layer in range(L):
             _stamp(TIMES, 10 * layer, pid, P, TIMED)
-            _qkv_phase(PTRS, layer, w, w2, X, A, pid, P, eps, D, NQKV, BN_QKV, QUANT, GS, DT, DEPTH)
+            _qkv_phase(PTRS, layer, w, w2, X, A, pid, P, eps, D, NQKV, BN_QKV, QUANT, GS, DT, DEPTH, HREADY, HKV, G,
+                       HD, HEAD_READY)
             _stamp(TIMES, 10 * layer + 1, pid, P, TIMED)
-            phase += 1
             # the o projection's first tile, held through attention; with DEPTH 2 its second is loaded after
             # attention, around the barrier that ends it as PREFETCH says (two tiles held through attention
             # spill registers)
             _ahead(PTRS, layer, 1, L2_AHEAD, L, pid, P, D, DO, DI, NQKV, BN_QKV, BN_O, BN_GU, BN_D, QUANT, GS, DT)
             # and attention's first chunk of cached keys and values, around the barrier as PREFETCH says
-            if PREFETCH:
+            if PREFETCH or HEAD_READY:
                 kf, vf = _attention_first(_ptr(PTRS, layer, 8, DT), _ptr(PTRS, layer, 9, DT), TABLE, CTX, pid, HKV,
                                           HD, BS, S, BT)
-            w, w2 = _handoff(_wptr(PTRS, layer, 1, DT, QUANT), pid, P, D, DO // PK, DO // PK, BN_O, CNT,
-                             phase * P, FLAG, PREFETCH, SPIN_LIMIT, 1, POLL)
-            if not PREFETCH:
+            if HEAD_READY:  # no barrier: attention items wait for their own heads
+                w, w2 = _first_tiles(_wptr(PTRS, layer, 1, DT, QUANT), pid, P, D, DO // PK, DO // PK, BN_O, 1)
+            else:
+                phase += 1
+                w, w2 = _handoff(_wptr(PTRS, layer, 1, DT, QUANT), pid, P, D, DO // PK, DO // PK, BN_O, CNT,
+                                 phase * P, FLAG, PREFETCH, SPIN_LIMIT, 1, POLL)
+            if not (PREFETCH or HEAD_READY):
                 kf, vf = _attention_first(_ptr(PTRS, layer, 8, DT), _ptr(PTRS, layer, 9, DT), TABLE, CTX, pid, HKV,
                                           HD, BS, S, BT)
             _stamp(TIMES, 10 * layer + 2, pid, P, TIMED)
             _attention(A, O, _ptr(PTRS, layer, 8, DT), _ptr(PTRS, layer, 9, DT), _ptr(PTRS, layer, 6, DT),
                        _ptr(PTRS, layer, 7, DT), COS, SIN, SLOT, TABLE, CTX, PART, HCNT, pid, P, eps, SCALE, kf, vf,
-                       HKV, G, HD, BS, S, SP, BT, QK_NORM)
+                       HKV, G, HD, BS, S, SP, BT, QK_NORM, HREADY, (layer + 1) * READY_LAYER, FLAG, SPIN_LIMIT, POLL,
+                       HEAD_READY)
             _stamp(TIMES, 10 * layer + 3, pid, P, TIMED)
             phase += 1
             if DEPTH == 2:  # the o projection's second tile (the one from pid + P), around the barrier
