@@ -40,9 +40,9 @@ OPTIONS: dict[str, int | bool] = {}
 #: barrier, the barrier's poll bound, how it polls (POLL 0: an atomic add of zero, 1: an acquire load in
 #: every thread), warps a program, TIMED 1: each program stamps its clock at every phase's start and end
 #: (read by `phase_profile`), L2_AHEAD a > 0: each program asks the L2 for its share of the projection a
-#: ahead as it reaches each projection (compiled out under the interpreter), and SPLITS, the context splits a
-#: kv head (default: the programs a kv head; fewer splits, fewer partials to merge, longer spans a program),
-#: and HEAD_READY 1: no grid barrier between q/k/v and attention, each attention item waiting for its own kv
+#: ahead as it reaches each projection (compiled out under the interpreter), SPLITS, the context splits a kv
+#: head (default: the programs a kv head; fewer splits, fewer partials to merge, longer spans a program), and
+#: HEAD_READY 1: no grid barrier between q/k/v and attention, each attention item waiting for its own kv
 #: head's q/k/v tiles instead (needs BN_QKV to divide the head dim).
 TUNABLE = ("DEPTH", "TILE", "BN_QKV", "BN_O", "BN_GU", "BN_D", "BT", "PREFETCH", "SPIN_LIMIT", "POLL", "TIMED",
            "L2_AHEAD", "SPLITS", "HEAD_READY", "num_warps")
@@ -162,10 +162,12 @@ def _check(model: nn.Module, input_ids: torch.Tensor, step: _Step | None) -> tup
             break
     if len(kinds) > 1:
         out.append(f"projections of mixed formats {sorted(map(str, kinds))}: one format for every projection")
-    per_word = {"int8": 4, "int4": 8}.get(next(iter(kinds))[0]) if len(kinds) == 1 else None
-    if per_word and cfg.d_ff % per_word:  # the kernel reads quantized rows as int32 words
-        out.append(f"d_ff={cfg.d_ff} is not a multiple of {per_word}: {next(iter(kinds))[0]} rows are read as "
-                   f"int32 words of {per_word} weights")
+    if len(kinds) == 1:  # the kernel reads quantized rows as int32 words
+        kind = next(iter(kinds))[0]
+        per_word = {"int8": 4, "int4": 8}.get(kind)
+        if per_word and cfg.d_ff % per_word:
+            out.append(f"d_ff={cfg.d_ff} is not a multiple of {per_word}: {kind} rows are read as int32 words of "
+                       f"{per_word} weights")
     if step is not None and step.k[0].dtype != dtype:
         out.append(f"KV cache in {step.k[0].dtype}, the model in {dtype}")
     if not out:
@@ -396,11 +398,13 @@ def unready_heads(model: nn.Module) -> int:
     """With HEAD_READY: kv heads whose count of q/k/v tiles after the last step is not every layer's full count
     (0 unless a tile was counted twice or not at all, which would let attention read a head too early or wait
     in vain); reads the device, so it synchronises. 0 for launches without HEAD_READY."""
+    from tessera.kernels.triton import persistent_decode as pd
+
     out = 0
     for launch in model.__dict__.get("_persistent_decode", ()):
         meta = launch.meta
         if meta.get("HEAD_READY"):
-            full = meta["L"] * (meta["G"] + 2) * meta["HD"] // meta["BN_QKV"]
+            full = meta["L"] * pd.ready_count(meta["G"], meta["HD"], meta["BN_QKV"])
             out += int((launch.scratch["hready"] != full).sum().item())
     return out
 

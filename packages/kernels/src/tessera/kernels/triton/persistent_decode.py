@@ -543,7 +543,7 @@ def decode_layers_kernel(X, PTRS, A, O, GU, PART, HCNT, HREADY, CNT, FLAG, COS, 
     DO: tl.constexpr = HKV * G * HD
     NQKV: tl.constexpr = DO + 2 * HKV * HD
     PK: tl.constexpr = 8 if QUANT == 2 else (4 if QUANT == 1 else 1)  # weights an element of the weight tiles
-    READY_LAYER: tl.constexpr = (G + 2) * HD // BN_QKV  # a kv head's q/k/v tiles a layer (HEAD_READY)
+    READY_LAYER: tl.constexpr = (G + 2) * HD // BN_QKV  # a kv head's q/k/v tiles a layer (`ready_count`)
     if ONLY == 0:
         w, w2 = _first_tiles(_wptr(PTRS, LAYER, 0, DT, QUANT), pid, P, NQKV, D // PK, D // PK, BN_QKV, DEPTH)
         _qkv_phase(PTRS, LAYER, w, w2, X, A, pid, P, eps, D, NQKV, BN_QKV, QUANT, GS, DT, DEPTH, HREADY, HKV, G, HD,
@@ -630,6 +630,12 @@ def decode_layers_kernel(X, PTRS, A, O, GU, PART, HCNT, HREADY, CNT, FLAG, COS, 
                              CNT, phase * P, FLAG, PREFETCH, SPIN_LIMIT, DEPTH, POLL)
         _stamp(TIMES, 10 * L + 2, pid, P, TIMED, True)
         _stamp(TIMES, 10 * L + 3, pid, P, TIMED)
+
+
+def ready_count(g: int, hd: int, bn_qkv: int) -> int:
+    """HEAD_READY: the q/k/v tiles of one kv head a layer (G query rows of HD, a key and a value, BN_QKV rows a
+    tile), the count `_signal_heads` adds to the head's counter each layer (the kernel's READY_LAYER)."""
+    return (g + 2) * hd // bn_qkv
 
 
 def timer_slots(layers: int) -> int:
