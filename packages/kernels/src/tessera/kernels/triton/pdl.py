@@ -128,7 +128,7 @@ def enter(PDL: tl.constexpr):
 
 
 @triton.jit
-def prefetch_l2(addr, nbytes):
+def _prefetch_l2(addr, nbytes):
     """One bulk L2 prefetch per element: nbytes (a multiple of 16, > 0) from addr (16-byte aligned)."""
     tl.inline_asm_elementwise(
         "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0; }",
@@ -148,5 +148,5 @@ def enter_prefetching(PDL: tl.constexpr, W, rows, rows_ok, stride_row, col_start
         end = start + (col_end - col_start).to(tl.int64) * ELEM
         first = (start + 15) & -16
         size = tl.minimum((end - first) & -16, per_row & -16)
-        prefetch_l2(first, tl.where(rows_ok & (end > first), size, 0).to(tl.int32))
+        _prefetch_l2(first, tl.where(rows_ok & (end > first), size, 0).to(tl.int32))
     enter(PDL)

@@ -33,7 +33,6 @@ import triton
 import triton.language as tl
 
 from tessera.kernels.support import triton_interpreting
-from tessera.kernels.triton.pdl import prefetch_l2
 from tessera.kernels.triton.quant_gemv import _s8_words, _u4_words
 
 #: Pointers per layer in the table the kernel reads: the weights of fused q/k/v, o, fused gate/up and down
@@ -146,50 +145,49 @@ def _handoff(w, pid, P, N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BN: 
 
 
 @triton.jit
-def _tile_chunks(tile, N: tl.constexpr, ROW_BYTES: tl.constexpr, BN: tl.constexpr):
-    """Byte offsets and sizes [256] that cover tile `tile` (rows [tile * BN, tile * BN + BN) of a row-major
-    [N, ROW_BYTES] byte matrix; rows past N are not covered) in consecutive chunks, one a thread of an 8-warp
-    program (a smaller vector would be replicated over the threads, and each copy would ask again): every
-    offset and size a multiple of 16 (a bulk prefetch's unit; bytes past the last multiple of 16 are left
-    out), so a 16-byte aligned matrix gives aligned chunks. Chunks past the tile's bytes have size 0."""
-    TB: tl.constexpr = BN * ROW_BYTES
-    CB: tl.constexpr = ((TB + 255) // 256 + 15) & -16
-    c = tl.arange(0, 256)
-    rows = tl.minimum(BN, N - tile * BN)
-    size = tl.minimum(tl.maximum(rows * ROW_BYTES - c * CB, 0), CB) & -16
-    return tile.to(tl.int64) * TB + c * CB, size
+def _prefetch_once(addr, nbytes):
+    """One bulk L2 prefetch of `nbytes` (a multiple of 16; nothing when 0) from `addr` (16-byte aligned), asked
+    by thread 0 alone: both are scalars, which every thread holds, and one request a tile keeps the TMA unit's
+    queue short (a request a thread and 128-byte pieces made the barriers after them 2 to 4 us slower on an
+    H100)."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p, q; .reg .b32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; setp.gt.s32 q, $2, 0; "
+        "and.pred p, p, q; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0; }",
+        "=r,l,r", [addr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
 def _prefetch_share(base, pid, P, N: tl.constexpr, ROW_BYTES: tl.constexpr, BN: tl.constexpr, OUT, MAXT: tl.constexpr,
                     RECORD: tl.constexpr = False):
-    """Ask the L2 for this program's tiles (pid, pid + P, ...) of the [N, ROW_BYTES] byte matrix at address
-    `base` (an int64, 16-byte aligned), in order, until the program's share of `L2_BUDGET` is asked for. With
-    RECORD (for tests, under the interpreter) store each tile's chunks to OUT ([MAXT, 2, 256] int64: the
-    offsets, then the sizes) instead of prefetching."""
+    """Ask the L2 for this program's tiles (pid, pid + P, ...; rows [tile * BN, tile * BN + BN) but none past N)
+    of the row-major [N, ROW_BYTES] byte matrix at address `base` (an int64, 16-byte aligned), a request a
+    tile, in order, until the program's share of `L2_BUDGET` is asked for; a tile's bytes past its last
+    multiple of 16 are left out (a bulk prefetch's unit), so requests stay aligned where tiles are a multiple
+    of 16 bytes, and nothing is asked otherwise. With RECORD (for tests, under the interpreter) store each
+    request's offset from `base` and size to OUT ([MAXT, 2] int64) instead."""
     if (BN * ROW_BYTES) % 16 == 0:
         tiles: tl.constexpr = (N + BN - 1) // BN
         budget = L2_BUDGET // P
         tile = pid
         i = 0
         while (tile < tiles) & (i * BN * ROW_BYTES < budget):
-            offs, size = _tile_chunks(tile, N, ROW_BYTES, BN)
+            offset = tile.to(tl.int64) * (BN * ROW_BYTES)
+            size = (tl.minimum(BN, N - tile * BN) * ROW_BYTES) & -16
             if RECORD:
-                c = tl.arange(0, 256)
-                tl.store(OUT + i * 512 + c, offs, mask=i < MAXT)
-                tl.store(OUT + i * 512 + 256 + c, size.to(tl.int64), mask=i < MAXT)
+                tl.store(OUT + 2 * i, offset, mask=i < MAXT)
+                tl.store(OUT + 2 * i + 1, size.to(tl.int64), mask=i < MAXT)
             elif not _INTERPRETING:
-                prefetch_l2(base + offs, size.to(tl.int32))
+                _prefetch_once(base + offset, size)
             tile += P
             i += 1
 
 
 @triton.jit
 def _prefetch_plan_kernel(OUT, N: tl.constexpr, ROW_BYTES: tl.constexpr, BN: tl.constexpr, MAXT: tl.constexpr):
-    """`_prefetch_share`'s chunks for program `program_id(0)` of `num_programs(0)`, recorded to its rows of
-    OUT ([programs, MAXT, 2, 256] int64), for tests."""
+    """`_prefetch_share`'s requests for program `program_id(0)` of `num_programs(0)`, recorded to its rows of
+    OUT ([programs, MAXT, 2] int64), for tests."""
     pid = tl.program_id(0)
-    _prefetch_share(0, pid, tl.num_programs(0), N, ROW_BYTES, BN, OUT + pid * MAXT * 512, MAXT, True)
+    _prefetch_share(0, pid, tl.num_programs(0), N, ROW_BYTES, BN, OUT + pid * MAXT * 2, MAXT, True)
 
 
 @triton.jit
