@@ -236,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warps", type=int, nargs="+", default=[8], help="num_warps values to try (default 8)")
     parser.add_argument("--depth", type=int, nargs="+", default=[1, 2], choices=(1, 2),
                         help="weight tiles a program keeps in flight in a projection (default: both)")
-    parser.add_argument("--poll", type=int, nargs="+", default=[0, 1], choices=(0, 1),
-                        help="how the barriers poll: 0 an atomic add of zero, 1 an acquire load (default: both)")
+    parser.add_argument("--poll", type=int, nargs="+", default=[0, 1, 2], choices=(0, 1, 2),
+                        help="how the barriers poll: 0 an atomic add of zero, 1 an acquire load, 2 as 0 with a "
+                             "short sleep between polls (default: all three)")
     parser.add_argument("--barriers", type=int, default=140,
                         help="barriers in the barrier-only launch that times a barrier (default 140: 5 a layer)")
     parser.add_argument("--barriers-only", action="store_true", help="time the barriers alone and stop")

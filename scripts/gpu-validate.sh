@@ -62,8 +62,8 @@ for stage in "$@"; do
         run serve-decode python3 benchmarks/bench_serve.py --sections decode --hf-decode-modes static \
             --decode-tokens 64 --pdl-modes 1 4 --out "$out" --persistent-variants DEPTH=2 POLL=1 \
             POLL=1,BN_QKV=32,BN_O=8,BN_GU=32,BN_D=8 L2_AHEAD=1 POLL=1,L2_AHEAD=2 POLL=1,SPLITS=4 \
-            POLL=1,HEAD_READY=1 POLL=1,L2_AHEAD=2,SPLITS=4,HEAD_READY=1 TIMED=1 \
-            POLL=1,L2_AHEAD=2,HEAD_READY=1,TIMED=1 ;;
+            POLL=2 HEAD_READY=1 POLL=2,HEAD_READY=1 POLL=2,L2_AHEAD=1,HEAD_READY=1 TIMED=1 \
+            POLL=2,HEAD_READY=1,TIMED=1 ;;
     barriers)
         run barriers python3 benchmarks/probe_persistent_layer.py --barriers-only --out "$out" ;;
     quant)

@@ -1,6 +1,6 @@
 """`persistent_decode.decode_layers_kernel` through ptxas for sm_90 at the two serving shapes, with float, int8
-and int4 weights, one or two weight tiles in flight: the grid barrier publishes with release and polls with
-acquire at GPU scope (an atomic, or with POLL 1 a load), the per-head merge counter resets, the
+and int4 weights, one or two weight tiles in flight: the grid barrier arrives with acquire-release and polls
+with acquire at GPU scope (one thread's load, or with POLL 1 every thread's), the per-head merge counter resets, the
 activations are read past L1, and with L2_AHEAD the weights ahead are asked of the L2 (the byte ranges
 checked under the interpreter by prefetch_plan_check.py). (Its arithmetic is checked against the model's per-op path in
 tests/model/test_persistent.py.)"""
@@ -40,13 +40,14 @@ def _ptx(compile_sm90, d: int, hkv: int, g: int, hd: int, di: int, **consts) -> 
 def test_decode_layers_kernel_compiles_for_sm90(d: int, hkv: int, g: int, hd: int, di: int, quant: int, depth: int,
                                                 compile_sm90) -> None:
     ptx = _ptx(compile_sm90, d, hkv, g, hd, di, QUANT=quant, DEPTH=depth)
-    assert "atom.global.gpu.release.add" in ptx and "atom.global.gpu.acq_rel.add" in ptx
+    # arrivals (and the merge counter) acquire and release in one atomic; polls acquire
+    assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.gpu.acquire.b32" in ptx
     assert "atom.global.gpu.relaxed.exch" in ptx and "ld.global.cg" in ptx
     # weight tiles load 16 bytes a thread (the table's pointers are declared aligned), and int4 scales and
     # zeros once a group: element-by-element loads were 622 (float) and 259 (int4) before either
     scalar = len(re.findall(r"ld\.global\.b(?:8|16|32)\b", ptx))
     assert ptx.count("ld.global.v4.b32") >= 16 and scalar < 64, (ptx.count("ld.global.v4.b32"), scalar)
-    assert "ld.acquire.gpu" not in ptx  # POLL 0 (the default) polls with atomics
+    assert "ld.acquire.gpu" not in ptx  # POLL 0 (the default): one thread's load, not the inline PTX of POLL 1
     assert "%clock64" not in ptx and "%globaltimer" not in ptx  # TIMED 0: no stamps
     assert "cp.async.bulk.prefetch" not in ptx  # L2_AHEAD 0: no prefetch
     if quant:  # int8 and int4 words become floats by PRMT and a subtraction: no I2F (224 to 448 of them before)
@@ -59,7 +60,7 @@ def test_acquire_load_poll_and_stamps_compile_for_sm90(ready: int, compile_sm90)
     its poll loop (POLL 0 broadcasts each poll's atomic through shared memory). TIMED 1: the clock stamps.
     HEAD_READY 1: one of a layer's barriers becomes attention's wait on its head's count, polled the same way."""
     ptx = _ptx(compile_sm90, 1024, 8, 2, 128, 3072, QUANT=0, DEPTH=1, POLL=1, TIMED=1, HEAD_READY=ready)
-    assert "atom.global.gpu.release.add" in ptx  # the arrival
+    assert "atom.global.gpu.acq_rel.add" in ptx  # the arrival
     loops = re.findall(r"Inner Loop Header(.*?)bra", ptx, flags=re.S)
     polls = [body for body in loops if "ld.acquire.gpu.global.b32" in body]
     assert len(polls) == 5, len(polls)  # the five barriers of a layer (four, and the wait on a head)
@@ -78,6 +79,15 @@ def test_l2_ahead_prefetches_at_each_projection(ahead: int, compile_sm90) -> Non
 
 def test_l2_prefetch_asks_for_each_programs_own_tiles(run_check) -> None:
     run_check("prefetch_plan_check.py", "prefetch-plan-ok", seeded=False, interpret="always")
+
+
+def test_poll_2_sleeps_between_atomic_polls(compile_sm90) -> None:
+    """POLL 2: the five barriers of a layer poll with atomics, as POLL 0, and each poll loop holds a nanosleep."""
+    ptx = _ptx(compile_sm90, 1024, 8, 2, 128, 3072, QUANT=0, DEPTH=1, POLL=2)
+    loops = re.findall(r"Inner Loop Header(.*?)bra", ptx, flags=re.S)
+    naps = [body for body in loops if "nanosleep.u32" in body]
+    assert len(naps) == 5 and all("ld.global.gpu.acquire.b32" in body for body in naps), len(naps)
+    assert "ld.acquire.gpu" not in ptx
 
 
 def test_tile_rows_bounds_registers_and_spreads_tiles() -> None:

@@ -39,8 +39,8 @@ def test_persistent_kernel_compiles_for_sm90(attention: bool, compile_sm90) -> N
             "counter": "i32", "flag": "i32", "ones": "bf16", "cos": "bf16", "sin": "bf16", "slot": "i64",
             "table": "i32", "ctx": "i32"}
     ptx = compile_sm90(probe._layers_kernel, ptrs, consts, {}, 16, 1).asm["ptx"]
-    # arrive with release, poll with acquire, at GPU scope; the residual and activations through L2
-    assert "atom.global.gpu.release.add" in ptx and "atom.global.gpu.acq_rel.add" in ptx
+    # arrive with acquire-release, poll with acquire, at GPU scope; the residual and activations through L2
+    assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.gpu.acquire.b32" in ptx
     assert "ld.global.cg" in ptx and "bar.sync" in ptx
     # with attention, the last split of a head resets its counter for the next layer
     assert ("atom.global.gpu.relaxed.exch" in ptx) == attention

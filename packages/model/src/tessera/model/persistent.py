@@ -38,18 +38,19 @@ OPTIONS: dict[str, int | bool] = {}
 #: 16384: weights, or bytes of packed int4; the tile heights follow from it) or the tile heights of the four
 #: projections themselves, positions an attention block, whether a phase's first tile loads before its
 #: barrier, the barrier's poll bound, how it polls (POLL 0: an atomic add of zero, 1: an acquire load in
-#: every thread), warps a program, TIMED 1: each program stamps its clock at every phase's start and end
-#: (read by `phase_profile`), L2_AHEAD a > 0: each program asks the L2 for its share of the projection a
-#: ahead as it reaches each projection (compiled out under the interpreter), SPLITS, the context splits a kv
-#: head (default: the programs a kv head; fewer splits, fewer partials to merge, longer spans a program), and
-#: HEAD_READY 1: no grid barrier between q/k/v and attention, each attention item waiting for its own kv
-#: head's q/k/v tiles instead (needs BN_QKV to divide the head dim).
+#: every thread, 2: as 0 with a short sleep between polls), warps a program, TIMED 1: each program stamps its
+#: clock at every phase's start and end (read by `phase_profile`), L2_AHEAD a > 0: each program asks the L2
+#: for its share of the projection a ahead as it reaches each projection (compiled out under the
+#: interpreter), SPLITS, the context splits a kv head (default: the programs a kv head; fewer splits, fewer
+#: partials to merge, longer spans a program), and HEAD_READY 1: no grid barrier between q/k/v and attention,
+#: each attention item waiting for its own kv head's q/k/v tiles instead (needs BN_QKV to divide the head
+#: dim).
 TUNABLE = ("DEPTH", "TILE", "BN_QKV", "BN_O", "BN_GU", "BN_D", "BT", "PREFETCH", "SPIN_LIMIT", "POLL", "TIMED",
            "L2_AHEAD", "SPLITS", "HEAD_READY", "num_warps")
 
 
 #: The options that take one of a few integers (the others but PREFETCH take powers of two).
-_CHOICES = {"DEPTH": (1, 2), "POLL": (0, 1), "TIMED": (0, 1), "L2_AHEAD": (0, 1, 2, 3), "HEAD_READY": (0, 1)}
+_CHOICES = {"DEPTH": (1, 2), "POLL": (0, 1, 2), "TIMED": (0, 1), "L2_AHEAD": (0, 1, 2, 3), "HEAD_READY": (0, 1)}
 
 
 def _pow2(n: int) -> bool:
@@ -334,7 +335,7 @@ def _launch_for(model: nn.Module, step: _Step, table: tuple) -> _Launch:
         raise ValueError(f"persistent decode option HEAD_READY=1 needs q/k/v tiles within one head: BN_QKV="
                          f"{meta['BN_QKV']} does not divide head_dim={hd}")
     for key in ("POLL", "TIMED"):
-        if meta.get(key) == 1 and dev.type != "cuda":
+        if meta.get(key, 0) > 0 and dev.type != "cuda":
             raise ValueError(f"persistent decode option {key}=1 runs inline PTX, which needs a CUDA device; the "
                              f"interpreter runs {key}=0")
     launch = _Launch(ptrs, tuple(tensors), addresses, scratch, programs, splits, meta, options)

@@ -51,16 +51,17 @@ _INTERPRETING = tl.constexpr(triton_interpreting())
 
 @triton.jit
 def _load_acquire(ptr):
-    """The int32 at `ptr`, loaded with acquire semantics at GPU scope by every thread (no read-modify-write,
-    so pollers do not serialise at the L2 slice that holds it, and no broadcast through shared memory)."""
+    """The int32 at `ptr`, loaded with acquire semantics at GPU scope by every thread (no broadcast through
+    shared memory, but a request from every warp)."""
     return tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32,
                                      is_pure=False, pack=1)
 
 
 @triton.jit
 def _poll(counter, POLL: tl.constexpr):
-    """The arrival count so far: POLL 0 an atomic add of zero (one thread a program, its result broadcast to
-    the others through shared memory; what the interpreter runs), POLL 1 an acquire load in every thread."""
+    """The arrival count so far: POLL 0 (and 2) an atomic add of zero, which Triton runs as one thread's
+    acquire load, its result broadcast to the others through shared memory (what the interpreter runs); POLL 1
+    an acquire load in every thread."""
     if POLL == 1:
         return _load_acquire(counter)
     else:
@@ -69,24 +70,36 @@ def _poll(counter, POLL: tl.constexpr):
 
 @triton.jit
 def _grid_barrier(counter, target, flag, SPIN_LIMIT: tl.constexpr, POLL: tl.constexpr = 0):
-    """Arrive at `counter` and wait until it reaches `target` (`_wait_for`)."""
+    """Arrive at `counter` and wait until it reaches `target` (`_wait_for`), from the count the arrival itself
+    returns: the last program to arrive goes on without a poll (acquire and release in one atomic)."""
     tl.debug_barrier()  # every thread's stores of the phase before the program's release
-    tl.atomic_add(counter, 1, sem="release", scope="gpu")
-    _wait_for(counter, target, flag, SPIN_LIMIT, POLL)
+    seen = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") + 1
+    _wait_for(counter, target, flag, SPIN_LIMIT, POLL, seen)
 
 
 @triton.jit
-def _wait_for(counter, target, flag, SPIN_LIMIT: tl.constexpr, POLL: tl.constexpr = 0):
-    """Wait until `counter` reaches `target`, polling as `_poll`'s POLL says; after SPIN_LIMIT polls give up
-    and count it in `flag`. No thread of the program reads on before the wait ends."""
-    seen = _poll(counter, POLL)
+def _wait_for(counter, target, flag, SPIN_LIMIT: tl.constexpr, POLL: tl.constexpr, seen):
+    """Wait until `counter` reaches `target` (`seen`: a count already read, an int32 tensor; 0 for none),
+    polling as `_poll`'s POLL says, POLL 2 sleeping about 128 ns between polls (fewer polls queued at the
+    counter's L2 slice ahead of the arrivals); after SPIN_LIMIT polls give up and count it in `flag`. No
+    thread of the program reads on before the wait ends."""
     spins = 0
     while (seen < target) & (spins < SPIN_LIMIT):
+        if POLL == 2 and not _INTERPRETING:
+            if spins > 0:
+                _nap(spins)
         seen = _poll(counter, POLL)
         spins += 1
     if seen < target:
         tl.atomic_add(flag, 1)
     tl.debug_barrier()
+
+
+@triton.jit
+def _nap(like):
+    """Sleep about 128 ns (`nanosleep`; `like` only gives the assembly an operand)."""
+    tl.inline_asm_elementwise("nanosleep.u32 128; mov.b32 $0, $1;", "=r,r", [like], dtype=tl.int32,
+                              is_pure=False, pack=1)
 
 
 @triton.jit
@@ -409,7 +422,7 @@ def _attention(A, O, kc, vc, wq, wk, COS, SIN, SLOT, TABLE, CTX, PART, HCNT, pid
         if item != pid:  # a later item of this program: its first chunk now
             kk, vv = _kv_chunk(kc, vc, TABLE, kvh, begin, cached, HKV, HD, BS, BT)
         if READY:
-            _wait_for(HREADY + kvh, ready, flag, SPIN_LIMIT, POLL)
+            _wait_for(HREADY + kvh, ready, flag, SPIN_LIMIT, POLL, kvh * 0)
         q = _rotated(A, kvh * G + gs, wq, cos, sin, eps, HD, QK_NORM, DT)  # [G, HD]
         k_new = _rotated(A + NQ, kvh + one, wk, cos, sin, eps, HD, QK_NORM, DT)  # [1, HD]
         v_new = tl.load(A + NQ + HKV * HD + kvh * HD + ds[None, :] + one[:, None] * 0, cache_modifier=".cg")
