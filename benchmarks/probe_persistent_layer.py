@@ -76,9 +76,9 @@ def _layers_kernel(h_ptr, wqkv, wo, wgu, wd, a_ptr, o_ptr, g_ptr, kc, vc, part, 
         phase += 1
         if ATTN:  # then a second barrier, the o projection's first tile held meanwhile (as the model's launch)
             lkv = layer * TMAX * HKV * HD
-            kf, vf = _attention_first(kc + lkv, vc + lkv, table, ctx, pid, HKV, HD, TMAX, S, 32)  # cached: early
+            kf, vf, t_ctx = _attention_first(kc + lkv, vc + lkv, table, ctx, pid, HKV, HD, TMAX, S, 32)  # early
             w, w2 = _handoff(lo, pid, P, D, DO, DO_P, BN_O, counter, phase * P, flag, PREFETCH, SPIN_LIMIT, 1, POLL)
-            _attention(a_ptr, o_ptr, kc + lkv, vc + lkv, ones, ones, cos, sin, slot, table, ctx, part, hcnt, pid, P,
+            _attention(a_ptr, o_ptr, kc + lkv, vc + lkv, ones, ones, cos, sin, slot, table, t_ctx, part, hcnt, pid, P,
                        eps, SCALE, kf, vf, HKV, G, HD, TMAX, S, SP, 32, False)
             phase += 1
             if DEPTH == 2:  # the o projection's second tile, around the barrier

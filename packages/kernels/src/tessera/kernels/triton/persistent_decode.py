@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 from tessera.kernels.support import triton_interpreting
-from tessera.kernels.triton.quant_gemv import _s8_words, _u4_words
+from tessera.kernels.triton.pdl import prefetch_l2
+from tessera.kernels.triton.quant_gemv import _s8_words, _u4_group_dots
 
 #: Pointers per layer in the table the kernel reads: the weights of fused q/k/v, o, fused gate/up and down
 #: (float, int8, or int4 packed two a byte); input norm, post-attention norm, q norm, k norm; key cache,
@@ -121,7 +122,13 @@ def _ptr(PTRS, layer, j: tl.constexpr, DT: tl.constexpr):
     """Entry j of `layer`'s row of the table, as a pointer to DT. The table holds 16-byte aligned addresses
     only (the caller checks), and saying so lets the weight tiles load 16 bytes a thread at a time: of a
     pointer read from memory the compiler otherwise assumes nothing, and loads element by element."""
-    return tl.multiple_of(tl.load(PTRS + layer * _SLOTS + j).to(tl.pointer_type(DT)), 16)
+    return tl.multiple_of(_address(PTRS, layer, j).to(tl.pointer_type(DT)), 16)
+
+
+@triton.jit
+def _address(PTRS, layer, j):
+    """Entry j of `layer`'s row of the table: an address, as an int64."""
+    return tl.load(PTRS + layer * _SLOTS + j)
 
 
 @triton.jit
@@ -158,18 +165,6 @@ def _handoff(w, pid, P, N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BN: 
 
 
 @triton.jit
-def _prefetch_once(addr, nbytes):
-    """One bulk L2 prefetch of `nbytes` (a multiple of 16; nothing when 0) from `addr` (16-byte aligned), asked
-    by thread 0 alone: both are scalars, which every thread holds, and one request a tile keeps the TMA unit's
-    queue short (a request a thread and 128-byte pieces made the barriers after them 2 to 4 us slower on an
-    H100)."""
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p, q; .reg .b32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; setp.gt.s32 q, $2, 0; "
-        "and.pred p, p, q; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0; }",
-        "=r,l,r", [addr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _prefetch_share(base, pid, P, N: tl.constexpr, ROW_BYTES: tl.constexpr, BN: tl.constexpr, OUT, MAXT: tl.constexpr,
                     RECORD: tl.constexpr = False):
     """Ask the L2 for this program's tiles (pid, pid + P, ...; rows [tile * BN, tile * BN + BN) but none past N)
@@ -190,7 +185,7 @@ def _prefetch_share(base, pid, P, N: tl.constexpr, ROW_BYTES: tl.constexpr, BN: 
                 tl.store(OUT + 2 * i, offset, mask=i < MAXT)
                 tl.store(OUT + 2 * i + 1, size.to(tl.int64), mask=i < MAXT)
             elif not _INTERPRETING:
-                _prefetch_once(base + offset, size)
+                prefetch_l2(base + offset, size, ONE_THREAD=True)
             tile += P
             i += 1
 
@@ -231,12 +226,12 @@ def _ahead_projection(PTRS, layer, J: tl.constexpr, N: tl.constexpr, K: tl.const
     """`_prefetch_share` of projection J's [N, K] weight in `layer`, with its int8 scales or int4 scales and
     zeros (float32, per row or per row and group)."""
     ROW: tl.constexpr = K * (DT.primitive_bitwidth // 8) if QUANT == 0 else (K if QUANT == 1 else K // 2)
-    _prefetch_share(tl.load(PTRS + layer * _SLOTS + J), pid, P, N, ROW, BN, PTRS, 1)
+    _prefetch_share(_address(PTRS, layer, J), pid, P, N, ROW, BN, PTRS, 1)
     if QUANT == 1:
-        _prefetch_share(tl.load(PTRS + layer * _SLOTS + 10 + J), pid, P, N, 4, BN, PTRS, 1)
+        _prefetch_share(_address(PTRS, layer, 10 + J), pid, P, N, 4, BN, PTRS, 1)
     elif QUANT == 2:
-        _prefetch_share(tl.load(PTRS + layer * _SLOTS + 10 + J), pid, P, N, K // GS * 4, BN, PTRS, 1)
-        _prefetch_share(tl.load(PTRS + layer * _SLOTS + 14 + J), pid, P, N, K // GS * 4, BN, PTRS, 1)
+        _prefetch_share(_address(PTRS, layer, 10 + J), pid, P, N, K // GS * 4, BN, PTRS, 1)
+        _prefetch_share(_address(PTRS, layer, 14 + J), pid, P, N, K // GS * 4, BN, PTRS, 1)
 
 
 @triton.jit
@@ -262,7 +257,7 @@ def _gemv(w, first, second, x, out, resid, pid, P, N: tl.constexpr, K: tl.conste
     in the low nibble, (q - zero) * scale per row and group of GS (`zp`, `sc`; GS divides d_model, so is a
     power of two), taken per group as s * (sum q x - z * sum x), so a tile reads each row's scales and
     zeros once, not once a weight. int8 and int4 tiles are int32 words, each weight turned to float32 by
-    one PRMT and a subtraction (`quant_gemv._s8_words`, `_u4_words`), exactly, instead of an I2F, which
+    one PRMT and a subtraction (`quant_gemv._s8_words`, `_u4_group_dots`), exactly, instead of an I2F, which
     runs at an eighth of the FMA rate and would bound the phase: x is split once a phase into the four
     (eight) vectors that meet byte (nibble) i of each word. DEPTH 1 loads a program's next tile after the
     current one's arithmetic; DEPTH 2 keeps two tiles in flight: while one is multiplied the next is loading
@@ -307,12 +302,8 @@ def _gemv(w, first, second, x, out, resid, pid, P, N: tl.constexpr, K: tl.conste
             at = rows[:, None] * (K // GS) + g[None, :]
             s = tl.load(sc + at, mask=ok, other=0.0)  # [BN, NG]
             z = tl.load(zp + at, mask=ok, other=0.0)
-            q0, q1, q2, q3, q4, q5, q6, q7 = _u4_words(tl.reshape(wt, (BN, NG, GW)), ASM)  # 2**23 + q, exact
-            part = (q0 - 8388608.0) * x0[None, :, :] + (q1 - 8388608.0) * x1[None, :, :] \
-                + (q2 - 8388608.0) * x2[None, :, :] + (q3 - 8388608.0) * x3[None, :, :] \
-                + (q4 - 8388608.0) * x4[None, :, :] + (q5 - 8388608.0) * x5[None, :, :] \
-                + (q6 - 8388608.0) * x6[None, :, :] + (q7 - 8388608.0) * x7[None, :, :]
-            y = tl.sum(s * (tl.sum(part, axis=2) - z * xsum[None, :]), axis=1)
+            dots = _u4_group_dots(tl.reshape(wt, (BN, NG, GW)), x0, x1, x2, x3, x4, x5, x6, x7, ASM)  # [BN, NG]
+            y = tl.sum(s * (dots - z * xsum[None, :]), axis=1)
         elif QUANT == 1:
             w0, w1, w2, w3 = _s8_words(wt, ASM)
             y = tl.sum(w0 * x0[None, :] + w1 * x1[None, :] + w2 * x2[None, :] + w3 * x3[None, :], axis=1)
@@ -385,15 +376,17 @@ def _attention_first(kc, vc, TABLE, CTX, pid, HKV: tl.constexpr, HD: tl.constexp
                      S: tl.constexpr, BT: tl.constexpr):
     """The first chunk of cached keys and values of this program's first work item (`_attention`): positions
     before the newest, which nothing in this step writes, so they may load before the barrier that opens
-    attention, overlapping it. A program with no work item reads nothing."""
+    attention, overlapping it. A program with no work item reads nothing. Also the context length, which
+    `_attention` takes from here rather than reading it again."""
     t_ctx = tl.load(CTX)
     kvh, begin, end = _span(pid, t_ctx, S)
     stop = tl.where(pid < HKV * S, tl.minimum(end, t_ctx - 1), begin)
-    return _kv_chunk(kc, vc, TABLE, kvh, begin, stop, HKV, HD, BS, BT)
+    k_first, v_first = _kv_chunk(kc, vc, TABLE, kvh, begin, stop, HKV, HD, BS, BT)
+    return k_first, v_first, t_ctx
 
 
 @triton.jit
-def _attention(A, O, kc, vc, wq, wk, COS, SIN, SLOT, TABLE, CTX, PART, HCNT, pid, P, eps, scale, k_first, v_first,
+def _attention(A, O, kc, vc, wq, wk, COS, SIN, SLOT, TABLE, t_ctx, PART, HCNT, pid, P, eps, scale, k_first, v_first,
                HKV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, BS: tl.constexpr, S: tl.constexpr,
                SP: tl.constexpr, BT: tl.constexpr, QK_NORM: tl.constexpr, HREADY=None, ready=0, flag=None,
                SPIN_LIMIT: tl.constexpr = 0, POLL: tl.constexpr = 0, READY: tl.constexpr = False):
@@ -408,7 +401,6 @@ def _attention(A, O, kc, vc, wq, wk, COS, SIN, SLOT, TABLE, CTX, PART, HCNT, pid
     gs = tl.arange(0, G)
     ds = tl.arange(0, HD)
     one = tl.arange(0, 1)
-    t_ctx = tl.load(CTX)
     slot = tl.load(SLOT).to(tl.int64)
     cos = tl.load(COS + ds).to(tl.float32)
     sin = tl.load(SIN + ds).to(tl.float32)
@@ -560,10 +552,11 @@ def decode_layers_kernel(X, PTRS, A, O, GU, PART, HCNT, HREADY, CNT, FLAG, COS, 
         _qkv_phase(PTRS, LAYER, w, w2, X, A, pid, P, eps, D, NQKV, BN_QKV, QUANT, GS, DT, DEPTH, HREADY, HKV, G, HD,
                    HEAD_READY)
     elif ONLY == 1:
-        kf, vf = _attention_first(_ptr(PTRS, LAYER, 8, DT), _ptr(PTRS, LAYER, 9, DT), TABLE, CTX, pid, HKV, HD, BS,
-                                  S, BT)
-        _attention(A, O, _ptr(PTRS, LAYER, 8, DT), _ptr(PTRS, LAYER, 9, DT), _ptr(PTRS, LAYER, 6, DT),
-                   _ptr(PTRS, LAYER, 7, DT), COS, SIN, SLOT, TABLE, CTX, PART, HCNT, pid, P, eps, SCALE, kf, vf,
+        kc = _ptr(PTRS, LAYER, 8, DT)
+        vc = _ptr(PTRS, LAYER, 9, DT)
+        kf, vf, t_ctx = _attention_first(kc, vc, TABLE, CTX, pid, HKV, HD, BS, S, BT)
+        _attention(A, O, kc, vc, _ptr(PTRS, LAYER, 6, DT),
+                   _ptr(PTRS, LAYER, 7, DT), COS, SIN, SLOT, TABLE, t_ctx, PART, HCNT, pid, P, eps, SCALE, kf, vf,
                    HKV, G, HD, BS, S, SP, BT, QK_NORM, HREADY, (LAYER + 1) * READY_LAYER, FLAG, SPIN_LIMIT, POLL,
                    HEAD_READY)
     elif ONLY == 2:
@@ -592,9 +585,10 @@ def decode_layers_kernel(X, PTRS, A, O, GU, PART, HCNT, HREADY, CNT, FLAG, COS, 
             # spill registers)
             _ahead(PTRS, layer, 1, L2_AHEAD, L, pid, P, D, DO, DI, NQKV, BN_QKV, BN_O, BN_GU, BN_D, QUANT, GS, DT)
             # and attention's first chunk of cached keys and values, around the barrier as PREFETCH says
+            kc = _ptr(PTRS, layer, 8, DT)
+            vc = _ptr(PTRS, layer, 9, DT)
             if PREFETCH or HEAD_READY:
-                kf, vf = _attention_first(_ptr(PTRS, layer, 8, DT), _ptr(PTRS, layer, 9, DT), TABLE, CTX, pid, HKV,
-                                          HD, BS, S, BT)
+                kf, vf, t_ctx = _attention_first(kc, vc, TABLE, CTX, pid, HKV, HD, BS, S, BT)
             if HEAD_READY:  # no barrier: attention items wait for their own heads
                 w, w2 = _first_tiles(_wptr(PTRS, layer, 1, DT, QUANT), pid, P, D, DO // PK, DO // PK, BN_O, 1)
             else:
@@ -602,11 +596,10 @@ def decode_layers_kernel(X, PTRS, A, O, GU, PART, HCNT, HREADY, CNT, FLAG, COS, 
                 w, w2 = _handoff(_wptr(PTRS, layer, 1, DT, QUANT), pid, P, D, DO // PK, DO // PK, BN_O, CNT,
                                  phase * P, FLAG, PREFETCH, SPIN_LIMIT, 1, POLL)
             if not (PREFETCH or HEAD_READY):
-                kf, vf = _attention_first(_ptr(PTRS, layer, 8, DT), _ptr(PTRS, layer, 9, DT), TABLE, CTX, pid, HKV,
-                                          HD, BS, S, BT)
+                kf, vf, t_ctx = _attention_first(kc, vc, TABLE, CTX, pid, HKV, HD, BS, S, BT)
             _stamp(TIMES, 10 * layer + 2, pid, P, TIMED)
-            _attention(A, O, _ptr(PTRS, layer, 8, DT), _ptr(PTRS, layer, 9, DT), _ptr(PTRS, layer, 6, DT),
-                       _ptr(PTRS, layer, 7, DT), COS, SIN, SLOT, TABLE, CTX, PART, HCNT, pid, P, eps, SCALE, kf, vf,
+            _attention(A, O, kc, vc, _ptr(PTRS, layer, 6, DT),
+                       _ptr(PTRS, layer, 7, DT), COS, SIN, SLOT, TABLE, t_ctx, PART, HCNT, pid, P, eps, SCALE, kf, vf,
                        HKV, G, HD, BS, S, SP, BT, QK_NORM, HREADY, (layer + 1) * READY_LAYER, FLAG, SPIN_LIMIT, POLL,
                        HEAD_READY)
             _stamp(TIMES, 10 * layer + 3, pid, P, TIMED)

@@ -510,13 +510,20 @@ def _int4_words_tile(acc, X, v, s, z, ks, k_ok, stride_xk, UP, ASM: tl.constexpr
     `ks` [NG, GW] (mask `k_ok`, or None)."""
     x0, x1, x2, x3 = _x4(X, ks, k_ok, stride_xk, UP, GATED, R, NW, rstd, NORM)
     x4, x5, x6, x7 = _x4(X, ks + 4, k_ok, stride_xk, UP, GATED, R, NW, rstd, NORM)
+    x_sum = tl.sum(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, axis=1)  # [NG]
+    return acc + tl.sum(s * (_u4_group_dots(v, x0, x1, x2, x3, x4, x5, x6, x7, ASM) - z * x_sum[None, :]), axis=1)
+
+
+@triton.jit
+def _u4_group_dots(v, x0, x1, x2, x3, x4, x5, x6, x7, ASM: tl.constexpr):
+    """sum_k q_k x_k within each group: words `v` [BN, NG, GW] of eight int4 codes (nibble i is k = 8j + i), and
+    x_i [NG, GW] the x at those k; [BN, NG]. Each code becomes float32 exactly (`_u4_words`, minus 2**23)."""
     q0, q1, q2, q3, q4, q5, q6, q7 = _u4_words(v, ASM)
     part = (q0 - 8388608.0) * x0[None, :, :] + (q1 - 8388608.0) * x1[None, :, :] \
         + (q2 - 8388608.0) * x2[None, :, :] + (q3 - 8388608.0) * x3[None, :, :] \
         + (q4 - 8388608.0) * x4[None, :, :] + (q5 - 8388608.0) * x5[None, :, :] \
         + (q6 - 8388608.0) * x6[None, :, :] + (q7 - 8388608.0) * x7[None, :, :]
-    x_sum = tl.sum(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, axis=1)  # [NG]
-    return acc + tl.sum(s * (tl.sum(part, axis=2) - z * x_sum[None, :]), axis=1)
+    return tl.sum(part, axis=2)
 
 
 @triton.heuristics({"EVEN": even})
