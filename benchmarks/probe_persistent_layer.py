@@ -40,7 +40,6 @@ from _common import print_table, write_result
 
 # the pieces of the model's persistent launch, so the probe measures that design
 from tessera.kernels.triton.persistent_decode import (
-    FLAG_SLOTS,
     _attention,
     _attention_first,
     _first_tiles,
@@ -125,7 +124,7 @@ def _barriers_kernel(counter, flag, N: tl.constexpr, SPIN_LIMIT: tl.constexpr, P
 def barrier_rows(dev: torch.device, programs: int, count: int, polls: list[int], reps: int) -> list[dict]:
     """Microseconds a grid barrier over `programs` programs, per poll mode (a launch of `count` barriers,
     less a launch of one, over count - 1)."""
-    counter = torch.zeros(FLAG_SLOTS, device=dev, dtype=torch.int32)  # POLL 3: a word a program
+    counter = torch.zeros(1, device=dev, dtype=torch.int32)
     flag = torch.zeros(1, device=dev, dtype=torch.int32)
     rows = []
     for poll in polls:
@@ -237,9 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warps", type=int, nargs="+", default=[8], help="num_warps values to try (default 8)")
     parser.add_argument("--depth", type=int, nargs="+", default=[1, 2], choices=(1, 2),
                         help="weight tiles a program keeps in flight in a projection (default: both)")
-    parser.add_argument("--poll", type=int, nargs="+", default=[0, 1, 2, 3], choices=(0, 1, 2, 3),
+    parser.add_argument("--poll", type=int, nargs="+", default=[0, 1, 2], choices=(0, 1, 2),
                         help="how the barriers poll: 0 an atomic add of zero, 1 an acquire load, 2 as 0 with a "
-                             "short sleep between polls, 3 a word a program, each polling them all (default: all four)")
+                             "short sleep between polls (default: all three)")
     parser.add_argument("--barriers", type=int, default=140,
                         help="barriers in the barrier-only launch that times a barrier (default 140: 5 a layer)")
     parser.add_argument("--barriers-only", action="store_true", help="time the barriers alone and stop")
@@ -300,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                    "g": torch.empty(ngu, device=dev, dtype=dtype),
                    "part": torch.empty(hkv * 64 * g * (hd + 2), device=dev),  # up to 64 splits a head
                    "hcnt": torch.zeros(hkv, device=dev, dtype=torch.int32),
-                   "counter": torch.zeros(FLAG_SLOTS, device=dev, dtype=torch.int32),
+                   "counter": torch.zeros(1, device=dev, dtype=torch.int32),
                    "flag": torch.zeros(1, device=dev, dtype=torch.int32),
                    # attention's other inputs: unit norm weights, rope at angle 0, the step at position t - 1 of
                    # one block (built here, outside the timed graph)

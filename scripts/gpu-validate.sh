@@ -11,13 +11,12 @@
 #                                                #   rope/KV write/decode and the norms fused, with the
 #                                                #   persistent decode launch and its variants (DEPTH=2,
 #                                                #   POLL=1, one tile round a phase, L2_AHEAD=1/2,
-#                                                #   SPLITS=4, HEAD_READY=1, POLL=2/3, TIMED=1 phase
-#                                                #   profiles),
+#                                                #   SPLITS=4, HEAD_READY=1, TIMED=1 phase profiles),
 #                                                #   HF static
 #   bash scripts/gpu-validate.sh OUT_DIR barriers   # a grid barrier's cost alone, by poll mode
 #   bash scripts/gpu-validate.sh OUT_DIR quant   # bench_quant --speed, batch 1 also with the persistent launch
-#                                                #   (and DEPTH=2, POLL=2, L2_AHEAD=1, POLL=2 with
-#                                                #   HEAD_READY=1, POLL=3 alone and with HEAD_READY=1)
+#                                                #   (and DEPTH=2, POLL=1, L2_AHEAD=1, POLL=1 with
+#                                                #   L2_AHEAD=2, and with HEAD_READY=1 too)
 #   bash scripts/gpu-validate.sh OUT_DIR quant-fused  # the same with rope/KV write/decode and norms fused
 #   bash scripts/gpu-validate.sh OUT_DIR persistent  # probe_persistent_layer: one persistent launch for
 #                                                #   every layer's GEMVs against a launch per projection
@@ -28,7 +27,7 @@
 # stage does not stop the next.
 set -u
 if [ $# -lt 2 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
-    sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 out=$1
@@ -64,12 +63,12 @@ for stage in "$@"; do
             --decode-tokens 64 --pdl-modes 1 4 --out "$out" --persistent-variants DEPTH=2 POLL=1 \
             POLL=1,BN_QKV=32,BN_O=8,BN_GU=32,BN_D=8 L2_AHEAD=1 POLL=1,L2_AHEAD=2 POLL=1,SPLITS=4 \
             POLL=2 HEAD_READY=1 POLL=2,HEAD_READY=1 POLL=2,L2_AHEAD=1,HEAD_READY=1 TIMED=1 \
-            POLL=2,HEAD_READY=1,TIMED=1 POLL=3 POLL=3,HEAD_READY=1 POLL=3,HEAD_READY=1,TIMED=1 ;;
+            POLL=2,HEAD_READY=1,TIMED=1 ;;
     barriers)
         run barriers python3 benchmarks/probe_persistent_layer.py --barriers-only --out "$out" ;;
     quant)
         run quant-speed python3 benchmarks/bench_quant.py --speed --reps 10 --persistent --no-progress --out "$out" \
-            --persistent-variants DEPTH=2 POLL=2 L2_AHEAD=1 POLL=2,HEAD_READY=1 POLL=3 POLL=3,HEAD_READY=1 ;;
+            --persistent-variants DEPTH=2 POLL=1 L2_AHEAD=1 POLL=1,L2_AHEAD=2 POLL=1,L2_AHEAD=2,HEAD_READY=1 ;;
     quant-fused)
         run quant-speed-fused python3 benchmarks/bench_quant.py --speed --reps 10 --fused-decode --fused-norms \
             --no-progress --out "$out" ;;

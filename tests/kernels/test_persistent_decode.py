@@ -97,17 +97,3 @@ def test_tile_rows_bounds_registers_and_spreads_tiles() -> None:
     assert tile_rows(1024, 4096, 132) == 4
     assert tile_rows(8, 1024, 132) == 1  # fewer rows than programs: one row a tile
     assert tile_rows(1 << 20, 64, 1) == 256  # one program: the register bound alone
-
-
-@pytest.mark.parametrize("ready", [0, 1], ids=["barriers", "head-ready"])
-def test_poll_3_barrier_has_no_shared_counter(ready: int, compile_sm90) -> None:
-    """POLL 3: each program releases its phase into a word of its own (an exchange, no add at a shared
-    counter) and polls every program's word with relaxed loads, then fences with acquire; with HEAD_READY the
-    wait on a head's count still polls that count."""
-    ptx = _ptx(compile_sm90, 1024, 8, 2, 128, 3072, QUANT=0, DEPTH=1, POLL=3, HEAD_READY=ready)
-    assert ptx.count("atom.global.gpu.release.exch") == 5 - ready  # the grid barriers of a layer
-    loops = re.findall(r"Inner Loop Header(.*?)bra", ptx, flags=re.S)
-    polls = [body for body in loops if "ld.relaxed.gpu.global.b32" in body]
-    assert len(polls) == 5 - ready and not any("atom." in body for body in polls), len(polls)
-    # the acquire fence on each barrier's way out (the compiler may copy it onto both exits: first poll, loop)
-    assert 5 - ready <= ptx.count("fence.acq_rel.gpu") <= 2 * (5 - ready)

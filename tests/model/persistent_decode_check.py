@@ -32,11 +32,10 @@ BLOCKS = (5, 2, 9, 0)
 #: (tiles and work items spread and strided over them, pid past the last tile). DEPTH 2: two weight tiles in
 #: flight a program (PREFETCH false: a phase's first tiles loaded after its barrier); SPLITS through OPTIONS
 #: where the module's is None; HEAD_READY: attention waits on per-head counts of q/k/v tiles (two and one
-#: tiles a head's q, k or v rows), which must come to the full count each step; POLL 3: the barrier of a word a
-#: program (one program: its own word).
+#: tiles a head's q, k or v rows), which must come to the full count each step.
 CASES = ((1, None, {}), (16, None, {"DEPTH": 2}), (4, None, {"DEPTH": 2, "PREFETCH": False}),
          (None, 3, {"L2_AHEAD": 2, "SPLITS": 2}), (3, 5, {"DEPTH": 2}), (4, None, {"HEAD_READY": 1, "BN_QKV": 8}),
-         (2, 3, {"HEAD_READY": 1, "BN_QKV": 16, "PREFETCH": False}), (2, None, {"POLL": 3}))
+         (2, 3, {"HEAD_READY": 1, "BN_QKV": 16, "PREFETCH": False}))
 
 
 def model_for(cfg: ModelConfig, seed: int) -> Transformer:

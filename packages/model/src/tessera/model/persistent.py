@@ -38,8 +38,7 @@ OPTIONS: dict[str, int | bool] = {}
 #: 16384: weights, or bytes of packed int4; the tile heights follow from it) or the tile heights of the four
 #: projections themselves, positions an attention block, whether a phase's first tile loads before its
 #: barrier, the barrier's poll bound, how it polls (POLL 0: an atomic add of zero, 1: an acquire load in
-#: every thread, 2: as 0 with a short sleep between polls, 3: no shared counter, each program storing its
-#: phase to a word of its own and polling every program's word), warps a program, TIMED 1: each program stamps its
+#: every thread, 2: as 0 with a short sleep between polls), warps a program, TIMED 1: each program stamps its
 #: clock at every phase's start and end (read by `phase_profile`), L2_AHEAD a > 0: each program asks the L2
 #: for its share of the projection a ahead as it reaches each projection (compiled out under the
 #: interpreter), SPLITS, the context splits a kv head (default: the programs a kv head; fewer splits, fewer
@@ -51,7 +50,7 @@ TUNABLE = ("DEPTH", "TILE", "BN_QKV", "BN_O", "BN_GU", "BN_D", "BT", "PREFETCH",
 
 
 #: The options that take one of a few integers (the others but PREFETCH take powers of two).
-_CHOICES = {"DEPTH": (1, 2), "POLL": (0, 1, 2, 3), "TIMED": (0, 1), "L2_AHEAD": (0, 1, 2, 3), "HEAD_READY": (0, 1)}
+_CHOICES = {"DEPTH": (1, 2), "POLL": (0, 1, 2), "TIMED": (0, 1), "L2_AHEAD": (0, 1, 2, 3), "HEAD_READY": (0, 1)}
 
 
 def _pow2(n: int) -> bool:
@@ -314,14 +313,13 @@ def _launch_for(model: nn.Module, step: _Step, table: tuple) -> _Launch:
                "o": torch.empty(hkv * g * hd, device=dev, dtype=dtype),
                "gu": torch.empty(2 * cfg.d_ff, device=dev, dtype=dtype),
                "part": torch.empty(hkv * splits * g * (hd + 2), device=dev, dtype=torch.float32),
-               # the barrier's counter (POLL 3: a word a program), the heads' merge and ready counts: one
-               # buffer, so that a step zeroes them with one memset
-               "sync": torch.zeros(pd.FLAG_SLOTS + 2 * hkv, device=dev, dtype=torch.int32),
+               "hcnt": torch.zeros(hkv, device=dev, dtype=torch.int32),
+               "hready": torch.zeros(hkv, device=dev, dtype=torch.int32),
+               "cnt": torch.zeros(1, device=dev, dtype=torch.int32),
                "flag": torch.zeros(1, device=dev, dtype=torch.int32),
                "x": torch.empty(cfg.d_model, device=dev, dtype=torch.float32),
                "times": torch.zeros((pd.timer_slots(cfg.n_layers), programs) if options.get("TIMED") else 1,
                                     device=dev, dtype=torch.int64)}
-    scratch["cnt"], scratch["hcnt"], scratch["hready"] = scratch["sync"].split([pd.FLAG_SLOTS, hkv, hkv])
     ptrs = torch.tensor(addresses, dtype=torch.int64).view(cfg.n_layers, pd.SLOTS).to(dev)
     d, di, p, pack = cfg.d_model, cfg.d_ff, programs, 2 if quant == 2 else 1
     di_p = triton.next_power_of_2(di)
@@ -337,12 +335,9 @@ def _launch_for(model: nn.Module, step: _Step, table: tuple) -> _Launch:
         raise ValueError(f"persistent decode option HEAD_READY=1 needs q/k/v tiles within one head: BN_QKV="
                          f"{meta['BN_QKV']} does not divide head_dim={hd}")
     for key in ("POLL", "TIMED"):
-        if meta.get(key, 0) in (1, 2) and dev.type != "cuda":
-            raise ValueError(f"persistent decode option {key}={meta[key]} runs inline PTX, which needs a CUDA "
-                             f"device; the interpreter runs {key}=0")
-    if meta.get("POLL") == 3 and programs > pd.FLAG_SLOTS:
-        raise ValueError(f"persistent decode option POLL=3 reads one word a program, at most {pd.FLAG_SLOTS}; "
-                         f"this launch has {programs} programs")
+        if meta.get(key, 0) > 0 and dev.type != "cuda":
+            raise ValueError(f"persistent decode option {key}=1 runs inline PTX, which needs a CUDA device; the "
+                             f"interpreter runs {key}=0")
     launch = _Launch(ptrs, tuple(tensors), addresses, scratch, programs, splits, meta, options)
     owned[id(model)] = launch
     model.__dict__.setdefault("_persistent_decode", weakref.WeakSet()).add(launch)
@@ -364,9 +359,9 @@ def hidden(model: nn.Module, input_ids: torch.Tensor, x: torch.Tensor, cos: torc
     launch = _launch_for(model, step, table)
     s, p, meta = launch.scratch, launch.programs, launch.meta
     s["x"].copy_(x.reshape(-1))
-    # the barrier's counter, and each head's merge count (its last split resets it; zeroed anyway should a
-    # launch have given up) and ready count
-    s["sync"].zero_()
+    s["cnt"].zero_()
+    s["hcnt"].zero_()  # the last split of each head resets it; zeroed anyway should a launch have given up
+    s["hready"].zero_()
     args = (s["x"], launch.ptrs, s["a"], s["o"], s["gu"], s["part"], s["hcnt"], s["hready"], s["cnt"], s["flag"],
             cos.reshape(-1), sin.reshape(-1), step.slot, step.table, step.ctx, model.config.norm_eps)
     if meta.get("TIMED"):  # the launch whose stamps `phase_profile` reads (also what a graph replays)

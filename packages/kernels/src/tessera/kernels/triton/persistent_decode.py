@@ -72,53 +72,10 @@ def _poll(counter, POLL: tl.constexpr):
 @triton.jit
 def _grid_barrier(counter, target, flag, SPIN_LIMIT: tl.constexpr, POLL: tl.constexpr = 0):
     """Arrive at `counter` and wait until it reaches `target` (`_wait_for`), from the count the arrival itself
-    returns: the last program to arrive goes on without a poll (acquire and release in one atomic). POLL 3
-    instead: `_flag_barrier` over the FLAG_SLOTS words at `counter`, `target` // programs its phase."""
+    returns: the last program to arrive goes on without a poll (acquire and release in one atomic)."""
     tl.debug_barrier()  # every thread's stores of the phase before the program's release
-    if POLL == 3:
-        _flag_barrier(counter, target // tl.num_programs(0), flag, SPIN_LIMIT)
-    else:
-        seen = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") + 1
-        _wait_for(counter, target, flag, SPIN_LIMIT, POLL, seen)
-
-
-#: Words of the arrival array a POLL 3 barrier reads (one a program; the launch has at most this many).
-FLAG_SLOTS = 256
-_FLAG_SLOTS = tl.constexpr(FLAG_SLOTS)
-
-
-@triton.jit
-def _flag_barrier(flags, phase, flag, SPIN_LIMIT: tl.constexpr):
-    """A barrier with no shared counter: each program stores `phase` into its own word of `flags`
-    (release, one thread; no two arrivals meet at one address), then every thread reads one program's word
-    (relaxed) until the smallest reaches `phase`, and an acquire fence orders what follows after every
-    arrival. Phases only grow within a launch, and `flags` starts it zeroed. After SPIN_LIMIT polls it
-    gives up and counts the failure in `flag`, as `_wait_for`."""
-    pid = tl.program_id(0)
-    P = tl.num_programs(0)
-    tl.atomic_xchg(flags + pid, phase, sem="release", scope="gpu")
-    words = flags + tl.minimum(tl.arange(0, _FLAG_SLOTS), P - 1)
-    low = tl.min(_load_relaxed(words), axis=0)
-    spins = 1
-    while (low < phase) & (spins < SPIN_LIMIT):
-        low = tl.min(_load_relaxed(words), axis=0)
-        spins += 1
-    if not _INTERPRETING:
-        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r", [low], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-    if low < phase:
-        tl.atomic_add(flag, 1)
-    tl.debug_barrier()
-
-
-@triton.jit
-def _load_relaxed(ptrs):
-    """The int32s at `ptrs`, each loaded relaxed at GPU scope (plain loads under the interpreter)."""
-    if _INTERPRETING:
-        return tl.load(ptrs, volatile=True)
-    else:
-        return tl.inline_asm_elementwise("ld.relaxed.gpu.global.b32 $0, [$1];", "=r,l", [ptrs], dtype=tl.int32,
-                                         is_pure=False, pack=1)
+    seen = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") + 1
+    _wait_for(counter, target, flag, SPIN_LIMIT, POLL, seen)
 
 
 @triton.jit
