@@ -309,18 +309,21 @@ def _launch_for(model: nn.Module, step: _Step, table: tuple) -> _Launch:
     programs = 1 if dev.type != "cuda" else torch.cuda.get_device_properties(dev).multi_processor_count
     programs = STEP_PROGRAMS or programs
     splits = SPLITS or options.get("SPLITS") or max(1, programs // hkv)
+    hkv_words = -(-hkv // 4) * 4
     scratch = {"a": torch.empty((hkv * g + 2 * hkv) * hd, device=dev, dtype=dtype),
                "o": torch.empty(hkv * g * hd, device=dev, dtype=dtype),
                "gu": torch.empty(2 * cfg.d_ff, device=dev, dtype=dtype),
                "part": torch.empty(hkv * splits * g * (hd + 2), device=dev, dtype=torch.float32),
                # the barrier's counter and the heads' merge and ready counts: one buffer, so that a step
-               # zeroes them with one memset (three were three graph nodes)
-               "sync": torch.zeros(1 + 2 * hkv, device=dev, dtype=torch.int32),
+               # zeroes them with one memset (three were three graph nodes); each part starts 16-byte
+               # aligned, as separate tensors did
+               "sync": torch.zeros(4 + 2 * hkv_words, device=dev, dtype=torch.int32),
                "flag": torch.zeros(1, device=dev, dtype=torch.int32),
                "x": torch.empty(cfg.d_model, device=dev, dtype=torch.float32),
                "times": torch.zeros((pd.timer_slots(cfg.n_layers), programs) if options.get("TIMED") else 1,
                                     device=dev, dtype=torch.int64)}
-    scratch["cnt"], scratch["hcnt"], scratch["hready"] = scratch["sync"].split([1, hkv, hkv])
+    scratch["cnt"], scratch["hcnt"], scratch["hready"] = (scratch["sync"][i:i + n] for i, n in
+                                                          ((0, 1), (4, hkv), (4 + hkv_words, hkv)))
     ptrs = torch.tensor(addresses, dtype=torch.int64).view(cfg.n_layers, pd.SLOTS).to(dev)
     d, di, p, pack = cfg.d_model, cfg.d_ff, programs, 2 if quant == 2 else 1
     di_p = triton.next_power_of_2(di)
