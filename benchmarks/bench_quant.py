@@ -515,10 +515,12 @@ def main() -> None:
     if args.fused_norms is not None:
         layers.FUSED_NORMS = args.fused_norms
     payload["fused_decode"], payload["fused_norms"] = paged_cache.FUSED_DECODE, layers.FUSED_NORMS
-    if args.quality:
-        payload.update(quality(args))
-    if args.speed:
-        payload.update(speed(args))
+    # wall seconds of each part, so a GPU command's time limit can be planned from an earlier run
+    for name, part in (("quality", quality if args.quality else None), ("speed", speed if args.speed else None)):
+        if part is not None:
+            start = time.perf_counter()
+            payload.update(part(args))
+            payload.setdefault("section_seconds", {})[name] = time.perf_counter() - start
     path = write_result("quant", payload, args.out)
     print(f"\nwrote {path}")
 
