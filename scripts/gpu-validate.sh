@@ -15,8 +15,9 @@
 #                                                #   HF static
 #   bash scripts/gpu-validate.sh OUT_DIR barriers   # a grid barrier's cost alone, by poll mode
 #   bash scripts/gpu-validate.sh OUT_DIR quant   # bench_quant --speed, batch 1 also with the persistent launch
-#                                                #   (and DEPTH=2, POLL=1, L2_AHEAD=1, POLL=1 with
-#                                                #   L2_AHEAD=2, and with HEAD_READY=1 too)
+#                                                #   (and DEPTH=2, and twice the tile, TILE=32768, alone
+#                                                #   and with DEPTH=2: more bytes in flight a program;
+#                                                #   L2_AHEAD=1, POLL=2 with HEAD_READY=1)
 #   bash scripts/gpu-validate.sh OUT_DIR quant-fused  # the same with rope/KV write/decode and norms fused
 #   bash scripts/gpu-validate.sh OUT_DIR persistent  # probe_persistent_layer: one persistent launch for
 #                                                #   every layer's GEMVs against a launch per projection
@@ -27,7 +28,7 @@
 # stage does not stop the next.
 set -u
 if [ $# -lt 2 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
-    sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 out=$1
@@ -68,7 +69,7 @@ for stage in "$@"; do
         run barriers python3 benchmarks/probe_persistent_layer.py --barriers-only --out "$out" ;;
     quant)
         run quant-speed python3 benchmarks/bench_quant.py --speed --reps 10 --persistent --no-progress --out "$out" \
-            --persistent-variants DEPTH=2 POLL=1 L2_AHEAD=1 POLL=1,L2_AHEAD=2 POLL=1,L2_AHEAD=2,HEAD_READY=1 ;;
+            --persistent-variants DEPTH=2 TILE=32768 TILE=32768,DEPTH=2 L2_AHEAD=1 POLL=2,HEAD_READY=1 ;;
     quant-fused)
         run quant-speed-fused python3 benchmarks/bench_quant.py --speed --reps 10 --fused-decode --fused-norms \
             --no-progress --out "$out" ;;
