@@ -516,8 +516,8 @@ def main() -> None:
         layers.FUSED_NORMS = args.fused_norms
     payload["fused_decode"], payload["fused_norms"] = paged_cache.FUSED_DECODE, layers.FUSED_NORMS
     # wall seconds of each part, so a GPU command's time limit can be planned from an earlier run
-    for name, part in (("quality", quality if args.quality else None), ("speed", speed if args.speed else None)):
-        if part is not None:
+    for name, part, wanted in (("quality", quality, args.quality), ("speed", speed, args.speed)):
+        if wanted:
             start = time.perf_counter()
             payload.update(part(args))
             payload.setdefault("section_seconds", {})[name] = time.perf_counter() - start
