@@ -32,10 +32,12 @@ BLOCKS = (5, 2, 9, 0)
 #: (tiles and work items spread and strided over them, pid past the last tile). DEPTH 2: two weight tiles in
 #: flight a program (PREFETCH false: a phase's first tiles loaded after its barrier); SPLITS through OPTIONS
 #: where the module's is None; HEAD_READY: attention waits on per-head counts of q/k/v tiles (two and one
-#: tiles a head's q, k or v rows), which must come to the full count each step.
+#: tiles a head's q, k or v rows), which must come to the full count each step; POLL 2 (its sleep compiled out)
+#: with one program, the barriers and the heads' waits polled as POLL 0.
 CASES = ((1, None, {}), (16, None, {"DEPTH": 2}), (4, None, {"DEPTH": 2, "PREFETCH": False}),
          (None, 3, {"L2_AHEAD": 2, "SPLITS": 2}), (3, 5, {"DEPTH": 2}), (4, None, {"HEAD_READY": 1, "BN_QKV": 8}),
-         (2, 3, {"HEAD_READY": 1, "BN_QKV": 16, "PREFETCH": False}))
+         (2, 3, {"HEAD_READY": 1, "BN_QKV": 16, "PREFETCH": False}),
+         (2, None, {"POLL": 2, "HEAD_READY": 1, "BN_QKV": 8}))
 
 
 def model_for(cfg: ModelConfig, seed: int) -> Transformer:

@@ -338,8 +338,8 @@ def _launch_for(model: nn.Module, step: _Step, table: tuple) -> _Launch:
     if meta.get("HEAD_READY") and hd % meta["BN_QKV"]:
         raise ValueError(f"persistent decode option HEAD_READY=1 needs q/k/v tiles within one head: BN_QKV="
                          f"{meta['BN_QKV']} does not divide head_dim={hd}")
-    for key in ("POLL", "TIMED"):
-        if meta.get(key, 0) > 0 and dev.type != "cuda":
+    for key in ("POLL", "TIMED"):  # POLL 2's sleep, like L2_AHEAD's prefetches, compiles out under the interpreter
+        if meta.get(key) == 1 and dev.type != "cuda":
             raise ValueError(f"persistent decode option {key}=1 runs inline PTX, which needs a CUDA device; the "
                              f"interpreter runs {key}=0")
     launch = _Launch(ptrs, tuple(tensors), addresses, scratch, programs, splits, meta, options)

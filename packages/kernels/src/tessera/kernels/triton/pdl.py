@@ -132,15 +132,12 @@ def prefetch_l2(addr, nbytes, ONE_THREAD: tl.constexpr = False):
     """One bulk L2 prefetch per element: nbytes (a multiple of 16; nothing when 0) from addr (16-byte aligned).
     ONE_THREAD: asked by thread 0 alone, for scalars, which every thread holds (one request, not one a
     thread: the persistent decode kernel asks a tile at a time)."""
-    if ONE_THREAD:
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p, q; .reg .b32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; setp.gt.s32 q, $2, 0; "
-            "and.pred p, p, q; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0; }",
-            "=r,l,r", [addr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0; }",
-            "=r,l,r", [addr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+    everyone = nbytes * 0 + (0 if ONE_THREAD else 1)  # operand $3: whether each thread asks
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p, q; .reg .b32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; setp.ne.s32 q, $3, 0; "
+        "or.pred p, p, q; setp.gt.s32 q, $2, 0; and.pred p, p, q; "
+        "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0; }",
+        "=r,l,r,r", [addr, nbytes, everyone], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

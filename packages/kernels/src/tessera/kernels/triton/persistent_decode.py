@@ -414,7 +414,7 @@ def _attention(A, O, kc, vc, wq, wk, COS, SIN, SLOT, TABLE, t_ctx, PART, HCNT, p
         if item != pid:  # a later item of this program: its first chunk now
             kk, vv = _kv_chunk(kc, vc, TABLE, kvh, begin, cached, HKV, HD, BS, BT)
         if READY:
-            _wait_for(HREADY + kvh, ready, flag, SPIN_LIMIT, POLL, kvh * 0)
+            _wait_for(HREADY + kvh, ready, flag, SPIN_LIMIT, POLL, tl.full((), 0, tl.int32))  # nothing read yet
         q = _rotated(A, kvh * G + gs, wq, cos, sin, eps, HD, QK_NORM, DT)  # [G, HD]
         k_new = _rotated(A + NQ, kvh + one, wk, cos, sin, eps, HD, QK_NORM, DT)  # [1, HD]
         v_new = tl.load(A + NQ + HKV * HD + kvh * HD + ds[None, :] + one[:, None] * 0, cache_modifier=".cg")
