@@ -4,8 +4,9 @@ words, unpacked by PRMT, the next tile loaded while one is multiplied), each tim
 times its weight-only rows (one CUDA graph of back-to-back calls over weight copies that exceed twice L2),
 against bf16 torch.mm and the dense bf16 GEMV (`tessera.kernels.dense.linear`) in the same run. Every
 word-path config is also checked against the reference op on the GPU (its PTX conversion does not run
-under the interpreter). The sum over a Llama-3.2-1B decode step (q/k/v and gate/up fused, as served)
-gives what each family would make of one step.
+under the interpreter). For int4 on an sm_90 GPU the CUDA C++ tensor-core GEMV's launch configs are a
+family of their own ("cuda"). The sum over a Llama-3.2-1B decode step (q/k/v and gate/up fused, as
+served) gives what each family would make of one step.
 
     source scripts/gpu-env.sh && python3 benchmarks/probe_quant_gemv.py --out $OUT
 """
@@ -26,6 +27,9 @@ from bench_kernels import copies_for_l2, graph_seconds
 LLAMA_1B_FUSED = {(2048, 3072): 16, (2048, 2048): 16, (2048, 16384): 16, (8192, 2048): 16, (2048, 128256): 1}
 SQUARES = {(4096, 4096): 0, (8192, 8192): 0}
 GROUP = 128
+#: Config families: the byte-unpacking CUDA-core path, the padded tl.dot path, the word path (Triton), and for
+#: int4 the CUDA C++ tensor-core GEMV (`tessera.kernels.cuda.int4_gemv`, sm_90 only).
+FAMILIES = ("bytes", "dot", "words", "cuda")
 
 
 def _meta(c) -> dict:
@@ -37,8 +41,9 @@ def _family(c) -> str:
 
 
 def sweep(op: str, k: int, n: int) -> tuple[dict, list[dict]]:
-    from tessera.kernels import dense, reference
+    from tessera.kernels import cuda, dense, reference
     from tessera.kernels.triton import quant_gemv as qg
+    from tessera.kernels.triton import quant_matmul as qm
     from tessera.kernels.triton.tuning import bucket
 
     dev = torch.device("cuda")
@@ -71,9 +76,20 @@ def sweep(op: str, k: int, n: int) -> tuple[dict, list[dict]]:
         def run(wi: tuple, y: torch.Tensor, c) -> None:
             qg.launch_int4(x, *wi, GROUP, y, kernel=qg.int4_gemv_kernel, **_meta(c))
     y = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
+    pool = [(c, _family(c), _meta(c)) for c in pool]
+    if op == "int4" and not cuda.int4_gemv_reasons(x, *weights[0], GROUP):
+        mode = qm._cuda_pdl(dev)
+        pool += [(c, "cuda", {"rows_per_block": c[0], "warps": c[1], "pdl": mode}) for c in cuda.int4_gemv_configs(1)]
+        triton_run = run
+
+        def run(wi: tuple, y: torch.Tensor, c) -> None:
+            if isinstance(c, tuple):
+                cuda.int4_gemv(x, *wi, y, *c, pdl=mode)
+            else:
+                triton_run(wi, y, c)
     rows = []
-    for c in pool:
-        row = {"op": op, "K": k, "N": n, "family": _family(c), **_meta(c)}
+    for c, family, meta in pool:
+        row = {"op": op, "K": k, "N": n, "family": family, **meta}
         try:
             run(weights[0], y, c)
             torch.cuda.synchronize()
@@ -105,25 +121,28 @@ def main(argv: list[str] | None = None) -> int:
             ok = [r for r in rows if "us" in r]
             bad += [r for r in ok if r["rel_err"] > 2e-2] + [r for r in rows if "error" in r]
             best = {f: min((r for r in ok if r["family"] == f), key=lambda r: r["us"], default=None)
-                    for f in ("bytes", "dot", "words")}
+                    for f in FAMILIES}
             print(f"\n{op} K={k} N={n}: bf16 mm {peers['bf16_mm_us']:.2f} us, "
                   f"dense GEMV {peers['dense_gemv_us']:.2f} us")
-            for f in ("bytes", "dot", "words"):
+            for f in FAMILIES:
                 top = sorted((r for r in ok if r["family"] == f), key=lambda r: r["us"])[:args.top]
                 if top:
                     print_table(top, f"{op} {f} configs, fastest first")
             shapes.append({"op": op, "K": k, "N": n, **peers, "best": best, "configs": rows})
             before = min((r["us"] for r in (best["bytes"], best["dot"]) if r), default=None)
             words = best["words"]["us"] if best["words"] else None
-            after = min(v for v in (before, words) if v is not None) if (before or words) else None
+            tc = best["cuda"]["us"] if best["cuda"] else None
+            after = min((v for v in (before, words, tc) if v is not None), default=None)
             if calls:
                 sums = step.setdefault(op, {})
                 for key, us in (("bf16_mm", peers["bf16_mm_us"]), ("dense_gemv", peers["dense_gemv_us"]),
-                                ("before", before), ("words", words), ("best", after)):
+                                ("before", before), ("words", words), ("cuda", tc), ("best", after)):
                     if us is not None:
                         sums[key] = sums.get(key, 0.0) + calls * us
             if before and words:
                 print(f"  best words {words:.2f} us vs best before {before:.2f} us: {before / words:.2f}x")
+            if words and tc:
+                print(f"  best CUDA tensor-core GEMV {tc:.2f} us vs best words {words:.2f} us: {words / tc:.2f}x")
     for op, sums in step.items():
         print(f"\nllama-3.2-1b decode step, {op} projections summed (us): "
               + ", ".join(f"{k} {v:.1f}" for k, v in sums.items()))

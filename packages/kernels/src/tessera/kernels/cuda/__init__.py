@@ -1,9 +1,11 @@
-"""CUDA C++ backends (pybind11): `rms_norm`, `rms_norm_residual` and `attention.prefill` (forward only).
+"""CUDA C++ backends (pybind11): `rms_norm`, `rms_norm_residual` and `attention.prefill` (forward only), and
+the tensor-core AWQ int4 decode GEMV (`int4_gemv`).
 
-Registered whenever torch sees a CUDA device and a CUDA toolkit is present; the extension compiles on
-first use (cached) or ahead of time with `python -m tessera.kernels.cuda.build`. Priority sits below
-Triton, so these run when forced (`backend="cuda"`, `TESSERA_KERNELS=rms_norm=cuda`) or when Triton
-is missing.
+The ops are registered whenever torch sees a CUDA device and a CUDA toolkit is present; the extension
+compiles on first use (cached) or ahead of time with `python -m tessera.kernels.cuda.build`. Priority sits
+below Triton, so these run when forced (`backend="cuda"`, `TESSERA_KERNELS=rms_norm=cuda`) or when Triton
+is missing. `int4_gemv` is not an op of its own: the Triton `matmul.int4_awq` takes it for a decode shape
+where a CUDA-graph timing of the shape favours it over the Triton GEMV (`quant_matmul`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,60 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
         max_seqlen = int(cu_seqlens.diff().max())
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return load().attention_prefill(q, k, v, cu_seqlens, int(max_seqlen), bool(causal), scale)
+
+
+#: (rows_per_block, warps) of the int4 GEMV's launches (csrc/int4_gemv.cu); 16 warps only at 16 rows and M <= 8.
+INT4_GEMV_CONFIGS = ((16, 4), (16, 8), (16, 16), (32, 4), (32, 8))
+INT4_GEMV_GROUP = 128
+
+
+def int4_gemv_configs(m: int) -> tuple[tuple[int, int], ...]:
+    """The launch configs the int4 GEMV takes for x of m rows."""
+    return tuple(c for c in INT4_GEMV_CONFIGS if c[1] < 16 or m <= 8)
+
+
+def int4_gemv_reasons(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                      group_size: int) -> list[str]:
+    """Why `int4_gemv` cannot take these inputs (empty when it can): a CUDA device of compute capability 9.0
+    (the extension is built for sm_90a), bf16 or fp16 x of 1 to 16 rows, group_size 128 and K a multiple of it,
+    contiguous 16-byte aligned rows."""
+    reasons = _base_reasons(x, qweight, scales, zeros)
+    if not reasons and torch.cuda.get_device_capability(x.device) != (9, 0):
+        reasons.append(f"compute capability {torch.cuda.get_device_capability(x.device)} is not (9, 0) (sm_90a)")
+    reasons += dtype_reasons("x", x, (torch.float16, torch.bfloat16))
+    if x.dim() != 2 or not 1 <= x.shape[0] <= 16:
+        reasons.append(f"x.shape={tuple(x.shape)} is not [M, K] with 1 <= M <= 16")
+    elif group_size != INT4_GEMV_GROUP or x.shape[1] % INT4_GEMV_GROUP:
+        reasons.append(f"group_size={group_size}, K={x.shape[1]}: needs group_size {INT4_GEMV_GROUP} dividing K")
+    elif qweight.dtype != torch.uint8 or qweight.dim() != 2 or qweight.shape[1] * 2 != x.shape[1]:
+        reasons.append(f"qweight {tuple(qweight.shape)}/{qweight.dtype} is not uint8 [N, K / 2 = {x.shape[1] // 2}]")
+    else:
+        groups = x.shape[1] // INT4_GEMV_GROUP
+        for name, t in (("scales", scales), ("zeros", zeros)):
+            if t.dtype != torch.float32 or t.shape != (qweight.shape[0], groups):
+                reasons.append(f"{name} {tuple(t.shape)}/{t.dtype} is not float32 [N, K / 128 = {groups}]")
+    for name, t, itemsize in (("x", x, x.element_size()), ("qweight", qweight, 1)):
+        if t.dim() == 2 and (t.stride(-1) != 1 or t.data_ptr() % 16 or (t.stride(0) * itemsize) % 16):
+            reasons.append(f"{name} rows are not contiguous and 16-byte aligned")
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if t.dim() == 2 and t.stride(-1) != 1:
+            reasons.append(f"{name} rows are not contiguous")
+    return reasons
+
+
+def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, y: torch.Tensor,
+              rows_per_block: int = 16, warps: int = 8, pdl: int = 0) -> torch.Tensor:
+    """y[M, N] = x @ W.T, W[n, k] = (q - zeros) * scales per group of 128 (`reference.matmul_int4_awq`), on the
+    tensor cores; y is written in place and returned. `pdl`: 0 a plain launch, 1 a programmatic dependent
+    launch, 3 the same with the first weights loaded before the wait (only where nothing launched just before
+    writes them). Inputs as `int4_gemv_reasons` asks; the extension checks them again."""
+    if (rows_per_block, warps) not in int4_gemv_configs(x.shape[0]):
+        raise ValueError(f"(rows_per_block, warps)=({rows_per_block}, {warps}) is not one of "
+                         f"{int4_gemv_configs(x.shape[0])} for M={x.shape[0]}")
+    if pdl not in (0, 1, 3):
+        raise ValueError(f"pdl={pdl} is not 0, 1 or 3")
+    load().int4_gemv(x, qweight, scales, zeros, y, rows_per_block, warps, pdl)
+    return y
 
 
 def supports_rms_norm(x: torch.Tensor | None = None, weight: torch.Tensor | None = None,

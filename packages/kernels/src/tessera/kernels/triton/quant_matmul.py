@@ -8,7 +8,9 @@ so a K tile that spans several groups, or a K that is not a multiple of the tile
 group's scale to another group's weights.
 
 Three paths by M, same op, same results: decode shapes (M <= 16; int4 also needs a group of whole
-32-wide tiles) go to `quant_gemv`'s split-K GEMV kernels, built to stream weights at HBM bandwidth;
+32-wide tiles) go to `quant_gemv`'s split-K GEMV kernels, built to stream weights at HBM bandwidth (for
+int4 with groups of 128 on an sm_90 GPU, or to the CUDA tensor-core GEMV, `tessera.kernels.cuda.int4_gemv`,
+where a CUDA-graph timing of the shape favours it);
 prefill shapes (M > 64, half-precision x) to `quant_dequant` (dequantize the weight once, then cuBLAS);
 the tiled kernels here serve the rest (16 < M <= 64, float32 x, int4 groups the GEMV does not take).
 
@@ -18,6 +20,7 @@ reached through its `torch.library.custom_op`, so tracing sees one opaque op.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -27,11 +30,20 @@ import triton.language as tl
 
 from tessera.kernels import shape_choice
 from tessera.kernels.custom_ops import matmul_custom_op, normed_custom_op
-from tessera.kernels.support import FLOATS, dtype_reasons, no_grad_reasons, norm_reasons, triton_device_reasons
-from tessera.kernels.triton import norm, quant_dequant, quant_gemv, swiglu
+from tessera.kernels.support import (
+    FLOATS,
+    dtype_reasons,
+    no_grad_reasons,
+    norm_reasons,
+    triton_device_reasons,
+    triton_interpreting,
+)
+from tessera.kernels.triton import norm, pdl, quant_dequant, quant_gemv, swiglu
 from tessera.kernels.triton.tuned_launch import TunedLaunch
 from tessera.kernels.triton.tuning import autotune, bucket, dot_precision
 from tessera.specs import KernelRegistry
+
+log = logging.getLogger(__name__)
 
 _INTERPRET = triton.Config({"BM": 16, "BN": 16, "BK": 32}, num_warps=4, num_stages=1)
 _CONFIGS = [
@@ -155,7 +167,7 @@ def _int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
         return quant_dequant.int4_mm(x, qweight, scales, zeros, group_size)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m and n and quant_gemv.serves_int4(m, group_size):
-        quant_gemv.launch_int4(x, qweight, scales, zeros, group_size, y)
+        _int4_gemv(x, qweight, scales, zeros, group_size, y)
     elif m and n:
         mb = bucket(m)
         _int4_launch((mb, n, k, group_size, x.dtype, scales.dtype, zeros.dtype), _grid(m, n), x, qweight, scales,
@@ -166,6 +178,79 @@ def _int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
 
 _int4_launch = TunedLaunch(_int4_kernel)
 _int4_op = matmul_custom_op("matmul_int4_awq", _int4)
+
+#: How closely the CUDA int4 GEMV must agree with the Triton one on a shape before it is taken: the op's
+#: tolerances (`matmul.int4_awq`), per dtype.
+_CUDA_AGREEMENT = {torch.bfloat16: 3e-2, torch.float16: 1e-2}
+#: Per decode shape (int4, M bucket, N, K, dtype): the (rows_per_block, warps) of the CUDA tensor-core GEMV
+#: where it beat the Triton GEMV, else None; and the times (us) of the two.
+_int4_cuda: dict[tuple, tuple[int, int] | None] = {}
+int4_cuda_timings: dict[tuple, dict[str, float]] = {}
+
+
+def _cuda_pdl(device: torch.device) -> int:
+    """The CUDA GEMV's `pdl` argument for the PDL mode a Triton GEMV would launch with here: 3 (weights
+    before the wait) for modes 3 and 4, 1 for modes 1 and 2, else 0."""
+    mode = int(pdl.launch_options(device, gemv=True)["PDL"])
+    return 3 if mode >= pdl.EARLY else (1 if mode else 0)
+
+
+def _int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+               y: torch.Tensor) -> None:
+    """y = the M <= 16 int4 product: the Triton GEMV (`quant_gemv`), or the CUDA tensor-core GEMV
+    (`tessera.kernels.cuda.int4_gemv`) where it takes the inputs (sm_90, group 128, ...) and a CUDA-graph
+    timing of the shape, made at its first call outside a capture, favoured it."""
+    config = None
+    if x.is_cuda and not triton_interpreting():
+        from tessera.kernels import cuda
+
+        if not cuda.int4_gemv_reasons(x, qweight, scales, zeros, group_size):
+            key = ("int4", f"M<={bucket(x.shape[0])}", f"N={qweight.shape[0]}", f"K={x.shape[1]}", x.dtype)
+            config = shape_choice.remembered(_int4_cuda, key,
+                                             lambda: _choose_int4_cuda(key, x, qweight, scales, zeros, group_size, y))
+            if config is not shape_choice.UNSET and config is not None:
+                cuda.int4_gemv(x, qweight, scales, zeros, y, *config, pdl=_cuda_pdl(x.device))
+                return
+    quant_gemv.launch_int4(x, qweight, scales, zeros, group_size, y)
+
+
+def _choose_int4_cuda(key: tuple, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                      group_size: int, y: torch.Tensor) -> tuple[int, int] | None:
+    """The CUDA GEMV's fastest config for this shape if it beats the (tuned) Triton GEMV in CUDA-graph time,
+    else None; None too, with a warning, when the extension does not build."""
+    from tessera.kernels import cuda
+    from tessera.kernels.triton.tuning import graph_bench
+
+    start = time.perf_counter()
+    try:
+        cuda.load()
+    except Exception as exc:  # any build failure leaves the Triton GEMV in place
+        log.warning("int4 decode GEMV: the CUDA extension did not build (%s); the Triton GEMV stays", exc)
+        return None
+    mode = _cuda_pdl(x.device)
+    configs = cuda.int4_gemv_configs(x.shape[0])
+    times = {c: graph_bench(lambda c=c: cuda.int4_gemv(x, qweight, scales, zeros, y, *c, pdl=mode)) for c in configs}
+    best = min(times, key=times.get)
+    # A kernel that disagrees with the Triton GEMV on this shape is never taken, whatever its time.
+    want = torch.empty_like(y)
+    quant_gemv.launch_int4(x, qweight, scales, zeros, group_size, want)
+    cuda.int4_gemv(x, qweight, scales, zeros, y, *best, pdl=mode)
+    tol = _CUDA_AGREEMENT[x.dtype]
+    if not torch.allclose(y, want, atol=tol, rtol=tol):
+        log.warning("int4 decode GEMV, %s: the CUDA GEMV differs from the Triton GEMV by up to %.3g; not taken",
+                    _label(key), (y.float() - want.float()).abs().max().item())
+        return None
+    won = shape_choice.faster(f"int4 decode GEMV, {_label(key)}", start, int4_cuda_timings, key,
+                              ("triton", lambda: quant_gemv.launch_int4(x, qweight, scales, zeros, group_size, y)),
+                              ("cuda", lambda: cuda.int4_gemv(x, qweight, scales, zeros, y, *best, pdl=mode)))
+    int4_cuda_timings[key]["cuda_config"] = list(best)
+    return best if won else None
+
+
+def int4_cuda_choices() -> dict[str, dict[str, object]]:
+    """Per timed int4 decode shape: 'cuda' (the tensor-core GEMV) or 'triton', and the times."""
+    return {_label(key): {"backend": "triton" if config is None else "cuda", **int4_cuda_timings.get(key, {})}
+            for key, config in _int4_cuda.items() if config is not shape_choice.UNSET}
 
 
 def matmul_int4_awq(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

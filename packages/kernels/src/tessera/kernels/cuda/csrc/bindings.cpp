@@ -96,11 +96,48 @@ at::Tensor attention_prefill(const at::Tensor& q, const at::Tensor& k, const at:
   return o;
 }
 
+void int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+               const at::Tensor& y, int64_t rows_per_block, int64_t warps, int64_t pdl) {
+  TORCH_CHECK(x.is_cuda() && qweight.is_cuda() && scales.is_cuda() && zeros.is_cuda() && y.is_cuda(),
+              "int4_gemv needs CUDA tensors");
+  TORCH_CHECK(x.dim() == 2 && qweight.dim() == 2 && y.dim() == 2, "x, qweight and y must be 2-D, got x=", x.sizes(),
+              " qweight=", qweight.sizes(), " y=", y.sizes());
+  const int64_t m = x.size(0), k = x.size(1), n = qweight.size(0);
+  TORCH_CHECK(m >= 1 && m <= 16, "int4_gemv takes 1 to 16 rows of x, got x.shape[0]=", m);
+  TORCH_CHECK(k % 128 == 0 && qweight.size(1) * 2 == k, "x.shape[1]=", k, " must be a multiple of 128 and twice ",
+              "qweight.shape[1]=", qweight.size(1));
+  TORCH_CHECK(scales.sizes() == zeros.sizes() && scales.size(0) == n && scales.size(1) * 128 == k,
+              "scales/zeros shapes ", scales.sizes(), "/", zeros.sizes(), " are not [N, K / 128] = [", n, ", ", k / 128,
+              "]");
+  TORCH_CHECK(qweight.scalar_type() == at::kByte, "qweight.dtype=", qweight.scalar_type(), " is not uint8");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kFloat, "scales/zeros dtypes ",
+              scales.scalar_type(), "/", zeros.scalar_type(), " are not float32");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, "x.dtype=", x.scalar_type(),
+              " is not bfloat16/float16");
+  TORCH_CHECK(y.scalar_type() == x.scalar_type() && y.size(0) == m && y.size(1) == n && y.stride(1) == 1,
+              "y ", y.sizes(), "/", y.scalar_type(), " is not a row-major [", m, ", ", n, "] of x's dtype");
+  TORCH_CHECK(x.stride(1) == 1 && qweight.stride(1) == 1 && scales.stride(1) == 1 && zeros.stride(1) == 1,
+              "x, qweight, scales and zeros need contiguous rows");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && (x.stride(0) * 2) % 16 == 0,
+              "x rows must be 16-byte aligned");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0 && qweight.stride(0) % 16 == 0,
+              "qweight rows must be 16-byte aligned");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const NvtxRange range("tessera::int4_gemv");
+  check_cuda(tessera::int4_gemv(x.data_ptr(), x.stride(0), qweight.data_ptr<uint8_t>(), qweight.stride(0),
+                                scales.data_ptr<float>(), scales.stride(0), zeros.data_ptr<float>(), zeros.stride(0),
+                                y.data_ptr(), y.stride(0), static_cast<int>(m), static_cast<int>(n),
+                                static_cast<int>(k), static_cast<int>(rows_per_block), static_cast<int>(warps),
+                                static_cast<int>(pdl), dtype_of(x, "x"), at::cuda::getCurrentCUDAStream()),
+             "int4_gemv launch");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Tessera CUDA C++ kernels: rms_norm, rms_norm_residual, attention_prefill";
+  m.doc() = "Tessera CUDA C++ kernels: rms_norm, rms_norm_residual, attention_prefill, int4_gemv";
   m.def("rms_norm", &rms_norm, "y = rms_norm(x, weight, eps)");
   m.def("rms_norm_residual", &rms_norm_residual, "(y, h) = rms_norm_residual(x, residual, weight, eps)");
   m.def("attention_prefill", &attention_prefill, "o = attention_prefill(q, k, v, cu_seqlens, max_seqlen, causal, scale)");
+  m.def("int4_gemv", &int4_gemv, "int4_gemv(x, qweight, scales, zeros, y, rows_per_block, warps, pdl): y = x @ W.T");
 }

@@ -1,0 +1,350 @@
+// AWQ int4 decode GEMV on the tensor cores: y[M, N] = x[M, K] @ W.T for M <= 16, group size 128.
+//
+// W is stored as codes q in [0, 15] packed two a byte along K (even k in the low nibble), with a float32
+// scale s and zero z per row and group: W[n, k] = (q - z) * s. At decode shapes the product is a stream of
+// weights, and the CUDA-core GEMV is bound by turning each code into a float (a PRMT, a subtraction, an FMA:
+// an H200 then runs int4 no faster than int8, about 4e12 weights/s). Here a code becomes half of a 16-bit
+// float by one LOP3 per two codes ((bits & 0x000F000F) | magic: 128 + q in bf16, 1024 + q in fp16, exact),
+// and `mma.sync.m16n8k16` does the multiply-adds, x in its B operand (one column a token, up to 8 a tile).
+//
+// The order of k inside a sum is free, so the fragments need no re-packed weights: lane (r, t) of a warp
+// (r = lane / 4, t = lane % 4) loads 16 bytes of rows r and r + 8 of its tile, k = 128 g + 32 t .. + 31 of
+// group g, and uses them as its A-fragment elements of eight k-steps; every lane with the same t loads x
+// at the same k for its B fragment, so each product pairs a weight with the x of its own k. One group is
+// eight k-steps. A ninth product per step, of ones with the same B, gives the group's sum of x, and the
+// group adds s * (sum (bias + q) x - (bias + z) * sum x) to the row: the bias of the magic number and the
+// zero point come out together, in float32, so any float zero point is exact to float32 rounding.
+//
+// A block takes 16 * RT rows and its WARPS warps share out the groups (warp w: groups w, w + WARPS, ...);
+// each warp keeps STAGES groups of weights, scales and zeros in flight in registers, then the warps' sums
+// are added in warp order through shared memory (deterministic) and rounded once to x's dtype.
+//
+// Programmatic dependent launch: with pdl >= 1 the kernel launches with the programmatic-stream-
+// serialization attribute, waits (`griddepcontrol.wait`) before it reads x, and lets the next kernel launch
+// once it has waited; with pdl == 3 (early weights) its first STAGES groups of weights, scales and zeros
+// load before the wait, which is safe only while nothing launched before it writes them.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "convert.cuh"
+#include "kernels.h"
+
+namespace tessera {
+namespace {
+
+constexpr int kGroup = 128;  // k a group; one group is the 4 x 32 k of one A-fragment pass
+constexpr int kStages = 2;
+
+template <typename T>
+struct Half16;
+template <>
+struct Half16<__nv_bfloat16> {
+  static constexpr uint32_t kMagic = 0x43004300u;  // 128.0 twice; 128 + q for a 4-bit q in the mantissa
+  static constexpr uint32_t kOnes = 0x3F803F80u;   // 1.0 twice
+  static constexpr float kBias = 128.0f;
+};
+template <>
+struct Half16<__half> {
+  static constexpr uint32_t kMagic = 0x64006400u;  // 1024.0 twice
+  static constexpr uint32_t kOnes = 0x3C003C00u;
+  static constexpr float kBias = 1024.0f;
+};
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+// Codes s and s + 4 of word w as two 16-bit floats bias + q (low half: code s).
+template <typename T, int S>
+__device__ __forceinline__ uint32_t codes(uint32_t w) {
+  uint32_t out;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(out) : "r"(w >> (4 * S)), "r"(0x000F000Fu), "r"(Half16<T>::kMagic));
+  return out;
+}
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t out;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(out) : "r"(a), "r"(b), "r"(sel));
+  return out;
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
+  return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
+}
+
+__device__ __forceinline__ uint4 load_weights(const uint8_t* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ void grid_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+__device__ __forceinline__ void launch_dependents() { asm volatile("griddepcontrol.launch_dependents;\n" :::); }
+
+// One group in flight: for each row tile and half (rows r, r + 8) 16 bytes of codes and the scale and zero;
+// for each token tile 32 x values (x at k = 128 g + 32 t + i, i = 0..31, as 16 words of two).
+template <int RT, int NT>
+struct Stage {
+  uint4 w[RT][2];
+  float s[RT][2];
+  float z[RT][2];
+  uint4 x[NT][4];
+};
+
+template <typename T, int RT, int NT, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32) int4_gemv_kernel(const T* __restrict__ x, int64_t ldx,
+                                                                const uint8_t* __restrict__ qw, int64_t ldq,
+                                                                const float* __restrict__ scales, int64_t lds,
+                                                                const float* __restrict__ zeros, int64_t ldz,
+                                                                T* __restrict__ y, int64_t ldy, int m, int n,
+                                                                int groups, int pdl) {
+  __shared__ float partial[WARPS][RT * 16][NT * 8];
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int r = lane >> 2;
+  const int t = lane & 3;
+  const int row0 = blockIdx.x * (16 * RT);
+  const int count = warp < groups ? (groups - warp + WARPS - 1) / WARPS : 0;  // this warp's groups
+
+  // Rows past n read the last row (their sums are never stored), so no load needs a predicate.
+  const uint8_t* wrow[RT][2];
+  const float* srow[RT][2];
+  const float* zrow[RT][2];
+#pragma unroll
+  for (int i = 0; i < RT; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = min(row0 + 16 * i + r + 8 * h, n - 1);
+      wrow[i][h] = qw + row * ldq + 16 * t;
+      srow[i][h] = scales + row * lds;
+      zrow[i][h] = zeros + row * ldz;
+    }
+  }
+  const T* xrow[NT];
+  bool xok[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    const int token = 8 * j + r;
+    xok[j] = token < m;
+    xrow[j] = x + static_cast<int64_t>(xok[j] ? token : 0) * ldx + 32 * t;
+  }
+
+  auto load_static = [&](Stage<RT, NT>& st, int g) {
+#pragma unroll
+    for (int i = 0; i < RT; ++i) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        st.w[i][h] = load_weights(wrow[i][h] + static_cast<int64_t>(g) * (kGroup / 2));
+        st.s[i][h] = __ldg(srow[i][h] + g);
+        st.z[i][h] = __ldg(zrow[i][h] + g);
+      }
+    }
+  };
+  auto load_x = [&](Stage<RT, NT>& st, int g) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const uint4* p = reinterpret_cast<const uint4*>(xrow[j] + static_cast<int64_t>(g) * kGroup);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) st.x[j][q] = xok[j] ? p[q] : make_uint4(0, 0, 0, 0);  // after the wait
+    }
+  };
+
+  Stage<RT, NT> ring[kStages];
+  if (pdl == 3) {
+#pragma unroll
+    for (int s = 0; s < kStages; ++s)
+      if (s < count) load_static(ring[s], warp + WARPS * s);
+    grid_wait();
+  } else {
+    grid_wait();  // a no-op when launched without the PDL attribute
+#pragma unroll
+    for (int s = 0; s < kStages; ++s)
+      if (s < count) load_static(ring[s], warp + WARPS * s);
+  }
+#pragma unroll
+  for (int s = 0; s < kStages; ++s)
+    if (s < count) load_x(ring[s], warp + WARPS * s);
+  launch_dependents();
+
+  float acc[RT][NT][4];
+#pragma unroll
+  for (int i = 0; i < RT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+  constexpr uint32_t kOnes = Half16<T>::kOnes;
+  constexpr float kBias = Half16<T>::kBias;
+#pragma unroll 1
+  for (int c0 = 0; c0 < count; c0 += kStages) {
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) {
+      const int c = c0 + s;
+      if (c >= count) break;
+      Stage<RT, NT>& st = ring[s];
+      float d[RT][NT][4];
+      float ones[NT][4];
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          ones[j][e] = 0.0f;
+#pragma unroll
+          for (int i = 0; i < RT; ++i) d[i][j][e] = 0.0f;
+        }
+#pragma unroll
+      for (int step = 0; step < 8; ++step) {
+        const int mw = step >> 1;  // the word of each 16 bytes (8 codes, k = 8 mw .. 8 mw + 7)
+        const int odd = step & 1;  // codes 2 odd, 2 odd + 4 (A regs 0, 1) and 2 odd + 1, 2 odd + 5 (regs 2, 3)
+        uint32_t b[NT][2];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const uint32_t lo = word(st.x[j][mw], odd);  // x at 8 mw + 2 odd, + 1
+          const uint32_t hi = word(st.x[j][mw], 2 + odd);  // x at 8 mw + 2 odd + 4, + 5
+          b[j][0] = prmt(lo, hi, 0x5410);  // (x[8 mw + 2 odd], x[8 mw + 2 odd + 4])
+          b[j][1] = prmt(lo, hi, 0x7632);  // (x[8 mw + 2 odd + 1], x[8 mw + 2 odd + 5])
+        }
+#pragma unroll
+        for (int i = 0; i < RT; ++i) {
+          const uint32_t w0 = word(st.w[i][0], mw);
+          const uint32_t w1 = word(st.w[i][1], mw);
+          uint32_t a0, a1, a2, a3;
+          if (odd) {
+            a0 = codes<T, 2>(w0);
+            a1 = codes<T, 2>(w1);
+            a2 = codes<T, 3>(w0);
+            a3 = codes<T, 3>(w1);
+          } else {
+            a0 = codes<T, 0>(w0);
+            a1 = codes<T, 0>(w1);
+            a2 = codes<T, 1>(w0);
+            a3 = codes<T, 1>(w1);
+          }
+#pragma unroll
+          for (int j = 0; j < NT; ++j) mma16816<T>(d[i][j], a0, a1, a2, a3, b[j][0], b[j][1]);
+        }
+#pragma unroll
+        for (int j = 0; j < NT; ++j) mma16816<T>(ones[j], kOnes, kOnes, kOnes, kOnes, b[j][0], b[j][1]);
+      }
+      // d: rows r (e 0, 1) and r + 8 (e 2, 3), tokens 2t, 2t + 1; ones: each token's sum of x (any row).
+#pragma unroll
+      for (int i = 0; i < RT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int h = e >> 1;
+            acc[i][j][e] += st.s[i][h] * (d[i][j][e] - (st.z[i][h] + kBias) * ones[j][e & 1]);
+          }
+      if (c + kStages < count) {
+        load_static(st, warp + WARPS * (c + kStages));
+        load_x(st, warp + WARPS * (c + kStages));
+      }
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < RT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) partial[warp][16 * i + r + 8 * (e >> 1)][8 * j + 2 * t + (e & 1)] = acc[i][j][e];
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < RT * 16 * NT * 8; idx += WARPS * 32) {
+    const int row = idx / (NT * 8);
+    const int token = idx % (NT * 8);
+    if (token < m && row0 + row < n) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w) sum += partial[w][row][token];
+      y[static_cast<int64_t>(token) * ldy + row0 + row] = from_float<T>(sum);
+    }
+  }
+}
+
+template <typename T, int RT, int NT, int WARPS>
+cudaError_t launch(const void* x, int64_t ldx, const uint8_t* qw, int64_t ldq, const float* scales, int64_t lds,
+                   const float* zeros, int64_t ldz, void* y, int64_t ldy, int m, int n, int k, int pdl,
+                   cudaStream_t stream) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((n + 16 * RT - 1) / (16 * RT));
+  cfg.blockDim = dim3(WARPS * 32);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl > 0 ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, int4_gemv_kernel<T, RT, NT, WARPS>, static_cast<const T*>(x), ldx, qw, ldq,
+                            scales, lds, zeros, ldz, static_cast<T*>(y), ldy, m, n, k / kGroup, pdl);
+}
+
+template <typename T, int RT, int NT>
+cudaError_t by_warps(int warps, const void* x, int64_t ldx, const uint8_t* qw, int64_t ldq, const float* scales,
+                     int64_t lds, const float* zeros, int64_t ldz, void* y, int64_t ldy, int m, int n, int k, int pdl,
+                     cudaStream_t stream) {
+  switch (warps) {
+    case 4: return launch<T, RT, NT, 4>(x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream);
+    case 8: return launch<T, RT, NT, 8>(x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream);
+    case 16:  // 512 threads leave 128 registers a thread: only one row tile and one token tile fit unspilled
+      if constexpr (RT == 1 && NT == 1)
+        return launch<T, RT, NT, 16>(x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream);
+      return cudaErrorInvalidValue;
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T>
+cudaError_t by_tiles(int rows_per_block, int warps, const void* x, int64_t ldx, const uint8_t* qw, int64_t ldq,
+                     const float* scales, int64_t lds, const float* zeros, int64_t ldz, void* y, int64_t ldy, int m,
+                     int n, int k, int pdl, cudaStream_t stream) {
+  const bool wide = m > 8;
+  if (rows_per_block == 16) {
+    return wide ? by_warps<T, 1, 2>(warps, x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream)
+                : by_warps<T, 1, 1>(warps, x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream);
+  }
+  if (rows_per_block == 32) {
+    return wide ? by_warps<T, 2, 2>(warps, x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream)
+                : by_warps<T, 2, 1>(warps, x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t int4_gemv(const void* x, int64_t ldx, const uint8_t* qweight, int64_t ldq, const float* scales,
+                      int64_t lds, const float* zeros, int64_t ldz, void* y, int64_t ldy, int m, int n, int k,
+                      int rows_per_block, int warps, int pdl, DType dtype, cudaStream_t stream) {
+  if (m < 1 || m > 16 || n < 1 || k < kGroup || k % kGroup != 0) return cudaErrorInvalidValue;
+  switch (dtype) {
+    case DType::kBFloat16:
+      return by_tiles<__nv_bfloat16>(rows_per_block, warps, x, ldx, qweight, ldq, scales, lds, zeros, ldz, y, ldy,
+                                     m, n, k, pdl, stream);
+    case DType::kFloat16:
+      return by_tiles<__half>(rows_per_block, warps, x, ldx, qweight, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k,
+                              pdl, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace tessera
