@@ -79,7 +79,8 @@ def sweep(op: str, k: int, n: int) -> tuple[dict, list[dict]]:
     pool = [(c, _family(c), _meta(c)) for c in pool]
     if op == "int4" and not cuda.int4_gemv_reasons(x, *weights[0], GROUP):
         mode = qm._cuda_pdl(dev)
-        pool += [(c, "cuda", {"rows_per_block": c[0], "warps": c[1], "pdl": mode}) for c in cuda.int4_gemv_configs(1)]
+        pool += [(c, "cuda", {"rows_per_block": c[0], "warps": c[1], "loop": c[2], "pdl": mode})
+                 for c in cuda.int4_gemv_configs(1, k)]
         triton_run = run
 
         def run(wi: tuple, y: torch.Tensor, c) -> None:

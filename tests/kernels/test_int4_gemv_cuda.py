@@ -34,7 +34,7 @@ def test_every_config_and_pdl_mode_matches_the_reference(m: int, n: int, k: int,
     want = reference.matmul_int4_awq(x, qweight, scales, zeros, 128)
     exact = (x.double() @ reference.dequantize_int4(qweight, scales, zeros, 128).double().T)
     tol = {torch.bfloat16: 3e-2, torch.float16: 1e-2}[dtype]
-    for config in cuda.int4_gemv_configs(m):
+    for config in cuda.int4_gemv_configs(m, k):
         for pdl in (0, 1, 3):
             y = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
             cuda.int4_gemv(x, qweight, scales, zeros, y, *config, pdl=pdl)
@@ -80,8 +80,10 @@ def test_inputs_it_cannot_take_are_named() -> None:
 def test_bad_launch_arguments_raise_before_the_extension_loads() -> None:
     x, qweight, scales, zeros = _inputs(9, 8, 256, torch.bfloat16, "cpu", 0)
     y = torch.empty(9, 8, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match=r"\(rows_per_block, warps\)=\(16, 16\)"):
+    with pytest.raises(ValueError, match=r"\(rows_per_block, warps, loop\)=\(16, 16, False\)"):
         cuda.int4_gemv(x, qweight, scales, zeros, y, 16, 16)  # 16 warps only up to 8 tokens
+    with pytest.raises(ValueError, match=r"=\(16, 4, True\)"):
+        cuda.int4_gemv(x, qweight, scales, zeros, y, 16, 4, loop=True)  # K = 256: 2 groups for 4 warps
     with pytest.raises(ValueError, match="pdl=2"):
         cuda.int4_gemv(x, qweight, scales, zeros, y, 16, 8, pdl=2)
 
@@ -96,11 +98,12 @@ def test_the_choice_takes_the_cuda_gemv_only_when_faster_and_in_agreement(monkey
     x, qweight, scales, zeros = _inputs(1, 8, 256, torch.bfloat16, "cpu", 0)
     y = torch.empty(1, 8, dtype=torch.bfloat16)
     state = {"cuda_value": 1.0, "last": None}
-    cost = {"triton": 5.0, (16, 4): 4.0, (16, 8): 3.0, (16, 16): 6.0, (32, 4): 7.0, (32, 8): 8.0}
+    cost = {"triton": 5.0, **{c: 9.0 for c in cuda.int4_gemv_configs(1, 256)}, (16, 4, False): 4.0,
+            (32, 4, False): 3.0}
 
-    def fake_cuda(x, qweight, scales, zeros, y, rows, warps, pdl=0):
+    def fake_cuda(x, qweight, scales, zeros, y, rows, warps, loop, pdl=0):
         y.fill_(state["cuda_value"])
-        state["last"] = (rows, warps)
+        state["last"] = (rows, warps, loop)
 
     def fake_triton(x, qweight, scales, zeros, group_size, y):
         y.fill_(1.0)
@@ -116,10 +119,10 @@ def test_the_choice_takes_the_cuda_gemv_only_when_faster_and_in_agreement(monkey
     monkeypatch.setattr(quant_gemv, "launch_int4", fake_triton)
     monkeypatch.setattr(tuning, "graph_bench", fake_bench)
     key = ("int4", "M<=1", "N=8", "K=256", torch.bfloat16)
-    assert qm._choose_int4_cuda(key, x, qweight, scales, zeros, 128, y) == (16, 8)
-    assert qm.int4_cuda_timings[key] == {"triton_us": 5.0, "cuda_us": 3.0, "cuda_config": [16, 8]}
+    assert qm._choose_int4_cuda(key, x, qweight, scales, zeros, 128, y) == (32, 4, False)
+    assert qm.int4_cuda_timings[key] == {"triton_us": 5.0, "cuda_us": 3.0, "cuda_config": [32, 4, False]}
     state["cuda_value"] = 1.5  # as fast, but wrong: never taken
     assert qm._choose_int4_cuda(key, x, qweight, scales, zeros, 128, y) is None
     state["cuda_value"] = 1.0
-    cost.update({(16, 8): 5.5, (16, 4): 6.0})  # slower than Triton everywhere
+    cost.update({(32, 4, False): 5.5, (16, 4, False): 6.0})  # slower than Triton everywhere
     assert qm._choose_int4_cuda(key, x, qweight, scales, zeros, 128, y) is None

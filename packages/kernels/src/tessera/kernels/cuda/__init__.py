@@ -43,14 +43,18 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     return load().attention_prefill(q, k, v, cu_seqlens, int(max_seqlen), bool(causal), scale)
 
 
-#: (rows_per_block, warps) of the int4 GEMV's launches (csrc/int4_gemv.cu); 16 warps only at 16 rows and M <= 8.
-INT4_GEMV_CONFIGS = ((16, 4), (16, 8), (16, 16), (32, 4), (32, 8))
+#: (rows_per_block, warps, loop) of the int4 GEMV's launches (csrc/int4_gemv.cu): a block a row tile, or
+#: (loop) a resident grid stepping through them; 16 warps only at 16 rows and M <= 8.
+INT4_GEMV_CONFIGS = tuple((rows, warps, loop) for loop in (False, True)
+                          for rows, warps in ((16, 4), (16, 8), (16, 16), (32, 4), (32, 8)))
 INT4_GEMV_GROUP = 128
 
 
-def int4_gemv_configs(m: int) -> tuple[tuple[int, int], ...]:
-    """The launch configs the int4 GEMV takes for x of m rows."""
-    return tuple(c for c in INT4_GEMV_CONFIGS if c[1] < 16 or m <= 8)
+def int4_gemv_configs(m: int, k: int) -> tuple[tuple[int, int, bool], ...]:
+    """The launch configs the int4 GEMV takes for x [m, k]: a looping grid needs k / 128 groups a multiple of
+    the warps (every warp the same share of a tile)."""
+    return tuple(c for c in INT4_GEMV_CONFIGS
+                 if (c[1] < 16 or m <= 8) and (not c[2] or (k // INT4_GEMV_GROUP) % c[1] == 0))
 
 
 def int4_gemv_reasons(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -83,17 +87,19 @@ def int4_gemv_reasons(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
 
 
 def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, y: torch.Tensor,
-              rows_per_block: int = 16, warps: int = 8, pdl: int = 0) -> torch.Tensor:
+              rows_per_block: int = 16, warps: int = 8, loop: bool = False, pdl: int = 0) -> torch.Tensor:
     """y[M, N] = x @ W.T, W[n, k] = (q - zeros) * scales per group of 128 (`reference.matmul_int4_awq`), on the
-    tensor cores; y is written in place and returned. `pdl`: 0 a plain launch, 1 a programmatic dependent
-    launch, 3 the same with the first weights loaded before the wait (only where nothing launched just before
-    writes them). Inputs as `int4_gemv_reasons` asks; the extension checks them again."""
-    if (rows_per_block, warps) not in int4_gemv_configs(x.shape[0]):
-        raise ValueError(f"(rows_per_block, warps)=({rows_per_block}, {warps}) is not one of "
-                         f"{int4_gemv_configs(x.shape[0])} for M={x.shape[0]}")
+    tensor cores; y is written in place and returned. `loop`: a resident grid whose blocks step through the
+    row tiles. `pdl`: 0 a plain launch, 1 a programmatic dependent launch, 3 the same with the first weights
+    loaded before the wait (only where nothing launched just before writes them). Inputs as
+    `int4_gemv_reasons` asks; the extension checks them again."""
+    config = (rows_per_block, warps, bool(loop))
+    if config not in int4_gemv_configs(x.shape[0], x.shape[1]):
+        raise ValueError(f"(rows_per_block, warps, loop)={config} is not one of "
+                         f"{int4_gemv_configs(x.shape[0], x.shape[1])} for x.shape={tuple(x.shape)}")
     if pdl not in (0, 1, 3):
         raise ValueError(f"pdl={pdl} is not 0, 1 or 3")
-    load().int4_gemv(x, qweight, scales, zeros, y, rows_per_block, warps, pdl)
+    load().int4_gemv(x, qweight, scales, zeros, y, rows_per_block, warps, bool(loop), pdl)
     return y
 
 

@@ -182,9 +182,9 @@ _int4_op = matmul_custom_op("matmul_int4_awq", _int4)
 #: How closely the CUDA int4 GEMV must agree with the Triton one on a shape before it is taken: the op's
 #: tolerances (`matmul.int4_awq`), per dtype.
 _CUDA_AGREEMENT = {torch.bfloat16: 3e-2, torch.float16: 1e-2}
-#: Per decode shape (int4, M bucket, N, K, dtype): the (rows_per_block, warps) of the CUDA tensor-core GEMV
+#: Per decode shape (int4, M bucket, N, K, dtype): the (rows_per_block, warps, loop) of the CUDA tensor-core GEMV
 #: where it beat the Triton GEMV, else None; and the times (us) of the two.
-_int4_cuda: dict[tuple, tuple[int, int] | None] = {}
+_int4_cuda: dict[tuple, tuple[int, int, bool] | None] = {}
 int4_cuda_timings: dict[tuple, dict[str, float]] = {}
 
 
@@ -215,7 +215,7 @@ def _int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
 
 
 def _choose_int4_cuda(key: tuple, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                      group_size: int, y: torch.Tensor) -> tuple[int, int] | None:
+                      group_size: int, y: torch.Tensor) -> tuple[int, int, bool] | None:
     """The CUDA GEMV's fastest config for this shape if it beats the (tuned) Triton GEMV in CUDA-graph time,
     else None; None too, with a warning, when the extension does not build."""
     from tessera.kernels import cuda
@@ -228,7 +228,7 @@ def _choose_int4_cuda(key: tuple, x: torch.Tensor, qweight: torch.Tensor, scales
         log.warning("int4 decode GEMV: the CUDA extension did not build (%s); the Triton GEMV stays", exc)
         return None
     mode = _cuda_pdl(x.device)
-    configs = cuda.int4_gemv_configs(x.shape[0])
+    configs = cuda.int4_gemv_configs(*x.shape)
     times = {c: graph_bench(lambda c=c: cuda.int4_gemv(x, qweight, scales, zeros, y, *c, pdl=mode)) for c in configs}
     best = min(times, key=times.get)
     # A kernel that disagrees with the Triton GEMV on this shape is never taken, whatever its time.

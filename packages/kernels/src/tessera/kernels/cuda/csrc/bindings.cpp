@@ -97,7 +97,7 @@ at::Tensor attention_prefill(const at::Tensor& q, const at::Tensor& k, const at:
 }
 
 void int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
-               const at::Tensor& y, int64_t rows_per_block, int64_t warps, int64_t pdl) {
+               const at::Tensor& y, int64_t rows_per_block, int64_t warps, bool loop, int64_t pdl) {
   TORCH_CHECK(x.is_cuda() && qweight.is_cuda() && scales.is_cuda() && zeros.is_cuda() && y.is_cuda(),
               "int4_gemv needs CUDA tensors");
   TORCH_CHECK(x.dim() == 2 && qweight.dim() == 2 && y.dim() == 2, "x, qweight and y must be 2-D, got x=", x.sizes(),
@@ -127,7 +127,7 @@ void int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
   check_cuda(tessera::int4_gemv(x.data_ptr(), x.stride(0), qweight.data_ptr<uint8_t>(), qweight.stride(0),
                                 scales.data_ptr<float>(), scales.stride(0), zeros.data_ptr<float>(), zeros.stride(0),
                                 y.data_ptr(), y.stride(0), static_cast<int>(m), static_cast<int>(n),
-                                static_cast<int>(k), static_cast<int>(rows_per_block), static_cast<int>(warps),
+                                static_cast<int>(k), static_cast<int>(rows_per_block), static_cast<int>(warps), loop,
                                 static_cast<int>(pdl), dtype_of(x, "x"), at::cuda::getCurrentCUDAStream()),
              "int4_gemv launch");
 }
@@ -139,5 +139,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "y = rms_norm(x, weight, eps)");
   m.def("rms_norm_residual", &rms_norm_residual, "(y, h) = rms_norm_residual(x, residual, weight, eps)");
   m.def("attention_prefill", &attention_prefill, "o = attention_prefill(q, k, v, cu_seqlens, max_seqlen, causal, scale)");
-  m.def("int4_gemv", &int4_gemv, "int4_gemv(x, qweight, scales, zeros, y, rows_per_block, warps, pdl): y = x @ W.T");
+  m.def("int4_gemv", &int4_gemv, "int4_gemv(x, qweight, scales, zeros, y, rows_per_block, warps, loop, pdl): y = x @ W.T");
 }

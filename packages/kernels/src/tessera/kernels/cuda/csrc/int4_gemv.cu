@@ -16,8 +16,10 @@
 // zero point come out together, in float32, so any float zero point is exact to float32 rounding.
 //
 // A block takes 16 * RT rows and its WARPS warps share out the groups (warp w: groups w, w + WARPS, ...);
-// each warp keeps STAGES groups of weights, scales and zeros in flight in registers, then the warps' sums
-// are added in warp order through shared memory (deterministic) and rounded once to x's dtype.
+// each warp keeps two groups of weights, scales, zeros and x in flight in registers, then the warps' sums
+// are added in warp order through shared memory (deterministic) and rounded once to x's dtype. A block
+// takes one row tile, or (LOOP) the grid is what fits on the GPU at once and each block steps through
+// row tiles, its next tile's first groups loading while it adds up the current one.
 //
 // Programmatic dependent launch: with pdl >= 1 the kernel launches with the programmatic-stream-
 // serialization attribute, waits (`griddepcontrol.wait`) before it reads x, and lets the next kernel launch
@@ -110,7 +112,7 @@ struct Stage {
   uint4 x[NT][4];
 };
 
-template <typename T, int RT, int NT, int WARPS>
+template <typename T, int RT, int NT, int WARPS, bool LOOP>
 __global__ void __launch_bounds__(WARPS * 32) int4_gemv_kernel(const T* __restrict__ x, int64_t ldx,
                                                                 const uint8_t* __restrict__ qw, int64_t ldq,
                                                                 const float* __restrict__ scales, int64_t lds,
@@ -122,23 +124,14 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_kernel(const T* __restri
   const int lane = threadIdx.x & 31;
   const int r = lane >> 2;
   const int t = lane & 3;
-  const int row0 = blockIdx.x * (16 * RT);
-  const int count = warp < groups ? (groups - warp + WARPS - 1) / WARPS : 0;  // this warp's groups
+  // LOOP: the block takes row tiles blockIdx.x, + gridDim.x, ... and every warp has the same number of
+  // groups (the host asks groups % WARPS == 0), so all warps reach each tile's end together; the loads of
+  // the next tile's first groups are in flight while the block adds up the current one.
+  const int count = warp < groups ? (groups - warp + WARPS - 1) / WARPS : 0;  // this warp's groups a tile
+  const int tiles = (n + 16 * RT - 1) / (16 * RT);
+  const int my_tiles = LOOP ? (tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 1;
+  const int total = my_tiles * count;
 
-  // Rows past n read the last row (their sums are never stored), so no load needs a predicate.
-  const uint8_t* wrow[RT][2];
-  const float* srow[RT][2];
-  const float* zrow[RT][2];
-#pragma unroll
-  for (int i = 0; i < RT; ++i) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t row = min(row0 + 16 * i + r + 8 * h, n - 1);
-      wrow[i][h] = qw + row * ldq + 16 * t;
-      srow[i][h] = scales + row * lds;
-      zrow[i][h] = zeros + row * ldz;
-    }
-  }
   const T* xrow[NT];
   bool xok[NT];
 #pragma unroll
@@ -148,18 +141,24 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_kernel(const T* __restri
     xrow[j] = x + static_cast<int64_t>(xok[j] ? token : 0) * ldx + 32 * t;
   }
 
-  auto load_static = [&](Stage<RT, NT>& st, int g) {
+  // Item f of this warp: row tile blockIdx.x + (f / count) * gridDim.x, group warp + WARPS * (f % count).
+  // Rows past n read the last row (their sums are never stored), so no load needs a predicate.
+  auto load_static = [&](Stage<RT, NT>& st, int f) {
+    const int tile = blockIdx.x + (f / count) * gridDim.x;
+    const int g = warp + WARPS * (f % count);
 #pragma unroll
     for (int i = 0; i < RT; ++i) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        st.w[i][h] = load_weights(wrow[i][h] + static_cast<int64_t>(g) * (kGroup / 2));
-        st.s[i][h] = __ldg(srow[i][h] + g);
-        st.z[i][h] = __ldg(zrow[i][h] + g);
+        const int64_t row = min(tile * (16 * RT) + 16 * i + r + 8 * h, n - 1);
+        st.w[i][h] = load_weights(qw + row * ldq + static_cast<int64_t>(g) * (kGroup / 2) + 16 * t);
+        st.s[i][h] = __ldg(scales + row * lds + g);
+        st.z[i][h] = __ldg(zeros + row * ldz + g);
       }
     }
   };
-  auto load_x = [&](Stage<RT, NT>& st, int g) {
+  auto load_x = [&](Stage<RT, NT>& st, int f) {
+    const int g = warp + WARPS * (f % count);
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       const uint4* p = reinterpret_cast<const uint4*>(xrow[j] + static_cast<int64_t>(g) * kGroup);
@@ -168,39 +167,65 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_kernel(const T* __restri
     }
   };
 
+  float acc[RT][NT][4];
+  auto clear = [&]() {
+#pragma unroll
+    for (int i = 0; i < RT; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+  };
+  // The warps' sums of row tile `tile`, added in warp order and rounded once; syncs the block twice.
+  auto finish = [&](int tile) {
+#pragma unroll
+    for (int i = 0; i < RT; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          partial[warp][16 * i + r + 8 * (e >> 1)][8 * j + 2 * t + (e & 1)] = acc[i][j][e];
+    __syncthreads();
+    const int row0 = tile * (16 * RT);
+    for (int idx = threadIdx.x; idx < RT * 16 * NT * 8; idx += WARPS * 32) {
+      const int row = idx / (NT * 8);
+      const int token = idx % (NT * 8);
+      if (token < m && row0 + row < n) {
+        float sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) sum += partial[w][row][token];
+        y[static_cast<int64_t>(token) * ldy + row0 + row] = from_float<T>(sum);
+      }
+    }
+    __syncthreads();  // partial is free again
+  };
+
   Stage<RT, NT> ring[kStages];
   if (pdl == 3) {
 #pragma unroll
     for (int s = 0; s < kStages; ++s)
-      if (s < count) load_static(ring[s], warp + WARPS * s);
+      if (s < total) load_static(ring[s], s);
     grid_wait();
   } else {
     grid_wait();  // a no-op when launched without the PDL attribute
 #pragma unroll
     for (int s = 0; s < kStages; ++s)
-      if (s < count) load_static(ring[s], warp + WARPS * s);
+      if (s < total) load_static(ring[s], s);
   }
 #pragma unroll
   for (int s = 0; s < kStages; ++s)
-    if (s < count) load_x(ring[s], warp + WARPS * s);
+    if (s < total) load_x(ring[s], s);
   launch_dependents();
-
-  float acc[RT][NT][4];
-#pragma unroll
-  for (int i = 0; i < RT; ++i)
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+  clear();
 
   constexpr uint32_t kOnes = Half16<T>::kOnes;
   constexpr float kBias = Half16<T>::kBias;
 #pragma unroll 1
-  for (int c0 = 0; c0 < count; c0 += kStages) {
+  for (int f0 = 0; f0 < total; f0 += kStages) {
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
-      const int c = c0 + s;
-      if (c >= count) break;
+      const int f = f0 + s;
+      if (f >= total) break;
       Stage<RT, NT>& st = ring[s];
       float d[RT][NT][4];
       float ones[NT][4];
@@ -256,38 +281,37 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_kernel(const T* __restri
             const int h = e >> 1;
             acc[i][j][e] += st.s[i][h] * (d[i][j][e] - (st.z[i][h] + kBias) * ones[j][e & 1]);
           }
-      if (c + kStages < count) {
-        load_static(st, warp + WARPS * (c + kStages));
-        load_x(st, warp + WARPS * (c + kStages));
+      if (f + kStages < total) {
+        load_static(st, f + kStages);
+        load_x(st, f + kStages);
+      }
+      if (LOOP && (f + 1) % count == 0) {  // the last group of a tile (the same f in every warp)
+        finish(blockIdx.x + (f / count) * gridDim.x);
+        clear();
       }
     }
   }
-
-#pragma unroll
-  for (int i = 0; i < RT; ++i)
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) partial[warp][16 * i + r + 8 * (e >> 1)][8 * j + 2 * t + (e & 1)] = acc[i][j][e];
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < RT * 16 * NT * 8; idx += WARPS * 32) {
-    const int row = idx / (NT * 8);
-    const int token = idx % (NT * 8);
-    if (token < m && row0 + row < n) {
-      float sum = 0.0f;
-#pragma unroll
-      for (int w = 0; w < WARPS; ++w) sum += partial[w][row][token];
-      y[static_cast<int64_t>(token) * ldy + row0 + row] = from_float<T>(sum);
-    }
-  }
+  if (!LOOP) finish(blockIdx.x);
 }
 
-template <typename T, int RT, int NT, int WARPS>
+template <typename T, int RT, int NT, int WARPS, bool LOOP>
 cudaError_t launch(const void* x, int64_t ldx, const uint8_t* qw, int64_t ldq, const float* scales, int64_t lds,
                    const float* zeros, int64_t ldz, void* y, int64_t ldy, int m, int n, int k, int pdl,
                    cudaStream_t stream) {
+  const auto kernel = int4_gemv_kernel<T, RT, NT, WARPS, LOOP>;
+  const int tiles = (n + 16 * RT - 1) / (16 * RT);
+  int blocks = tiles;
+  if constexpr (LOOP) {
+    if ((k / kGroup) % WARPS != 0) return cudaErrorInvalidValue;  // warps must have equal shares of a tile
+    int device = 0, sms = 0, per_sm = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WARPS * 32, 0);
+    if (err != cudaSuccess) return err;
+    blocks = min(tiles, max(1, per_sm) * sms);  // resident at once: each loops over its share of the tiles
+  }
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((n + 16 * RT - 1) / (16 * RT));
+  cfg.gridDim = dim3(blocks);
   cfg.blockDim = dim3(WARPS * 32);
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
@@ -295,37 +319,46 @@ cudaError_t launch(const void* x, int64_t ldx, const uint8_t* qw, int64_t ldq, c
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl > 0 ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, int4_gemv_kernel<T, RT, NT, WARPS>, static_cast<const T*>(x), ldx, qw, ldq,
-                            scales, lds, zeros, ldz, static_cast<T*>(y), ldy, m, n, k / kGroup, pdl);
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<const T*>(x), ldx, qw, ldq, scales, lds, zeros, ldz,
+                            static_cast<T*>(y), ldy, m, n, k / kGroup, pdl);
 }
 
-template <typename T, int RT, int NT>
+template <typename T, int RT, int NT, bool LOOP>
 cudaError_t by_warps(int warps, const void* x, int64_t ldx, const uint8_t* qw, int64_t ldq, const float* scales,
                      int64_t lds, const float* zeros, int64_t ldz, void* y, int64_t ldy, int m, int n, int k, int pdl,
                      cudaStream_t stream) {
   switch (warps) {
-    case 4: return launch<T, RT, NT, 4>(x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream);
-    case 8: return launch<T, RT, NT, 8>(x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream);
+    case 4: return launch<T, RT, NT, 4, LOOP>(x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream);
+    case 8: return launch<T, RT, NT, 8, LOOP>(x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream);
     case 16:  // 512 threads leave 128 registers a thread: only one row tile and one token tile fit unspilled
       if constexpr (RT == 1 && NT == 1)
-        return launch<T, RT, NT, 16>(x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream);
+        return launch<T, RT, NT, 16, LOOP>(x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream);
       return cudaErrorInvalidValue;
     default: return cudaErrorInvalidValue;
   }
 }
 
+template <typename T, int RT, int NT>
+cudaError_t by_loop(bool loop, int warps, const void* x, int64_t ldx, const uint8_t* qw, int64_t ldq,
+                    const float* scales, int64_t lds, const float* zeros, int64_t ldz, void* y, int64_t ldy, int m,
+                    int n, int k, int pdl, cudaStream_t stream) {
+  return loop ? by_warps<T, RT, NT, true>(warps, x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream)
+              : by_warps<T, RT, NT, false>(warps, x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl,
+                                           stream);
+}
+
 template <typename T>
-cudaError_t by_tiles(int rows_per_block, int warps, const void* x, int64_t ldx, const uint8_t* qw, int64_t ldq,
-                     const float* scales, int64_t lds, const float* zeros, int64_t ldz, void* y, int64_t ldy, int m,
-                     int n, int k, int pdl, cudaStream_t stream) {
+cudaError_t by_tiles(int rows_per_block, int warps, bool loop, const void* x, int64_t ldx, const uint8_t* qw,
+                     int64_t ldq, const float* scales, int64_t lds, const float* zeros, int64_t ldz, void* y,
+                     int64_t ldy, int m, int n, int k, int pdl, cudaStream_t stream) {
   const bool wide = m > 8;
   if (rows_per_block == 16) {
-    return wide ? by_warps<T, 1, 2>(warps, x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream)
-                : by_warps<T, 1, 1>(warps, x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream);
+    return wide ? by_loop<T, 1, 2>(loop, warps, x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream)
+                : by_loop<T, 1, 1>(loop, warps, x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream);
   }
   if (rows_per_block == 32) {
-    return wide ? by_warps<T, 2, 2>(warps, x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream)
-                : by_warps<T, 2, 1>(warps, x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream);
+    return wide ? by_loop<T, 2, 2>(loop, warps, x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream)
+                : by_loop<T, 2, 1>(loop, warps, x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -334,15 +367,15 @@ cudaError_t by_tiles(int rows_per_block, int warps, const void* x, int64_t ldx, 
 
 cudaError_t int4_gemv(const void* x, int64_t ldx, const uint8_t* qweight, int64_t ldq, const float* scales,
                       int64_t lds, const float* zeros, int64_t ldz, void* y, int64_t ldy, int m, int n, int k,
-                      int rows_per_block, int warps, int pdl, DType dtype, cudaStream_t stream) {
+                      int rows_per_block, int warps, bool loop, int pdl, DType dtype, cudaStream_t stream) {
   if (m < 1 || m > 16 || n < 1 || k < kGroup || k % kGroup != 0) return cudaErrorInvalidValue;
   switch (dtype) {
     case DType::kBFloat16:
-      return by_tiles<__nv_bfloat16>(rows_per_block, warps, x, ldx, qweight, ldq, scales, lds, zeros, ldz, y, ldy,
-                                     m, n, k, pdl, stream);
+      return by_tiles<__nv_bfloat16>(rows_per_block, warps, loop, x, ldx, qweight, ldq, scales, lds, zeros, ldz, y,
+                                     ldy, m, n, k, pdl, stream);
     case DType::kFloat16:
-      return by_tiles<__half>(rows_per_block, warps, x, ldx, qweight, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k,
-                              pdl, stream);
+      return by_tiles<__half>(rows_per_block, warps, loop, x, ldx, qweight, ldq, scales, lds, zeros, ldz, y, ldy, m,
+                              n, k, pdl, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -26,10 +26,11 @@ cudaError_t attention_forward(const void* q, const void* k, const void* v, void*
 // size 128 (k a multiple of it). x and y are bf16 or fp16 rows (ldx, ldy in elements; x rows 16-byte
 // aligned); qweight [n, k / 2] uint8, two codes a byte, even k low (ldq in bytes, rows 16-byte aligned);
 // scales and zeros [n, k / 128] float32 (lds, ldz in elements). rows_per_block 16 or 32; warps 4 or 8, or 16
-// with 16 rows and m <= 8. pdl 0 (plain launch), 1 (programmatic dependent launch, waiting first) or 3 (the
-// same, with the first weights loaded before the wait).
+// with 16 rows and m <= 8. loop: a resident grid whose blocks step through the row tiles (needs k / 128 a
+// multiple of warps) instead of a block a tile. pdl 0 (plain launch), 1 (programmatic dependent launch,
+// waiting first) or 3 (the same, with the first weights loaded before the wait).
 cudaError_t int4_gemv(const void* x, int64_t ldx, const uint8_t* qweight, int64_t ldq, const float* scales,
                       int64_t lds, const float* zeros, int64_t ldz, void* y, int64_t ldy, int m, int n, int k,
-                      int rows_per_block, int warps, int pdl, DType dtype, cudaStream_t stream);
+                      int rows_per_block, int warps, bool loop, int pdl, DType dtype, cudaStream_t stream);
 
 }  // namespace tessera
