@@ -3,17 +3,18 @@
 // W is stored as codes q in [0, 15] packed two a byte along K (even k in the low nibble), with a float32
 // scale s and zero z per row and group: W[n, k] = (q - z) * s. At decode shapes the product is a stream of
 // weights, and the CUDA-core GEMV is bound by turning each code into a float (a PRMT, a subtraction, an FMA:
-// an H200 then runs int4 no faster than int8, about 4e12 weights/s). Here a code becomes half of a 16-bit
-// float by one LOP3 per two codes ((bits & 0x000F000F) | magic: 128 + q in bf16, 1024 + q in fp16, exact),
-// and `mma.sync.m16n8k16` does the multiply-adds, x in its B operand (one column a token, up to 8 a tile).
+// an H200 then runs int4 no faster than int8, about 4e12 weights/s). Here two codes become two 16-bit floats
+// by one LOP3 ((bits & 0x000F000F) | magic: 128 + q in bf16, 1024 + q in fp16) and one packed subtraction
+// of the magic, exactly, and `mma.sync.m16n8k16` does the multiply-adds, x in its B operand (one column a
+// token, up to 8 a tile).
 //
 // The order of k inside a sum is free, so the fragments need no re-packed weights: lane (r, t) of a warp
 // (r = lane / 4, t = lane % 4) loads 16 bytes of rows r and r + 8 of its tile, k = 128 g + 32 t .. + 31 of
 // group g, and uses them as its A-fragment elements of eight k-steps; every lane with the same t loads x
 // at the same k for its B fragment, so each product pairs a weight with the x of its own k. One group is
 // eight k-steps. A ninth product per step, of ones with the same B, gives the group's sum of x, and the
-// group adds s * (sum (bias + q) x - (bias + z) * sum x) to the row: the bias of the magic number and the
-// zero point come out together, in float32, so any float zero point is exact to float32 rounding.
+// group adds s * (sum q x - z * sum x) to the row in float32 (as the Triton GEMV), so any float zero point
+// works.
 //
 // A block takes 16 * RT rows and its WARPS warps share out the groups (warp w: groups w, w + WARPS, ...);
 // each warp keeps two groups of weights, scales, zeros and x in flight in registers, then the warps' sums
@@ -46,13 +47,11 @@ template <>
 struct Half16<__nv_bfloat16> {
   static constexpr uint32_t kMagic = 0x43004300u;  // 128.0 twice; 128 + q for a 4-bit q in the mantissa
   static constexpr uint32_t kOnes = 0x3F803F80u;   // 1.0 twice
-  static constexpr float kBias = 128.0f;
 };
 template <>
 struct Half16<__half> {
   static constexpr uint32_t kMagic = 0x64006400u;  // 1024.0 twice
   static constexpr uint32_t kOnes = 0x3C003C00u;
-  static constexpr float kBias = 1024.0f;
 };
 
 template <typename T>
@@ -73,11 +72,19 @@ __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1
   }
 }
 
-// Codes s and s + 4 of word w as two 16-bit floats bias + q (low half: code s).
+// Codes s and s + 4 of word w as two 16-bit floats q (low half: code s): bias + q by one LOP3, then the bias
+// subtracted in the same precision, exactly. Keeping the bias in the products instead (and taking it out
+// with the sum of x) lost float32 bits to cancellation: fp16 rows came out 8x further from the exact
+// product than the float32 reference (H100, 2026-12-06).
 template <typename T, int S>
 __device__ __forceinline__ uint32_t codes(uint32_t w) {
-  uint32_t out;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(out) : "r"(w >> (4 * S)), "r"(0x000F000Fu), "r"(Half16<T>::kMagic));
+  uint32_t biased, out;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(biased) : "r"(w >> (4 * S)), "r"(0x000F000Fu), "r"(Half16<T>::kMagic));
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm("sub.rn.bf16x2 %0, %1, %2;\n" : "=r"(out) : "r"(biased), "r"(Half16<T>::kMagic));
+  } else {
+    asm("sub.rn.f16x2 %0, %1, %2;\n" : "=r"(out) : "r"(biased), "r"(Half16<T>::kMagic));
+  }
   return out;
 }
 
@@ -219,7 +226,6 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_kernel(const T* __restri
   clear();
 
   constexpr uint32_t kOnes = Half16<T>::kOnes;
-  constexpr float kBias = Half16<T>::kBias;
 #pragma unroll 1
   for (int f0 = 0; f0 < total; f0 += kStages) {
 #pragma unroll
@@ -279,7 +285,7 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_kernel(const T* __restri
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int h = e >> 1;
-            acc[i][j][e] += st.s[i][h] * (d[i][j][e] - (st.z[i][h] + kBias) * ones[j][e & 1]);
+            acc[i][j][e] += st.s[i][h] * (d[i][j][e] - st.z[i][h] * ones[j][e & 1]);
           }
       if (f + kStages < total) {
         load_static(st, f + kStages);
