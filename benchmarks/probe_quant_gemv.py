@@ -76,26 +76,24 @@ def sweep(op: str, k: int, n: int) -> tuple[dict, list[dict]]:
         def run(wi: tuple, y: torch.Tensor, c) -> None:
             qg.launch_int4(x, *wi, GROUP, y, kernel=qg.int4_gemv_kernel, **_meta(c))
     y = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
-    pool = [(c, _family(c), _meta(c)) for c in pool]
+    pool = [(run, c, _family(c), _meta(c)) for c in pool]  # each config with the launcher that runs it
     if op == "int4" and not cuda.int4_gemv_reasons(x, *weights[0], GROUP):
         mode = qm._cuda_pdl(dev)
-        pool += [(c, "cuda", {"rows_per_block": c[0], "warps": c[1], "loop": c[2], "pdl": mode})
-                 for c in cuda.int4_gemv_configs(1, k)]
-        triton_run = run
 
-        def run(wi: tuple, y: torch.Tensor, c) -> None:
-            if isinstance(c, tuple):
-                cuda.int4_gemv(x, *wi, y, *c, pdl=mode)
-            else:
-                triton_run(wi, y, c)
+        def run_cuda(wi: tuple, y: torch.Tensor, c: tuple) -> None:
+            cuda.int4_gemv(x, *wi, y, *c, pdl=mode)
+
+        pool += [(run_cuda, c, "cuda", {"rows_per_block": c[0], "warps": c[1], "loop": c[2], "pdl": mode})
+                 for c in cuda.int4_gemv_configs(1, k)]
     rows = []
-    for c, family, meta in pool:
+    for launch, c, family, meta in pool:
         row = {"op": op, "K": k, "N": n, "family": family, **meta}
         try:
-            run(weights[0], y, c)
+            launch(weights[0], y, c)
             torch.cuda.synchronize()
             err = ((y.float() - want).abs().max() / want.abs().max()).item()
-            sec = graph_seconds([lambda wi=wi, c=c: run(wi, y, c) for wi in weights * max(1, 20 // len(weights))])
+            sec = graph_seconds([lambda wi=wi, c=c, launch=launch: launch(wi, y, c)
+                                 for wi in weights * max(1, 20 // len(weights))])
             row.update(us=sec * 1e6, rel_err=err, TBps=nbytes / sec / 1e12,
                        vs_bf16_mm=peers["bf16_mm_us"] / (sec * 1e6), vs_dense_gemv=peers["dense_gemv_us"] / (sec * 1e6))
         except Exception as e:  # out of resources and the like: reported, the sweep goes on

@@ -60,7 +60,7 @@ def test_the_triton_op_times_the_cuda_gemv_and_keeps_the_faster() -> None:
     torch.cuda.synchronize()
     torch.testing.assert_close(y, reference.matmul_int4_awq(x, qweight, scales, zeros, 128), atol=3e-2, rtol=3e-2)
     assert torch.equal(y, again)
-    choice = qm.int4_cuda_choices()[f"int4 M<=1 N={n} K={k} bfloat16"]
+    choice = qm.int4_cuda_choices()[f"int4 M<=1 N={n} K={k} g=128 bfloat16"]
     assert choice["backend"] in ("cuda", "triton") and choice["triton_us"] > 0 and choice["cuda_us"] > 0, choice
 
 

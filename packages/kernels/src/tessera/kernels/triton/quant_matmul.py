@@ -188,6 +188,13 @@ _int4_cuda: dict[tuple, tuple[int, int, bool] | None] = {}
 int4_cuda_timings: dict[tuple, dict[str, float]] = {}
 
 
+def _shape_key(op: str, m: int, n: int, k: int, dtype: torch.dtype, group_size: int | None = None) -> tuple:
+    """A decode shape's key in the per-shape choice tables ('int8'/'int4', M bucket, N, K, int4's group, dtype);
+    `_label` prints it."""
+    group = () if group_size is None else (f"g={group_size}",)
+    return (op, f"M<={bucket(m)}", f"N={n}", f"K={k}", *group, dtype)
+
+
 def _cuda_pdl(device: torch.device) -> int:
     """The CUDA GEMV's `pdl` argument for the PDL mode a Triton GEMV would launch with here: 3 (weights
     before the wait) for modes 3 and 4, 1 for modes 1 and 2, else 0."""
@@ -200,12 +207,13 @@ def _int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     """y = the M <= 16 int4 product: the Triton GEMV (`quant_gemv`), or the CUDA tensor-core GEMV
     (`tessera.kernels.cuda.int4_gemv`) where it takes the inputs (sm_90, group 128, ...) and a CUDA-graph
     timing of the shape, made at its first call outside a capture, favoured it."""
-    config = None
     if x.is_cuda and not triton_interpreting():
         from tessera.kernels import cuda
 
-        if not cuda.int4_gemv_reasons(x, qweight, scales, zeros, group_size):
-            key = ("int4", f"M<={bucket(x.shape[0])}", f"N={qweight.shape[0]}", f"K={x.shape[1]}", x.dtype)
+        key = _shape_key("int4", x.shape[0], qweight.shape[0], x.shape[1], x.dtype, group_size)
+        # a shape decided for the Triton GEMV skips the CUDA kernel's input checks
+        if _int4_cuda.get(key, shape_choice.UNSET) is not None and not cuda.int4_gemv_reasons(
+                x, qweight, scales, zeros, group_size):
             config = shape_choice.remembered(_int4_cuda, key,
                                              lambda: _choose_int4_cuda(key, x, qweight, scales, zeros, group_size, y))
             if config is not shape_choice.UNSET and config is not None:
@@ -331,7 +339,7 @@ def _int8_gated(gu: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -> tor
     if not (m and n and quant_gemv.serves_int8(m)):
         return _int8(_halves(gu), w_q, scale)
     w_q, scale = w_q.contiguous(), scale.contiguous()
-    key = ("int8", f"M<={bucket(m)}", f"N={n}", f"K={w_q.shape[1]}", gu.dtype)
+    key = _shape_key("int8", m, n, w_q.shape[1], gu.dtype)
     return _gated_or_unfused(gu, n, key, lambda y: quant_gemv.launch_int8(gu, w_q, scale, y, gated=True),
                              lambda x: _int8(x, w_q, scale))
 
@@ -342,7 +350,7 @@ def _int4_gated(gu: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     if not (m and n and quant_gemv.serves_int4(m, group_size)):
         return _int4(_halves(gu), qweight, scales, zeros, group_size)
     qweight, scales, zeros = _rows(qweight), _rows(scales), _rows(zeros)
-    key = ("int4", f"M<={bucket(m)}", f"N={n}", f"K={2 * qweight.shape[1]}", f"g={group_size}", gu.dtype)
+    key = _shape_key("int4", m, n, 2 * qweight.shape[1], gu.dtype, group_size)
     return _gated_or_unfused(
         gu, n, key, lambda y: quant_gemv.launch_int4(gu, qweight, scales, zeros, group_size, y, gated=True),
         lambda x: _int4(x, qweight, scales, zeros, group_size))
@@ -395,7 +403,7 @@ def _int8_normed(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
                  scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     m, n = x.shape[0], w_q.shape[0]
     w_q, scale = w_q.contiguous(), scale.contiguous()
-    key = ("int8", f"M<={bucket(m)}", f"N={n}", f"K={w_q.shape[1]}", x.dtype)
+    key = _shape_key("int8", m, n, w_q.shape[1], x.dtype)
     one_row = m == 1 and n > 0 and quant_gemv.serves_int8(m)
     return _normed_or_unfused(
         x, residual, weight, eps, n, key,
@@ -408,7 +416,7 @@ def _int4_normed(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     m, n = x.shape[0], qweight.shape[0]
     qweight, scales, zeros = _rows(qweight), _rows(scales), _rows(zeros)
-    key = ("int4", f"M<={bucket(m)}", f"N={n}", f"K={2 * qweight.shape[1]}", f"g={group_size}", x.dtype)
+    key = _shape_key("int4", m, n, 2 * qweight.shape[1], x.dtype, group_size)
     one_row = m == 1 and n > 0 and quant_gemv.serves_int4(m, group_size)
     return _normed_or_unfused(
         x, residual, weight, eps, n, key,

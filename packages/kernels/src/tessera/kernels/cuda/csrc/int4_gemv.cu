@@ -300,15 +300,29 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_kernel(const T* __restri
   if (!LOOP) finish(blockIdx.x);
 }
 
+// A launch's operands, as `int4_gemv` takes them, passed down the dispatch on the templates' parameters.
+struct Operands {
+  const void* x;
+  int64_t ldx;
+  const uint8_t* qw;
+  int64_t ldq;
+  const float* scales;
+  int64_t lds;
+  const float* zeros;
+  int64_t ldz;
+  void* y;
+  int64_t ldy;
+  int m, n, k, pdl;
+  cudaStream_t stream;
+};
+
 template <typename T, int RT, int NT, int WARPS, bool LOOP>
-cudaError_t launch(const void* x, int64_t ldx, const uint8_t* qw, int64_t ldq, const float* scales, int64_t lds,
-                   const float* zeros, int64_t ldz, void* y, int64_t ldy, int m, int n, int k, int pdl,
-                   cudaStream_t stream) {
+cudaError_t launch(const Operands& o) {
   const auto kernel = int4_gemv_kernel<T, RT, NT, WARPS, LOOP>;
-  const int tiles = (n + 16 * RT - 1) / (16 * RT);
+  const int tiles = (o.n + 16 * RT - 1) / (16 * RT);
   int blocks = tiles;
   if constexpr (LOOP) {
-    if ((k / kGroup) % WARPS != 0) return cudaErrorInvalidValue;  // warps must have equal shares of a tile
+    if ((o.k / kGroup) % WARPS != 0) return cudaErrorInvalidValue;  // warps must have equal shares of a tile
     int device = 0, sms = 0, per_sm = 0;
     cudaError_t err = cudaGetDevice(&device);
     if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
@@ -319,53 +333,38 @@ cudaError_t launch(const void* x, int64_t ldx, const uint8_t* qw, int64_t ldq, c
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(blocks);
   cfg.blockDim = dim3(WARPS * 32);
-  cfg.stream = stream;
+  cfg.stream = o.stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = pdl > 0 ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kernel, static_cast<const T*>(x), ldx, qw, ldq, scales, lds, zeros, ldz,
-                            static_cast<T*>(y), ldy, m, n, k / kGroup, pdl);
+  cfg.numAttrs = o.pdl > 0 ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<const T*>(o.x), o.ldx, o.qw, o.ldq, o.scales, o.lds, o.zeros,
+                            o.ldz, static_cast<T*>(o.y), o.ldy, o.m, o.n, o.k / kGroup, o.pdl);
 }
 
 template <typename T, int RT, int NT, bool LOOP>
-cudaError_t by_warps(int warps, const void* x, int64_t ldx, const uint8_t* qw, int64_t ldq, const float* scales,
-                     int64_t lds, const float* zeros, int64_t ldz, void* y, int64_t ldy, int m, int n, int k, int pdl,
-                     cudaStream_t stream) {
+cudaError_t by_warps(int warps, const Operands& o) {
   switch (warps) {
-    case 4: return launch<T, RT, NT, 4, LOOP>(x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream);
-    case 8: return launch<T, RT, NT, 8, LOOP>(x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream);
+    case 4: return launch<T, RT, NT, 4, LOOP>(o);
+    case 8: return launch<T, RT, NT, 8, LOOP>(o);
     case 16:  // 512 threads leave 128 registers a thread: only one row tile and one token tile fit unspilled
-      if constexpr (RT == 1 && NT == 1)
-        return launch<T, RT, NT, 16, LOOP>(x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream);
+      if constexpr (RT == 1 && NT == 1) return launch<T, RT, NT, 16, LOOP>(o);
       return cudaErrorInvalidValue;
     default: return cudaErrorInvalidValue;
   }
 }
 
 template <typename T, int RT, int NT>
-cudaError_t by_loop(bool loop, int warps, const void* x, int64_t ldx, const uint8_t* qw, int64_t ldq,
-                    const float* scales, int64_t lds, const float* zeros, int64_t ldz, void* y, int64_t ldy, int m,
-                    int n, int k, int pdl, cudaStream_t stream) {
-  return loop ? by_warps<T, RT, NT, true>(warps, x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream)
-              : by_warps<T, RT, NT, false>(warps, x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl,
-                                           stream);
+cudaError_t by_loop(bool loop, int warps, const Operands& o) {
+  return loop ? by_warps<T, RT, NT, true>(warps, o) : by_warps<T, RT, NT, false>(warps, o);
 }
 
 template <typename T>
-cudaError_t by_tiles(int rows_per_block, int warps, bool loop, const void* x, int64_t ldx, const uint8_t* qw,
-                     int64_t ldq, const float* scales, int64_t lds, const float* zeros, int64_t ldz, void* y,
-                     int64_t ldy, int m, int n, int k, int pdl, cudaStream_t stream) {
-  const bool wide = m > 8;
-  if (rows_per_block == 16) {
-    return wide ? by_loop<T, 1, 2>(loop, warps, x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream)
-                : by_loop<T, 1, 1>(loop, warps, x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream);
-  }
-  if (rows_per_block == 32) {
-    return wide ? by_loop<T, 2, 2>(loop, warps, x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream)
-                : by_loop<T, 2, 1>(loop, warps, x, ldx, qw, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream);
-  }
+cudaError_t by_tiles(int rows_per_block, int warps, bool loop, const Operands& o) {
+  const bool wide = o.m > 8;
+  if (rows_per_block == 16) return wide ? by_loop<T, 1, 2>(loop, warps, o) : by_loop<T, 1, 1>(loop, warps, o);
+  if (rows_per_block == 32) return wide ? by_loop<T, 2, 2>(loop, warps, o) : by_loop<T, 2, 1>(loop, warps, o);
   return cudaErrorInvalidValue;
 }
 
@@ -375,13 +374,10 @@ cudaError_t int4_gemv(const void* x, int64_t ldx, const uint8_t* qweight, int64_
                       int64_t lds, const float* zeros, int64_t ldz, void* y, int64_t ldy, int m, int n, int k,
                       int rows_per_block, int warps, bool loop, int pdl, DType dtype, cudaStream_t stream) {
   if (m < 1 || m > 16 || n < 1 || k < kGroup || k % kGroup != 0) return cudaErrorInvalidValue;
+  const Operands o{x, ldx, qweight, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream};
   switch (dtype) {
-    case DType::kBFloat16:
-      return by_tiles<__nv_bfloat16>(rows_per_block, warps, loop, x, ldx, qweight, ldq, scales, lds, zeros, ldz, y,
-                                     ldy, m, n, k, pdl, stream);
-    case DType::kFloat16:
-      return by_tiles<__half>(rows_per_block, warps, loop, x, ldx, qweight, ldq, scales, lds, zeros, ldz, y, ldy, m,
-                              n, k, pdl, stream);
+    case DType::kBFloat16: return by_tiles<__nv_bfloat16>(rows_per_block, warps, loop, o);
+    case DType::kFloat16: return by_tiles<__half>(rows_per_block, warps, loop, o);
     default: return cudaErrorInvalidValue;
   }
 }
