@@ -45,7 +45,7 @@ from tessera.specs import ModelConfig, QuantConfig
 
 try:
     from tessera.kernels.triton import pdl
-    from tessera.kernels.triton.quant_matmul import gated_choices, int4_cuda_choices, normed_choices
+    from tessera.kernels.triton.quant_matmul import cuda_gemv_choices, gated_choices, normed_choices
 except ImportError:  # no triton: the decode kernels have no PDL modes, nothing is gated or normalised
     pdl = None
 
@@ -55,7 +55,7 @@ except ImportError:  # no triton: the decode kernels have no PDL modes, nothing 
     def normed_choices() -> dict:
         return {}
 
-    def int4_cuda_choices() -> dict:
+    def cuda_gemv_choices() -> dict:
         return {}
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -450,7 +450,7 @@ def speed(args: argparse.Namespace) -> dict:
     return {"speed": {"shape": shape, "dtype": label, "lm_head": head, "context": context, "prefill": [pre_b, pre_t],
                       "ceilings": peak, "methods": results, "checks": checks,
                       "float_projections": dense.choices(), "gated_quant_projections": gated_choices(),
-                      "normed_quant_projections": normed_choices(), "int4_decode_gemvs": int4_cuda_choices(),
+                      "normed_quant_projections": normed_choices(), "cuda_decode_gemvs": cuda_gemv_choices(),
                       "by_pdl_mode": by_mode}}
 
 

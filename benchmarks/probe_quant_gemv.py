@@ -4,8 +4,8 @@ words, unpacked by PRMT, the next tile loaded while one is multiplied), each tim
 times its weight-only rows (one CUDA graph of back-to-back calls over weight copies that exceed twice L2),
 against bf16 torch.mm and the dense bf16 GEMV (`tessera.kernels.dense.linear`) in the same run. Every
 word-path config is also checked against the reference op on the GPU (its PTX conversion does not run
-under the interpreter). For int4 on an sm_90 GPU the CUDA C++ tensor-core GEMV's launch configs are a
-family of their own ("cuda"). The sum over a Llama-3.2-1B decode step (q/k/v and gate/up fused, as
+under the interpreter). On an sm_90 GPU the CUDA C++ tensor-core GEMVs' launch configs (int8 and int4)
+are a family of their own ("cuda"). The sum over a Llama-3.2-1B decode step (q/k/v and gate/up fused, as
 served) gives what each family would make of one step.
 
     source scripts/gpu-env.sh && python3 benchmarks/probe_quant_gemv.py --out $OUT
@@ -27,8 +27,8 @@ from bench_kernels import copies_for_l2, graph_seconds
 LLAMA_1B_FUSED = {(2048, 3072): 16, (2048, 2048): 16, (2048, 16384): 16, (8192, 2048): 16, (2048, 128256): 1}
 SQUARES = {(4096, 4096): 0, (8192, 8192): 0}
 GROUP = 128
-#: Config families: the byte-unpacking CUDA-core path, the padded tl.dot path, the word path (Triton), and for
-#: int4 the CUDA C++ tensor-core GEMV (`tessera.kernels.cuda.int4_gemv`, sm_90 only).
+#: Config families: the byte-unpacking CUDA-core path, the padded tl.dot path, the word path (Triton), and the
+#: CUDA C++ tensor-core GEMVs (`tessera.kernels.cuda.int8_gemv` / `int4_gemv`, sm_90 only).
 FAMILIES = ("bytes", "dot", "words", "cuda")
 
 
@@ -64,6 +64,12 @@ def sweep(op: str, k: int, n: int) -> tuple[dict, list[dict]]:
 
         def run(wi: tuple, y: torch.Tensor, c) -> None:
             qg.launch_int8(x, *wi, y, kernel=qg.int8_gemv_kernel, **_meta(c))
+
+        cuda_ok = not cuda.int8_gemv_reasons(x, *weights[0])
+        cuda_configs = cuda.int8_gemv_configs(1, k)
+
+        def run_cuda(wi: tuple, y: torch.Tensor, c: tuple) -> None:
+            cuda.int8_gemv(x, *wi, y, *c, pdl=mode)
     else:
         nbytes = n * k // 2 + 8 * n * (k // GROUP)
         weights = [(torch.randint(0, 256, (n, k // 2), device=dev, dtype=torch.uint8),
@@ -75,16 +81,18 @@ def sweep(op: str, k: int, n: int) -> tuple[dict, list[dict]]:
 
         def run(wi: tuple, y: torch.Tensor, c) -> None:
             qg.launch_int4(x, *wi, GROUP, y, kernel=qg.int4_gemv_kernel, **_meta(c))
-    y = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
-    pool = [(run, c, _family(c), _meta(c)) for c in pool]  # each config with the launcher that runs it
-    if op == "int4" and not cuda.int4_gemv_reasons(x, *weights[0], GROUP):
-        mode = qm._cuda_pdl(dev)
+
+        cuda_ok = not cuda.int4_gemv_reasons(x, *weights[0], GROUP)
+        cuda_configs = cuda.int4_gemv_configs(1, k)
 
         def run_cuda(wi: tuple, y: torch.Tensor, c: tuple) -> None:
             cuda.int4_gemv(x, *wi, y, *c, pdl=mode)
-
+    y = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
+    pool = [(run, c, _family(c), _meta(c)) for c in pool]  # each config with the launcher that runs it
+    mode = qm._cuda_pdl(dev)
+    if cuda_ok:
         pool += [(run_cuda, c, "cuda", {"rows_per_block": c[0], "warps": c[1], "loop": c[2], "pdl": mode})
-                 for c in cuda.int4_gemv_configs(1, k)]
+                 for c in cuda_configs]
     rows = []
     for launch, c, family, meta in pool:
         row = {"op": op, "K": k, "N": n, "family": family, **meta}

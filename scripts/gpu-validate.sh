@@ -5,7 +5,7 @@
 #   bash scripts/gpu-validate.sh OUT_DIR tests   # GPU tests: serving engine (graphs, overlapped decode),
 #                                                #   persistent decode launch (eager, graph), PDL chain in
 #                                                #   every mode, dense routing, fused cache
-#                                                #   write, the CUDA int4 GEMV (every config and PDL mode),
+#                                                #   write, the CUDA int8 and int4 GEMVs (every config, PDL mode),
 #                                                #   parity of the quantized gated and normalised ops
 #   bash scripts/gpu-validate.sh OUT_DIR serve   # bench_serve decode: engine overlapped and step by step,
 #                                                #   graph replay in PDL modes 3 (default), 1 and 4 and with
@@ -56,7 +56,7 @@ for stage in "$@"; do
     tests)
         run gpu-tests python3 -m pytest -q -m gpu tests/serve tests/kernels/test_pdl.py tests/model/test_persistent.py \
             tests/kernels/test_dense_linear.py tests/kernels/test_quant_gemv.py tests/kernels/test_decode_write.py \
-            tests/kernels/test_int4_gemv_cuda.py
+            tests/kernels/test_quant_gemv_cuda.py
         # the quantized gated and normalised ops (their small-shape parity, ~20 s a case on the H200; the
         # dense ones and the paged decode ops passed at cddc026), on the seed of the strided gated int4 failure
         run new-op-parity env TESSERA_TEST_SEED="${TESSERA_TEST_SEED:-16163947}" python3 -m pytest -q \

@@ -52,7 +52,7 @@ def test_new_length_in_a_tuned_bucket_does_not_stall() -> None:
 
 
 @pytest.mark.skipif(build.nvcc_path() is None, reason="no nvcc on this machine")
-@pytest.mark.parametrize("source", ["rms_norm.cu", "attention.cu", "int4_gemv.cu"])
+@pytest.mark.parametrize("source", ["rms_norm.cu", "attention.cu", "quant_gemv.cu"])
 def test_cuda_sources_compile_for_sm90a(source: str, tmp_path: Path) -> None:
     cmd = [build.nvcc_path(), "-c", str(build.CSRC / source), "-o", str(tmp_path / "k.o"), "-I", str(build.CSRC),
            *build.NVCC_FLAGS]

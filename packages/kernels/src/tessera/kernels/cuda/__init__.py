@@ -1,11 +1,12 @@
 """CUDA C++ backends (pybind11): `rms_norm`, `rms_norm_residual` and `attention.prefill` (forward only), and
-the tensor-core AWQ int4 decode GEMV (`int4_gemv`).
+the tensor-core weight-only decode GEMVs (`int4_gemv` for AWQ int4, `int8_gemv` for int8).
 
 The ops are registered whenever torch sees a CUDA device and a CUDA toolkit is present; the extension
 compiles on first use (cached) or ahead of time with `python -m tessera.kernels.cuda.build`. Priority sits
 below Triton, so these run when forced (`backend="cuda"`, `TESSERA_KERNELS=rms_norm=cuda`) or when Triton
-is missing. `int4_gemv` is not an op of its own: the Triton `matmul.int4_awq` takes it for a decode shape
-where a CUDA-graph timing of the shape favours it over the Triton GEMV (`quant_matmul`).
+is missing. The GEMVs are not ops of their own: the Triton `matmul.int4_awq` and `matmul.int8_weight_only` take
+them for a decode shape where a CUDA-graph timing of the shape favours them over the Triton GEMV
+(`quant_matmul`).
 """
 
 from __future__ import annotations
@@ -43,18 +44,50 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     return load().attention_prefill(q, k, v, cu_seqlens, int(max_seqlen), bool(causal), scale)
 
 
-#: (rows_per_block, warps, loop) of the int4 GEMV's launches (csrc/int4_gemv.cu): a block a row tile, or
+#: (rows_per_block, warps, loop) of the quantized GEMVs' launches (csrc/quant_gemv.cu): a block a row tile, or
 #: (loop) a resident grid stepping through them; 16 warps only at 16 rows and M <= 8.
-INT4_GEMV_CONFIGS = tuple((rows, warps, loop) for loop in (False, True)
-                          for rows, warps in ((16, 4), (16, 8), (16, 16), (32, 4), (32, 8)))
+GEMV_CONFIGS = tuple((rows, warps, loop) for loop in (False, True)
+                     for rows, warps in ((16, 4), (16, 8), (16, 16), (32, 4), (32, 8)))
 INT4_GEMV_GROUP = 128
+#: k of one of the int8 GEMV's work items (64 bytes of a row); K must be a multiple of it.
+INT8_GEMV_ITEM = 64
+
+
+def _gemv_configs(m: int, items: int) -> tuple[tuple[int, int, bool], ...]:
+    # a looping grid needs the items of a row tile a multiple of the warps (every warp the same share)
+    return tuple(c for c in GEMV_CONFIGS if (c[1] < 16 or m <= 8) and (not c[2] or items % c[1] == 0))
 
 
 def int4_gemv_configs(m: int, k: int) -> tuple[tuple[int, int, bool], ...]:
     """The launch configs the int4 GEMV takes for x [m, k]: a looping grid needs k / 128 groups a multiple of
     the warps (every warp the same share of a tile)."""
-    return tuple(c for c in INT4_GEMV_CONFIGS
-                 if (c[1] < 16 or m <= 8) and (not c[2] or (k // INT4_GEMV_GROUP) % c[1] == 0))
+    return _gemv_configs(m, k // INT4_GEMV_GROUP)
+
+
+def int8_gemv_configs(m: int, k: int) -> tuple[tuple[int, int, bool], ...]:
+    """The launch configs the int8 GEMV takes for x [m, k]: a looping grid needs k / 64 a multiple of the warps."""
+    return _gemv_configs(m, k // INT8_GEMV_ITEM)
+
+
+def _gemv_x_reasons(x: torch.Tensor, *tensors: torch.Tensor) -> list[str]:
+    """The quantized GEMVs' common conditions: CUDA tensors on a device of compute capability 9.0 (the
+    extension is built for sm_90a), bf16 or fp16 x of 1 to 16 rows."""
+    reasons = _base_reasons(x, *tensors)
+    if not reasons and torch.cuda.get_device_capability(x.device) != (9, 0):
+        reasons.append(f"compute capability {torch.cuda.get_device_capability(x.device)} is not (9, 0) (sm_90a)")
+    reasons += dtype_reasons("x", x, (torch.float16, torch.bfloat16))
+    if not _rows_ok(x):
+        reasons.append(f"x.shape={tuple(x.shape)} is not [M, K] with 1 <= M <= 16")
+    return reasons
+
+
+def _rows_ok(x: torch.Tensor) -> bool:
+    return x.dim() == 2 and 1 <= x.shape[0] <= 16
+
+
+def _aligned_rows_reasons(**tensors: torch.Tensor) -> list[str]:
+    return [f"{name} rows are not contiguous and 16-byte aligned" for name, t in tensors.items()
+            if t.dim() == 2 and (t.stride(-1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16)]
 
 
 def int4_gemv_reasons(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -62,13 +95,10 @@ def int4_gemv_reasons(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     """Why `int4_gemv` cannot take these inputs (empty when it can): a CUDA device of compute capability 9.0
     (the extension is built for sm_90a), bf16 or fp16 x of 1 to 16 rows, group_size 128 and K a multiple of it,
     contiguous 16-byte aligned rows."""
-    reasons = _base_reasons(x, qweight, scales, zeros)
-    if not reasons and torch.cuda.get_device_capability(x.device) != (9, 0):
-        reasons.append(f"compute capability {torch.cuda.get_device_capability(x.device)} is not (9, 0) (sm_90a)")
-    reasons += dtype_reasons("x", x, (torch.float16, torch.bfloat16))
-    if x.dim() != 2 or not 1 <= x.shape[0] <= 16:
-        reasons.append(f"x.shape={tuple(x.shape)} is not [M, K] with 1 <= M <= 16")
-    elif group_size != INT4_GEMV_GROUP or x.shape[1] % INT4_GEMV_GROUP:
+    reasons = _gemv_x_reasons(x, qweight, scales, zeros)
+    if not _rows_ok(x):
+        return reasons  # nothing below can be told without K
+    if group_size != INT4_GEMV_GROUP or x.shape[1] % INT4_GEMV_GROUP:
         reasons.append(f"group_size={group_size}, K={x.shape[1]}: needs group_size {INT4_GEMV_GROUP} dividing K")
     elif qweight.dtype != torch.uint8 or qweight.dim() != 2 or qweight.shape[1] * 2 != x.shape[1]:
         reasons.append(f"qweight {tuple(qweight.shape)}/{qweight.dtype} is not uint8 [N, K / 2 = {x.shape[1] // 2}]")
@@ -77,13 +107,36 @@ def int4_gemv_reasons(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         for name, t in (("scales", scales), ("zeros", zeros)):
             if t.dtype != torch.float32 or t.shape != (qweight.shape[0], groups):
                 reasons.append(f"{name} {tuple(t.shape)}/{t.dtype} is not float32 [N, K / 128 = {groups}]")
-    for name, t, itemsize in (("x", x, x.element_size()), ("qweight", qweight, 1)):
-        if t.dim() == 2 and (t.stride(-1) != 1 or t.data_ptr() % 16 or (t.stride(0) * itemsize) % 16):
-            reasons.append(f"{name} rows are not contiguous and 16-byte aligned")
+    reasons += _aligned_rows_reasons(x=x, qweight=qweight)
     for name, t in (("scales", scales), ("zeros", zeros)):
         if t.dim() == 2 and t.stride(-1) != 1:
             reasons.append(f"{name} rows are not contiguous")
     return reasons
+
+
+def int8_gemv_reasons(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -> list[str]:
+    """Why `int8_gemv` cannot take these inputs (empty when it can): as `int4_gemv_reasons` for the device and
+    x; K a multiple of 64, int8 w_q [N, K] and a contiguous float32 scale [N], rows contiguous and 16-byte
+    aligned."""
+    reasons = _gemv_x_reasons(x, w_q, scale)
+    if not _rows_ok(x):
+        return reasons
+    if x.shape[1] % INT8_GEMV_ITEM:
+        reasons.append(f"K={x.shape[1]} is not a multiple of {INT8_GEMV_ITEM}")
+    elif w_q.dtype != torch.int8 or w_q.dim() != 2 or w_q.shape[1] != x.shape[1]:
+        reasons.append(f"w_q {tuple(w_q.shape)}/{w_q.dtype} is not int8 [N, K = {x.shape[1]}]")
+    elif scale.dtype != torch.float32 or scale.shape != (w_q.shape[0],) or scale.stride(0) != 1:
+        reasons.append(f"scale {tuple(scale.shape)}/{scale.dtype} is not a contiguous float32 [N = {w_q.shape[0]}]")
+    return reasons + _aligned_rows_reasons(x=x, w_q=w_q)
+
+
+def _check_launch(config: tuple[int, int, bool], configs: tuple[tuple[int, int, bool], ...], x: torch.Tensor,
+                  pdl: int) -> None:
+    if config not in configs:
+        raise ValueError(f"(rows_per_block, warps, loop)={config} is not one of {configs} for "
+                         f"x.shape={tuple(x.shape)}")
+    if pdl not in (0, 1, 3):
+        raise ValueError(f"pdl={pdl} is not 0, 1 or 3")
 
 
 def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, y: torch.Tensor,
@@ -93,13 +146,18 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     row tiles. `pdl`: 0 a plain launch, 1 a programmatic dependent launch, 3 the same with the first weights
     loaded before the wait (only where nothing launched just before writes them). Inputs as
     `int4_gemv_reasons` asks; the extension checks them again."""
-    config = (rows_per_block, warps, bool(loop))
-    if config not in int4_gemv_configs(x.shape[0], x.shape[1]):
-        raise ValueError(f"(rows_per_block, warps, loop)={config} is not one of "
-                         f"{int4_gemv_configs(x.shape[0], x.shape[1])} for x.shape={tuple(x.shape)}")
-    if pdl not in (0, 1, 3):
-        raise ValueError(f"pdl={pdl} is not 0, 1 or 3")
+    _check_launch((rows_per_block, warps, bool(loop)), int4_gemv_configs(*x.shape), x, pdl)
     load().int4_gemv(x, qweight, scales, zeros, y, rows_per_block, warps, bool(loop), pdl)
+    return y
+
+
+def int8_gemv(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, y: torch.Tensor, rows_per_block: int = 16,
+              warps: int = 8, loop: bool = False, pdl: int = 0) -> torch.Tensor:
+    """y[M, N] = x @ (w_q * scale[:, None]).T (`reference.matmul_int8_weight_only`) on the tensor cores, each
+    byte multiplied as its two nibbles; y is written in place and returned. `loop` and `pdl` as in `int4_gemv`;
+    inputs as `int8_gemv_reasons` asks (the extension checks them again)."""
+    _check_launch((rows_per_block, warps, bool(loop)), int8_gemv_configs(*x.shape), x, pdl)
+    load().int8_gemv(x, w_q, scale, y, rows_per_block, warps, bool(loop), pdl)
     return y
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import ModuleType
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("bindings.cpp", "rms_norm.cu", "attention.cu", "int4_gemv.cu")
+SOURCES = ("bindings.cpp", "rms_norm.cu", "attention.cu", "quant_gemv.cu")
 ARCH_FLAGS = ("-gencode=arch=compute_90a,code=sm_90a",)
 NVCC_FLAGS = ("-O3", "-lineinfo", "--use_fast_math", "-std=c++17", *ARCH_FLAGS)
 NAME = "tessera_cuda_kernels"

@@ -8,9 +8,9 @@ so a K tile that spans several groups, or a K that is not a multiple of the tile
 group's scale to another group's weights.
 
 Three paths by M, same op, same results: decode shapes (M <= 16; int4 also needs a group of whole
-32-wide tiles) go to `quant_gemv`'s split-K GEMV kernels, built to stream weights at HBM bandwidth (for
-int4 with groups of 128 on an sm_90 GPU, or to the CUDA tensor-core GEMV, `tessera.kernels.cuda.int4_gemv`,
-where a CUDA-graph timing of the shape favours it);
+32-wide tiles) go to `quant_gemv`'s split-K GEMV kernels, built to stream weights at HBM bandwidth (on an
+sm_90 GPU, int8 and int4 with groups of 128 go instead to the CUDA tensor-core GEMVs,
+`tessera.kernels.cuda.int8_gemv` and `int4_gemv`, where a CUDA-graph timing of the shape favours them);
 prefill shapes (M > 64, half-precision x) to `quant_dequant` (dequantize the weight once, then cuBLAS);
 the tiled kernels here serve the rest (16 < M <= 64, float32 x, int4 groups the GEMV does not take).
 
@@ -108,7 +108,7 @@ def _int8(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -> torch.Tens
         return quant_dequant.int8_mm(x, w_q, scale)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m and n and quant_gemv.serves_int8(m):
-        quant_gemv.launch_int8(x, w_q, scale, y)
+        _int8_gemv(x, w_q, scale, y)
     elif m and n:
         mb = bucket(m)
         _int8_launch((mb, n, k, x.dtype, scale.dtype), _grid(m, n), x, w_q, scale, y, m, n, k, x.stride(0),
@@ -179,13 +179,17 @@ def _int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
 _int4_launch = TunedLaunch(_int4_kernel)
 _int4_op = matmul_custom_op("matmul_int4_awq", _int4)
 
-#: How closely the CUDA int4 GEMV must agree with the Triton one on a shape before it is taken: the op's
-#: tolerances (`matmul.int4_awq`), per dtype.
+#: How closely a CUDA GEMV must agree with the Triton one on a shape before it is taken: the ops' tolerances
+#: (`matmul.int8_weight_only`, `matmul.int4_awq`), per dtype.
 _CUDA_AGREEMENT = {torch.bfloat16: 3e-2, torch.float16: 1e-2}
-#: Per decode shape (int4, M bucket, N, K, dtype): the (rows_per_block, warps, loop) of the CUDA tensor-core GEMV
-#: where it beat the Triton GEMV, else None; and the times (us) of the two.
-_int4_cuda: dict[tuple, tuple[int, int, bool] | None] = {}
-int4_cuda_timings: dict[tuple, dict[str, float]] = {}
+#: Per decode shape (`_shape_key`: int8 or int4, M bucket, N, K, int4's group, dtype): the (rows_per_block, warps,
+#: loop) of the CUDA tensor-core GEMV where it beat the Triton GEMV, else None; and the times (us) of the two.
+_cuda_gemv: dict[tuple, tuple[int, int, bool] | None] = {}
+cuda_gemv_timings: dict[tuple, dict[str, float]] = {}
+
+#: A decode GEMV launcher writing into y: the Triton one takes y; the CUDA one y, a config and its `pdl`.
+TritonGemv = Callable[[torch.Tensor], None]
+CudaGemv = Callable[[torch.Tensor, tuple[int, int, bool], int], None]
 
 
 def _shape_key(op: str, m: int, n: int, k: int, dtype: torch.dtype, group_size: int | None = None) -> tuple:
@@ -202,63 +206,81 @@ def _cuda_pdl(device: torch.device) -> int:
     return 3 if mode >= pdl.EARLY else (1 if mode else 0)
 
 
+def _int8_gemv(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, y: torch.Tensor) -> None:
+    """y = the M <= 16 int8 product: the Triton GEMV or the CUDA tensor-core one (`_decode_gemv`)."""
+    from tessera.kernels import cuda
+
+    _decode_gemv(_shape_key("int8", x.shape[0], w_q.shape[0], x.shape[1], x.dtype), x,
+                 lambda: cuda.int8_gemv_reasons(x, w_q, scale), lambda: cuda.int8_gemv_configs(*x.shape),
+                 lambda out: quant_gemv.launch_int8(x, w_q, scale, out),
+                 lambda out, config, mode: cuda.int8_gemv(x, w_q, scale, out, *config, pdl=mode), y)
+
+
 def _int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                y: torch.Tensor) -> None:
-    """y = the M <= 16 int4 product: the Triton GEMV (`quant_gemv`), or the CUDA tensor-core GEMV
-    (`tessera.kernels.cuda.int4_gemv`) where it takes the inputs (sm_90, group 128, ...) and a CUDA-graph
-    timing of the shape, made at its first call outside a capture, favoured it."""
+    """y = the M <= 16 int4 product: the Triton GEMV or the CUDA tensor-core one (`_decode_gemv`)."""
+    from tessera.kernels import cuda
+
+    _decode_gemv(_shape_key("int4", x.shape[0], qweight.shape[0], x.shape[1], x.dtype, group_size), x,
+                 lambda: cuda.int4_gemv_reasons(x, qweight, scales, zeros, group_size),
+                 lambda: cuda.int4_gemv_configs(*x.shape),
+                 lambda out: quant_gemv.launch_int4(x, qweight, scales, zeros, group_size, out),
+                 lambda out, config, mode: cuda.int4_gemv(x, qweight, scales, zeros, out, *config, pdl=mode), y)
+
+
+def _decode_gemv(key: tuple, x: torch.Tensor, cuda_reasons: Callable[[], list[str]],
+                 cuda_configs: Callable[[], tuple[tuple[int, int, bool], ...]], triton_gemv: TritonGemv,
+                 cuda_gemv: CudaGemv, y: torch.Tensor) -> None:
+    """Writes y with the Triton GEMV (`quant_gemv`), or with the CUDA tensor-core GEMV (`tessera.kernels.cuda`)
+    where it takes the inputs (sm_90, ...) and a CUDA-graph timing of the shape, made at its first call outside
+    a capture, favoured it."""
     if x.is_cuda and not triton_interpreting():
-        from tessera.kernels import cuda
-
-        key = _shape_key("int4", x.shape[0], qweight.shape[0], x.shape[1], x.dtype, group_size)
         # a shape decided for the Triton GEMV skips the CUDA kernel's input checks
-        if _int4_cuda.get(key, shape_choice.UNSET) is not None and not cuda.int4_gemv_reasons(
-                x, qweight, scales, zeros, group_size):
-            config = shape_choice.remembered(_int4_cuda, key,
-                                             lambda: _choose_int4_cuda(key, x, qweight, scales, zeros, group_size, y))
+        if _cuda_gemv.get(key, shape_choice.UNSET) is not None and not cuda_reasons():
+            config = shape_choice.remembered(
+                _cuda_gemv, key, lambda: _choose_cuda_gemv(key, x, cuda_configs(), triton_gemv, cuda_gemv, y))
             if config is not shape_choice.UNSET and config is not None:
-                cuda.int4_gemv(x, qweight, scales, zeros, y, *config, pdl=_cuda_pdl(x.device))
+                cuda_gemv(y, config, _cuda_pdl(x.device))
                 return
-    quant_gemv.launch_int4(x, qweight, scales, zeros, group_size, y)
+    triton_gemv(y)
 
 
-def _choose_int4_cuda(key: tuple, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                      group_size: int, y: torch.Tensor) -> tuple[int, int, bool] | None:
+def _choose_cuda_gemv(key: tuple, x: torch.Tensor, configs: tuple[tuple[int, int, bool], ...],
+                      triton_gemv: TritonGemv, cuda_gemv: CudaGemv, y: torch.Tensor) -> tuple[int, int, bool] | None:
     """The CUDA GEMV's fastest config for this shape if it beats the (tuned) Triton GEMV in CUDA-graph time,
     else None; None too, with a warning, when the extension does not build."""
     from tessera.kernels import cuda
     from tessera.kernels.triton.tuning import graph_bench
 
+    what = f"decode GEMV {_label(key)}"
     start = time.perf_counter()
     try:
         cuda.load()
     except Exception as exc:  # any build failure leaves the Triton GEMV in place
-        log.warning("int4 decode GEMV: the CUDA extension did not build (%s); the Triton GEMV stays", exc)
+        log.warning("%s: the CUDA extension did not build (%s); the Triton GEMV stays", what, exc)
         return None
     mode = _cuda_pdl(x.device)
-    configs = cuda.int4_gemv_configs(*x.shape)
-    times = {c: graph_bench(lambda c=c: cuda.int4_gemv(x, qweight, scales, zeros, y, *c, pdl=mode)) for c in configs}
+    times = {c: graph_bench(lambda c=c: cuda_gemv(y, c, mode)) for c in configs}
     best = min(times, key=times.get)
     # A kernel that disagrees with the Triton GEMV on this shape is never taken, whatever its time.
     want = torch.empty_like(y)
-    quant_gemv.launch_int4(x, qweight, scales, zeros, group_size, want)
-    cuda.int4_gemv(x, qweight, scales, zeros, y, *best, pdl=mode)
+    triton_gemv(want)
+    cuda_gemv(y, best, mode)
     tol = _CUDA_AGREEMENT[x.dtype]
     if not torch.allclose(y, want, atol=tol, rtol=tol):
-        log.warning("int4 decode GEMV, %s: the CUDA GEMV differs from the Triton GEMV by up to %.3g; not taken",
-                    _label(key), (y.float() - want.float()).abs().max().item())
+        log.warning("%s: the CUDA GEMV differs from the Triton GEMV by up to %.3g; not taken", what,
+                    (y.float() - want.float()).abs().max().item())
         return None
-    won = shape_choice.faster(f"int4 decode GEMV, {_label(key)}", start, int4_cuda_timings, key,
-                              ("triton", lambda: quant_gemv.launch_int4(x, qweight, scales, zeros, group_size, y)),
-                              ("cuda", lambda: cuda.int4_gemv(x, qweight, scales, zeros, y, *best, pdl=mode)))
-    int4_cuda_timings[key]["cuda_config"] = list(best)
+    won = shape_choice.faster(what, start, cuda_gemv_timings, key, ("triton", lambda: triton_gemv(y)),
+                              ("cuda", lambda: cuda_gemv(y, best, mode)))
+    cuda_gemv_timings[key]["cuda_config"] = list(best)
     return best if won else None
 
 
-def int4_cuda_choices() -> dict[str, dict[str, object]]:
-    """Per timed int4 decode shape: 'cuda' (the tensor-core GEMV) or 'triton', and the times."""
-    return {_label(key): {"backend": "triton" if config is None else "cuda", **int4_cuda_timings.get(key, {})}
-            for key, config in _int4_cuda.items() if config is not shape_choice.UNSET}
+def cuda_gemv_choices() -> dict[str, dict[str, object]]:
+    """Per timed int8 and int4 decode shape: 'cuda' (the tensor-core GEMV) or 'triton', and the times."""
+    return {_label(key): {"backend": "triton" if config is None else "cuda", **cuda_gemv_timings.get(key, {})}
+            for key, config in _cuda_gemv.items() if config is not shape_choice.UNSET}
 
 
 def matmul_int4_awq(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

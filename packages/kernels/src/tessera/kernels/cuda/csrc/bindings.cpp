@@ -132,12 +132,45 @@ void int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
              "int4_gemv launch");
 }
 
+void int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& y,
+               int64_t rows_per_block, int64_t warps, bool loop, int64_t pdl) {
+  TORCH_CHECK(x.is_cuda() && weight.is_cuda() && scale.is_cuda() && y.is_cuda(), "int8_gemv needs CUDA tensors");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && y.dim() == 2 && scale.dim() == 1,
+              "x, weight and y must be 2-D and scale 1-D, got x=", x.sizes(), " weight=", weight.sizes(), " y=",
+              y.sizes(), " scale=", scale.sizes());
+  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
+  TORCH_CHECK(m >= 1 && m <= 16, "int8_gemv takes 1 to 16 rows of x, got x.shape[0]=", m);
+  TORCH_CHECK(k % 64 == 0 && weight.size(1) == k, "x.shape[1]=", k, " must be a multiple of 64 and equal ",
+              "weight.shape[1]=", weight.size(1));
+  TORCH_CHECK(weight.scalar_type() == at::kChar, "weight.dtype=", weight.scalar_type(), " is not int8");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.size(0) == n && scale.stride(0) == 1, "scale ",
+              scale.sizes(), "/", scale.scalar_type(), " is not a contiguous float32 [N = ", n, "]");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, "x.dtype=", x.scalar_type(),
+              " is not bfloat16/float16");
+  TORCH_CHECK(y.scalar_type() == x.scalar_type() && y.size(0) == m && y.size(1) == n && y.stride(1) == 1,
+              "y ", y.sizes(), "/", y.scalar_type(), " is not a row-major [", m, ", ", n, "] of x's dtype");
+  TORCH_CHECK(x.stride(1) == 1 && weight.stride(1) == 1, "x and weight need contiguous rows");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && (x.stride(0) * 2) % 16 == 0,
+              "x rows must be 16-byte aligned");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0 && weight.stride(0) % 16 == 0,
+              "weight rows must be 16-byte aligned");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const NvtxRange range("tessera::int8_gemv");
+  check_cuda(tessera::int8_gemv(x.data_ptr(), x.stride(0), weight.data_ptr<int8_t>(), weight.stride(0),
+                                scale.data_ptr<float>(), y.data_ptr(), y.stride(0), static_cast<int>(m),
+                                static_cast<int>(n), static_cast<int>(k), static_cast<int>(rows_per_block),
+                                static_cast<int>(warps), loop, static_cast<int>(pdl), dtype_of(x, "x"),
+                                at::cuda::getCurrentCUDAStream()),
+             "int8_gemv launch");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Tessera CUDA C++ kernels: rms_norm, rms_norm_residual, attention_prefill, int4_gemv";
+  m.doc() = "Tessera CUDA C++ kernels: rms_norm, rms_norm_residual, attention_prefill, int4_gemv, int8_gemv";
   m.def("rms_norm", &rms_norm, "y = rms_norm(x, weight, eps)");
   m.def("rms_norm_residual", &rms_norm_residual, "(y, h) = rms_norm_residual(x, residual, weight, eps)");
   m.def("attention_prefill", &attention_prefill, "o = attention_prefill(q, k, v, cu_seqlens, max_seqlen, causal, scale)");
   m.def("int4_gemv", &int4_gemv, "int4_gemv(x, qweight, scales, zeros, y, rows_per_block, warps, loop, pdl): y = x @ W.T");
+  m.def("int8_gemv", &int8_gemv, "int8_gemv(x, weight, scale, y, rows_per_block, warps, loop, pdl): y = x @ W.T");
 }

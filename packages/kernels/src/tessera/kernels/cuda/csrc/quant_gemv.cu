@@ -1,0 +1,498 @@
+// Weight-only quantized decode GEMVs on the tensor cores: y[M, N] = x[M, K] @ W.T for M <= 16, in two formats.
+//
+// AWQ int4 (`int4_gemv`): codes q in [0, 15] packed two a byte along K (even k in the low nibble), with a
+// float32 scale s and zero z per row and group of 128: W[n, k] = (q - z) * s. At decode shapes the product is a
+// stream of weights, and the CUDA-core GEMV is bound by turning each code into a float (a PRMT, a subtraction,
+// an FMA: an H200 then runs int4 no faster than int8, about 4e12 weights/s). Here two codes become two 16-bit
+// floats by one LOP3 ((bits & 0x000F000F) | magic: 128 + q in bf16, 1024 + q in fp16) and one packed
+// subtraction of the magic, exactly, and `mma.sync.m16n8k16` does the multiply-adds, x in its B operand (one
+// column a token, up to 8 a tile).
+//
+// int8 (`int8_gemv`): signed bytes q with a float32 scale per row, W[n, k] = q * s[n]. Each byte is split
+// into its nibbles, q = 16 * hi + lo with lo in [0, 15] and hi in [-8, 7] (the two's-complement high nibble),
+// and each nibble becomes a 16-bit float as an int4 code does: lo exactly as above, 16 * hi by XOR-ing the
+// nibble into magic | 8 (2048 + 16 * (hi ^ 8) in bf16, 16384 + 16 * (hi ^ 8) in fp16: the mantissa's last
+// place is worth 16 there) and subtracting the magic | 8 (2176, 16512). Both nibbles of a byte meet the same
+// x in the product, so the tensor core multiplies a byte as two products, exact in float32. Per byte of
+// weights that is the int4 path's work (two nibbles, two product slots); there is no zero point, and the row
+// scale multiplies the finished sum once.
+//
+// The order of k inside a sum is free, so the fragments need no re-packed weights. An item is 64 bytes of a
+// row: one int4 group (128 codes) or 64 int8 weights. Lane (r, t) of a warp (r = lane / 4, t = lane % 4)
+// loads 16 bytes of rows r and r + 8 of its tile, the t-th quarter of the item, and uses them as its
+// A-fragment elements of eight k-steps; every lane with the same t loads x at the same k for its B fragment,
+// so each product pairs a weight with the x of its own k. For int4, a ninth product per step, of ones with
+// the same B, gives the group's sum of x, and the group adds s * (sum q x - z * sum x) to the row in float32
+// (as the Triton GEMV), so any float zero point works.
+//
+// A block takes 16 * RT rows and its WARPS warps share out the items (warp w: items w, w + WARPS, ...); each
+// warp keeps STAGES items of weights (with int4's scales and zeros) and x in flight in registers (2 for int4,
+// 4 for int8, whose items carry no scales), then the warps' sums are added in warp order through shared memory
+// (deterministic) and rounded once to x's dtype. A block takes one row tile, or (LOOP) the grid is what fits
+// on the GPU at once and each block steps through row tiles, its next tile's first items loading while it
+// adds up the current one.
+//
+// Programmatic dependent launch: with pdl >= 1 the kernel launches with the programmatic-stream-
+// serialization attribute, waits (`griddepcontrol.wait`) before it reads x, and lets the next kernel launch
+// once it has waited; with pdl == 3 (early weights) its first STAGES items of weights, scales and zeros
+// load before the wait, which is safe only while nothing launched before it writes them.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "convert.cuh"
+#include "kernels.h"
+
+namespace tessera {
+namespace {
+
+enum class Format { kInt4Awq, kInt8 };
+
+// Per format: k of an item (64 bytes of a row), x vectors (16 bytes) a lane loads per item and token tile,
+// and items in flight per warp.
+template <Format F>
+struct Traits;
+template <>
+struct Traits<Format::kInt4Awq> {
+  static constexpr int kItemK = 128;  // one group: a lane's 16 bytes are 32 codes
+  static constexpr int kXVecs = 4;
+  static constexpr int kStages = 2;
+};
+template <>
+struct Traits<Format::kInt8> {
+  static constexpr int kItemK = 64;  // a lane's 16 bytes are 16 weights
+  static constexpr int kXVecs = 2;
+  static constexpr int kStages = 4;
+};
+
+template <typename T>
+struct Half16;
+template <>
+struct Half16<__nv_bfloat16> {
+  static constexpr uint32_t kMagic = 0x43004300u;  // 128.0 twice; 128 + q for a 4-bit q in the mantissa
+  static constexpr uint32_t kHigh = 0x45084508u;   // 2176.0 twice: 2048 (last place 16) with 8 in the mantissa
+  static constexpr uint32_t kOnes = 0x3F803F80u;   // 1.0 twice
+};
+template <>
+struct Half16<__half> {
+  static constexpr uint32_t kMagic = 0x64006400u;  // 1024.0 twice
+  static constexpr uint32_t kHigh = 0x74087408u;   // 16512.0 twice: 16384 (last place 16) with 8 in the mantissa
+  static constexpr uint32_t kOnes = 0x3C003C00u;
+};
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+// The nibbles at bits SHIFT and SHIFT + 16 of w as two 16-bit floats: bias + v by one LOP3, then the bias
+// subtracted in the same precision, exactly. Low (HIGH false): v in [0, 15], bias kMagic; the int4 codes s and
+// s + 4 of a word are SHIFT = 4 s. High (HIGH true): 16 * (v - 16 * (v >= 8)), the value of an int8 byte's
+// high nibble: (v ^ 8) goes into the mantissa of kHigh's power of two, where the last place is worth 16, and
+// kHigh = that power + 16 * 8 comes off. Keeping the bias in the products instead (and taking it out with the
+// sum of x) lost float32 bits to cancellation: fp16 int4 rows came out 8x further from the exact product
+// than the float32 reference (H100, 2026-12-06).
+template <typename T, int SHIFT, bool HIGH = false>
+__device__ __forceinline__ uint32_t nibbles(uint32_t w) {
+  constexpr uint32_t bias = HIGH ? Half16<T>::kHigh : Half16<T>::kMagic;
+  uint32_t biased, out;
+  if constexpr (HIGH) {  // (a & b) ^ c
+    asm("lop3.b32 %0, %1, %2, %3, 0x6A;\n" : "=r"(biased) : "r"(w >> SHIFT), "r"(0x000F000Fu), "r"(bias));
+  } else {  // (a & b) | c
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(biased) : "r"(w >> SHIFT), "r"(0x000F000Fu), "r"(bias));
+  }
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm("sub.rn.bf16x2 %0, %1, %2;\n" : "=r"(out) : "r"(biased), "r"(bias));
+  } else {
+    asm("sub.rn.f16x2 %0, %1, %2;\n" : "=r"(out) : "r"(biased), "r"(bias));
+  }
+  return out;
+}
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t out;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(out) : "r"(a), "r"(b), "r"(sel));
+  return out;
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
+  return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
+}
+
+__device__ __forceinline__ uint4 load_weights(const uint8_t* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ void grid_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+__device__ __forceinline__ void launch_dependents() { asm volatile("griddepcontrol.launch_dependents;\n" :::); }
+
+// One item in flight: for each row tile and half (rows r, r + 8) 16 bytes of weights, and for int4 the scale
+// and zero; for each token tile x at the lane's k of the item (int4: 32 values, int8: 16; two a word).
+template <Format F, int RT, int NT>
+struct Stage {
+  uint4 w[RT][2];
+  float s[RT][2];
+  float z[RT][2];
+  uint4 x[NT][Traits<F>::kXVecs];
+};
+
+// The B fragments of k-step `step` for token tile j: (b0, b1), the x that meet A registers (0, 1) and (2, 3).
+template <Format F, int RT, int NT>
+__device__ __forceinline__ void b_fragment(const Stage<F, RT, NT>& st, int j, int step, uint32_t& b0, uint32_t& b1) {
+  const int odd = step & 1;
+  if constexpr (F == Format::kInt4Awq) {
+    // 8 codes a weight word (k = 8 mw .. 8 mw + 7); A holds codes 2 odd, 2 odd + 4 (regs 0, 1) and 2 odd + 1,
+    // 2 odd + 5 (regs 2, 3)
+    const int mw = step >> 1;
+    const uint32_t lo = word(st.x[j][mw], odd);      // x at 8 mw + 2 odd, + 1
+    const uint32_t hi = word(st.x[j][mw], 2 + odd);  // x at 8 mw + 2 odd + 4, + 5
+    b0 = prmt(lo, hi, 0x5410);
+    b1 = prmt(lo, hi, 0x7632);
+  } else {
+    // 4 bytes a weight word (k = 4 mw .. 4 mw + 3); A holds bytes odd and odd + 2, low nibbles in regs 0, 1 and
+    // high nibbles in regs 2, 3, so both B registers are (x[4 mw + odd], x[4 mw + odd + 2])
+    const int mw = step >> 1;
+    const uint4& v = st.x[j][mw >> 1];
+    const uint32_t lo = word(v, 2 * (mw & 1));      // x at 4 mw, + 1
+    const uint32_t hi = word(v, 2 * (mw & 1) + 1);  // x at 4 mw + 2, + 3
+    b0 = prmt(lo, hi, odd ? 0x7632 : 0x5410);
+    b1 = b0;
+  }
+}
+
+// The A fragment of k-step `step` for rows r (weight word w0) and r + 8 (w1).
+template <typename T, Format F>
+__device__ __forceinline__ void a_fragment(uint32_t w0, uint32_t w1, int odd, uint32_t& a0, uint32_t& a1,
+                                           uint32_t& a2, uint32_t& a3) {
+  if constexpr (F == Format::kInt4Awq) {
+    if (odd) {
+      a0 = nibbles<T, 8>(w0);
+      a1 = nibbles<T, 8>(w1);
+      a2 = nibbles<T, 12>(w0);
+      a3 = nibbles<T, 12>(w1);
+    } else {
+      a0 = nibbles<T, 0>(w0);
+      a1 = nibbles<T, 0>(w1);
+      a2 = nibbles<T, 4>(w0);
+      a3 = nibbles<T, 4>(w1);
+    }
+  } else {
+    if (odd) {
+      a0 = nibbles<T, 8>(w0);
+      a1 = nibbles<T, 8>(w1);
+      a2 = nibbles<T, 12, true>(w0);
+      a3 = nibbles<T, 12, true>(w1);
+    } else {
+      a0 = nibbles<T, 0>(w0);
+      a1 = nibbles<T, 0>(w1);
+      a2 = nibbles<T, 4, true>(w0);
+      a3 = nibbles<T, 4, true>(w1);
+    }
+  }
+}
+
+template <typename T, Format F, int RT, int NT, int WARPS, bool LOOP>
+__global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restrict__ x, int64_t ldx,
+                                                                 const uint8_t* __restrict__ qw, int64_t ldq,
+                                                                 const float* __restrict__ scales, int64_t lds,
+                                                                 const float* __restrict__ zeros, int64_t ldz,
+                                                                 T* __restrict__ y, int64_t ldy, int m, int n,
+                                                                 int items, int pdl) {
+  constexpr int kStages = Traits<F>::kStages;
+  constexpr int kItemK = Traits<F>::kItemK;
+  constexpr int kXVecs = Traits<F>::kXVecs;
+  __shared__ float partial[WARPS][RT * 16][NT * 8];
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int r = lane >> 2;
+  const int t = lane & 3;
+  // LOOP: the block takes row tiles blockIdx.x, + gridDim.x, ... and every warp has the same number of
+  // items (the host asks items % WARPS == 0), so all warps reach each tile's end together; the loads of
+  // the next tile's first items are in flight while the block adds up the current one.
+  const int count = warp < items ? (items - warp + WARPS - 1) / WARPS : 0;  // this warp's items a tile
+  const int tiles = (n + 16 * RT - 1) / (16 * RT);
+  const int my_tiles = LOOP ? (tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 1;
+  const int total = my_tiles * count;
+
+  const T* xrow[NT];
+  bool xok[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    const int token = 8 * j + r;
+    xok[j] = token < m;
+    xrow[j] = x + static_cast<int64_t>(xok[j] ? token : 0) * ldx + (kItemK / 4) * t;
+  }
+
+  // Item f of this warp: row tile blockIdx.x + (f / count) * gridDim.x, item warp + WARPS * (f % count).
+  // Rows past n read the last row (their sums are never stored), so no load needs a predicate.
+  auto load_static = [&](Stage<F, RT, NT>& st, int f) {
+    const int tile = blockIdx.x + (f / count) * gridDim.x;
+    const int g = warp + WARPS * (f % count);
+#pragma unroll
+    for (int i = 0; i < RT; ++i) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t row = min(tile * (16 * RT) + 16 * i + r + 8 * h, n - 1);
+        st.w[i][h] = load_weights(qw + row * ldq + static_cast<int64_t>(g) * 64 + 16 * t);
+        if constexpr (F == Format::kInt4Awq) {
+          st.s[i][h] = __ldg(scales + row * lds + g);
+          st.z[i][h] = __ldg(zeros + row * ldz + g);
+        }
+      }
+    }
+  };
+  auto load_x = [&](Stage<F, RT, NT>& st, int f) {
+    const int g = warp + WARPS * (f % count);
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const uint4* p = reinterpret_cast<const uint4*>(xrow[j] + static_cast<int64_t>(g) * kItemK);
+#pragma unroll
+      for (int q = 0; q < kXVecs; ++q) st.x[j][q] = xok[j] ? p[q] : make_uint4(0, 0, 0, 0);  // after the wait
+    }
+  };
+
+  float acc[RT][NT][4];
+  auto clear = [&]() {
+#pragma unroll
+    for (int i = 0; i < RT; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+  };
+  // The warps' sums of row tile `tile`, added in warp order (int8: times the row's scale) and rounded once;
+  // syncs the block twice.
+  auto finish = [&](int tile) {
+#pragma unroll
+    for (int i = 0; i < RT; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          partial[warp][16 * i + r + 8 * (e >> 1)][8 * j + 2 * t + (e & 1)] = acc[i][j][e];
+    __syncthreads();
+    const int row0 = tile * (16 * RT);
+    for (int idx = threadIdx.x; idx < RT * 16 * NT * 8; idx += WARPS * 32) {
+      const int row = idx / (NT * 8);
+      const int token = idx % (NT * 8);
+      if (token < m && row0 + row < n) {
+        float sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) sum += partial[w][row][token];
+        if constexpr (F == Format::kInt8) sum *= __ldg(scales + row0 + row);
+        y[static_cast<int64_t>(token) * ldy + row0 + row] = from_float<T>(sum);
+      }
+    }
+    __syncthreads();  // partial is free again
+  };
+
+  Stage<F, RT, NT> ring[kStages];
+  if (pdl == 3) {
+#pragma unroll
+    for (int s = 0; s < kStages; ++s)
+      if (s < total) load_static(ring[s], s);
+    grid_wait();
+  } else {
+    grid_wait();  // a no-op when launched without the PDL attribute
+#pragma unroll
+    for (int s = 0; s < kStages; ++s)
+      if (s < total) load_static(ring[s], s);
+  }
+#pragma unroll
+  for (int s = 0; s < kStages; ++s)
+    if (s < total) load_x(ring[s], s);
+  launch_dependents();
+  clear();
+
+#pragma unroll 1
+  for (int f0 = 0; f0 < total; f0 += kStages) {
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) {
+      const int f = f0 + s;
+      if (f >= total) break;
+      Stage<F, RT, NT>& st = ring[s];
+      if constexpr (F == Format::kInt4Awq) {
+        // the group's sums of q x (d) and of x (ones) apart, then s * (d - z * ones) into the row
+        float d[RT][NT][4];
+        float ones[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            ones[j][e] = 0.0f;
+#pragma unroll
+            for (int i = 0; i < RT; ++i) d[i][j][e] = 0.0f;
+          }
+#pragma unroll
+        for (int step = 0; step < 8; ++step) {
+          uint32_t b[NT][2];
+#pragma unroll
+          for (int j = 0; j < NT; ++j) b_fragment(st, j, step, b[j][0], b[j][1]);
+#pragma unroll
+          for (int i = 0; i < RT; ++i) {
+            uint32_t a0, a1, a2, a3;
+            a_fragment<T, F>(word(st.w[i][0], step >> 1), word(st.w[i][1], step >> 1), step & 1, a0, a1, a2, a3);
+#pragma unroll
+            for (int j = 0; j < NT; ++j) mma16816<T>(d[i][j], a0, a1, a2, a3, b[j][0], b[j][1]);
+          }
+          constexpr uint32_t kOnes = Half16<T>::kOnes;
+#pragma unroll
+          for (int j = 0; j < NT; ++j) mma16816<T>(ones[j], kOnes, kOnes, kOnes, kOnes, b[j][0], b[j][1]);
+        }
+        // d: rows r (e 0, 1) and r + 8 (e 2, 3), tokens 2t, 2t + 1; ones: each token's sum of x (any row).
+#pragma unroll
+        for (int i = 0; i < RT; ++i)
+#pragma unroll
+          for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int h = e >> 1;
+              acc[i][j][e] += st.s[i][h] * (d[i][j][e] - st.z[i][h] * ones[j][e & 1]);
+            }
+      } else {
+        // no zero point and one scale a row: the products go straight into the row's sum
+#pragma unroll
+        for (int step = 0; step < 8; ++step) {
+          uint32_t b[NT][2];
+#pragma unroll
+          for (int j = 0; j < NT; ++j) b_fragment(st, j, step, b[j][0], b[j][1]);
+#pragma unroll
+          for (int i = 0; i < RT; ++i) {
+            uint32_t a0, a1, a2, a3;
+            a_fragment<T, F>(word(st.w[i][0], step >> 1), word(st.w[i][1], step >> 1), step & 1, a0, a1, a2, a3);
+#pragma unroll
+            for (int j = 0; j < NT; ++j) mma16816<T>(acc[i][j], a0, a1, a2, a3, b[j][0], b[j][1]);
+          }
+        }
+      }
+      if (f + kStages < total) {
+        load_static(st, f + kStages);
+        load_x(st, f + kStages);
+      }
+      if (LOOP && (f + 1) % count == 0) {  // the last item of a tile (the same f in every warp)
+        finish(blockIdx.x + (f / count) * gridDim.x);
+        clear();
+      }
+    }
+  }
+  if (!LOOP) finish(blockIdx.x);
+}
+
+// A launch's operands, as `int4_gemv` and `int8_gemv` take them (int8: no zeros, scales one a row), passed
+// down the dispatch on the templates' parameters.
+struct Operands {
+  const void* x;
+  int64_t ldx;
+  const uint8_t* qw;
+  int64_t ldq;
+  const float* scales;
+  int64_t lds;
+  const float* zeros;
+  int64_t ldz;
+  void* y;
+  int64_t ldy;
+  int m, n, k, pdl;
+  cudaStream_t stream;
+};
+
+template <typename T, Format F, int RT, int NT, int WARPS, bool LOOP>
+cudaError_t launch(const Operands& o) {
+  const auto kernel = quant_gemv_kernel<T, F, RT, NT, WARPS, LOOP>;
+  const int items = o.k / Traits<F>::kItemK;
+  const int tiles = (o.n + 16 * RT - 1) / (16 * RT);
+  int blocks = tiles;
+  if constexpr (LOOP) {
+    if (items % WARPS != 0) return cudaErrorInvalidValue;  // warps must have equal shares of a tile
+    int device = 0, sms = 0, per_sm = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WARPS * 32, 0);
+    if (err != cudaSuccess) return err;
+    blocks = min(tiles, max(1, per_sm) * sms);  // resident at once: each loops over its share of the tiles
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(WARPS * 32);
+  cfg.stream = o.stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = o.pdl > 0 ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<const T*>(o.x), o.ldx, o.qw, o.ldq, o.scales, o.lds, o.zeros,
+                            o.ldz, static_cast<T*>(o.y), o.ldy, o.m, o.n, items, o.pdl);
+}
+
+template <typename T, Format F, int RT, int NT, bool LOOP>
+cudaError_t by_warps(int warps, const Operands& o) {
+  switch (warps) {
+    case 4: return launch<T, F, RT, NT, 4, LOOP>(o);
+    case 8: return launch<T, F, RT, NT, 8, LOOP>(o);
+    case 16:  // 512 threads leave 128 registers a thread: only one row tile and one token tile fit unspilled
+      if constexpr (RT == 1 && NT == 1) return launch<T, F, RT, NT, 16, LOOP>(o);
+      return cudaErrorInvalidValue;
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T, Format F, int RT, int NT>
+cudaError_t by_loop(bool loop, int warps, const Operands& o) {
+  return loop ? by_warps<T, F, RT, NT, true>(warps, o) : by_warps<T, F, RT, NT, false>(warps, o);
+}
+
+template <typename T, Format F>
+cudaError_t by_tiles(int rows_per_block, int warps, bool loop, const Operands& o) {
+  const bool wide = o.m > 8;
+  if (rows_per_block == 16) return wide ? by_loop<T, F, 1, 2>(loop, warps, o) : by_loop<T, F, 1, 1>(loop, warps, o);
+  if (rows_per_block == 32) return wide ? by_loop<T, F, 2, 2>(loop, warps, o) : by_loop<T, F, 2, 1>(loop, warps, o);
+  return cudaErrorInvalidValue;
+}
+
+template <Format F>
+cudaError_t dispatch(DType dtype, int rows_per_block, int warps, bool loop, const Operands& o) {
+  constexpr int kItemK = Traits<F>::kItemK;
+  if (o.m < 1 || o.m > 16 || o.n < 1 || o.k < kItemK || o.k % kItemK != 0) return cudaErrorInvalidValue;
+  switch (dtype) {
+    case DType::kBFloat16: return by_tiles<__nv_bfloat16, F>(rows_per_block, warps, loop, o);
+    case DType::kFloat16: return by_tiles<__half, F>(rows_per_block, warps, loop, o);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+cudaError_t int4_gemv(const void* x, int64_t ldx, const uint8_t* qweight, int64_t ldq, const float* scales,
+                      int64_t lds, const float* zeros, int64_t ldz, void* y, int64_t ldy, int m, int n, int k,
+                      int rows_per_block, int warps, bool loop, int pdl, DType dtype, cudaStream_t stream) {
+  const Operands o{x, ldx, qweight, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream};
+  return dispatch<Format::kInt4Awq>(dtype, rows_per_block, warps, loop, o);
+}
+
+cudaError_t int8_gemv(const void* x, int64_t ldx, const int8_t* weight, int64_t ldw, const float* scale, void* y,
+                      int64_t ldy, int m, int n, int k, int rows_per_block, int warps, bool loop, int pdl, DType dtype,
+                      cudaStream_t stream) {
+  const Operands o{x, ldx, reinterpret_cast<const uint8_t*>(weight), ldw, scale, 1, nullptr, 0, y, ldy, m, n, k, pdl,
+                   stream};
+  return dispatch<Format::kInt8>(dtype, rows_per_block, warps, loop, o);
+}
+
+}  // namespace tessera

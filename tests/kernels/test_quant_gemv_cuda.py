@@ -1,0 +1,274 @@
+"""The CUDA tensor-core weight-only decode GEMVs (`tessera.kernels.cuda.int4_gemv` for AWQ int4, `int8_gemv` for
+int8): every launch config, PDL mode, token count and dtype against the reference on the GPU, float zero points
+and the whole int8 range included; the Triton ops' per-shape choice between them and the Triton GEMVs; the
+kernel's nibble decoding emulated bit for bit with its own constants; and the input checks, on any machine."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tessera.kernels import cuda, reference
+from tessera.kernels.cuda import build
+
+#: (M, N, K): one token and several, a partial token tile (3, 9), a partial row tile (N = 40, 1000), one
+#: int4 group, group counts that do not divide among the warps (17, 9), and Llama-3.2-1B's o and down shapes.
+GPU_SHAPES = [(1, 40, 128), (1, 2048, 2048), (1, 2048, 8192), (3, 1000, 2176), (8, 256, 1152), (9, 40, 1024),
+              (16, 2048, 2048), (16, 96, 384)]
+#: int8 also takes K a multiple of 64 only: one item (64), and item counts odd for every warp count (192, 1088).
+INT8_SHAPES = [*GPU_SHAPES, (1, 24, 64), (5, 72, 192), (12, 130, 1088)]
+TOL = {torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+def _int4_inputs(m: int, n: int, k: int, dtype: torch.dtype, device: str, seed: int) -> tuple:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = (torch.randn(m, k, device=device, generator=gen) * 2).to(dtype)
+    qweight = reference.pack_int4(torch.randint(0, 16, (n, k), device=device, generator=gen))
+    scales = (torch.rand(n, k // 128, device=device, generator=gen) + 0.2) * k**-0.5 / 8
+    zeros = torch.rand(n, k // 128, device=device, generator=gen) * 15  # float zero points, not only integers
+    return x, qweight, scales, zeros
+
+
+def _int8_inputs(m: int, n: int, k: int, dtype: torch.dtype, device: str, seed: int) -> tuple:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = (torch.randn(m, k, device=device, generator=gen) * 2).to(dtype)
+    w_q = torch.randint(-128, 128, (n, k), device=device, generator=gen, dtype=torch.int8)  # -128 too
+    scale = (torch.rand(n, device=device, generator=gen) + 0.2) * k**-0.5 / 64
+    return x, w_q, scale
+
+
+def _needs_sm90() -> None:
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the extension is built for sm_90a")
+
+
+def _check_every_launch(run: Callable[[torch.Tensor, tuple, int], None], configs: tuple, want: torch.Tensor,
+                        exact: torch.Tensor) -> None:
+    """Every config and PDL mode: within the op's tolerance of the reference, and within 2x the float32
+    reference's distance from the exact product (one rounding of the output dtype)."""
+    tol = TOL[want.dtype]
+    ref_err = ((want.double() - exact).abs() / (exact.abs() + 1e-3)).max().item()
+    for config in configs:
+        for pdl in (0, 1, 3):
+            y = torch.full_like(want, float("nan"))
+            run(y, config, pdl)
+            torch.cuda.synchronize()
+            torch.testing.assert_close(y, want, atol=tol, rtol=tol, msg=lambda s, c=config, p=pdl: f"{c} pdl {p}: {s}")
+            err = ((y.double() - exact).abs() / (exact.abs() + 1e-3)).max().item()
+            assert err <= 2 * ref_err + 1e-6, (config, pdl, err, ref_err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("m", "n", "k"), GPU_SHAPES)
+def test_int4_every_config_and_pdl_mode_matches_the_reference(m: int, n: int, k: int, dtype: torch.dtype) -> None:
+    _needs_sm90()
+    x, qweight, scales, zeros = _int4_inputs(m, n, k, dtype, "cuda", m * n + k)
+    exact = x.double() @ reference.dequantize_int4(qweight, scales, zeros, 128).double().T
+    _check_every_launch(lambda y, c, p: cuda.int4_gemv(x, qweight, scales, zeros, y, *c, pdl=p),
+                        cuda.int4_gemv_configs(m, k), reference.matmul_int4_awq(x, qweight, scales, zeros, 128), exact)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("m", "n", "k"), INT8_SHAPES)
+def test_int8_every_config_and_pdl_mode_matches_the_reference(m: int, n: int, k: int, dtype: torch.dtype) -> None:
+    _needs_sm90()
+    x, w_q, scale = _int8_inputs(m, n, k, dtype, "cuda", m * n + k)
+    exact = x.double() @ (w_q.double() * scale.double()[:, None]).T
+    _check_every_launch(lambda y, c, p: cuda.int8_gemv(x, w_q, scale, y, *c, pdl=p), cuda.int8_gemv_configs(m, k),
+                        reference.matmul_int8_weight_only(x, w_q, scale), exact)
+
+
+@pytest.mark.gpu
+def test_int8_strided_x_rows_and_weight_rows() -> None:
+    """x and w_q as row slices of wider buffers (16-byte aligned row strides): the kernels use the strides."""
+    _needs_sm90()
+    x_full, w_full, scale = _int8_inputs(3, 200, 320, torch.bfloat16, "cuda", 3)
+    x, w_q = x_full[:, :256], w_full[:, 64:]
+    y = torch.empty(3, 200, dtype=torch.bfloat16, device="cuda")
+    cuda.int8_gemv(x, w_q, scale, y, 16, 4)
+    torch.testing.assert_close(y, reference.matmul_int8_weight_only(x[:, :256], w_q, scale), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["int8", "int4"])
+def test_the_triton_op_times_the_cuda_gemv_and_keeps_the_faster(op: str) -> None:
+    _needs_sm90()
+    from tessera.kernels.triton import quant_matmul as qm
+
+    m, n, k = 1, 3072, 2048
+    if op == "int4":
+        args = (*_int4_inputs(m, n, k, torch.bfloat16, "cuda", 7), 128)
+        fn, ref, label = qm.matmul_int4_awq, reference.matmul_int4_awq, f"int4 M<=1 N={n} K={k} g=128 bfloat16"
+    else:
+        args = _int8_inputs(m, n, k, torch.bfloat16, "cuda", 7)
+        fn, ref = qm.matmul_int8_weight_only, reference.matmul_int8_weight_only
+        label = f"int8 M<=1 N={n} K={k} bfloat16"
+    with torch.no_grad():
+        y = fn(*args)
+        again = fn(*args)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(y, ref(*args), atol=3e-2, rtol=3e-2)
+    assert torch.equal(y, again)
+    choice = qm.cuda_gemv_choices()[label]
+    assert choice["backend"] in ("cuda", "triton") and choice["triton_us"] > 0 and choice["cuda_us"] > 0, choice
+
+
+def _kernel_constants() -> dict[str, int]:
+    """The decoding constants of csrc/quant_gemv.cu: kMagic and kHigh of bf16 and fp16, and the LOP3 tables of
+    the low (OR) and high (XOR) nibble paths."""
+    src = (build.CSRC / "quant_gemv.cu").read_text()
+    out = {}
+    for dtype in ("__nv_bfloat16", "__half"):
+        body = re.search(r"struct Half16<" + dtype + r"> \{(.*?)\};", src, re.S).group(1)
+        for name in ("kMagic", "kHigh"):
+            out[f"{dtype}.{name}"] = int(re.search(name + r" = (0x[0-9A-Fa-f]+)u", body).group(1), 16)
+    luts = re.findall(r"lop3\.b32 %0, %1, %2, %3, (0x[0-9A-Fa-f]+)", src)
+    out["lut_high"], out["lut_low"] = (int(v, 16) for v in luts)  # the HIGH branch comes first
+    return out
+
+
+def _lop3(a: int, b: int, c: int, lut: int) -> int:
+    out = 0
+    for bit in range(32):
+        index = ((a >> bit) & 1) << 2 | ((b >> bit) & 1) << 1 | ((c >> bit) & 1)
+        out |= ((lut >> index) & 1) << bit
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_kernels_nibble_decoding_is_exact_for_every_byte(dtype: torch.dtype) -> None:
+    """Emulates `nibbles<T, SHIFT, HIGH>` with the kernel's own constants: for every int8 byte, the low
+    nibble decodes to lo in [0, 15] and the high one to 16 * hi, and lo + 16 * hi is the byte's value, in both
+    16-bit float formats; the low path alone decodes every int4 code. The subtraction is exact in the 16-bit
+    format (its result is representable), which a float32 subtraction rounded once reproduces."""
+    k = _kernel_constants()
+    name = "__nv_bfloat16" if dtype == torch.bfloat16 else "__half"
+    magic, high = k[f"{name}.kMagic"], k[f"{name}.kHigh"]
+
+    def decode(w: int, shift: int, is_high: bool) -> tuple[float, float]:
+        bias = high if is_high else magic
+        biased = _lop3(w >> shift, 0x000F000F, bias, k["lut_high"] if is_high else k["lut_low"])
+        halves = torch.tensor([biased & 0xFFFF, biased >> 16, bias & 0xFFFF], dtype=torch.int32).to(torch.int16)
+        v = halves.view(dtype).float()
+        out = (v[:2] - v[2]).to(dtype)
+        assert torch.equal(out.float(), v[:2] - v[2])  # representable: the 16-bit subtraction is exact
+        return out[0].item(), out[1].item()
+
+    for byte in range(256):
+        signed = byte - 256 if byte >= 128 else byte
+        other = (byte * 37 + 11) % 256  # the byte at bits 16-23 of the same word
+        other_signed = other - 256 if other >= 128 else other
+        for offset in (0, 8):  # bytes 0 and 2 (shift 0, 4), bytes 1 and 3 (shift 8, 12)
+            w = (byte << offset) | (other << (16 + offset)) | (0xA5 << (8 - offset)) | (0x5A << (24 - offset))
+            lo, lo2 = decode(w, offset, False)
+            hi, hi2 = decode(w, offset + 4, True)
+            assert (lo + hi, lo2 + hi2) == (signed, other_signed), (byte, offset, lo, hi)
+            assert 0 <= lo <= 15 and hi % 16 == 0
+    for code in range(16):  # int4: the low path is the code itself
+        assert decode(code | (15 - code) << 16, 0, False) == (code, 15 - code)
+
+
+def test_inputs_it_cannot_take_are_named() -> None:
+    x, qweight, scales, zeros = _int4_inputs(2, 8, 256, torch.bfloat16, "cpu", 0)
+    assert any("needs cuda" in r for r in cuda.int4_gemv_reasons(x, qweight, scales, zeros, 128))
+    assert any("group_size=64" in r for r in cuda.int4_gemv_reasons(x, qweight, scales, zeros, 64))
+    assert any("x.dtype=torch.float32" in r for r in cuda.int4_gemv_reasons(x.float(), qweight, scales, zeros, 128))
+    many = torch.zeros(17, 256, dtype=torch.bfloat16)
+    assert any("1 <= M <= 16" in r for r in cuda.int4_gemv_reasons(many, qweight, scales, zeros, 128))
+    assert any("scales" in r and "float32" in r
+               for r in cuda.int4_gemv_reasons(x, qweight, scales.to(torch.bfloat16), zeros, 128))
+    odd = torch.zeros(2, 257, dtype=torch.bfloat16)[:, 1:]  # rows 2-byte aligned only
+    assert any("x rows" in r for r in cuda.int4_gemv_reasons(odd, qweight, scales, zeros, 128))
+
+    x, w_q, scale = _int8_inputs(2, 8, 256, torch.bfloat16, "cpu", 0)
+    assert any("needs cuda" in r for r in cuda.int8_gemv_reasons(x, w_q, scale))
+    assert any("1 <= M <= 16" in r for r in cuda.int8_gemv_reasons(many, w_q, scale))
+    assert any("K=96" in r for r in cuda.int8_gemv_reasons(x[:, :96], w_q[:, :96], scale))
+    assert any("w_q" in r and "int8" in r for r in cuda.int8_gemv_reasons(x, w_q.to(torch.uint8), scale))
+    assert any("scale" in r and "float32" in r for r in cuda.int8_gemv_reasons(x, w_q, scale.half()))
+    assert any("scale" in r for r in cuda.int8_gemv_reasons(x, w_q, scale[:4]))
+    assert any("w_q rows" in r for r in cuda.int8_gemv_reasons(x[:, :128], w_q[:, 1:129], scale))
+
+
+def test_bad_launch_arguments_raise_before_the_extension_loads() -> None:
+    x, qweight, scales, zeros = _int4_inputs(9, 8, 256, torch.bfloat16, "cpu", 0)
+    y = torch.empty(9, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"\(rows_per_block, warps, loop\)=\(16, 16, False\)"):
+        cuda.int4_gemv(x, qweight, scales, zeros, y, 16, 16)  # 16 warps only up to 8 tokens
+    with pytest.raises(ValueError, match=r"=\(16, 4, True\)"):
+        cuda.int4_gemv(x, qweight, scales, zeros, y, 16, 4, loop=True)  # K = 256: 2 groups for 4 warps
+    with pytest.raises(ValueError, match="pdl=2"):
+        cuda.int4_gemv(x, qweight, scales, zeros, y, 16, 8, pdl=2)
+    x, w_q, scale = _int8_inputs(9, 8, 192, torch.bfloat16, "cpu", 0)
+    with pytest.raises(ValueError, match=r"=\(16, 4, True\)"):
+        cuda.int8_gemv(x, w_q, scale, y, 16, 4, loop=True)  # K = 192: 3 items for 4 warps
+    with pytest.raises(ValueError, match=r"=\(16, 16, False\)"):
+        cuda.int8_gemv(x, w_q, scale, y, 16, 16)
+    with pytest.raises(ValueError, match="pdl=5"):
+        cuda.int8_gemv(x, w_q, scale, y, 16, 8, pdl=5)
+    assert (16, 8, True) not in cuda.int8_gemv_configs(1, 192) and (16, 4, True) in cuda.int8_gemv_configs(1, 256)
+
+
+def test_the_choice_takes_the_cuda_gemv_only_when_faster_and_in_agreement(monkeypatch) -> None:
+    """`quant_matmul._choose_cuda_gemv` with both kernels and the timer replaced: the fastest CUDA config is
+    taken when it beats the Triton GEMV and agrees with it; a slower one, or a faster one that disagrees,
+    is not. Through `_int8_gemv`, the op's path, the pick is remembered per shape and used."""
+    from tessera.kernels.triton import quant_gemv, tuning
+    from tessera.kernels.triton import quant_matmul as qm
+
+    x, w_q, scale = _int8_inputs(1, 8, 256, torch.bfloat16, "cpu", 0)
+    y = torch.empty(1, 8, dtype=torch.bfloat16)
+    state = {"cuda_value": 1.0, "last": None, "calls": []}
+    configs = cuda.int8_gemv_configs(1, 256)
+    cost = {"triton": 5.0, **{c: 9.0 for c in configs}, (16, 4, False): 4.0, (32, 4, False): 3.0}
+
+    def fake_cuda(out, config, mode):
+        out.fill_(state["cuda_value"])
+        state["last"] = config
+        state["calls"].append(("cuda", config, mode))
+
+    def fake_triton(out):
+        out.fill_(1.0)
+        state["last"] = "triton"
+        state["calls"].append("triton")
+
+    def fake_bench(fn):
+        fn()
+        return cost[state["last"]] * 1e-3
+
+    monkeypatch.setattr(qm, "_cuda_pdl", lambda device: 1)
+    monkeypatch.setattr(cuda, "load", lambda: None)
+    monkeypatch.setattr(tuning, "graph_bench", fake_bench)
+    key = ("int8", "M<=1", "N=8", "K=256", torch.bfloat16)
+    assert qm._choose_cuda_gemv(key, x, configs, fake_triton, fake_cuda, y) == (32, 4, False)
+    assert qm.cuda_gemv_timings[key] == {"triton_us": 5.0, "cuda_us": 3.0, "cuda_config": [32, 4, False]}
+    state["cuda_value"] = 1.5  # as fast, but wrong: never taken
+    assert qm._choose_cuda_gemv(key, x, configs, fake_triton, fake_cuda, y) is None
+    state["cuda_value"] = 1.0
+    cost.update({(32, 4, False): 5.5, (16, 4, False): 6.0})  # slower than Triton everywhere
+    assert qm._choose_cuda_gemv(key, x, configs, fake_triton, fake_cuda, y) is None
+
+    # the op's path: only x on a GPU lets it consider the CUDA kernel; here a stand-in claims to be one
+    cost.update({(32, 4, False): 3.0})
+    gpu_x = SimpleNamespace(shape=x.shape, dtype=x.dtype, device=x.device, is_cuda=True)
+    monkeypatch.setattr(qm, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(cuda, "int8_gemv_reasons", lambda *a: [])
+    monkeypatch.setattr(cuda, "int8_gemv", lambda x, w_q, scale, out, *config, pdl: fake_cuda(out, config, pdl))
+    monkeypatch.setattr(quant_gemv, "launch_int8", lambda x, w_q, scale, out: fake_triton(out))
+    monkeypatch.setattr(qm, "_cuda_gemv", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # CPU builds cannot ask
+    state["calls"].clear()
+    qm._int8_gemv(gpu_x, w_q, scale, y)  # times, then runs the pick
+    assert state["calls"][-1] == ("cuda", (32, 4, False), 1)
+    state["calls"].clear()
+    qm._int8_gemv(gpu_x, w_q, scale, y)  # remembered: one launch, no timing
+    assert state["calls"] == [("cuda", (32, 4, False), 1)]
+    qm._int8_gemv(x, w_q, scale, y)  # a CPU x never reaches the CUDA kernel
+    assert state["calls"][-1] == "triton"
+    assert qm.cuda_gemv_choices()["int8 M<=1 N=8 K=256 bfloat16"]["backend"] == "cuda"
