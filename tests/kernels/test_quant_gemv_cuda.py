@@ -92,7 +92,7 @@ def test_int8_strided_x_rows_and_weight_rows() -> None:
     x, w_q = x_full[:, :256], w_full[:, 64:]
     y = torch.empty(3, 200, dtype=torch.bfloat16, device="cuda")
     cuda.int8_gemv(x, w_q, scale, y, 16, 4)
-    torch.testing.assert_close(y, reference.matmul_int8_weight_only(x[:, :256], w_q, scale), atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(y, reference.matmul_int8_weight_only(x, w_q, scale), atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.gpu

@@ -330,75 +330,54 @@ __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restr
       const int f = f0 + s;
       if (f >= total) break;
       Stage<F, RT, NT>& st = ring[s];
-      if constexpr (F == Format::kInt4Awq) {
-        // the group's sums of q x (d) and of x (ones) apart, then s * (d - z * ones) into the row
-        float d[RT][NT][4];
-        float ones[NT][4];
+      // The item's products apart from the row's sum: d[i][j] the sums of q x of rows r (e 0, 1) and r + 8
+      // (e 2, 3) for tokens 2t, 2t + 1; for int4 also ones[j], each token's sum of x (a product of ones with
+      // the same B, any row).
+      float d[RT][NT][4];
+      float ones[NT][4];
 #pragma unroll
-        for (int j = 0; j < NT; ++j)
+      for (int j = 0; j < NT; ++j)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            ones[j][e] = 0.0f;
+        for (int e = 0; e < 4; ++e) {
+          ones[j][e] = 0.0f;
 #pragma unroll
-            for (int i = 0; i < RT; ++i) d[i][j][e] = 0.0f;
-          }
+          for (int i = 0; i < RT; ++i) d[i][j][e] = 0.0f;
+        }
 #pragma unroll
-        for (int step = 0; step < 8; ++step) {
-          uint32_t b[NT][2];
+      for (int step = 0; step < 8; ++step) {
+        uint32_t b[NT][2];
 #pragma unroll
-          for (int j = 0; j < NT; ++j) b_fragment(st, j, step, b[j][0], b[j][1]);
+        for (int j = 0; j < NT; ++j) b_fragment(st, j, step, b[j][0], b[j][1]);
 #pragma unroll
-          for (int i = 0; i < RT; ++i) {
-            uint32_t a0, a1, a2, a3;
-            a_fragment<T, F>(word(st.w[i][0], step >> 1), word(st.w[i][1], step >> 1), step & 1, a0, a1, a2, a3);
+        for (int i = 0; i < RT; ++i) {
+          uint32_t a0, a1, a2, a3;
+          a_fragment<T, F>(word(st.w[i][0], step >> 1), word(st.w[i][1], step >> 1), step & 1, a0, a1, a2, a3);
 #pragma unroll
-            for (int j = 0; j < NT; ++j) mma16816<T>(d[i][j], a0, a1, a2, a3, b[j][0], b[j][1]);
-          }
+          for (int j = 0; j < NT; ++j) mma16816<T>(d[i][j], a0, a1, a2, a3, b[j][0], b[j][1]);
+        }
+        if constexpr (F == Format::kInt4Awq) {
           constexpr uint32_t kOnes = Half16<T>::kOnes;
 #pragma unroll
           for (int j = 0; j < NT; ++j) mma16816<T>(ones[j], kOnes, kOnes, kOnes, kOnes, b[j][0], b[j][1]);
         }
-        // d: rows r (e 0, 1) and r + 8 (e 2, 3), tokens 2t, 2t + 1; ones: each token's sum of x (any row).
+      }
+      // int4: the group adds s * (d - z * ones). int8 (no zero point, one scale a row): the item's sum is added
+      // as it is. Either way in float32 outside the tensor core, which truncates as it accumulates: a whole K
+      // of int8 summed inside it put fp16 rows at K = 8192 3x further from the exact product than the float32
+      // reference (H100); an item's 64 k do not.
 #pragma unroll
-        for (int i = 0; i < RT; ++i)
+      for (int i = 0; i < RT; ++i)
 #pragma unroll
-          for (int j = 0; j < NT; ++j)
+        for (int j = 0; j < NT; ++j)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
+          for (int e = 0; e < 4; ++e) {
+            if constexpr (F == Format::kInt4Awq) {
               const int h = e >> 1;
               acc[i][j][e] += st.s[i][h] * (d[i][j][e] - st.z[i][h] * ones[j][e & 1]);
+            } else {
+              acc[i][j][e] += d[i][j][e];
             }
-      } else {
-        // no zero point and one scale a row: the item's sum is added to the row's in float32. The tensor core
-        // truncates as it accumulates, so a whole K summed inside it drifts (fp16 rows at K = 8192 came out
-        // 3x further from the exact product than the float32 reference, H100); an item's 64 k do not.
-        float d[RT][NT][4];
-#pragma unroll
-        for (int i = 0; i < RT; ++i)
-#pragma unroll
-          for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) d[i][j][e] = 0.0f;
-#pragma unroll
-        for (int step = 0; step < 8; ++step) {
-          uint32_t b[NT][2];
-#pragma unroll
-          for (int j = 0; j < NT; ++j) b_fragment(st, j, step, b[j][0], b[j][1]);
-#pragma unroll
-          for (int i = 0; i < RT; ++i) {
-            uint32_t a0, a1, a2, a3;
-            a_fragment<T, F>(word(st.w[i][0], step >> 1), word(st.w[i][1], step >> 1), step & 1, a0, a1, a2, a3);
-#pragma unroll
-            for (int j = 0; j < NT; ++j) mma16816<T>(d[i][j], a0, a1, a2, a3, b[j][0], b[j][1]);
           }
-        }
-#pragma unroll
-        for (int i = 0; i < RT; ++i)
-#pragma unroll
-          for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][j][e] += d[i][j][e];
-      }
       if (f + kStages < total) {
         load_static(st, f + kStages);
         load_x(st, f + kStages);
