@@ -302,13 +302,21 @@ def prefill_ms(model: Transformer, batch: int, length: int, timer: Timer) -> flo
 
 
 def backends(model: nn.Module, dtype: torch.dtype, batch: int) -> str:
-    """Which registry backend each quantized op resolves to for an input of `batch` rows."""
+    """Which registry backend each quantized op resolves to for an input of `batch` rows; at decode sizes also
+    how many of the op's timed one-row shapes run the CUDA tensor-core GEMV inside it (`cuda_gemv_choices`)."""
     picked = {}
     for mod in model.modules():
         if isinstance(mod, QuantLinear) and mod.op not in picked:
             x = torch.zeros(batch, mod.in_features, dtype=dtype, device=next(mod.buffers()).device)
             picked[mod.op] = registry.get(mod.op, x, *mod._op_args()).backend
-    return ",".join(f"{op.split('.')[-1]}={b}" for op, b in picked.items()) or "-"
+    labels = []
+    for op, backend in picked.items():
+        name = op.split(".")[-1]
+        fmt = {"int8_weight_only": "int8", "int4_awq": "int4"}.get(name)
+        timed = [c["backend"] for label, c in cuda_gemv_choices().items() if fmt and label.startswith(f"{fmt} M<=1 ")]
+        cuda = f" (cuda GEMV at {timed.count('cuda')}/{len(timed)} shapes)" if batch == 1 and timed else ""
+        labels.append(f"{name}={backend}{cuda}")
+    return ",".join(labels) or "-"
 
 
 def linear_flops_per_token(cfg: ModelConfig) -> int:
