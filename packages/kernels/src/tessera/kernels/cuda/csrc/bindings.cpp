@@ -96,14 +96,32 @@ at::Tensor attention_prefill(const at::Tensor& q, const at::Tensor& k, const at:
   return o;
 }
 
+// The quantized GEMVs' shared checks, after each has checked its tensors are CUDA and 2-D: x [m, k] bf16 or
+// fp16 with 1 <= m <= 16 and contiguous 16-byte aligned rows, the weight's rows contiguous and 16-byte aligned,
+// y a row-major [m, n] of x's dtype (n the weight's rows).
+void check_gemv_operands(const char* op, const at::Tensor& x, const at::Tensor& weight, const char* weight_name,
+                         const at::Tensor& y) {
+  const int64_t m = x.size(0), n = weight.size(0);
+  TORCH_CHECK(m >= 1 && m <= 16, op, " takes 1 to 16 rows of x, got x.shape[0]=", m);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, "x.dtype=", x.scalar_type(),
+              " is not bfloat16/float16");
+  TORCH_CHECK(y.scalar_type() == x.scalar_type() && y.size(0) == m && y.size(1) == n && y.stride(1) == 1,
+              "y ", y.sizes(), "/", y.scalar_type(), " is not a row-major [", m, ", ", n, "] of x's dtype");
+  TORCH_CHECK(x.stride(1) == 1 && weight.stride(1) == 1, "x and ", weight_name, " need contiguous rows");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && (x.stride(0) * 2) % 16 == 0,
+              "x rows must be 16-byte aligned");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0 && weight.stride(0) % 16 == 0,
+              weight_name, " rows must be 16-byte aligned");
+}
+
 void int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
                const at::Tensor& y, int64_t rows_per_block, int64_t warps, bool loop, int64_t pdl) {
   TORCH_CHECK(x.is_cuda() && qweight.is_cuda() && scales.is_cuda() && zeros.is_cuda() && y.is_cuda(),
               "int4_gemv needs CUDA tensors");
   TORCH_CHECK(x.dim() == 2 && qweight.dim() == 2 && y.dim() == 2, "x, qweight and y must be 2-D, got x=", x.sizes(),
               " qweight=", qweight.sizes(), " y=", y.sizes());
+  check_gemv_operands("int4_gemv", x, qweight, "qweight", y);
   const int64_t m = x.size(0), k = x.size(1), n = qweight.size(0);
-  TORCH_CHECK(m >= 1 && m <= 16, "int4_gemv takes 1 to 16 rows of x, got x.shape[0]=", m);
   TORCH_CHECK(k % 128 == 0 && qweight.size(1) * 2 == k, "x.shape[1]=", k, " must be a multiple of 128 and twice ",
               "qweight.shape[1]=", qweight.size(1));
   TORCH_CHECK(scales.sizes() == zeros.sizes() && scales.size(0) == n && scales.size(1) * 128 == k,
@@ -112,16 +130,7 @@ void int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
   TORCH_CHECK(qweight.scalar_type() == at::kByte, "qweight.dtype=", qweight.scalar_type(), " is not uint8");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kFloat, "scales/zeros dtypes ",
               scales.scalar_type(), "/", zeros.scalar_type(), " are not float32");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, "x.dtype=", x.scalar_type(),
-              " is not bfloat16/float16");
-  TORCH_CHECK(y.scalar_type() == x.scalar_type() && y.size(0) == m && y.size(1) == n && y.stride(1) == 1,
-              "y ", y.sizes(), "/", y.scalar_type(), " is not a row-major [", m, ", ", n, "] of x's dtype");
-  TORCH_CHECK(x.stride(1) == 1 && qweight.stride(1) == 1 && scales.stride(1) == 1 && zeros.stride(1) == 1,
-              "x, qweight, scales and zeros need contiguous rows");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && (x.stride(0) * 2) % 16 == 0,
-              "x rows must be 16-byte aligned");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0 && qweight.stride(0) % 16 == 0,
-              "qweight rows must be 16-byte aligned");
+  TORCH_CHECK(scales.stride(1) == 1 && zeros.stride(1) == 1, "scales and zeros need contiguous rows");
   const c10::cuda::CUDAGuard guard(x.device());
   const NvtxRange range("tessera::int4_gemv");
   check_cuda(tessera::int4_gemv(x.data_ptr(), x.stride(0), qweight.data_ptr<uint8_t>(), qweight.stride(0),
@@ -138,22 +147,13 @@ void int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& 
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && y.dim() == 2 && scale.dim() == 1,
               "x, weight and y must be 2-D and scale 1-D, got x=", x.sizes(), " weight=", weight.sizes(), " y=",
               y.sizes(), " scale=", scale.sizes());
+  check_gemv_operands("int8_gemv", x, weight, "weight", y);
   const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
-  TORCH_CHECK(m >= 1 && m <= 16, "int8_gemv takes 1 to 16 rows of x, got x.shape[0]=", m);
   TORCH_CHECK(k % 64 == 0 && weight.size(1) == k, "x.shape[1]=", k, " must be a multiple of 64 and equal ",
               "weight.shape[1]=", weight.size(1));
   TORCH_CHECK(weight.scalar_type() == at::kChar, "weight.dtype=", weight.scalar_type(), " is not int8");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.size(0) == n && scale.stride(0) == 1, "scale ",
               scale.sizes(), "/", scale.scalar_type(), " is not a contiguous float32 [N = ", n, "]");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, "x.dtype=", x.scalar_type(),
-              " is not bfloat16/float16");
-  TORCH_CHECK(y.scalar_type() == x.scalar_type() && y.size(0) == m && y.size(1) == n && y.stride(1) == 1,
-              "y ", y.sizes(), "/", y.scalar_type(), " is not a row-major [", m, ", ", n, "] of x's dtype");
-  TORCH_CHECK(x.stride(1) == 1 && weight.stride(1) == 1, "x and weight need contiguous rows");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && (x.stride(0) * 2) % 16 == 0,
-              "x rows must be 16-byte aligned");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0 && weight.stride(0) % 16 == 0,
-              "weight rows must be 16-byte aligned");
   const c10::cuda::CUDAGuard guard(x.device());
   const NvtxRange range("tessera::int8_gemv");
   check_cuda(tessera::int8_gemv(x.data_ptr(), x.stride(0), weight.data_ptr<int8_t>(), weight.stride(0),
