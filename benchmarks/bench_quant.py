@@ -309,12 +309,13 @@ def backends(model: nn.Module, dtype: torch.dtype, batch: int) -> str:
         if isinstance(mod, QuantLinear) and mod.op not in picked:
             x = torch.zeros(batch, mod.in_features, dtype=dtype, device=next(mod.buffers()).device)
             picked[mod.op] = registry.get(mod.op, x, *mod._op_args()).backend
+    choices = cuda_gemv_choices() if batch == 1 else {}
     labels = []
     for op, backend in picked.items():
         name = op.split(".")[-1]
         fmt = {"int8_weight_only": "int8", "int4_awq": "int4"}.get(name)
-        timed = [c["backend"] for label, c in cuda_gemv_choices().items() if fmt and label.startswith(f"{fmt} M<=1 ")]
-        cuda = f" (cuda GEMV at {timed.count('cuda')}/{len(timed)} shapes)" if batch == 1 and timed else ""
+        timed = [c["backend"] for label, c in choices.items() if fmt and label.startswith(f"{fmt} M<=1 ")]
+        cuda = f" (cuda GEMV at {timed.count('cuda')}/{len(timed)} shapes)" if timed else ""
         labels.append(f"{name}={backend}{cuda}")
     return ",".join(labels) or "-"
 
