@@ -117,15 +117,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", nargs="+", choices=("int8", "int4"), default=["int8", "int4"])
     parser.add_argument("--top", type=int, default=6, help="rows printed per shape and family")
+    parser.add_argument("--early-weights", action="store_true",
+                        help="time inside tessera.kernels.static_weights(), as a decode step runs: in PDL modes 3 "
+                             "and 4 each GEMV loads its first weights (the CUDA GEMVs with slots, every slot's) "
+                             "before waiting for the launch ahead, here the same GEMV on another weight copy")
     parser.add_argument("--out", type=Path, default=None, help="directory for the JSON (default benchmarks/results)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device (CUDA-graph timing)")
+    from tessera.kernels import static_weights
+
     torch.manual_seed(0)
     shapes, step, bad = [], {}, []
     for op in args.ops:
         for (k, n), calls in {**LLAMA_1B_FUSED, **SQUARES}.items():
-            peers, rows = sweep(op, k, n)
+            if args.early_weights:
+                with static_weights():
+                    peers, rows = sweep(op, k, n)
+            else:
+                peers, rows = sweep(op, k, n)
             ok = [r for r in rows if "us" in r]
             bad += [r for r in ok if r["rel_err"] > 2e-2] + [r for r in rows if "error" in r]
             best = {f: min((r for r in ok if r["family"] == f), key=lambda r: r["us"], default=None)
@@ -158,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{len(bad)} configs failed or were wrong:")
         for r in bad:
             print("  ", r)
-    path = write_result("probe-quant-gemv", {"shapes": shapes, "llama_1b_step_us": step, "failures": bad}, args.out)
+    path = write_result("probe-quant-gemv", {"early_weights": args.early_weights, "shapes": shapes,
+                                             "llama_1b_step_us": step, "failures": bad}, args.out)
     print(f"results: {path}")
     return 1 if bad else 0
 
