@@ -91,8 +91,7 @@ def sweep(op: str, k: int, n: int) -> tuple[dict, list[dict]]:
     pool = [(run, c, _family(c), _meta(c)) for c in pool]  # each config with the launcher that runs it
     mode = qm._cuda_pdl(dev)
     if cuda_ok:
-        pool += [(run_cuda, c, "cuda",
-                  {"rows_per_block": c[0], "warps": c[1], "loop": c[2], "depth": c[3], "pdl": mode})
+        pool += [(run_cuda, c, "cuda", {"rows_per_block": c[0], "warps": c[1], "loop": c[2], "pdl": mode})
                  for c in cuda_configs]
     rows = []
     for launch, c, family, meta in pool:
@@ -119,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=6, help="rows printed per shape and family")
     parser.add_argument("--early-weights", action="store_true",
                         help="time inside tessera.kernels.static_weights(), as a decode step runs: in PDL modes 3 "
-                             "and 4 each GEMV loads its first weights (the CUDA GEMVs with slots, every slot's) "
-                             "before waiting for the launch ahead, here the same GEMV on another weight copy")
+                             "and 4 each GEMV loads its first weights before waiting for the launch ahead, here the "
+                             "same GEMV on another weight copy")
     parser.add_argument("--out", type=Path, default=None, help="directory for the JSON (default benchmarks/results)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

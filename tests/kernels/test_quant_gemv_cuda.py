@@ -199,39 +199,20 @@ def test_inputs_it_cannot_take_are_named() -> None:
 def test_bad_launch_arguments_raise_before_the_extension_loads() -> None:
     x, qweight, scales, zeros = _int4_inputs(9, 8, 256, torch.bfloat16, "cpu", 0)
     y = torch.empty(9, 8, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match=r"\(rows_per_block, warps, loop, depth\)=\(16, 16, False, 0\)"):
+    with pytest.raises(ValueError, match=r"\(rows_per_block, warps, loop\)=\(16, 16, False\)"):
         cuda.int4_gemv(x, qweight, scales, zeros, y, 16, 16)  # 16 warps only up to 8 tokens
-    with pytest.raises(ValueError, match=r"=\(16, 4, True, 0\)"):
+    with pytest.raises(ValueError, match=r"=\(16, 4, True\)"):
         cuda.int4_gemv(x, qweight, scales, zeros, y, 16, 4, loop=True)  # K = 256: 2 groups for 4 warps
     with pytest.raises(ValueError, match="pdl=2"):
         cuda.int4_gemv(x, qweight, scales, zeros, y, 16, 8, pdl=2)
     x, w_q, scale = _int8_inputs(9, 8, 192, torch.bfloat16, "cpu", 0)
-    with pytest.raises(ValueError, match=r"=\(16, 4, True, 0\)"):
+    with pytest.raises(ValueError, match=r"=\(16, 4, True\)"):
         cuda.int8_gemv(x, w_q, scale, y, 16, 4, loop=True)  # K = 192: 3 items for 4 warps
-    with pytest.raises(ValueError, match=r"=\(16, 16, False, 0\)"):
+    with pytest.raises(ValueError, match=r"=\(16, 16, False\)"):
         cuda.int8_gemv(x, w_q, scale, y, 16, 16)
     with pytest.raises(ValueError, match="pdl=5"):
         cuda.int8_gemv(x, w_q, scale, y, 16, 8, pdl=5)
-    with pytest.raises(ValueError, match=r"=\(16, 8, False, 4\)"):
-        cuda.int8_gemv(x, w_q, scale, y, 16, 8, depth=4)  # weight slots only up to 8 tokens
-    with pytest.raises(ValueError, match=r"=\(16, 8, False, 2\)"):
-        cuda.int8_gemv(x[:8], w_q, scale, y[:8], 16, 8, depth=2)
-    assert (16, 8, True, 0) not in cuda.int8_gemv_configs(1, 192) and (16, 4, True, 0) in cuda.int8_gemv_configs(1, 256)
-
-
-def test_weight_slot_configs_stay_within_their_shared_memory() -> None:
-    """Slots only at M <= 8 and within GEMV_SLOT_BYTES; the byte counts are sizeof(Slot) x warps x depth as the
-    kernel lays them out (int4: 16 bytes, a scale and a zero a lane and row half; int8: 16 bytes a lane)."""
-    assert cuda.gemv_slot_bytes("int4", (16, 8, False, 4)) == (2 * 32 * 16 + 2 * 32 * 8) * 8 * 4 == 48 * 1024
-    assert cuda.gemv_slot_bytes("int8", (32, 8, True, 4)) == (4 * 32 * 16 + 4 * 8) * 8 * 4
-    assert cuda.gemv_slot_bytes("int4", (16, 8, False, 0)) == 0
-    for fmt, configs in (("int4", cuda.int4_gemv_configs), ("int8", cuda.int8_gemv_configs)):
-        one = configs(1, 2048)
-        assert {c[3] for c in one} == {0, 4, 8}
-        assert all(cuda.gemv_slot_bytes(fmt, c) <= cuda.GEMV_SLOT_BYTES for c in one)
-        assert (16, 16, False, 8) not in one  # 16 warps x 8 slots: over the limit in both formats
-        assert {c[3] for c in configs(9, 2048)} == {0}
-    assert (32, 8, False, 4) in cuda.int4_gemv_configs(8, 2048)  # exactly 96 KiB
+    assert (16, 8, True) not in cuda.int8_gemv_configs(1, 192) and (16, 4, True) in cuda.int8_gemv_configs(1, 256)
 
 
 def test_the_choice_takes_the_cuda_gemv_only_when_faster_and_in_agreement(monkeypatch) -> None:
@@ -245,7 +226,7 @@ def test_the_choice_takes_the_cuda_gemv_only_when_faster_and_in_agreement(monkey
     y = torch.empty(1, 8, dtype=torch.bfloat16)
     state = {"cuda_value": 1.0, "last": None, "calls": []}
     configs = cuda.int8_gemv_configs(1, 256)
-    cost = {"triton": 5.0, **{c: 9.0 for c in configs}, (16, 4, False, 0): 4.0, (32, 4, False, 0): 3.0}
+    cost = {"triton": 5.0, **{c: 9.0 for c in configs}, (16, 4, False): 4.0, (32, 4, False): 3.0}
 
     def fake_cuda(out, config, mode):
         out.fill_(state["cuda_value"])
@@ -265,16 +246,16 @@ def test_the_choice_takes_the_cuda_gemv_only_when_faster_and_in_agreement(monkey
     monkeypatch.setattr(cuda, "load", lambda: None)
     monkeypatch.setattr(tuning, "graph_bench", fake_bench)
     key = ("int8", "M<=1", "N=8", "K=256", torch.bfloat16)
-    assert qm._choose_cuda_gemv(key, x, configs, fake_triton, fake_cuda, y) == (32, 4, False, 0)
-    assert qm.cuda_gemv_timings[key] == {"triton_us": 5.0, "cuda_us": 3.0, "cuda_config": [32, 4, False, 0]}
+    assert qm._choose_cuda_gemv(key, x, configs, fake_triton, fake_cuda, y) == (32, 4, False)
+    assert qm.cuda_gemv_timings[key] == {"triton_us": 5.0, "cuda_us": 3.0, "cuda_config": [32, 4, False]}
     state["cuda_value"] = 1.5  # as fast, but wrong: never taken
     assert qm._choose_cuda_gemv(key, x, configs, fake_triton, fake_cuda, y) is None
     state["cuda_value"] = 1.0
-    cost.update({(32, 4, False, 0): 5.5, (16, 4, False, 0): 6.0})  # slower than Triton everywhere
+    cost.update({(32, 4, False): 5.5, (16, 4, False): 6.0})  # slower than Triton everywhere
     assert qm._choose_cuda_gemv(key, x, configs, fake_triton, fake_cuda, y) is None
 
     # the op's path: only x on a GPU lets it consider the CUDA kernel; here a stand-in claims to be one
-    cost.update({(32, 4, False, 0): 3.0})
+    cost.update({(32, 4, False): 3.0})
     gpu_x = SimpleNamespace(shape=x.shape, dtype=x.dtype, device=x.device, is_cuda=True)
     monkeypatch.setattr(qm, "triton_interpreting", lambda: False)
     monkeypatch.setattr(cuda, "int8_gemv_reasons", lambda *a: [])
@@ -284,10 +265,10 @@ def test_the_choice_takes_the_cuda_gemv_only_when_faster_and_in_agreement(monkey
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # CPU builds cannot ask
     state["calls"].clear()
     qm._int8_gemv(gpu_x, w_q, scale, y)  # times, then runs the pick
-    assert state["calls"][-1] == ("cuda", (32, 4, False, 0), 1)
+    assert state["calls"][-1] == ("cuda", (32, 4, False), 1)
     state["calls"].clear()
     qm._int8_gemv(gpu_x, w_q, scale, y)  # remembered: one launch, no timing
-    assert state["calls"] == [("cuda", (32, 4, False, 0), 1)]
+    assert state["calls"] == [("cuda", (32, 4, False), 1)]
     qm._int8_gemv(x, w_q, scale, y)  # a CPU x never reaches the CUDA kernel
     assert state["calls"][-1] == "triton"
     assert qm.cuda_gemv_choices()["int8 M<=1 N=8 K=256 bfloat16"]["backend"] == "cuda"

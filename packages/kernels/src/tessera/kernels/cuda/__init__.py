@@ -44,44 +44,29 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     return load().attention_prefill(q, k, v, cu_seqlens, int(max_seqlen), bool(causal), scale)
 
 
-#: (rows_per_block, warps, loop, depth) of the quantized GEMVs' launches (csrc/quant_gemv.cu): a block a row
-#: tile, or (loop) a resident grid stepping through them; 16 warps only at 16 rows and M <= 8. depth 0 keeps each
-#: warp's next weights in registers; 4 or 8 streams them through that many shared-memory slots a warp (cp.async),
-#: only at M <= 8 and within GEMV_SLOT_BYTES a block.
-GEMV_CONFIGS = tuple((rows, warps, loop, depth) for depth in (0, 4, 8) for loop in (False, True)
+#: (rows_per_block, warps, loop) of the quantized GEMVs' launches (csrc/quant_gemv.cu): a block a row tile, or
+#: (loop) a resident grid stepping through them; 16 warps only at 16 rows and M <= 8.
+GEMV_CONFIGS = tuple((rows, warps, loop) for loop in (False, True)
                      for rows, warps in ((16, 4), (16, 8), (16, 16), (32, 4), (32, 8)))
 INT4_GEMV_GROUP = 128
 #: k of one of the int8 GEMV's work items (64 bytes of a row); K must be a multiple of it.
 INT8_GEMV_ITEM = 64
-#: the most shared memory a block's weight slots take (kMaxSlotBytes in quant_gemv.cu)
-GEMV_SLOT_BYTES = 96 * 1024
 
 
-def gemv_slot_bytes(fmt: str, config: tuple[int, int, bool, int]) -> int:
-    """Shared memory of a config's weight slots: per warp and slot, 16 bytes a lane of each row half, and for
-    int4 a float32 scale and zero a lane (int8 keeps one unused float each); as sizeof(Slot) in quant_gemv.cu."""
-    rows, warps, _, depth = config
-    halves = rows // 16 * 2
-    per_slot = halves * 32 * 16 + (halves * 32 * 8 if fmt == "int4" else halves * 8)
-    return per_slot * warps * depth
-
-
-def _gemv_configs(fmt: str, m: int, items: int) -> tuple[tuple[int, int, bool, int], ...]:
+def _gemv_configs(m: int, items: int) -> tuple[tuple[int, int, bool], ...]:
     # a looping grid needs the items of a row tile a multiple of the warps (every warp the same share)
-    return tuple(c for c in GEMV_CONFIGS if (c[1] < 16 or m <= 8) and (not c[2] or items % c[1] == 0)
-                 and (c[3] == 0 or (m <= 8 and gemv_slot_bytes(fmt, c) <= GEMV_SLOT_BYTES)))
+    return tuple(c for c in GEMV_CONFIGS if (c[1] < 16 or m <= 8) and (not c[2] or items % c[1] == 0))
 
 
-def int4_gemv_configs(m: int, k: int) -> tuple[tuple[int, int, bool, int], ...]:
+def int4_gemv_configs(m: int, k: int) -> tuple[tuple[int, int, bool], ...]:
     """The launch configs the int4 GEMV takes for x [m, k]: a looping grid needs k / 128 groups a multiple of
-    the warps (every warp the same share of a tile); weight slots need m <= 8 and at most GEMV_SLOT_BYTES."""
-    return _gemv_configs("int4", m, k // INT4_GEMV_GROUP)
+    the warps (every warp the same share of a tile)."""
+    return _gemv_configs(m, k // INT4_GEMV_GROUP)
 
 
-def int8_gemv_configs(m: int, k: int) -> tuple[tuple[int, int, bool, int], ...]:
-    """The launch configs the int8 GEMV takes for x [m, k]: a looping grid needs k / 64 a multiple of the warps;
-    weight slots as for int4."""
-    return _gemv_configs("int8", m, k // INT8_GEMV_ITEM)
+def int8_gemv_configs(m: int, k: int) -> tuple[tuple[int, int, bool], ...]:
+    """The launch configs the int8 GEMV takes for x [m, k]: a looping grid needs k / 64 a multiple of the warps."""
+    return _gemv_configs(m, k // INT8_GEMV_ITEM)
 
 
 def _gemv_x_reasons(x: torch.Tensor, *tensors: torch.Tensor) -> list[str]:
@@ -145,36 +130,34 @@ def int8_gemv_reasons(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -
     return reasons + _aligned_rows_reasons(x=x, w_q=w_q)
 
 
-def _check_launch(config: tuple[int, int, bool, int], configs: tuple[tuple[int, int, bool, int], ...],
-                  x: torch.Tensor, pdl: int) -> None:
+def _check_launch(config: tuple[int, int, bool], configs: tuple[tuple[int, int, bool], ...], x: torch.Tensor,
+                  pdl: int) -> None:
     if config not in configs:
-        raise ValueError(f"(rows_per_block, warps, loop, depth)={config} is not one of {configs} for "
+        raise ValueError(f"(rows_per_block, warps, loop)={config} is not one of {configs} for "
                          f"x.shape={tuple(x.shape)}")
     if pdl not in (0, 1, 3):
         raise ValueError(f"pdl={pdl} is not 0, 1 or 3")
 
 
 def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, y: torch.Tensor,
-              rows_per_block: int = 16, warps: int = 8, loop: bool = False, depth: int = 0,
-              pdl: int = 0) -> torch.Tensor:
+              rows_per_block: int = 16, warps: int = 8, loop: bool = False, pdl: int = 0) -> torch.Tensor:
     """y[M, N] = x @ W.T, W[n, k] = (q - zeros) * scales per group of 128 (`reference.matmul_int4_awq`), on the
     tensor cores; y is written in place and returned. `loop`: a resident grid whose blocks step through the
-    row tiles. `depth`: 0 holds each warp's next weights in registers, 4 or 8 streams them through that many
-    shared-memory slots. `pdl`: 0 a plain launch, 1 a programmatic dependent launch, 3 the same with the first
-    weights (with slots, all of them) loaded before the wait (only where nothing launched just before writes
-    them). Inputs as `int4_gemv_reasons` asks; the extension checks them again."""
-    _check_launch((rows_per_block, warps, bool(loop), depth), int4_gemv_configs(*x.shape), x, pdl)
-    load().int4_gemv(x, qweight, scales, zeros, y, rows_per_block, warps, bool(loop), depth, pdl)
+    row tiles. `pdl`: 0 a plain launch, 1 a programmatic dependent launch, 3 the same with the first weights
+    loaded before the wait (only where nothing launched just before writes them). Inputs as
+    `int4_gemv_reasons` asks; the extension checks them again."""
+    _check_launch((rows_per_block, warps, bool(loop)), int4_gemv_configs(*x.shape), x, pdl)
+    load().int4_gemv(x, qweight, scales, zeros, y, rows_per_block, warps, bool(loop), pdl)
     return y
 
 
 def int8_gemv(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, y: torch.Tensor, rows_per_block: int = 16,
-              warps: int = 8, loop: bool = False, depth: int = 0, pdl: int = 0) -> torch.Tensor:
+              warps: int = 8, loop: bool = False, pdl: int = 0) -> torch.Tensor:
     """y[M, N] = x @ (w_q * scale[:, None]).T (`reference.matmul_int8_weight_only`) on the tensor cores, each
-    byte multiplied as its two nibbles; y is written in place and returned. `loop`, `depth` and `pdl` as in
-    `int4_gemv`; inputs as `int8_gemv_reasons` asks (the extension checks them again)."""
-    _check_launch((rows_per_block, warps, bool(loop), depth), int8_gemv_configs(*x.shape), x, pdl)
-    load().int8_gemv(x, w_q, scale, y, rows_per_block, warps, bool(loop), depth, pdl)
+    byte multiplied as its two nibbles; y is written in place and returned. `loop` and `pdl` as in `int4_gemv`;
+    inputs as `int8_gemv_reasons` asks (the extension checks them again)."""
+    _check_launch((rows_per_block, warps, bool(loop)), int8_gemv_configs(*x.shape), x, pdl)
+    load().int8_gemv(x, w_q, scale, y, rows_per_block, warps, bool(loop), pdl)
     return y
 
 

@@ -145,21 +145,6 @@ __device__ __forceinline__ uint4 load_weights(const uint8_t* p) {
 __device__ __forceinline__ void grid_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
 __device__ __forceinline__ void launch_dependents() { asm volatile("griddepcontrol.launch_dependents;\n" :::); }
 
-// Asynchronous copies to shared memory (cp.async): the bytes in flight hold no registers, only their slot.
-__device__ __forceinline__ void copy16(void* smem, const void* gmem) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void copy4(void* smem, const void* gmem) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void copy_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 // One item in flight: for each row tile and half (rows r, r + 8) 16 bytes of weights, and for int4 the scale
 // and zero; for each token tile x at the lane's k of the item (int4: 32 values, int8: 16; two a word).
 template <Format F, int RT, int NT>
@@ -168,16 +153,6 @@ struct Stage {
   float s[RT][2];
   float z[RT][2];
   uint4 x[NT][Traits<F>::kXVecs];
-};
-
-// With DEPTH > 0 a warp's weights (and int4's scales and zeros) stream through DEPTH slots of shared memory
-// by cp.async instead of the register ring: lane l's 16 bytes of row half (i, h) at [i][h][l], its scale and
-// zero likewise, so each lane reads back only what it copied (no barrier, no bank conflict).
-template <Format F, int RT>
-struct Slot {
-  uint4 w[RT][2][32];
-  float s[RT][2][F == Format::kInt4Awq ? 32 : 1];
-  float z[RT][2][F == Format::kInt4Awq ? 32 : 1];
 };
 
 // The B fragments of k-step `step` for token tile j: (b0, b1), the x that meet A registers (0, 1) and (2, 3).
@@ -235,7 +210,7 @@ __device__ __forceinline__ void a_fragment(uint32_t w0, uint32_t w1, int odd, ui
   }
 }
 
-template <typename T, Format F, int RT, int NT, int WARPS, bool LOOP, int DEPTH>
+template <typename T, Format F, int RT, int NT, int WARPS, bool LOOP>
 __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restrict__ x, int64_t ldx,
                                                                  const uint8_t* __restrict__ qw, int64_t ldq,
                                                                  const float* __restrict__ scales, int64_t lds,
@@ -269,59 +244,18 @@ __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restr
 
   // Item f of this warp: row tile blockIdx.x + (f / count) * gridDim.x, item warp + WARPS * (f % count).
   // Rows past n read the last row (their sums are never stored), so no load needs a predicate.
-  auto item_row = [&](int f, int i, int h) -> int64_t {
-    const int tile = blockIdx.x + (f / count) * gridDim.x;
-    return min(tile * (16 * RT) + 16 * i + r + 8 * h, n - 1);
-  };
   auto load_static = [&](Stage<F, RT, NT>& st, int f) {
+    const int tile = blockIdx.x + (f / count) * gridDim.x;
     const int g = warp + WARPS * (f % count);
 #pragma unroll
     for (int i = 0; i < RT; ++i) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int64_t row = item_row(f, i, h);
+        const int64_t row = min(tile * (16 * RT) + 16 * i + r + 8 * h, n - 1);
         st.w[i][h] = load_weights(qw + row * ldq + static_cast<int64_t>(g) * 64 + 16 * t);
         if constexpr (F == Format::kInt4Awq) {
           st.s[i][h] = __ldg(scales + row * lds + g);
           st.z[i][h] = __ldg(zeros + row * ldz + g);
-        }
-      }
-    }
-  };
-  // DEPTH > 0: item f's weights, scales and zeros into this warp's slot f % DEPTH, as one cp.async group
-  // (committed empty past the last item, so that group n always belongs to item n).
-  extern __shared__ uint4 slots_smem[];
-  constexpr int kDepth = DEPTH > 0 ? DEPTH : 1;
-  Slot<F, RT>* const slots = reinterpret_cast<Slot<F, RT>*>(slots_smem) + warp * kDepth;
-  auto fetch = [&](int f) {
-    if (f < total) {
-      Slot<F, RT>& sl = slots[f % kDepth];
-      const int g = warp + WARPS * (f % count);
-#pragma unroll
-      for (int i = 0; i < RT; ++i) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int64_t row = item_row(f, i, h);
-          copy16(&sl.w[i][h][lane], qw + row * ldq + static_cast<int64_t>(g) * 64 + 16 * t);
-          if constexpr (F == Format::kInt4Awq) {
-            copy4(&sl.s[i][h][lane], scales + row * lds + g);
-            copy4(&sl.z[i][h][lane], zeros + row * ldz + g);
-          }
-        }
-      }
-    }
-    copy_commit();
-  };
-  auto read_slot = [&](Stage<F, RT, NT>& st, int f) {
-    const Slot<F, RT>& sl = slots[f % kDepth];
-#pragma unroll
-    for (int i = 0; i < RT; ++i) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        st.w[i][h] = sl.w[i][h][lane];
-        if constexpr (F == Format::kInt4Awq) {
-          st.s[i][h] = sl.s[i][h][lane];
-          st.z[i][h] = sl.z[i][h][lane];
         }
       }
     }
@@ -372,23 +306,16 @@ __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restr
   };
 
   Stage<F, RT, NT> ring[kStages];
-  // The first weights: kStages items into the register ring, or (DEPTH) DEPTH items into shared memory.
-  auto first_weights = [&]() {
-    if constexpr (DEPTH > 0) {
-#pragma unroll
-      for (int d = 0; d < DEPTH; ++d) fetch(d);
-    } else {
-#pragma unroll
-      for (int s = 0; s < kStages; ++s)
-        if (s < total) load_static(ring[s], s);
-    }
-  };
   if (pdl == 3) {
-    first_weights();
+#pragma unroll
+    for (int s = 0; s < kStages; ++s)
+      if (s < total) load_static(ring[s], s);
     grid_wait();
   } else {
     grid_wait();  // a no-op when launched without the PDL attribute
-    first_weights();
+#pragma unroll
+    for (int s = 0; s < kStages; ++s)
+      if (s < total) load_static(ring[s], s);
   }
 #pragma unroll
   for (int s = 0; s < kStages; ++s)
@@ -403,10 +330,6 @@ __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restr
       const int f = f0 + s;
       if (f >= total) break;
       Stage<F, RT, NT>& st = ring[s];
-      if constexpr (DEPTH > 0) {
-        copy_wait<DEPTH - 1>();  // groups 0..f are complete: item f is in its slot
-        read_slot(st, f);
-      }
       // The item's products apart from the row's sum: d[i][j] the sums of q x of rows r (e 0, 1) and r + 8
       // (e 2, 3) for tokens 2t, 2t + 1; for int4 also ones[j], each token's sum of x (a product of ones with
       // the same B, any row).
@@ -455,11 +378,7 @@ __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restr
               acc[i][j][e] += d[i][j][e];
             }
           }
-      if constexpr (DEPTH > 0) {
-        // the slot refills only now: its registers went into the products above, so its reads are done
-        fetch(f + DEPTH);
-        if (f + kStages < total) load_x(st, f + kStages);
-      } else if (f + kStages < total) {
+      if (f + kStages < total) {
         load_static(st, f + kStages);
         load_x(st, f + kStages);
       }
@@ -489,22 +408,9 @@ struct Operands {
   cudaStream_t stream;
 };
 
-// Shared memory of a block's weight slots (0 without them). A config may take at most kMaxSlotBytes, so that a
-// block of the kernel before or after it in a decode step can still be resident on the same SM.
-constexpr int kMaxSlotBytes = 96 * 1024;
-template <Format F, int RT, int WARPS, int DEPTH>
-constexpr int slot_bytes() {
-  return DEPTH > 0 ? static_cast<int>(sizeof(Slot<F, RT>)) * WARPS * DEPTH : 0;
-}
-
-template <typename T, Format F, int RT, int NT, int WARPS, bool LOOP, int DEPTH>
+template <typename T, Format F, int RT, int NT, int WARPS, bool LOOP>
 cudaError_t launch(const Operands& o) {
-  const auto kernel = quant_gemv_kernel<T, F, RT, NT, WARPS, LOOP, DEPTH>;
-  constexpr int smem = slot_bytes<F, RT, WARPS, DEPTH>();
-  if constexpr (smem > 0) {  // the slots and the static `partial` together may pass the default 48 KiB
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
-  }
+  const auto kernel = quant_gemv_kernel<T, F, RT, NT, WARPS, LOOP>;
   const int items = o.k / Traits<F>::kItemK;
   const int tiles = (o.n + 16 * RT - 1) / (16 * RT);
   int blocks = tiles;
@@ -513,14 +419,13 @@ cudaError_t launch(const Operands& o) {
     int device = 0, sms = 0, per_sm = 0;
     cudaError_t err = cudaGetDevice(&device);
     if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WARPS * 32, smem);
+    if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WARPS * 32, 0);
     if (err != cudaSuccess) return err;
     blocks = min(tiles, max(1, per_sm) * sms);  // resident at once: each loops over its share of the tiles
   }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(blocks);
   cfg.blockDim = dim3(WARPS * 32);
-  cfg.dynamicSmemBytes = smem;
   cfg.stream = o.stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -531,58 +436,38 @@ cudaError_t launch(const Operands& o) {
                             o.ldz, static_cast<T*>(o.y), o.ldy, o.m, o.n, items, o.pdl);
 }
 
-// Weight slots (DEPTH 4 or 8) only with one token tile (m <= 8) and within kMaxSlotBytes; anything else is
-// refused here, never instantiated.
-template <typename T, Format F, int RT, int NT, int WARPS, bool LOOP>
-cudaError_t by_depth(int depth, const Operands& o) {
-  switch (depth) {
-    case 0: return launch<T, F, RT, NT, WARPS, LOOP, 0>(o);
-    case 4:
-      if constexpr (NT == 1 && slot_bytes<F, RT, WARPS, 4>() <= kMaxSlotBytes)
-        return launch<T, F, RT, NT, WARPS, LOOP, 4>(o);
-      return cudaErrorInvalidValue;
-    case 8:
-      if constexpr (NT == 1 && slot_bytes<F, RT, WARPS, 8>() <= kMaxSlotBytes)
-        return launch<T, F, RT, NT, WARPS, LOOP, 8>(o);
-      return cudaErrorInvalidValue;
-    default: return cudaErrorInvalidValue;
-  }
-}
-
 template <typename T, Format F, int RT, int NT, bool LOOP>
-cudaError_t by_warps(int warps, int depth, const Operands& o) {
+cudaError_t by_warps(int warps, const Operands& o) {
   switch (warps) {
-    case 4: return by_depth<T, F, RT, NT, 4, LOOP>(depth, o);
-    case 8: return by_depth<T, F, RT, NT, 8, LOOP>(depth, o);
+    case 4: return launch<T, F, RT, NT, 4, LOOP>(o);
+    case 8: return launch<T, F, RT, NT, 8, LOOP>(o);
     case 16:  // 512 threads leave 128 registers a thread: only one row tile and one token tile fit unspilled
-      if constexpr (RT == 1 && NT == 1) return by_depth<T, F, RT, NT, 16, LOOP>(depth, o);
+      if constexpr (RT == 1 && NT == 1) return launch<T, F, RT, NT, 16, LOOP>(o);
       return cudaErrorInvalidValue;
     default: return cudaErrorInvalidValue;
   }
 }
 
 template <typename T, Format F, int RT, int NT>
-cudaError_t by_loop(bool loop, int warps, int depth, const Operands& o) {
-  return loop ? by_warps<T, F, RT, NT, true>(warps, depth, o) : by_warps<T, F, RT, NT, false>(warps, depth, o);
+cudaError_t by_loop(bool loop, int warps, const Operands& o) {
+  return loop ? by_warps<T, F, RT, NT, true>(warps, o) : by_warps<T, F, RT, NT, false>(warps, o);
 }
 
 template <typename T, Format F>
-cudaError_t by_tiles(int rows_per_block, int warps, bool loop, int depth, const Operands& o) {
+cudaError_t by_tiles(int rows_per_block, int warps, bool loop, const Operands& o) {
   const bool wide = o.m > 8;
-  if (rows_per_block == 16)
-    return wide ? by_loop<T, F, 1, 2>(loop, warps, depth, o) : by_loop<T, F, 1, 1>(loop, warps, depth, o);
-  if (rows_per_block == 32)
-    return wide ? by_loop<T, F, 2, 2>(loop, warps, depth, o) : by_loop<T, F, 2, 1>(loop, warps, depth, o);
+  if (rows_per_block == 16) return wide ? by_loop<T, F, 1, 2>(loop, warps, o) : by_loop<T, F, 1, 1>(loop, warps, o);
+  if (rows_per_block == 32) return wide ? by_loop<T, F, 2, 2>(loop, warps, o) : by_loop<T, F, 2, 1>(loop, warps, o);
   return cudaErrorInvalidValue;
 }
 
 template <Format F>
-cudaError_t dispatch(DType dtype, int rows_per_block, int warps, bool loop, int depth, const Operands& o) {
+cudaError_t dispatch(DType dtype, int rows_per_block, int warps, bool loop, const Operands& o) {
   constexpr int kItemK = Traits<F>::kItemK;
   if (o.m < 1 || o.m > 16 || o.n < 1 || o.k < kItemK || o.k % kItemK != 0) return cudaErrorInvalidValue;
   switch (dtype) {
-    case DType::kBFloat16: return by_tiles<__nv_bfloat16, F>(rows_per_block, warps, loop, depth, o);
-    case DType::kFloat16: return by_tiles<__half, F>(rows_per_block, warps, loop, depth, o);
+    case DType::kBFloat16: return by_tiles<__nv_bfloat16, F>(rows_per_block, warps, loop, o);
+    case DType::kFloat16: return by_tiles<__half, F>(rows_per_block, warps, loop, o);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -591,18 +476,17 @@ cudaError_t dispatch(DType dtype, int rows_per_block, int warps, bool loop, int 
 
 cudaError_t int4_gemv(const void* x, int64_t ldx, const uint8_t* qweight, int64_t ldq, const float* scales,
                       int64_t lds, const float* zeros, int64_t ldz, void* y, int64_t ldy, int m, int n, int k,
-                      int rows_per_block, int warps, bool loop, int depth, int pdl, DType dtype,
-                      cudaStream_t stream) {
+                      int rows_per_block, int warps, bool loop, int pdl, DType dtype, cudaStream_t stream) {
   const Operands o{x, ldx, qweight, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream};
-  return dispatch<Format::kInt4Awq>(dtype, rows_per_block, warps, loop, depth, o);
+  return dispatch<Format::kInt4Awq>(dtype, rows_per_block, warps, loop, o);
 }
 
 cudaError_t int8_gemv(const void* x, int64_t ldx, const int8_t* weight, int64_t ldw, const float* scale, void* y,
-                      int64_t ldy, int m, int n, int k, int rows_per_block, int warps, bool loop, int depth, int pdl,
-                      DType dtype, cudaStream_t stream) {
+                      int64_t ldy, int m, int n, int k, int rows_per_block, int warps, bool loop, int pdl, DType dtype,
+                      cudaStream_t stream) {
   const Operands o{x, ldx, reinterpret_cast<const uint8_t*>(weight), ldw, scale, 1, nullptr, 0, y, ldy, m, n, k, pdl,
                    stream};
-  return dispatch<Format::kInt8>(dtype, rows_per_block, warps, loop, depth, o);
+  return dispatch<Format::kInt8>(dtype, rows_per_block, warps, loop, o);
 }
 
 }  // namespace tessera
