@@ -91,8 +91,7 @@ def sweep(op: str, k: int, n: int) -> tuple[dict, list[dict]]:
     pool = [(run, c, _family(c), _meta(c)) for c in pool]  # each config with the launcher that runs it
     mode = qm._cuda_pdl(dev)
     if cuda_ok:
-        pool += [(run_cuda, c, "cuda", {"rows_per_block": c[0], "warps": c[1], "loop": c[2], "xs": c[3],
-                                        "pdl": mode})
+        pool += [(run_cuda, c, "cuda", {"rows_per_block": c[0], "warps": c[1], "loop": c[2], "pdl": mode})
                  for c in cuda_configs]
     rows = []
     for launch, c, family, meta in pool:

@@ -199,34 +199,20 @@ def test_inputs_it_cannot_take_are_named() -> None:
 def test_bad_launch_arguments_raise_before_the_extension_loads() -> None:
     x, qweight, scales, zeros = _int4_inputs(9, 8, 256, torch.bfloat16, "cpu", 0)
     y = torch.empty(9, 8, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match=r"\(rows_per_block, warps, loop, xs\)=\(16, 16, False, False\)"):
+    with pytest.raises(ValueError, match=r"\(rows_per_block, warps, loop\)=\(16, 16, False\)"):
         cuda.int4_gemv(x, qweight, scales, zeros, y, 16, 16)  # 16 warps only up to 8 tokens
-    with pytest.raises(ValueError, match=r"=\(16, 4, True, False\)"):
+    with pytest.raises(ValueError, match=r"=\(16, 4, True\)"):
         cuda.int4_gemv(x, qweight, scales, zeros, y, 16, 4, loop=True)  # K = 256: 2 groups for 4 warps
     with pytest.raises(ValueError, match="pdl=2"):
         cuda.int4_gemv(x, qweight, scales, zeros, y, 16, 8, pdl=2)
     x, w_q, scale = _int8_inputs(9, 8, 192, torch.bfloat16, "cpu", 0)
-    with pytest.raises(ValueError, match=r"=\(16, 4, True, False\)"):
+    with pytest.raises(ValueError, match=r"=\(16, 4, True\)"):
         cuda.int8_gemv(x, w_q, scale, y, 16, 4, loop=True)  # K = 192: 3 items for 4 warps
-    with pytest.raises(ValueError, match=r"=\(16, 16, False, False\)"):
+    with pytest.raises(ValueError, match=r"=\(16, 16, False\)"):
         cuda.int8_gemv(x, w_q, scale, y, 16, 16)
     with pytest.raises(ValueError, match="pdl=5"):
         cuda.int8_gemv(x, w_q, scale, y, 16, 8, pdl=5)
-    with pytest.raises(ValueError, match=r"=\(16, 8, False, True\)"):
-        cuda.int8_gemv(x, w_q, scale, y, 16, 8, xs=True)  # x in shared memory only up to 8 tokens
-    assert (16, 8, True, False) not in cuda.int8_gemv_configs(1, 192)
-    assert (16, 4, True, False) in cuda.int8_gemv_configs(1, 256)
-
-
-def test_x_in_shared_memory_only_where_it_fits() -> None:
-    """xs configs at M <= 8 with M rows of K + 8 elements within GEMV_XS_BYTES (the kernel's kMaxXsBytes)."""
-    for configs in (cuda.int4_gemv_configs, cuda.int8_gemv_configs):
-        assert {c[3] for c in configs(1, 8192)} == {False, True}
-        assert {c[3] for c in configs(8, 2048)} == {False, True}  # 8 x 4112 bytes
-        assert {c[3] for c in configs(8, 4096)} == {False}  # 8 x 8208 bytes > 64 KiB
-        assert {c[3] for c in configs(9, 128)} == {False}
-    assert (16, 16, False, True) in cuda.int4_gemv_configs(1, 8192)
-    assert cuda.GEMV_XS_BYTES == 64 * 1024
+    assert (16, 8, True) not in cuda.int8_gemv_configs(1, 192) and (16, 4, True) in cuda.int8_gemv_configs(1, 256)
 
 
 def test_the_choice_takes_the_cuda_gemv_only_when_faster_and_in_agreement(monkeypatch) -> None:
@@ -240,7 +226,7 @@ def test_the_choice_takes_the_cuda_gemv_only_when_faster_and_in_agreement(monkey
     y = torch.empty(1, 8, dtype=torch.bfloat16)
     state = {"cuda_value": 1.0, "last": None, "calls": []}
     configs = cuda.int8_gemv_configs(1, 256)
-    cost = {"triton": 5.0, **{c: 9.0 for c in configs}, (16, 4, False, False): 4.0, (32, 4, False, True): 3.0}
+    cost = {"triton": 5.0, **{c: 9.0 for c in configs}, (16, 4, False): 4.0, (32, 4, False): 3.0}
 
     def fake_cuda(out, config, mode):
         out.fill_(state["cuda_value"])
@@ -260,16 +246,16 @@ def test_the_choice_takes_the_cuda_gemv_only_when_faster_and_in_agreement(monkey
     monkeypatch.setattr(cuda, "load", lambda: None)
     monkeypatch.setattr(tuning, "graph_bench", fake_bench)
     key = ("int8", "M<=1", "N=8", "K=256", torch.bfloat16)
-    assert qm._choose_cuda_gemv(key, x, configs, fake_triton, fake_cuda, y) == (32, 4, False, True)
-    assert qm.cuda_gemv_timings[key] == {"triton_us": 5.0, "cuda_us": 3.0, "cuda_config": [32, 4, False, True]}
+    assert qm._choose_cuda_gemv(key, x, configs, fake_triton, fake_cuda, y) == (32, 4, False)
+    assert qm.cuda_gemv_timings[key] == {"triton_us": 5.0, "cuda_us": 3.0, "cuda_config": [32, 4, False]}
     state["cuda_value"] = 1.5  # as fast, but wrong: never taken
     assert qm._choose_cuda_gemv(key, x, configs, fake_triton, fake_cuda, y) is None
     state["cuda_value"] = 1.0
-    cost.update({(32, 4, False, True): 5.5, (16, 4, False, False): 6.0})  # slower than Triton everywhere
+    cost.update({(32, 4, False): 5.5, (16, 4, False): 6.0})  # slower than Triton everywhere
     assert qm._choose_cuda_gemv(key, x, configs, fake_triton, fake_cuda, y) is None
 
     # the op's path: only x on a GPU lets it consider the CUDA kernel; here a stand-in claims to be one
-    cost.update({(32, 4, False, True): 3.0})
+    cost.update({(32, 4, False): 3.0})
     gpu_x = SimpleNamespace(shape=x.shape, dtype=x.dtype, device=x.device, is_cuda=True)
     monkeypatch.setattr(qm, "triton_interpreting", lambda: False)
     monkeypatch.setattr(cuda, "int8_gemv_reasons", lambda *a: [])
@@ -279,10 +265,10 @@ def test_the_choice_takes_the_cuda_gemv_only_when_faster_and_in_agreement(monkey
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # CPU builds cannot ask
     state["calls"].clear()
     qm._int8_gemv(gpu_x, w_q, scale, y)  # times, then runs the pick
-    assert state["calls"][-1] == ("cuda", (32, 4, False, True), 1)
+    assert state["calls"][-1] == ("cuda", (32, 4, False), 1)
     state["calls"].clear()
     qm._int8_gemv(gpu_x, w_q, scale, y)  # remembered: one launch, no timing
-    assert state["calls"] == [("cuda", (32, 4, False, True), 1)]
+    assert state["calls"] == [("cuda", (32, 4, False), 1)]
     qm._int8_gemv(x, w_q, scale, y)  # a CPU x never reaches the CUDA kernel
     assert state["calls"][-1] == "triton"
     assert qm.cuda_gemv_choices()["int8 M<=1 N=8 K=256 bfloat16"]["backend"] == "cuda"

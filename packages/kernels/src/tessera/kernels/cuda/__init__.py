@@ -44,38 +44,29 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     return load().attention_prefill(q, k, v, cu_seqlens, int(max_seqlen), bool(causal), scale)
 
 
-#: (rows_per_block, warps, loop, xs) of the quantized GEMVs' launches (csrc/quant_gemv.cu): a block a row tile, or
-#: (loop) a resident grid stepping through them; 16 warps only at 16 rows and M <= 8. xs: the block copies x to
-#: shared memory once and each warp keeps twice the items of weights in flight in the registers x no longer
-#: takes (int4 4, int8 8), all of them loaded before the PDL wait in mode 3; only at M <= 8 and within
-#: GEMV_XS_BYTES.
-GEMV_CONFIGS = tuple((rows, warps, loop, xs) for xs in (False, True) for loop in (False, True)
+#: (rows_per_block, warps, loop) of the quantized GEMVs' launches (csrc/quant_gemv.cu): a block a row tile, or
+#: (loop) a resident grid stepping through them; 16 warps only at 16 rows and M <= 8.
+GEMV_CONFIGS = tuple((rows, warps, loop) for loop in (False, True)
                      for rows, warps in ((16, 4), (16, 8), (16, 16), (32, 4), (32, 8)))
 INT4_GEMV_GROUP = 128
 #: k of one of the int8 GEMV's work items (64 bytes of a row); K must be a multiple of it.
 INT8_GEMV_ITEM = 64
-#: the most shared memory x may take in an xs launch (kMaxXsBytes in quant_gemv.cu): M rows of K + 8 elements
-GEMV_XS_BYTES = 64 * 1024
 
 
-def _gemv_configs(m: int, k: int, items: int) -> tuple[tuple[int, int, bool, bool], ...]:
+def _gemv_configs(m: int, items: int) -> tuple[tuple[int, int, bool], ...]:
     # a looping grid needs the items of a row tile a multiple of the warps (every warp the same share)
-    xs_ok = m <= 8 and m * (2 * k + 16) <= GEMV_XS_BYTES
-    return tuple(c for c in GEMV_CONFIGS if (c[1] < 16 or m <= 8) and (not c[2] or items % c[1] == 0)
-                 and (xs_ok or not c[3]))
+    return tuple(c for c in GEMV_CONFIGS if (c[1] < 16 or m <= 8) and (not c[2] or items % c[1] == 0))
 
 
-def int4_gemv_configs(m: int, k: int) -> tuple[tuple[int, int, bool, bool], ...]:
+def int4_gemv_configs(m: int, k: int) -> tuple[tuple[int, int, bool], ...]:
     """The launch configs the int4 GEMV takes for x [m, k]: a looping grid needs k / 128 groups a multiple of
-    the warps (every warp the same share of a tile); x in shared memory needs m <= 8 and m (2k + 16) bytes at most
-    GEMV_XS_BYTES."""
-    return _gemv_configs(m, k, k // INT4_GEMV_GROUP)
+    the warps (every warp the same share of a tile)."""
+    return _gemv_configs(m, k // INT4_GEMV_GROUP)
 
 
-def int8_gemv_configs(m: int, k: int) -> tuple[tuple[int, int, bool, bool], ...]:
-    """The launch configs the int8 GEMV takes for x [m, k]: a looping grid needs k / 64 a multiple of the warps;
-    x in shared memory as for int4."""
-    return _gemv_configs(m, k, k // INT8_GEMV_ITEM)
+def int8_gemv_configs(m: int, k: int) -> tuple[tuple[int, int, bool], ...]:
+    """The launch configs the int8 GEMV takes for x [m, k]: a looping grid needs k / 64 a multiple of the warps."""
+    return _gemv_configs(m, k // INT8_GEMV_ITEM)
 
 
 def _gemv_x_reasons(x: torch.Tensor, *tensors: torch.Tensor) -> list[str]:
@@ -139,36 +130,34 @@ def int8_gemv_reasons(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -
     return reasons + _aligned_rows_reasons(x=x, w_q=w_q)
 
 
-def _check_launch(config: tuple[int, int, bool, bool], configs: tuple[tuple[int, int, bool, bool], ...],
-                  x: torch.Tensor, pdl: int) -> None:
+def _check_launch(config: tuple[int, int, bool], configs: tuple[tuple[int, int, bool], ...], x: torch.Tensor,
+                  pdl: int) -> None:
     if config not in configs:
-        raise ValueError(f"(rows_per_block, warps, loop, xs)={config} is not one of {configs} for "
+        raise ValueError(f"(rows_per_block, warps, loop)={config} is not one of {configs} for "
                          f"x.shape={tuple(x.shape)}")
     if pdl not in (0, 1, 3):
         raise ValueError(f"pdl={pdl} is not 0, 1 or 3")
 
 
 def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, y: torch.Tensor,
-              rows_per_block: int = 16, warps: int = 8, loop: bool = False, xs: bool = False,
-              pdl: int = 0) -> torch.Tensor:
+              rows_per_block: int = 16, warps: int = 8, loop: bool = False, pdl: int = 0) -> torch.Tensor:
     """y[M, N] = x @ W.T, W[n, k] = (q - zeros) * scales per group of 128 (`reference.matmul_int4_awq`), on the
     tensor cores; y is written in place and returned. `loop`: a resident grid whose blocks step through the
-    row tiles. `xs`: x in shared memory and twice the weights in flight (`GEMV_CONFIGS`). `pdl`: 0 a plain
-    launch, 1 a programmatic dependent launch, 3 the same with the first weights loaded before the wait (only
-    where nothing launched just before writes them). Inputs as `int4_gemv_reasons` asks; the extension checks
-    them again."""
-    _check_launch((rows_per_block, warps, bool(loop), bool(xs)), int4_gemv_configs(*x.shape), x, pdl)
-    load().int4_gemv(x, qweight, scales, zeros, y, rows_per_block, warps, bool(loop), bool(xs), pdl)
+    row tiles. `pdl`: 0 a plain launch, 1 a programmatic dependent launch, 3 the same with the first weights
+    loaded before the wait (only where nothing launched just before writes them). Inputs as
+    `int4_gemv_reasons` asks; the extension checks them again."""
+    _check_launch((rows_per_block, warps, bool(loop)), int4_gemv_configs(*x.shape), x, pdl)
+    load().int4_gemv(x, qweight, scales, zeros, y, rows_per_block, warps, bool(loop), pdl)
     return y
 
 
 def int8_gemv(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, y: torch.Tensor, rows_per_block: int = 16,
-              warps: int = 8, loop: bool = False, xs: bool = False, pdl: int = 0) -> torch.Tensor:
+              warps: int = 8, loop: bool = False, pdl: int = 0) -> torch.Tensor:
     """y[M, N] = x @ (w_q * scale[:, None]).T (`reference.matmul_int8_weight_only`) on the tensor cores, each
-    byte multiplied as its two nibbles; y is written in place and returned. `loop`, `xs` and `pdl` as in
-    `int4_gemv`; inputs as `int8_gemv_reasons` asks (the extension checks them again)."""
-    _check_launch((rows_per_block, warps, bool(loop), bool(xs)), int8_gemv_configs(*x.shape), x, pdl)
-    load().int8_gemv(x, w_q, scale, y, rows_per_block, warps, bool(loop), bool(xs), pdl)
+    byte multiplied as its two nibbles; y is written in place and returned. `loop` and `pdl` as in `int4_gemv`;
+    inputs as `int8_gemv_reasons` asks (the extension checks them again)."""
+    _check_launch((rows_per_block, warps, bool(loop)), int8_gemv_configs(*x.shape), x, pdl)
+    load().int8_gemv(x, w_q, scale, y, rows_per_block, warps, bool(loop), pdl)
     return y
 
 

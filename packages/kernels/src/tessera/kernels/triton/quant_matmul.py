@@ -182,16 +182,14 @@ _int4_op = matmul_custom_op("matmul_int4_awq", _int4)
 #: How closely a CUDA GEMV must agree with the Triton one on a shape before it is taken: the ops' tolerances
 #: (`matmul.int8_weight_only`, `matmul.int4_awq`), per dtype.
 _CUDA_AGREEMENT = {torch.bfloat16: 3e-2, torch.float16: 1e-2}
-#: A CUDA GEMV launch config: (rows_per_block, warps, loop, xs), as `tessera.kernels.cuda.GEMV_CONFIGS`.
-GemvConfig = tuple[int, int, bool, bool]
-#: Per decode shape (`_shape_key`: int8 or int4, M bucket, N, K, int4's group, dtype): the launch config of the
-#: CUDA tensor-core GEMV where it beat the Triton GEMV, else None; and the times (us) of the two.
-_cuda_gemv: dict[tuple, GemvConfig | None] = {}
+#: Per decode shape (`_shape_key`: int8 or int4, M bucket, N, K, int4's group, dtype): the (rows_per_block, warps,
+#: loop) of the CUDA tensor-core GEMV where it beat the Triton GEMV, else None; and the times (us) of the two.
+_cuda_gemv: dict[tuple, tuple[int, int, bool] | None] = {}
 cuda_gemv_timings: dict[tuple, dict[str, float]] = {}
 
 #: A decode GEMV launcher writing into y: the Triton one takes y; the CUDA one y, a config and its `pdl`.
 TritonGemv = Callable[[torch.Tensor], None]
-CudaGemv = Callable[[torch.Tensor, GemvConfig, int], None]
+CudaGemv = Callable[[torch.Tensor, tuple[int, int, bool], int], None]
 
 
 def _shape_key(op: str, m: int, n: int, k: int, dtype: torch.dtype, group_size: int | None = None) -> tuple:
@@ -231,7 +229,7 @@ def _int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
 
 
 def _decode_gemv(key: tuple, x: torch.Tensor, cuda_reasons: Callable[[], list[str]],
-                 cuda_configs: Callable[[], tuple[GemvConfig, ...]], triton_gemv: TritonGemv,
+                 cuda_configs: Callable[[], tuple[tuple[int, int, bool], ...]], triton_gemv: TritonGemv,
                  cuda_gemv: CudaGemv, y: torch.Tensor) -> None:
     """Writes y with the Triton GEMV (`quant_gemv`), or with the CUDA tensor-core GEMV (`tessera.kernels.cuda`)
     where it takes the inputs (sm_90, ...) and a CUDA-graph timing of the shape, made at its first call outside
@@ -247,8 +245,8 @@ def _decode_gemv(key: tuple, x: torch.Tensor, cuda_reasons: Callable[[], list[st
     triton_gemv(y)
 
 
-def _choose_cuda_gemv(key: tuple, x: torch.Tensor, configs: tuple[GemvConfig, ...],
-                      triton_gemv: TritonGemv, cuda_gemv: CudaGemv, y: torch.Tensor) -> GemvConfig | None:
+def _choose_cuda_gemv(key: tuple, x: torch.Tensor, configs: tuple[tuple[int, int, bool], ...],
+                      triton_gemv: TritonGemv, cuda_gemv: CudaGemv, y: torch.Tensor) -> tuple[int, int, bool] | None:
     """The CUDA GEMV's fastest config for this shape if it beats the (tuned) Triton GEMV in CUDA-graph time,
     else None; None too, with a warning, when the extension does not build."""
     from tessera.kernels import cuda

@@ -115,7 +115,7 @@ void check_gemv_operands(const char* op, const at::Tensor& x, const at::Tensor& 
 }
 
 void int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
-               const at::Tensor& y, int64_t rows_per_block, int64_t warps, bool loop, bool xs, int64_t pdl) {
+               const at::Tensor& y, int64_t rows_per_block, int64_t warps, bool loop, int64_t pdl) {
   TORCH_CHECK(x.is_cuda() && qweight.is_cuda() && scales.is_cuda() && zeros.is_cuda() && y.is_cuda(),
               "int4_gemv needs CUDA tensors");
   TORCH_CHECK(x.dim() == 2 && qweight.dim() == 2 && y.dim() == 2, "x, qweight and y must be 2-D, got x=", x.sizes(),
@@ -137,12 +137,12 @@ void int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
                                 scales.data_ptr<float>(), scales.stride(0), zeros.data_ptr<float>(), zeros.stride(0),
                                 y.data_ptr(), y.stride(0), static_cast<int>(m), static_cast<int>(n),
                                 static_cast<int>(k), static_cast<int>(rows_per_block), static_cast<int>(warps), loop,
-                                xs, static_cast<int>(pdl), dtype_of(x, "x"), at::cuda::getCurrentCUDAStream()),
+                                static_cast<int>(pdl), dtype_of(x, "x"), at::cuda::getCurrentCUDAStream()),
              "int4_gemv launch");
 }
 
 void int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& y,
-               int64_t rows_per_block, int64_t warps, bool loop, bool xs, int64_t pdl) {
+               int64_t rows_per_block, int64_t warps, bool loop, int64_t pdl) {
   TORCH_CHECK(x.is_cuda() && weight.is_cuda() && scale.is_cuda() && y.is_cuda(), "int8_gemv needs CUDA tensors");
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && y.dim() == 2 && scale.dim() == 1,
               "x, weight and y must be 2-D and scale 1-D, got x=", x.sizes(), " weight=", weight.sizes(), " y=",
@@ -159,7 +159,7 @@ void int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& 
   check_cuda(tessera::int8_gemv(x.data_ptr(), x.stride(0), weight.data_ptr<int8_t>(), weight.stride(0),
                                 scale.data_ptr<float>(), y.data_ptr(), y.stride(0), static_cast<int>(m),
                                 static_cast<int>(n), static_cast<int>(k), static_cast<int>(rows_per_block),
-                                static_cast<int>(warps), loop, xs, static_cast<int>(pdl), dtype_of(x, "x"),
+                                static_cast<int>(warps), loop, static_cast<int>(pdl), dtype_of(x, "x"),
                                 at::cuda::getCurrentCUDAStream()),
              "int8_gemv launch");
 }
@@ -171,6 +171,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "y = rms_norm(x, weight, eps)");
   m.def("rms_norm_residual", &rms_norm_residual, "(y, h) = rms_norm_residual(x, residual, weight, eps)");
   m.def("attention_prefill", &attention_prefill, "o = attention_prefill(q, k, v, cu_seqlens, max_seqlen, causal, scale)");
-  m.def("int4_gemv", &int4_gemv, "int4_gemv(x, qweight, scales, zeros, y, rows_per_block, warps, loop, xs, pdl): y = x @ W.T");
-  m.def("int8_gemv", &int8_gemv, "int8_gemv(x, weight, scale, y, rows_per_block, warps, loop, xs, pdl): y = x @ W.T");
+  m.def("int4_gemv", &int4_gemv, "int4_gemv(x, qweight, scales, zeros, y, rows_per_block, warps, loop, pdl): y = x @ W.T");
+  m.def("int8_gemv", &int8_gemv, "int8_gemv(x, weight, scale, y, rows_per_block, warps, loop, pdl): y = x @ W.T");
 }

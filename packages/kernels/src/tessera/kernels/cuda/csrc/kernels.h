@@ -27,18 +27,17 @@ cudaError_t attention_forward(const void* q, const void* k, const void* v, void*
 // aligned); qweight [n, k / 2] uint8, two codes a byte, even k low (ldq in bytes, rows 16-byte aligned);
 // scales and zeros [n, k / 128] float32 (lds, ldz in elements). rows_per_block 16 or 32; warps 4 or 8, or 16
 // with 16 rows and m <= 8. loop: a resident grid whose blocks step through the row tiles (needs k / 128 a
-// multiple of warps) instead of a block a tile. xs: x copied to shared memory once (m <= 8, m (2k + 16) bytes at
-// most 64 KiB) and twice the items of weights in flight a warp. pdl 0 (plain launch), 1 (programmatic dependent
-// launch, waiting first) or 3 (the same, with the first weights loaded before the wait).
+// multiple of warps) instead of a block a tile. pdl 0 (plain launch), 1 (programmatic dependent launch,
+// waiting first) or 3 (the same, with the first weights loaded before the wait).
 cudaError_t int4_gemv(const void* x, int64_t ldx, const uint8_t* qweight, int64_t ldq, const float* scales,
                       int64_t lds, const float* zeros, int64_t ldz, void* y, int64_t ldy, int m, int n, int k,
-                      int rows_per_block, int warps, bool loop, bool xs, int pdl, DType dtype, cudaStream_t stream);
+                      int rows_per_block, int warps, bool loop, int pdl, DType dtype, cudaStream_t stream);
 
 // int8 weight-only decode GEMV on the tensor cores (quant_gemv.cu): y[m, n] = x[m, k] @ (weight * scale).T for
 // 1 <= m <= 16, k a multiple of 64. weight [n, k] int8 (ldw in bytes, rows 16-byte aligned), scale [n]
-// float32; x, y, rows_per_block, warps, xs, pdl as int4_gemv; loop needs k / 64 a multiple of warps.
+// float32; x, y, rows_per_block, warps, pdl as int4_gemv; loop needs k / 64 a multiple of warps.
 cudaError_t int8_gemv(const void* x, int64_t ldx, const int8_t* weight, int64_t ldw, const float* scale, void* y,
-                      int64_t ldy, int m, int n, int k, int rows_per_block, int warps, bool loop, bool xs, int pdl,
-                      DType dtype, cudaStream_t stream);
+                      int64_t ldy, int m, int n, int k, int rows_per_block, int warps, bool loop, int pdl, DType dtype,
+                      cudaStream_t stream);
 
 }  // namespace tessera

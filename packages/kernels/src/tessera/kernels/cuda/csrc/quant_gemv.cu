@@ -28,10 +28,7 @@
 // A block takes 16 * RT rows and its WARPS warps share out the items (warp w: items w, w + WARPS, ...); each
 // warp keeps STAGES items of weights (with int4's scales and zeros) and x in flight in registers (2 for int4,
 // 4 for int8, whose items carry no scales), then the warps' sums are added in warp order through shared memory
-// (deterministic) and rounded once to x's dtype. With XS (one token tile) the block first copies its x rows to
-// shared memory and each item reads its B fragments from there: the x registers of the ring are freed, so a warp
-// keeps twice the items of weights in flight (int4 4, int8 8) and mode 3 loads all of them before the wait, for
-// the middle decode shapes a warp's whole share. A block takes one row tile, or (LOOP) the grid is what fits
+// (deterministic) and rounded once to x's dtype. A block takes one row tile, or (LOOP) the grid is what fits
 // on the GPU at once and each block steps through row tiles, its next tile's first items loading while it
 // adds up the current one.
 //
@@ -62,14 +59,12 @@ struct Traits<Format::kInt4Awq> {
   static constexpr int kItemK = 128;  // one group: a lane's 16 bytes are 32 codes
   static constexpr int kXVecs = 4;
   static constexpr int kStages = 2;
-  static constexpr int kStagesXs = 4;  // x in shared memory: an item in flight is 12 registers, not 28
 };
 template <>
 struct Traits<Format::kInt8> {
   static constexpr int kItemK = 64;  // a lane's 16 bytes are 16 weights
   static constexpr int kXVecs = 2;
   static constexpr int kStages = 4;
-  static constexpr int kStagesXs = 8;
 };
 
 template <typename T>
@@ -161,23 +156,22 @@ struct Stage {
 };
 
 // The B fragments of k-step `step` for token tile j: (b0, b1), the x that meet A registers (0, 1) and (2, 3).
-template <Format F, int NT>
-__device__ __forceinline__ void b_fragment(const uint4 (&xv)[NT][Traits<F>::kXVecs], int j, int step, uint32_t& b0,
-                                           uint32_t& b1) {
+template <Format F, int RT, int NT>
+__device__ __forceinline__ void b_fragment(const Stage<F, RT, NT>& st, int j, int step, uint32_t& b0, uint32_t& b1) {
   const int odd = step & 1;
   if constexpr (F == Format::kInt4Awq) {
     // 8 codes a weight word (k = 8 mw .. 8 mw + 7); A holds codes 2 odd, 2 odd + 4 (regs 0, 1) and 2 odd + 1,
     // 2 odd + 5 (regs 2, 3)
     const int mw = step >> 1;
-    const uint32_t lo = word(xv[j][mw], odd);      // x at 8 mw + 2 odd, + 1
-    const uint32_t hi = word(xv[j][mw], 2 + odd);  // x at 8 mw + 2 odd + 4, + 5
+    const uint32_t lo = word(st.x[j][mw], odd);      // x at 8 mw + 2 odd, + 1
+    const uint32_t hi = word(st.x[j][mw], 2 + odd);  // x at 8 mw + 2 odd + 4, + 5
     b0 = prmt(lo, hi, 0x5410);
     b1 = prmt(lo, hi, 0x7632);
   } else {
     // 4 bytes a weight word (k = 4 mw .. 4 mw + 3); A holds bytes odd and odd + 2, low nibbles in regs 0, 1 and
     // high nibbles in regs 2, 3, so both B registers are (x[4 mw + odd], x[4 mw + odd + 2])
     const int mw = step >> 1;
-    const uint4& v = xv[j][mw >> 1];
+    const uint4& v = st.x[j][mw >> 1];
     const uint32_t lo = word(v, 2 * (mw & 1));      // x at 4 mw, + 1
     const uint32_t hi = word(v, 2 * (mw & 1) + 1);  // x at 4 mw + 2, + 3
     b0 = prmt(lo, hi, odd ? 0x7632 : 0x5410);
@@ -216,15 +210,14 @@ __device__ __forceinline__ void a_fragment(uint32_t w0, uint32_t w1, int odd, ui
   }
 }
 
-template <typename T, Format F, int RT, int NT, int WARPS, bool LOOP, bool XS>
+template <typename T, Format F, int RT, int NT, int WARPS, bool LOOP>
 __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restrict__ x, int64_t ldx,
                                                                  const uint8_t* __restrict__ qw, int64_t ldq,
                                                                  const float* __restrict__ scales, int64_t lds,
                                                                  const float* __restrict__ zeros, int64_t ldz,
                                                                  T* __restrict__ y, int64_t ldy, int m, int n,
                                                                  int items, int pdl) {
-  static_assert(!XS || NT == 1, "x in shared memory takes one token tile");
-  constexpr int kStages = XS ? Traits<F>::kStagesXs : Traits<F>::kStages;
+  constexpr int kStages = Traits<F>::kStages;
   constexpr int kItemK = Traits<F>::kItemK;
   constexpr int kXVecs = Traits<F>::kXVecs;
   __shared__ float partial[WARPS][RT * 16][NT * 8];
@@ -324,22 +317,9 @@ __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restr
     for (int s = 0; s < kStages; ++s)
       if (s < total) load_static(ring[s], s);
   }
-  // XS: the block's x rows go to shared memory once (row pitch k + 8 elements, so that the rows of a warp's
-  // lanes fall in different banks); each item then reads its B fragments from there.
-  extern __shared__ uint4 xs_smem[];
-  const int pitch = (items * kItemK) / 8 + 1;  // in 16-byte vectors
-  if constexpr (XS) {
-    const int vecs = (items * kItemK) / 8;
-    for (int idx = threadIdx.x; idx < m * vecs; idx += WARPS * 32) {
-      const int token = idx / vecs, v = idx % vecs;
-      xs_smem[token * pitch + v] = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(token) * ldx)[v];
-    }
-    __syncthreads();
-  } else {
 #pragma unroll
-    for (int s = 0; s < kStages; ++s)
-      if (s < total) load_x(ring[s], s);
-  }
+  for (int s = 0; s < kStages; ++s)
+    if (s < total) load_x(ring[s], s);
   launch_dependents();
   clear();
 
@@ -363,23 +343,11 @@ __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restr
 #pragma unroll
           for (int i = 0; i < RT; ++i) d[i][j][e] = 0.0f;
         }
-      uint4 xv[NT][kXVecs];
-      if constexpr (XS) {
-        const int g = warp + WARPS * (f % count);
-#pragma unroll
-        for (int q = 0; q < kXVecs; ++q)
-          xv[0][q] = xok[0] ? xs_smem[r * pitch + (g * kItemK + (kItemK / 4) * t) / 8 + q] : make_uint4(0, 0, 0, 0);
-      } else {
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-          for (int q = 0; q < kXVecs; ++q) xv[j][q] = st.x[j][q];
-      }
 #pragma unroll
       for (int step = 0; step < 8; ++step) {
         uint32_t b[NT][2];
 #pragma unroll
-        for (int j = 0; j < NT; ++j) b_fragment<F, NT>(xv, j, step, b[j][0], b[j][1]);
+        for (int j = 0; j < NT; ++j) b_fragment(st, j, step, b[j][0], b[j][1]);
 #pragma unroll
         for (int i = 0; i < RT; ++i) {
           uint32_t a0, a1, a2, a3;
@@ -412,7 +380,7 @@ __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restr
           }
       if (f + kStages < total) {
         load_static(st, f + kStages);
-        if constexpr (!XS) load_x(st, f + kStages);
+        load_x(st, f + kStages);
       }
       if (LOOP && (f + 1) % count == 0) {  // the last item of a tile (the same f in every warp)
         finish(blockIdx.x + (f / count) * gridDim.x);
@@ -440,21 +408,9 @@ struct Operands {
   cudaStream_t stream;
 };
 
-// x in shared memory (XS): m rows of k + 8 elements. At most kMaxXsBytes, so that a block of the kernel before or
-// after it in a decode step can still be resident on the same SM.
-constexpr int kMaxXsBytes = 64 * 1024;
-inline int xs_bytes(int m, int k) { return m * (2 * k + 16); }
-
-template <typename T, Format F, int RT, int NT, int WARPS, bool LOOP, bool XS>
+template <typename T, Format F, int RT, int NT, int WARPS, bool LOOP>
 cudaError_t launch(const Operands& o) {
-  const auto kernel = quant_gemv_kernel<T, F, RT, NT, WARPS, LOOP, XS>;
-  const int smem = XS ? xs_bytes(o.m, o.k) : 0;
-  if constexpr (XS) {
-    if (o.m > 8 || smem > kMaxXsBytes) return cudaErrorInvalidValue;
-    // with the static `partial` sums it may pass the default 48 KiB
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
-  }
+  const auto kernel = quant_gemv_kernel<T, F, RT, NT, WARPS, LOOP>;
   const int items = o.k / Traits<F>::kItemK;
   const int tiles = (o.n + 16 * RT - 1) / (16 * RT);
   int blocks = tiles;
@@ -463,14 +419,13 @@ cudaError_t launch(const Operands& o) {
     int device = 0, sms = 0, per_sm = 0;
     cudaError_t err = cudaGetDevice(&device);
     if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WARPS * 32, smem);
+    if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WARPS * 32, 0);
     if (err != cudaSuccess) return err;
     blocks = min(tiles, max(1, per_sm) * sms);  // resident at once: each loops over its share of the tiles
   }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(blocks);
   cfg.blockDim = dim3(WARPS * 32);
-  cfg.dynamicSmemBytes = smem;
   cfg.stream = o.stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -481,48 +436,38 @@ cudaError_t launch(const Operands& o) {
                             o.ldz, static_cast<T*>(o.y), o.ldy, o.m, o.n, items, o.pdl);
 }
 
-// x in shared memory only with one token tile (m <= 8); refused, never instantiated, with two.
-template <typename T, Format F, int RT, int NT, int WARPS, bool LOOP>
-cudaError_t by_xs(bool xs, const Operands& o) {
-  if (!xs) return launch<T, F, RT, NT, WARPS, LOOP, false>(o);
-  if constexpr (NT == 1) return launch<T, F, RT, NT, WARPS, LOOP, true>(o);
-  return cudaErrorInvalidValue;
-}
-
 template <typename T, Format F, int RT, int NT, bool LOOP>
-cudaError_t by_warps(int warps, bool xs, const Operands& o) {
+cudaError_t by_warps(int warps, const Operands& o) {
   switch (warps) {
-    case 4: return by_xs<T, F, RT, NT, 4, LOOP>(xs, o);
-    case 8: return by_xs<T, F, RT, NT, 8, LOOP>(xs, o);
+    case 4: return launch<T, F, RT, NT, 4, LOOP>(o);
+    case 8: return launch<T, F, RT, NT, 8, LOOP>(o);
     case 16:  // 512 threads leave 128 registers a thread: only one row tile and one token tile fit unspilled
-      if constexpr (RT == 1 && NT == 1) return by_xs<T, F, RT, NT, 16, LOOP>(xs, o);
+      if constexpr (RT == 1 && NT == 1) return launch<T, F, RT, NT, 16, LOOP>(o);
       return cudaErrorInvalidValue;
     default: return cudaErrorInvalidValue;
   }
 }
 
 template <typename T, Format F, int RT, int NT>
-cudaError_t by_loop(bool loop, int warps, bool xs, const Operands& o) {
-  return loop ? by_warps<T, F, RT, NT, true>(warps, xs, o) : by_warps<T, F, RT, NT, false>(warps, xs, o);
+cudaError_t by_loop(bool loop, int warps, const Operands& o) {
+  return loop ? by_warps<T, F, RT, NT, true>(warps, o) : by_warps<T, F, RT, NT, false>(warps, o);
 }
 
 template <typename T, Format F>
-cudaError_t by_tiles(int rows_per_block, int warps, bool loop, bool xs, const Operands& o) {
+cudaError_t by_tiles(int rows_per_block, int warps, bool loop, const Operands& o) {
   const bool wide = o.m > 8;
-  if (rows_per_block == 16)
-    return wide ? by_loop<T, F, 1, 2>(loop, warps, xs, o) : by_loop<T, F, 1, 1>(loop, warps, xs, o);
-  if (rows_per_block == 32)
-    return wide ? by_loop<T, F, 2, 2>(loop, warps, xs, o) : by_loop<T, F, 2, 1>(loop, warps, xs, o);
+  if (rows_per_block == 16) return wide ? by_loop<T, F, 1, 2>(loop, warps, o) : by_loop<T, F, 1, 1>(loop, warps, o);
+  if (rows_per_block == 32) return wide ? by_loop<T, F, 2, 2>(loop, warps, o) : by_loop<T, F, 2, 1>(loop, warps, o);
   return cudaErrorInvalidValue;
 }
 
 template <Format F>
-cudaError_t dispatch(DType dtype, int rows_per_block, int warps, bool loop, bool xs, const Operands& o) {
+cudaError_t dispatch(DType dtype, int rows_per_block, int warps, bool loop, const Operands& o) {
   constexpr int kItemK = Traits<F>::kItemK;
   if (o.m < 1 || o.m > 16 || o.n < 1 || o.k < kItemK || o.k % kItemK != 0) return cudaErrorInvalidValue;
   switch (dtype) {
-    case DType::kBFloat16: return by_tiles<__nv_bfloat16, F>(rows_per_block, warps, loop, xs, o);
-    case DType::kFloat16: return by_tiles<__half, F>(rows_per_block, warps, loop, xs, o);
+    case DType::kBFloat16: return by_tiles<__nv_bfloat16, F>(rows_per_block, warps, loop, o);
+    case DType::kFloat16: return by_tiles<__half, F>(rows_per_block, warps, loop, o);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -531,18 +476,17 @@ cudaError_t dispatch(DType dtype, int rows_per_block, int warps, bool loop, bool
 
 cudaError_t int4_gemv(const void* x, int64_t ldx, const uint8_t* qweight, int64_t ldq, const float* scales,
                       int64_t lds, const float* zeros, int64_t ldz, void* y, int64_t ldy, int m, int n, int k,
-                      int rows_per_block, int warps, bool loop, bool xs, int pdl, DType dtype,
-                      cudaStream_t stream) {
+                      int rows_per_block, int warps, bool loop, int pdl, DType dtype, cudaStream_t stream) {
   const Operands o{x, ldx, qweight, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream};
-  return dispatch<Format::kInt4Awq>(dtype, rows_per_block, warps, loop, xs, o);
+  return dispatch<Format::kInt4Awq>(dtype, rows_per_block, warps, loop, o);
 }
 
 cudaError_t int8_gemv(const void* x, int64_t ldx, const int8_t* weight, int64_t ldw, const float* scale, void* y,
-                      int64_t ldy, int m, int n, int k, int rows_per_block, int warps, bool loop, bool xs, int pdl,
-                      DType dtype, cudaStream_t stream) {
+                      int64_t ldy, int m, int n, int k, int rows_per_block, int warps, bool loop, int pdl, DType dtype,
+                      cudaStream_t stream) {
   const Operands o{x, ldx, reinterpret_cast<const uint8_t*>(weight), ldw, scale, 1, nullptr, 0, y, ldy, m, n, k, pdl,
                    stream};
-  return dispatch<Format::kInt8>(dtype, rows_per_block, warps, loop, xs, o);
+  return dispatch<Format::kInt8>(dtype, rows_per_block, warps, loop, o);
 }
 
 }  // namespace tessera
