@@ -38,7 +38,9 @@ Mode 4 (whole share, opt-in) goes further under the same declaration: each progr
 loads up to its first four weight tiles before the wait, which for most decode shapes is all the
 weights it multiplies, so a GEMV's weight reads overlap the kernel before it rather than only their
 first latency. The tiles are then multiplied in the loop's order, so every mode gives the same bits.
-It costs registers (four tiles held a program) and has not been measured yet.
+It costs registers (four tiles held a program), and on an H200 (2026-12-05) that cost more than the longer
+overlap gained: the Qwen3-0.6B graph decode and the Llama-3.2-1B decode steps were slower than in mode 3
+(docs/kernels.md, "Whole share").
 
 PDL is used on CUDA devices of compute capability 9.0 and up. `TESSERA_PDL` (read at import) or
 `set_mode` picks the mode: 0 off, 1 launch overlap, 2 launch overlap and the GEMVs' L2 prefetch, 3 (the
