@@ -15,6 +15,7 @@
 #                                                #   SPLITS=4, HEAD_READY=1, TIMED=1 phase profiles),
 #                                                #   HF static
 #   bash scripts/gpu-validate.sh OUT_DIR barriers   # a grid barrier's cost alone, by poll mode
+#   bash scripts/gpu-validate.sh OUT_DIR floor   # a dependent launch's floor (empty, weightless GEMV; PDL off/on)
 #   bash scripts/gpu-validate.sh OUT_DIR quant   # bench_quant --speed, batch 1 also with the persistent launch
 #                                                #   (and DEPTH=2, and twice the tile, TILE=32768, alone
 #                                                #   and with DEPTH=2: more bytes in flight a program;
@@ -29,7 +30,7 @@
 # stage does not stop the next.
 set -u
 if [ $# -lt 2 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
-    sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 out=$1
@@ -69,6 +70,11 @@ for stage in "$@"; do
             POLL=2,HEAD_READY=1,TIMED=1 ;;
     barriers)
         run barriers python3 benchmarks/probe_persistent_layer.py --barriers-only --out "$out" ;;
+    floor)
+        mkdir -p "$out/w8192"
+        run launch-floor python3 benchmarks/probe_launch_floor.py --out "$out"
+        run launch-floor-8192 python3 benchmarks/probe_launch_floor.py --width 8192 --programs 128 132 1024 \
+            --out "$out/w8192" ;;
     quant)
         run quant-speed python3 benchmarks/bench_quant.py --speed --reps 10 --persistent --no-progress --out "$out" \
             --persistent-variants DEPTH=2 TILE=32768 TILE=32768,DEPTH=2 L2_AHEAD=1 POLL=2,HEAD_READY=1 ;;
@@ -84,7 +90,7 @@ for stage in "$@"; do
         run jaxref-parity python3 benchmarks/bench_jaxref.py --parity-only \
             --fp64-floor --sum-block 32 --out "$out" ;;
     *)
-        echo "unknown stage '$stage': expected tests, serve, barriers, quant, quant-fused, persistent, probe or jaxref" >&2
+        echo "unknown stage '$stage': expected tests, serve, barriers, floor, quant, quant-fused, persistent, probe or jaxref" >&2
         status=2 ;;
     esac
 done
