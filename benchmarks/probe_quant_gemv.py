@@ -14,6 +14,7 @@ served) gives what each family would make of one step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -130,10 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes, step, bad = [], {}, []
     for op in args.ops:
         for (k, n), calls in {**LLAMA_1B_FUSED, **SQUARES}.items():
-            if args.early_weights:
-                with static_weights():
-                    peers, rows = sweep(op, k, n)
-            else:
+            with static_weights() if args.early_weights else contextlib.nullcontext():
                 peers, rows = sweep(op, k, n)
             ok = [r for r in rows if "us" in r]
             bad += [r for r in ok if r["rel_err"] > 2e-2] + [r for r in rows if "error" in r]

@@ -11,6 +11,8 @@ them for a decode shape where a CUDA-graph timing of the shape favours them over
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from tessera.kernels.cuda.build import load, nvcc_path
@@ -73,12 +75,18 @@ def _gemv_x_reasons(x: torch.Tensor, *tensors: torch.Tensor) -> list[str]:
     """The quantized GEMVs' common conditions: CUDA tensors on a device of compute capability 9.0 (the
     extension is built for sm_90a), bf16 or fp16 x of 1 to 16 rows."""
     reasons = _base_reasons(x, *tensors)
-    if not reasons and torch.cuda.get_device_capability(x.device) != (9, 0):
-        reasons.append(f"compute capability {torch.cuda.get_device_capability(x.device)} is not (9, 0) (sm_90a)")
+    if not reasons and _capability(x.device.index) != (9, 0):
+        reasons.append(f"compute capability {_capability(x.device.index)} is not (9, 0) (sm_90a)")
     reasons += dtype_reasons("x", x, (torch.float16, torch.bfloat16))
     if not _rows_ok(x):
         reasons.append(f"x.shape={tuple(x.shape)} is not [M, K] with 1 <= M <= 16")
     return reasons
+
+
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    """A device's compute capability, looked up once: the GEMV ops ask at every eager decode call."""
+    return torch.cuda.get_device_capability(index)
 
 
 def _rows_ok(x: torch.Tensor) -> bool:
