@@ -84,6 +84,57 @@ def test_int8_every_config_and_pdl_mode_matches_the_reference(m: int, n: int, k:
                         reference.matmul_int8_weight_only(x, w_q, scale), exact)
 
 
+#: (M, N, K) of the gated int4 GEMV (M <= 8): Llama-3.2-1B's down projection, a partial row tile, an odd group
+#: count, one group.
+GATED_SHAPES = [(1, 2048, 8192), (3, 1000, 2176), (8, 256, 1152), (1, 40, 128)]
+#: (N, K) of the normalised int4 GEMV (one row): q/k/v and gate/up of Llama-3.2-1B, a partial row tile, one
+#: group, and the longest row it takes.
+NORMED_SHAPES = [(3072, 2048), (16384, 2048), (1000, 2176), (40, 128), (64, 16384)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("m", "n", "k"), GATED_SHAPES)
+def test_int4_gated_every_config_and_pdl_mode_matches_the_reference(m: int, n: int, k: int,
+                                                                     dtype: torch.dtype) -> None:
+    """x formed as silu_mul of a fused gate/up output's halves while it loads: against
+    `reference.matmul_int4_awq_gated`, and as close to the exact product of silu_mul's rounded values."""
+    _needs_sm90()
+    _, qweight, scales, zeros = _int4_inputs(m, n, k, dtype, "cuda", m * n + k)
+    gu = (torch.randn(m, 2 * k, device="cuda", generator=torch.Generator("cuda").manual_seed(k)) * 2).to(dtype)
+    exact = reference.gated_halves(gu).double() @ reference.dequantize_int4(qweight, scales, zeros, 128).double().T
+    _check_every_launch(lambda y, c, p: cuda.int4_gemv(gu, qweight, scales, zeros, y, *c, pdl=p, gated=True),
+                        cuda.int4_gemv_configs(m, k), reference.matmul_int4_awq_gated(gu, qweight, scales, zeros, 128),
+                        exact)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("n", "k"), NORMED_SHAPES)
+def test_int4_normed_every_config_and_pdl_mode_matches_the_reference(n: int, k: int, dtype: torch.dtype) -> None:
+    """x formed as rms_norm_residual(x, residual, weight)'s output while it loads: y against
+    `reference.matmul_int4_awq_normed` and the exact product of the normalised row, and h = x + residual
+    written whole by every launch."""
+    _needs_sm90()
+    gen = torch.Generator("cuda").manual_seed(n + k)
+    x, qweight, scales, zeros = _int4_inputs(1, n, k, dtype, "cuda", n + k)
+    residual = (torch.randn(1, k, device="cuda", generator=gen) * 3).to(dtype)
+    weight = (1 + 0.2 * torch.randn(k, device="cuda", generator=gen)).to(dtype)
+    eps = 1e-5
+    want, want_h = reference.matmul_int4_awq_normed(x, residual, weight, qweight, scales, zeros, 128, eps)
+    normed, _ = reference.rms_norm_residual(x, residual, weight, eps)
+    exact = normed.double() @ reference.dequantize_int4(qweight, scales, zeros, 128).double().T
+    hs = []
+
+    def run(y: torch.Tensor, config: tuple, pdl: int) -> None:
+        h = torch.full_like(x, float("nan"))
+        cuda.int4_gemv(x, qweight, scales, zeros, y, *config, pdl=pdl, norm=(residual, weight, h, eps))
+        hs.append(h)
+
+    _check_every_launch(run, cuda.int4_gemv_configs(1, k), want, exact)
+    assert hs and all(torch.equal(h, want_h) for h in hs)
+
+
 @pytest.mark.gpu
 def test_int8_strided_x_rows_and_weight_rows() -> None:
     """x and w_q as row slices of wider buffers (16-byte aligned row strides): the kernels use the strides."""
@@ -93,6 +144,34 @@ def test_int8_strided_x_rows_and_weight_rows() -> None:
     y = torch.empty(3, 200, dtype=torch.bfloat16, device="cuda")
     cuda.int8_gemv(x, w_q, scale, y, 16, 4)
     torch.testing.assert_close(y, reference.matmul_int8_weight_only(x, w_q, scale), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["gated", "normed"])
+def test_the_fused_int4_ops_time_the_cuda_gemv_and_keep_the_faster(op: str) -> None:
+    """`matmul_int4_awq_gated` and `_normed` at a decode shape: their fused GEMV is the Triton or the CUDA one by
+    a timing of the shape (recorded under 'int4 gated' / 'int4 normed'), and the op agrees with the reference
+    whichever of fused and unfused it keeps."""
+    _needs_sm90()
+    from tessera.kernels.triton import quant_matmul as qm
+
+    n, k = 2048, 2048
+    x, qweight, scales, zeros = _int4_inputs(1, n, k, torch.bfloat16, "cuda", 11)
+    if op == "gated":
+        gu = torch.randn(1, 2 * k, device="cuda").to(torch.bfloat16)
+        args = (gu, qweight, scales, zeros, 128)
+        fn, ref = qm.matmul_int4_awq_gated, reference.matmul_int4_awq_gated
+    else:
+        residual, weight = torch.randn_like(x), (1 + 0.1 * torch.randn(k, device="cuda")).to(torch.bfloat16)
+        args = (x, residual, weight, qweight, scales, zeros, 128, 1e-6)
+        fn, ref = qm.matmul_int4_awq_normed, reference.matmul_int4_awq_normed
+    with torch.no_grad():
+        got, again = fn(*args), fn(*args)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(got, ref(*args), atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(again, got, atol=0, rtol=0)
+    choice = qm.cuda_gemv_choices()[f"int4 {op} M<=1 N={n} K={k} g=128 bfloat16"]
+    assert choice["backend"] in ("cuda", "triton") and choice["triton_us"] > 0 and choice["cuda_us"] > 0, choice
 
 
 @pytest.mark.gpu
@@ -186,6 +265,25 @@ def test_inputs_it_cannot_take_are_named() -> None:
     odd = torch.zeros(2, 257, dtype=torch.bfloat16)[:, 1:]  # rows 2-byte aligned only
     assert any("x rows" in r for r in cuda.int4_gemv_reasons(odd, qweight, scales, zeros, 128))
 
+    gu = torch.zeros(9, 512, dtype=torch.bfloat16)
+    assert any("more than 8 rows" in r for r in cuda.int4_gemv_reasons(gu, qweight, scales, zeros, 128, gated=True))
+    assert not any("qweight" in r for r in cuda.int4_gemv_reasons(gu[:8], qweight, scales, zeros, 128, gated=True))
+    assert any("qweight" in r for r in cuda.int4_gemv_reasons(gu[:8, :256], qweight, scales, zeros, 128, gated=True))
+    row = torch.zeros(1, 256, dtype=torch.bfloat16)
+    norm = (torch.zeros_like(row), torch.ones(256, dtype=torch.bfloat16), torch.empty_like(row), 1e-6)
+    assert not any("norm" in r for r in cuda.int4_gemv_reasons(row, qweight, scales, zeros, 128, norm=norm))
+    assert any("one contiguous row" in r for r in cuda.int4_gemv_reasons(x, qweight, scales, zeros, 128, norm=norm))
+    assert any("norm: weight" in r and "float32" in r
+               for r in cuda.int4_gemv_reasons(row, qweight, scales, zeros, 128, norm=(*norm[:1], norm[1].float(),
+                                                                                      *norm[2:])))
+    assert any("norm: h" in r for r in cuda.int4_gemv_reasons(row, qweight, scales, zeros, 128,
+                                                               norm=(*norm[:2], torch.empty(1, 128), 1e-6)))
+    long_row = torch.zeros(1, 16512, dtype=torch.bfloat16)
+    assert any("K=16512 is more than 16384" in r
+               for r in cuda.int4_gemv_reasons(long_row, qweight, scales, zeros, 128,
+                                               norm=(long_row, long_row[0], long_row, 1e-6)))
+    assert any("exclusive" in r for r in cuda.int4_gemv_reasons(row, qweight, scales, zeros, 128, True, norm))
+
     x, w_q, scale = _int8_inputs(2, 8, 256, torch.bfloat16, "cpu", 0)
     assert any("needs cuda" in r for r in cuda.int8_gemv_reasons(x, w_q, scale))
     assert any("1 <= M <= 16" in r for r in cuda.int8_gemv_reasons(many, w_q, scale))
@@ -205,6 +303,13 @@ def test_bad_launch_arguments_raise_before_the_extension_loads() -> None:
         cuda.int4_gemv(x, qweight, scales, zeros, y, 16, 4, loop=True)  # K = 256: 2 groups for 4 warps
     with pytest.raises(ValueError, match="pdl=2"):
         cuda.int4_gemv(x, qweight, scales, zeros, y, 16, 8, pdl=2)
+    with pytest.raises(ValueError, match=r"gated: x.shape=\(9, 256\) has more than 8 rows"):
+        cuda.int4_gemv(x, qweight, scales, zeros, y, 16, 8, gated=True)
+    row = x[:1]
+    with pytest.raises(ValueError, match="norm: weight"):
+        cuda.int4_gemv(row, qweight, scales, zeros, y[:1], 16, 8, norm=(row, torch.ones(256), torch.empty_like(row), 0))
+    with pytest.raises(ValueError, match=r"norm: x \(9, 256\)"):
+        cuda.int4_gemv(x, qweight, scales, zeros, y, 16, 8, norm=(x, x[0], x, 1e-6))
     x, w_q, scale = _int8_inputs(9, 8, 192, torch.bfloat16, "cpu", 0)
     with pytest.raises(ValueError, match=r"=\(16, 4, True\)"):
         cuda.int8_gemv(x, w_q, scale, y, 16, 4, loop=True)  # K = 192: 3 items for 4 warps

@@ -98,20 +98,63 @@ def _aligned_rows_reasons(**tensors: torch.Tensor) -> list[str]:
             if t.dim() == 2 and (t.stride(-1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16)]
 
 
+#: Rows of x a gated or normalised int4 GEMV takes (one token tile; normalised: one row), and the longest
+#: normalised row (its shared-memory copy, csrc/kernels.h kMaxNormedBytes).
+FORMED_MAX_M = 8
+NORMED_MAX_K = 16384
+
+#: A normalised GEMV's norm: (residual, weight, h, eps), as the Triton GEMVs take it (`quant_gemv.Norm`).
+Norm = tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]
+
+
+def _product_k(x: torch.Tensor, gated: bool) -> int:
+    """The product's K: x's width, or half of it for a fused gate/up output (`gated`)."""
+    return x.shape[1] // 2 if gated else x.shape[1]
+
+
+def _formed_reasons(x: torch.Tensor, k: int, gated: bool, norm: Norm | None) -> list[str]:
+    """Why the int4 GEMV cannot form this x as it loads it: gated (x [M, 2K], M <= 8) or normalised (one
+    contiguous row of K <= 16384, residual/weight/h contiguous 16-byte aligned rows of K in x's dtype)."""
+    if gated and norm is not None:
+        return ["gated and norm are exclusive"]
+    if gated:
+        reasons = [] if x.shape[0] <= FORMED_MAX_M else [f"gated: x.shape={tuple(x.shape)} has more than "
+                                                         f"{FORMED_MAX_M} rows"]
+        if x.shape[1] % 2:
+            reasons.append(f"gated: x.shape={tuple(x.shape)} has an odd width, not [M, 2 * K]")
+        return reasons
+    if norm is None:
+        return []
+    residual, weight, h, _ = norm
+    reasons = []
+    if x.shape[0] != 1 or not x.is_contiguous():
+        reasons.append(f"norm: x {tuple(x.shape)} (strides {x.stride()}) is not one contiguous row")
+    if k > NORMED_MAX_K:
+        reasons.append(f"norm: K={k} is more than {NORMED_MAX_K}")
+    for name, t in (("residual", residual), ("weight", weight), ("h", h)):
+        if (t.dtype != x.dtype or t.numel() != k or not t.is_contiguous() or t.data_ptr() % 16
+                or t.device != x.device):
+            reasons.append(f"norm: {name} {tuple(t.shape)}/{t.dtype} is not a contiguous 16-byte aligned row of "
+                           f"K={k} in x's dtype {x.dtype} on {x.device}")
+    return reasons
+
+
 def int4_gemv_reasons(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                      group_size: int) -> list[str]:
+                      group_size: int, gated: bool = False, norm: Norm | None = None) -> list[str]:
     """Why `int4_gemv` cannot take these inputs (empty when it can): a CUDA device of compute capability 9.0
     (the extension is built for sm_90a), bf16 or fp16 x of 1 to 16 rows, group_size 128 and K a multiple of it,
-    contiguous 16-byte aligned rows."""
+    contiguous 16-byte aligned rows; `gated` and `norm` as `int4_gemv` takes them."""
     reasons = _gemv_x_reasons(x, qweight, scales, zeros)
     if not _rows_ok(x):
         return reasons  # nothing below can be told without K
-    if group_size != INT4_GEMV_GROUP or x.shape[1] % INT4_GEMV_GROUP:
-        reasons.append(f"group_size={group_size}, K={x.shape[1]}: needs group_size {INT4_GEMV_GROUP} dividing K")
-    elif qweight.dtype != torch.uint8 or qweight.dim() != 2 or qweight.shape[1] * 2 != x.shape[1]:
-        reasons.append(f"qweight {tuple(qweight.shape)}/{qweight.dtype} is not uint8 [N, K / 2 = {x.shape[1] // 2}]")
+    k = _product_k(x, gated)
+    reasons += _formed_reasons(x, k, gated, norm)
+    if group_size != INT4_GEMV_GROUP or k % INT4_GEMV_GROUP:
+        reasons.append(f"group_size={group_size}, K={k}: needs group_size {INT4_GEMV_GROUP} dividing K")
+    elif qweight.dtype != torch.uint8 or qweight.dim() != 2 or qweight.shape[1] * 2 != k:
+        reasons.append(f"qweight {tuple(qweight.shape)}/{qweight.dtype} is not uint8 [N, K / 2 = {k // 2}]")
     else:
-        groups = x.shape[1] // INT4_GEMV_GROUP
+        groups = k // INT4_GEMV_GROUP
         for name, t in (("scales", scales), ("zeros", zeros)):
             if t.dtype != torch.float32 or t.shape != (qweight.shape[0], groups):
                 reasons.append(f"{name} {tuple(t.shape)}/{t.dtype} is not float32 [N, K / 128 = {groups}]")
@@ -148,14 +191,24 @@ def _check_launch(config: tuple[int, int, bool], configs: tuple[tuple[int, int, 
 
 
 def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, y: torch.Tensor,
-              rows_per_block: int = 16, warps: int = 8, loop: bool = False, pdl: int = 0) -> torch.Tensor:
+              rows_per_block: int = 16, warps: int = 8, loop: bool = False, pdl: int = 0, gated: bool = False,
+              norm: Norm | None = None) -> torch.Tensor:
     """y[M, N] = x @ W.T, W[n, k] = (q - zeros) * scales per group of 128 (`reference.matmul_int4_awq`), on the
     tensor cores; y is written in place and returned. `loop`: a resident grid whose blocks step through the
     row tiles. `pdl`: 0 a plain launch, 1 a programmatic dependent launch, 3 the same with the first weights
-    loaded before the wait (only where nothing launched just before writes them). Inputs as
-    `int4_gemv_reasons` asks; the extension checks them again."""
-    _check_launch((rows_per_block, warps, bool(loop)), int4_gemv_configs(*x.shape), x, pdl)
-    load().int4_gemv(x, qweight, scales, zeros, y, rows_per_block, warps, bool(loop), pdl)
+    loaded before the wait (only where nothing launched just before writes them). The x multiplied may be
+    formed as it loads, saving a launch: `gated` (M <= 8), x is a fused gate/up output [M, 2K] and the product
+    is of silu_mul of its halves (`reference.matmul_int4_awq_gated`); `norm` = (residual, weight, h, eps) (one
+    row), the product is of rms_norm_residual(x, residual, weight, eps)'s output and h = x + residual is
+    written (`reference.matmul_int4_awq_normed`). Inputs as `int4_gemv_reasons` asks; the extension checks them
+    again."""
+    k = _product_k(x, gated)
+    if bad := _formed_reasons(x, k, gated, norm):
+        raise ValueError(bad[0])
+    _check_launch((rows_per_block, warps, bool(loop)), int4_gemv_configs(x.shape[0], k), x, pdl)
+    residual, weight, h, eps = norm if norm is not None else (None, None, None, 1e-6)
+    load().int4_gemv(x, qweight, scales, zeros, y, rows_per_block, warps, bool(loop), pdl, bool(gated), residual,
+                     weight, h, float(eps))
     return y
 
 

@@ -228,6 +228,23 @@ def _int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
                  lambda out, config, mode: cuda.int4_gemv(x, qweight, scales, zeros, out, *config, pdl=mode), y)
 
 
+def _int4_formed_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                      group_size: int, y: torch.Tensor, gated: bool = False,
+                      norm: quant_gemv.Norm | None = None) -> None:
+    """y = the gated (x a fused gate/up output) or normalised (`norm`) M <= 16 int4 product, x formed as the
+    GEMV loads it: the Triton GEMV, or the CUDA tensor-core one where it takes the inputs and a timing of the
+    shape favours it (`_decode_gemv`, its choices keyed 'int4 gated' or 'int4 normed')."""
+    from tessera.kernels import cuda
+
+    k = x.shape[1] // 2 if gated else x.shape[1]
+    key = _shape_key("int4 gated" if gated else "int4 normed", x.shape[0], qweight.shape[0], k, x.dtype, group_size)
+    _decode_gemv(key, x, lambda: cuda.int4_gemv_reasons(x, qweight, scales, zeros, group_size, gated, norm),
+                 lambda: cuda.int4_gemv_configs(x.shape[0], k),
+                 lambda out: quant_gemv.launch_int4(x, qweight, scales, zeros, group_size, out, gated=gated, norm=norm),
+                 lambda out, config, mode: cuda.int4_gemv(x, qweight, scales, zeros, out, *config, pdl=mode,
+                                                          gated=gated, norm=norm), y)
+
+
 def _decode_gemv(key: tuple, x: torch.Tensor, cuda_reasons: Callable[[], list[str]],
                  cuda_configs: Callable[[], tuple[tuple[int, int, bool], ...]], triton_gemv: TritonGemv,
                  cuda_gemv: CudaGemv, y: torch.Tensor) -> None:
@@ -374,7 +391,7 @@ def _int4_gated(gu: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     qweight, scales, zeros = _rows(qweight), _rows(scales), _rows(zeros)
     key = _shape_key("int4", m, n, 2 * qweight.shape[1], gu.dtype, group_size)
     return _gated_or_unfused(
-        gu, n, key, lambda y: quant_gemv.launch_int4(gu, qweight, scales, zeros, group_size, y, gated=True),
+        gu, n, key, lambda y: _int4_formed_gemv(gu, qweight, scales, zeros, group_size, y, gated=True),
         lambda x: _int4(x, qweight, scales, zeros, group_size))
 
 
@@ -442,7 +459,7 @@ def _int4_normed(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     one_row = m == 1 and n > 0 and quant_gemv.serves_int4(m, group_size)
     return _normed_or_unfused(
         x, residual, weight, eps, n, key,
-        (lambda y, nm: quant_gemv.launch_int4(x, qweight, scales, zeros, group_size, y, norm=nm)) if one_row else None,
+        (lambda y, nm: _int4_formed_gemv(x, qweight, scales, zeros, group_size, y, norm=nm)) if one_row else None,
         lambda xn: _int4(xn, qweight, scales, zeros, group_size))
 
 

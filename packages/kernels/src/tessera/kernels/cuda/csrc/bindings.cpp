@@ -5,6 +5,9 @@
 #include <nvtx3/nvToolsExt.h>
 #include <torch/extension.h>
 
+#include <optional>
+#include <utility>
+
 #include "kernels.h"
 
 namespace {
@@ -114,16 +117,49 @@ void check_gemv_operands(const char* op, const at::Tensor& x, const at::Tensor& 
               weight_name, " rows must be 16-byte aligned");
 }
 
+// int4_gemv's x prologue (kernels.h, XPrologue): gated, x a fused gate/up output [m, 2K]; or, with residual,
+// weight and h, normed (one row): each a contiguous 16-byte aligned row of K in x's dtype (weight 1-D).
+tessera::XPrologue x_prologue(const at::Tensor& x, int64_t k, bool gated, const std::optional<at::Tensor>& residual,
+                              const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& h,
+                              double eps) {
+  tessera::XPrologue xp;
+  const bool normed = residual.has_value() || weight.has_value() || h.has_value();
+  TORCH_CHECK(!(gated && normed), "int4_gemv: gated and normed x are exclusive");
+  if (gated) {
+    TORCH_CHECK(x.size(0) <= 8, "int4_gemv: a gated x takes 1 to 8 rows, got x.shape[0]=", x.size(0));
+    xp.mode = tessera::XMode::kGated;
+  } else if (normed) {
+    TORCH_CHECK(residual.has_value() && weight.has_value() && h.has_value(),
+                "int4_gemv: a normed x needs residual, weight and h together");
+    TORCH_CHECK(x.size(0) == 1 && x.is_contiguous(), "int4_gemv: a normed x is one contiguous row, got x ", x.sizes(),
+                " with strides ", x.strides());
+    TORCH_CHECK(k * 2 <= static_cast<int64_t>(tessera::kMaxNormedBytes), "int4_gemv: a normed x of K=", k,
+                " exceeds ", tessera::kMaxNormedBytes / 2, " elements");
+    for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"residual", &*residual},
+                                  {"weight", &*weight}, {"h", &*h}}) {
+      TORCH_CHECK(t->is_cuda() && t->scalar_type() == x.scalar_type() && t->numel() == k && t->is_contiguous() &&
+                      reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
+                  "int4_gemv: ", name, " ", t->sizes(), "/", t->scalar_type(),
+                  " is not a contiguous 16-byte aligned row of K=", k, " in x's dtype");
+    }
+    xp = {tessera::XMode::kNormed, residual->data_ptr(), weight->data_ptr(), h->data_ptr(), static_cast<float>(eps)};
+  }
+  return xp;
+}
+
 void int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
-               const at::Tensor& y, int64_t rows_per_block, int64_t warps, bool loop, int64_t pdl) {
+               const at::Tensor& y, int64_t rows_per_block, int64_t warps, bool loop, int64_t pdl, bool gated,
+               const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
+               const std::optional<at::Tensor>& h, double eps) {
   TORCH_CHECK(x.is_cuda() && qweight.is_cuda() && scales.is_cuda() && zeros.is_cuda() && y.is_cuda(),
               "int4_gemv needs CUDA tensors");
   TORCH_CHECK(x.dim() == 2 && qweight.dim() == 2 && y.dim() == 2, "x, qweight and y must be 2-D, got x=", x.sizes(),
               " qweight=", qweight.sizes(), " y=", y.sizes());
   check_gemv_operands("int4_gemv", x, qweight, "qweight", y);
-  const int64_t m = x.size(0), k = x.size(1), n = qweight.size(0);
-  TORCH_CHECK(k % 128 == 0 && qweight.size(1) * 2 == k, "x.shape[1]=", k, " must be a multiple of 128 and twice ",
-              "qweight.shape[1]=", qweight.size(1));
+  const int64_t m = x.size(0), k = gated ? x.size(1) / 2 : x.size(1), n = qweight.size(0);
+  TORCH_CHECK(k % 128 == 0 && qweight.size(1) * 2 == k && x.size(1) == (gated ? 2 * k : k), "x.shape[1]=",
+              x.size(1), gated ? " must be twice K" : " must be K", ", a multiple of 128 and twice qweight.shape[1]=",
+              qweight.size(1));
   TORCH_CHECK(scales.sizes() == zeros.sizes() && scales.size(0) == n && scales.size(1) * 128 == k,
               "scales/zeros shapes ", scales.sizes(), "/", zeros.sizes(), " are not [N, K / 128] = [", n, ", ", k / 128,
               "]");
@@ -131,13 +167,15 @@ void int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
   TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kFloat, "scales/zeros dtypes ",
               scales.scalar_type(), "/", zeros.scalar_type(), " are not float32");
   TORCH_CHECK(scales.stride(1) == 1 && zeros.stride(1) == 1, "scales and zeros need contiguous rows");
+  const tessera::XPrologue xp = x_prologue(x, k, gated, residual, weight, h, eps);
   const c10::cuda::CUDAGuard guard(x.device());
-  const NvtxRange range("tessera::int4_gemv");
+  const NvtxRange range(gated ? "tessera::int4_gemv_gated"
+                              : (xp.mode == tessera::XMode::kNormed ? "tessera::int4_gemv_normed" : "tessera::int4_gemv"));
   check_cuda(tessera::int4_gemv(x.data_ptr(), x.stride(0), qweight.data_ptr<uint8_t>(), qweight.stride(0),
                                 scales.data_ptr<float>(), scales.stride(0), zeros.data_ptr<float>(), zeros.stride(0),
                                 y.data_ptr(), y.stride(0), static_cast<int>(m), static_cast<int>(n),
                                 static_cast<int>(k), static_cast<int>(rows_per_block), static_cast<int>(warps), loop,
-                                static_cast<int>(pdl), dtype_of(x, "x"), at::cuda::getCurrentCUDAStream()),
+                                static_cast<int>(pdl), xp, dtype_of(x, "x"), at::cuda::getCurrentCUDAStream()),
              "int4_gemv launch");
 }
 
@@ -171,6 +209,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "y = rms_norm(x, weight, eps)");
   m.def("rms_norm_residual", &rms_norm_residual, "(y, h) = rms_norm_residual(x, residual, weight, eps)");
   m.def("attention_prefill", &attention_prefill, "o = attention_prefill(q, k, v, cu_seqlens, max_seqlen, causal, scale)");
-  m.def("int4_gemv", &int4_gemv, "int4_gemv(x, qweight, scales, zeros, y, rows_per_block, warps, loop, pdl): y = x @ W.T");
+  m.def("int4_gemv", &int4_gemv,
+        "int4_gemv(x, qweight, scales, zeros, y, rows_per_block, warps, loop, pdl, gated, residual, weight, h, eps): "
+        "y = x @ W.T, x formed as silu_mul of its halves (gated) or rms_norm_residual's output (residual, weight, h)",
+        py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("y"), py::arg("rows_per_block"),
+        py::arg("warps"), py::arg("loop"), py::arg("pdl"), py::arg("gated") = false, py::arg("residual") = py::none(),
+        py::arg("weight") = py::none(), py::arg("h") = py::none(), py::arg("eps") = 1e-6);
   m.def("int8_gemv", &int8_gemv, "int8_gemv(x, weight, scale, y, rows_per_block, warps, loop, pdl): y = x @ W.T");
 }

@@ -22,16 +22,33 @@ cudaError_t attention_forward(const void* q, const void* k, const void* v, void*
                               int64_t stride_on, int64_t stride_oh, bool causal, float scale, DType dtype,
                               cudaStream_t stream);
 
+// The x an int4 GEMV multiplies when it is not x itself, formed as the kernel loads it. kGated (m <= 8): x is a
+// fused gate/up output [m, 2k] and the product is of silu(x[:, :k]) * x[:, k:]. kNormed (m == 1, k * 2 bytes
+// at most kMaxNormedBytes): the product is of rms_norm_residual(x, residual, weight, eps)'s output, and
+// h = x + residual is written; residual, weight (x's dtype) and h are contiguous 16-byte aligned rows of k.
+enum class XMode : int { kPlain = 0, kGated = 1, kNormed = 2 };
+struct XPrologue {
+  XMode mode = XMode::kPlain;
+  const void* residual = nullptr;
+  const void* weight = nullptr;
+  void* h = nullptr;
+  float eps = 0.0f;
+};
+// The normalised row lives in shared memory: 32 KiB, a row of 16384 16-bit values.
+constexpr size_t kMaxNormedBytes = 32768;
+
 // AWQ int4 decode GEMV on the tensor cores (quant_gemv.cu): y[m, n] = x[m, k] @ W.T for 1 <= m <= 16, group
 // size 128 (k a multiple of it). x and y are bf16 or fp16 rows (ldx, ldy in elements; x rows 16-byte
 // aligned); qweight [n, k / 2] uint8, two codes a byte, even k low (ldq in bytes, rows 16-byte aligned);
 // scales and zeros [n, k / 128] float32 (lds, ldz in elements). rows_per_block 16 or 32; warps 4 or 8, or 16
 // with 16 rows and m <= 8. loop: a resident grid whose blocks step through the row tiles (needs k / 128 a
 // multiple of warps) instead of a block a tile. pdl 0 (plain launch), 1 (programmatic dependent launch,
-// waiting first) or 3 (the same, with the first weights loaded before the wait).
+// waiting first) or 3 (the same, with the first weights loaded before the wait). xp: the x prologue (k is
+// then the product's K, half of a gated x's width).
 cudaError_t int4_gemv(const void* x, int64_t ldx, const uint8_t* qweight, int64_t ldq, const float* scales,
                       int64_t lds, const float* zeros, int64_t ldz, void* y, int64_t ldy, int m, int n, int k,
-                      int rows_per_block, int warps, bool loop, int pdl, DType dtype, cudaStream_t stream);
+                      int rows_per_block, int warps, bool loop, int pdl, const XPrologue& xp, DType dtype,
+                      cudaStream_t stream);
 
 // int8 weight-only decode GEMV on the tensor cores (quant_gemv.cu): y[m, n] = x[m, k] @ (weight * scale).T for
 // 1 <= m <= 16, k a multiple of 64. weight [n, k] int8 (ldw in bytes, rows 16-byte aligned), scale [n]

@@ -32,6 +32,13 @@
 // on the GPU at once and each block steps through row tiles, its next tile's first items loading while it
 // adds up the current one.
 //
+// The x an int4 launch multiplies may be formed as it loads (XMode), saving the launch that would form it:
+// kGated, silu(gate) * up from the two halves of a fused gate/up output [m, 2k], each rounded to x's dtype as
+// the silu_mul op rounds it, in registers just before its item's products; kNormed (one token),
+// rms_norm_residual(x, residual, weight)'s output, which needs the whole row's sum of squares first: after the
+// wait every block forms h = x + residual (block 0 also stores it to h) and its 1 / rms, summed in an order
+// every block repeats, and keeps the normalised row in shared memory, where the warps then read their x.
+//
 // Programmatic dependent launch: with pdl >= 1 the kernel launches with the programmatic-stream-
 // serialization attribute, waits (`griddepcontrol.wait`) before it reads x, and lets the next kernel launch
 // once it has waited; with pdl == 3 (early weights) its first STAGES items of weights, scales and zeros
@@ -147,17 +154,90 @@ __device__ __forceinline__ void launch_dependents() { asm volatile("griddepcontr
 
 // One item in flight: for each row tile and half (rows r, r + 8) 16 bytes of weights, and for int4 the scale
 // and zero; for each token tile x at the lane's k of the item (int4: 32 values, int8: 16; two a word).
-template <Format F, int RT, int NT>
+// GATED: u holds the up half at the same k (x holds the gate) until the item's products start.
+template <Format F, int RT, int NT, bool GATED>
 struct Stage {
   uint4 w[RT][2];
   float s[RT][2];
   float z[RT][2];
   uint4 x[NT][Traits<F>::kXVecs];
+  uint4 u[NT][GATED ? Traits<F>::kXVecs : 1];
 };
 
+// silu(g) * u for the two 16-bit floats of each word of g and u: silu(g) rounded to T, then the product
+// rounded to T (as the silu_mul op and the Triton gated GEMV round them).
+template <typename T>
+__device__ __forceinline__ uint4 silu_mul(const uint4& g, const uint4& u) {
+  uint4 out;
+  const T* ge = reinterpret_cast<const T*>(&g);
+  const T* ue = reinterpret_cast<const T*>(&u);
+  T* oe = reinterpret_cast<T*>(&out);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    const float gf = to_float(ge[e]);
+    const float act = to_float(from_float<T>(gf / (1.0f + __expf(-gf))));
+    oe[e] = from_float<T>(act * to_float(ue[e]));
+  }
+  return out;
+}
+
+// The operands of the x prologue (XMode): gated, up's offset from the gate in elements; normed, the residual
+// row, the norm's weight (x's dtype), h (x + residual, written by block 0) and eps.
+template <typename T>
+struct XArgs {
+  int64_t up;
+  const T* residual;
+  const T* weight;
+  T* h;
+  float eps;
+};
+
+// kNormed: rms_norm_residual(x, residual, weight, eps)'s output for one row of k elements (k % 8 == 0, rows
+// 16-byte aligned) into shared memory xs, h = x + residual rounded to T and stored by block 0. The sum of
+// squares adds each thread's share in a fixed order, the warps' sums by shuffles and then in warp order, so
+// every block finds the same 1 / rms. Syncs the block twice.
+template <typename T, int WARPS>
+__device__ __forceinline__ void normalise_row(const T* __restrict__ x, const XArgs<T>& xa, T* xs, int k) {
+  __shared__ float warp_sums[WARPS];
+  const int vecs = k / 8;
+  float ss = 0.0f;
+  for (int v = threadIdx.x; v < vecs; v += WARPS * 32) {
+    uint4 hv = reinterpret_cast<const uint4*>(x)[v];
+    const uint4 rv = reinterpret_cast<const uint4*>(xa.residual)[v];
+    T* he = reinterpret_cast<T*>(&hv);
+    const T* re = reinterpret_cast<const T*>(&rv);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      he[e] = from_float<T>(to_float(he[e]) + to_float(re[e]));
+      const float f = to_float(he[e]);
+      ss += f * f;
+    }
+    reinterpret_cast<uint4*>(xs)[v] = hv;
+    if (blockIdx.x == 0) reinterpret_cast<uint4*>(xa.h)[v] = hv;
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = ss;
+  __syncthreads();
+  float total = 0.0f;
+#pragma unroll
+  for (int w = 0; w < WARPS; ++w) total += warp_sums[w];
+  const float rstd = rsqrtf(total / static_cast<float>(k) + xa.eps);
+  for (int v = threadIdx.x; v < vecs; v += WARPS * 32) {  // the elements this thread stored above
+    uint4 hv = reinterpret_cast<const uint4*>(xs)[v];
+    const uint4 wv = reinterpret_cast<const uint4*>(xa.weight)[v];
+    T* he = reinterpret_cast<T*>(&hv);
+    const T* we = reinterpret_cast<const T*>(&wv);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) he[e] = from_float<T>(to_float(he[e]) * rstd * to_float(we[e]));
+    reinterpret_cast<uint4*>(xs)[v] = hv;
+  }
+  __syncthreads();
+}
+
 // The B fragments of k-step `step` for token tile j: (b0, b1), the x that meet A registers (0, 1) and (2, 3).
-template <Format F, int RT, int NT>
-__device__ __forceinline__ void b_fragment(const Stage<F, RT, NT>& st, int j, int step, uint32_t& b0, uint32_t& b1) {
+template <Format F, typename S>
+__device__ __forceinline__ void b_fragment(const S& st, int j, int step, uint32_t& b0, uint32_t& b1) {
   const int odd = step & 1;
   if constexpr (F == Format::kInt4Awq) {
     // 8 codes a weight word (k = 8 mw .. 8 mw + 7); A holds codes 2 odd, 2 odd + 4 (regs 0, 1) and 2 odd + 1,
@@ -210,13 +290,15 @@ __device__ __forceinline__ void a_fragment(uint32_t w0, uint32_t w1, int odd, ui
   }
 }
 
-template <typename T, Format F, int RT, int NT, int WARPS, bool LOOP>
+template <typename T, Format F, XMode XM, int RT, int NT, int WARPS, bool LOOP>
 __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restrict__ x, int64_t ldx,
                                                                  const uint8_t* __restrict__ qw, int64_t ldq,
                                                                  const float* __restrict__ scales, int64_t lds,
                                                                  const float* __restrict__ zeros, int64_t ldz,
                                                                  T* __restrict__ y, int64_t ldy, int m, int n,
-                                                                 int items, int pdl) {
+                                                                 int items, int pdl, XArgs<T> xa) {
+  constexpr bool kGated = XM == XMode::kGated;
+  using StageT = Stage<F, RT, NT, kGated>;
   constexpr int kStages = Traits<F>::kStages;
   constexpr int kItemK = Traits<F>::kItemK;
   constexpr int kXVecs = Traits<F>::kXVecs;
@@ -233,18 +315,22 @@ __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restr
   const int my_tiles = LOOP ? (tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 1;
   const int total = my_tiles * count;
 
+  // kNormed: the warps read the normalised row from shared memory (k elements, sized at the launch)
+  extern __shared__ uint4 normalised[];
+  T* xs = reinterpret_cast<T*>(normalised);
   const T* xrow[NT];
   bool xok[NT];
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
     const int token = 8 * j + r;
     xok[j] = token < m;
-    xrow[j] = x + static_cast<int64_t>(xok[j] ? token : 0) * ldx + (kItemK / 4) * t;
+    xrow[j] = XM == XMode::kNormed ? xs + (kItemK / 4) * t
+                                   : x + static_cast<int64_t>(xok[j] ? token : 0) * ldx + (kItemK / 4) * t;
   }
 
   // Item f of this warp: row tile blockIdx.x + (f / count) * gridDim.x, item warp + WARPS * (f % count).
   // Rows past n read the last row (their sums are never stored), so no load needs a predicate.
-  auto load_static = [&](Stage<F, RT, NT>& st, int f) {
+  auto load_static = [&](StageT& st, int f) {
     const int tile = blockIdx.x + (f / count) * gridDim.x;
     const int g = warp + WARPS * (f % count);
 #pragma unroll
@@ -260,13 +346,18 @@ __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restr
       }
     }
   };
-  auto load_x = [&](Stage<F, RT, NT>& st, int f) {
+  auto load_x = [&](StageT& st, int f) {
     const int g = warp + WARPS * (f % count);
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       const uint4* p = reinterpret_cast<const uint4*>(xrow[j] + static_cast<int64_t>(g) * kItemK);
 #pragma unroll
       for (int q = 0; q < kXVecs; ++q) st.x[j][q] = xok[j] ? p[q] : make_uint4(0, 0, 0, 0);  // after the wait
+      if constexpr (kGated) {
+        const uint4* pu = reinterpret_cast<const uint4*>(xrow[j] + xa.up + static_cast<int64_t>(g) * kItemK);
+#pragma unroll
+        for (int q = 0; q < kXVecs; ++q) st.u[j][q] = xok[j] ? pu[q] : make_uint4(0, 0, 0, 0);
+      }
     }
   };
 
@@ -305,7 +396,7 @@ __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restr
     __syncthreads();  // partial is free again
   };
 
-  Stage<F, RT, NT> ring[kStages];
+  StageT ring[kStages];
   if (pdl == 3) {
 #pragma unroll
     for (int s = 0; s < kStages; ++s)
@@ -317,6 +408,7 @@ __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restr
     for (int s = 0; s < kStages; ++s)
       if (s < total) load_static(ring[s], s);
   }
+  if constexpr (XM == XMode::kNormed) normalise_row<T, WARPS>(x, xa, xs, items * kItemK);
 #pragma unroll
   for (int s = 0; s < kStages; ++s)
     if (s < total) load_x(ring[s], s);
@@ -329,7 +421,13 @@ __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restr
     for (int s = 0; s < kStages; ++s) {
       const int f = f0 + s;
       if (f >= total) break;
-      Stage<F, RT, NT>& st = ring[s];
+      StageT& st = ring[s];
+      if constexpr (kGated) {
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int q = 0; q < kXVecs; ++q) st.x[j][q] = silu_mul<T>(st.x[j][q], st.u[j][q]);
+      }
       // The item's products apart from the row's sum: d[i][j] the sums of q x of rows r (e 0, 1) and r + 8
       // (e 2, 3) for tokens 2t, 2t + 1; for int4 also ones[j], each token's sum of x (a product of ones with
       // the same B, any row).
@@ -347,7 +445,7 @@ __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restr
       for (int step = 0; step < 8; ++step) {
         uint32_t b[NT][2];
 #pragma unroll
-        for (int j = 0; j < NT; ++j) b_fragment(st, j, step, b[j][0], b[j][1]);
+        for (int j = 0; j < NT; ++j) b_fragment<F>(st, j, step, b[j][0], b[j][1]);
 #pragma unroll
         for (int i = 0; i < RT; ++i) {
           uint32_t a0, a1, a2, a3;
@@ -405,59 +503,91 @@ struct Operands {
   void* y;
   int64_t ldy;
   int m, n, k, pdl;
+  XPrologue xp;
   cudaStream_t stream;
 };
 
-template <typename T, Format F, int RT, int NT, int WARPS, bool LOOP>
+template <typename T, Format F, XMode XM, int RT, int NT, int WARPS, bool LOOP>
 cudaError_t launch(const Operands& o) {
-  const auto kernel = quant_gemv_kernel<T, F, RT, NT, WARPS, LOOP>;
+  const auto kernel = quant_gemv_kernel<T, F, XM, RT, NT, WARPS, LOOP>;
   const int items = o.k / Traits<F>::kItemK;
   const int tiles = (o.n + 16 * RT - 1) / (16 * RT);
+  const size_t smem = XM == XMode::kNormed ? static_cast<size_t>(o.k) * sizeof(T) : 0;  // the normalised row
   int blocks = tiles;
   if constexpr (LOOP) {
     if (items % WARPS != 0) return cudaErrorInvalidValue;  // warps must have equal shares of a tile
     int device = 0, sms = 0, per_sm = 0;
     cudaError_t err = cudaGetDevice(&device);
     if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WARPS * 32, 0);
+    if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WARPS * 32, smem);
     if (err != cudaSuccess) return err;
     blocks = min(tiles, max(1, per_sm) * sms);  // resident at once: each loops over its share of the tiles
   }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(blocks);
   cfg.blockDim = dim3(WARPS * 32);
+  cfg.dynamicSmemBytes = smem;
   cfg.stream = o.stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = o.pdl > 0 ? 1 : 0;
+  const XArgs<T> xa{XM == XMode::kGated ? static_cast<int64_t>(o.k) : 0, static_cast<const T*>(o.xp.residual),
+                    static_cast<const T*>(o.xp.weight), static_cast<T*>(o.xp.h), o.xp.eps};
   return cudaLaunchKernelEx(&cfg, kernel, static_cast<const T*>(o.x), o.ldx, o.qw, o.ldq, o.scales, o.lds, o.zeros,
-                            o.ldz, static_cast<T*>(o.y), o.ldy, o.m, o.n, items, o.pdl);
+                            o.ldz, static_cast<T*>(o.y), o.ldy, o.m, o.n, items, o.pdl, xa);
 }
 
-template <typename T, Format F, int RT, int NT, bool LOOP>
+template <typename T, Format F, XMode XM, int RT, int NT, bool LOOP>
 cudaError_t by_warps(int warps, const Operands& o) {
   switch (warps) {
-    case 4: return launch<T, F, RT, NT, 4, LOOP>(o);
-    case 8: return launch<T, F, RT, NT, 8, LOOP>(o);
+    case 4: return launch<T, F, XM, RT, NT, 4, LOOP>(o);
+    case 8: return launch<T, F, XM, RT, NT, 8, LOOP>(o);
     case 16:  // 512 threads leave 128 registers a thread: only one row tile and one token tile fit unspilled
-      if constexpr (RT == 1 && NT == 1) return launch<T, F, RT, NT, 16, LOOP>(o);
+      if constexpr (RT == 1 && NT == 1) return launch<T, F, XM, RT, NT, 16, LOOP>(o);
       return cudaErrorInvalidValue;
     default: return cudaErrorInvalidValue;
   }
 }
 
-template <typename T, Format F, int RT, int NT>
+template <typename T, Format F, XMode XM, int RT, int NT>
 cudaError_t by_loop(bool loop, int warps, const Operands& o) {
-  return loop ? by_warps<T, F, RT, NT, true>(warps, o) : by_warps<T, F, RT, NT, false>(warps, o);
+  return loop ? by_warps<T, F, XM, RT, NT, true>(warps, o) : by_warps<T, F, XM, RT, NT, false>(warps, o);
+}
+
+// A formed x (gated, normed) takes one token tile (m <= 8), which keeps the build's instantiations few.
+template <typename T, Format F, XMode XM>
+cudaError_t by_tiles(int rows_per_block, int warps, bool loop, const Operands& o) {
+  const bool wide = o.m > 8;
+  if constexpr (XM != XMode::kPlain) {
+    if (wide) return cudaErrorInvalidValue;
+    if (rows_per_block == 16) return by_loop<T, F, XM, 1, 1>(loop, warps, o);
+    if (rows_per_block == 32) return by_loop<T, F, XM, 2, 1>(loop, warps, o);
+  } else {
+    if (rows_per_block == 16)
+      return wide ? by_loop<T, F, XM, 1, 2>(loop, warps, o) : by_loop<T, F, XM, 1, 1>(loop, warps, o);
+    if (rows_per_block == 32)
+      return wide ? by_loop<T, F, XM, 2, 2>(loop, warps, o) : by_loop<T, F, XM, 2, 1>(loop, warps, o);
+  }
+  return cudaErrorInvalidValue;
 }
 
 template <typename T, Format F>
-cudaError_t by_tiles(int rows_per_block, int warps, bool loop, const Operands& o) {
-  const bool wide = o.m > 8;
-  if (rows_per_block == 16) return wide ? by_loop<T, F, 1, 2>(loop, warps, o) : by_loop<T, F, 1, 1>(loop, warps, o);
-  if (rows_per_block == 32) return wide ? by_loop<T, F, 2, 2>(loop, warps, o) : by_loop<T, F, 2, 1>(loop, warps, o);
+cudaError_t by_mode(int rows_per_block, int warps, bool loop, const Operands& o) {
+  switch (o.xp.mode) {
+    case XMode::kPlain: return by_tiles<T, F, XMode::kPlain>(rows_per_block, warps, loop, o);
+    case XMode::kGated:
+      if constexpr (F == Format::kInt4Awq) return by_tiles<T, F, XMode::kGated>(rows_per_block, warps, loop, o);
+      return cudaErrorInvalidValue;
+    case XMode::kNormed:
+      if constexpr (F == Format::kInt4Awq) {
+        if (o.m != 1 || o.k % 8 != 0 || static_cast<size_t>(o.k) * sizeof(T) > kMaxNormedBytes)
+          return cudaErrorInvalidValue;
+        return by_tiles<T, F, XMode::kNormed>(rows_per_block, warps, loop, o);
+      }
+      return cudaErrorInvalidValue;
+  }
   return cudaErrorInvalidValue;
 }
 
@@ -466,8 +596,8 @@ cudaError_t dispatch(DType dtype, int rows_per_block, int warps, bool loop, cons
   constexpr int kItemK = Traits<F>::kItemK;
   if (o.m < 1 || o.m > 16 || o.n < 1 || o.k < kItemK || o.k % kItemK != 0) return cudaErrorInvalidValue;
   switch (dtype) {
-    case DType::kBFloat16: return by_tiles<__nv_bfloat16, F>(rows_per_block, warps, loop, o);
-    case DType::kFloat16: return by_tiles<__half, F>(rows_per_block, warps, loop, o);
+    case DType::kBFloat16: return by_mode<__nv_bfloat16, F>(rows_per_block, warps, loop, o);
+    case DType::kFloat16: return by_mode<__half, F>(rows_per_block, warps, loop, o);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -476,8 +606,9 @@ cudaError_t dispatch(DType dtype, int rows_per_block, int warps, bool loop, cons
 
 cudaError_t int4_gemv(const void* x, int64_t ldx, const uint8_t* qweight, int64_t ldq, const float* scales,
                       int64_t lds, const float* zeros, int64_t ldz, void* y, int64_t ldy, int m, int n, int k,
-                      int rows_per_block, int warps, bool loop, int pdl, DType dtype, cudaStream_t stream) {
-  const Operands o{x, ldx, qweight, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, stream};
+                      int rows_per_block, int warps, bool loop, int pdl, const XPrologue& xp, DType dtype,
+                      cudaStream_t stream) {
+  const Operands o{x, ldx, qweight, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, xp, stream};
   return dispatch<Format::kInt4Awq>(dtype, rows_per_block, warps, loop, o);
 }
 
@@ -485,7 +616,7 @@ cudaError_t int8_gemv(const void* x, int64_t ldx, const int8_t* weight, int64_t 
                       int64_t ldy, int m, int n, int k, int rows_per_block, int warps, bool loop, int pdl, DType dtype,
                       cudaStream_t stream) {
   const Operands o{x, ldx, reinterpret_cast<const uint8_t*>(weight), ldw, scale, 1, nullptr, 0, y, ldy, m, n, k, pdl,
-                   stream};
+                   XPrologue{}, stream};
   return dispatch<Format::kInt8>(dtype, rows_per_block, warps, loop, o);
 }
 
