@@ -98,10 +98,8 @@ def _aligned_rows_reasons(**tensors: torch.Tensor) -> list[str]:
             if t.dim() == 2 and (t.stride(-1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16)]
 
 
-#: Rows of x a gated or normalised int4 GEMV takes (one token tile; normalised: one row), and the longest
-#: normalised row (its shared-memory copy, csrc/kernels.h kMaxNormedBytes).
-FORMED_MAX_M = 8
-NORMED_MAX_K = 16384
+#: The longest row a gated or normalised int4 GEMV forms (in shared memory, csrc/kernels.h kMaxFormedBytes).
+FORMED_MAX_K = 16384
 
 #: A normalised GEMV's norm: (residual, weight, h, eps), as the Triton GEMVs take it (`quant_gemv.Norm`).
 Norm = tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]
@@ -113,29 +111,28 @@ def _product_k(x: torch.Tensor, gated: bool) -> int:
 
 
 def _formed_reasons(x: torch.Tensor, k: int, gated: bool, norm: Norm | None) -> list[str]:
-    """Why the int4 GEMV cannot form this x as it loads it: gated (x [M, 2K], M <= 8) or normalised (one
-    contiguous row of K <= 16384, residual/weight/h contiguous 16-byte aligned rows of K in x's dtype)."""
+    """Why the int4 GEMV cannot form this x as it loads it: one row, K <= 16384; gated, x [1, 2K]; normalised,
+    x contiguous and residual/weight/h contiguous 16-byte aligned rows of K in x's dtype."""
+    if not gated and norm is None:
+        return []
     if gated and norm is not None:
         return ["gated and norm are exclusive"]
-    if gated:
-        reasons = [] if x.shape[0] <= FORMED_MAX_M else [f"gated: x.shape={tuple(x.shape)} has more than "
-                                                         f"{FORMED_MAX_M} rows"]
-        if x.shape[1] % 2:
-            reasons.append(f"gated: x.shape={tuple(x.shape)} has an odd width, not [M, 2 * K]")
-        return reasons
-    if norm is None:
-        return []
-    residual, weight, h, _ = norm
+    what = "gated" if gated else "norm"
     reasons = []
-    if x.shape[0] != 1 or not x.is_contiguous():
-        reasons.append(f"norm: x {tuple(x.shape)} (strides {x.stride()}) is not one contiguous row")
-    if k > NORMED_MAX_K:
-        reasons.append(f"norm: K={k} is more than {NORMED_MAX_K}")
-    for name, t in (("residual", residual), ("weight", weight), ("h", h)):
-        if (t.dtype != x.dtype or t.numel() != k or not t.is_contiguous() or t.data_ptr() % 16
-                or t.device != x.device):
-            reasons.append(f"norm: {name} {tuple(t.shape)}/{t.dtype} is not a contiguous 16-byte aligned row of "
-                           f"K={k} in x's dtype {x.dtype} on {x.device}")
+    if x.shape[0] != 1 or (norm is not None and not x.is_contiguous()):
+        reasons.append(f"{what}: x {tuple(x.shape)} (strides {x.stride()}) is not one"
+                       f"{'' if gated else ' contiguous'} row")
+    if gated and x.shape[1] % 2:
+        reasons.append(f"gated: x.shape={tuple(x.shape)} has an odd width, not [1, 2 * K]")
+    if k > FORMED_MAX_K:
+        reasons.append(f"{what}: K={k} is more than {FORMED_MAX_K}")
+    if norm is not None:
+        residual, weight, h, _ = norm
+        for name, t in (("residual", residual), ("weight", weight), ("h", h)):
+            if (t.dtype != x.dtype or t.numel() != k or not t.is_contiguous() or t.data_ptr() % 16
+                    or t.device != x.device):
+                reasons.append(f"norm: {name} {tuple(t.shape)}/{t.dtype} is not a contiguous 16-byte aligned row of "
+                               f"K={k} in x's dtype {x.dtype} on {x.device}")
     return reasons
 
 
@@ -197,11 +194,11 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     tensor cores; y is written in place and returned. `loop`: a resident grid whose blocks step through the
     row tiles. `pdl`: 0 a plain launch, 1 a programmatic dependent launch, 3 the same with the first weights
     loaded before the wait (only where nothing launched just before writes them). The x multiplied may be
-    formed as it loads, saving a launch: `gated` (M <= 8), x is a fused gate/up output [M, 2K] and the product
-    is of silu_mul of its halves (`reference.matmul_int4_awq_gated`); `norm` = (residual, weight, h, eps) (one
-    row), the product is of rms_norm_residual(x, residual, weight, eps)'s output and h = x + residual is
-    written (`reference.matmul_int4_awq_normed`). Inputs as `int4_gemv_reasons` asks; the extension checks them
-    again."""
+    formed as it loads, saving a launch, for one row of x (K <= 16384): `gated`, x is a fused gate/up output
+    [1, 2K] and the product is of silu_mul of its halves (`reference.matmul_int4_awq_gated`); `norm` =
+    (residual, weight, h, eps), the product is of rms_norm_residual(x, residual, weight, eps)'s output and
+    h = x + residual is written (`reference.matmul_int4_awq_normed`). Inputs as `int4_gemv_reasons` asks; the
+    extension checks them again."""
     k = _product_k(x, gated)
     if bad := _formed_reasons(x, k, gated, norm):
         raise ValueError(bad[0])

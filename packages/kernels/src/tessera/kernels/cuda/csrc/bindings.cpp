@@ -117,34 +117,32 @@ void check_gemv_operands(const char* op, const at::Tensor& x, const at::Tensor& 
               weight_name, " rows must be 16-byte aligned");
 }
 
-// int4_gemv's x prologue (kernels.h, XPrologue): gated, x a fused gate/up output [m, 2K]; or, with residual,
-// weight and h, normed (one row): each a contiguous 16-byte aligned row of K in x's dtype (weight 1-D).
+// int4_gemv's x prologue (kernels.h, XPrologue), for one row of x: gated, x a fused gate/up output [1, 2K]; or,
+// with residual, weight and h, normed: each a contiguous 16-byte aligned row of K in x's dtype (weight 1-D).
 tessera::XPrologue x_prologue(const at::Tensor& x, int64_t k, bool gated, const std::optional<at::Tensor>& residual,
                               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& h,
                               double eps) {
   tessera::XPrologue xp;
   const bool normed = residual.has_value() || weight.has_value() || h.has_value();
+  if (!gated && !normed) return xp;
   TORCH_CHECK(!(gated && normed), "int4_gemv: gated and normed x are exclusive");
+  TORCH_CHECK(x.size(0) == 1, "int4_gemv: a gated or normed x is one row, got x.shape=", x.sizes());
+  TORCH_CHECK(k * 2 <= static_cast<int64_t>(tessera::kMaxFormedBytes), "int4_gemv: a gated or normed x of K=", k,
+              " exceeds ", tessera::kMaxFormedBytes / 2, " elements");
   if (gated) {
-    TORCH_CHECK(x.size(0) <= 8, "int4_gemv: a gated x takes 1 to 8 rows, got x.shape[0]=", x.size(0));
     xp.mode = tessera::XMode::kGated;
-  } else if (normed) {
-    TORCH_CHECK(residual.has_value() && weight.has_value() && h.has_value(),
-                "int4_gemv: a normed x needs residual, weight and h together");
-    TORCH_CHECK(x.size(0) == 1 && x.is_contiguous(), "int4_gemv: a normed x is one contiguous row, got x ", x.sizes(),
-                " with strides ", x.strides());
-    TORCH_CHECK(k * 2 <= static_cast<int64_t>(tessera::kMaxNormedBytes), "int4_gemv: a normed x of K=", k,
-                " exceeds ", tessera::kMaxNormedBytes / 2, " elements");
-    for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"residual", &*residual},
-                                  {"weight", &*weight}, {"h", &*h}}) {
-      TORCH_CHECK(t->is_cuda() && t->scalar_type() == x.scalar_type() && t->numel() == k && t->is_contiguous() &&
-                      reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
-                  "int4_gemv: ", name, " ", t->sizes(), "/", t->scalar_type(),
-                  " is not a contiguous 16-byte aligned row of K=", k, " in x's dtype");
-    }
-    xp = {tessera::XMode::kNormed, residual->data_ptr(), weight->data_ptr(), h->data_ptr(), static_cast<float>(eps)};
+    return xp;
   }
-  return xp;
+  TORCH_CHECK(residual.has_value() && weight.has_value() && h.has_value(),
+              "int4_gemv: a normed x needs residual, weight and h together");
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"residual", &*residual},
+                                {"weight", &*weight}, {"h", &*h}}) {
+    TORCH_CHECK(t->is_cuda() && t->scalar_type() == x.scalar_type() && t->numel() == k && t->is_contiguous() &&
+                    reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
+                "int4_gemv: ", name, " ", t->sizes(), "/", t->scalar_type(),
+                " is not a contiguous 16-byte aligned row of K=", k, " in x's dtype");
+  }
+  return {tessera::XMode::kNormed, residual->data_ptr(), weight->data_ptr(), h->data_ptr(), static_cast<float>(eps)};
 }
 
 void int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,

@@ -22,10 +22,10 @@ cudaError_t attention_forward(const void* q, const void* k, const void* v, void*
                               int64_t stride_on, int64_t stride_oh, bool causal, float scale, DType dtype,
                               cudaStream_t stream);
 
-// The x an int4 GEMV multiplies when it is not x itself, formed as the kernel loads it. kGated (m <= 8): x is a
-// fused gate/up output [m, 2k] and the product is of silu(x[:, :k]) * x[:, k:]. kNormed (m == 1, k * 2 bytes
-// at most kMaxNormedBytes): the product is of rms_norm_residual(x, residual, weight, eps)'s output, and
-// h = x + residual is written; residual, weight (x's dtype) and h are contiguous 16-byte aligned rows of k.
+// The x an int4 GEMV multiplies when it is not x itself, formed as the kernel loads it, for one token (m == 1,
+// k * 2 bytes at most kMaxFormedBytes). kGated: x is a fused gate/up output [1, 2k] and the product is of
+// silu(x[:, :k]) * x[:, k:]. kNormed: the product is of rms_norm_residual(x, residual, weight, eps)'s output,
+// and h = x + residual is written; x, residual, weight (x's dtype) and h are contiguous 16-byte aligned rows of k.
 enum class XMode : int { kPlain = 0, kGated = 1, kNormed = 2 };
 struct XPrologue {
   XMode mode = XMode::kPlain;
@@ -34,8 +34,8 @@ struct XPrologue {
   void* h = nullptr;
   float eps = 0.0f;
 };
-// The normalised row lives in shared memory: 32 KiB, a row of 16384 16-bit values.
-constexpr size_t kMaxNormedBytes = 32768;
+// The formed row lives in shared memory: 32 KiB, a row of 16384 16-bit values.
+constexpr size_t kMaxFormedBytes = 32768;
 
 // AWQ int4 decode GEMV on the tensor cores (quant_gemv.cu): y[m, n] = x[m, k] @ W.T for 1 <= m <= 16, group
 // size 128 (k a multiple of it). x and y are bf16 or fp16 rows (ldx, ldy in elements; x rows 16-byte
