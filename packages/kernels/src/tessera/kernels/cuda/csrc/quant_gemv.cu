@@ -421,11 +421,14 @@ __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restr
     for (int s = 0; s < kStages; ++s)
       if (s < total) load_static(ring[s], s);
   }
-  if constexpr (XM != XMode::kPlain) form_row<T, XM, WARPS>(x, xa, xs, items * kItemK);
+  if constexpr (XM != XMode::kPlain) {
+    launch_dependents();  // before the prologue, so the next launch's early weights are not held back by it
+    form_row<T, XM, WARPS>(x, xa, xs, items * kItemK);
+  }
 #pragma unroll
   for (int s = 0; s < kStages; ++s)
     if (s < total) load_x(ring[s], s);
-  launch_dependents();
+  if constexpr (XM == XMode::kPlain) launch_dependents();
   clear();
 
 #pragma unroll 1
