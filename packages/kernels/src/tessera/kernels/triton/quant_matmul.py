@@ -232,8 +232,8 @@ def _int4_formed_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
                       group_size: int, y: torch.Tensor, gated: bool = False,
                       norm: quant_gemv.Norm | None = None) -> None:
     """y = the gated (x a fused gate/up output) or normalised (`norm`) M <= 16 int4 product, x formed as the
-    GEMV loads it: the Triton GEMV, or the CUDA tensor-core one where it takes the inputs and a timing of the
-    shape favours it (`_decode_gemv`, its choices keyed 'int4 gated' or 'int4 normed')."""
+    GEMV loads it: the Triton GEMV, or, for one row, the CUDA tensor-core one where it takes the inputs and a
+    timing of the shape favours it (`_decode_gemv`, its choices keyed 'int4 gated' or 'int4 normed')."""
     from tessera.kernels import cuda
 
     k = x.shape[1] // 2 if gated else x.shape[1]

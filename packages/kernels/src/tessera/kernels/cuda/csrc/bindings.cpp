@@ -167,8 +167,10 @@ void int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
   TORCH_CHECK(scales.stride(1) == 1 && zeros.stride(1) == 1, "scales and zeros need contiguous rows");
   const tessera::XPrologue xp = x_prologue(x, k, gated, residual, weight, h, eps);
   const c10::cuda::CUDAGuard guard(x.device());
-  const NvtxRange range(gated ? "tessera::int4_gemv_gated"
-                              : (xp.mode == tessera::XMode::kNormed ? "tessera::int4_gemv_normed" : "tessera::int4_gemv"));
+  const char* name = xp.mode == tessera::XMode::kGated    ? "tessera::int4_gemv_gated"
+                     : xp.mode == tessera::XMode::kNormed ? "tessera::int4_gemv_normed"
+                                                          : "tessera::int4_gemv";
+  const NvtxRange range(name);
   check_cuda(tessera::int4_gemv(x.data_ptr(), x.stride(0), qweight.data_ptr<uint8_t>(), qweight.stride(0),
                                 scales.data_ptr<float>(), scales.stride(0), zeros.data_ptr<float>(), zeros.stride(0),
                                 y.data_ptr(), y.stride(0), static_cast<int>(m), static_cast<int>(n),

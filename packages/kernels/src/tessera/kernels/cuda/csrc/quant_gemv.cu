@@ -571,7 +571,8 @@ template <typename T, Format F, XMode XM>
 cudaError_t by_tiles(int rows_per_block, int warps, bool loop, const Operands& o) {
   const bool wide = o.m > 8;
   if constexpr (XM != XMode::kPlain) {
-    if (o.m != 1 || o.k % 8 != 0 || static_cast<size_t>(o.k) * sizeof(T) > kMaxFormedBytes) return cudaErrorInvalidValue;
+    if (o.m != 1 || o.k % 8 != 0 || static_cast<size_t>(o.k) * sizeof(T) > kMaxFormedBytes)
+      return cudaErrorInvalidValue;
     if (rows_per_block == 16) return by_loop<T, F, XM, 1, 1>(loop, warps, o);
     if (rows_per_block == 32) return by_loop<T, F, XM, 2, 1>(loop, warps, o);
   } else {
