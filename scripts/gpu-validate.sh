@@ -5,7 +5,8 @@
 #   bash scripts/gpu-validate.sh OUT_DIR tests   # GPU tests: serving engine (graphs, overlapped decode),
 #                                                #   persistent decode launch (eager, graph), PDL chain in
 #                                                #   every mode, dense routing, fused cache
-#                                                #   write, the CUDA int8 and int4 GEMVs (every config, PDL mode),
+#                                                #   write, the CUDA int8 and int4 GEMVs (every config, PDL mode;
+#                                                #   int4 also forming a gated or normalised x),
 #                                                #   parity of the quantized gated and normalised ops
 #   bash scripts/gpu-validate.sh OUT_DIR serve   # bench_serve decode: engine overlapped and step by step,
 #                                                #   graph replay in PDL modes 3 (default), 1 and 4 and with
