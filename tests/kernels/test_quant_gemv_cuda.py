@@ -379,3 +379,61 @@ def test_the_choice_takes_the_cuda_gemv_only_when_faster_and_in_agreement(monkey
     qm._int8_gemv(x, w_q, scale, y)  # a CPU x never reaches the CUDA kernel
     assert state["calls"][-1] == "triton"
     assert qm.cuda_gemv_choices()["int8 M<=1 N=8 K=256 bfloat16"]["backend"] == "cuda"
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_the_formed_int4_gemv_routes_its_x_and_keys_its_choice_by_the_products_k(monkeypatch, gated: bool) -> None:
+    """`quant_matmul._int4_formed_gemv` with both launchers replaced: the CUDA and Triton launches receive the gated
+    flag or the norm as given, the configs and the choice's key use the product's K (half a gated x's width), and
+    the choice is remembered under 'int4 gated' / 'int4 normed', apart from the plain GEMV's."""
+    from tessera.kernels.triton import quant_gemv, tuning
+    from tessera.kernels.triton import quant_matmul as qm
+
+    n, k = 8, 256
+    x, qweight, scales, zeros = _int4_inputs(1, n, k, torch.bfloat16, "cpu", 0)
+    xin = torch.zeros(1, 2 * k, dtype=torch.bfloat16) if gated else x
+    norm = None if gated else (torch.zeros_like(x), torch.ones(k, dtype=torch.bfloat16), torch.empty_like(x), 1e-6)
+    y = torch.empty(1, n, dtype=torch.bfloat16)
+    seen = {"cuda": [], "triton": [], "configs": [], "last": None}
+
+    def fake_cuda(x_, qw, s, z, out, *config, pdl, gated, norm):
+        assert x_ is gpu_x and not (gated and norm is not None)
+        seen["cuda"].append((config, gated, norm))
+        seen["last"] = config
+        out.fill_(1.0)
+
+    def fake_triton(x_, qw, s, z, group, out, gated, norm):
+        seen["triton"].append((gated, norm))
+        seen["last"] = "triton"
+        out.fill_(1.0)
+
+    real_configs = cuda.int4_gemv_configs
+
+    def fake_configs(m, k_):
+        seen["configs"].append(k_)
+        return real_configs(m, k_)
+
+    cost = {"triton": 5.0}
+
+    def fake_bench(fn):
+        fn()
+        return cost.get(seen["last"], 2.0) * 1e-3
+
+    gpu_x = SimpleNamespace(shape=xin.shape, dtype=xin.dtype, device=xin.device, is_cuda=True)
+    monkeypatch.setattr(qm, "_cuda_pdl", lambda device: 3)
+    monkeypatch.setattr(qm, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(qm, "_cuda_gemv", {})
+    monkeypatch.setattr(cuda, "load", lambda: None)
+    monkeypatch.setattr(cuda, "int4_gemv_reasons", lambda *a: [])
+    monkeypatch.setattr(cuda, "int4_gemv_configs", fake_configs)
+    monkeypatch.setattr(cuda, "int4_gemv", fake_cuda)
+    monkeypatch.setattr(quant_gemv, "launch_int4", fake_triton)
+    monkeypatch.setattr(tuning, "graph_bench", fake_bench)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # CPU builds cannot ask
+    qm._int4_formed_gemv(gpu_x, qweight, scales, zeros, 128, y, gated=gated, norm=norm)
+    assert set(seen["configs"]) == {k}
+    assert seen["triton"] and all(t == (gated, norm) for t in seen["triton"])
+    assert seen["cuda"] and all(c[1:] == (gated, norm) for c in seen["cuda"])
+    label = f"int4 {'gated' if gated else 'normed'} M<=1 N={n} K={k} g=128 bfloat16"
+    assert qm.cuda_gemv_choices()[label]["backend"] == "cuda"
+    assert not any(key.startswith("int4 M<=1 ") for key in qm.cuda_gemv_choices())
