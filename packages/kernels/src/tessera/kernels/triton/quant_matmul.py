@@ -236,7 +236,7 @@ def _int4_formed_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     timing of the shape favours it (`_decode_gemv`, its choices keyed 'int4 gated' or 'int4 normed')."""
     from tessera.kernels import cuda
 
-    k = x.shape[1] // 2 if gated else x.shape[1]
+    k = 2 * qweight.shape[1]  # the product's K, as the plain int4 GEMV's key takes it (two codes a byte)
     key = _shape_key("int4 gated" if gated else "int4 normed", x.shape[0], qweight.shape[0], k, x.dtype, group_size)
     _decode_gemv(key, x, lambda: cuda.int4_gemv_reasons(x, qweight, scales, zeros, group_size, gated, norm),
                  lambda: cuda.int4_gemv_configs(x.shape[0], k),

@@ -334,8 +334,8 @@ __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restr
   const int total = my_tiles * count;
 
   // A formed x (one token): the warps read it from shared memory (k elements, sized at the launch)
-  extern __shared__ uint4 normalised[];
-  T* xs = reinterpret_cast<T*>(normalised);
+  extern __shared__ uint4 formed[];
+  T* xs = reinterpret_cast<T*>(formed);
   const T* xrow[NT];
   bool xok[NT];
 #pragma unroll
@@ -571,8 +571,8 @@ template <typename T, Format F, XMode XM>
 cudaError_t by_tiles(int rows_per_block, int warps, bool loop, const Operands& o) {
   const bool wide = o.m > 8;
   if constexpr (XM != XMode::kPlain) {
-    if (o.m != 1 || o.k % 8 != 0 || static_cast<size_t>(o.k) * sizeof(T) > kMaxFormedBytes)
-      return cudaErrorInvalidValue;
+    // one row that fits shared memory (`dispatch` has made k a multiple of the item, so of 8 as form_row needs)
+    if (o.m != 1 || static_cast<size_t>(o.k) * sizeof(T) > kMaxFormedBytes) return cudaErrorInvalidValue;
     if (rows_per_block == 16) return by_loop<T, F, XM, 1, 1>(loop, warps, o);
     if (rows_per_block == 32) return by_loop<T, F, XM, 2, 1>(loop, warps, o);
   } else {
