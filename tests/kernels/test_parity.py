@@ -83,7 +83,7 @@ def test_parity(case: tuple) -> None:
 #: Ops whose real-shape samples are shared among this many tests a dtype (sample i goes to part i mod n).
 #: The int4 samples come four group sizes a shape, each compiling and tuning its own kernels, so the
 #: parts split them by group size.
-REAL_PARTS = {"matmul.int4_awq": 4}
+REAL_PARTS = {"matmul.int4_awq": 4, "matmul.int4_awq_swiglu": 4}
 REAL_CASES = [(*case, (i, REAL_PARTS.get(case[0], 1))) for case in CASES for i in range(REAL_PARTS.get(case[0], 1))]
 
 

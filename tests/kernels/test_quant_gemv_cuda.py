@@ -135,6 +135,48 @@ def test_int4_normed_every_config_and_pdl_mode_matches_the_reference(n: int, k: 
     assert hs and all(torch.equal(h, want_h) for h in hs)
 
 
+#: (M, N, K) of the SwiGLU int4 GEMV (N outputs of a fused gate/up weight of 2N rows): Llama-3.2-1B's and
+#: Qwen3-0.6B's gate/up at one and 16 tokens, partial token and row tiles (N not a multiple of 8 or 16), one group.
+SWIGLU_SHAPES = [(1, 8192, 2048), (16, 8192, 2048), (1, 3072, 1024), (3, 1000, 2176), (9, 20, 1024), (1, 4, 128),
+                 (8, 256, 1152)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("m", "n", "k"), SWIGLU_SHAPES)
+def test_int4_swiglu_every_config_and_pdl_mode_matches_the_reference(m: int, n: int, k: int,
+                                                                     dtype: torch.dtype) -> None:
+    """silu_mul stored by the GEMV of a fused gate/up weight: against `reference.matmul_int4_awq_swiglu`, and
+    as close to silu(gate) * up of the exact products as it is. Gate and up rows differ (up is not gate)."""
+    _needs_sm90()
+    x, qweight, scales, zeros = _int4_inputs(m, 2 * n, k, dtype, "cuda", m * n + k)
+    y_exact = x.double() @ reference.dequantize_int4(qweight, scales, zeros, 128).double().T
+    exact = torch.nn.functional.silu(y_exact[:, :n]) * y_exact[:, n:]
+    _check_every_launch(lambda y, c, p: cuda.int4_gemv(x, qweight, scales, zeros, y, *c, pdl=p, swiglu=True),
+                        cuda.int4_gemv_configs(m, k), reference.matmul_int4_awq_swiglu(x, qweight, scales, zeros, 128),
+                        exact)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16])
+def test_the_swiglu_op_times_the_cuda_gemv_and_keeps_the_faster(m: int) -> None:
+    """`matmul_int4_awq_swiglu` at a decode shape: the CUDA GEMV storing silu_mul or the plain op and silu_mul, by
+    a timing of the shape (recorded under 'int4 swiglu'); the op agrees with the reference whichever it keeps."""
+    _needs_sm90()
+    from tessera.kernels.triton import quant_matmul as qm
+
+    n2, k = 4096, 2048
+    args = (*_int4_inputs(m, n2, k, torch.bfloat16, "cuda", 13), 128)
+    with torch.no_grad():
+        got, again = qm.matmul_int4_awq_swiglu(*args), qm.matmul_int4_awq_swiglu(*args)
+    torch.cuda.synchronize()
+    assert got.shape == (m, n2 // 2)
+    torch.testing.assert_close(got, reference.matmul_int4_awq_swiglu(*args), atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(again, got, atol=0, rtol=0)
+    choice = qm.cuda_gemv_choices()[f"int4 swiglu M<={m} N={n2} K={k} g=128 bfloat16"]
+    assert choice["backend"] in ("cuda", "unfused") and choice["unfused_us"] > 0 and choice["cuda_us"] > 0, choice
+
+
 @pytest.mark.gpu
 def test_int8_strided_x_rows_and_weight_rows() -> None:
     """x and w_q as row slices of wider buffers (16-byte aligned row strides): the kernels use the strides."""
@@ -285,6 +327,11 @@ def test_inputs_it_cannot_take_are_named() -> None:
                for r in cuda.int4_gemv_reasons(long_row, qweight, scales, zeros, 128,
                                                norm=(long_row, long_row[0], long_row, 1e-6)))
     assert any("exclusive" in r for r in cuda.int4_gemv_reasons(row, qweight, scales, zeros, 128, True, norm))
+    assert not cuda.int4_gemv_reasons(x, qweight, scales, zeros, 128, swiglu=True)[1:]  # only "needs cuda"
+    assert any("swiglu: qweight.shape=(7, 128)" in r
+               for r in cuda.int4_gemv_reasons(x, qweight[:7], scales[:7], zeros[:7], 128, swiglu=True))
+    assert any("swiglu takes a plain x" in r
+               for r in cuda.int4_gemv_reasons(gu[:1], qweight, scales, zeros, 128, gated=True, swiglu=True))
 
     x, w_q, scale = _int8_inputs(2, 8, 256, torch.bfloat16, "cpu", 0)
     assert any("needs cuda" in r for r in cuda.int8_gemv_reasons(x, w_q, scale))
@@ -312,6 +359,10 @@ def test_bad_launch_arguments_raise_before_the_extension_loads() -> None:
         cuda.int4_gemv(row, qweight, scales, zeros, y[:1], 16, 8, norm=(row, torch.ones(256), torch.empty_like(row), 0))
     with pytest.raises(ValueError, match=r"norm: x \(9, 256\)"):
         cuda.int4_gemv(x, qweight, scales, zeros, y, 16, 8, norm=(x, x[0], x, 1e-6))
+    with pytest.raises(ValueError, match=r"swiglu: qweight.shape=\(7, 128\)"):
+        cuda.int4_gemv(x, qweight[:7], scales[:7], zeros[:7], y[:, :3], 16, 8, swiglu=True)
+    with pytest.raises(ValueError, match="swiglu takes a plain x"):
+        cuda.int4_gemv(row, qweight, scales, zeros, y[:1, :4], 16, 8, norm=(row, row[0], row, 1e-6), swiglu=True)
     x, w_q, scale = _int8_inputs(9, 8, 192, torch.bfloat16, "cpu", 0)
     with pytest.raises(ValueError, match=r"=\(16, 4, True\)"):
         cuda.int8_gemv(x, w_q, scale, y, 16, 4, loop=True)  # K = 192: 3 items for 4 warps
@@ -353,13 +404,19 @@ def test_the_choice_takes_the_cuda_gemv_only_when_faster_and_in_agreement(monkey
     monkeypatch.setattr(cuda, "load", lambda: None)
     monkeypatch.setattr(tuning, "graph_bench", fake_bench)
     key = ("int8", "M<=1", "N=8", "K=256", torch.bfloat16)
-    assert qm._choose_cuda_gemv(key, x, configs, fake_triton, fake_cuda, y) == (32, 4, False)
+    want = torch.empty_like(y)
+
+    def baseline() -> torch.Tensor:
+        fake_triton(want)
+        return want
+
+    assert qm._choose_cuda_gemv(key, x, configs, baseline, fake_cuda, y) == (32, 4, False)
     assert qm.cuda_gemv_timings[key] == {"triton_us": 5.0, "cuda_us": 3.0, "cuda_config": [32, 4, False]}
     state["cuda_value"] = 1.5  # as fast, but wrong: never taken
-    assert qm._choose_cuda_gemv(key, x, configs, fake_triton, fake_cuda, y) is None
+    assert qm._choose_cuda_gemv(key, x, configs, baseline, fake_cuda, y) is None
     state["cuda_value"] = 1.0
     cost.update({(32, 4, False): 5.5, (16, 4, False): 6.0})  # slower than Triton everywhere
-    assert qm._choose_cuda_gemv(key, x, configs, fake_triton, fake_cuda, y) is None
+    assert qm._choose_cuda_gemv(key, x, configs, baseline, fake_cuda, y) is None
 
     # the op's path: only x on a GPU lets it consider the CUDA kernel; here a stand-in claims to be one
     cost.update({(32, 4, False): 3.0})
@@ -437,3 +494,64 @@ def test_the_formed_int4_gemv_routes_its_x_and_keys_its_choice_by_the_products_k
     label = f"int4 {'gated' if gated else 'normed'} M<=1 N={n} K={k} g=128 bfloat16"
     assert qm.cuda_gemv_choices()[label]["backend"] == "cuda"
     assert not any(key.startswith("int4 M<=1 ") for key in qm.cuda_gemv_choices())
+
+
+@pytest.mark.parametrize("faster", ["cuda", "unfused"])
+def test_the_swiglu_op_routes_its_weight_and_keeps_its_choice(monkeypatch, faster: str) -> None:
+    """`quant_matmul._int4_swiglu` with the CUDA launcher, the plain op and the timer replaced: the CUDA GEMV gets
+    swiglu=True, the whole fused weight and an output of half its rows; the configs come from x's shape; the
+    choice (the faster of the two) is remembered under 'int4 swiglu' with the weight's row count, a second call
+    launches it without timing, and where the two launches are faster the op returns silu_mul of the plain op."""
+    from tessera.kernels.triton import quant_gemv, tuning
+    from tessera.kernels.triton import quant_matmul as qm
+
+    n2, k = 16, 256
+    x, qweight, scales, zeros = _int4_inputs(1, n2, k, torch.bfloat16, "cpu", 0)
+    plain = torch.arange(n2, dtype=torch.bfloat16).view(1, n2) / 8  # what the replaced plain op returns
+    want = reference.gated_halves(plain)
+    seen = {"cuda": [], "plain": 0, "configs": [], "last": None}
+
+    def fake_cuda(x_, qw, s, z, out, *config, pdl, swiglu):
+        assert x_ is gpu_x and qw is qweight and swiglu and out.shape == (1, n2 // 2) and pdl == 3
+        seen["cuda"].append(config)
+        seen["last"] = "cuda"
+        out.copy_(want)
+
+    def fake_plain(x_, qw, s, z, group):
+        seen["plain"] += 1
+        seen["last"] = "unfused"
+        return plain.clone()
+
+    real_configs = cuda.int4_gemv_configs
+
+    def fake_configs(m, k_):
+        seen["configs"].append((m, k_))
+        return real_configs(m, k_)
+
+    def fake_bench(fn):
+        fn()
+        return (1.0 if seen["last"] == faster else 4.0) * 1e-3
+
+    gpu_x = SimpleNamespace(shape=x.shape, dtype=x.dtype, device=x.device, is_cuda=True)
+    monkeypatch.setattr(qm, "_cuda_pdl", lambda device: 3)
+    monkeypatch.setattr(qm, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(qm, "_swiglu_gemv", {})
+    monkeypatch.setattr(qm, "_int4", fake_plain)
+    monkeypatch.setattr(qm, "_halves", reference.gated_halves)  # the Triton silu_mul needs a GPU or the interpreter
+    monkeypatch.setattr(quant_gemv, "serves_int4", lambda m, group: True)
+    monkeypatch.setattr(cuda, "load", lambda: None)
+    monkeypatch.setattr(cuda, "int4_gemv_reasons", lambda *a, **kw: [])
+    monkeypatch.setattr(cuda, "int4_gemv_configs", fake_configs)
+    monkeypatch.setattr(cuda, "int4_gemv", fake_cuda)
+    monkeypatch.setattr(tuning, "graph_bench", fake_bench)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # CPU builds cannot ask
+    got = qm._int4_swiglu(gpu_x, qweight, scales, zeros, 128)
+    assert torch.equal(got, want) and set(seen["configs"]) == {(1, k)}
+    choice = qm.cuda_gemv_choices()[f"int4 swiglu M<=1 N={n2} K={k} g=128 bfloat16"]
+    assert choice["backend"] == faster and choice["cuda_us"] == (1.0 if faster == "cuda" else 4.0)
+    seen["cuda"].clear()
+    seen["plain"] = 0
+    assert torch.equal(qm._int4_swiglu(gpu_x, qweight, scales, zeros, 128), want)  # remembered: no timing
+    assert (len(seen["cuda"]), seen["plain"]) == ((1, 0) if faster == "cuda" else (0, 1))
+    with pytest.raises(ValueError, match=r"qweight.shape=\(15, 128\)"):
+        qm._int4_swiglu(gpu_x, qweight[:15], scales[:15], zeros[:15], 128)

@@ -104,3 +104,35 @@ def test_forward_gated_is_forward_of_silu_mul(kind: str) -> None:
     with torch.inference_mode():
         want = module(torch.nn.functional.silu(gu[..., :64]) * gu[..., 64:])
         assert torch.equal(module.forward_gated(gu), want)
+
+
+def test_a_fused_int4_gate_up_gives_silu_mul_from_one_op(base: Transformer, monkeypatch) -> None:
+    """An int4 model's fused gate/up has a one-op SwiGLU (`matmul.int4_awq_swiglu`, whose decode GEMV stores
+    silu_mul): the MLP takes it, with the same output as the separate projections and silu_mul (on a CPU through
+    the references, the same arithmetic exactly), and the down projection still runs as a module. int8, a biased
+    or an odd-rowed int4 module has none, and asking one for it names why."""
+    model = quantize(copy.deepcopy(base), CONFIGS["int4_rtn"], None, progress=False)
+    fuse_projections(model)
+    mlp = model.model.layers[0].mlp
+    assert mlp.gate_up.has_swiglu()
+    calls = []
+    real = Int4Linear.forward_swiglu
+    monkeypatch.setattr(Int4Linear, "forward_swiglu", lambda self, x: calls.append(x.shape) or real(self, x))
+    downs = []
+    mlp.down_proj.register_forward_pre_hook(lambda module, args: downs.append(args[0].shape))
+    x = torch.randn(2, 3, base.config.d_model)
+    with torch.inference_mode():
+        got = mlp(x)
+        want = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    assert calls == [x.shape] and downs[0] == (2, 3, base.config.d_ff)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+    int8 = quantize(copy.deepcopy(base), CONFIGS["int8"], None, progress=False)
+    fuse_projections(int8)
+    assert not int8.model.layers[0].mlp.gate_up.has_swiglu()
+    biased = Int4Linear(64, 16, bias=True, group_size=32)
+    odd = Int4Linear(64, 15, group_size=32)
+    for module in (biased, odd):
+        assert not module.has_swiglu()
+        with pytest.raises(ValueError, match=f"out_features={module.out_features}, bias={module.bias is not None}"):
+            module.forward_swiglu(torch.randn(1, 64))

@@ -235,6 +235,14 @@ def matmul_int4_awq_gated(gu: torch.Tensor, qweight: torch.Tensor, scales: torch
     return matmul_int4_awq(gated_halves(gu), qweight, scales, zeros, group_size)
 
 
+def matmul_int4_awq_swiglu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                           group_size: int) -> torch.Tensor:
+    """silu_mul of the halves of x's product with a fused gate/up weight (gate rows first): [M, N / 2]."""
+    if qweight.shape[0] % 2:
+        raise ValueError(f"qweight.shape={tuple(qweight.shape)}: a fused gate/up weight has an even row count")
+    return gated_halves(matmul_int4_awq(x, qweight, scales, zeros, group_size))
+
+
 def matmul_dense_normed(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, w: torch.Tensor,
                         eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     normed, h = rms_norm_residual(x, residual, weight, eps)
@@ -274,6 +282,7 @@ REFERENCES = {
     "matmul.dense_gated": matmul_dense_gated,
     "matmul.int8_weight_only_gated": matmul_int8_weight_only_gated,
     "matmul.int4_awq_gated": matmul_int4_awq_gated,
+    "matmul.int4_awq_swiglu": matmul_int4_awq_swiglu,
     "matmul.dense_normed": matmul_dense_normed,
     "matmul.int8_weight_only_normed": matmul_int8_weight_only_normed,
     "matmul.int4_awq_normed": matmul_int4_awq_normed,

@@ -344,6 +344,22 @@ def _normed(base: Callable[[_Rand, torch.dtype, bool], list[Sample]]) -> Callabl
     return make
 
 
+def _swiglu_rows(base: Callable[[_Rand, torch.dtype, bool], list[Sample]]) -> Callable[[_Rand, torch.dtype, bool],
+                                                                                      list[Sample]]:
+    """Samples of a SwiGLU matmul from its plain one's: each per-row weight tensor (every argument after x but
+    the last) gains a second half of rows, the up projection's, drawn like the first (its rows rolled by one)."""
+
+    def make(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
+        out = []
+        for s in base(r, dtype, real):
+            x, *weights, last = s.args
+            fused = [torch.cat([w, w.roll(1, 0)]) for w in weights]
+            out.append(Sample(s.name, (x, *fused, last), s.kwargs))
+        return out
+
+    return make
+
+
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 SAMPLERS: dict[str, tuple[Callable[[_Rand, torch.dtype, bool], list[Sample]], tuple[torch.dtype, ...]]] = {
     "rms_norm": (_rms_norm, _FLOATS),
@@ -365,6 +381,7 @@ SAMPLERS: dict[str, tuple[Callable[[_Rand, torch.dtype, bool], list[Sample]], tu
     "matmul.dense_gated": (_gated(_dense), _FLOATS),
     "matmul.int8_weight_only_gated": (_gated(_int8), _FLOATS),
     "matmul.int4_awq_gated": (_gated(_int4), _FLOATS),
+    "matmul.int4_awq_swiglu": (_swiglu_rows(_int4), _FLOATS),
     "matmul.dense_normed": (_normed(_dense), _FLOATS),
     "matmul.int8_weight_only_normed": (_normed(_int8), _FLOATS),
     "matmul.int4_awq_normed": (_normed(_int4), _FLOATS),

@@ -68,6 +68,16 @@ class FusedProjections(ABC):
         y, h = registry("rms_norm_residual", x, residual, weight, eps)
         return self.matmul(y), h
 
+    def has_swiglu(self) -> bool:
+        """Whether `swiglu` runs silu_mul(gate, up) of two parts as one op (a subclass's: the int4 linears,
+        whose decode GEMV stores it and saves the silu_mul launch); not here, where callers run `matmul` and
+        then silu_mul."""
+        return False
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """`x [..., in]` -> silu_mul(gate, up) `[..., size]` of the two parts' outputs, where `has_swiglu`."""
+        raise NotImplementedError(f"{type(self).__name__} has no one-op swiglu (has_swiglu() is False)")
+
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """`x [..., in]` -> one `[..., size_i]` view per part (column slices of one matmul's output)."""
         return self.matmul(x).split(self.sizes, dim=-1)

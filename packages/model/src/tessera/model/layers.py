@@ -124,10 +124,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: `down(silu(gate(x)) * up(x))`; `fuse_projections` may set `gate_up` (one GEMM for both).
 
-    With gate/up fused, a down projection that offers `forward_gated(gu)` (the quantized linears; a plain
-    one once `route_decode_linears` has run) takes the fused output as it is and applies silu_mul itself,
-    which its decode GEMVs do while loading x: one launch fewer. Not past a forward hook on the down
-    projection, which must see silu_mul's output."""
+    With gate/up fused, a fused projection that has `swiglu(x)` (int4 AWQ) returns silu_mul(gate, up) from one
+    op, whose decode GEMV stores it: one launch fewer (with fused norms on, its norm stays a launch of its own),
+    and the down projection is called as a module. Otherwise a down projection that offers `forward_gated(gu)`
+    (the quantized linears; a plain one once `route_decode_linears` has run) takes the fused output as it is
+    and applies silu_mul itself, which its decode GEMVs do while loading x: one launch fewer too. Not past a
+    forward hook on the down projection, which must see silu_mul's output."""
 
     gate_up: FusedProjections | None = None
 
@@ -139,6 +141,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None and self.gate_up.active(self.gate_proj, self.up_proj):
+            if self.gate_up.has_swiglu():
+                return self.down_proj(self.gate_up.swiglu(x))
             return self._down_fused(self.gate_up.matmul(x))
         return self._down(self.gate_proj(x), self.up_proj(x))
 
@@ -147,7 +151,8 @@ class MLP(nn.Module):
         """`(self(y), h)` for `y, h = rms_norm_residual(x, residual)` under `norm`'s weight: with gate/up fused,
         the norm goes to the fused projection (`matmul_normed`: one launch at a decode step)."""
         target = _norm_target(self, self.gate_up, self.gate_proj, self.up_proj)
-        if target is None:
+        if target is None or target.has_swiglu():
+            # no fused projection, or one that stores silu_mul (`forward` takes it): the norm is a launch
             y, h = registry("rms_norm_residual", x, residual, norm.weight, norm.eps)
             return self(y), h
         gu, h = target.matmul_normed(x, residual, norm.weight, norm.eps)

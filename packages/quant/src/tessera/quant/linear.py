@@ -37,6 +37,8 @@ class QuantLinear(nn.Module, ABC):
     gated_op: str | None = None
     #: The op of rms_norm_residual and then `op` (None: the two ops).
     normed_op: str | None = None
+    #: The op of `op` with a fused gate/up weight and then silu_mul of the halves (None: the two ops).
+    swiglu_op: str | None = None
     #: Buffers whose first dim is `out_features` (one row per output): concatenated when fusing.
     row_buffers: tuple[str, ...] = ()
 
@@ -73,6 +75,20 @@ class QuantLinear(nn.Module, ABC):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*gu.shape[:-1], self.out_features)
+
+    def has_swiglu(self) -> bool:
+        """Whether `forward_swiglu` can run: the class has a SwiGLU op, and the module has no bias (it would
+        enter before silu) and an even row count."""
+        return self.swiglu_op is not None and self.bias is None and self.out_features % 2 == 0
+
+    def forward_swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """silu_mul of the two halves of `forward(x)`, for a module that is a fused gate/up projection (gate rows
+        first): one op, whose decode GEMV stores silu_mul itself. Raises ValueError where not `has_swiglu()`."""
+        if not self.has_swiglu():
+            raise ValueError(f"{type(self).__name__}(out_features={self.out_features}, bias="
+                             f"{self.bias is not None}) has no SwiGLU op: needs swiglu_op, no bias, even out_features")
+        a = registry(self.swiglu_op, x.reshape(-1, self.in_features), *self._op_args())
+        return a.reshape(*x.shape[:-1], self.out_features // 2)
 
     def forward_normed(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,6 +194,7 @@ class Int4Linear(QuantLinear):
     op = "matmul.int4_awq"
     gated_op = "matmul.int4_awq_gated"
     normed_op = "matmul.int4_awq_normed"
+    swiglu_op = "matmul.int4_awq_swiglu"
     row_buffers = ("qweight", "scales", "zeros")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *, group_size: int = 128,
@@ -270,3 +287,9 @@ class FusedQuantLinear(FusedProjections):
     def matmul_normed(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         return self.fused.forward_normed(x, residual, weight, eps)
+
+    def has_swiglu(self) -> bool:
+        return len(self.sizes) == 2 and self.sizes[0] == self.sizes[1] and self.fused.has_swiglu()
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused.forward_swiglu(x)

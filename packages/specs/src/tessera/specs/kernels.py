@@ -252,6 +252,18 @@ def _normed(plain: KernelSpec) -> KernelSpec:
                       results=(*plain.results, _t("h", "M", "K", dtypes=x.dtypes)), tolerances=plain.tolerances)
 
 
+def _swiglu(plain: KernelSpec) -> KernelSpec:
+    """`<plain>_swiglu`: silu_mul of the two halves of the product with a fused gate/up weight (gate rows first):
+    SwiGLU's gate/up projection storing the down projection's input (the decode GEMV computes both halves of
+    an output in one block and skips the separate silu_mul launch)."""
+    call = plain.description.rsplit(". ", 1)[-1].replace("(x, ", "_swiglu(x, ", 1).replace("-> y", "-> a", 1)
+    return KernelSpec(name=plain.name + "_swiglu",
+                      description=f"silu_mul(y[:, :N], y[:, N:]) of y = {plain.name} with a fused gate/up weight of "
+                      f"2N rows (gate rows first). {call}",
+                      args=(plain.args[0], *(_t(a.name, "N2", *a.dims[1:], dtypes=a.dtypes) for a in plain.args[1:])),
+                      results=(_t("a", "M", "N", dtypes=plain.results[0].dtypes),), tolerances=plain.tolerances)
+
+
 CATALOGUE: tuple[KernelSpec, ...] = (
     KernelSpec(
         name="rms_norm", description="y = x / sqrt(mean(x^2, -1) + eps) * weight, computed in float32. "
@@ -374,3 +386,4 @@ CATALOGUE: tuple[KernelSpec, ...] = (
 _DECODE_MATMULS = ("matmul.dense", "matmul.int8_weight_only", "matmul.int4_awq")
 CATALOGUE += tuple(_gated(spec) for spec in CATALOGUE if spec.name in _DECODE_MATMULS)
 CATALOGUE += tuple(_normed(spec) for spec in CATALOGUE if spec.name in _DECODE_MATMULS)
+CATALOGUE += tuple(_swiglu(spec) for spec in CATALOGUE if spec.name == "matmul.int4_awq")

@@ -136,12 +136,24 @@ def _formed_reasons(x: torch.Tensor, k: int, gated: bool, norm: Norm | None) -> 
     return reasons
 
 
+def _swiglu_reasons(qweight: torch.Tensor, gated: bool, norm: Norm | None) -> list[str]:
+    """Why the int4 GEMV cannot store SwiGLU's output for this weight: a plain x, and a fused gate/up weight of
+    an even row count."""
+    reasons = ["swiglu takes a plain x: not with gated or norm"] if gated or norm is not None else []
+    if qweight.dim() != 2 or qweight.shape[0] % 2:
+        reasons.append(f"swiglu: qweight.shape={tuple(qweight.shape)} is not a fused gate/up weight [2N, K / 2]")
+    return reasons
+
+
 def int4_gemv_reasons(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                      group_size: int, gated: bool = False, norm: Norm | None = None) -> list[str]:
+                      group_size: int, gated: bool = False, norm: Norm | None = None,
+                      swiglu: bool = False) -> list[str]:
     """Why `int4_gemv` cannot take these inputs (empty when it can): a CUDA device of compute capability 9.0
     (the extension is built for sm_90a), bf16 or fp16 x of 1 to 16 rows, group_size 128 and K a multiple of it,
-    contiguous 16-byte aligned rows; `gated` and `norm` as `int4_gemv` takes them."""
+    contiguous 16-byte aligned rows; `gated`, `norm` and `swiglu` as `int4_gemv` takes them."""
     reasons = _gemv_x_reasons(x, qweight, scales, zeros)
+    if swiglu:
+        reasons += _swiglu_reasons(qweight, gated, norm)
     if not _rows_ok(x):
         return reasons  # nothing below can be told without K
     k = _product_k(x, gated)
@@ -189,7 +201,7 @@ def _check_launch(config: tuple[int, int, bool], configs: tuple[tuple[int, int, 
 
 def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, y: torch.Tensor,
               rows_per_block: int = 16, warps: int = 8, loop: bool = False, pdl: int = 0, gated: bool = False,
-              norm: Norm | None = None) -> torch.Tensor:
+              norm: Norm | None = None, swiglu: bool = False) -> torch.Tensor:
     """y[M, N] = x @ W.T, W[n, k] = (q - zeros) * scales per group of 128 (`reference.matmul_int4_awq`), on the
     tensor cores; y is written in place and returned. `loop`: a resident grid whose blocks step through the
     row tiles. `pdl`: 0 a plain launch, 1 a programmatic dependent launch, 3 the same with the first weights
@@ -197,15 +209,17 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     formed as it loads, saving a launch, for one row of x (K <= 16384): `gated`, x is a fused gate/up output
     [1, 2K] and the product is of silu_mul of its halves (`reference.matmul_int4_awq_gated`); `norm` =
     (residual, weight, h, eps), the product is of rms_norm_residual(x, residual, weight, eps)'s output and
-    h = x + residual is written (`reference.matmul_int4_awq_normed`). Inputs as `int4_gemv_reasons` asks; the
-    extension checks them again."""
+    h = x + residual is written (`reference.matmul_int4_awq_normed`). `swiglu`: qweight (with scales and zeros) is
+    a fused gate/up weight [2N, K / 2], gate rows first, and y [M, N] is silu_mul of the product's halves
+    (`reference.matmul_int4_awq_swiglu`), stored by the GEMV so that no silu_mul launch follows; rows_per_block
+    counts weight rows. Inputs as `int4_gemv_reasons` asks; the extension checks them again."""
     k = _product_k(x, gated)
-    if bad := _formed_reasons(x, k, gated, norm):
+    if bad := _formed_reasons(x, k, gated, norm) + (_swiglu_reasons(qweight, gated, norm) if swiglu else []):
         raise ValueError(bad[0])
     _check_launch((rows_per_block, warps, bool(loop)), int4_gemv_configs(x.shape[0], k), x, pdl)
     residual, weight, h, eps = norm if norm is not None else (None, None, None, 1e-6)
     load().int4_gemv(x, qweight, scales, zeros, y, rows_per_block, warps, bool(loop), pdl, bool(gated), residual,
-                     weight, h, float(eps))
+                     weight, h, float(eps), bool(swiglu))
     return y
 
 

@@ -254,8 +254,10 @@ def _decode_gemv(key: tuple, x: torch.Tensor, cuda_reasons: Callable[[], list[st
     if x.is_cuda and not triton_interpreting():
         # a shape decided for the Triton GEMV skips the CUDA kernel's input checks
         if _cuda_gemv.get(key, shape_choice.UNSET) is not None and not cuda_reasons():
+            want = torch.empty_like(y)
             config = shape_choice.remembered(
-                _cuda_gemv, key, lambda: _choose_cuda_gemv(key, x, cuda_configs(), triton_gemv, cuda_gemv, y))
+                _cuda_gemv, key, lambda: _choose_cuda_gemv(key, x, cuda_configs(), lambda: (triton_gemv(want), want)[1],
+                                                           cuda_gemv, y))
             if config is not shape_choice.UNSET and config is not None:
                 cuda_gemv(y, config, _cuda_pdl(x.device))
                 return
@@ -263,9 +265,12 @@ def _decode_gemv(key: tuple, x: torch.Tensor, cuda_reasons: Callable[[], list[st
 
 
 def _choose_cuda_gemv(key: tuple, x: torch.Tensor, configs: tuple[tuple[int, int, bool], ...],
-                      triton_gemv: TritonGemv, cuda_gemv: CudaGemv, y: torch.Tensor) -> tuple[int, int, bool] | None:
-    """The CUDA GEMV's fastest config for this shape if it beats the (tuned) Triton GEMV in CUDA-graph time,
-    else None; None too, with a warning, when the extension does not build."""
+                      baseline: Callable[[], torch.Tensor], cuda_gemv: CudaGemv, y: torch.Tensor,
+                      names: tuple[str, str] = ("triton", "cuda")) -> tuple[int, int, bool] | None:
+    """The CUDA GEMV's fastest config for this shape if it beats `baseline` (the tuned Triton GEMV, or what
+    else computes y; it returns its result) in CUDA-graph time, else None; None too, with a warning, when the
+    extension does not build. The times go to `cuda_gemv_timings` under `names` (the baseline's, the CUDA
+    GEMV's)."""
     from tessera.kernels import cuda
     from tessera.kernels.triton.tuning import graph_bench
 
@@ -279,25 +284,28 @@ def _choose_cuda_gemv(key: tuple, x: torch.Tensor, configs: tuple[tuple[int, int
     mode = _cuda_pdl(x.device)
     times = {c: graph_bench(lambda c=c: cuda_gemv(y, c, mode)) for c in configs}
     best = min(times, key=times.get)
-    # A kernel that disagrees with the Triton GEMV on this shape is never taken, whatever its time.
-    want = torch.empty_like(y)
-    triton_gemv(want)
+    # A kernel that disagrees with the baseline on this shape is never taken, whatever its time.
+    want = baseline()
     cuda_gemv(y, best, mode)
     tol = _CUDA_AGREEMENT[x.dtype]
     if not torch.allclose(y, want, atol=tol, rtol=tol):
-        log.warning("%s: the CUDA GEMV differs from the Triton GEMV by up to %.3g; not taken", what,
+        log.warning("%s: the CUDA GEMV differs from the %s path by up to %.3g; not taken", what, names[0],
                     (y.float() - want.float()).abs().max().item())
         return None
-    won = shape_choice.faster(what, start, cuda_gemv_timings, key, ("triton", lambda: triton_gemv(y)),
-                              ("cuda", lambda: cuda_gemv(y, best, mode)))
+    won = shape_choice.faster(what, start, cuda_gemv_timings, key, (names[0], baseline),
+                              (names[1], lambda: cuda_gemv(y, best, mode)))
     cuda_gemv_timings[key]["cuda_config"] = list(best)
     return best if won else None
 
 
 def cuda_gemv_choices() -> dict[str, dict[str, object]]:
-    """Per timed int8 and int4 decode shape: 'cuda' (the tensor-core GEMV) or 'triton', and the times."""
-    return {_label(key): {"backend": "triton" if config is None else "cuda", **cuda_gemv_timings.get(key, {})}
-            for key, config in _cuda_gemv.items() if config is not shape_choice.UNSET}
+    """Per timed int8 and int4 decode shape: 'cuda' (the tensor-core GEMV) or 'triton', and the times; per timed
+    SwiGLU shape ('int4 swiglu ...'): 'cuda' (silu_mul stored by the GEMV) or 'unfused' (GEMV, then silu_mul)."""
+    out = {_label(key): {"backend": "triton" if config is None else "cuda", **cuda_gemv_timings.get(key, {})}
+           for key, config in _cuda_gemv.items() if config is not shape_choice.UNSET}
+    out.update({_label(key): {"backend": "unfused" if config is None else "cuda", **cuda_gemv_timings.get(key, {})}
+                for key, config in _swiglu_gemv.items() if config is not shape_choice.UNSET})
+    return out
 
 
 def matmul_int4_awq(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -371,6 +379,56 @@ def _gated_or_unfused(gu: torch.Tensor, n: int, key: tuple, launch: Callable[[to
     fused = _prefer_fused(_gated_wins, gated_timings, "decode down projection", ("unfused", "gated"), key,
                           gu.device, gated, unfused)
     return gated() if fused else unfused()
+
+
+#: Per SwiGLU decode shape ('int4 swiglu', M bucket, 2N, K, group, dtype): the CUDA GEMV's config where storing
+#: silu_mul from the GEMV beat the GEMV and a silu_mul launch, else None (times in `cuda_gemv_timings`).
+_swiglu_gemv: dict[tuple, tuple[int, int, bool] | None] = {}
+
+
+def _int4_swiglu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 group_size: int) -> torch.Tensor:
+    """silu_mul of the halves of x's int4 product with a fused gate/up weight: at a decode shape on sm_90, the
+    CUDA tensor-core GEMV storing it where a CUDA-graph timing of the shape (made at its first call outside a
+    capture) favours that over the plain op and the Triton silu_mul; else those two."""
+    m, n2 = x.shape[0], qweight.shape[0]
+    if n2 % 2:
+        raise ValueError(f"qweight.shape={tuple(qweight.shape)}: a fused gate/up weight has an even row count")
+
+    def unfused() -> torch.Tensor:
+        return _halves(_int4(x, qweight, scales, zeros, group_size))
+
+    if not (m and n2 and x.is_cuda and not triton_interpreting() and quant_gemv.serves_int4(m, group_size)):
+        return unfused()
+    from tessera.kernels import cuda
+
+    qweight, scales, zeros = _rows(qweight), _rows(scales), _rows(zeros)
+    key = _shape_key("int4 swiglu", m, n2, 2 * qweight.shape[1], x.dtype, group_size)
+    # a shape decided for the two launches skips the CUDA kernel's input checks
+    if _swiglu_gemv.get(key, shape_choice.UNSET) is None or cuda.int4_gemv_reasons(x, qweight, scales, zeros,
+                                                                                   group_size, swiglu=True):
+        return unfused()
+    y = torch.empty((m, n2 // 2), dtype=x.dtype, device=x.device)
+
+    def launch(out: torch.Tensor, config: tuple[int, int, bool], mode: int) -> None:
+        cuda.int4_gemv(x, qweight, scales, zeros, out, *config, pdl=mode, swiglu=True)
+
+    config = shape_choice.remembered(
+        _swiglu_gemv, key, lambda: _choose_cuda_gemv(key, x, cuda.int4_gemv_configs(*x.shape), unfused, launch, y,
+                                                     ("unfused", "cuda")))
+    if config is shape_choice.UNSET or config is None:
+        return unfused()
+    launch(y, config, _cuda_pdl(x.device))
+    return y
+
+
+_int4_swiglu_op = matmul_custom_op("matmul_int4_awq_swiglu", _int4_swiglu, swiglu=True)
+
+
+def matmul_int4_awq_swiglu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                           group_size: int) -> torch.Tensor:
+    """Same contract as `reference.matmul_int4_awq_swiglu` (see `_int4_swiglu`)."""
+    return _int4_swiglu_op(x, qweight, scales, zeros, int(group_size))
 
 
 def _int8_gated(gu: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -520,6 +578,15 @@ def supports_int4(x: torch.Tensor | None = None, qweight: torch.Tensor | None = 
     return reasons + no_grad_reasons(x)
 
 
+def supports_int4_swiglu(x: torch.Tensor | None = None, qweight: torch.Tensor | None = None,
+                         scales: torch.Tensor | None = None, zeros: torch.Tensor | None = None,
+                         group_size: int = 128) -> list[str]:
+    reasons = supports_int4(x, qweight, scales, zeros, group_size)
+    if qweight is not None and qweight.shape[0] % 2:
+        reasons.append(f"qweight.shape={tuple(qweight.shape)} is not a fused gate/up weight (an even row count)")
+    return reasons
+
+
 def supports_int8_gated(gu: torch.Tensor | None = None, w_q: torch.Tensor | None = None,
                         scale: torch.Tensor | None = None) -> list[str]:
     return supports_int8(gu, w_q, scale, gated=True)
@@ -555,6 +622,8 @@ def register(reg: KernelRegistry) -> None:
     reg.register("matmul.int8_weight_only_gated", "triton", matmul_int8_weight_only_gated,
                  supports=supports_int8_gated, priority=20)
     reg.register("matmul.int4_awq_gated", "triton", matmul_int4_awq_gated, supports=supports_int4_gated,
+                 priority=20)
+    reg.register("matmul.int4_awq_swiglu", "triton", matmul_int4_awq_swiglu, supports=supports_int4_swiglu,
                  priority=20)
     reg.register("matmul.int8_weight_only_normed", "triton", matmul_int8_weight_only_normed,
                  supports=supports_int8_normed, priority=20)

@@ -102,9 +102,10 @@ at::Tensor attention_prefill(const at::Tensor& q, const at::Tensor& k, const at:
 // The quantized GEMVs' shared checks, after each has checked its tensors are CUDA and 2-D: x [m, k] bf16 or
 // fp16 with 1 <= m <= 16 and contiguous 16-byte aligned rows, the weight's rows contiguous and 16-byte aligned,
 // y a row-major [m, n] of x's dtype (n the weight's rows).
+// n: y's width (the weight's rows, or half of them for a SwiGLU output).
 void check_gemv_operands(const char* op, const at::Tensor& x, const at::Tensor& weight, const char* weight_name,
-                         const at::Tensor& y) {
-  const int64_t m = x.size(0), n = weight.size(0);
+                         const at::Tensor& y, int64_t n) {
+  const int64_t m = x.size(0);
   TORCH_CHECK(m >= 1 && m <= 16, op, " takes 1 to 16 rows of x, got x.shape[0]=", m);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, "x.dtype=", x.scalar_type(),
               " is not bfloat16/float16");
@@ -148,12 +149,15 @@ tessera::XPrologue x_prologue(const at::Tensor& x, int64_t k, bool gated, const 
 void int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
                const at::Tensor& y, int64_t rows_per_block, int64_t warps, bool loop, int64_t pdl, bool gated,
                const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
-               const std::optional<at::Tensor>& h, double eps) {
+               const std::optional<at::Tensor>& h, double eps, bool swiglu) {
   TORCH_CHECK(x.is_cuda() && qweight.is_cuda() && scales.is_cuda() && zeros.is_cuda() && y.is_cuda(),
               "int4_gemv needs CUDA tensors");
   TORCH_CHECK(x.dim() == 2 && qweight.dim() == 2 && y.dim() == 2, "x, qweight and y must be 2-D, got x=", x.sizes(),
               " qweight=", qweight.sizes(), " y=", y.sizes());
-  check_gemv_operands("int4_gemv", x, qweight, "qweight", y);
+  TORCH_CHECK(!swiglu || (qweight.size(0) % 2 == 0 && !gated && !residual && !weight && !h),
+              "int4_gemv: swiglu needs a plain x and a fused gate/up qweight of an even row count, got qweight.shape=",
+              qweight.sizes());
+  check_gemv_operands("int4_gemv", x, qweight, "qweight", y, swiglu ? qweight.size(0) / 2 : qweight.size(0));
   const int64_t m = x.size(0), k = gated ? x.size(1) / 2 : x.size(1), n = qweight.size(0);
   TORCH_CHECK(k % 128 == 0 && qweight.size(1) * 2 == k && x.size(1) == (gated ? 2 * k : k), "x.shape[1]=",
               x.size(1), gated ? " must be twice K" : " must be K", ", a multiple of 128 and twice qweight.shape[1]=",
@@ -167,15 +171,17 @@ void int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
   TORCH_CHECK(scales.stride(1) == 1 && zeros.stride(1) == 1, "scales and zeros need contiguous rows");
   const tessera::XPrologue xp = x_prologue(x, k, gated, residual, weight, h, eps);
   const c10::cuda::CUDAGuard guard(x.device());
-  const char* name = xp.mode == tessera::XMode::kGated    ? "tessera::int4_gemv_gated"
+  const char* name = swiglu                              ? "tessera::int4_gemv_swiglu"
+                     : xp.mode == tessera::XMode::kGated  ? "tessera::int4_gemv_gated"
                      : xp.mode == tessera::XMode::kNormed ? "tessera::int4_gemv_normed"
                                                           : "tessera::int4_gemv";
   const NvtxRange range(name);
   check_cuda(tessera::int4_gemv(x.data_ptr(), x.stride(0), qweight.data_ptr<uint8_t>(), qweight.stride(0),
                                 scales.data_ptr<float>(), scales.stride(0), zeros.data_ptr<float>(), zeros.stride(0),
-                                y.data_ptr(), y.stride(0), static_cast<int>(m), static_cast<int>(n),
-                                static_cast<int>(k), static_cast<int>(rows_per_block), static_cast<int>(warps), loop,
-                                static_cast<int>(pdl), xp, dtype_of(x, "x"), at::cuda::getCurrentCUDAStream()),
+                                y.data_ptr(), y.stride(0), static_cast<int>(m),
+                                static_cast<int>(swiglu ? n / 2 : n), static_cast<int>(k),
+                                static_cast<int>(rows_per_block), static_cast<int>(warps), loop, static_cast<int>(pdl),
+                                xp, swiglu, dtype_of(x, "x"), at::cuda::getCurrentCUDAStream()),
              "int4_gemv launch");
 }
 
@@ -185,7 +191,7 @@ void int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& 
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && y.dim() == 2 && scale.dim() == 1,
               "x, weight and y must be 2-D and scale 1-D, got x=", x.sizes(), " weight=", weight.sizes(), " y=",
               y.sizes(), " scale=", scale.sizes());
-  check_gemv_operands("int8_gemv", x, weight, "weight", y);
+  check_gemv_operands("int8_gemv", x, weight, "weight", y, weight.size(0));
   const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
   TORCH_CHECK(k % 64 == 0 && weight.size(1) == k, "x.shape[1]=", k, " must be a multiple of 64 and equal ",
               "weight.shape[1]=", weight.size(1));
@@ -210,10 +216,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_residual", &rms_norm_residual, "(y, h) = rms_norm_residual(x, residual, weight, eps)");
   m.def("attention_prefill", &attention_prefill, "o = attention_prefill(q, k, v, cu_seqlens, max_seqlen, causal, scale)");
   m.def("int4_gemv", &int4_gemv,
-        "int4_gemv(x, qweight, scales, zeros, y, rows_per_block, warps, loop, pdl, gated, residual, weight, h, eps): "
-        "y = x @ W.T, x formed as silu_mul of its halves (gated) or rms_norm_residual's output (residual, weight, h)",
+        "int4_gemv(x, qweight, scales, zeros, y, rows_per_block, warps, loop, pdl, gated, residual, weight, h, eps, "
+        "swiglu): y = x @ W.T, x formed as silu_mul of its halves (gated) or rms_norm_residual's output (residual, "
+        "weight, h); swiglu: y = silu_mul of the product's halves (W a fused gate/up weight)",
         py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("y"), py::arg("rows_per_block"),
         py::arg("warps"), py::arg("loop"), py::arg("pdl"), py::arg("gated") = false, py::arg("residual") = py::none(),
-        py::arg("weight") = py::none(), py::arg("h") = py::none(), py::arg("eps") = 1e-6);
+        py::arg("weight") = py::none(), py::arg("h") = py::none(), py::arg("eps") = 1e-6, py::arg("swiglu") = false);
   m.def("int8_gemv", &int8_gemv, "int8_gemv(x, weight, scale, y, rows_per_block, warps, loop, pdl): y = x @ W.T");
 }

@@ -44,11 +44,14 @@ constexpr size_t kMaxFormedBytes = 32768;
 // with 16 rows and m <= 8. loop: a resident grid whose blocks step through the row tiles (needs k / 128 a
 // multiple of warps) instead of a block a tile. pdl 0 (plain launch), 1 (programmatic dependent launch,
 // waiting first) or 3 (the same, with the first weights loaded before the wait). xp: the x prologue (k is
-// then the product's K, half of a gated x's width).
+// then the product's K, half of a gated x's width). swiglu (plain x only): qweight, scales and zeros have 2n
+// rows, a fused gate/up weight (gate rows first), and y[m, n] = silu(x @ gate.T) * (x @ up.T), each product
+// rounded to x's dtype first and silu then rounded as the silu_mul op rounds it; rows_per_block counts weight
+// rows (a block stores half as many outputs).
 cudaError_t int4_gemv(const void* x, int64_t ldx, const uint8_t* qweight, int64_t ldq, const float* scales,
                       int64_t lds, const float* zeros, int64_t ldz, void* y, int64_t ldy, int m, int n, int k,
-                      int rows_per_block, int warps, bool loop, int pdl, const XPrologue& xp, DType dtype,
-                      cudaStream_t stream);
+                      int rows_per_block, int warps, bool loop, int pdl, const XPrologue& xp, bool swiglu,
+                      DType dtype, cudaStream_t stream);
 
 // int8 weight-only decode GEMV on the tensor cores (quant_gemv.cu): y[m, n] = x[m, k] @ (weight * scale).T for
 // 1 <= m <= 16, k a multiple of 64. weight [n, k] int8 (ldw in bytes, rows 16-byte aligned), scale [n]

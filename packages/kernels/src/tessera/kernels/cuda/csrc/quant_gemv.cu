@@ -41,6 +41,12 @@
 // instead repeats each token's work in all eight lanes of a k slice, and for a gated row of 8192 that cost
 // 6 us a launch (14.7 against 8.5 us, H100, 2026-12-06).
 //
+// The output may instead be SwiGLU's (SWIGLU, plain x): the weight is a fused gate/up one of 2n rows, and a
+// 16-row tile takes gate rows j..j+7 as its A rows 0-7 and the up rows of the same outputs as rows 8-15, so the
+// two sums of an output meet in one accumulator's lane (the m16n8 C fragment gives a lane rows r and r + 8),
+// and the block stores silu(gate) * up (each sum rounded to x's dtype, then as the silu_mul op rounds), saving
+// the launch that would form it. Weights, scales and zeros are read where they lie; nothing is re-packed.
+//
 // Programmatic dependent launch: with pdl >= 1 the kernel launches with the programmatic-stream-
 // serialization attribute, waits (`griddepcontrol.wait`) before it reads x, and lets the next kernel launch
 // once it has waited; with pdl == 3 (early weights) its first STAGES items of weights, scales and zeros
@@ -309,7 +315,7 @@ __device__ __forceinline__ void a_fragment(uint32_t w0, uint32_t w1, int odd, ui
   }
 }
 
-template <typename T, Format F, XMode XM, int RT, int NT, int WARPS, bool LOOP>
+template <typename T, Format F, XMode XM, bool SWIGLU, int RT, int NT, int WARPS, bool LOOP>
 __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restrict__ x, int64_t ldx,
                                                                  const uint8_t* __restrict__ qw, int64_t ldq,
                                                                  const float* __restrict__ scales, int64_t lds,
@@ -329,7 +335,8 @@ __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restr
   // items (the host asks items % WARPS == 0), so all warps reach each tile's end together; the loads of
   // the next tile's first items are in flight while the block adds up the current one.
   const int count = warp < items ? (items - warp + WARPS - 1) / WARPS : 0;  // this warp's items a tile
-  const int tiles = (n + 16 * RT - 1) / (16 * RT);
+  constexpr int kTileOut = SWIGLU ? 8 * RT : 16 * RT;  // outputs a row tile stores
+  const int tiles = (n + kTileOut - 1) / kTileOut;
   const int my_tiles = LOOP ? (tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 1;
   const int total = my_tiles * count;
 
@@ -347,7 +354,9 @@ __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restr
   }
 
   // Item f of this warp: row tile blockIdx.x + (f / count) * gridDim.x, item warp + WARPS * (f % count).
-  // Rows past n read the last row (their sums are never stored), so no load needs a predicate.
+  // Rows past n read the last row (their sums are never stored), so no load needs a predicate. SWIGLU: the
+  // weight has 2n rows (gate, then up) and a 16-row tile takes 8 gate rows (A rows 0-7) and the up rows of the
+  // same outputs (A rows 8-15), so that each lane holds both sums of an output in its accumulator.
   auto load_static = [&](StageT& st, int f) {
     const int tile = blockIdx.x + (f / count) * gridDim.x;
     const int g = warp + WARPS * (f % count);
@@ -355,7 +364,8 @@ __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restr
     for (int i = 0; i < RT; ++i) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int64_t row = min(tile * (16 * RT) + 16 * i + r + 8 * h, n - 1);
+        const int64_t row = SWIGLU ? min(tile * (8 * RT) + 8 * i + r, n - 1) + static_cast<int64_t>(h) * n
+                                   : min(tile * (16 * RT) + 16 * i + r + 8 * h, n - 1);
         st.w[i][h] = load_weights(qw + row * ldq + static_cast<int64_t>(g) * 64 + 16 * t);
         if constexpr (F == Format::kInt4Awq) {
           st.s[i][h] = __ldg(scales + row * lds + g);
@@ -384,7 +394,8 @@ __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restr
         for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
   };
   // The warps' sums of row tile `tile`, added in warp order (int8: times the row's scale) and rounded once;
-  // syncs the block twice.
+  // SWIGLU: the output is silu(gate) * up of the rounded sums, rounded as the silu_mul op rounds (silu to T,
+  // then the product to T). Syncs the block twice.
   auto finish = [&](int tile) {
 #pragma unroll
     for (int i = 0; i < RT; ++i)
@@ -394,6 +405,27 @@ __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restr
         for (int e = 0; e < 4; ++e)
           partial[warp][16 * i + r + 8 * (e >> 1)][8 * j + 2 * t + (e & 1)] = acc[i][j][e];
     __syncthreads();
+    if constexpr (SWIGLU) {
+      const int out0 = tile * (8 * RT);
+      for (int idx = threadIdx.x; idx < RT * 8 * NT * 8; idx += WARPS * 32) {
+        const int o = idx / (NT * 8);  // the tile's output: gate sums at row 16 (o / 8) + o % 8, up 8 rows on
+        const int token = idx % (NT * 8);
+        const int row = 16 * (o / 8) + o % 8;
+        if (token < m && out0 + o < n) {
+          float g = 0.0f, u = 0.0f;
+#pragma unroll
+          for (int w = 0; w < WARPS; ++w) {
+            g += partial[w][row][token];
+            u += partial[w][row + 8][token];
+          }
+          g = to_float(from_float<T>(g));
+          const float act = to_float(from_float<T>(__fdividef(g, 1.0f + __expf(-g))));
+          y[static_cast<int64_t>(token) * ldy + out0 + o] = from_float<T>(act * to_float(from_float<T>(u)));
+        }
+      }
+      __syncthreads();
+      return;
+    }
     const int row0 = tile * (16 * RT);
     for (int idx = threadIdx.x; idx < RT * 16 * NT * 8; idx += WARPS * 32) {
       const int row = idx / (NT * 8);
@@ -514,14 +546,16 @@ struct Operands {
   int64_t ldy;
   int m, n, k, pdl;
   XPrologue xp;
+  bool swiglu;  // int4, plain x: n outputs silu(gate) * up of a weight of 2n rows (gate, then up)
   cudaStream_t stream;
 };
 
-template <typename T, Format F, XMode XM, int RT, int NT, int WARPS, bool LOOP>
+template <typename T, Format F, XMode XM, bool SW, int RT, int NT, int WARPS, bool LOOP>
 cudaError_t launch(const Operands& o) {
-  const auto kernel = quant_gemv_kernel<T, F, XM, RT, NT, WARPS, LOOP>;
+  const auto kernel = quant_gemv_kernel<T, F, XM, SW, RT, NT, WARPS, LOOP>;
   const int items = o.k / Traits<F>::kItemK;
-  const int tiles = (o.n + 16 * RT - 1) / (16 * RT);
+  const int tile_out = SW ? 8 * RT : 16 * RT;
+  const int tiles = (o.n + tile_out - 1) / tile_out;
   const size_t smem = XM != XMode::kPlain ? static_cast<size_t>(o.k) * sizeof(T) : 0;  // the formed row
   int blocks = tiles;
   if constexpr (LOOP) {
@@ -549,43 +583,50 @@ cudaError_t launch(const Operands& o) {
                             o.ldz, static_cast<T*>(o.y), o.ldy, o.m, o.n, items, o.pdl, xa);
 }
 
-template <typename T, Format F, XMode XM, int RT, int NT, bool LOOP>
+template <typename T, Format F, XMode XM, bool SW, int RT, int NT, bool LOOP>
 cudaError_t by_warps(int warps, const Operands& o) {
   switch (warps) {
-    case 4: return launch<T, F, XM, RT, NT, 4, LOOP>(o);
-    case 8: return launch<T, F, XM, RT, NT, 8, LOOP>(o);
+    case 4: return launch<T, F, XM, SW, RT, NT, 4, LOOP>(o);
+    case 8: return launch<T, F, XM, SW, RT, NT, 8, LOOP>(o);
     case 16:  // 512 threads leave 128 registers a thread: only one row tile and one token tile fit unspilled
-      if constexpr (RT == 1 && NT == 1) return launch<T, F, XM, RT, NT, 16, LOOP>(o);
+      if constexpr (RT == 1 && NT == 1) return launch<T, F, XM, SW, RT, NT, 16, LOOP>(o);
       return cudaErrorInvalidValue;
     default: return cudaErrorInvalidValue;
   }
 }
 
-template <typename T, Format F, XMode XM, int RT, int NT>
+template <typename T, Format F, XMode XM, bool SW, int RT, int NT>
 cudaError_t by_loop(bool loop, int warps, const Operands& o) {
-  return loop ? by_warps<T, F, XM, RT, NT, true>(warps, o) : by_warps<T, F, XM, RT, NT, false>(warps, o);
+  return loop ? by_warps<T, F, XM, SW, RT, NT, true>(warps, o) : by_warps<T, F, XM, SW, RT, NT, false>(warps, o);
 }
 
-// A formed x (gated, normed) is one token: one token tile.
-template <typename T, Format F, XMode XM>
+// A formed x (gated, normed) is one token: one token tile. SWIGLU (plain x only): a row tile of rows_per_block
+// weight rows stores half as many outputs.
+template <typename T, Format F, XMode XM, bool SW = false>
 cudaError_t by_tiles(int rows_per_block, int warps, bool loop, const Operands& o) {
   const bool wide = o.m > 8;
   if constexpr (XM != XMode::kPlain) {
     // one row that fits shared memory (`dispatch` has made k a multiple of the item, so of 8 as form_row needs)
     if (o.m != 1 || static_cast<size_t>(o.k) * sizeof(T) > kMaxFormedBytes) return cudaErrorInvalidValue;
-    if (rows_per_block == 16) return by_loop<T, F, XM, 1, 1>(loop, warps, o);
-    if (rows_per_block == 32) return by_loop<T, F, XM, 2, 1>(loop, warps, o);
+    if (rows_per_block == 16) return by_loop<T, F, XM, SW, 1, 1>(loop, warps, o);
+    if (rows_per_block == 32) return by_loop<T, F, XM, SW, 2, 1>(loop, warps, o);
   } else {
     if (rows_per_block == 16)
-      return wide ? by_loop<T, F, XM, 1, 2>(loop, warps, o) : by_loop<T, F, XM, 1, 1>(loop, warps, o);
+      return wide ? by_loop<T, F, XM, SW, 1, 2>(loop, warps, o) : by_loop<T, F, XM, SW, 1, 1>(loop, warps, o);
     if (rows_per_block == 32)
-      return wide ? by_loop<T, F, XM, 2, 2>(loop, warps, o) : by_loop<T, F, XM, 2, 1>(loop, warps, o);
+      return wide ? by_loop<T, F, XM, SW, 2, 2>(loop, warps, o) : by_loop<T, F, XM, SW, 2, 1>(loop, warps, o);
   }
   return cudaErrorInvalidValue;
 }
 
 template <typename T, Format F>
 cudaError_t by_mode(int rows_per_block, int warps, bool loop, const Operands& o) {
+  if (o.swiglu) {
+    if constexpr (F == Format::kInt4Awq) {
+      if (o.xp.mode == XMode::kPlain) return by_tiles<T, F, XMode::kPlain, true>(rows_per_block, warps, loop, o);
+    }
+    return cudaErrorInvalidValue;
+  }
   switch (o.xp.mode) {
     case XMode::kPlain: return by_tiles<T, F, XMode::kPlain>(rows_per_block, warps, loop, o);
     case XMode::kGated:
@@ -613,9 +654,9 @@ cudaError_t dispatch(DType dtype, int rows_per_block, int warps, bool loop, cons
 
 cudaError_t int4_gemv(const void* x, int64_t ldx, const uint8_t* qweight, int64_t ldq, const float* scales,
                       int64_t lds, const float* zeros, int64_t ldz, void* y, int64_t ldy, int m, int n, int k,
-                      int rows_per_block, int warps, bool loop, int pdl, const XPrologue& xp, DType dtype,
-                      cudaStream_t stream) {
-  const Operands o{x, ldx, qweight, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, xp, stream};
+                      int rows_per_block, int warps, bool loop, int pdl, const XPrologue& xp, bool swiglu,
+                      DType dtype, cudaStream_t stream) {
+  const Operands o{x, ldx, qweight, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, xp, swiglu, stream};
   return dispatch<Format::kInt4Awq>(dtype, rows_per_block, warps, loop, o);
 }
 
@@ -623,7 +664,7 @@ cudaError_t int8_gemv(const void* x, int64_t ldx, const int8_t* weight, int64_t 
                       int64_t ldy, int m, int n, int k, int rows_per_block, int warps, bool loop, int pdl, DType dtype,
                       cudaStream_t stream) {
   const Operands o{x, ldx, reinterpret_cast<const uint8_t*>(weight), ldw, scale, 1, nullptr, 0, y, ldy, m, n, k, pdl,
-                   XPrologue{}, stream};
+                   XPrologue{}, false, stream};
   return dispatch<Format::kInt8>(dtype, rows_per_block, warps, loop, o);
 }
 
