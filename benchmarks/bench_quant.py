@@ -367,6 +367,15 @@ def speed(args: argparse.Namespace) -> dict:
                                        for m in other_modes}}
             entry[f"decode_b{b}_ms"] = ms
             entry[f"decode_b{b}_graphed"] = g
+            if args.compare_swiglu and layers.FUSED_SWIGLU and any(
+                    getattr(m, "gate_up", None) is not None and m.gate_up.has_swiglu() for m in model.modules()):
+                layers.FUSED_SWIGLU = False  # the gate/up GEMV, then silu_mul: same process, same tuned configs
+                try:
+                    off = decode_ms(model, b, context, dtype, timer, graphed)[0]
+                finally:
+                    layers.FUSED_SWIGLU = True
+                entry[f"decode_b{b}_ms_without_swiglu"] = off
+                print(f"  {method}: decode b{b} {ms:.3f} ms with the SwiGLU GEMV, {off:.3f} ms without", flush=True)
             moved = step_bytes(model, cfg, b, context, dtype)
             entry[f"decode_b{b}_bw_fraction"] = moved / (ms * 1e-3) / peak["bandwidth"]
         if args.persistent:  # batch 1 with every decoder layer in one launch (tessera.model.persistent)
@@ -508,6 +517,10 @@ def main() -> None:
     p.add_argument("--fused-norms", action=argparse.BooleanOptionalAction, default=None,
                    help="run each chained RMSNorm inside the q/k/v and gate/up GEMVs or as a launch of its own "
                         "(default: as the serving engine runs them, TESSERA_FUSED_NORM, off unless set to 1)")
+    p.add_argument("--compare-swiglu", action="store_true",
+                   help="with --speed: also time the decode steps of a method whose fused gate/up stores silu_mul "
+                        "itself (AWQ's int4 SwiGLU GEMV) with that off (the GEMV, then a silu_mul launch), in the "
+                        "same process")
     p.add_argument("--pdl-modes", type=int, nargs="+", default=[], choices=(0, 1, 2, 3, 4), metavar="MODE",
                    help="with --speed: also time the decode steps in these PDL modes (0 off, 1 launch overlap, "
                         "2 overlap + GEMV weight prefetch, 3 overlap + GEMV first weight tile before the wait, 4 the "

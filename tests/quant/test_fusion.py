@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from tessera.model import Transformer, fuse_projections
+from tessera.model import Transformer, fuse_projections, layers
 from tessera.quant import FP8Linear, Int4Linear, Int8Linear, load_quantized, quantize, save_quantized
 from tessera.specs import ModelConfig, QuantConfig
 
@@ -126,6 +126,10 @@ def test_a_fused_int4_gate_up_gives_silu_mul_from_one_op(base: Transformer, monk
         want = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
     assert calls == [x.shape] and downs[0] == (2, 3, base.config.d_ff)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    monkeypatch.setattr(layers, "FUSED_SWIGLU", False)  # switched off: the projection, then silu_mul
+    with torch.inference_mode():
+        torch.testing.assert_close(mlp(x), want, rtol=0, atol=0)
+    assert calls == [x.shape]
 
     int8 = quantize(copy.deepcopy(base), CONFIGS["int8"], None, progress=False)
     fuse_projections(int8)

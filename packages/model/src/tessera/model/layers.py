@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 #: overlaps (benchmarks/results/serve-decode-normed-nvidia-h200-2026-12-05.json); `TESSERA_FUSED_NORM=1`, or
 #: setting it True, turns it on.
 FUSED_NORMS = os.environ.get("TESSERA_FUSED_NORM", "0") == "1"
+#: Whether a fused gate/up projection with a one-op SwiGLU (`FusedProjections.has_swiglu`: int4 AWQ, whose decode
+#: GEMV stores silu_mul) uses it. On by default; `TESSERA_FUSED_SWIGLU=0`, or setting it False, runs the
+#: projection and then silu_mul (for comparisons). Read at each call: a CUDA graph keeps what was in force when
+#: it was captured.
+FUSED_SWIGLU = os.environ.get("TESSERA_FUSED_SWIGLU", "1") != "0"
 
 
 def _norm_target(module: nn.Module, fused: FusedProjections | None,
@@ -141,7 +146,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None and self.gate_up.active(self.gate_proj, self.up_proj):
-            if self.gate_up.has_swiglu():
+            if FUSED_SWIGLU and self.gate_up.has_swiglu():
                 return self.down_proj(self.gate_up.swiglu(x))
             return self._down_fused(self.gate_up.matmul(x))
         return self._down(self.gate_proj(x), self.up_proj(x))
@@ -151,7 +156,7 @@ class MLP(nn.Module):
         """`(self(y), h)` for `y, h = rms_norm_residual(x, residual)` under `norm`'s weight: with gate/up fused,
         the norm goes to the fused projection (`matmul_normed`: one launch at a decode step)."""
         target = _norm_target(self, self.gate_up, self.gate_proj, self.up_proj)
-        if target is None or target.has_swiglu():
+        if target is None or (FUSED_SWIGLU and target.has_swiglu()):
             # no fused projection, or one that stores silu_mul (`forward` takes it): the norm is a launch
             y, h = registry("rms_norm_residual", x, residual, norm.weight, norm.eps)
             return self(y), h
