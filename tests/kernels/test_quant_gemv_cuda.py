@@ -404,12 +404,7 @@ def test_the_choice_takes_the_cuda_gemv_only_when_faster_and_in_agreement(monkey
     monkeypatch.setattr(cuda, "load", lambda: None)
     monkeypatch.setattr(tuning, "graph_bench", fake_bench)
     key = ("int8", "M<=1", "N=8", "K=256", torch.bfloat16)
-    want = torch.empty_like(y)
-
-    def baseline() -> torch.Tensor:
-        fake_triton(want)
-        return want
-
+    baseline = qm._filling(fake_triton, y)
     assert qm._choose_cuda_gemv(key, x, configs, baseline, fake_cuda, y) == (32, 4, False)
     assert qm.cuda_gemv_timings[key] == {"triton_us": 5.0, "cuda_us": 3.0, "cuda_config": [32, 4, False]}
     state["cuda_value"] = 1.5  # as fast, but wrong: never taken

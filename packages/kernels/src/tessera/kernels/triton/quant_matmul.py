@@ -254,14 +254,24 @@ def _decode_gemv(key: tuple, x: torch.Tensor, cuda_reasons: Callable[[], list[st
     if x.is_cuda and not triton_interpreting():
         # a shape decided for the Triton GEMV skips the CUDA kernel's input checks
         if _cuda_gemv.get(key, shape_choice.UNSET) is not None and not cuda_reasons():
-            want = torch.empty_like(y)
             config = shape_choice.remembered(
-                _cuda_gemv, key, lambda: _choose_cuda_gemv(key, x, cuda_configs(), lambda: (triton_gemv(want), want)[1],
-                                                           cuda_gemv, y))
+                _cuda_gemv, key, lambda: _choose_cuda_gemv(key, x, cuda_configs(), _filling(triton_gemv, y), cuda_gemv,
+                                                           y))
             if config is not shape_choice.UNSET and config is not None:
                 cuda_gemv(y, config, _cuda_pdl(x.device))
                 return
     triton_gemv(y)
+
+
+def _filling(gemv: TritonGemv, like: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """`gemv` as a baseline for `_choose_cuda_gemv`: it fills a tensor of its own (made once), which it returns."""
+    out = torch.empty_like(like)
+
+    def run() -> torch.Tensor:
+        gemv(out)
+        return out
+
+    return run
 
 
 def _choose_cuda_gemv(key: tuple, x: torch.Tensor, configs: tuple[tuple[int, int, bool], ...],
