@@ -170,22 +170,29 @@ struct Stage {
   uint4 x[NT][Traits<F>::kXVecs];
 };
 
+// The operands of the x prologue (XMode): gated, up's offset from the gate in elements; normed, the residual
+// row, the norm's weight (x's dtype), h (x + residual, written by block 0) and eps.
+template <typename T>
+struct XArgs {
+  int64_t up;
+  const T* residual;
+  const T* weight;
+  T* h;
+  float eps;
+};
+
 __device__ __forceinline__ uint4 load16(const void* p, int v) { return reinterpret_cast<const uint4*>(p)[v]; }
 
 // Forms the one row of x that XM asks for (k elements, k % 8 == 0, rows 16-byte aligned) in shared memory xs,
-// from the operands in xp (kernels.h: a gated x's up half starts k elements after its gate half; a normed x
-// has the residual row, the norm's weight in x's dtype, h and eps),
 // the block's threads taking 16-byte vectors v = thread, + threads, ... in chunks of kV, whose loads are all
 // issued before any is used. kGated: silu(gate) rounded to T, times up, rounded to T (the silu_mul op's
 // roundings; the exponential and the division are the fast approximations, as the Triton GEMV's are at 16
-// bits). kNormed: h = x + residual rounded to T (block 0 stores it to xp.h), 1 / rms from the sum of h^2 (each
+// bits). kNormed: h = x + residual rounded to T (block 0 stores it to xa.h), 1 / rms from the sum of h^2 (each
 // thread's share in a fixed order, then the warps' by shuffles and in warp order, so every block finds the same
 // value), then h * rstd * weight rounded to T; a row that fits one chunk keeps its weights in registers for
 // that second pass. Syncs the block.
 template <typename T, XMode XM, int WARPS>
-__device__ __forceinline__ void form_row(const T* __restrict__ x, const XPrologue& xp, T* xs, int k) {
-  const T* residual = static_cast<const T*>(xp.residual);
-  const T* weight = static_cast<const T*>(xp.weight);
+__device__ __forceinline__ void form_row(const T* __restrict__ x, const XArgs<T>& xa, T* xs, int k) {
   constexpr int kThreads = WARPS * 32;
   constexpr int kV = WARPS >= 16 ? 2 : 4;  // 16 warps have 128 registers a thread
   const int vecs = k / 8;
@@ -198,8 +205,8 @@ __device__ __forceinline__ void form_row(const T* __restrict__ x, const XPrologu
       const int v = base + i * kThreads;
       if (v < vecs) {
         a[i] = load16(x, v);
-        b[i] = load16(XM == XMode::kGated ? x + k : residual, v);
-        if constexpr (XM == XMode::kNormed) wv[i] = load16(weight, v);
+        b[i] = load16(XM == XMode::kGated ? x + xa.up : xa.residual, v);
+        if constexpr (XM == XMode::kNormed) wv[i] = load16(xa.weight, v);
       }
     }
 #pragma unroll
@@ -221,7 +228,7 @@ __device__ __forceinline__ void form_row(const T* __restrict__ x, const XPrologu
         }
       }
       reinterpret_cast<uint4*>(xs)[v] = a[i];
-      if (XM == XMode::kNormed && blockIdx.x == 0) reinterpret_cast<uint4*>(xp.h)[v] = a[i];
+      if (XM == XMode::kNormed && blockIdx.x == 0) reinterpret_cast<uint4*>(xa.h)[v] = a[i];
     }
   }
   if constexpr (XM == XMode::kNormed) {
@@ -233,7 +240,7 @@ __device__ __forceinline__ void form_row(const T* __restrict__ x, const XPrologu
     float total = 0.0f;
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) total += warp_sums[w];
-    const float rstd = rsqrtf(total / static_cast<float>(k) + xp.eps);
+    const float rstd = rsqrtf(total / static_cast<float>(k) + xa.eps);
     const bool one_chunk = vecs <= kV * kThreads;
     for (int base = threadIdx.x; base < vecs; base += kV * kThreads) {
 #pragma unroll
@@ -241,7 +248,7 @@ __device__ __forceinline__ void form_row(const T* __restrict__ x, const XPrologu
         const int v = base + i * kThreads;  // a vector this thread stored above
         if (v >= vecs) break;
         uint4 hv = reinterpret_cast<const uint4*>(xs)[v];
-        const uint4 w = one_chunk ? wv[i] : load16(weight, v);
+        const uint4 w = one_chunk ? wv[i] : load16(xa.weight, v);
         T* he = reinterpret_cast<T*>(&hv);
         const T* we = reinterpret_cast<const T*>(&w);
 #pragma unroll
@@ -314,7 +321,7 @@ __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restr
                                                                  const float* __restrict__ scales, int64_t lds,
                                                                  const float* __restrict__ zeros, int64_t ldz,
                                                                  T* __restrict__ y, int64_t ldy, int m, int n,
-                                                                 int items, int pdl, XPrologue xp) {
+                                                                 int items, int pdl, XArgs<T> xa) {
   using StageT = Stage<F, RT, NT>;
   constexpr int kStages = Traits<F>::kStages;
   constexpr int kItemK = Traits<F>::kItemK;
@@ -448,7 +455,7 @@ __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restr
   }
   if constexpr (XM != XMode::kPlain) {
     launch_dependents();  // before the prologue, so the next launch's early weights are not held back by it
-    form_row<T, XM, WARPS>(x, xp, xs, items * kItemK);
+    form_row<T, XM, WARPS>(x, xa, xs, items * kItemK);
   }
 #pragma unroll
   for (int s = 0; s < kStages; ++s)
@@ -570,8 +577,10 @@ cudaError_t launch(const Operands& o) {
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = o.pdl > 0 ? 1 : 0;
+  const XArgs<T> xa{XM == XMode::kGated ? static_cast<int64_t>(o.k) : 0, static_cast<const T*>(o.xp.residual),
+                    static_cast<const T*>(o.xp.weight), static_cast<T*>(o.xp.h), o.xp.eps};
   return cudaLaunchKernelEx(&cfg, kernel, static_cast<const T*>(o.x), o.ldx, o.qw, o.ldq, o.scales, o.lds, o.zeros,
-                            o.ldz, static_cast<T*>(o.y), o.ldy, o.m, o.n, items, o.pdl, o.xp);
+                            o.ldz, static_cast<T*>(o.y), o.ldy, o.m, o.n, items, o.pdl, xa);
 }
 
 template <typename T, Format F, XMode XM, bool SW, int RT, int NT, bool LOOP>
