@@ -64,6 +64,18 @@ def test_cuda_sources_compile_for_sm90a(source: str, tmp_path: Path) -> None:
         assert "sm_90a" in listing.stdout, listing.stdout
 
 
+def test_the_quantized_matmul_ops_fake_shapes() -> None:
+    """What torch.compile is told of a quantized matmul op's output, without running it: [M, N], and [M, N / 2]
+    for the SwiGLU one (silu_mul of the product's halves)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(3, 256, dtype=torch.bfloat16)
+        qweight, groups = torch.empty(48, 128, dtype=torch.uint8), torch.empty(48, 2)
+        assert torch.ops.tessera.matmul_int4_awq(x, qweight, groups, groups, 128).shape == (3, 48)
+        assert torch.ops.tessera.matmul_int4_awq_swiglu(x, qweight, groups, groups, 128).shape == (3, 24)
+
+
 def test_eager_bypass_dispatches_only_when_tracing_or_recording_grad() -> None:
     from tessera.kernels.custom_ops import eager_bypass
 
