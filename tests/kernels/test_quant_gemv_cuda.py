@@ -435,7 +435,7 @@ def test_the_choice_takes_the_cuda_gemv_only_when_faster_and_in_agreement(monkey
 
 @pytest.mark.parametrize("gated", [True, False])
 def test_the_formed_int4_gemv_routes_its_x_and_keys_its_choice_by_the_products_k(monkeypatch, gated: bool) -> None:
-    """`quant_matmul._int4_formed_gemv` with both launchers replaced: the CUDA and Triton launches receive the gated
+    """`quant_matmul._int4_gemv` forming x, with both launchers replaced: the CUDA and Triton launches receive the gated
     flag or the norm as given, the configs and the choice's key use the product's K (half a gated x's width), and
     the choice is remembered under 'int4 gated' / 'int4 normed', apart from the plain GEMV's."""
     from tessera.kernels.triton import quant_gemv, tuning
@@ -482,7 +482,7 @@ def test_the_formed_int4_gemv_routes_its_x_and_keys_its_choice_by_the_products_k
     monkeypatch.setattr(quant_gemv, "launch_int4", fake_triton)
     monkeypatch.setattr(tuning, "graph_bench", fake_bench)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # CPU builds cannot ask
-    qm._int4_formed_gemv(gpu_x, qweight, scales, zeros, 128, y, gated=gated, norm=norm)
+    qm._int4_gemv(gpu_x, qweight, scales, zeros, 128, y, gated=gated, norm=norm)
     assert set(seen["configs"]) == {k}
     assert seen["triton"] and all(t == (gated, norm) for t in seen["triton"])
     assert seen["cuda"] and all(c[1:] == (gated, norm) for c in seen["cuda"])

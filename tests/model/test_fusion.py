@@ -218,3 +218,19 @@ def test_chained_norms_go_to_the_fused_projections_unless_hooked(monkeypatch: py
     with torch.no_grad():
         assert torch.equal(model(ids), fused_out)
     assert len(calls) == 2 * layers - 3 and len(seen) == 2
+
+
+def test_a_plain_fused_gate_up_gives_swiglu_as_matmul_then_silu_mul() -> None:
+    """`FusedProjections.swiglu` outside the int4 linears: not one op (`has_swiglu` False), but the fused matmul and
+    then silu_mul, equal to silu(gate(x)) * up(x); q/k/v (three parts) is refused by name."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny-student")).eval()
+    fuse_projections(model)
+    mlp, attn = model.model.layers[0].mlp, model.model.layers[0].self_attn
+    x = torch.randn(2, 3, model.config.d_model)
+    with torch.inference_mode():
+        assert not mlp.gate_up.has_swiglu()
+        want = torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)
+        torch.testing.assert_close(mlp.gate_up.swiglu(x), want)
+        with pytest.raises(ValueError, match=r"sizes=\("):
+            attn.qkv.swiglu(x)

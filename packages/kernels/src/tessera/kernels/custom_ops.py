@@ -28,16 +28,16 @@ def eager_bypass(op: Callable[..., Any], fn: Callable[..., Any], autograd: bool 
     return call
 
 
-def matmul_custom_op(name: str, fn: Callable[..., torch.Tensor], swiglu: bool = False) -> Callable[..., torch.Tensor]:
-    """Register `fn(x [M, K], w [N, ...], *rest) -> [M, N]` (`swiglu`: [M, N / 2], silu_mul of the product's
-    halves) as custom op `tessera::<name>` and return a callable that traces through the op under
-    `torch.compile` and calls `fn` itself otherwise. `fn` needs full type annotations (they define the op's
-    schema)."""
+def matmul_custom_op(name: str, fn: Callable[..., torch.Tensor],
+                     rows_per_output: int = 1) -> Callable[..., torch.Tensor]:
+    """Register `fn(x [M, K], w [N, ...], *rest) -> [M, N / rows_per_output]` (2: silu_mul of the product's halves)
+    as custom op `tessera::<name>` and return a callable that traces through the op under `torch.compile` and
+    calls `fn` itself otherwise. `fn` needs full type annotations (they define the op's schema)."""
     op = torch.library.custom_op(f"tessera::{name}", fn, mutates_args=())
 
     @op.register_fake
     def _(x: torch.Tensor, w: torch.Tensor, *rest: object) -> torch.Tensor:
-        return x.new_empty((x.shape[0], w.shape[0] // 2 if swiglu else w.shape[0]))
+        return x.new_empty((x.shape[0], w.shape[0] // rows_per_output))
 
     return eager_bypass(op, fn, autograd=False)
 

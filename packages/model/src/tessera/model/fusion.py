@@ -25,7 +25,7 @@ from torch import nn
 
 from tessera.kernels import registry
 from tessera.kernels.dense import gated_linear, linear, normed_linear
-from tessera.model.layers import MLP, Attention
+from tessera.model.layers import MLP, Attention, silu_mul
 
 
 def storage(module: nn.Module) -> tuple[int, ...]:
@@ -69,14 +69,17 @@ class FusedProjections(ABC):
         return self.matmul(y), h
 
     def has_swiglu(self) -> bool:
-        """Whether `swiglu` runs silu_mul(gate, up) of two parts as one op (a subclass's: the int4 linears,
-        whose decode GEMV stores it and saves the silu_mul launch); not here, where callers run `matmul` and
-        then silu_mul."""
+        """Whether `swiglu` runs as one op (a subclass's: the int4 linears, whose decode GEMV stores silu_mul and
+        saves its launch); here it is `matmul` and then silu_mul, which callers may as well run themselves."""
         return False
 
     def swiglu(self, x: torch.Tensor) -> torch.Tensor:
-        """`x [..., in]` -> silu_mul(gate, up) `[..., size]` of the two parts' outputs, where `has_swiglu`."""
-        raise NotImplementedError(f"{type(self).__name__} has no one-op swiglu (has_swiglu() is False)")
+        """`x [..., in]` -> silu_mul(gate, up) `[..., size]` of two equal parts' outputs (gate, up): here `matmul`,
+        then the silu_mul op. Raises ValueError for other parts."""
+        if len(self.sizes) != 2 or self.sizes[0] != self.sizes[1]:
+            raise ValueError(f"swiglu takes two equal parts (gate, up), got sizes={self.sizes}")
+        gate, up = self.matmul(x).split(self.sizes, dim=-1)
+        return silu_mul(gate, up)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """`x [..., in]` -> one `[..., size_i]` view per part (column slices of one matmul's output)."""

@@ -42,6 +42,12 @@ def _norm_target(module: nn.Module, fused: FusedProjections | None,
     return fused if fused.active(*parts) else None
 
 
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up over [..., F] halves as the registry op `silu_mul` (one launch on a GPU)."""
+    lead, f = gate.shape[:-1], gate.shape[-1]
+    return registry("silu_mul", gate.reshape(-1, f), up.reshape(-1, f)).view(*lead, f)
+
+
 class RMSNorm(nn.Module):
     """`x / sqrt(mean(x^2) + eps) * weight` over the last dim `[..., dim]`, via registry op `rms_norm`."""
 
@@ -172,9 +178,7 @@ class MLP(nn.Module):
         return self._down(gate, up)
 
     def _down(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        lead, f = gate.shape[:-1], gate.shape[-1]
-        act = registry("silu_mul", gate.reshape(-1, f), up.reshape(-1, f))  # one launch for silu and product
-        return self.down_proj(act.view(*lead, f))
+        return self.down_proj(silu_mul(gate, up))
 
 
 class DecoderLayer(nn.Module):

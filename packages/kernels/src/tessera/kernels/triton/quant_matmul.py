@@ -217,27 +217,15 @@ def _int8_gemv(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, y: torch
 
 
 def _int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-               y: torch.Tensor) -> None:
-    """y = the M <= 16 int4 product: the Triton GEMV or the CUDA tensor-core one (`_decode_gemv`)."""
+               y: torch.Tensor, gated: bool = False, norm: quant_gemv.Norm | None = None) -> None:
+    """y = the M <= 16 int4 product: the Triton GEMV or the CUDA tensor-core one (`_decode_gemv`). The x multiplied
+    may be formed as the GEMV loads it: gated (x a fused gate/up output) or normalised (`norm`); the CUDA GEMV
+    takes those for one row, and their choices are keyed 'int4 gated' / 'int4 normed', apart from the plain one's."""
     from tessera.kernels import cuda
 
-    _decode_gemv(_shape_key("int4", x.shape[0], qweight.shape[0], x.shape[1], x.dtype, group_size), x,
-                 lambda: cuda.int4_gemv_reasons(x, qweight, scales, zeros, group_size),
-                 lambda: cuda.int4_gemv_configs(*x.shape),
-                 lambda out: quant_gemv.launch_int4(x, qweight, scales, zeros, group_size, out),
-                 lambda out, config, mode: cuda.int4_gemv(x, qweight, scales, zeros, out, *config, pdl=mode), y)
-
-
-def _int4_formed_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                      group_size: int, y: torch.Tensor, gated: bool = False,
-                      norm: quant_gemv.Norm | None = None) -> None:
-    """y = the gated (x a fused gate/up output) or normalised (`norm`) M <= 16 int4 product, x formed as the
-    GEMV loads it: the Triton GEMV, or, for one row, the CUDA tensor-core one where it takes the inputs and a
-    timing of the shape favours it (`_decode_gemv`, its choices keyed 'int4 gated' or 'int4 normed')."""
-    from tessera.kernels import cuda
-
-    k = 2 * qweight.shape[1]  # the product's K, as the plain int4 GEMV's key takes it (two codes a byte)
-    key = _shape_key("int4 gated" if gated else "int4 normed", x.shape[0], qweight.shape[0], k, x.dtype, group_size)
+    k = 2 * qweight.shape[1]  # the product's K (two codes a byte), half a gated x's width
+    op = "int4 gated" if gated else "int4 normed" if norm is not None else "int4"
+    key = _shape_key(op, x.shape[0], qweight.shape[0], k, x.dtype, group_size)
     _decode_gemv(key, x, lambda: cuda.int4_gemv_reasons(x, qweight, scales, zeros, group_size, gated, norm),
                  lambda: cuda.int4_gemv_configs(x.shape[0], k),
                  lambda out: quant_gemv.launch_int4(x, qweight, scales, zeros, group_size, out, gated=gated, norm=norm),
@@ -432,7 +420,7 @@ def _int4_swiglu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     return y
 
 
-_int4_swiglu_op = matmul_custom_op("matmul_int4_awq_swiglu", _int4_swiglu, swiglu=True)
+_int4_swiglu_op = matmul_custom_op("matmul_int4_awq_swiglu", _int4_swiglu, rows_per_output=2)
 
 
 def matmul_int4_awq_swiglu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -459,7 +447,7 @@ def _int4_gated(gu: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     qweight, scales, zeros = _rows(qweight), _rows(scales), _rows(zeros)
     key = _shape_key("int4", m, n, 2 * qweight.shape[1], gu.dtype, group_size)
     return _gated_or_unfused(
-        gu, n, key, lambda y: _int4_formed_gemv(gu, qweight, scales, zeros, group_size, y, gated=True),
+        gu, n, key, lambda y: _int4_gemv(gu, qweight, scales, zeros, group_size, y, gated=True),
         lambda x: _int4(x, qweight, scales, zeros, group_size))
 
 
@@ -527,7 +515,7 @@ def _int4_normed(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     one_row = m == 1 and n > 0 and quant_gemv.serves_int4(m, group_size)
     return _normed_or_unfused(
         x, residual, weight, eps, n, key,
-        (lambda y, nm: _int4_formed_gemv(x, qweight, scales, zeros, group_size, y, norm=nm)) if one_row else None,
+        (lambda y, nm: _int4_gemv(x, qweight, scales, zeros, group_size, y, norm=nm)) if one_row else None,
         lambda xn: _int4(xn, qweight, scales, zeros, group_size))
 
 
