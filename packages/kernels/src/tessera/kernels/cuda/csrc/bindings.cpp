@@ -101,8 +101,7 @@ at::Tensor attention_prefill(const at::Tensor& q, const at::Tensor& k, const at:
 
 // The quantized GEMVs' shared checks, after each has checked its tensors are CUDA and 2-D: x [m, k] bf16 or
 // fp16 with 1 <= m <= 16 and contiguous 16-byte aligned rows, the weight's rows contiguous and 16-byte aligned,
-// y a row-major [m, n] of x's dtype (n the weight's rows).
-// n: y's width (the weight's rows, or half of them for a SwiGLU output).
+// y a row-major [m, n] of x's dtype (n: the weight's rows, or half of them for a SwiGLU output).
 void check_gemv_operands(const char* op, const at::Tensor& x, const at::Tensor& weight, const char* weight_name,
                          const at::Tensor& y, int64_t n) {
   const int64_t m = x.size(0);
