@@ -36,7 +36,7 @@ from _common import persistent_variant, print_table, write_result
 from torch import nn
 
 from tessera.attn import FlatKVCache, paged_cache
-from tessera.kernels import dense, registry, static_weights
+from tessera.kernels import dense, registry, shape_choice, static_weights
 from tessera.model import Transformer, fuse_projections, layers, persistent
 from tessera.model.fusion import route_decode_linears
 from tessera.quant import QuantLinear, quantize
@@ -376,6 +376,16 @@ def speed(args: argparse.Namespace) -> dict:
                     layers.FUSED_SWIGLU = True
                 entry[f"decode_b{b}_ms_without_swiglu"] = off
                 print(f"  {method}: decode b{b} {ms:.3f} ms with the SwiGLU GEMV, {off:.3f} ms without", flush=True)
+            if args.compare_fusion_always:  # every fused decode launch that agrees, whatever its time alone
+                previous = shape_choice.DECODE_FUSION
+                shape_choice.DECODE_FUSION = "always"
+                try:
+                    always = decode_ms(model, b, context, dtype, timer, graphed)[0]
+                finally:
+                    shape_choice.DECODE_FUSION = previous
+                entry[f"decode_b{b}_ms_fusion_always"] = always
+                print(f"  {method}: decode b{b} {ms:.3f} ms with fusions chosen by time, {always:.3f} ms with every "
+                      "fusion", flush=True)
             moved = step_bytes(model, cfg, b, context, dtype)
             entry[f"decode_b{b}_bw_fraction"] = moved / (ms * 1e-3) / peak["bandwidth"]
         if args.persistent:  # batch 1 with every decoder layer in one launch (tessera.model.persistent)
@@ -417,6 +427,10 @@ def speed(args: argparse.Namespace) -> dict:
         e["decode_b1_speedup"] = ref["decode_b1_ms"] / e["decode_b1_ms"]
         e["decode_b16_speedup"] = ref["decode_b16_ms"] / e["decode_b16_ms"]
         e["prefill_speedup"] = e["prefill_tokens_per_s"] / ref["prefill_tokens_per_s"]
+        for b in (1, 16):  # both sides with every fusion (--compare-fusion-always)
+            if f"decode_b{b}_ms_fusion_always" in e:
+                e[f"decode_b{b}_speedup_fusion_always"] = (ref[f"decode_b{b}_ms_fusion_always"]
+                                                          / e[f"decode_b{b}_ms_fusion_always"])
         rows.append({
             "method": method, "weights MiB": e["weight_bytes"]["total"] / 2**20,
             "b1 ms": e["decode_b1_ms"], "b1 x": e["decode_b1_speedup"], "b1 %BW": 100 * e["decode_b1_bw_fraction"],
@@ -430,6 +444,12 @@ def speed(args: argparse.Namespace) -> dict:
         "awq decode b1 >= 2x": results["awq"]["decode_b1_speedup"] >= 2.0,
         "fp8 prefill >= 1.3x": results["fp8"]["prefill_speedup"] >= 1.3,
     }
+    if args.compare_fusion_always:
+        print_table([{"method": m, "b1 ms timed": e["decode_b1_ms"], "b1 ms always": e["decode_b1_ms_fusion_always"],
+                      "b1 x always": e["decode_b1_speedup_fusion_always"], "b16 ms timed": e["decode_b16_ms"],
+                      "b16 ms always": e["decode_b16_ms_fusion_always"],
+                      "b16 x always": e["decode_b16_speedup_fusion_always"]} for m, e in results.items()],
+                    "decode steps with fusions chosen by their time alone, and with every fusion that agrees")
     shape = "tiny" if tiny else "llama-3.2-1b"
     head = "float lm_head" if args.float_lm_head else "lm_head quantized too"
     head += ", separate projections" if args.no_fuse else ", fused q/k/v and gate/up"
@@ -521,6 +541,10 @@ def main() -> None:
                    help="with --speed: also time the decode steps of a method whose fused gate/up stores silu_mul "
                         "itself (AWQ's int4 SwiGLU GEMV) with that off (the GEMV, then a silu_mul launch), in the "
                         "same process")
+    p.add_argument("--compare-fusion-always", action="store_true",
+                   help="with --speed: also time the decode steps of every method with each fused decode launch "
+                   "(gated, normalised, SwiGLU GEMVs) taken wherever it agrees, not only where it was faster "
+                   "timed alone (TESSERA_DECODE_FUSION=always), in the same process")
     p.add_argument("--pdl-modes", type=int, nargs="+", default=[], choices=(0, 1, 2, 3, 4), metavar="MODE",
                    help="with --speed: also time the decode steps in these PDL modes (0 off, 1 launch overlap, "
                         "2 overlap + GEMV weight prefetch, 3 overlap + GEMV first weight tile before the wait, 4 the "

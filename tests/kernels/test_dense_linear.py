@@ -149,6 +149,46 @@ def test_choosing_a_gated_shape_may_choose_its_plain_shape_inside(monkeypatch: p
     assert dense.choices()["M<=1 N=8 K=32 float32 gated"]["backend"] == "gated"
 
 
+def test_the_always_fusion_policy_runs_a_gated_gemv_that_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gated shape whose GEMV lost to silu_mul + `linear` runs unfused under the "timed" policy and gated under
+    "always" (TESSERA_DECODE_FUSION), which times nothing again; the reported choice stays the measured one."""
+    from tessera.kernels import shape_choice
+    from tessera.kernels.triton import tuning
+
+    class Op:
+        def __init__(self, fn) -> None:
+            self.fn = fn
+
+        def __call__(self, *args):
+            return self.fn(*args)
+
+    calls = []
+
+    def gated(gu, w):
+        calls.append("gated")
+        return F.linear(F.silu(gu[:, :w.shape[1]]) * gu[:, w.shape[1]:], w)
+
+    real_get = registry.get
+    monkeypatch.setattr(registry, "get", lambda op, *a, **kw: Op(F.linear) if op == "matmul.dense" else Op(gated)
+                        if op == "matmul.dense_gated" else real_get(op, *a, **kw))
+    monkeypatch.setattr(dense, "_decode_shaped", lambda x, w: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    for table in ("_choice", "_gated_choice", "_gated_fns", "gated_timings"):
+        monkeypatch.setattr(dense, table, {})
+    timings = iter([2.0, 1.0, 1.0, 3.0])  # linear: cuBLAS 2, GEMV 1; gated shape: unfused 1, gated 3 (ms)
+    monkeypatch.setattr(tuning, "graph_bench", lambda fn: (fn(), next(timings))[1])
+    gu, w = torch.randn(1, 64), torch.randn(8, 32)
+    want = F.linear(F.silu(gu[:, :32]) * gu[:, 32:], w)
+    torch.testing.assert_close(dense.gated_linear(gu, w), want)
+    calls.clear()
+    torch.testing.assert_close(dense.gated_linear(gu, w), want)
+    assert not calls  # "timed": the faster unfused pair
+    monkeypatch.setattr(shape_choice, "DECODE_FUSION", "always")
+    torch.testing.assert_close(dense.gated_linear(gu, w), want)
+    assert calls == ["gated"]
+    assert dense.choices()["M<=1 N=8 K=32 float32 gated"]["backend"] == "unfused"
+
+
 @pytest.mark.parametrize("k", [2048, 100, 31])
 @pytest.mark.parametrize("bias", [False, True])
 def test_float32_sum_blocks_are_closer_to_float64(k: int, bias: bool) -> None:

@@ -247,6 +247,58 @@ def test_gated_quant_matmuls_keep_the_faster_of_gated_and_unfused(monkeypatch: p
                                   "int4 2": {"backend": "unfused", "unfused_us": 2.0, "gated_us": 5.0}}
 
 
+def test_the_always_fusion_policy_runs_a_fused_gemv_that_lost_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under TESSERA_DECODE_FUSION=always a shape whose fused GEMV lost its timing runs fused anyway, without timing
+    again; the choice and its times stay as measured (the "timed" policy goes back to the winner), and a policy
+    that is not one raises ValueError naming the variable and the value."""
+    from tessera.kernels import shape_choice
+    from tessera.kernels.triton import quant_matmul as qm
+    from tessera.kernels.triton import tuning
+
+    monkeypatch.setattr(qm, "_normed_wins", {})
+    monkeypatch.setattr(qm, "normed_timings", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    times = iter([0.002, 0.003])  # unfused 2 us, normed 3 us
+    monkeypatch.setattr(tuning, "graph_bench", lambda fn: (fn(), next(times))[1])
+    calls = []
+    normed, unfused = (lambda: calls.append("n")), (lambda: calls.append("u"))
+    cuda = torch.device("cuda", 0)
+
+    def prefer() -> bool:
+        return qm._prefer_fused(qm._normed_wins, qm.normed_timings, "test", ("unfused", "normed"), ("int8", 1), cuda,
+                                normed, unfused)
+
+    assert shape_choice.DECODE_FUSION == "timed"
+    assert not prefer() and calls == ["n", "u", "u", "n"]
+    monkeypatch.setattr(shape_choice, "DECODE_FUSION", "always")
+    assert prefer() and len(calls) == 4  # remembered: nothing timed again
+    assert qm.normed_choices() == {"int8 1": {"backend": "unfused", "unfused_us": 2.0, "normed_us": 3.0}}
+    monkeypatch.setattr(shape_choice, "DECODE_FUSION", "timed")
+    assert not prefer()
+    monkeypatch.setattr(shape_choice, "DECODE_FUSION", "sometimes")
+    with pytest.raises(ValueError, match="TESSERA_DECODE_FUSION='sometimes'"):
+        prefer()
+
+
+def test_the_always_fusion_policy_takes_a_fused_cuda_gemv_only_where_it_agreed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`_fusion_config` (the SwiGLU and rope GEMVs' choice): the remembered config where the fused GEMV won; where it
+    lost, None under "timed" and its timed config under "always"; None under both where it never agreed (no config
+    was recorded); UNSET before the shape's choice."""
+    from tessera.kernels import shape_choice
+    from tessera.kernels.triton import quant_matmul as qm
+
+    table = {"won": (16, 8, False), "lost": None, "disagreed": None}
+    monkeypatch.setattr(qm, "cuda_gemv_timings", {"won": {"cuda_config": [16, 8, False]},
+                                                  "lost": {"unfused_us": 1.0, "cuda_us": 2.0,
+                                                           "cuda_config": [32, 4, True]}})
+    for policy, lost in (("timed", None), ("always", (32, 4, True))):
+        monkeypatch.setattr(shape_choice, "DECODE_FUSION", policy)
+        assert qm._fusion_config(table, "won") == (16, 8, False)
+        assert qm._fusion_config(table, "lost") == lost
+        assert qm._fusion_config(table, "disagreed") is None
+        assert qm._fusion_config(table, "new") is shape_choice.UNSET
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("k, n", [(1024, 4096), (1024, 6144), (2048, 3072)])
 def test_normed_ops_match_the_two_launches_at_decode_shapes_on_the_gpu(k: int, n: int) -> None:

@@ -61,18 +61,29 @@ def _decode_shaped(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def _choose(table: dict, key: tuple, what: str, op: str, args: tuple, baseline: tuple[str, Callable[[], object]],
-            name: str) -> Callable | None:
+            name: str, fused: dict | None = None) -> Callable | None:
     """The Triton backend of `op` (its plain function) where it beats `baseline` at this shape, both tuned
-    first; None where the baseline wins or the backend cannot take `args`."""
+    first; None where the baseline wins or the backend cannot take `args`. `fused`: a fusion's table, where the
+    function is kept under `key` whichever wins (`_fused_or_none`)."""
     try:
         impl = registry.get(op, *args, backend="triton")
     except KernelUnavailableError:
         return None
     start = time.perf_counter()
     impl(*args)  # each side tunes its tiles first, so the timings are of tuned kernels
+    if fused is not None:
+        fused[key] = impl.fn
     baseline[1]()
     label = f"{what}, rows <= {key[0]}, N={key[1]}, K={key[2]}, {str(key[3]).removeprefix('torch.')}"
     return impl.fn if shape_choice.faster(label, start, table, key, baseline, (name, lambda: impl(*args))) else None
+
+
+def _fused_or_none(fn: Callable | object | None, fused: dict, key: tuple) -> Callable | object | None:
+    """A gated or normalised shape's remembered choice `fn` under the fusion policy in force: the fused function
+    where it won, and under "always" (`shape_choice.fusion_policy`) also where it was timed and lost."""
+    if fn is None and shape_choice.fusion_policy() == "always":
+        return fused.get(key)
+    return fn
 
 
 #: Most bytes of partial sums `blocked_linear` holds at once (it walks N in slices to stay under it).
@@ -154,6 +165,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
 _gated_choice: dict[tuple, Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None] = {}
 #: What each timed gated key measured, in microseconds: {"unfused_us": ..., "gated_us": ...}.
 gated_timings: dict[tuple, dict[str, float]] = {}
+#: The gated GEMV of each timed key, won or lost (the "always" fusion policy runs it where it lost).
+_gated_fns: dict[tuple, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
 
 
 def _unfused(gu: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -175,9 +188,9 @@ def gated_linear(gu: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     if gu2.stride(-1) != 1 or not w.is_contiguous():
         return _unfused(gu, w, bias)
     key = (bucket(gu2.shape[0]), w.shape[0], k, gu.dtype, gu.device)
-    fn = shape_choice.remembered(_gated_choice, key, lambda: _choose(
+    fn = _fused_or_none(shape_choice.remembered(_gated_choice, key, lambda: _choose(
         gated_timings, key, "decode down projection", "matmul.dense_gated", (gu2, w),
-        ("unfused", lambda: _unfused(gu2, w, None)), "gated"))
+        ("unfused", lambda: _unfused(gu2, w, None)), "gated", _gated_fns)), _gated_fns, key)
     if fn is None or fn is shape_choice.UNSET:  # inside a capture an unchosen shape stays unfused
         return _unfused(gu, w, bias)
     y = fn(gu2, w).view(*gu.shape[:-1], w.shape[0])
@@ -188,6 +201,8 @@ def gated_linear(gu: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
 _normed_choice: dict[tuple, Callable[..., tuple[torch.Tensor, torch.Tensor]] | None] = {}
 #: What each timed normalised key measured, in microseconds: {"unfused_us": ..., "normed_us": ...}.
 normed_timings: dict[tuple, dict[str, float]] = {}
+#: The normalised GEMV of each timed key, won or lost (as `_gated_fns`).
+_normed_fns: dict[tuple, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {}
 
 
 def _norm_then_linear(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, w: torch.Tensor,
@@ -209,9 +224,10 @@ def normed_linear(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
         return _norm_then_linear(x, residual, weight, eps, w, bias)
     x2, r2 = x.reshape(1, k), residual.reshape(1, k)
     key = (w.shape[0], k, x.dtype, x.device)
-    fn = shape_choice.remembered(_normed_choice, key, lambda: _choose(
+    fn = _fused_or_none(shape_choice.remembered(_normed_choice, key, lambda: _choose(
         normed_timings, (1, *key), "decode normalised projection", "matmul.dense_normed", (x2, r2, weight, w, eps),
-        ("unfused", lambda: _norm_then_linear(x2, r2, weight, eps, w, None)), "normed"))
+        ("unfused", lambda: _norm_then_linear(x2, r2, weight, eps, w, None)), "normed", _normed_fns)),
+        _normed_fns, (1, *key))
     if fn is None or fn is shape_choice.UNSET:  # inside a capture an unchosen shape stays unfused
         return _norm_then_linear(x, residual, weight, eps, w, bias)
     y, h = fn(x2, r2, weight, w, eps)

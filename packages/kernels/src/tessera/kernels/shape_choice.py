@@ -12,6 +12,7 @@ chooses nothing, and the caller takes its baseline (callers warm up before captu
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +21,16 @@ from typing import TypeVar
 import torch
 
 log = logging.getLogger(__name__)
+
+#: How a decode shape chooses between a fused launch (a gated, normalised or SwiGLU-storing GEMV) and
+#: the separate launches it replaces: "timed", the faster of the two in a CUDA-graph timing of the shape alone (made
+#: once and remembered); "always", the fused one wherever it was timed and agreed (a fused CUDA GEMV that disagrees
+#: is still refused). A shape timed alone pays for a launch less than a decode step's chain of dependent launches
+#: does (the SwiGLU GEMV: 0.14 us faster alone, 2.3 us a layer faster in the step, H100, 2026-12-06), so a step may
+#: gain from a fusion that loses alone. From `TESSERA_DECODE_FUSION`; read at each call, so a CUDA graph keeps the
+#: policy in force when it was captured.
+DECODE_FUSION = os.environ.get("TESSERA_DECODE_FUSION", "timed")
+FUSION_POLICIES = ("timed", "always")
 
 #: What `remembered` returns inside a CUDA-graph capture for a key with no choice yet.
 UNSET = object()
@@ -40,6 +51,20 @@ def remembered(table: dict, key: object, choose: Callable[[], T]) -> T | object:
                 table[key] = choose()
             value = table[key]
     return value
+
+
+def fusion_policy() -> str:
+    """`DECODE_FUSION`, checked: ValueError naming the variable and the value when it is not a policy."""
+    if DECODE_FUSION not in FUSION_POLICIES:
+        raise ValueError(f"TESSERA_DECODE_FUSION={DECODE_FUSION!r}: expected one of {', '.join(FUSION_POLICIES)}")
+    return DECODE_FUSION
+
+
+def fused(won: object) -> bool:
+    """Whether a decode shape runs its fused launch, given its remembered choice `won` (True where the fused launch
+    was faster, False where the separate launches were, `UNSET` in a capture before any choice): the faster one
+    under the "timed" policy, the fused one under "always" (`fusion_policy`)."""
+    return won is True or (won is False and fusion_policy() == "always")
 
 
 def faster(what: str, start: float, table: dict, key: object, baseline: tuple[str, Callable[[], object]],

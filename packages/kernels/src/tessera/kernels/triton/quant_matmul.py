@@ -334,7 +334,8 @@ def _prefer_fused(wins: dict, timings: dict, what: str, names: tuple[str, str], 
                   fused: Callable[[], object], unfused: Callable[[], object]) -> bool:
     """Whether a decode shape takes a fused GEMV (gated or normalised, `names`[1]) rather than the separate
     launches (`names`[0]): the faster of the two (`shape_choice`), chosen at the shape's first call and kept
-    in `wins`, the times in `timings`. Always fused off CUDA (the interpreter, for tests); never chosen inside
+    in `wins`, the times in `timings`; the fused one under the "always" `shape_choice.fusion_policy`. Always fused
+    off CUDA (the interpreter, for tests); never chosen inside
     a capture, where the shape stays unfused."""
     if device.type != "cuda":
         return True
@@ -346,7 +347,7 @@ def _prefer_fused(wins: dict, timings: dict, what: str, names: tuple[str, str], 
         return shape_choice.faster(f"{what}, {_label(key)}", start, timings, key, (names[0], unfused),
                                    (names[1], fused))
 
-    return shape_choice.remembered(wins, key, choose) is True
+    return shape_choice.fused(shape_choice.remembered(wins, key, choose))
 
 
 def gated_choices() -> dict[str, dict[str, object]]:
@@ -384,6 +385,18 @@ def _gated_or_unfused(gu: torch.Tensor, n: int, key: tuple, launch: Callable[[to
 _swiglu_gemv: dict[tuple, tuple[int, int, bool] | None] = {}
 
 
+def _fusion_config(table: dict, key: tuple) -> tuple[int, int, bool] | object | None:
+    """The CUDA GEMV config a fused decode shape (`table`: SwiGLU's) runs with: the remembered
+    one where it beat the separate launches, and under the "always" `shape_choice.fusion_policy` also one that
+    agreed with them but lost (`cuda_gemv_timings` keeps its config); None for the separate launches, UNSET before
+    the shape's choice."""
+    config = table.get(key, shape_choice.UNSET)
+    if config is None and shape_choice.fusion_policy() == "always":
+        agreed = cuda_gemv_timings.get(key, {}).get("cuda_config")
+        return None if agreed is None else tuple(agreed)
+    return config
+
+
 def _int4_swiglu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  group_size: int) -> torch.Tensor:
     """silu_mul of the halves of x's int4 product with a fused gate/up weight: at a decode shape on sm_90, the
@@ -403,17 +416,18 @@ def _int4_swiglu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     qweight, scales, zeros = _rows(qweight), _rows(scales), _rows(zeros)
     key = _shape_key("int4 swiglu", m, n2, 2 * qweight.shape[1], x.dtype, group_size)
     # a shape decided for the two launches skips the CUDA kernel's input checks
-    if _swiglu_gemv.get(key, shape_choice.UNSET) is None or cuda.int4_gemv_reasons(x, qweight, scales, zeros,
-                                                                                   group_size, swiglu=True):
+    if _fusion_config(_swiglu_gemv, key) is None or cuda.int4_gemv_reasons(x, qweight, scales, zeros, group_size,
+                                                                          swiglu=True):
         return unfused()
     y = torch.empty((m, n2 // 2), dtype=x.dtype, device=x.device)
 
     def launch(out: torch.Tensor, config: tuple[int, int, bool], mode: int) -> None:
         cuda.int4_gemv(x, qweight, scales, zeros, out, *config, pdl=mode, swiglu=True)
 
-    config = shape_choice.remembered(
+    shape_choice.remembered(
         _swiglu_gemv, key, lambda: _choose_cuda_gemv(key, x, cuda.int4_gemv_configs(*x.shape), unfused, launch, y,
                                                      ("unfused", "cuda")))
+    config = _fusion_config(_swiglu_gemv, key)
     if config is shape_choice.UNSET or config is None:
         return unfused()
     launch(y, config, _cuda_pdl(x.device))
