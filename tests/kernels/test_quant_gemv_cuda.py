@@ -550,3 +550,96 @@ def test_the_swiglu_op_routes_its_weight_and_keeps_its_choice(monkeypatch, faste
     assert (len(seen["cuda"]), seen["plain"]) == ((1, 0) if faster == "cuda" else (0, 1))
     with pytest.raises(ValueError, match=r"qweight.shape=\(15, 128\)"):
         qm._int4_swiglu(gpu_x, qweight[:15], scales[:15], zeros[:15], 128)
+
+
+#: (M, Hq, Hkv, D, K) of the q/k/v GEMV with rope and the cache write: Llama-3.2-1B (32/8 heads of 64) and
+#: Qwen3-0.6B-like (16/8 of 128) at one token and 16, GQA 4/2 of 16 with a partial token tile, and no q heads.
+ROPE_SHAPES = [(1, 32, 8, 64, 2048), (16, 32, 8, 64, 2048), (1, 16, 8, 128, 1024), (3, 4, 2, 16, 256),
+               (9, 0, 1, 32, 128)]
+
+
+def _rope_inputs(m: int, hq: int, hkv: int, d: int, k: int, dtype: torch.dtype, device: str, seed: int) -> tuple:
+    n = (hq + 2 * hkv) * d
+    x, qweight, scales, zeros = _int4_inputs(m, n, k, dtype, device, seed)
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    angles = torch.rand(m, d // 2, device=device, generator=gen) * 100
+    cos = torch.cat((angles.cos(), angles.cos()), dim=1).to(dtype)
+    sin = torch.cat((angles.sin(), angles.sin()), dim=1).to(dtype)
+    blocks, block = 6, 4
+    k_cache = torch.zeros(blocks, block, hkv, d, dtype=dtype, device=device)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.randperm(blocks * block, device=device, generator=gen)[:m]
+    if m > 1:
+        slots[1] = -1  # a padding lane: nothing stored
+    return x, qweight, scales, zeros, cos, sin, k_cache, v_cache, slots
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("m", "hq", "hkv", "d", "k"), ROPE_SHAPES)
+def test_int4_rope_every_config_and_pdl_mode_matches_the_reference(m: int, hq: int, hkv: int, d: int, k: int,
+                                                                   dtype: torch.dtype) -> None:
+    """q/k/v with rope and the cache write in the GEMV's epilogue: y against `reference.matmul_int4_awq_qkv_rope`
+    and within twice its distance from the exact rotated product; the caches equal the reference's caches at the
+    written slots to the same tolerance, untouched elsewhere (the padding lane's slot included)."""
+    _needs_sm90()
+    x, qweight, scales, zeros, cos, sin, k_cache, v_cache, slots = _rope_inputs(m, hq, hkv, d, k, dtype, "cuda",
+                                                                                m + hq + d + k)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want = reference.matmul_int4_awq_qkv_rope(x, qweight, scales, zeros, 128, cos, sin, want_k, want_v, slots, hq,
+                                              hkv)
+    heads = hq + 2 * hkv
+    y_exact = (x.double() @ reference.dequantize_int4(qweight, scales, zeros, 128).double().T).view(m, heads, d)
+    c, s_ = cos.double()[:, None], sin.double()[:, None]
+    rotated = y_exact * c + torch.cat((-y_exact[..., d // 2:], y_exact[..., : d // 2]), dim=-1) * s_
+    exact = torch.cat((rotated[:, : hq + hkv], y_exact[:, hq + hkv:]), dim=1).reshape(m, heads * d)
+    caches = []
+
+    def run(y: torch.Tensor, config: tuple, pdl: int) -> None:
+        kc, vc = k_cache.clone(), v_cache.clone()
+        cuda.int4_gemv_rope(x, qweight, scales, zeros, y, cos, sin, kc, vc, slots, hq, hkv, *config, pdl=pdl)
+        caches.append((kc, vc))
+
+    _check_every_launch(run, cuda.int4_gemv_configs(m, k), want, exact)
+    tol = TOL[dtype]
+    for kc, vc in caches:
+        torch.testing.assert_close(kc, want_k, atol=tol, rtol=tol)
+        torch.testing.assert_close(vc, want_v, atol=tol, rtol=tol)
+        unwritten = torch.ones(kc.shape[0] * kc.shape[1], dtype=torch.bool, device="cuda")
+        unwritten[slots[slots >= 0]] = False
+        assert not kc.view(-1, hkv, d)[unwritten].any() and not vc.view(-1, hkv, d)[unwritten].any()
+
+
+def test_the_rope_gemvs_inputs_it_cannot_take_are_named() -> None:
+    x, qweight, scales, zeros, cos, sin, k_cache, v_cache, slots = _rope_inputs(3, 4, 2, 16, 256, torch.bfloat16,
+                                                                                "cpu", 0)
+    reasons = cuda.int4_gemv_rope_reasons
+
+    def names(*args: object) -> str:
+        return " | ".join(reasons(*args))
+
+    base = (x, qweight, scales, zeros, cos, sin, k_cache, v_cache, slots, 4, 2)
+    assert "needs cuda" in names(*base) and "cos" not in names(*base) and "slots" not in names(*base)
+    assert "n_q_heads=5, n_kv_heads=2" in names(*base[:9], 5, 2)
+    assert "cos (3, 8)" in names(x, qweight, scales, zeros, cos[:, :8], *base[5:])
+    assert "sin (3, 16)/torch.float32" in names(*base[:5], sin.float(), *base[6:])
+    assert "v_cache (6, 4, 1, 32)" in names(*base[:7], v_cache.view(6, 4, 1, 32), *base[8:])
+    assert "slots (3,)/torch.int32" in names(*base[:8], slots.int(), 4, 2)
+    x8, q8, s8, z8, c8, n8, kc8, vc8, sl8 = _rope_inputs(1, 2, 1, 8, 128, torch.bfloat16, "cpu", 0)
+    assert "head_dim=8 is not a multiple of 16" in names(x8, q8, s8, z8, c8, n8, kc8, vc8, sl8, 2, 1)
+
+
+def test_the_qkv_rope_reference_is_rope_then_the_cache_write() -> None:
+    """`reference.matmul_int4_awq_qkv_rope` is the plain product, `rope` of its q and k heads and `kv_cache_write`
+    of k and v: checked against the three reference ops composed by hand."""
+    x, qweight, scales, zeros, cos, sin, k_cache, v_cache, slots = _rope_inputs(3, 4, 2, 16, 256, torch.float32,
+                                                                                "cpu", 1)
+    kc, vc = k_cache.clone(), v_cache.clone()
+    y = reference.matmul_int4_awq_qkv_rope(x, qweight, scales, zeros, 128, cos, sin, kc, vc, slots, 4, 2)
+    plain = reference.matmul_int4_awq(x, qweight, scales, zeros, 128).view(3, 8, 16)
+    q, k = reference.rope(plain[:, :4], plain[:, 4:6], cos, sin)
+    assert torch.equal(y, torch.cat((q, k, plain[:, 6:]), dim=1).view(3, 128))
+    reference.kv_cache_write(k, plain[:, 6:], k_cache, v_cache, slots)
+    assert torch.equal(kc, k_cache) and torch.equal(vc, v_cache) and kc.view(-1, 2, 16)[slots[0]].any()
+    with pytest.raises(ValueError, match=r"n_q_heads=3, n_kv_heads=2"):
+        reference.matmul_int4_awq_qkv_rope(x, qweight, scales, zeros, 128, cos, sin, kc, vc, slots, 3, 2)

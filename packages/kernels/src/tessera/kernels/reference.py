@@ -243,6 +243,25 @@ def matmul_int4_awq_swiglu(x: torch.Tensor, qweight: torch.Tensor, scales: torch
     return gated_halves(matmul_int4_awq(x, qweight, scales, zeros, group_size))
 
 
+def matmul_int4_awq_qkv_rope(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                             group_size: int, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                             v_cache: torch.Tensor, slot_mapping: torch.Tensor, n_q_heads: int,
+                             n_kv_heads: int) -> torch.Tensor:
+    """A decode step's fused q/k/v projection, rope and cache write: y = x @ W.T [M, (Hq + 2 Hkv) D] with its q and
+    k heads rotated (`rope`, cos/sin [M, D]), and the rotated k and v rows written at `slot_mapping`
+    (`kv_cache_write`). Returns y."""
+    heads = n_q_heads + 2 * n_kv_heads
+    if qweight.shape[0] % heads:
+        raise ValueError(f"qweight.shape={tuple(qweight.shape)} is not [(n_q_heads + 2 n_kv_heads) * head_dim, K / 2] "
+                         f"for n_q_heads={n_q_heads}, n_kv_heads={n_kv_heads}")
+    y = matmul_int4_awq(x, qweight, scales, zeros, group_size)
+    d = qweight.shape[0] // heads
+    q, k, v = y.view(-1, heads, d).split((n_q_heads, n_kv_heads, n_kv_heads), dim=1)
+    q, k = rope(q, k, cos, sin)
+    kv_cache_write(k, v, k_cache, v_cache, slot_mapping)
+    return torch.cat((q, k, v), dim=1).reshape(y.shape)
+
+
 def matmul_dense_normed(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, w: torch.Tensor,
                         eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     normed, h = rms_norm_residual(x, residual, weight, eps)

@@ -223,6 +223,51 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     return y
 
 
+def int4_gemv_rope_reasons(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                           cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           slots: torch.Tensor, n_q_heads: int, n_kv_heads: int) -> list[str]:
+    """Why `int4_gemv_rope` cannot take these inputs (empty when it can): `int4_gemv_reasons` for the product; a
+    fused q/k/v weight of (n_q_heads + 2 n_kv_heads) heads of a head_dim that is a multiple of 16; cos/sin
+    [M, head_dim] and the caches [..., n_kv_heads, head_dim] (contiguous) in x's dtype; slots contiguous int64 [M]."""
+    reasons = int4_gemv_reasons(x, qweight, scales, zeros, INT4_GEMV_GROUP)
+    heads = n_q_heads + 2 * n_kv_heads
+    if n_q_heads < 0 or n_kv_heads < 1 or qweight.dim() != 2 or qweight.shape[0] % heads:
+        return [*reasons, f"qweight.shape={tuple(qweight.shape)} is not [(n_q_heads + 2 n_kv_heads) * head_dim, "
+                f"K / 2] for n_q_heads={n_q_heads}, n_kv_heads={n_kv_heads}"]
+    d, m = qweight.shape[0] // heads, x.shape[0]
+    if d % 16:
+        reasons.append(f"head_dim={d} is not a multiple of 16")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if (t.dtype != x.dtype or t.dim() != 2 or tuple(t.shape) != (m, d) or t.stride(-1) != 1
+                or t.stride(0) != cos.stride(0)):
+            reasons.append(f"{name} {tuple(t.shape)}/{t.dtype} is not [M={m}, head_dim={d}] in x's dtype {x.dtype} "
+                           "with contiguous rows (and cos's row stride)")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if (t.dtype != x.dtype or not t.is_contiguous() or t.dim() < 3 or tuple(t.shape[-2:]) != (n_kv_heads, d)
+                or t.shape != k_cache.shape):
+            reasons.append(f"{name} {tuple(t.shape)}/{t.dtype} is not a contiguous [..., n_kv_heads={n_kv_heads}, "
+                           f"head_dim={d}] in x's dtype {x.dtype}, shaped as k_cache")
+    if slots.dtype != torch.int64 or slots.dim() != 1 or slots.shape[0] != m or slots.stride(0) != 1:
+        reasons.append(f"slots {tuple(slots.shape)}/{slots.dtype} is not a contiguous int64 [M={m}]")
+    reasons += device_reasons([x, cos, sin, k_cache, v_cache, slots])
+    return reasons
+
+
+def int4_gemv_rope(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, slots: torch.Tensor, n_q_heads: int, n_kv_heads: int,
+                   rows_per_block: int = 16, warps: int = 8, loop: bool = False, pdl: int = 0) -> torch.Tensor:
+    """y [M, N] = x @ W.T for a fused q/k/v int4 weight (`int4_gemv`), with q and k rotated by rope (cos/sin of
+    each token's position, `reference.rope`) and the rotated k and v rows also stored at `slots` of the caches
+    (`reference.kv_cache_write`; a negative slot stores nothing): the rope and cache-write launches of a decode
+    step done in the GEMV's epilogue (`reference.matmul_int4_awq_qkv_rope`). rows_per_block counts weight rows.
+    Inputs as `int4_gemv_rope_reasons` asks; the extension checks them again."""
+    _check_launch((rows_per_block, warps, bool(loop)), int4_gemv_configs(*x.shape), x, pdl)
+    load().int4_gemv_rope(x, qweight, scales, zeros, y, rows_per_block, warps, bool(loop), pdl, cos, sin, k_cache,
+                          v_cache, slots, int(n_q_heads), int(n_kv_heads))
+    return y
+
+
 def int8_gemv(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, y: torch.Tensor, rows_per_block: int = 16,
               warps: int = 8, loop: bool = False, pdl: int = 0) -> torch.Tensor:
     """y[M, N] = x @ (w_q * scale[:, None]).T (`reference.matmul_int8_weight_only`) on the tensor cores, each

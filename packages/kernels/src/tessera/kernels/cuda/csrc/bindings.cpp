@@ -145,19 +145,15 @@ tessera::XPrologue x_prologue(const at::Tensor& x, int64_t k, bool gated, const 
   return {tessera::XMode::kNormed, residual->data_ptr(), weight->data_ptr(), h->data_ptr(), static_cast<float>(eps)};
 }
 
-void int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
-               const at::Tensor& y, int64_t rows_per_block, int64_t warps, bool loop, int64_t pdl, bool gated,
-               const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
-               const std::optional<at::Tensor>& h, double eps, bool swiglu) {
+// The checks every int4_gemv launch makes; K of the product (half a gated x's width). y has y_cols columns.
+int64_t check_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                   const at::Tensor& y, bool gated, int64_t y_cols) {
   TORCH_CHECK(x.is_cuda() && qweight.is_cuda() && scales.is_cuda() && zeros.is_cuda() && y.is_cuda(),
               "int4_gemv needs CUDA tensors");
   TORCH_CHECK(x.dim() == 2 && qweight.dim() == 2 && y.dim() == 2, "x, qweight and y must be 2-D, got x=", x.sizes(),
               " qweight=", qweight.sizes(), " y=", y.sizes());
-  TORCH_CHECK(!swiglu || (qweight.size(0) % 2 == 0 && !gated && !residual && !weight && !h),
-              "int4_gemv: swiglu needs a plain x and a fused gate/up qweight of an even row count, got qweight.shape=",
-              qweight.sizes());
-  check_gemv_operands("int4_gemv", x, qweight, "qweight", y, swiglu ? qweight.size(0) / 2 : qweight.size(0));
-  const int64_t m = x.size(0), k = gated ? x.size(1) / 2 : x.size(1), n = qweight.size(0);
+  check_gemv_operands("int4_gemv", x, qweight, "qweight", y, y_cols);
+  const int64_t k = gated ? x.size(1) / 2 : x.size(1), n = qweight.size(0);
   TORCH_CHECK(k % 128 == 0 && qweight.size(1) * 2 == k && x.size(1) == (gated ? 2 * k : k), "x.shape[1]=",
               x.size(1), gated ? " must be twice K" : " must be K", ", a multiple of 128 and twice qweight.shape[1]=",
               qweight.size(1));
@@ -168,20 +164,84 @@ void int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
   TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kFloat, "scales/zeros dtypes ",
               scales.scalar_type(), "/", zeros.scalar_type(), " are not float32");
   TORCH_CHECK(scales.stride(1) == 1 && zeros.stride(1) == 1, "scales and zeros need contiguous rows");
-  const tessera::XPrologue xp = x_prologue(x, k, gated, residual, weight, h, eps);
+  return k;
+}
+
+void launch_int4(const char* name, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                 const at::Tensor& zeros, const at::Tensor& y, int64_t n, int64_t k, int64_t rows_per_block,
+                 int64_t warps, bool loop, int64_t pdl, const tessera::XPrologue& xp, const tessera::YEpilogue& ye) {
   const c10::cuda::CUDAGuard guard(x.device());
+  const NvtxRange range(name);
+  check_cuda(tessera::int4_gemv(x.data_ptr(), x.stride(0), qweight.data_ptr<uint8_t>(), qweight.stride(0),
+                                scales.data_ptr<float>(), scales.stride(0), zeros.data_ptr<float>(), zeros.stride(0),
+                                y.data_ptr(), y.stride(0), static_cast<int>(x.size(0)), static_cast<int>(n),
+                                static_cast<int>(k), static_cast<int>(rows_per_block), static_cast<int>(warps), loop,
+                                static_cast<int>(pdl), xp, ye, dtype_of(x, "x"), at::cuda::getCurrentCUDAStream()),
+             "int4_gemv launch");
+}
+
+void int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+               const at::Tensor& y, int64_t rows_per_block, int64_t warps, bool loop, int64_t pdl, bool gated,
+               const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
+               const std::optional<at::Tensor>& h, double eps, bool swiglu) {
+  TORCH_CHECK(!swiglu || (qweight.size(0) % 2 == 0 && !gated && !residual && !weight && !h),
+              "int4_gemv: swiglu needs a plain x and a fused gate/up qweight of an even row count, got qweight.shape=",
+              qweight.sizes());
+  const int64_t n = swiglu ? qweight.size(0) / 2 : qweight.size(0);
+  const int64_t k = check_int4(x, qweight, scales, zeros, y, gated, n);
+  const tessera::XPrologue xp = x_prologue(x, k, gated, residual, weight, h, eps);
+  tessera::YEpilogue ye;
+  if (swiglu) ye.mode = tessera::YMode::kSwiGlu;
   const char* name = swiglu                              ? "tessera::int4_gemv_swiglu"
                      : xp.mode == tessera::XMode::kGated  ? "tessera::int4_gemv_gated"
                      : xp.mode == tessera::XMode::kNormed ? "tessera::int4_gemv_normed"
                                                           : "tessera::int4_gemv";
-  const NvtxRange range(name);
-  check_cuda(tessera::int4_gemv(x.data_ptr(), x.stride(0), qweight.data_ptr<uint8_t>(), qweight.stride(0),
-                                scales.data_ptr<float>(), scales.stride(0), zeros.data_ptr<float>(), zeros.stride(0),
-                                y.data_ptr(), y.stride(0), static_cast<int>(m),
-                                static_cast<int>(swiglu ? n / 2 : n), static_cast<int>(k),
-                                static_cast<int>(rows_per_block), static_cast<int>(warps), loop, static_cast<int>(pdl),
-                                xp, swiglu, dtype_of(x, "x"), at::cuda::getCurrentCUDAStream()),
-             "int4_gemv launch");
+  launch_int4(name, x, qweight, scales, zeros, y, n, k, rows_per_block, warps, loop, pdl, xp, ye);
+}
+
+// y = the product with a fused q/k/v int4 weight, q and k rotated by rope (cos/sin [M, D] in x's dtype), and the
+// rotated k and v rows stored at slots [M] (int64; negative: none) of k_cache/v_cache [..., hkv, D] (contiguous,
+// x's dtype).
+void int4_gemv_rope(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                    const at::Tensor& y, int64_t rows_per_block, int64_t warps, bool loop, int64_t pdl,
+                    const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                    const at::Tensor& slots, int64_t hq, int64_t hkv) {
+  const int64_t n = qweight.size(0), m = x.size(0);
+  const int64_t k = check_int4(x, qweight, scales, zeros, y, false, n);
+  TORCH_CHECK(hq >= 0 && hkv >= 1 && n % (hq + 2 * hkv) == 0, "int4_gemv_rope: qweight.shape[0]=", n,
+              " is not (hq + 2 hkv) * head_dim for hq=", hq, ", hkv=", hkv);
+  const int64_t d = n / (hq + 2 * hkv);
+  TORCH_CHECK(d % 16 == 0, "int4_gemv_rope: head_dim=", d, " is not a multiple of 16");
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"cos", &cos}, {"sin", &sin}}) {
+    TORCH_CHECK(t->is_cuda() && t->scalar_type() == x.scalar_type() && t->dim() == 2 && t->size(0) == m &&
+                    t->size(1) == d && t->stride(1) == 1 && t->stride(0) == cos.stride(0),
+                "int4_gemv_rope: ", name, " ", t->sizes(), "/", t->scalar_type(), " is not [M=", m, ", head_dim=", d,
+                "] in x's dtype with contiguous rows (and cos's row stride)");
+  }
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"k_cache", &k_cache},
+                                {"v_cache", &v_cache}}) {
+    TORCH_CHECK(t->is_cuda() && t->scalar_type() == x.scalar_type() && t->is_contiguous() && t->dim() >= 3 &&
+                    t->size(-1) == d && t->size(-2) == hkv && t->sizes() == k_cache.sizes(),
+                "int4_gemv_rope: ", name, " ", t->sizes(), "/", t->scalar_type(), " is not a contiguous [..., hkv=",
+                hkv, ", head_dim=", d, "] in x's dtype (as k_cache)");
+  }
+  TORCH_CHECK(slots.is_cuda() && slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.size(0) == m &&
+                  slots.stride(0) == 1,
+              "int4_gemv_rope: slots ", slots.sizes(), "/", slots.scalar_type(), " is not a contiguous int64 [M=", m,
+              "]");
+  tessera::YEpilogue ye;
+  ye.mode = tessera::YMode::kRope;
+  ye.cos = cos.data_ptr();
+  ye.sin = sin.data_ptr();
+  ye.ld_cs = cos.stride(0);
+  ye.k_cache = k_cache.data_ptr();
+  ye.v_cache = v_cache.data_ptr();
+  ye.slots = slots.data_ptr<int64_t>();
+  ye.hq = static_cast<int>(hq);
+  ye.hkv = static_cast<int>(hkv);
+  ye.head_dim = static_cast<int>(d);
+  launch_int4("tessera::int4_gemv_rope", x, qweight, scales, zeros, y, n, k, rows_per_block, warps, loop, pdl,
+              tessera::XPrologue{}, ye);
 }
 
 void int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& y,
@@ -210,7 +270,8 @@ void int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Tessera CUDA C++ kernels: rms_norm, rms_norm_residual, attention_prefill, int4_gemv, int8_gemv";
+  m.doc() = "Tessera CUDA C++ kernels: rms_norm, rms_norm_residual, attention_prefill, int4_gemv, int4_gemv_rope, "
+            "int8_gemv";
   m.def("rms_norm", &rms_norm, "y = rms_norm(x, weight, eps)");
   m.def("rms_norm_residual", &rms_norm_residual, "(y, h) = rms_norm_residual(x, residual, weight, eps)");
   m.def("attention_prefill", &attention_prefill, "o = attention_prefill(q, k, v, cu_seqlens, max_seqlen, causal, scale)");
@@ -221,5 +282,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("y"), py::arg("rows_per_block"),
         py::arg("warps"), py::arg("loop"), py::arg("pdl"), py::arg("gated") = false, py::arg("residual") = py::none(),
         py::arg("weight") = py::none(), py::arg("h") = py::none(), py::arg("eps") = 1e-6, py::arg("swiglu") = false);
+  m.def("int4_gemv_rope", &int4_gemv_rope,
+        "int4_gemv_rope(x, qweight, scales, zeros, y, rows_per_block, warps, loop, pdl, cos, sin, k_cache, v_cache, "
+        "slots, hq, hkv): y = x @ W.T of a fused q/k/v weight, q and k rotated by rope, k and v stored at slots");
   m.def("int8_gemv", &int8_gemv, "int8_gemv(x, weight, scale, y, rows_per_block, warps, loop, pdl): y = x @ W.T");
 }

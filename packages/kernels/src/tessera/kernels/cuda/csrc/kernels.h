@@ -37,6 +37,25 @@ struct XPrologue {
 // The formed row lives in shared memory: 32 KiB, a row of 16384 16-bit values.
 constexpr size_t kMaxFormedBytes = 32768;
 
+// What an int4 GEMV of a plain x stores, when not y itself (YMode), saving the launch that would form it.
+// kSwiGlu: the weight is a fused gate/up one of 2n rows (gate rows first) and y [m, n] = silu(gate) * up.
+// kRope: the weight is a fused q/k/v one of n = (hq + 2 hkv) * head_dim rows (head_dim a multiple of 16) and
+// y [m, n] is its product with q and k rotated by rope (the rotate-half form: dims j and j + head_dim / 2 of a
+// head form a pair, rotated by cos/sin [m, head_dim] at j and j + head_dim / 2); the rotated k and v rows of
+// token t also go to k_cache and v_cache at slots[t] ([slots, hkv, head_dim], contiguous; a negative slot
+// stores nothing). cos, sin and the caches are in x's dtype; every output is rounded to it before rotating.
+enum class YMode : int { kPlain = 0, kSwiGlu = 1, kRope = 2 };
+struct YEpilogue {
+  YMode mode = YMode::kPlain;
+  const void* cos = nullptr;  // kRope: rows ld_cs elements apart
+  const void* sin = nullptr;
+  int64_t ld_cs = 0;
+  void* k_cache = nullptr;
+  void* v_cache = nullptr;
+  const int64_t* slots = nullptr;
+  int hq = 0, hkv = 0, head_dim = 0;
+};
+
 // AWQ int4 decode GEMV on the tensor cores (quant_gemv.cu): y[m, n] = x[m, k] @ W.T for 1 <= m <= 16, group
 // size 128 (k a multiple of it). x and y are bf16 or fp16 rows (ldx, ldy in elements; x rows 16-byte
 // aligned); qweight [n, k / 2] uint8, two codes a byte, even k low (ldq in bytes, rows 16-byte aligned);
@@ -44,13 +63,13 @@ constexpr size_t kMaxFormedBytes = 32768;
 // with 16 rows and m <= 8. loop: a resident grid whose blocks step through the row tiles (needs k / 128 a
 // multiple of warps) instead of a block a tile. pdl 0 (plain launch), 1 (programmatic dependent launch,
 // waiting first) or 3 (the same, with the first weights loaded before the wait). xp: the x prologue (k is
-// then the product's K, half of a gated x's width). swiglu (plain x only): qweight, scales and zeros have 2n
-// rows, a fused gate/up weight (gate rows first), and y[m, n] = silu(x @ gate.T) * (x @ up.T), each product
-// rounded to x's dtype first and silu then rounded as the silu_mul op rounds it; rows_per_block counts weight
-// rows (a block stores half as many outputs).
+// then the product's K, half of a gated x's width). ye (plain x only): what is stored (YEpilogue). kSwiGlu:
+// qweight, scales and zeros have 2n rows, each product is rounded to x's dtype first and silu then rounded as
+// the silu_mul op rounds it. kRope: n is qweight's rows, rotated as the rope op rotates. rows_per_block counts
+// weight rows (a kSwiGlu block stores half as many outputs).
 cudaError_t int4_gemv(const void* x, int64_t ldx, const uint8_t* qweight, int64_t ldq, const float* scales,
                       int64_t lds, const float* zeros, int64_t ldz, void* y, int64_t ldy, int m, int n, int k,
-                      int rows_per_block, int warps, bool loop, int pdl, const XPrologue& xp, bool swiglu,
+                      int rows_per_block, int warps, bool loop, int pdl, const XPrologue& xp, const YEpilogue& ye,
                       DType dtype, cudaStream_t stream);
 
 // int8 weight-only decode GEMV on the tensor cores (quant_gemv.cu): y[m, n] = x[m, k] @ (weight * scale).T for

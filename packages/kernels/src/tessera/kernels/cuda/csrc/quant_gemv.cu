@@ -41,11 +41,14 @@
 // instead repeats each token's work in all eight lanes of a k slice, and for a gated row of 8192 that cost
 // 6 us a launch (14.7 against 8.5 us, H100, 2026-12-06).
 //
-// The output may instead be SwiGLU's (SWIGLU, plain x): the weight is a fused gate/up one of 2n rows, and a
-// 16-row tile takes gate rows j..j+7 as its A rows 0-7 and the up rows of the same outputs as rows 8-15, so the
-// two sums of an output meet in one accumulator's lane (the m16n8 C fragment gives a lane rows r and r + 8),
-// and the block stores silu(gate) * up (each sum rounded to x's dtype, then as the silu_mul op rounds), saving
-// the launch that would form it. Weights, scales and zeros are read where they lie; nothing is re-packed.
+// The output may instead be one the next launch would have formed (YMode, plain x; nothing is re-packed, the
+// weights, scales and zeros are read where they lie). kSwiGlu: the weight is a fused gate/up one of 2n rows, and
+// a 16-row tile takes gate rows j..j+7 as its A rows 0-7 and the up rows of the same outputs as rows 8-15, so the
+// two sums of an output meet in one accumulator's lane (the m16n8 C fragment gives a lane rows r and r + 8), and
+// the block stores silu(gate) * up (each sum rounded to x's dtype, then as the silu_mul op rounds), saving the
+// silu_mul launch. kRope: the weight is a fused q/k/v one, and a tile pairs dims j..j+7 of a head with dims
+// j + d/2.. of the same head, the two halves rope rotates together; the block stores q and k rotated and v, and
+// writes k and v at the token's cache slot, saving the rope and cache-write launches.
 //
 // Programmatic dependent launch: with pdl >= 1 the kernel launches with the programmatic-stream-
 // serialization attribute, waits (`griddepcontrol.wait`) before it reads x, and lets the next kernel launch
@@ -260,6 +263,19 @@ __device__ __forceinline__ void form_row(const T* __restrict__ x, const XArgs<T>
   __syncthreads();
 }
 
+// Rotates the pair (a, b) = dims j and j + half of a q or k head of `token` by rope's cos/sin rows, in float32 and
+// rounded once, as the rope op does (rotate-half: a cos_j - b sin_j, b cos_{j+half} + a sin_{j+half}; each product
+// rounded apart from the fma, as the Triton rope kernel writes it).
+template <typename T>
+__device__ __forceinline__ void rope_pair(const YEpilogue& ye, int token, int j, int half, T& a, T& b) {
+  const T* cs = static_cast<const T*>(ye.cos) + static_cast<int64_t>(token) * ye.ld_cs;
+  const T* sn = static_cast<const T*>(ye.sin) + static_cast<int64_t>(token) * ye.ld_cs;
+  const float x1 = to_float(a), x2 = to_float(b);
+  const float c1 = to_float(cs[j]), c2 = to_float(cs[j + half]), s1 = to_float(sn[j]), s2 = to_float(sn[j + half]);
+  a = from_float<T>(__fmaf_rn(x1, c1, -__fmul_rn(x2, s1)));
+  b = from_float<T>(__fmaf_rn(x2, c2, __fmul_rn(x1, s2)));
+}
+
 // The B fragments of k-step `step` for token tile j: (b0, b1), the x that meet A registers (0, 1) and (2, 3).
 template <Format F, typename S>
 __device__ __forceinline__ void b_fragment(const S& st, int j, int step, uint32_t& b0, uint32_t& b1) {
@@ -315,13 +331,13 @@ __device__ __forceinline__ void a_fragment(uint32_t w0, uint32_t w1, int odd, ui
   }
 }
 
-template <typename T, Format F, XMode XM, bool SWIGLU, int RT, int NT, int WARPS, bool LOOP>
+template <typename T, Format F, XMode XM, YMode YM, int RT, int NT, int WARPS, bool LOOP>
 __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restrict__ x, int64_t ldx,
                                                                  const uint8_t* __restrict__ qw, int64_t ldq,
                                                                  const float* __restrict__ scales, int64_t lds,
                                                                  const float* __restrict__ zeros, int64_t ldz,
                                                                  T* __restrict__ y, int64_t ldy, int m, int n,
-                                                                 int items, int pdl, XArgs<T> xa) {
+                                                                 int items, int pdl, XArgs<T> xa, YEpilogue ye) {
   using StageT = Stage<F, RT, NT>;
   constexpr int kStages = Traits<F>::kStages;
   constexpr int kItemK = Traits<F>::kItemK;
@@ -335,8 +351,11 @@ __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restr
   // items (the host asks items % WARPS == 0), so all warps reach each tile's end together; the loads of
   // the next tile's first items are in flight while the block adds up the current one.
   const int count = warp < items ? (items - warp + WARPS - 1) / WARPS : 0;  // this warp's items a tile
-  constexpr int kTileOut = SWIGLU ? 8 * RT : 16 * RT;  // outputs a row tile stores
-  const int tiles = (n + kTileOut - 1) / kTileOut;
+  // A row tile's units: 16 rows a sub-tile, or (kSwiGlu, kRope) 8 pairs of rows a sub-tile; kRope has n / 2 pairs
+  constexpr int kTileUnits = YM == YMode::kPlain ? 16 * RT : 8 * RT;
+  const int units = YM == YMode::kRope ? n / 2 : n;
+  const int tiles = (units + kTileUnits - 1) / kTileUnits;
+  const int half = ye.head_dim / 2;  // kRope
   const int my_tiles = LOOP ? (tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 1;
   const int total = my_tiles * count;
 
@@ -354,9 +373,10 @@ __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restr
   }
 
   // Item f of this warp: row tile blockIdx.x + (f / count) * gridDim.x, item warp + WARPS * (f % count).
-  // Rows past n read the last row (their sums are never stored), so no load needs a predicate. SWIGLU: the
+  // Rows past n read the last row (their sums are never stored), so no load needs a predicate. kSwiGlu: the
   // weight has 2n rows (gate, then up) and a 16-row tile takes 8 gate rows (A rows 0-7) and the up rows of the
-  // same outputs (A rows 8-15), so that each lane holds both sums of an output in its accumulator.
+  // same outputs (A rows 8-15), so that each lane holds both sums of an output in its accumulator. kRope: pair p
+  // is dims j and j + half of head p / half (j = p % half), as A rows r and r + 8 likewise.
   auto load_static = [&](StageT& st, int f) {
     const int tile = blockIdx.x + (f / count) * gridDim.x;
     const int g = warp + WARPS * (f % count);
@@ -364,8 +384,15 @@ __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restr
     for (int i = 0; i < RT; ++i) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int64_t row = SWIGLU ? min(tile * (8 * RT) + 8 * i + r, n - 1) + static_cast<int64_t>(h) * n
-                                   : min(tile * (16 * RT) + 16 * i + r + 8 * h, n - 1);
+        int64_t row;
+        if constexpr (YM == YMode::kSwiGlu) {
+          row = min(tile * (8 * RT) + 8 * i + r, n - 1) + static_cast<int64_t>(h) * n;
+        } else if constexpr (YM == YMode::kRope) {
+          const int p = min(tile * (8 * RT) + 8 * i + r, units - 1);
+          row = static_cast<int64_t>(p / half) * (2 * half) + p % half + h * half;
+        } else {
+          row = min(tile * (16 * RT) + 16 * i + r + 8 * h, n - 1);
+        }
         st.w[i][h] = load_weights(qw + row * ldq + static_cast<int64_t>(g) * 64 + 16 * t);
         if constexpr (F == Format::kInt4Awq) {
           st.s[i][h] = __ldg(scales + row * lds + g);
@@ -394,8 +421,9 @@ __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restr
         for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
   };
   // The warps' sums of row tile `tile`, added in warp order (int8: times the row's scale) and rounded once;
-  // SWIGLU: the output is silu(gate) * up of the rounded sums, rounded as the silu_mul op rounds (silu to T,
-  // then the product to T). Syncs the block twice.
+  // kSwiGlu: the output is silu(gate) * up of the rounded sums, rounded as the silu_mul op rounds (silu to T,
+  // then the product to T). kRope: q and k pairs rotated (`rope_pair`), k and v pairs also stored at the
+  // token's cache slot. Syncs the block twice.
   auto finish = [&](int tile) {
 #pragma unroll
     for (int i = 0; i < RT; ++i)
@@ -405,7 +433,40 @@ __global__ void __launch_bounds__(WARPS * 32) quant_gemv_kernel(const T* __restr
         for (int e = 0; e < 4; ++e)
           partial[warp][16 * i + r + 8 * (e >> 1)][8 * j + 2 * t + (e & 1)] = acc[i][j][e];
     __syncthreads();
-    if constexpr (SWIGLU) {
+    if constexpr (YM == YMode::kRope) {
+      const int out0 = tile * (8 * RT);
+      for (int idx = threadIdx.x; idx < RT * 8 * NT * 8; idx += WARPS * 32) {
+        const int o = idx / (NT * 8);  // the tile's pair: first-half sums at row 16 (o / 8) + o % 8, second 8 on
+        const int token = idx % (NT * 8);
+        const int row = 16 * (o / 8) + o % 8;
+        const int p = out0 + o;
+        if (token < m && p < units) {
+          float a = 0.0f, b = 0.0f;
+#pragma unroll
+          for (int w = 0; w < WARPS; ++w) {
+            a += partial[w][row][token];
+            b += partial[w][row + 8][token];
+          }
+          const int head = p / half, j = p % half;
+          T ra = from_float<T>(a), rb = from_float<T>(b);
+          if (head < ye.hq + ye.hkv) rope_pair<T>(ye, token, j, half, ra, rb);
+          const int64_t col = static_cast<int64_t>(head) * (2 * half) + j;
+          y[static_cast<int64_t>(token) * ldy + col] = ra;
+          y[static_cast<int64_t>(token) * ldy + col + half] = rb;
+          const int64_t slot = head >= ye.hq ? ye.slots[token] : -1;
+          if (slot >= 0) {
+            const bool is_k = head < ye.hq + ye.hkv;
+            T* cache = static_cast<T*>(is_k ? ye.k_cache : ye.v_cache);
+            const int64_t at = (slot * ye.hkv + head - ye.hq - (is_k ? 0 : ye.hkv)) * (2 * half) + j;
+            cache[at] = ra;
+            cache[at + half] = rb;
+          }
+        }
+      }
+      __syncthreads();
+      return;
+    }
+    if constexpr (YM == YMode::kSwiGlu) {
       const int out0 = tile * (8 * RT);
       for (int idx = threadIdx.x; idx < RT * 8 * NT * 8; idx += WARPS * 32) {
         const int o = idx / (NT * 8);  // the tile's output: gate sums at row 16 (o / 8) + o % 8, up 8 rows on
@@ -546,16 +607,17 @@ struct Operands {
   int64_t ldy;
   int m, n, k, pdl;
   XPrologue xp;
-  bool swiglu;  // int4, plain x: n outputs silu(gate) * up of a weight of 2n rows (gate, then up)
+  YEpilogue ye;  // int4, plain x: what is stored (kSwiGlu: n outputs of a weight of 2n rows)
   cudaStream_t stream;
 };
 
-template <typename T, Format F, XMode XM, bool SW, int RT, int NT, int WARPS, bool LOOP>
+template <typename T, Format F, XMode XM, YMode YM, int RT, int NT, int WARPS, bool LOOP>
 cudaError_t launch(const Operands& o) {
-  const auto kernel = quant_gemv_kernel<T, F, XM, SW, RT, NT, WARPS, LOOP>;
+  const auto kernel = quant_gemv_kernel<T, F, XM, YM, RT, NT, WARPS, LOOP>;
   const int items = o.k / Traits<F>::kItemK;
-  const int tile_out = SW ? 8 * RT : 16 * RT;
-  const int tiles = (o.n + tile_out - 1) / tile_out;
+  const int tile_units = YM == YMode::kPlain ? 16 * RT : 8 * RT;
+  const int units = YM == YMode::kRope ? o.n / 2 : o.n;
+  const int tiles = (units + tile_units - 1) / tile_units;
   const size_t smem = XM != XMode::kPlain ? static_cast<size_t>(o.k) * sizeof(T) : 0;  // the formed row
   int blocks = tiles;
   if constexpr (LOOP) {
@@ -580,10 +642,10 @@ cudaError_t launch(const Operands& o) {
   const XArgs<T> xa{XM == XMode::kGated ? static_cast<int64_t>(o.k) : 0, static_cast<const T*>(o.xp.residual),
                     static_cast<const T*>(o.xp.weight), static_cast<T*>(o.xp.h), o.xp.eps};
   return cudaLaunchKernelEx(&cfg, kernel, static_cast<const T*>(o.x), o.ldx, o.qw, o.ldq, o.scales, o.lds, o.zeros,
-                            o.ldz, static_cast<T*>(o.y), o.ldy, o.m, o.n, items, o.pdl, xa);
+                            o.ldz, static_cast<T*>(o.y), o.ldy, o.m, o.n, items, o.pdl, xa, o.ye);
 }
 
-template <typename T, Format F, XMode XM, bool SW, int RT, int NT, bool LOOP>
+template <typename T, Format F, XMode XM, YMode SW, int RT, int NT, bool LOOP>
 cudaError_t by_warps(int warps, const Operands& o) {
   switch (warps) {
     case 4: return launch<T, F, XM, SW, RT, NT, 4, LOOP>(o);
@@ -595,14 +657,13 @@ cudaError_t by_warps(int warps, const Operands& o) {
   }
 }
 
-template <typename T, Format F, XMode XM, bool SW, int RT, int NT>
+template <typename T, Format F, XMode XM, YMode SW, int RT, int NT>
 cudaError_t by_loop(bool loop, int warps, const Operands& o) {
   return loop ? by_warps<T, F, XM, SW, RT, NT, true>(warps, o) : by_warps<T, F, XM, SW, RT, NT, false>(warps, o);
 }
 
-// A formed x (gated, normed) is one token: one token tile. SWIGLU (plain x only): a row tile of rows_per_block
-// weight rows stores half as many outputs.
-template <typename T, Format F, XMode XM, bool SW = false>
+// A formed x (gated, normed) is one token: one token tile. The other stores (YEpilogue) take a plain x.
+template <typename T, Format F, XMode XM, YMode SW = YMode::kPlain>
 cudaError_t by_tiles(int rows_per_block, int warps, bool loop, const Operands& o) {
   const bool wide = o.m > 8;
   if constexpr (XM != XMode::kPlain) {
@@ -621,9 +682,15 @@ cudaError_t by_tiles(int rows_per_block, int warps, bool loop, const Operands& o
 
 template <typename T, Format F>
 cudaError_t by_mode(int rows_per_block, int warps, bool loop, const Operands& o) {
-  if (o.swiglu) {
+  if (o.ye.mode != YMode::kPlain) {
     if constexpr (F == Format::kInt4Awq) {
-      if (o.xp.mode == XMode::kPlain) return by_tiles<T, F, XMode::kPlain, true>(rows_per_block, warps, loop, o);
+      if (o.xp.mode != XMode::kPlain) return cudaErrorInvalidValue;
+      if (o.ye.mode == YMode::kSwiGlu)
+        return by_tiles<T, F, XMode::kPlain, YMode::kSwiGlu>(rows_per_block, warps, loop, o);
+      const int d = o.ye.head_dim;
+      if (d < 16 || d % 16 != 0 || o.ye.hq < 0 || o.ye.hkv < 1 || o.n != (o.ye.hq + 2 * o.ye.hkv) * d)
+        return cudaErrorInvalidValue;
+      return by_tiles<T, F, XMode::kPlain, YMode::kRope>(rows_per_block, warps, loop, o);
     }
     return cudaErrorInvalidValue;
   }
@@ -654,9 +721,9 @@ cudaError_t dispatch(DType dtype, int rows_per_block, int warps, bool loop, cons
 
 cudaError_t int4_gemv(const void* x, int64_t ldx, const uint8_t* qweight, int64_t ldq, const float* scales,
                       int64_t lds, const float* zeros, int64_t ldz, void* y, int64_t ldy, int m, int n, int k,
-                      int rows_per_block, int warps, bool loop, int pdl, const XPrologue& xp, bool swiglu,
+                      int rows_per_block, int warps, bool loop, int pdl, const XPrologue& xp, const YEpilogue& ye,
                       DType dtype, cudaStream_t stream) {
-  const Operands o{x, ldx, qweight, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, xp, swiglu, stream};
+  const Operands o{x, ldx, qweight, ldq, scales, lds, zeros, ldz, y, ldy, m, n, k, pdl, xp, ye, stream};
   return dispatch<Format::kInt4Awq>(dtype, rows_per_block, warps, loop, o);
 }
 
@@ -664,7 +731,7 @@ cudaError_t int8_gemv(const void* x, int64_t ldx, const int8_t* weight, int64_t 
                       int64_t ldy, int m, int n, int k, int rows_per_block, int warps, bool loop, int pdl, DType dtype,
                       cudaStream_t stream) {
   const Operands o{x, ldx, reinterpret_cast<const uint8_t*>(weight), ldw, scale, 1, nullptr, 0, y, ldy, m, n, k, pdl,
-                   XPrologue{}, false, stream};
+                   XPrologue{}, YEpilogue{}, stream};
   return dispatch<Format::kInt8>(dtype, rows_per_block, warps, loop, o);
 }
 
