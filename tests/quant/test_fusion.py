@@ -140,3 +140,72 @@ def test_a_fused_int4_gate_up_gives_silu_mul_from_one_op(base: Transformer, monk
         assert not module.has_swiglu()
         with pytest.raises(ValueError, match=f"out_features={module.out_features}, bias={module.bias is not None}"):
             module.forward_swiglu(torch.randn(1, 64))
+
+
+def test_an_int4_decode_step_rotates_and_writes_the_cache_in_its_qkv_op(monkeypatch) -> None:
+    """An int4 model's fused q/k/v has a one-op rope and cache write (`matmul.int4_awq_qkv_rope`). A one-token step
+    through a `FlatKVCache` or a decode-only `PagedKVContext` takes it and attends to the cache
+    (`attend_cached`); the logits and the caches equal those of the projection, rope and write apart (on a CPU
+    through the references, the same arithmetic exactly), and with the switch off the op is not called. Prefill
+    steps, a biased projection and a QK-norm model keep the separate ops."""
+    from tessera.attn import FlatKVCache, PagedAttentionMetadata, PagedKVCache, PagedKVContext
+    from tessera.specs import KVCacheHandle, KVCacheSpec
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny-student")
+    model = quantize(Transformer(cfg).eval(), CONFIGS["int4_rtn"], None, progress=False)
+    fuse_projections(model)
+    assert model.model.layers[0].self_attn.qkv.has_qkv_rope()
+    calls = []
+    real = Int4Linear.forward_qkv_rope
+    monkeypatch.setattr(Int4Linear, "forward_qkv_rope",
+                        lambda self, x, *a: calls.append(tuple(x.shape)) or real(self, x, *a))
+    ids = torch.randint(0, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(3))
+
+    def flat(fused: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        monkeypatch.setattr(layers, "FUSED_QKV_ROPE", fused)
+        cache = FlatKVCache(cfg, 2, 6)
+        with torch.inference_mode():
+            model(ids[:, :5], positions=cache.positions(5), kv=cache)
+            cache.advance(5)
+            step = model(ids[:, 5:], positions=cache.positions(1), kv=cache)
+        return step, [t.clone() for t in (*cache.k, *cache.v)]
+
+    want, want_caches = flat(False)
+    assert calls == []
+    got, got_caches = flat(True)
+    assert calls == [(2, cfg.d_model)] * cfg.n_layers  # the step only, every layer; not the prefill
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(got_caches, want_caches))
+
+    # a decode-only paged step: three sequences packed as one row, one token each
+    spec = KVCacheSpec(n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, block_size=4,
+                       num_blocks=8, dtype="float32")
+    handles = [KVCacheHandle(seq_id=i, block_ids=[2 * i, 2 * i + 1], num_tokens=5 + i, block_size=4) for i in range(3)]
+    meta = PagedAttentionMetadata.from_handles(handles, [1, 1, 1])
+    tokens = torch.randint(0, cfg.vocab_size, (1, 3), generator=torch.Generator().manual_seed(4))
+    positions = torch.tensor([[4, 5, 6]])
+
+    def paged(fused: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        monkeypatch.setattr(layers, "FUSED_QKV_ROPE", fused)
+        torch.manual_seed(5)
+        cache = PagedKVCache(spec)
+        for t in (*cache.k, *cache.v):
+            t.normal_()
+        with torch.inference_mode():
+            out = model(tokens, positions=positions, kv=PagedKVContext(cache, meta))
+        return out, [*cache.k, *cache.v]
+
+    calls.clear()
+    want, want_caches = paged(False)
+    got, got_caches = paged(True)
+    assert calls == [(3, cfg.d_model)] * cfg.n_layers
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(got_caches, want_caches))
+
+    biased = quantize(Transformer(cfg.model_copy(update={"attention_bias": True})).eval(), CONFIGS["int4_rtn"], None,
+                      progress=False)
+    fuse_projections(biased)
+    assert not biased.model.layers[0].self_attn.qkv.has_qkv_rope()
+    with pytest.raises(ValueError, match="bias=True"):
+        biased.model.layers[0].self_attn.qkv.fused.forward_qkv_rope(torch.zeros(1, cfg.d_model), *[None] * 7)

@@ -25,6 +25,11 @@ class KVContext(Protocol):
     sin [N, D], norm=None) -> [N, Hq, D] | None`, taking q and k before RoPE (and before QK-norm, with
     `norm` = (q_weight, k_weight, eps)) so it can fuse the rotation into its own op; the model tries it
     first and calls `attend` when it returns None (`PagedKVContext` does it for decode steps).
+
+    And `decode_cache(layer, tokens) -> (k_cache, v_cache, slot_mapping) | None` with `attend_cached(layer,
+    q [N, Hq, D]) -> [N, Hq, D]`: for a one-token-a-sequence step, the caches and slots where the model's q/k/v
+    projection may write the rotated k and v itself (`matmul.int4_awq_qkv_rope`), and the attention of the rotated
+    q to the cache that follows.
     """
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...

@@ -100,6 +100,19 @@ class FlatKVCache:
         return paged_cache.rotary_decode((q, k, v, cos, sin, *self._paged(layer), self._slots[self.length],
                                           self._block_tables, self._lens[self.length + 1]), norm)
 
+    def decode_cache(self, layer: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """For a one-token step of `tokens` rows (the batch): layer `layer`'s caches and the step's slots
+        [batch_size], where a projection may write k and v itself before `attend_cached`; None otherwise."""
+        if tokens != self.batch_size or self.length + 1 > self.max_len:
+            return None
+        return (*self._paged(layer), self._slots[self.length])
+
+    def attend_cached(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """A one-token step whose k and v are already at `decode_cache`'s slots: q [batch_size, Hq, D] (rotated)
+        attends to the cache (`attention.decode_paged`) -> [batch_size, Hq, D]."""
+        k_cache, v_cache = self._paged(layer)
+        return registry("attention.decode_paged", q, k_cache, v_cache, self._block_tables, self._lens[self.length + 1])
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, t, hq, d = q.shape
         if b != self.batch_size:

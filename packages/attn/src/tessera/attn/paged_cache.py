@@ -135,6 +135,21 @@ class PagedKVContext:
         return rotary_decode((q, k, v, cos, sin, self.cache.k[layer], self.cache.v[layer], meta.slot_mapping,
                               meta.block_tables, meta.context_lens), norm)
 
+    def decode_cache(self, layer: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """For a decode-only step of `tokens` rows: layer `layer`'s caches and the step's slot mapping, where a
+        projection may write k and v itself before `attend_cached`; None for any other step."""
+        meta = self.meta
+        if not meta.decode_only or tokens != meta.block_tables.shape[0]:
+            return None
+        return self.cache.k[layer], self.cache.v[layer], meta.slot_mapping
+
+    def attend_cached(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """A decode-only step whose k and v are already at `decode_cache`'s slots: q [N, Hq, D] (rotated) attends
+        to the cache (`attention.decode_paged`) -> [N, Hq, D]."""
+        meta = self.meta
+        return registry("attention.decode_paged", q, self.cache.k[layer], self.cache.v[layer], meta.block_tables,
+                        meta.context_lens)
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if q.shape[0] != 1:
             raise ValueError(f"PagedKVContext expects the step packed as one row, got batch {q.shape[0]}")

@@ -243,23 +243,29 @@ def matmul_int4_awq_swiglu(x: torch.Tensor, qweight: torch.Tensor, scales: torch
     return gated_halves(matmul_int4_awq(x, qweight, scales, zeros, group_size))
 
 
+def qkv_heads(y: torch.Tensor, n_q_heads: int, n_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fused q/k/v output y [M, (Hq + 2 Hkv) D] as views q [M, Hq, D], k and v [M, Hkv, D]."""
+    heads = n_q_heads + 2 * n_kv_heads
+    if n_q_heads < 0 or n_kv_heads < 1 or y.shape[-1] % heads:
+        raise ValueError(f"a fused q/k/v output of width {y.shape[-1]} is not (n_q_heads + 2 n_kv_heads) * head_dim "
+                         f"for n_q_heads={n_q_heads}, n_kv_heads={n_kv_heads}")
+    return y.view(y.shape[0], heads, y.shape[-1] // heads).split((n_q_heads, n_kv_heads, n_kv_heads), dim=1)
+
+
 def matmul_int4_awq_qkv_rope(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                              group_size: int, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                              v_cache: torch.Tensor, slot_mapping: torch.Tensor, n_q_heads: int,
                              n_kv_heads: int) -> torch.Tensor:
-    """A decode step's fused q/k/v projection, rope and cache write: y = x @ W.T [M, (Hq + 2 Hkv) D] with its q and
-    k heads rotated (`rope`, cos/sin [M, D]), and the rotated k and v rows written at `slot_mapping`
-    (`kv_cache_write`). Returns y."""
-    heads = n_q_heads + 2 * n_kv_heads
-    if qweight.shape[0] % heads:
+    """A decode step's fused q/k/v projection, rope and cache write: of y = x @ W.T [M, (Hq + 2 Hkv) D], the q and
+    k heads rotated (`rope`, cos/sin [M, D]) and the rotated k and v written at `slot_mapping` (`kv_cache_write`).
+    Returns the rotated q [M, Hq, D]."""
+    if qweight.shape[0] % (n_q_heads + 2 * n_kv_heads):
         raise ValueError(f"qweight.shape={tuple(qweight.shape)} is not [(n_q_heads + 2 n_kv_heads) * head_dim, K / 2] "
                          f"for n_q_heads={n_q_heads}, n_kv_heads={n_kv_heads}")
-    y = matmul_int4_awq(x, qweight, scales, zeros, group_size)
-    d = qweight.shape[0] // heads
-    q, k, v = y.view(-1, heads, d).split((n_q_heads, n_kv_heads, n_kv_heads), dim=1)
+    q, k, v = qkv_heads(matmul_int4_awq(x, qweight, scales, zeros, group_size), n_q_heads, n_kv_heads)
     q, k = rope(q, k, cos, sin)
     kv_cache_write(k, v, k_cache, v_cache, slot_mapping)
-    return torch.cat((q, k, v), dim=1).reshape(y.shape)
+    return q
 
 
 def matmul_dense_normed(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, w: torch.Tensor,
@@ -302,6 +308,7 @@ REFERENCES = {
     "matmul.int8_weight_only_gated": matmul_int8_weight_only_gated,
     "matmul.int4_awq_gated": matmul_int4_awq_gated,
     "matmul.int4_awq_swiglu": matmul_int4_awq_swiglu,
+    "matmul.int4_awq_qkv_rope": matmul_int4_awq_qkv_rope,
     "matmul.dense_normed": matmul_dense_normed,
     "matmul.int8_weight_only_normed": matmul_int8_weight_only_normed,
     "matmul.int4_awq_normed": matmul_int4_awq_normed,

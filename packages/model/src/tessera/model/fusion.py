@@ -81,6 +81,17 @@ class FusedProjections(ABC):
         gate, up = self.matmul(x).split(self.sizes, dim=-1)
         return silu_mul(gate, up)
 
+    def has_qkv_rope(self) -> bool:
+        """Whether `qkv_rope` runs q/k/v with rope and the cache write as one op (a subclass's: the int4 linears,
+        whose decode GEMV does both in its epilogue); not here."""
+        return False
+
+    def qkv_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, slot_mapping: torch.Tensor, n_q_heads: int, n_kv_heads: int) -> torch.Tensor:
+        """x [N, in] -> the rotated q [N, Hq, D] of three parts (q, k, v), k rotated and v written to the caches at
+        `slot_mapping` (`matmul.int4_awq_qkv_rope`), where `has_qkv_rope`."""
+        raise NotImplementedError(f"{type(self).__name__} has no one-op q/k/v rope (has_qkv_rope() is False)")
+
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """`x [..., in]` -> one `[..., size_i]` view per part (column slices of one matmul's output)."""
         return self.matmul(x).split(self.sizes, dim=-1)

@@ -31,6 +31,11 @@ FUSED_NORMS = os.environ.get("TESSERA_FUSED_NORM", "0") == "1"
 #: projection and then silu_mul (for comparisons). Read at each call: a CUDA graph keeps what was in force when
 #: it was captured.
 FUSED_SWIGLU = os.environ.get("TESSERA_FUSED_SWIGLU", "1") != "0"
+#: Whether a decode step's fused q/k/v projection with a one-op rope and cache write (`FusedProjections.
+#: has_qkv_rope`: int4 AWQ, whose decode GEMV does both in its epilogue) uses it, where the KV context offers
+#: `decode_cache` and the model has no QK-norm. On by default; `TESSERA_FUSED_QKV_ROPE=0`, or setting it False,
+#: runs the projection, rope and the cache write apart. Read at each call.
+FUSED_QKV_ROPE = os.environ.get("TESSERA_FUSED_QKV_ROPE", "1") != "0"
 
 
 def _norm_target(module: nn.Module, fused: FusedProjections | None,
@@ -92,6 +97,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv: KVContext | None = None) -> torch.Tensor:
         if self.qkv is not None and self.qkv.active(self.q_proj, self.k_proj, self.v_proj):
+            o = self._attend_rope_projected(x, cos, sin, kv)
+            if o is not None:
+                return o
             q, k, v = self.qkv(x)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -102,12 +110,37 @@ class Attention(nn.Module):
         """`(self(y, cos, sin, kv), h)` for `y, h = rms_norm_residual(x, residual)` under `norm`'s weight: with
         q/k/v fused, the norm goes to the fused projection (`matmul_normed`: one launch at a decode step)."""
         target = _norm_target(self, self.qkv, self.q_proj, self.k_proj, self.v_proj)
-        if target is None:
+        if target is None or self._rope_cache(target, x, kv) is not None:
+            # no fused projection, or one that rotates and writes the cache itself (`forward` takes it): the norm
+            # is a launch of its own
             y, h = registry("rms_norm_residual", x, residual, norm.weight, norm.eps)
             return self(y, cos, sin, kv), h
         qkv, h = target.matmul_normed(x, residual, norm.weight, norm.eps)
         q, k, v = qkv.split(target.sizes, dim=-1)
         return self._attend(q, k, v, cos, sin, kv), h
+
+    def _rope_cache(self, qkv: FusedProjections, x: torch.Tensor,
+                    kv: KVContext | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The caches and slots where `qkv` may rotate and write this step's k and v itself: with the switch on,
+        no QK-norm, a projection that `has_qkv_rope` and a context whose `decode_cache` takes the step."""
+        if not FUSED_QKV_ROPE or self.qk_norm or kv is None or not qkv.has_qkv_rope():
+            return None
+        decode_cache = getattr(kv, "decode_cache", None)
+        return None if decode_cache is None else decode_cache(self.layer_idx, x.shape[0] * x.shape[1])
+
+    def _attend_rope_projected(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                               kv: KVContext | None) -> torch.Tensor | None:
+        """A decode step's attention with q/k/v, rope and the cache write as one op (`_rope_cache`), then the
+        context's `attend_cached`; None where `_rope_cache` is None."""
+        cache = self._rope_cache(self.qkv, x, kv)
+        if cache is None:
+            return None
+        b, t, _ = x.shape
+        n, hd = b * t, self.head_dim
+        q = self.qkv.qkv_rope(x.reshape(n, -1), cos.reshape(n, hd), sin.reshape(n, hd), *cache, self.n_heads,
+                              self.n_kv_heads)
+        o = kv.attend_cached(self.layer_idx, q)
+        return self.o_proj(o.reshape(b, t, self.n_heads * hd))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv: KVContext | None) -> torch.Tensor:

@@ -39,6 +39,8 @@ class QuantLinear(nn.Module, ABC):
     normed_op: str | None = None
     #: The op of `op` with a fused gate/up weight and then silu_mul of the halves (None: the two ops).
     swiglu_op: str | None = None
+    #: The op of `op` with a fused q/k/v weight, then rope and the cache write (None: the three ops).
+    rope_op: str | None = None
     #: Buffers whose first dim is `out_features` (one row per output): concatenated when fusing.
     row_buffers: tuple[str, ...] = ()
 
@@ -89,6 +91,18 @@ class QuantLinear(nn.Module, ABC):
                              f"{self.bias is not None}) has no SwiGLU op: needs swiglu_op, no bias, even out_features")
         a = registry(self.swiglu_op, x.reshape(-1, self.in_features), *self._op_args())
         return a.reshape(*x.shape[:-1], self.out_features // 2)
+
+    def forward_qkv_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, slot_mapping: torch.Tensor, n_q_heads: int,
+                         n_kv_heads: int) -> torch.Tensor:
+        """For a module that is a fused q/k/v projection without bias: the rotated q [N, Hq, D] of x [N, in], with k
+        rotated and v written to the caches at `slot_mapping`, as one op (`rope_op`). Raises ValueError where the
+        class has no such op or the module has a bias."""
+        if self.rope_op is None or self.bias is not None:
+            raise ValueError(f"{type(self).__name__}(bias={self.bias is not None}) has no q/k/v rope op: needs rope_op "
+                             "and no bias")
+        return registry(self.rope_op, x, *self._op_args(), cos, sin, k_cache, v_cache, slot_mapping, n_q_heads,
+                        n_kv_heads)
 
     def forward_normed(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,6 +209,7 @@ class Int4Linear(QuantLinear):
     gated_op = "matmul.int4_awq_gated"
     normed_op = "matmul.int4_awq_normed"
     swiglu_op = "matmul.int4_awq_swiglu"
+    rope_op = "matmul.int4_awq_qkv_rope"
     row_buffers = ("qweight", "scales", "zeros")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *, group_size: int = 128,
@@ -293,3 +308,11 @@ class FusedQuantLinear(FusedProjections):
 
     def swiglu(self, x: torch.Tensor) -> torch.Tensor:
         return self.fused.forward_swiglu(x)
+
+    def has_qkv_rope(self) -> bool:
+        return (len(self.sizes) == 3 and self.sizes[1] == self.sizes[2] and self.fused.rope_op is not None
+                and self.fused.bias is None)
+
+    def qkv_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, slot_mapping: torch.Tensor, n_q_heads: int, n_kv_heads: int) -> torch.Tensor:
+        return self.fused.forward_qkv_rope(x, cos, sin, k_cache, v_cache, slot_mapping, n_q_heads, n_kv_heads)

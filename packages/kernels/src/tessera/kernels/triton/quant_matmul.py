@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tessera.kernels import shape_choice
+from tessera.kernels import reference, shape_choice
 from tessera.kernels.custom_ops import matmul_custom_op, normed_custom_op
 from tessera.kernels.support import (
     FLOATS,
@@ -38,7 +38,7 @@ from tessera.kernels.support import (
     triton_device_reasons,
     triton_interpreting,
 )
-from tessera.kernels.triton import norm, pdl, quant_dequant, quant_gemv, swiglu
+from tessera.kernels.triton import kv_cache, norm, pdl, quant_dequant, quant_gemv, rope, swiglu
 from tessera.kernels.triton.tuned_launch import TunedLaunch
 from tessera.kernels.triton.tuning import autotune, bucket, dot_precision
 from tessera.specs import KernelRegistry
@@ -264,10 +264,12 @@ def _filling(gemv: TritonGemv, like: torch.Tensor) -> Callable[[], torch.Tensor]
 
 def _choose_cuda_gemv(key: tuple, x: torch.Tensor, configs: tuple[tuple[int, int, bool], ...],
                       baseline: Callable[[], torch.Tensor], cuda_gemv: CudaGemv, y: torch.Tensor,
-                      names: tuple[str, str] = ("triton", "cuda")) -> tuple[int, int, bool] | None:
+                      names: tuple[str, str] = ("triton", "cuda"),
+                      baseline_timed: Callable[[], object] | None = None) -> tuple[int, int, bool] | None:
     """The CUDA GEMV's fastest config for this shape if it beats `baseline` (the tuned Triton GEMV, or what
     else computes y; it returns its result) in CUDA-graph time, else None; None too, with a warning, when the
-    extension does not build. The times go to `cuda_gemv_timings` under `names` (the baseline's, the CUDA
+    extension does not build. `baseline_timed`, where given, is what is timed instead of `baseline` (the same
+    launches without assembling y). The times go to `cuda_gemv_timings` under `names` (the baseline's, the CUDA
     GEMV's)."""
     from tessera.kernels import cuda
     from tessera.kernels.triton.tuning import graph_bench
@@ -290,7 +292,7 @@ def _choose_cuda_gemv(key: tuple, x: torch.Tensor, configs: tuple[tuple[int, int
         log.warning("%s: the CUDA GEMV differs from the %s path by up to %.3g; not taken", what, names[0],
                     (y.float() - want.float()).abs().max().item())
         return None
-    won = shape_choice.faster(what, start, cuda_gemv_timings, key, (names[0], baseline),
+    won = shape_choice.faster(what, start, cuda_gemv_timings, key, (names[0], baseline_timed or baseline),
                               (names[1], lambda: cuda_gemv(y, best, mode)))
     cuda_gemv_timings[key]["cuda_config"] = list(best)
     return best if won else None
@@ -298,11 +300,13 @@ def _choose_cuda_gemv(key: tuple, x: torch.Tensor, configs: tuple[tuple[int, int
 
 def cuda_gemv_choices() -> dict[str, dict[str, object]]:
     """Per timed int8 and int4 decode shape: 'cuda' (the tensor-core GEMV) or 'triton', and the times; per timed
-    SwiGLU shape ('int4 swiglu ...'): 'cuda' (silu_mul stored by the GEMV) or 'unfused' (GEMV, then silu_mul)."""
+    SwiGLU shape ('int4 swiglu ...'): 'cuda' (silu_mul stored by the GEMV) or 'unfused' (GEMV, then silu_mul); per
+    timed q/k/v shape with rope ('int4 qkv rope ...'): 'cuda' (rope and cache write in the GEMV) or 'unfused'."""
     out = {_label(key): {"backend": "triton" if config is None else "cuda", **cuda_gemv_timings.get(key, {})}
            for key, config in _cuda_gemv.items() if config is not shape_choice.UNSET}
     out.update({_label(key): {"backend": "unfused" if config is None else "cuda", **cuda_gemv_timings.get(key, {})}
-                for key, config in _swiglu_gemv.items() if config is not shape_choice.UNSET})
+                for table in (_swiglu_gemv, _rope_gemv) for key, config in table.items()
+                if config is not shape_choice.UNSET})
     return out
 
 
@@ -441,6 +445,70 @@ def matmul_int4_awq_swiglu(x: torch.Tensor, qweight: torch.Tensor, scales: torch
                            group_size: int) -> torch.Tensor:
     """Same contract as `reference.matmul_int4_awq_swiglu` (see `_int4_swiglu`)."""
     return _int4_swiglu_op(x, qweight, scales, zeros, int(group_size))
+
+
+#: Per decode shape of the q/k/v GEMV with rope and the cache write ('int4 qkv rope', M bucket, N, K, group, dtype):
+#: the CUDA GEMV's config where doing both in its epilogue beat the GEMV, the rope and the cache-write launches,
+#: else None (times in `cuda_gemv_timings`).
+_rope_gemv: dict[tuple, tuple[int, int, bool] | None] = {}
+
+
+def _int4_qkv_rope(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   group_size: int, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, slot_mapping: torch.Tensor, n_q_heads: int, n_kv_heads: int) -> torch.Tensor:
+    """The rotated q of a fused q/k/v int4 projection, its k and v rotated and written to the caches: at a decode
+    shape on sm_90, the CUDA tensor-core GEMV doing the rope and the write in its epilogue where a CUDA-graph
+    timing of the shape (at its first call outside a capture) favours that over the plain op, the Triton rope and
+    the Triton cache write; else those three."""
+    m, n = x.shape[0], qweight.shape[0]
+    if qweight.shape[0] % (n_q_heads + 2 * n_kv_heads):
+        raise ValueError(f"qweight.shape={tuple(qweight.shape)} is not [(n_q_heads + 2 n_kv_heads) * head_dim, K / 2] "
+                         f"for n_q_heads={n_q_heads}, n_kv_heads={n_kv_heads}")
+
+    def unfused_heads() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = reference.qkv_heads(_int4(x, qweight, scales, zeros, group_size), n_q_heads, n_kv_heads)
+        q, k = rope.rope(q, k, cos, sin)
+        kv_cache.kv_cache_write(k, v, k_cache, v_cache, slot_mapping)
+        return q, k, v
+
+    def unfused() -> torch.Tensor:
+        return unfused_heads()[0]
+
+    if not (m and x.is_cuda and not triton_interpreting() and quant_gemv.serves_int4(m, group_size)):
+        return unfused()
+    from tessera.kernels import cuda
+
+    qweight, scales, zeros = _rows(qweight), _rows(scales), _rows(zeros)
+    key = _shape_key("int4 qkv rope", m, n, 2 * qweight.shape[1], x.dtype, group_size)
+    # a shape decided for the separate launches skips the CUDA kernel's input checks
+    if _rope_gemv.get(key, shape_choice.UNSET) is None or cuda.int4_gemv_rope_reasons(
+            x, qweight, scales, zeros, cos, sin, k_cache, v_cache, slot_mapping, n_q_heads, n_kv_heads):
+        return unfused()
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+
+    def launch(out: torch.Tensor, config: tuple[int, int, bool], mode: int) -> None:
+        cuda.int4_gemv_rope(x, qweight, scales, zeros, out, cos, sin, k_cache, v_cache, slot_mapping, n_q_heads,
+                            n_kv_heads, *config, pdl=mode)
+
+    def whole_unfused() -> torch.Tensor:  # what the GEMV's y is checked against: q, and k and v as written
+        return torch.cat(unfused_heads(), dim=1).view(m, n)
+
+    config = shape_choice.remembered(
+        _rope_gemv, key, lambda: _choose_cuda_gemv(key, x, cuda.int4_gemv_configs(*x.shape), whole_unfused, launch,
+                                                   y, ("unfused", "cuda"), baseline_timed=unfused))
+    if config is shape_choice.UNSET or config is None:
+        return unfused()
+    launch(y, config, _cuda_pdl(x.device))
+    return reference.qkv_heads(y, n_q_heads, n_kv_heads)[0]
+
+
+def matmul_int4_awq_qkv_rope(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                             group_size: int, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                             v_cache: torch.Tensor, slot_mapping: torch.Tensor, n_q_heads: int,
+                             n_kv_heads: int) -> torch.Tensor:
+    """Same contract as `reference.matmul_int4_awq_qkv_rope` (see `_int4_qkv_rope`)."""
+    return _int4_qkv_rope(x, qweight, scales, zeros, int(group_size), cos, sin, k_cache, v_cache, slot_mapping,
+                          int(n_q_heads), int(n_kv_heads))
 
 
 def _int8_gated(gu: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -599,6 +667,34 @@ def supports_int4_swiglu(x: torch.Tensor | None = None, qweight: torch.Tensor | 
     return reasons
 
 
+def supports_int4_qkv_rope(x: torch.Tensor | None = None, qweight: torch.Tensor | None = None,
+                           scales: torch.Tensor | None = None, zeros: torch.Tensor | None = None, group_size: int = 128,
+                           cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                           k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
+                           slot_mapping: torch.Tensor | None = None, n_q_heads: int = 0,
+                           n_kv_heads: int = 1) -> list[str]:
+    if cos is None or sin is None or k_cache is None or v_cache is None or slot_mapping is None:
+        return triton_device_reasons()
+    reasons = supports_int4(x, qweight, scales, zeros, group_size)
+    reasons += triton_device_reasons(cos, sin, k_cache, v_cache, slot_mapping)
+    heads = n_q_heads + 2 * n_kv_heads
+    if n_q_heads < 0 or n_kv_heads < 1 or qweight.shape[0] % heads:
+        reasons.append(f"qweight.shape={tuple(qweight.shape)} is not [(n_q_heads + 2 n_kv_heads) * head_dim, K / 2] "
+                       f"for n_q_heads={n_q_heads}, n_kv_heads={n_kv_heads}")
+    else:
+        d = qweight.shape[0] // heads
+        if d % 2 or cos.shape != (x.shape[0], d) or sin.shape != cos.shape:
+            reasons.append(f"cos/sin {tuple(cos.shape)}/{tuple(sin.shape)} are not [M={x.shape[0]}, head_dim={d}] "
+                           "(an even head_dim)")
+        if k_cache.shape != v_cache.shape or tuple(k_cache.shape[-2:]) != (n_kv_heads, d):
+            reasons.append(f"k_cache/v_cache {tuple(k_cache.shape)}/{tuple(v_cache.shape)} are not [..., "
+                           f"n_kv_heads={n_kv_heads}, head_dim={d}]")
+        if slot_mapping.dtype != torch.int64 or slot_mapping.shape != (x.shape[0],):
+            reasons.append(f"slot_mapping {tuple(slot_mapping.shape)}/{slot_mapping.dtype} is not int64 "
+                           f"[M={x.shape[0]}]")
+    return reasons
+
+
 def supports_int8_gated(gu: torch.Tensor | None = None, w_q: torch.Tensor | None = None,
                         scale: torch.Tensor | None = None) -> list[str]:
     return supports_int8(gu, w_q, scale, gated=True)
@@ -636,6 +732,8 @@ def register(reg: KernelRegistry) -> None:
     reg.register("matmul.int4_awq_gated", "triton", matmul_int4_awq_gated, supports=supports_int4_gated,
                  priority=20)
     reg.register("matmul.int4_awq_swiglu", "triton", matmul_int4_awq_swiglu, supports=supports_int4_swiglu,
+                 priority=20)
+    reg.register("matmul.int4_awq_qkv_rope", "triton", matmul_int4_awq_qkv_rope, supports=supports_int4_qkv_rope,
                  priority=20)
     reg.register("matmul.int8_weight_only_normed", "triton", matmul_int8_weight_only_normed,
                  supports=supports_int8_normed, priority=20)
