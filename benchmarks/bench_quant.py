@@ -367,15 +367,21 @@ def speed(args: argparse.Namespace) -> dict:
                                        for m in other_modes}}
             entry[f"decode_b{b}_ms"] = ms
             entry[f"decode_b{b}_graphed"] = g
-            if args.compare_swiglu and layers.FUSED_SWIGLU and any(
-                    getattr(m, "gate_up", None) is not None and m.gate_up.has_swiglu() for m in model.modules()):
-                layers.FUSED_SWIGLU = False  # the gate/up GEMV, then silu_mul: same process, same tuned configs
+            # the epilogue fusions switched off one at a time: same process, same tuned configs
+            for wanted, flag, has, what in (
+                    (args.compare_swiglu, "FUSED_SWIGLU", lambda m: getattr(m, "gate_up", None) is not None
+                     and m.gate_up.has_swiglu(), "swiglu"),
+                    (args.compare_qkv_rope, "FUSED_QKV_ROPE", lambda m: getattr(m, "qkv", None) is not None
+                     and m.qkv.has_qkv_rope(), "qkv_rope")):
+                if not (wanted and getattr(layers, flag) and any(has(m) for m in model.modules())):
+                    continue
+                setattr(layers, flag, False)
                 try:
                     off = decode_ms(model, b, context, dtype, timer, graphed)[0]
                 finally:
-                    layers.FUSED_SWIGLU = True
-                entry[f"decode_b{b}_ms_without_swiglu"] = off
-                print(f"  {method}: decode b{b} {ms:.3f} ms with the SwiGLU GEMV, {off:.3f} ms without", flush=True)
+                    setattr(layers, flag, True)
+                entry[f"decode_b{b}_ms_without_{what}"] = off
+                print(f"  {method}: decode b{b} {ms:.3f} ms with the {what} GEMV, {off:.3f} ms without", flush=True)
             if args.compare_fusion_always:  # every fused decode launch that agrees, whatever its time alone
                 previous = shape_choice.DECODE_FUSION
                 shape_choice.DECODE_FUSION = "always"
@@ -543,8 +549,12 @@ def main() -> None:
                         "same process")
     p.add_argument("--compare-fusion-always", action="store_true",
                    help="with --speed: also time the decode steps of every method with each fused decode launch "
-                   "(gated, normalised, SwiGLU GEMVs) taken wherever it agrees, not only where it was faster "
+                   "(gated, normalised, SwiGLU, rope GEMVs) taken wherever it agrees, not only where it was faster "
                    "timed alone (TESSERA_DECODE_FUSION=always), in the same process")
+    p.add_argument("--compare-qkv-rope", action="store_true",
+                   help="with --speed: also time the decode steps of a method whose fused q/k/v rotates and writes "
+                        "the cache itself (AWQ's int4 q/k/v rope GEMV) with that off (the GEMV, the rope and the "
+                        "cache-write launches), in the same process")
     p.add_argument("--pdl-modes", type=int, nargs="+", default=[], choices=(0, 1, 2, 3, 4), metavar="MODE",
                    help="with --speed: also time the decode steps in these PDL modes (0 off, 1 launch overlap, "
                         "2 overlap + GEMV weight prefetch, 3 overlap + GEMV first weight tile before the wait, 4 the "

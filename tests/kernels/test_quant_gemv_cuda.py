@@ -669,3 +669,67 @@ def test_the_qkv_rope_reference_is_rope_then_the_cache_write() -> None:
     assert torch.equal(kc, k_cache) and torch.equal(vc, v_cache) and kc.view(-1, 2, 16)[slots[0]].any()
     with pytest.raises(ValueError, match=r"n_q_heads=3, n_kv_heads=2"):
         reference.matmul_int4_awq_qkv_rope(x, qweight, scales, zeros, 128, cos, sin, kc, vc, slots, 3, 2)
+
+
+@pytest.mark.parametrize("kernel", ["right", "wrong slot", "slower"])
+def test_the_qkv_rope_op_checks_the_cache_writes_before_it_takes_the_gemv(monkeypatch, kernel: str) -> None:
+    """`quant_matmul._int4_qkv_rope` with the CUDA launcher, the plain op and the timer replaced: a GEMV whose writes
+    and y agree with the separate ops and is faster is taken (remembered under 'int4 qkv rope' and launched without
+    timing next time); one that writes a wrong slot is refused before any timing, whatever its speed; a slower one
+    is not taken. Either way the op's q and caches are the separate ops'."""
+    from tessera.kernels.triton import kv_cache, quant_gemv, rope, tuning
+    from tessera.kernels.triton import quant_matmul as qm
+
+    m, hq, hkv, d, k = 3, 4, 2, 16, 256
+    x, qweight, scales, zeros, cos, sin, k_cache, v_cache, slots = _rope_inputs(m, hq, hkv, d, k, torch.bfloat16,
+                                                                                "cpu", 2)
+    plain = reference.matmul_int4_awq(x, qweight, scales, zeros, 128)
+    seen = {"cuda": 0, "timed": 0, "last": None}
+
+    def fake_cuda(x_, qw, s, z, out, cs, sn, kc, vc, sl, nq, nkv, *config, pdl):
+        seen["cuda"] += 1
+        seen["last"] = "cuda"
+        q, k_, v = reference.qkv_heads(plain, nq, nkv)
+        q, k_ = reference.rope(q, k_, cs, sn)
+        reference.kv_cache_write(k_, v, kc, vc, sl + (1 if kernel == "wrong slot" else 0))
+        out.copy_(torch.cat((q, k_, v), dim=1).view(out.shape))
+
+    def fake_plain(*args):
+        seen["last"] = "unfused"
+        return plain.clone()
+
+    def fake_bench(fn):
+        seen["timed"] += 1
+        fn()
+        fast = "unfused" if kernel == "slower" else "cuda"
+        return (1.0 if seen["last"] == fast else 3.0) * 1e-3
+
+    gpu_x = SimpleNamespace(shape=x.shape, dtype=x.dtype, device=x.device, is_cuda=True)
+    monkeypatch.setattr(qm, "_cuda_pdl", lambda device: 3)
+    monkeypatch.setattr(qm, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(qm, "_rope_gemv", {})
+    monkeypatch.setattr(qm, "cuda_gemv_timings", {})
+    monkeypatch.setattr(qm, "_int4", fake_plain)
+    monkeypatch.setattr(rope, "rope", reference.rope)  # the Triton kernels need a GPU or the interpreter
+    monkeypatch.setattr(kv_cache, "kv_cache_write", reference.kv_cache_write)
+    monkeypatch.setattr(quant_gemv, "serves_int4", lambda m, group: True)
+    monkeypatch.setattr(cuda, "load", lambda: None)
+    monkeypatch.setattr(cuda, "int4_gemv_rope_reasons", lambda *a: [])
+    monkeypatch.setattr(cuda, "int4_gemv_rope", fake_cuda)
+    monkeypatch.setattr(tuning, "graph_bench", fake_bench)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # CPU builds cannot ask
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want = reference.matmul_int4_awq_qkv_rope(x, qweight, scales, zeros, 128, cos, sin, want_k, want_v, slots, hq, hkv)
+    for _ in range(2):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        got = qm._int4_qkv_rope(gpu_x, qweight, scales, zeros, 128, cos, sin, kc, vc, slots, hq, hkv)
+        assert torch.equal(got, want) and torch.equal(kc, want_k) and torch.equal(vc, want_v)
+    label = f"int4 qkv rope M<=4 N={(hq + 2 * hkv) * d} K={k} g=128 bfloat16"  # M bucketed to a power of two
+    if kernel == "wrong slot":
+        assert seen["timed"] == 0 and qm.cuda_gemv_choices()[label] == {"backend": "unfused"}  # refused untimed
+    else:
+        assert qm.cuda_gemv_choices()[label]["backend"] == ("cuda" if kernel == "right" else "unfused")
+        timed, launches = seen["timed"], seen["cuda"]
+        qm._int4_qkv_rope(gpu_x, qweight, scales, zeros, 128, cos, sin, k_cache.clone(), v_cache.clone(), slots, hq,
+                          hkv)
+        assert seen["timed"] == timed and seen["cuda"] == launches + (kernel == "right")

@@ -493,13 +493,51 @@ def _int4_qkv_rope(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     def whole_unfused() -> torch.Tensor:  # what the GEMV's y is checked against: q, and k and v as written
         return torch.cat(unfused_heads(), dim=1).view(m, n)
 
-    config = shape_choice.remembered(
-        _rope_gemv, key, lambda: _choose_cuda_gemv(key, x, cuda.int4_gemv_configs(*x.shape), whole_unfused, launch,
-                                                   y, ("unfused", "cuda"), baseline_timed=unfused))
+    def choose() -> tuple[int, int, bool] | None:
+        configs = cuda.int4_gemv_configs(*x.shape)
+        if not _rope_writes_agree(x, qweight, scales, zeros, group_size, cos, sin, k_cache, n_q_heads, n_kv_heads,
+                                  configs, key):
+            return None
+        return _choose_cuda_gemv(key, x, configs, whole_unfused, launch, y, ("unfused", "cuda"), baseline_timed=unfused)
+
+    config = shape_choice.remembered(_rope_gemv, key, choose)
     if config is shape_choice.UNSET or config is None:
         return unfused()
     launch(y, config, _cuda_pdl(x.device))
     return reference.qkv_heads(y, n_q_heads, n_kv_heads)[0]
+
+
+def _rope_writes_agree(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                       group_size: int, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, n_q_heads: int,
+                       n_kv_heads: int, configs: tuple[tuple[int, int, bool], ...], key: tuple) -> bool:
+    """Whether every config of the CUDA q/k/v rope GEMV writes what the separate ops write, and nothing else, into
+    scratch caches of one block a token (slot t for token t, padded with rows that must stay zero): the choice's
+    agreement check compares y only, and a write to a wrong slot of the real cache would corrupt another sequence
+    unseen. Logs and returns False on the first difference."""
+    from tessera.kernels import cuda
+
+    m = x.shape[0]
+    d = k_cache.shape[-1]
+    shape = (m + 1, 2, n_kv_heads, d)  # two rows a block: every odd row and the last block stay untouched
+    slots = torch.arange(m, device=x.device, dtype=torch.int64) * 2
+    want_k, want_v = torch.zeros(shape, dtype=x.dtype, device=x.device), torch.zeros(shape, dtype=x.dtype,
+                                                                                       device=x.device)
+    q, k, v = reference.qkv_heads(_int4(x, qweight, scales, zeros, group_size), n_q_heads, n_kv_heads)
+    q, k = rope.rope(q, k, cos, sin)
+    kv_cache.kv_cache_write(k, v, want_k, want_v, slots)
+    y = torch.empty((m, qweight.shape[0]), dtype=x.dtype, device=x.device)
+    tol = _CUDA_AGREEMENT[x.dtype]
+    for config in configs:
+        got_k, got_v = torch.zeros_like(want_k), torch.zeros_like(want_v)
+        cuda.int4_gemv_rope(x, qweight, scales, zeros, y, cos, sin, got_k, got_v, slots, n_q_heads, n_kv_heads,
+                            *config, pdl=0)
+        for name, got, want in (("k_cache", got_k, want_k), ("v_cache", got_v, want_v)):
+            if not torch.allclose(got, want, atol=tol, rtol=tol) or bool((got[:, 1:] != 0).any()) or bool(
+                    (got[m:] != 0).any()):
+                log.warning("decode GEMV %s, config %s: the %s it writes differs from the separate ops' by up to %.3g; "
+                            "not taken", _label(key), config, name, (got.float() - want.float()).abs().max().item())
+                return False
+    return True
 
 
 def matmul_int4_awq_qkv_rope(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
