@@ -361,9 +361,9 @@ def _qkv_rope(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
         slots = r.perm(blocks * page)[:m].to(r.device)
         if m > 1:
             slots[1] = -1
-        out.append(Sample(f"m{m}-hq{hq}-hkv{hkv}-d{d}-k{k}-g{g}", (r.randn(m, k, dtype=dtype), qweight, scales, zeros,
-                                                                   g, cos, sin, k_cache, v_cache, slots, hq, hkv),
-                          inplace=(7, 8)))
+        x = r.randn(k, m, dtype=dtype).T if hq == 0 else r.randn(m, k, dtype=dtype)  # a transposed x too
+        out.append(Sample(f"m{m}-hq{hq}-hkv{hkv}-d{d}-k{k}-g{g}", (x, qweight, scales, zeros, g, cos, sin, k_cache,
+                                                                   v_cache, slots, hq, hkv), inplace=(7, 8)))
     return out
 
 
