@@ -234,3 +234,29 @@ def test_a_plain_fused_gate_up_gives_swiglu_as_matmul_then_silu_mul() -> None:
         torch.testing.assert_close(mlp.gate_up.swiglu(x), want)
         with pytest.raises(ValueError, match=r"sizes=\("):
             attn.qkv.swiglu(x)
+
+
+def test_a_plain_fused_qkv_rope_is_matmul_rope_then_the_cache_write() -> None:
+    """`FusedProjections.qkv_rope` outside the int4 linears: not one op (`has_qkv_rope` False), but the fused matmul,
+    the rope op and the cache write: q and the caches as the reference ops composed by hand give them."""
+    from tessera.kernels import reference
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny-student")
+    model = Transformer(cfg).eval()
+    fuse_projections(model)
+    attn = model.model.layers[0].self_attn
+    hq, hkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    x, cos, sin = torch.randn(3, cfg.d_model), torch.randn(3, d), torch.randn(3, d)
+    k_cache, v_cache = torch.zeros(4, 2, hkv, d), torch.zeros(4, 2, hkv, d)
+    slots = torch.tensor([5, -1, 0])
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    with torch.inference_mode():
+        assert not attn.qkv.has_qkv_rope()
+        q = attn.qkv.qkv_rope(x, cos, sin, k_cache, v_cache, slots, hq, hkv)
+        wq, wk, wv = (p(x).view(3, -1, d) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        wq, wk = reference.rope(wq, wk, cos, sin)
+        reference.kv_cache_write(wk, wv, want_k, want_v, slots)
+    torch.testing.assert_close(q, wq)
+    torch.testing.assert_close(k_cache, want_k)
+    torch.testing.assert_close(v_cache, want_v)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tessera.kernels import registry
+from tessera.kernels import reference, registry
 from tessera.kernels.dense import gated_linear, linear, normed_linear
 from tessera.model.layers import MLP, Attention, silu_mul
 
@@ -82,15 +82,20 @@ class FusedProjections(ABC):
         return silu_mul(gate, up)
 
     def has_qkv_rope(self) -> bool:
-        """Whether `qkv_rope` runs q/k/v with rope and the cache write as one op (a subclass's: the int4 linears,
-        whose decode GEMV does both in its epilogue); not here."""
+        """Whether `qkv_rope` runs as one op (a subclass's: the int4 linears, whose decode GEMV does the rope and
+        the cache write in its epilogue); here it is `matmul`, the rope op and the cache write, as `Attention` runs
+        them itself."""
         return False
 
     def qkv_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, slot_mapping: torch.Tensor, n_q_heads: int, n_kv_heads: int) -> torch.Tensor:
-        """x [N, in] -> the rotated q [N, Hq, D] of three parts (q, k, v), k rotated and v written to the caches at
-        `slot_mapping` (`matmul.int4_awq_qkv_rope`), where `has_qkv_rope`."""
-        raise NotImplementedError(f"{type(self).__name__} has no one-op q/k/v rope (has_qkv_rope() is False)")
+        """x [N, in] -> the rotated q [N, Hq, D] of three parts (q, k, v), with k rotated and v written to the caches
+        at `slot_mapping` (the contract of `matmul.int4_awq_qkv_rope`): here `matmul`, then the `rope` and
+        `kv_cache.write` ops."""
+        q, k, v = reference.qkv_heads(self.matmul(x), n_q_heads, n_kv_heads)
+        q, k = registry("rope", q, k, cos, sin)
+        registry("kv_cache.write", k, v, k_cache, v_cache, slot_mapping)
+        return q
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """`x [..., in]` -> one `[..., size_i]` view per part (column slices of one matmul's output)."""
