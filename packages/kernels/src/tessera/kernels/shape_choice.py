@@ -22,7 +22,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-#: How a decode shape chooses between a fused launch (a gated, normalised or SwiGLU-storing GEMV) and
+#: How a decode shape chooses between a fused launch (a gated, normalised, SwiGLU-storing or rope-writing GEMV) and
 #: the separate launches it replaces: "timed", the faster of the two in a CUDA-graph timing of the shape alone (made
 #: once and remembered); "always", the fused one wherever it was timed and agreed (a fused CUDA GEMV that disagrees
 #: is still refused). A shape timed alone pays for a launch less than a decode step's chain of dependent launches

@@ -390,7 +390,7 @@ _swiglu_gemv: dict[tuple, tuple[int, int, bool] | None] = {}
 
 
 def _fusion_config(table: dict, key: tuple) -> tuple[int, int, bool] | object | None:
-    """The CUDA GEMV config a fused decode shape (`table`: SwiGLU's) runs with: the remembered
+    """The CUDA GEMV config a fused decode shape (`table`: SwiGLU's or the q/k/v rope's) runs with: the remembered
     one where it beat the separate launches, and under the "always" `shape_choice.fusion_policy` also one that
     agreed with them but lost (`cuda_gemv_timings` keeps its config); None for the separate launches, UNSET before
     the shape's choice."""
@@ -481,7 +481,7 @@ def _int4_qkv_rope(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     qweight, scales, zeros = _rows(qweight), _rows(scales), _rows(zeros)
     key = _shape_key("int4 qkv rope", m, n, 2 * qweight.shape[1], x.dtype, group_size)
     # a shape decided for the separate launches skips the CUDA kernel's input checks
-    if _rope_gemv.get(key, shape_choice.UNSET) is None or cuda.int4_gemv_rope_reasons(
+    if _fusion_config(_rope_gemv, key) is None or cuda.int4_gemv_rope_reasons(
             x, qweight, scales, zeros, cos, sin, k_cache, v_cache, slot_mapping, n_q_heads, n_kv_heads):
         return unfused()
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -500,7 +500,8 @@ def _int4_qkv_rope(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
             return None
         return _choose_cuda_gemv(key, x, configs, whole_unfused, launch, y, ("unfused", "cuda"), baseline_timed=unfused)
 
-    config = shape_choice.remembered(_rope_gemv, key, choose)
+    shape_choice.remembered(_rope_gemv, key, choose)
+    config = _fusion_config(_rope_gemv, key)
     if config is shape_choice.UNSET or config is None:
         return unfused()
     launch(y, config, _cuda_pdl(x.device))
