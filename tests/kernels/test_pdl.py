@@ -57,8 +57,15 @@ _CASES |= {f"{name}_gated": (fn, ptrs, {**consts, "GATED": True})
 # And normalising x + residual as they load x (`NORM`): the prologue reads x and the residual and stores h.
 _CASES |= {f"{name}_normed": (fn, {**ptrs, "R": _BF16, "NW": _BF16, "H": _BF16}, {**consts, "NORM": True})
            for name, (fn, ptrs, consts) in list(_CASES.items()) if name in ("dense_gemv", "int8_words", "int4_words")}
+# And with rope and the cache write in the int8 epilogue (`ROPE_D`): the tables, caches and slots after the wait.
+_CASES |= {f"{name}_rope": (fn, {**ptrs, "COS": _BF16, "SIN": _BF16, "KC": _BF16, "VC": _BF16, "SLOTS": "i64"},
+                            {**consts, "ROPE_D": 64})
+           for name, (fn, ptrs, consts) in list(_CASES.items()) if name in ("int8_words", "int8_m16")}
 _GEMVS = {"dense_gemv", "int8_words", "int8_m16", "int4_words", "dense_gemv_gated", "int8_words_gated",
-          "int4_words_gated", "dense_gemv_normed", "int8_words_normed", "int4_words_normed"}
+          "int4_words_gated", "dense_gemv_normed", "int8_words_normed", "int4_words_normed", "int8_words_rope",
+          "int8_m16_rope"}
+#: The M = 16 GEMVs, whose tiles load nothing before the wait in any mode.
+_M16 = {"int8_m16", "int8_m16_rope"}
 # Any global memory access: a load, a store, an atomic, an async copy into shared memory.
 _MEMORY = re.compile(r"^\s*(@%p\d+\s+)?(ld\.global|st\.global|atom\.|red\.|cp\.async\.(ca|cg))", re.M)
 
@@ -89,7 +96,7 @@ def test_pdl_kernels_wait_before_touching_memory(name: str, compile_sm90) -> Non
     early = ptx(pdl.EARLY)
     wait = early.find("griddepcontrol.wait")
     before = [m.group(0).strip() for m in _MEMORY.finditer(early[:wait])]
-    if name in _GEMVS - {"int8_m16"}:
+    if name in _GEMVS - _M16:
         assert before and all("ld.global" in a for a in before), before
         assert 0 <= wait < early.find("griddepcontrol.launch_dependents")
     else:
@@ -99,7 +106,7 @@ def test_pdl_kernels_wait_before_touching_memory(name: str, compile_sm90) -> Non
     whole = ptx(pdl.EARLY_ALL)
     wait = whole.find("griddepcontrol.wait")
     before_all = [m.group(0).strip() for m in _MEMORY.finditer(whole[:wait])]
-    if name in _GEMVS - {"int8_m16"}:
+    if name in _GEMVS - _M16:
         assert all("ld.global" in a for a in before_all), before_all
         assert len(before_all) >= 4 * len(before), (len(before_all), len(before))
         assert 0 <= wait < whole.find("griddepcontrol.launch_dependents")

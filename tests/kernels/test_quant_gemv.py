@@ -30,6 +30,10 @@ def test_gated_gemvs_give_the_bits_of_silu_mul_then_the_gemv(run_check) -> None:
     run_check("gated_gemv_check.py", "gated-ok", interpret="always")
 
 
+def test_int8_rope_gemv_gives_the_bits_of_the_gemv_rope_and_cache_write(run_check) -> None:
+    run_check("rope_gemv_check.py", "rope-ok", interpret="always")
+
+
 def test_normed_gemvs_match_rms_norm_residual_then_the_gemv(run_check) -> None:
     run_check("normed_gemv_check.py", "normed-ok", interpret="always")
 
@@ -143,15 +147,20 @@ def test_raw_int4_launch_refuses_a_tile_that_splits_groups() -> None:
 def test_tuned_configs_name_each_shape_and_its_config(monkeypatch: pytest.MonkeyPatch) -> None:
     """What benchmarks record beside their timings: one entry per tuned shape (as the launchers key it),
     with the config it launches; unset launch options are left out."""
-    int8 = {(16, 4096, 4096, torch.bfloat16, torch.float32, False): {"BN": 32, "BK": 256, "SPLIT_K": 1,
-                                                                     "num_warps": 4, "num_stages": 4, "maxnreg": None}}
-    int4 = {(1, 2048, 8192, 128, torch.bfloat16, torch.float32, torch.float32, True): {"BN": 8, "BK": 1024,
-                                                                                      "SPLIT_K": 1, "WORDS": True}}
+    int8 = {(16, 4096, 4096, torch.bfloat16, torch.float32, False, False, 0): {
+                "BN": 32, "BK": 256, "SPLIT_K": 1, "num_warps": 4, "num_stages": 4, "maxnreg": None},
+            (1, 3072, 2048, torch.bfloat16, torch.float32, False, True, 0): {"BN": 8, "BK": 512, "SPLIT_K": 1},
+            (1, 3072, 2048, torch.bfloat16, torch.float32, False, False, 64): {"BN": 16, "BK": 512, "SPLIT_K": 2}}
+    int4 = {(1, 2048, 8192, 128, torch.bfloat16, torch.float32, torch.float32, True, False): {"BN": 8, "BK": 1024,
+                                                                                             "SPLIT_K": 1,
+                                                                                             "WORDS": True}}
     monkeypatch.setattr(qg._int8_launch, "_meta", int8)
     monkeypatch.setattr(qg._int4_launch, "_meta", int4)
     assert qg.tuned_configs() == {
         "int8 M<=16 N=4096 K=4096 x bfloat16 scale float32": {"BN": 32, "BK": 256, "SPLIT_K": 1, "num_warps": 4,
                                                                "num_stages": 4},
+        "int8 M<=1 N=3072 K=2048 x bfloat16 scale float32 normed": {"BN": 8, "BK": 512, "SPLIT_K": 1},
+        "int8 M<=1 N=3072 K=2048 x bfloat16 scale float32 rope d=64": {"BN": 16, "BK": 512, "SPLIT_K": 2},
         "int4 M<=1 N=2048 K=8192 g=128 x bfloat16 scales float32 zeros float32 gated": {"BN": 8, "BK": 1024,
                                                                                        "SPLIT_K": 1, "WORDS": True}}
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tessera.model import Transformer, fuse_projections, layers
-from tessera.quant import FP8Linear, Int4Linear, Int8Linear, load_quantized, quantize, save_quantized
+from tessera.quant import FP8Linear, Int4Linear, Int8Linear, QuantLinear, load_quantized, quantize, save_quantized
 from tessera.specs import ModelConfig, QuantConfig
 
 CONFIGS = {
@@ -142,8 +142,10 @@ def test_a_fused_int4_gate_up_gives_silu_mul_from_one_op(base: Transformer, monk
             module.forward_swiglu(torch.randn(1, 64))
 
 
-def test_an_int4_decode_step_rotates_and_writes_the_cache_in_its_qkv_op(monkeypatch) -> None:
-    """An int4 model's fused q/k/v has a one-op rope and cache write (`matmul.int4_awq_qkv_rope`). A one-token step
+@pytest.mark.parametrize("method", ["int4_rtn", "int8"])
+def test_a_quantized_decode_step_rotates_and_writes_the_cache_in_its_qkv_op(monkeypatch, method: str) -> None:
+    """An int4 or int8 model's fused q/k/v has a one-op rope and cache write (`matmul.int4_awq_qkv_rope`,
+    `matmul.int8_weight_only_qkv_rope`). A one-token step
     through a `FlatKVCache` or a decode-only `PagedKVContext` takes it and attends to the cache
     (`attend_cached`); the logits and the caches equal those of the projection, rope and write apart (on a CPU
     through the references, the same arithmetic exactly), and with the switch off the op is not called. Prefill
@@ -153,12 +155,12 @@ def test_an_int4_decode_step_rotates_and_writes_the_cache_in_its_qkv_op(monkeypa
 
     torch.manual_seed(0)
     cfg = ModelConfig.preset("tiny-student")
-    model = quantize(Transformer(cfg).eval(), CONFIGS["int4_rtn"], None, progress=False)
+    model = quantize(Transformer(cfg).eval(), CONFIGS[method], None, progress=False)
     fuse_projections(model)
     assert model.model.layers[0].self_attn.qkv.has_qkv_rope()
     calls = []
-    real = Int4Linear.forward_qkv_rope
-    monkeypatch.setattr(Int4Linear, "forward_qkv_rope",
+    real = QuantLinear.forward_qkv_rope
+    monkeypatch.setattr(QuantLinear, "forward_qkv_rope",
                         lambda self, x, *a: calls.append(tuple(x.shape)) or real(self, x, *a))
     ids = torch.randint(0, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(3))
 
@@ -203,7 +205,7 @@ def test_an_int4_decode_step_rotates_and_writes_the_cache_in_its_qkv_op(monkeypa
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert all(torch.equal(a, b) for a, b in zip(got_caches, want_caches))
 
-    biased = quantize(Transformer(cfg.model_copy(update={"attention_bias": True})).eval(), CONFIGS["int4_rtn"], None,
+    biased = quantize(Transformer(cfg.model_copy(update={"attention_bias": True})).eval(), CONFIGS[method], None,
                       progress=False)
     fuse_projections(biased)
     assert not biased.model.layers[0].self_attn.qkv.has_qkv_rope()

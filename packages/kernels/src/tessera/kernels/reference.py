@@ -252,6 +252,23 @@ def qkv_heads(y: torch.Tensor, n_q_heads: int, n_kv_heads: int) -> tuple[torch.T
     return y.view(y.shape[0], heads, y.shape[-1] // heads).split((n_q_heads, n_kv_heads, n_kv_heads), dim=1)
 
 
+def _rotated_and_cached(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, slot_mapping: torch.Tensor, n_q_heads: int,
+                        n_kv_heads: int) -> torch.Tensor:
+    """Of a fused q/k/v output y [M, (Hq + 2 Hkv) D]: the q and k heads rotated (`rope`, cos/sin [M, D]) and the
+    rotated k and v written at `slot_mapping` (`kv_cache_write`). Returns the rotated q [M, Hq, D]."""
+    q, k, v = qkv_heads(y, n_q_heads, n_kv_heads)
+    q, k = rope(q, k, cos, sin)
+    kv_cache_write(k, v, k_cache, v_cache, slot_mapping)
+    return q
+
+
+def _qkv_rows(weight: torch.Tensor, n_q_heads: int, n_kv_heads: int) -> None:
+    if weight.shape[0] % (n_q_heads + 2 * n_kv_heads):
+        raise ValueError(f"the weight's shape {tuple(weight.shape)} does not have (n_q_heads + 2 n_kv_heads) * "
+                         f"head_dim rows for n_q_heads={n_q_heads}, n_kv_heads={n_kv_heads}")
+
+
 def matmul_int4_awq_qkv_rope(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                              group_size: int, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                              v_cache: torch.Tensor, slot_mapping: torch.Tensor, n_q_heads: int,
@@ -259,13 +276,18 @@ def matmul_int4_awq_qkv_rope(x: torch.Tensor, qweight: torch.Tensor, scales: tor
     """A decode step's fused q/k/v projection, rope and cache write: of y = x @ W.T [M, (Hq + 2 Hkv) D], the q and
     k heads rotated (`rope`, cos/sin [M, D]) and the rotated k and v written at `slot_mapping` (`kv_cache_write`).
     Returns the rotated q [M, Hq, D]."""
-    if qweight.shape[0] % (n_q_heads + 2 * n_kv_heads):
-        raise ValueError(f"qweight.shape={tuple(qweight.shape)} is not [(n_q_heads + 2 n_kv_heads) * head_dim, K / 2] "
-                         f"for n_q_heads={n_q_heads}, n_kv_heads={n_kv_heads}")
-    q, k, v = qkv_heads(matmul_int4_awq(x, qweight, scales, zeros, group_size), n_q_heads, n_kv_heads)
-    q, k = rope(q, k, cos, sin)
-    kv_cache_write(k, v, k_cache, v_cache, slot_mapping)
-    return q
+    _qkv_rows(qweight, n_q_heads, n_kv_heads)
+    return _rotated_and_cached(matmul_int4_awq(x, qweight, scales, zeros, group_size), cos, sin, k_cache, v_cache,
+                               slot_mapping, n_q_heads, n_kv_heads)
+
+
+def matmul_int8_weight_only_qkv_rope(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, cos: torch.Tensor,
+                                     sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                     slot_mapping: torch.Tensor, n_q_heads: int, n_kv_heads: int) -> torch.Tensor:
+    """`matmul_int4_awq_qkv_rope` with an int8 weight-only projection (`matmul_int8_weight_only`)."""
+    _qkv_rows(w_q, n_q_heads, n_kv_heads)
+    return _rotated_and_cached(matmul_int8_weight_only(x, w_q, scale), cos, sin, k_cache, v_cache, slot_mapping,
+                               n_q_heads, n_kv_heads)
 
 
 def matmul_dense_normed(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, w: torch.Tensor,
@@ -309,6 +331,7 @@ REFERENCES = {
     "matmul.int4_awq_gated": matmul_int4_awq_gated,
     "matmul.int4_awq_swiglu": matmul_int4_awq_swiglu,
     "matmul.int4_awq_qkv_rope": matmul_int4_awq_qkv_rope,
+    "matmul.int8_weight_only_qkv_rope": matmul_int8_weight_only_qkv_rope,
     "matmul.dense_normed": matmul_dense_normed,
     "matmul.int8_weight_only_normed": matmul_int8_weight_only_normed,
     "matmul.int4_awq_normed": matmul_int4_awq_normed,

@@ -344,27 +344,38 @@ def _normed(base: Callable[[_Rand, torch.dtype, bool], list[Sample]]) -> Callabl
     return make
 
 
-def _qkv_rope(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
-    """A fused q/k/v int4 weight with its rope tables, caches and slots (a padding lane where there are several
-    tokens): Llama-3.2-1B's and Qwen3-0.6B's heads at one and 16 tokens, and small GQA and no-q-head cases."""
-    cases = [(1, 32, 8, 64, 2048, 128), (16, 16, 8, 128, 1024, 128)] if real else \
-        [(1, 2, 1, 16, 64, 32), (3, 4, 2, 16, 128, 32), (5, 0, 1, 32, 64, 16)]
-    out = []
-    for m, hq, hkv, d, k, g in cases:
-        n, groups = (hq + 2 * hkv) * d, -(-k // g)
-        qweight = pack_int4(r.randint(0, 16, n, k))
-        scales = ((r.randn(n, groups).abs() + 0.2) * (k**-0.5) / 8).to(dtype)
-        zeros = r.randint(0, 16, n, groups).to(dtype)
-        cos, sin = _rope_tables(r, m, d, dtype)
-        blocks, page = 4 * m, 4
-        k_cache, v_cache = r.randn(blocks, page, hkv, d, dtype=dtype), r.randn(blocks, page, hkv, d, dtype=dtype)
-        slots = r.perm(blocks * page)[:m].to(r.device)
-        if m > 1:
-            slots[1] = -1
-        x = r.randn(k, m, dtype=dtype).T if hq == 0 else r.randn(m, k, dtype=dtype)  # a transposed x too
-        out.append(Sample(f"m{m}-hq{hq}-hkv{hkv}-d{d}-k{k}-g{g}", (x, qweight, scales, zeros, g, cos, sin, k_cache,
-                                                                   v_cache, slots, hq, hkv), inplace=(7, 8)))
-    return out
+def _qkv_rope(int8: bool) -> Callable[[_Rand, torch.dtype, bool], list[Sample]]:
+    """Samples of a fused q/k/v projection with its rope and cache write (int8 weights, or AWQ int4), with rope
+    tables, paged caches and slots (a padding lane where there are several tokens): Llama-3.2-1B's and
+    Qwen3-0.6B's heads at one and 16 tokens, and small GQA and no-q-head cases (one with a transposed x)."""
+
+    def make(r: _Rand, dtype: torch.dtype, real: bool) -> list[Sample]:
+        cases = [(1, 32, 8, 64, 2048, 128), (16, 16, 8, 128, 1024, 128)] if real else \
+            [(1, 2, 1, 16, 64, 32), (3, 4, 2, 16, 128, 32), (5, 0, 1, 32, 64, 16)]
+        out = []
+        for m, hq, hkv, d, k, g in cases:
+            n, groups = (hq + 2 * hkv) * d, -(-k // g)
+            if int8:
+                weights: tuple = (r.randint(-127, 128, n, k, dtype=torch.int8),
+                                  (r.randn(n).abs() + 0.5).to(dtype) / 127 * k**-0.5)
+            else:
+                weights = (pack_int4(r.randint(0, 16, n, k)),
+                           ((r.randn(n, groups).abs() + 0.2) * (k**-0.5) / 8).to(dtype),
+                           r.randint(0, 16, n, groups).to(dtype), g)
+            cos, sin = _rope_tables(r, m, d, dtype)
+            blocks, page = 4 * m, 4
+            k_cache, v_cache = r.randn(blocks, page, hkv, d, dtype=dtype), r.randn(blocks, page, hkv, d, dtype=dtype)
+            slots = r.perm(blocks * page)[:m].to(r.device)
+            if m > 1:
+                slots[1] = -1
+            x = r.randn(k, m, dtype=dtype).T if hq == 0 else r.randn(m, k, dtype=dtype)  # a transposed x too
+            cache_at = 1 + len(weights) + 2
+            out.append(Sample(f"m{m}-hq{hq}-hkv{hkv}-d{d}-k{k}" + ("" if int8 else f"-g{g}"),
+                              (x, *weights, cos, sin, k_cache, v_cache, slots, hq, hkv),
+                              inplace=(cache_at, cache_at + 1)))
+        return out
+
+    return make
 
 
 def _swiglu_rows(base: Callable[[_Rand, torch.dtype, bool], list[Sample]]) -> Callable[[_Rand, torch.dtype, bool],
@@ -405,7 +416,8 @@ SAMPLERS: dict[str, tuple[Callable[[_Rand, torch.dtype, bool], list[Sample]], tu
     "matmul.int8_weight_only_gated": (_gated(_int8), _FLOATS),
     "matmul.int4_awq_gated": (_gated(_int4), _FLOATS),
     "matmul.int4_awq_swiglu": (_swiglu_rows(_int4), _FLOATS),
-    "matmul.int4_awq_qkv_rope": (_qkv_rope, _FLOATS),
+    "matmul.int4_awq_qkv_rope": (_qkv_rope(int8=False), _FLOATS),
+    "matmul.int8_weight_only_qkv_rope": (_qkv_rope(int8=True), _FLOATS),
     "matmul.dense_normed": (_normed(_dense), _FLOATS),
     "matmul.int8_weight_only_normed": (_normed(_int8), _FLOATS),
     "matmul.int4_awq_normed": (_normed(_int4), _FLOATS),

@@ -179,6 +179,7 @@ class Int8Linear(QuantLinear):
     op = "matmul.int8_weight_only"
     gated_op = "matmul.int8_weight_only_gated"
     normed_op = "matmul.int8_weight_only_normed"
+    rope_op = "matmul.int8_weight_only_qkv_rope"
     row_buffers = ("weight", "weight_scale")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *,

@@ -264,6 +264,24 @@ def _swiglu(plain: KernelSpec) -> KernelSpec:
                       results=(_t("a", "M", "N", dtypes=plain.results[0].dtypes),), tolerances=plain.tolerances)
 
 
+def _qkv_rope(plain: KernelSpec) -> KernelSpec:
+    """`<plain>_qkv_rope`: a decode step's fused q/k/v projection with its rope and cache write (the decode GEMV
+    rotates q and k and writes k and v at the tokens' slots in its epilogue, saving the rope and cache-write
+    launches)."""
+    call = plain.description.rsplit(". ", 1)[-1].split(" -> ")[0]
+    weights = call[call.index("(x, ") + 4:-1]
+    return KernelSpec(name=plain.name + "_qkv_rope",
+                      description=f"A decode step's fused q/k/v projection with its rope and cache write: of y = "
+                      f"{call} [M, (Hq + 2 Hkv) D], the q and k heads rotated by rope (cos/sin [M, D], the rows of the "
+                      "tokens' positions) and the rotated k and v rows written at slot_mapping as kv_cache.write "
+                      f"writes them. {plain.name}_qkv_rope(x, {weights}, cos, sin, k_cache, v_cache, slot_mapping, "
+                      "n_q_heads, n_kv_heads) -> q [M, Hq, D], and the caches written in place",
+                      args=(*plain.args, _t("cos", "M", "D", dtypes=_FLOAT), _t("sin", "M", "D", dtypes=_FLOAT),
+                            *_CACHES, _t("slot_mapping", "M", dtypes=("int64",))),
+                      results=(_t("q", "M", "Hq", "D", dtypes=plain.results[0].dtypes),),
+                      tolerances=plain.tolerances)
+
+
 CATALOGUE: tuple[KernelSpec, ...] = (
     KernelSpec(
         name="rms_norm", description="y = x / sqrt(mean(x^2, -1) + eps) * weight, computed in float32. "
@@ -387,15 +405,4 @@ _DECODE_MATMULS = ("matmul.dense", "matmul.int8_weight_only", "matmul.int4_awq")
 CATALOGUE += tuple(_gated(spec) for spec in CATALOGUE if spec.name in _DECODE_MATMULS)
 CATALOGUE += tuple(_normed(spec) for spec in CATALOGUE if spec.name in _DECODE_MATMULS)
 CATALOGUE += tuple(_swiglu(spec) for spec in CATALOGUE if spec.name == "matmul.int4_awq")
-CATALOGUE += (KernelSpec(
-    name="matmul.int4_awq_qkv_rope",
-    description="A decode step's fused q/k/v projection with its rope and cache write: of y = matmul.int4_awq(x, "
-    "qweight, scales, zeros, group_size) [M, (Hq + 2 Hkv) D], the q and k heads rotated by rope (cos/sin [M, D], "
-    "the rows of the tokens' positions) and the rotated k and v rows written at slot_mapping as kv_cache.write "
-    "writes them. matmul.int4_awq_qkv_rope(x, qweight, scales, zeros, group_size, cos, sin, k_cache, v_cache, "
-    "slot_mapping, n_q_heads, n_kv_heads) -> q [M, Hq, D], and the caches written in place",
-    args=(_t("x", "M", "K", dtypes=_FLOAT), _t("qweight", "N", "K2", dtypes=("uint8",)),
-          _t("scales", "N", "G", dtypes=_FLOAT), _t("zeros", "N", "G", dtypes=_FLOAT),
-          _t("cos", "M", "D", dtypes=_FLOAT), _t("sin", "M", "D", dtypes=_FLOAT), *_CACHES,
-          _t("slot_mapping", "M", dtypes=("int64",))),
-    results=(_t("q", "M", "Hq", "D", dtypes=_FLOAT),), tolerances=_TOL_MM),)
+CATALOGUE += tuple(_qkv_rope(spec) for spec in CATALOGUE if spec.name in ("matmul.int8_weight_only", "matmul.int4_awq"))

@@ -36,8 +36,10 @@ import triton.language as tl
 
 from tessera.kernels.support import triton_interpreting
 from tessera.kernels.triton import pdl
+from tessera.kernels.triton.rope import rotate_pair
 from tessera.kernels.triton.split_k import (
     MAX_M,
+    combine,
     combine_and_store,
     config,
     even,
@@ -127,7 +129,18 @@ def _prune_int8(configs: list, named_args: dict, **kwargs: object) -> list:
     words_ok = named_args["M_BUCKET"] == 1 and _words_fit(0, named_args["K"])
     mine = list(dict.fromkeys(c for c in configs if c in pool and not (small and c.kwargs.get("M1_DOT"))
                               and (c.kwargs.get("WORDS", False) == words_ok or c.kwargs.get("M1_DOT"))))
+    rope_d = int(kwargs["ROPE_D"] if "ROPE_D" in kwargs else named_args.get("ROPE_D", 0))
+    if rope_d:  # a rope tile holds pairs of one head
+        mine = [c for c in mine if c.kwargs["BN"] <= rope_d] or [config(16, 256, 1, 4, 2)]
     return keep_splittable(fits_k(mine, named_args["K"]), named_args["N"], named_args["K"])
+
+
+def _rope_tile_reasons(meta: dict, n: int, rope: Rope) -> list[str]:
+    """Why a raw launch's tile cannot hold rope pairs of one head (BN <= head_dim)."""
+    heads = rope[5] + 2 * rope[6]
+    if heads > 0 and n % heads == 0 and int(meta["BN"]) > n // heads:
+        return [f"rope: BN={meta['BN']} is wider than head_dim={n // heads}"]
+    return []
 
 
 def _tile_fits_groups(bk: int, group: int) -> bool:
@@ -363,20 +376,23 @@ def _int8_words_tile(acc2, X, v, t, t_end, last, offs_j, stride_xk, UP, BK: tl.c
 @triton.jit
 def _int8_words_m1(X, W, N, K, stride_xk, stride_wn, pid_n, k_start, k_end, UP, BN: tl.constexpr, BK: tl.constexpr,
                    EVEN: tl.constexpr, ASM: tl.constexpr, ENTER: tl.constexpr = 0, GATED: tl.constexpr = False,
-                   R=None, NW=None, H=None, eps=0.0, rstd=1.0, NORM: tl.constexpr = False):
+                   R=None, NW=None, H=None, eps=0.0, rstd=1.0, NORM: tl.constexpr = False, ROPE_D: tl.constexpr = 0):
     """acc [1, BN] of x[1, K] @ w_q.T over [k_start, k_end) (K % 4 == 0), the weights read as int32 words.
     EVEN: the next tile's words are loaded before this tile is multiplied (one tile in flight per thread
     while it computes; the address is clamped, so the last iteration re-reads its own tile). ENTER (EVEN
     only): the PDL mode to enter once the first tile (four in mode 4) is loaded (`pdl`, early weights); 0
     when entered. NORM: x is rms_norm_residual(x, R, NW)'s output (`_xr`): `rstd` as given, or, with ENTER,
-    from `norm_prologue` after the wait."""
+    from `norm_prologue` after the wait. ROPE_D: the tile's rows are rope pairs (`tile_rows`)."""
     BW: tl.constexpr = BK // 4
-    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_n = tile_rows(pid_n, BN, ROPE_D)
     n_ok = offs_n < N
     offs_j = tl.arange(0, BW)
     W32 = W.to(tl.pointer_type(tl.int32), bitcast=True)
     row_words = stride_wn // 4
-    w_ptrs = W32 + (pid_n * BN).to(tl.int64) * row_words + tl.arange(0, BN)[:, None] * row_words + offs_j[None, :]
+    if ROPE_D == 0:
+        w_ptrs = W32 + (pid_n * BN).to(tl.int64) * row_words + tl.arange(0, BN)[:, None] * row_words + offs_j[None, :]
+    else:
+        w_ptrs = W32 + offs_n.to(tl.int64)[:, None] * row_words + offs_j[None, :]
     acc2 = tl.zeros((BN, BW), dtype=tl.float32)
     # Offsets as tile index * BW, so the compiler sees 16-byte aligned rows and emits 128-bit loads.
     t_end = tl.cdiv(k_end, BK)
@@ -526,13 +542,76 @@ def _u4_group_dots(v, x0, x1, x2, x3, x4, x5, x6, x7, ASM: tl.constexpr):
     return tl.sum(part, axis=2)
 
 
+@triton.jit
+def tile_rows(pid_n, BN: tl.constexpr, ROPE_D: tl.constexpr = 0):
+    """The weight rows of N tile `pid_n`: BN consecutive rows; with ROPE_D (a fused q/k/v weight whose heads are
+    ROPE_D rows, rope pairing row j of a head's first half with row j + ROPE_D / 2), BN / 2 consecutive rows of a
+    first half and the same rows of the second half, so that tile columns i and i + BN / 2 are a rope pair
+    (BN <= ROPE_D, both powers of two: a tile never straddles heads)."""
+    if ROPE_D == 0:
+        return pid_n * BN + tl.arange(0, BN)
+    else:
+        HALF: tl.constexpr = ROPE_D // 2
+        PB: tl.constexpr = BN // 2
+        i = tl.arange(0, BN)
+        p = pid_n * PB + i % PB  # the pair: head p // HALF, dim p % HALF of its first half
+        return (p // HALF) * ROPE_D + p % HALF + (i // PB) * HALF
+
+
+@triton.jit
+def combine_and_rope(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, COS, SIN, stride_cs, KC, VC, SLOTS, HQ, HKV,
+                     BN: tl.constexpr, SPLIT_K: tl.constexpr, ROPE_D: tl.constexpr):
+    """`combine_and_store` for a tile of rope pairs (`tile_rows` with ROPE_D): the sums, rounded to y's dtype as
+    the plain GEMV stores them, have their q and k heads (below HQ + HKV) rotated by the token's cos/sin rows
+    (`rope.rotate_pair`, the rope op's expression) and stored at their columns of y [M, (HQ + 2 HKV) ROPE_D]; the
+    k and v heads also go to row SLOTS[m] of the caches [..., HKV, ROPE_D] (a negative slot stores nothing), as
+    `kv_cache.write` would write them."""
+    BMA: tl.constexpr = acc.shape[0]
+    HALF: tl.constexpr = ROPE_D // 2
+    PB: tl.constexpr = BN // 2
+    DT: tl.constexpr = Y.dtype.element_ty
+    total, last = combine(acc, WS, CNT, M, N, pid_n, pid_k, BMA, BN, SPLIT_K)
+    a, b = tl.split(tl.permute(tl.reshape(total, (BMA, 2, PB)), (0, 2, 1)))  # tile columns i, i + PB
+    a = a.to(DT).to(tl.float32)
+    b = b.to(DT).to(tl.float32)
+    offs_m = tl.arange(0, BMA)
+    m_ok = (offs_m < M) & last
+    p = pid_n * PB + tl.arange(0, PB)
+    head = p // HALF
+    d = p % HALF
+    cs = offs_m[:, None].to(tl.int64) * stride_cs + d[None, :]
+    c1 = tl.load(COS + cs, mask=m_ok[:, None], other=0.0).to(tl.float32)
+    c2 = tl.load(COS + cs + HALF, mask=m_ok[:, None], other=0.0).to(tl.float32)
+    s1 = tl.load(SIN + cs, mask=m_ok[:, None], other=0.0).to(tl.float32)
+    s2 = tl.load(SIN + cs + HALF, mask=m_ok[:, None], other=0.0).to(tl.float32)
+    r1, r2 = rotate_pair(a, b, c1, c2, s1, s2)
+    rotated = (head < HQ + HKV)[None, :]
+    r1 = tl.where(rotated, r1, a).to(DT)
+    r2 = tl.where(rotated, r2, b).to(DT)
+    ok = m_ok[:, None] & (head * ROPE_D + d < N)[None, :]
+    y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + (head * ROPE_D + d)[None, :]
+    tl.store(y_ptrs, r1, mask=ok)
+    tl.store(y_ptrs + HALF, r2, mask=ok)
+    slot = tl.load(SLOTS + offs_m, mask=m_ok, other=-1)
+    is_v = head >= HQ + HKV
+    is_k = (head >= HQ) & (head < HQ + HKV)
+    kv_head = tl.where(is_v, head - HQ - HKV, head - HQ)
+    at = (slot[:, None] * HKV + kv_head[None, :]) * ROPE_D + d[None, :]
+    cached = ok & (slot >= 0)[:, None]
+    tl.store(KC + at, r1, mask=cached & is_k[None, :])
+    tl.store(KC + at + HALF, r2, mask=cached & is_k[None, :])
+    tl.store(VC + at, r1, mask=cached & is_v[None, :])
+    tl.store(VC + at + HALF, r2, mask=cached & is_v[None, :])
+
+
 @triton.heuristics({"EVEN": even})
 @triton.jit
-def int8_gemv_kernel(X, W, S, Y, WS, CNT, M, N, K, UP, R, NW, H, eps, stride_xm, stride_xk, stride_wn, stride_ym,
-                     M_BUCKET, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                     SPLIT_K: tl.constexpr, M1_DOT: tl.constexpr = False, WORDS: tl.constexpr = False,
-                     ASM: tl.constexpr = False, EVEN: tl.constexpr = False, PDL: tl.constexpr = 0,
-                     GATED: tl.constexpr = False, NORM: tl.constexpr = False):
+def int8_gemv_kernel(X, W, S, Y, WS, CNT, M, N, K, UP, R, NW, H, eps, COS, SIN, KC, VC, SLOTS, stride_cs, HQ, HKV,
+                     stride_xm, stride_xk, stride_wn, stride_ym, M_BUCKET, PREC: tl.constexpr, BM: tl.constexpr,
+                     BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, M1_DOT: tl.constexpr = False,
+                     WORDS: tl.constexpr = False, ASM: tl.constexpr = False, EVEN: tl.constexpr = False,
+                     PDL: tl.constexpr = 0, GATED: tl.constexpr = False, NORM: tl.constexpr = False,
+                     ROPE_D: tl.constexpr = 0):
     """y[M, N] = (x[M, K] @ w_q[N, K].T) * scale[N]; BM == 1 (M == 1) or 16 (M <= 16); grid (N / BN, SPLIT_K).
     With BM == 1, M1_DOT takes the tl.dot path (rows padded to 16) and WORDS the word path
     (`_int8_words_m1`; K % 4 == 0) instead of the CUDA-core one; ASM lets the word path convert by PTX
@@ -540,12 +619,15 @@ def int8_gemv_kernel(X, W, S, Y, WS, CNT, M, N, K, UP, R, NW, H, eps, stride_xm,
     masks on the weight and x tiles. PDL: the launch may overlap the previous kernel (`pdl`). GATED: x is
     silu_mul(gate, up) of a fused gate/up output [M, 2K], the gate at X and up UP elements further (`_xg`). NORM
     (M == 1, not M1_DOT): x is rms_norm_residual(x, R, NW, eps)'s output [1, K], and h = x + R goes to H
-    (`norm_prologue`)."""
+    (`norm_prologue`). ROPE_D: W is a fused q/k/v weight of HQ + 2 HKV heads of ROPE_D rows; each tile takes rope
+    pairs (`tile_rows`), and the epilogue stores q and k rotated by COS/SIN [M, ROPE_D] (row stride stride_cs) and
+    writes k and v at SLOTS of the caches KC/VC (`combine_and_rope`)."""
     tl.static_assert(not NORM or (BM == 1 and not M1_DOT and not GATED), "NORM takes one row, without M1_DOT")
+    tl.static_assert(ROPE_D == 0 or BN <= ROPE_D, "a rope tile holds pairs of one head: BN <= ROPE_D")
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     k_start, k_end = k_range(K, pid_k, BK, SPLIT_K)
-    rows = pid_n * BN + tl.arange(0, BN)
+    rows = tile_rows(pid_n, BN, ROPE_D)
     # Early weights (PDL modes 3, 4): the paths with whole tiles load their first tile(s), then enter.
     EARLY: tl.constexpr = PDL >= 3 and BM == 1 and EVEN and not M1_DOT
     if not EARLY:
@@ -555,15 +637,20 @@ def int8_gemv_kernel(X, W, S, Y, WS, CNT, M, N, K, UP, R, NW, H, eps, stride_xm,
         rstd = 1.0  # the paths take it after their wait
     if BM == 1 and WORDS:
         acc = _int8_words_m1(X, W, N, K, stride_xk, stride_wn, pid_n, k_start, k_end, UP, BN, BK, EVEN, ASM,
-                             PDL if EARLY else 0, GATED, R, NW, H, eps, rstd, NORM)
+                             PDL if EARLY else 0, GATED, R, NW, H, eps, rstd, NORM, ROPE_D)
         acc = acc * tl.load(S + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
-        combine_and_store(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, 1, BN, SPLIT_K)
     elif BM == 1 and M1_DOT:
-        rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, UP, stride_xm, stride_xk, stride_wn, stride_ym, PREC, 16, BN,
-                      BK, SPLIT_K, EVEN, True, 0, GATED)
+        acc = rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, UP, stride_xm, stride_xk, stride_wn, stride_ym, PREC, 16,
+                            BN, BK, SPLIT_K, EVEN, True, 0, GATED, STORE=False, ROPE_D=ROPE_D)
     else:
-        rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, UP, stride_xm, stride_xk, stride_wn, stride_ym, PREC, BM, BN,
-                      BK, SPLIT_K, EVEN, True, PDL if EARLY else 0, GATED, R, NW, H, eps, rstd, NORM)
+        acc = rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, UP, stride_xm, stride_xk, stride_wn, stride_ym, PREC, BM,
+                            BN, BK, SPLIT_K, EVEN, True, PDL if EARLY else 0, GATED, R, NW, H, eps, rstd, NORM,
+                            STORE=False, ROPE_D=ROPE_D)
+    if ROPE_D == 0:
+        combine_and_store(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, acc.shape[0], BN, SPLIT_K)
+    else:
+        combine_and_rope(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, COS, SIN, stride_cs, KC, VC, SLOTS, HQ, HKV,
+                         BN, SPLIT_K, ROPE_D)
 
 
 @triton.jit
@@ -579,19 +666,25 @@ def _weights_f32(w, INT8: tl.constexpr):
 def rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, UP, stride_xm, stride_xk, stride_wn, stride_ym, PREC: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr,
                   INT8: tl.constexpr, ENTER: tl.constexpr = 0, GATED: tl.constexpr = False, R=None, NW=None, H=None,
-                  eps=0.0, rstd=1.0, NORM: tl.constexpr = False):
+                  eps=0.0, rstd=1.0, NORM: tl.constexpr = False, STORE: tl.constexpr = True,
+                  ROPE_D: tl.constexpr = 0):
     """One program's [BN] output columns of x @ w.T over its split of K, combined and stored. INT8: w holds
     int8 rows scaled per output channel by S; else w is in a float dtype (the dense GEMV) and S unused.
     ENTER (BM == 1 and EVEN only): the PDL mode to enter once the first weight tile (four in mode 4) is
     loaded (early weights, `pdl`); 0 when the kernel has entered already. NORM (BM == 1 only): x is
-    rms_norm_residual(x, R, NW)'s output (`_xr`), `rstd` as given or, with ENTER, from `norm_prologue`."""
+    rms_norm_residual(x, R, NW)'s output (`_xr`), `rstd` as given or, with ENTER, from `norm_prologue`. STORE
+    False: the tile's acc [BM, BN] (scaled) is returned instead of stored. ROPE_D: the tile's rows are rope pairs
+    of a fused q/k/v weight (`tile_rows`)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_n = tile_rows(pid_n, BN, ROPE_D)
     offs_k = tl.arange(0, BK)
     n_ok = offs_n < N
-    # 64-bit only in the tile's base; offsets inside a tile stay 32-bit (BN * stride_wn < 2**31).
-    w_ptrs = W + (pid_n * BN).to(tl.int64) * stride_wn + tl.arange(0, BN)[:, None] * stride_wn + offs_k[None, :]
+    if ROPE_D == 0:
+        # 64-bit only in the tile's base; offsets inside a tile stay 32-bit (BN * stride_wn < 2**31).
+        w_ptrs = W + (pid_n * BN).to(tl.int64) * stride_wn + tl.arange(0, BN)[:, None] * stride_wn + offs_k[None, :]
+    else:
+        w_ptrs = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     k_start, k_end = k_range(K, pid_k, BK, SPLIT_K)
     if BM == 1:
         # Products accumulate elementwise; the one reduction over K happens after the loop.
@@ -648,7 +741,9 @@ def rowwise_tiles(X, W, S, Y, WS, CNT, M, N, K, UP, stride_xm, stride_xk, stride
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PREC)
     if INT8:
         acc = acc * tl.load(S + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    combine_and_store(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, BM, BN, SPLIT_K)
+    if STORE:
+        combine_and_store(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, BM, BN, SPLIT_K)
+    return acc
 
 
 @triton.jit
@@ -795,7 +890,8 @@ def int4_gemv_kernel(X, QW, S, Z, Y, WS, CNT, M, N, K, K2, UP, R, NW, H, eps, st
 
 
 # Ranked by CUDA-graph time with a cold L2 (`graph_bench`): the time a decode step pays for them.
-_int8_tuned = autotune(_INT8_M1 + _INT8_MX, key=["M_BUCKET", "N", "K", "PREC", "GATED", "NORM"], interpret=_INTERPRET,
+_int8_tuned = autotune(_INT8_M1 + _INT8_MX, key=["M_BUCKET", "N", "K", "PREC", "GATED", "NORM", "ROPE_D"],
+                       interpret=_INTERPRET,
                        prune_configs_by={"early_config_prune": _prune_int8}, do_bench=graph_bench)(int8_gemv_kernel)
 _int4_tuned = autotune(_INT4_M1 + _INT4_MX, key=["M_BUCKET", "N", "K", "GROUP", "PREC", "GATED", "NORM"],
                        interpret=_INTERPRET,
@@ -839,6 +935,49 @@ def norm_args(x: torch.Tensor, norm: Norm | None) -> tuple[tuple, bool]:
     return (_word_aligned(residual), _word_aligned(weight.view(1, -1)), h, float(eps)), True
 
 
+#: A q/k/v launch's rope and cache write: (cos [M, D], sin [M, D], k_cache, v_cache [..., Hkv, D], slots [M],
+#: n_q_heads, n_kv_heads).
+Rope = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]
+
+
+def rope_reasons(x: torch.Tensor, n: int, rope: Rope) -> list[str]:
+    """Why a GEMV of y [M, N] = x @ W.T cannot rotate and write the caches in its epilogue (empty when it can): W
+    a fused q/k/v weight of (n_q_heads + 2 n_kv_heads) heads of a head_dim that is a multiple of 16; cos and sin
+    [M, head_dim] with unit column stride and one row stride; the caches contiguous [..., n_kv_heads, head_dim],
+    all in x's dtype and on x's device; slots a contiguous int64 [M]."""
+    cos, sin, k_cache, v_cache, slots, hq, hkv = rope
+    m, heads = x.shape[0], hq + 2 * hkv
+    if hq < 0 or hkv < 1 or n % heads:
+        return [f"N={n} is not (n_q_heads + 2 n_kv_heads) * head_dim for n_q_heads={hq}, n_kv_heads={hkv}"]
+    d = n // heads
+    reasons = [] if d % 16 == 0 else [f"head_dim={d} is not a multiple of 16"]
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dtype != x.dtype or tuple(t.shape) != (m, d) or t.stride(-1) != 1 or t.stride(0) != cos.stride(0):
+            reasons.append(f"{name} {tuple(t.shape)}/{t.dtype} is not [M={m}, head_dim={d}] in x's dtype {x.dtype} "
+                           "with contiguous rows (and cos's row stride)")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if (t.dtype != x.dtype or not t.is_contiguous() or t.dim() < 3 or tuple(t.shape[-2:]) != (hkv, d)
+                or t.shape != k_cache.shape):
+            reasons.append(f"{name} {tuple(t.shape)}/{t.dtype} is not a contiguous [..., n_kv_heads={hkv}, "
+                           f"head_dim={d}] in x's dtype {x.dtype}, shaped as k_cache")
+    if slots.dtype != torch.int64 or slots.dim() != 1 or slots.shape[0] != m or slots.stride(0) != 1:
+        reasons.append(f"slots {tuple(slots.shape)}/{slots.dtype} is not a contiguous int64 [M={m}]")
+    if any(t.device != x.device for t in (cos, sin, k_cache, v_cache, slots)):
+        reasons.append(f"the rope tables, caches and slots are not all on x's device {x.device}")
+    return reasons
+
+
+def rope_args(x: torch.Tensor, n: int, rope: Rope | None) -> tuple[tuple, int]:
+    """The kernels' (COS, SIN, KC, VC, SLOTS, stride_cs, HQ, HKV) and ROPE_D for `rope` (x in the unused pointer
+    slots without one); ValueError with `rope_reasons` when the epilogue cannot take it."""
+    if rope is None:
+        return (x, x, x, x, x, 0, 0, 0), 0
+    if bad := rope_reasons(x, n, rope):
+        raise ValueError("rope: " + "; ".join(bad))
+    cos, sin, k_cache, v_cache, slots, hq, hkv = rope
+    return (cos, sin, k_cache, v_cache, slots, cos.stride(0), int(hq), int(hkv)), n // (hq + 2 * hkv)
+
+
 def gated_k(x: torch.Tensor, gated: bool) -> tuple[int, int]:
     """(K, the up half's offset in elements): x [M, K] as it is, or (`gated`) a fused gate/up output [M, 2K]
     whose halves are the gate and up inputs of silu_mul."""
@@ -851,25 +990,34 @@ def gated_k(x: torch.Tensor, gated: bool) -> tuple[int, int]:
 
 
 def launch_int8(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, y: torch.Tensor,
-                kernel: object = None, gated: bool = False, norm: Norm | None = None, **meta: object) -> None:
+                kernel: object = None, gated: bool = False, norm: Norm | None = None, rope: Rope | None = None,
+                **meta: object) -> None:
     """y[M, N] = int8 weight-only x @ w_q.T (M <= 16, w_q and scale contiguous). `kernel` defaults to the
     autotuned one; with the raw `int8_gemv_kernel`, `meta` gives BN, BK, SPLIT_K (and launch options, M1_DOT
     or WORDS). `gated`: x is a fused gate/up output [M, 2K] and the product is of silu_mul(gate, up).
     `norm` (M == 1, x contiguous): (residual, weight, h, eps); the product is of rms_norm_residual(x, residual,
-    weight, eps)'s output, and h = x + residual is written to h (`norm_prologue`)."""
+    weight, eps)'s output, and h = x + residual is written to h (`norm_prologue`). `rope` (w_q a fused q/k/v
+    weight, y contiguous): (cos, sin, k_cache, v_cache, slots, n_q_heads, n_kv_heads); y holds q and k rotated
+    and v, and k and v are also written at the slots of the caches (`combine_and_rope`; inputs as `rope_reasons`
+    asks, else ValueError)."""
     x = _word_aligned(x)
     (m, n), (k, up) = (x.shape[0], w_q.shape[0]), gated_k(x, gated)
     if kernel is not None and (bad := _words_reasons(meta, k)):
         raise ValueError(bad[0])
+    if kernel is not None and rope is not None and (bad := _rope_tile_reasons(meta, n, rope)):
+        raise ValueError(bad[0])
     extra, is_norm = norm_args(x, norm)
+    rotary, rope_d = rope_args(x, n, rope)
+    if rope is not None and (y.stride(1) != 1 or y.stride(0) != n):
+        raise ValueError(f"rope: y (shape {tuple(y.shape)}, strides {y.stride()}) is not contiguous")
     mb = bucket(m)
     ws, counters = workspace(n, max_split(_int8_tuned, n) if kernel is None else int(meta["SPLIT_K"]), x.device)
-    args = (x, w_q, scale, y, ws, counters, m, n, k, up, *extra, x.stride(0), x.stride(1), w_q.stride(0),
+    args = (x, w_q, scale, y, ws, counters, m, n, k, up, *extra, *rotary, x.stride(0), x.stride(1), w_q.stride(0),
             y.stride(0), mb)
     consts = {"PREC": dot_precision(x.dtype), "BM": 1 if m == 1 else MAX_M, "ASM": not triton_interpreting(),
-              "GATED": gated, "NORM": is_norm, **pdl.launch_options(x.device, gemv=True)}
+              "GATED": gated, "NORM": is_norm, "ROPE_D": rope_d, **pdl.launch_options(x.device, gemv=True)}
     if kernel is None:
-        _int8_launch((mb, n, k, x.dtype, scale.dtype, gated, is_norm), grid(n), *args, **consts)
+        _int8_launch((mb, n, k, x.dtype, scale.dtype, gated, is_norm, rope_d), grid(n), *args, **consts)
     else:
         kernel[grid(n)](*args, **consts, **meta)
 
@@ -904,15 +1052,21 @@ def launch_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
 
 def tuned_configs() -> dict[str, dict[str, object]]:
     """Per shape tuned in this process ('int8 M<=b N=n K=k ...' or 'int4 ... g=G', ending in ' gated' for the
-    launches of silu_mul(gate, up)): the config its launches
-    use (BN, BK, SPLIT_K, warps, stages, path flags). Benchmarks record it beside their timings, since the
-    autotuner's pick among near-tied configs moves a shape's time between processes."""
+    launches of silu_mul(gate, up), ' normed' for those of rms_norm_residual's output and ' rope d=D' for those
+    with rope and the cache write in the epilogue): the config its launches use (BN, BK, SPLIT_K, warps, stages,
+    path flags). Benchmarks record it beside their timings, since the autotuner's pick among near-tied configs
+    moves a shape's time between processes."""
     out = {}
     for op, launch, fields in (("int8", _int8_launch, ("M<=", "N=", "K=", "x ", "scale ")),
                                ("int4", _int4_launch, ("M<=", "N=", "K=", "g=", "x ", "scales ", "zeros "))):
-        for (*key, gated), meta in launch.tuned().items():
-            label = " ".join(f"{f}{str(v).removeprefix('torch.')}" for f, v in zip(fields, key, strict=True))
-            out[f"{op} {label}{' gated' if gated else ''}"] = {k: v for k, v in meta.items() if v is not None}
+        for key, meta in launch.tuned().items():
+            # the launchers' keys: the shape and dtypes, then (gated, normed) and, for int8, the rope head_dim
+            gated, normed, rope_d = (*key[len(fields):], False, False, 0)[:3]
+            label = " ".join(f"{f}{str(v).removeprefix('torch.')}" for f, v in zip(fields, key[:len(fields)]))
+            label += " gated" if gated else ""
+            label += " normed" if normed else ""
+            label += f" rope d={rope_d}" if rope_d else ""
+            out[f"{op} {label}"] = {k: v for k, v in meta.items() if v is not None}
     return out
 
 

@@ -550,6 +550,61 @@ def matmul_int4_awq_qkv_rope(x: torch.Tensor, qweight: torch.Tensor, scales: tor
                           int(n_q_heads), int(n_kv_heads))
 
 
+#: Per decode shape of the int8 q/k/v GEMV with rope and the cache write ('int8 qkv rope', M bucket, N, K, dtype):
+#: whether it beat the plain op, the Triton rope and the Triton cache write, and both times (us).
+_rope_wins: dict[tuple, bool] = {}
+rope_timings: dict[tuple, dict[str, float]] = {}
+
+
+def _int8_qkv_rope(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, n_q_heads: int,
+                   n_kv_heads: int) -> torch.Tensor:
+    """The rotated q of a fused q/k/v int8 projection, its k and v rotated and written to the caches: at a decode
+    shape, the Triton GEMV doing the rope and the write in its epilogue (`quant_gemv.combine_and_rope`) where a
+    CUDA-graph timing of the shape (`_prefer_fused`) favours it over the plain op, the Triton rope and the Triton
+    cache write; else those three."""
+    m, n = x.shape[0], w_q.shape[0]
+    if n_q_heads < 0 or n_kv_heads < 1 or n % (n_q_heads + 2 * n_kv_heads):
+        raise ValueError(f"w_q.shape={tuple(w_q.shape)} is not [(n_q_heads + 2 n_kv_heads) * head_dim, K] for "
+                         f"n_q_heads={n_q_heads}, n_kv_heads={n_kv_heads}")
+
+    def unfused() -> torch.Tensor:
+        q, k, v = reference.qkv_heads(_int8(x, w_q, scale), n_q_heads, n_kv_heads)
+        q, k = rope.rope(q, k, cos, sin)
+        kv_cache.kv_cache_write(k, v, k_cache, v_cache, slot_mapping)
+        return q
+
+    heads = (cos, sin, k_cache, v_cache, slot_mapping, n_q_heads, n_kv_heads)
+    if not (m and quant_gemv.serves_int8(m)) or quant_gemv.rope_reasons(x, n, heads):
+        return unfused()
+    w_q, scale = w_q.contiguous(), scale.contiguous()
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+
+    def fused() -> torch.Tensor:
+        quant_gemv.launch_int8(x, w_q, scale, y, rope=heads)
+        return reference.qkv_heads(y, n_q_heads, n_kv_heads)[0]
+
+    key = _shape_key("int8 qkv rope", m, n, w_q.shape[1], x.dtype)
+    if _prefer_fused(_rope_wins, rope_timings, "decode q/k/v projection with rope", ("unfused", "rope"), key,
+                     x.device, fused, unfused):
+        return fused()
+    return unfused()
+
+
+def matmul_int8_weight_only_qkv_rope(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, cos: torch.Tensor,
+                                     sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                     slot_mapping: torch.Tensor, n_q_heads: int, n_kv_heads: int) -> torch.Tensor:
+    """Same contract as `reference.matmul_int8_weight_only_qkv_rope` (see `_int8_qkv_rope`)."""
+    return _int8_qkv_rope(x, w_q, scale, cos, sin, k_cache, v_cache, slot_mapping, int(n_q_heads), int(n_kv_heads))
+
+
+def rope_choices() -> dict[str, dict[str, object]]:
+    """Per timed int8 q/k/v shape ('int8 qkv rope M<=b N=n K=k dtype'): the GEMV with rope and the cache write in
+    its epilogue ('rope') or the separate launches ('unfused'), and the times."""
+    return {_label(key): {"backend": "rope" if won else "unfused", **rope_timings.get(key, {})}
+            for key, won in _rope_wins.items()}
+
+
 def _int8_gated(gu: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     m, n = gu.shape[0], w_q.shape[0]
     if not (m and n and quant_gemv.serves_int8(m)):
@@ -706,6 +761,26 @@ def supports_int4_swiglu(x: torch.Tensor | None = None, qweight: torch.Tensor | 
     return reasons
 
 
+def _qkv_rope_reasons(x: torch.Tensor, rows: int, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, slot_mapping: torch.Tensor, n_q_heads: int, n_kv_heads: int) -> list[str]:
+    """Why a fused q/k/v weight of `rows` rows and these rope tables, caches and slots do not fit together."""
+    reasons = triton_device_reasons(cos, sin, k_cache, v_cache, slot_mapping)
+    heads = n_q_heads + 2 * n_kv_heads
+    if n_q_heads < 0 or n_kv_heads < 1 or rows % heads:
+        return [*reasons, f"the weight's {rows} rows are not (n_q_heads + 2 n_kv_heads) * head_dim for "
+                f"n_q_heads={n_q_heads}, n_kv_heads={n_kv_heads}"]
+    d = rows // heads
+    if d % 2 or cos.shape != (x.shape[0], d) or sin.shape != cos.shape:
+        reasons.append(f"cos/sin {tuple(cos.shape)}/{tuple(sin.shape)} are not [M={x.shape[0]}, head_dim={d}] "
+                       "(an even head_dim)")
+    if k_cache.shape != v_cache.shape or tuple(k_cache.shape[-2:]) != (n_kv_heads, d):
+        reasons.append(f"k_cache/v_cache {tuple(k_cache.shape)}/{tuple(v_cache.shape)} are not [..., "
+                       f"n_kv_heads={n_kv_heads}, head_dim={d}]")
+    if slot_mapping.dtype != torch.int64 or slot_mapping.shape != (x.shape[0],):
+        reasons.append(f"slot_mapping {tuple(slot_mapping.shape)}/{slot_mapping.dtype} is not int64 [M={x.shape[0]}]")
+    return reasons
+
+
 def supports_int4_qkv_rope(x: torch.Tensor | None = None, qweight: torch.Tensor | None = None,
                            scales: torch.Tensor | None = None, zeros: torch.Tensor | None = None, group_size: int = 128,
                            cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
@@ -714,24 +789,19 @@ def supports_int4_qkv_rope(x: torch.Tensor | None = None, qweight: torch.Tensor 
                            n_kv_heads: int = 1) -> list[str]:
     if cos is None or sin is None or k_cache is None or v_cache is None or slot_mapping is None:
         return triton_device_reasons()
-    reasons = supports_int4(x, qweight, scales, zeros, group_size)
-    reasons += triton_device_reasons(cos, sin, k_cache, v_cache, slot_mapping)
-    heads = n_q_heads + 2 * n_kv_heads
-    if n_q_heads < 0 or n_kv_heads < 1 or qweight.shape[0] % heads:
-        reasons.append(f"qweight.shape={tuple(qweight.shape)} is not [(n_q_heads + 2 n_kv_heads) * head_dim, K / 2] "
-                       f"for n_q_heads={n_q_heads}, n_kv_heads={n_kv_heads}")
-    else:
-        d = qweight.shape[0] // heads
-        if d % 2 or cos.shape != (x.shape[0], d) or sin.shape != cos.shape:
-            reasons.append(f"cos/sin {tuple(cos.shape)}/{tuple(sin.shape)} are not [M={x.shape[0]}, head_dim={d}] "
-                           "(an even head_dim)")
-        if k_cache.shape != v_cache.shape or tuple(k_cache.shape[-2:]) != (n_kv_heads, d):
-            reasons.append(f"k_cache/v_cache {tuple(k_cache.shape)}/{tuple(v_cache.shape)} are not [..., "
-                           f"n_kv_heads={n_kv_heads}, head_dim={d}]")
-        if slot_mapping.dtype != torch.int64 or slot_mapping.shape != (x.shape[0],):
-            reasons.append(f"slot_mapping {tuple(slot_mapping.shape)}/{slot_mapping.dtype} is not int64 "
-                           f"[M={x.shape[0]}]")
-    return reasons
+    return supports_int4(x, qweight, scales, zeros, group_size) + _qkv_rope_reasons(
+        x, qweight.shape[0], cos, sin, k_cache, v_cache, slot_mapping, n_q_heads, n_kv_heads)
+
+
+def supports_int8_qkv_rope(x: torch.Tensor | None = None, w_q: torch.Tensor | None = None,
+                           scale: torch.Tensor | None = None, cos: torch.Tensor | None = None,
+                           sin: torch.Tensor | None = None, k_cache: torch.Tensor | None = None,
+                           v_cache: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None,
+                           n_q_heads: int = 0, n_kv_heads: int = 1) -> list[str]:
+    if cos is None or sin is None or k_cache is None or v_cache is None or slot_mapping is None:
+        return triton_device_reasons()
+    return supports_int8(x, w_q, scale) + _qkv_rope_reasons(x, w_q.shape[0], cos, sin, k_cache, v_cache,
+                                                            slot_mapping, n_q_heads, n_kv_heads)
 
 
 def supports_int8_gated(gu: torch.Tensor | None = None, w_q: torch.Tensor | None = None,
@@ -774,6 +844,8 @@ def register(reg: KernelRegistry) -> None:
                  priority=20)
     reg.register("matmul.int4_awq_qkv_rope", "triton", matmul_int4_awq_qkv_rope, supports=supports_int4_qkv_rope,
                  priority=20)
+    reg.register("matmul.int8_weight_only_qkv_rope", "triton", matmul_int8_weight_only_qkv_rope,
+                 supports=supports_int8_qkv_rope, priority=20)
     reg.register("matmul.int8_weight_only_normed", "triton", matmul_int8_weight_only_normed,
                  supports=supports_int8_normed, priority=20)
     reg.register("matmul.int4_awq_normed", "triton", matmul_int4_awq_normed, supports=supports_int4_normed,

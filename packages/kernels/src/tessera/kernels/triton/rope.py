@@ -39,7 +39,7 @@ def rotate_halves(x1, x2, W, d, dmask, c1, c2, s1, s2, eps, HALF: tl.constexpr, 
     """The rotated halves (float32) of heads whose halves are x1, x2 [heads, BLOCK_D] (float32), after a
     per-head RMSNorm with weight W [2 * HALF] when NORM. `d`, `dmask`: the half's columns and which are real;
     c1, c2, s1, s2 [BLOCK_D]: the row's tables. Shared by the rope kernel and the paged decode kernel's
-    rotary prologue, so both compute the same expression."""
+    rotary prologue; the rotation itself is `rotate_pair`."""
     if NORM:
         w1 = tl.load(W + d, mask=dmask, other=0.0).to(tl.float32)
         w2 = tl.load(W + HALF + d, mask=dmask, other=0.0).to(tl.float32)
@@ -48,9 +48,16 @@ def rotate_halves(x1, x2, W, d, dmask, c1, c2, s1, s2, eps, HALF: tl.constexpr, 
         # normed value (a tie broken differently) reach the output multiplied by the tables.
         x1 = x1 * rstd[:, None] * w1[None, :]
         x2 = x2 * rstd[:, None] * w2[None, :]
-    # Explicit fmas: left to the compiler, `a * b - c * d` contracts to an fma over either product depending on
-    # the kernel around it, and the two kernels that share this expression would round differently.
-    return tl.fma(x1, c1[None, :], -(x2 * s1[None, :])), tl.fma(x2, c2[None, :], x1 * s2[None, :])
+    return rotate_pair(x1, x2, c1[None, :], c2[None, :], s1[None, :], s2[None, :])
+
+
+@triton.jit
+def rotate_pair(x1, x2, c1, c2, s1, s2):
+    """The rotate-half rope of float32 halves x1, x2 with the tables of their columns (c1, s1 of the first half's,
+    c2, s2 of the second's, broadcastable): (x1 c1 - x2 s1, x2 c2 + x1 s2). Every kernel that rotates uses this
+    expression: explicit fmas, since left to the compiler `a * b - c * d` contracts to an fma over either product
+    depending on the kernel around it, and two kernels would round differently."""
+    return tl.fma(x1, c1, -(x2 * s1)), tl.fma(x2, c2, x1 * s2)
 
 
 @triton.jit

@@ -75,17 +75,17 @@ def even(args: dict) -> bool:
 
 
 @triton.jit
-def combine_and_store(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, BM: tl.constexpr, BN: tl.constexpr,
-                      SPLIT_K: tl.constexpr):
-    """Store acc [BM, BN] (float32) to Y; with SPLIT_K > 1 the last program of this N tile stores the
-    sum of all SPLIT_K partials, in split order."""
-    offs_m = tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+def combine(acc, WS, CNT, M, N, pid_n, pid_k, BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr):
+    """(the sum of the split's partials of this N tile, [BM, BN] float32; whether this program holds it). Without
+    a split, acc itself; with SPLIT_K > 1 every program writes its partial acc, and the last to arrive sums all
+    SPLIT_K of them in split order and resets the tile's counter (the others hold zeros and False)."""
     if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask)
+        total = acc
+        last = tl.full((), 1, tl.int1)
     else:
+        offs_m = tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         ws = WS + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
         tl.store(ws + pid_k * M * N, acc, mask=mask)
         # Every thread's partial is written before one thread publishes it (release); the last
@@ -96,8 +96,21 @@ def combine_and_store(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, BM: tl.con
         total = tl.zeros((BM, BN), dtype=tl.float32)
         for s in tl.static_range(SPLIT_K):
             total += tl.load(ws + s * M * N, mask=mask & last, other=0.0, cache_modifier=".cg")
-        tl.store(y_ptrs, total.to(Y.dtype.element_ty), mask=mask & last)
         tl.atomic_xchg(CNT + pid_n, 0, mask=last, sem="relaxed", scope="gpu")
+    return total, last
+
+
+@triton.jit
+def combine_and_store(acc, Y, WS, CNT, M, N, stride_ym, pid_n, pid_k, BM: tl.constexpr, BN: tl.constexpr,
+                      SPLIT_K: tl.constexpr):
+    """Store acc [BM, BN] (float32) to Y; with SPLIT_K > 1 the last program of this N tile stores the
+    sum of all SPLIT_K partials, in split order (`combine`)."""
+    total, last = combine(acc, WS, CNT, M, N, pid_n, pid_k, BM, BN, SPLIT_K)
+    offs_m = tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, total.to(Y.dtype.element_ty), mask=mask & last)
 
 
 #: Counter sets a device keeps zeroed for streams that capture CUDA graphs (see `stream_counters`).
