@@ -45,9 +45,12 @@ from tessera.specs import ModelConfig, QuantConfig
 
 try:
     from tessera.kernels.triton import pdl
-    from tessera.kernels.triton.quant_matmul import cuda_gemv_choices, gated_choices, normed_choices
-except ImportError:  # no triton: the decode kernels have no PDL modes, nothing is gated or normalised
+    from tessera.kernels.triton.quant_matmul import cuda_gemv_choices, gated_choices, normed_choices, rope_choices
+except ImportError:  # no triton: the decode kernels have no PDL modes, nothing is gated, normalised or rotated
     pdl = None
+
+    def rope_choices() -> dict:
+        return {}
 
     def gated_choices() -> dict:
         return {}
@@ -494,7 +497,8 @@ def speed(args: argparse.Namespace) -> dict:
     return {"speed": {"shape": shape, "dtype": label, "lm_head": head, "context": context, "prefill": [pre_b, pre_t],
                       "ceilings": peak, "methods": results, "checks": checks,
                       "float_projections": dense.choices(), "gated_quant_projections": gated_choices(),
-                      "normed_quant_projections": normed_choices(), "cuda_decode_gemvs": cuda_gemv_choices(),
+                      "normed_quant_projections": normed_choices(), "rope_quant_projections": rope_choices(),
+                      "cuda_decode_gemvs": cuda_gemv_choices(),
                       "by_pdl_mode": by_mode}}
 
 
@@ -553,8 +557,8 @@ def main() -> None:
                    "timed alone (TESSERA_DECODE_FUSION=always), in the same process")
     p.add_argument("--compare-qkv-rope", action="store_true",
                    help="with --speed: also time the decode steps of a method whose fused q/k/v rotates and writes "
-                        "the cache itself (AWQ's int4 q/k/v rope GEMV) with that off (the GEMV, the rope and the "
-                        "cache-write launches), in the same process")
+                        "the cache itself (the int8 and int4 q/k/v rope GEMVs) with that off (the GEMV, the rope and "
+                        "the cache-write launches), in the same process")
     p.add_argument("--pdl-modes", type=int, nargs="+", default=[], choices=(0, 1, 2, 3, 4), metavar="MODE",
                    help="with --speed: also time the decode steps in these PDL modes (0 off, 1 launch overlap, "
                         "2 overlap + GEMV weight prefetch, 3 overlap + GEMV first weight tile before the wait, 4 the "

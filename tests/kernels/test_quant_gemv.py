@@ -349,3 +349,44 @@ def _normed_launch(launch: object, x: torch.Tensor, weights: tuple, n: int, norm
     h = torch.empty_like(x)
     launch(x, *weights, y, norm=(*norm, h, 1e-6))
     return y, h
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16])
+def test_int8_rope_gemv_every_config_gives_the_separate_launches_bits_on_the_gpu(m: int) -> None:
+    """Every int8 config the autotuner may launch with rope at Llama-3.2-1B's q/k/v (32/8 heads of 64, K = 2048):
+    y and both caches equal the plain GEMV at the same config followed by the Triton rope and cache write, bit for
+    bit, and the slots not written (a padding lane's included) stay as they were."""
+    from tessera.kernels import reference
+    from tessera.kernels.triton import kv_cache, rope
+
+    hq, hkv, d, k = 32, 8, 64, 2048
+    n = (hq + 2 * hkv) * d
+    gen = torch.Generator(device="cuda").manual_seed(m)
+    x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
+    w_q = torch.randint(-127, 128, (n, k), device="cuda", generator=gen, dtype=torch.int8)
+    scale = ((torch.rand(n, device="cuda", generator=gen) + 0.5) / 127 * k**-0.5).bfloat16()
+    angles = torch.rand(m, d // 2, device="cuda", generator=gen) * 6
+    cos = torch.cat([angles.cos(), angles.cos()], 1).bfloat16()
+    sin = torch.cat([angles.sin(), angles.sin()], 1).bfloat16()
+    caches = torch.randn(2, 2 * m, 4, hkv, d, device="cuda", generator=gen).bfloat16()
+    slots = torch.randperm(8 * m, device="cuda", generator=gen)[:m]
+    slots[m // 2] = -1
+    configs = [c for c in qg._prune_int8(qg._INT8_M1 + qg._INT8_MX, {"M_BUCKET": bucket(m), "N": n, "K": k},
+                                         ROPE_D=d)]
+    assert configs and all(c.kwargs["BN"] <= d for c in configs)
+    for c in configs:
+        meta = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+        plain = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        qg.launch_int8(x, w_q, scale, plain, kernel=qg.int8_gemv_kernel, **meta)
+        q, kk, v = reference.qkv_heads(plain, hq, hkv)
+        q, kk = rope.rope(q, kk, cos, sin)
+        want_k, want_v = caches[0].clone(), caches[1].clone()
+        kv_cache.kv_cache_write(kk, v, want_k, want_v, slots)
+        got = torch.empty_like(plain)
+        got_k, got_v = caches[0].clone(), caches[1].clone()
+        qg.launch_int8(x, w_q, scale, got, kernel=qg.int8_gemv_kernel, rope=(cos, sin, got_k, got_v, slots, hq, hkv),
+                       **meta)
+        torch.cuda.synchronize()
+        assert torch.equal(got, torch.cat([q.reshape(m, -1), kk.reshape(m, -1), v.reshape(m, -1)], 1)), c
+        assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v), c
