@@ -370,21 +370,23 @@ def speed(args: argparse.Namespace) -> dict:
                                        for m in other_modes}}
             entry[f"decode_b{b}_ms"] = ms
             entry[f"decode_b{b}_graphed"] = g
-            # the epilogue fusions switched off one at a time: same process, same tuned configs
+            # the epilogue fusions switched the other way one at a time: same process, same tuned configs
             for wanted, flag, has, what in (
                     (args.compare_swiglu, "FUSED_SWIGLU", lambda m: getattr(m, "gate_up", None) is not None
                      and m.gate_up.has_swiglu(), "swiglu"),
                     (args.compare_qkv_rope, "FUSED_QKV_ROPE", lambda m: getattr(m, "qkv", None) is not None
                      and m.qkv.has_qkv_rope(), "qkv_rope")):
-                if not (wanted and getattr(layers, flag) and any(has(m) for m in model.modules())):
+                if not (wanted and any(has(m) for m in model.modules())):
                     continue
-                setattr(layers, flag, False)
+                state = getattr(layers, flag)
+                setattr(layers, flag, not state)
                 try:
-                    off = decode_ms(model, b, context, dtype, timer, graphed)[0]
+                    other = decode_ms(model, b, context, dtype, timer, graphed)[0]
                 finally:
-                    setattr(layers, flag, True)
-                entry[f"decode_b{b}_ms_without_{what}"] = off
-                print(f"  {method}: decode b{b} {ms:.3f} ms with the {what} GEMV, {off:.3f} ms without", flush=True)
+                    setattr(layers, flag, state)
+                entry[f"decode_b{b}_ms_{'without' if state else 'with'}_{what}"] = other
+                on, off = (ms, other) if state else (other, ms)
+                print(f"  {method}: decode b{b} {on:.3f} ms with the {what} GEMV, {off:.3f} ms without", flush=True)
             if args.compare_fusion_always:  # every fused decode launch that agrees, whatever its time alone
                 previous = shape_choice.DECODE_FUSION
                 shape_choice.DECODE_FUSION = "always"
@@ -559,9 +561,9 @@ def main() -> None:
                    "(gated, normalised, SwiGLU, rope GEMVs) taken wherever it agrees, not only where it was faster "
                    "timed alone (TESSERA_DECODE_FUSION=always), in the same process")
     p.add_argument("--compare-qkv-rope", action="store_true",
-                   help="with --speed: also time the decode steps of a method whose fused q/k/v rotates and writes "
-                        "the cache itself (the int8 and int4 q/k/v rope GEMVs) with that off (the GEMV, the rope and "
-                        "the cache-write launches), in the same process")
+                   help="with --speed: also time the decode steps of a method whose fused q/k/v may rotate and write "
+                        "the cache itself (the int8 and int4 q/k/v rope GEMVs; off unless TESSERA_FUSED_QKV_ROPE=1) "
+                        "the other way, in the same process")
     p.add_argument("--pdl-modes", type=int, nargs="+", default=[], choices=(0, 1, 2, 3, 4), metavar="MODE",
                    help="with --speed: also time the decode steps in these PDL modes (0 off, 1 launch overlap, "
                         "2 overlap + GEMV weight prefetch, 3 overlap + GEMV first weight tile before the wait, 4 the "

@@ -33,9 +33,9 @@ FUSED_NORMS = os.environ.get("TESSERA_FUSED_NORM", "0") == "1"
 FUSED_SWIGLU = os.environ.get("TESSERA_FUSED_SWIGLU", "1") != "0"
 #: Whether a decode step's fused q/k/v projection with a one-op rope and cache write (`FusedProjections.
 #: has_qkv_rope`: int8 and int4 AWQ, whose decode GEMVs do both in their epilogue) uses it, where the KV context offers
-#: `decode_cache` and the model has no QK-norm. On by default; `TESSERA_FUSED_QKV_ROPE=0`, or setting it False,
-#: runs the projection, rope and the cache write apart. Read at each call.
-FUSED_QKV_ROPE = os.environ.get("TESSERA_FUSED_QKV_ROPE", "1") != "0"
+#: `decode_cache` and the model has no QK-norm. Off by default (batch-1 steps were slower with it on an H100,
+#: docs/kernels.md); `TESSERA_FUSED_QKV_ROPE=1`, or setting it True, turns it on. Read at each call.
+FUSED_QKV_ROPE = os.environ.get("TESSERA_FUSED_QKV_ROPE", "0") == "1"
 
 
 def _norm_target(module: nn.Module, fused: FusedProjections | None,
