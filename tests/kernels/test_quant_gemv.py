@@ -390,3 +390,38 @@ def test_int8_rope_gemv_every_config_gives_the_separate_launches_bits_on_the_gpu
         torch.cuda.synchronize()
         assert torch.equal(got, torch.cat([q.reshape(m, -1), kk.reshape(m, -1), v.reshape(m, -1)], 1)), c
         assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v), c
+
+
+def test_a_rope_launch_names_what_its_epilogue_cannot_take() -> None:
+    """`launch_int8(..., rope=...)` refuses, before launching, a weight that is not q/k/v heads of a head_dim that
+    is a multiple of 16, mismatched tables, caches or slots, a raw tile wider than a head, and a strided y."""
+    m, hq, hkv, d, k = 2, 2, 1, 16, 64
+    n = (hq + 2 * hkv) * d
+    x, w_q, scale = torch.randn(m, k), torch.zeros(n, k, dtype=torch.int8), torch.ones(n)
+    cos, sin = torch.ones(m, d), torch.zeros(m, d)
+    caches = torch.zeros(2, 3, 4, hkv, d)
+    slots = torch.tensor([0, 5])
+    y = torch.empty(m, n)
+
+    def refused(match: str, **changed: object) -> None:
+        args = {"cos": cos, "sin": sin, "k_cache": caches[0], "v_cache": caches[1], "slots": slots, "hq": hq,
+                "hkv": hkv} | changed
+        rope = tuple(args.values())
+        with pytest.raises(ValueError, match=match):
+            qg.launch_int8(x, w_q, scale, y, rope=rope)
+
+    refused(r"n_q_heads=3, n_kv_heads=1", hq=3)
+    refused(r"cos \(2, 8\)", cos=cos[:, :8])
+    refused(r"sin \(2, 16\)/torch.float16", sin=sin.half())
+    refused(r"v_cache \(3, 4, 2, 8\)", v_cache=caches[1].view(3, 4, 2, 8))
+    refused(r"slots \(2,\)/torch.int32", slots=slots.int())
+    w8 = torch.zeros(4 * 8, k, dtype=torch.int8)
+    with pytest.raises(ValueError, match="head_dim=8 is not a multiple of 16"):
+        qg.launch_int8(x, w8, torch.ones(32), torch.empty(m, 32), rope=(torch.ones(m, 8), torch.zeros(m, 8),
+                                                                          torch.zeros(3, 4, 1, 8),
+                                                                          torch.zeros(3, 4, 1, 8), slots, 2, 1))
+    rope = (cos, sin, caches[0], caches[1], slots, hq, hkv)
+    with pytest.raises(ValueError, match="BN=32 is wider than head_dim=16"):
+        qg.launch_int8(x, w_q, scale, y, kernel=qg.int8_gemv_kernel, rope=rope, BN=32, BK=64, SPLIT_K=1)
+    with pytest.raises(ValueError, match=r"y .* is not contiguous"):
+        qg.launch_int8(x, w_q, scale, torch.empty(n, m).T, rope=rope)

@@ -109,3 +109,32 @@ def norm_reasons(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) 
     if weight.shape != x.shape[-1:]:
         reasons.append(f"weight.shape={tuple(weight.shape)} does not match x's last dim {x.shape[-1]}")
     return reasons
+
+
+def qkv_rope_epilogue_reasons(x: torch.Tensor, rows: int, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                              v_cache: torch.Tensor, slots: torch.Tensor, n_q_heads: int,
+                              n_kv_heads: int) -> list[str]:
+    """Why a decode GEMV of x [M, K] with a fused q/k/v weight of `rows` rows cannot rotate q and k and write k and
+    v to the caches in its epilogue (the CUDA and Triton q/k/v rope GEMVs; empty when it can): the rows must be
+    (n_q_heads + 2 n_kv_heads) heads of a head_dim that is a multiple of 16; cos and sin [M, head_dim] with unit
+    column stride and one row stride; the caches contiguous [..., n_kv_heads, head_dim] of one shape, all in x's
+    dtype; slots a contiguous int64 [M]. Devices are the caller's to check."""
+    m, heads = x.shape[0], n_q_heads + 2 * n_kv_heads
+    if n_q_heads < 0 or n_kv_heads < 1 or rows % heads:
+        return [f"the weight's {rows} rows are not (n_q_heads + 2 n_kv_heads) * head_dim for n_q_heads={n_q_heads}, "
+                f"n_kv_heads={n_kv_heads}"]
+    d = rows // heads
+    reasons = [] if d % 16 == 0 else [f"head_dim={d} is not a multiple of 16"]
+    for name, t in (("cos", cos), ("sin", sin)):
+        if (t.dtype != x.dtype or t.dim() != 2 or tuple(t.shape) != (m, d) or t.stride(-1) != 1
+                or t.stride(0) != cos.stride(0)):
+            reasons.append(f"{name} {tuple(t.shape)}/{t.dtype} is not [M={m}, head_dim={d}] in x's dtype {x.dtype} "
+                           "with contiguous rows (and cos's row stride)")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if (t.dtype != x.dtype or not t.is_contiguous() or t.dim() < 3 or tuple(t.shape[-2:]) != (n_kv_heads, d)
+                or t.shape != k_cache.shape):
+            reasons.append(f"{name} {tuple(t.shape)}/{t.dtype} is not a contiguous [..., n_kv_heads={n_kv_heads}, "
+                           f"head_dim={d}] in x's dtype {x.dtype}, shaped as k_cache")
+    if slots.dtype != torch.int64 or slots.dim() != 1 or slots.shape[0] != m or slots.stride(0) != 1:
+        reasons.append(f"slots {tuple(slots.shape)}/{slots.dtype} is not a contiguous int64 [M={m}]")
+    return reasons

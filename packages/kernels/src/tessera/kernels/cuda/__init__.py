@@ -16,7 +16,7 @@ import functools
 import torch
 
 from tessera.kernels.cuda.build import load, nvcc_path
-from tessera.kernels.support import FLOATS, device_reasons, dtype_reasons, no_grad_reasons
+from tessera.kernels.support import FLOATS, device_reasons, dtype_reasons, no_grad_reasons, qkv_rope_epilogue_reasons
 from tessera.specs import KernelRegistry
 
 MAX_HEAD_DIM = 128
@@ -230,25 +230,10 @@ def int4_gemv_rope_reasons(x: torch.Tensor, qweight: torch.Tensor, scales: torch
     fused q/k/v weight of (n_q_heads + 2 n_kv_heads) heads of a head_dim that is a multiple of 16; cos/sin
     [M, head_dim] and the caches [..., n_kv_heads, head_dim] (contiguous) in x's dtype; slots contiguous int64 [M]."""
     reasons = int4_gemv_reasons(x, qweight, scales, zeros, INT4_GEMV_GROUP)
-    heads = n_q_heads + 2 * n_kv_heads
-    if n_q_heads < 0 or n_kv_heads < 1 or qweight.dim() != 2 or qweight.shape[0] % heads:
-        return [*reasons, f"qweight.shape={tuple(qweight.shape)} is not [(n_q_heads + 2 n_kv_heads) * head_dim, "
-                f"K / 2] for n_q_heads={n_q_heads}, n_kv_heads={n_kv_heads}"]
-    d, m = qweight.shape[0] // heads, x.shape[0]
-    if d % 16:
-        reasons.append(f"head_dim={d} is not a multiple of 16")
-    for name, t in (("cos", cos), ("sin", sin)):
-        if (t.dtype != x.dtype or t.dim() != 2 or tuple(t.shape) != (m, d) or t.stride(-1) != 1
-                or t.stride(0) != cos.stride(0)):
-            reasons.append(f"{name} {tuple(t.shape)}/{t.dtype} is not [M={m}, head_dim={d}] in x's dtype {x.dtype} "
-                           "with contiguous rows (and cos's row stride)")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if (t.dtype != x.dtype or not t.is_contiguous() or t.dim() < 3 or tuple(t.shape[-2:]) != (n_kv_heads, d)
-                or t.shape != k_cache.shape):
-            reasons.append(f"{name} {tuple(t.shape)}/{t.dtype} is not a contiguous [..., n_kv_heads={n_kv_heads}, "
-                           f"head_dim={d}] in x's dtype {x.dtype}, shaped as k_cache")
-    if slots.dtype != torch.int64 or slots.dim() != 1 or slots.shape[0] != m or slots.stride(0) != 1:
-        reasons.append(f"slots {tuple(slots.shape)}/{slots.dtype} is not a contiguous int64 [M={m}]")
+    if qweight.dim() != 2:
+        return reasons
+    reasons += qkv_rope_epilogue_reasons(x, qweight.shape[0], cos, sin, k_cache, v_cache, slots, n_q_heads,
+                                         n_kv_heads)
     reasons += device_reasons([x, cos, sin, k_cache, v_cache, slots])
     return reasons
 

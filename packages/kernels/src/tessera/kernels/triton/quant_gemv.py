@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tessera.kernels.support import triton_interpreting
+from tessera.kernels.support import qkv_rope_epilogue_reasons, triton_interpreting
 from tessera.kernels.triton import pdl
 from tessera.kernels.triton.rope import rotate_pair
 from tessera.kernels.triton.split_k import (
@@ -941,27 +941,10 @@ Rope = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def rope_reasons(x: torch.Tensor, n: int, rope: Rope) -> list[str]:
-    """Why a GEMV of y [M, N] = x @ W.T cannot rotate and write the caches in its epilogue (empty when it can): W
-    a fused q/k/v weight of (n_q_heads + 2 n_kv_heads) heads of a head_dim that is a multiple of 16; cos and sin
-    [M, head_dim] with unit column stride and one row stride; the caches contiguous [..., n_kv_heads, head_dim],
-    all in x's dtype and on x's device; slots a contiguous int64 [M]."""
+    """Why a GEMV of y [M, N] = x @ W.T cannot rotate and write the caches in its epilogue (empty when it can):
+    `support.qkv_rope_epilogue_reasons`, and every tensor on x's device."""
     cos, sin, k_cache, v_cache, slots, hq, hkv = rope
-    m, heads = x.shape[0], hq + 2 * hkv
-    if hq < 0 or hkv < 1 or n % heads:
-        return [f"N={n} is not (n_q_heads + 2 n_kv_heads) * head_dim for n_q_heads={hq}, n_kv_heads={hkv}"]
-    d = n // heads
-    reasons = [] if d % 16 == 0 else [f"head_dim={d} is not a multiple of 16"]
-    for name, t in (("cos", cos), ("sin", sin)):
-        if t.dtype != x.dtype or tuple(t.shape) != (m, d) or t.stride(-1) != 1 or t.stride(0) != cos.stride(0):
-            reasons.append(f"{name} {tuple(t.shape)}/{t.dtype} is not [M={m}, head_dim={d}] in x's dtype {x.dtype} "
-                           "with contiguous rows (and cos's row stride)")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if (t.dtype != x.dtype or not t.is_contiguous() or t.dim() < 3 or tuple(t.shape[-2:]) != (hkv, d)
-                or t.shape != k_cache.shape):
-            reasons.append(f"{name} {tuple(t.shape)}/{t.dtype} is not a contiguous [..., n_kv_heads={hkv}, "
-                           f"head_dim={d}] in x's dtype {x.dtype}, shaped as k_cache")
-    if slots.dtype != torch.int64 or slots.dim() != 1 or slots.shape[0] != m or slots.stride(0) != 1:
-        reasons.append(f"slots {tuple(slots.shape)}/{slots.dtype} is not a contiguous int64 [M={m}]")
+    reasons = qkv_rope_epilogue_reasons(x, n, cos, sin, k_cache, v_cache, slots, hq, hkv)
     if any(t.device != x.device for t in (cos, sin, k_cache, v_cache, slots)):
         reasons.append(f"the rope tables, caches and slots are not all on x's device {x.device}")
     return reasons
