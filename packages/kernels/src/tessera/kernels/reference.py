@@ -264,7 +264,7 @@ def _rotated_and_cached(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k
 
 
 def _qkv_rows(weight: torch.Tensor, n_q_heads: int, n_kv_heads: int) -> None:
-    if weight.shape[0] % (n_q_heads + 2 * n_kv_heads):
+    if n_q_heads < 0 or n_kv_heads < 1 or weight.shape[0] % (n_q_heads + 2 * n_kv_heads):
         raise ValueError(f"the weight's shape {tuple(weight.shape)} does not have (n_q_heads + 2 n_kv_heads) * "
                          f"head_dim rows for n_q_heads={n_q_heads}, n_kv_heads={n_kv_heads}")
 

@@ -461,7 +461,7 @@ def _int4_qkv_rope(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     timing of the shape (at its first call outside a capture) favours that over the plain op, the Triton rope and
     the Triton cache write; else those three."""
     m, n = x.shape[0], qweight.shape[0]
-    if qweight.shape[0] % (n_q_heads + 2 * n_kv_heads):
+    if n_q_heads < 0 or n_kv_heads < 1 or n % (n_q_heads + 2 * n_kv_heads):
         raise ValueError(f"qweight.shape={tuple(qweight.shape)} is not [(n_q_heads + 2 n_kv_heads) * head_dim, K / 2] "
                          f"for n_q_heads={n_q_heads}, n_kv_heads={n_kv_heads}")
 
