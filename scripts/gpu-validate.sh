@@ -60,10 +60,10 @@ for stage in "$@"; do
         run gpu-tests python3 -m pytest -q -m gpu tests/serve tests/kernels/test_pdl.py tests/model/test_persistent.py \
             tests/kernels/test_dense_linear.py tests/kernels/test_quant_gemv.py tests/kernels/test_decode_write.py \
             tests/kernels/test_quant_gemv_cuda.py
-        # the quantized gated, normalised and SwiGLU ops (their small-shape parity, ~20 s a case on the H200; the
-        # dense ones and the paged decode ops passed at cddc026), on the seed of the strided gated int4 failure
+        # the quantized gated, normalised, SwiGLU and q/k/v rope ops (their small-shape parity, ~20 s a case on the
+        # H200; the dense ones and the paged decode ops passed at cddc026), on the seed of the strided gated int4 failure
         run new-op-parity env TESSERA_TEST_SEED="${TESSERA_TEST_SEED:-16163947}" python3 -m pytest -q \
-            tests/kernels/test_parity.py -k "not real_shapes and (int4_awq_gated or int4_awq_normed or int4_awq_swiglu or int4_awq_qkv_rope or int8_weight_only_gated or int8_weight_only_normed)" ;;
+            tests/kernels/test_parity.py -k "not real_shapes and (int4_awq_gated or int4_awq_normed or int4_awq_swiglu or int4_awq_qkv_rope or int8_weight_only_gated or int8_weight_only_normed or int8_weight_only_qkv_rope)" ;;
     serve)
         run serve-decode python3 benchmarks/bench_serve.py --sections decode --hf-decode-modes static \
             --decode-tokens 64 --pdl-modes 1 4 --out "$out" --persistent-variants DEPTH=2 POLL=1 \
