@@ -28,8 +28,8 @@ class KVContext(Protocol):
 
     And `decode_cache(layer, tokens) -> (k_cache, v_cache, slot_mapping) | None` with `attend_cached(layer,
     q [N, Hq, D]) -> [N, Hq, D]`: for a one-token-a-sequence step, the caches and slots where the model's q/k/v
-    projection may write the rotated k and v itself (`matmul.int4_awq_qkv_rope`), and the attention of the rotated
-    q to the cache that follows.
+    projection may write the rotated k and v itself (`matmul.int8_weight_only_qkv_rope`,
+    `matmul.int4_awq_qkv_rope`), and the attention of the rotated q to the cache that follows.
     """
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...

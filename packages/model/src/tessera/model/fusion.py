@@ -82,9 +82,9 @@ class FusedProjections(ABC):
         return silu_mul(gate, up)
 
     def has_qkv_rope(self) -> bool:
-        """Whether `qkv_rope` runs as one op (a subclass's: the int4 linears, whose decode GEMV does the rope and
-        the cache write in its epilogue); here it is `matmul`, the rope op and the cache write, as `Attention` runs
-        them itself."""
+        """Whether `qkv_rope` runs as one op (a subclass's: the int8 and int4 linears, whose decode GEMVs do the rope
+        and the cache write in their epilogue); here it is `matmul`, the rope op and the cache write, as `Attention`
+        runs them itself."""
         return False
 
     def qkv_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
