@@ -173,7 +173,7 @@ def test_the_always_fusion_policy_runs_a_gated_gemv_that_lost(monkeypatch: pytes
                         if op == "matmul.dense_gated" else real_get(op, *a, **kw))
     monkeypatch.setattr(dense, "_decode_shaped", lambda x, w: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    for table in ("_choice", "_gated_choice", "_gated_fns", "gated_timings"):
+    for table in ("_choice", "_gated_choice", "gated_timings"):
         monkeypatch.setattr(dense, table, {})
     timings = iter([2.0, 1.0, 1.0, 3.0])  # linear: cuBLAS 2, GEMV 1; gated shape: unfused 1, gated 3 (ms)
     monkeypatch.setattr(tuning, "graph_bench", lambda fn: (fn(), next(timings))[1])

@@ -290,22 +290,19 @@ def test_the_always_fusion_policy_runs_a_fused_gemv_that_lost_alone(monkeypatch:
 
 
 def test_the_always_fusion_policy_takes_a_fused_cuda_gemv_only_where_it_agreed(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`_fusion_config` (the SwiGLU and rope GEMVs' choice): the remembered config where the fused GEMV won; where it
-    lost, None under "timed" and its timed config under "always"; None under both where it never agreed (no config
-    was recorded); UNSET before the shape's choice."""
+    """`shape_choice.take` (what the SwiGLU and rope GEMVs' remembered choices run): the config where the fused GEMV
+    won; where it lost, None under "timed" and its config under "always"; None under both where it never agreed
+    (a None choice); UNSET before the shape's choice."""
     from tessera.kernels import shape_choice
-    from tessera.kernels.triton import quant_matmul as qm
 
-    table = {"won": (16, 8, False), "lost": None, "disagreed": None}
-    monkeypatch.setattr(qm, "cuda_gemv_timings", {"won": {"cuda_config": [16, 8, False]},
-                                                  "lost": {"unfused_us": 1.0, "cuda_us": 2.0,
-                                                           "cuda_config": [32, 4, True]}})
+    table = {"won": shape_choice.Fusion((16, 8, False), True), "lost": shape_choice.Fusion((32, 4, True), False),
+             "disagreed": None}
     for policy, lost in (("timed", None), ("always", (32, 4, True))):
         monkeypatch.setattr(shape_choice, "DECODE_FUSION", policy)
-        assert qm._fusion_config(table, "won") == (16, 8, False)
-        assert qm._fusion_config(table, "lost") == lost
-        assert qm._fusion_config(table, "disagreed") is None
-        assert qm._fusion_config(table, "new") is shape_choice.UNSET
+        assert shape_choice.take(table["won"]) == (16, 8, False)
+        assert shape_choice.take(table["lost"]) == lost
+        assert shape_choice.take(table["disagreed"]) is None
+        assert shape_choice.take(table.get("new", shape_choice.UNSET)) is shape_choice.UNSET
 
 
 @pytest.mark.gpu

@@ -61,29 +61,22 @@ def _decode_shaped(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def _choose(table: dict, key: tuple, what: str, op: str, args: tuple, baseline: tuple[str, Callable[[], object]],
-            name: str, fused: dict | None = None) -> Callable | None:
+            name: str, fusion: bool = False) -> Callable | shape_choice.Fusion | None:
     """The Triton backend of `op` (its plain function) where it beats `baseline` at this shape, both tuned
-    first; None where the baseline wins or the backend cannot take `args`. `fused`: a fusion's table, where the
-    function is kept under `key` whichever wins (`_fused_or_none`)."""
+    first; None where the baseline wins or the backend cannot take `args`. `fusion` (a fused launch against the
+    separate ones): a `shape_choice.Fusion` of the function and whether it won, whichever did."""
     try:
         impl = registry.get(op, *args, backend="triton")
     except KernelUnavailableError:
         return None
     start = time.perf_counter()
     impl(*args)  # each side tunes its tiles first, so the timings are of tuned kernels
-    if fused is not None:
-        fused[key] = impl.fn
     baseline[1]()
     label = f"{what}, rows <= {key[0]}, N={key[1]}, K={key[2]}, {str(key[3]).removeprefix('torch.')}"
-    return impl.fn if shape_choice.faster(label, start, table, key, baseline, (name, lambda: impl(*args))) else None
-
-
-def _fused_or_none(fn: Callable | object | None, fused: dict, key: tuple) -> Callable | object | None:
-    """A gated or normalised shape's remembered choice `fn` under the fusion policy in force: the fused function
-    where it won, and under "always" (`shape_choice.fusion_policy`) also where it was timed and lost."""
-    if fn is None and shape_choice.fusion_policy() == "always":
-        return fused.get(key)
-    return fn
+    won = shape_choice.faster(label, start, table, key, baseline, (name, lambda: impl(*args)))
+    if fusion:
+        return shape_choice.Fusion(impl.fn, won)
+    return impl.fn if won else None
 
 
 #: Most bytes of partial sums `blocked_linear` holds at once (it walks N in slices to stay under it).
@@ -161,12 +154,11 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     return y if bias is None else y + bias
 
 
-#: (row bucket, N, K, dtype, device) -> the gated GEMV for `gated_linear`, or None for silu_mul + `linear`.
-_gated_choice: dict[tuple, Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None] = {}
+#: (row bucket, N, K, dtype, device) -> the gated GEMV's `shape_choice.Fusion` against silu_mul + `linear`, or None
+#: where the GEMV cannot take the shape.
+_gated_choice: dict[tuple, shape_choice.Fusion | None] = {}
 #: What each timed gated key measured, in microseconds: {"unfused_us": ..., "gated_us": ...}.
 gated_timings: dict[tuple, dict[str, float]] = {}
-#: The gated GEMV of each timed key, won or lost (the "always" fusion policy runs it where it lost).
-_gated_fns: dict[tuple, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
 
 
 def _unfused(gu: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -188,21 +180,20 @@ def gated_linear(gu: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     if gu2.stride(-1) != 1 or not w.is_contiguous():
         return _unfused(gu, w, bias)
     key = (bucket(gu2.shape[0]), w.shape[0], k, gu.dtype, gu.device)
-    fn = _fused_or_none(shape_choice.remembered(_gated_choice, key, lambda: _choose(
+    fn = shape_choice.take(shape_choice.remembered(_gated_choice, key, lambda: _choose(
         gated_timings, key, "decode down projection", "matmul.dense_gated", (gu2, w),
-        ("unfused", lambda: _unfused(gu2, w, None)), "gated", _gated_fns)), _gated_fns, key)
+        ("unfused", lambda: _unfused(gu2, w, None)), "gated", fusion=True)))
     if fn is None or fn is shape_choice.UNSET:  # inside a capture an unchosen shape stays unfused
         return _unfused(gu, w, bias)
     y = fn(gu2, w).view(*gu.shape[:-1], w.shape[0])
     return y if bias is None else y + bias
 
 
-#: (N, K, dtype, device) -> the normalised GEMV for `normed_linear`, or None for rms_norm_residual + `linear`.
-_normed_choice: dict[tuple, Callable[..., tuple[torch.Tensor, torch.Tensor]] | None] = {}
+#: (N, K, dtype, device) -> the normalised GEMV's `shape_choice.Fusion` against rms_norm_residual + `linear`, or None
+#: where the GEMV cannot take the shape.
+_normed_choice: dict[tuple, shape_choice.Fusion | None] = {}
 #: What each timed normalised key measured, in microseconds: {"unfused_us": ..., "normed_us": ...}.
 normed_timings: dict[tuple, dict[str, float]] = {}
-#: The normalised GEMV of each timed key, won or lost (as `_gated_fns`).
-_normed_fns: dict[tuple, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {}
 
 
 def _norm_then_linear(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, w: torch.Tensor,
@@ -224,10 +215,9 @@ def normed_linear(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
         return _norm_then_linear(x, residual, weight, eps, w, bias)
     x2, r2 = x.reshape(1, k), residual.reshape(1, k)
     key = (w.shape[0], k, x.dtype, x.device)
-    fn = _fused_or_none(shape_choice.remembered(_normed_choice, key, lambda: _choose(
+    fn = shape_choice.take(shape_choice.remembered(_normed_choice, key, lambda: _choose(
         normed_timings, (1, *key), "decode normalised projection", "matmul.dense_normed", (x2, r2, weight, w, eps),
-        ("unfused", lambda: _norm_then_linear(x2, r2, weight, eps, w, None)), "normed", _normed_fns)),
-        _normed_fns, (1, *key))
+        ("unfused", lambda: _norm_then_linear(x2, r2, weight, eps, w, None)), "normed", fusion=True)))
     if fn is None or fn is shape_choice.UNSET:  # inside a capture an unchosen shape stays unfused
         return _norm_then_linear(x, residual, weight, eps, w, bias)
     y, h = fn(x2, r2, weight, w, eps)
@@ -242,9 +232,11 @@ def choices() -> dict[str, dict[str, object]]:
            {"backend": "cublas" if fn is None else "gemv", **timings.get((b, n, k, dt, dev), {})}
            for (b, n, k, dt, dev), fn in _choice.items()}
     out |= {f"M<={b} N={n} K={k} {str(dt).removeprefix('torch.')} gated":
-            {"backend": "unfused" if fn is None else "gated", **gated_timings.get((b, n, k, dt, dev), {})}
-            for (b, n, k, dt, dev), fn in _gated_choice.items()}
+            {"backend": "gated" if choice is not None and choice.won else "unfused",
+             **gated_timings.get((b, n, k, dt, dev), {})}
+            for (b, n, k, dt, dev), choice in _gated_choice.items()}
     out |= {f"M<=1 N={n} K={k} {str(dt).removeprefix('torch.')} normed":
-            {"backend": "unfused" if fn is None else "normed", **normed_timings.get((1, n, k, dt, dev), {})}
-            for (n, k, dt, dev), fn in _normed_choice.items()}
+            {"backend": "normed" if choice is not None and choice.won else "unfused",
+             **normed_timings.get((1, n, k, dt, dev), {})}
+            for (n, k, dt, dev), choice in _normed_choice.items()}
     return out

@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -60,11 +61,25 @@ def fusion_policy() -> str:
     return DECODE_FUSION
 
 
-def fused(won: object) -> bool:
-    """Whether a decode shape runs its fused launch, given its remembered choice `won` (True where the fused launch
-    was faster, False where the separate launches were, `UNSET` in a capture before any choice): the faster one
-    under the "timed" policy, the fused one under "always" (`fusion_policy`)."""
-    return won is True or (won is False and fusion_policy() == "always")
+@dataclass(frozen=True)
+class Fusion:
+    """A fused launch's remembered choice at one shape: what runs it (`fused`: its function, its config, or True)
+    and whether it beat the separate launches, each timed alone (`won`). A table holds None instead where the fused
+    launch cannot run at all (it disagreed, or did not build)."""
+
+    fused: object
+    won: bool
+
+
+def take(choice: object) -> object | None:
+    """What a decode shape runs for its remembered fusion `choice` under the policy in force: `choice.fused` where
+    it won, and under "always" (`fusion_policy`) where it lost too; None for the separate launches (also for a
+    None choice); `UNSET` (no choice yet) as it is."""
+    if choice is UNSET:
+        return UNSET
+    if isinstance(choice, Fusion) and (choice.won or fusion_policy() == "always"):
+        return choice.fused
+    return None
 
 
 def faster(what: str, start: float, table: dict, key: object, baseline: tuple[str, Callable[[], object]],

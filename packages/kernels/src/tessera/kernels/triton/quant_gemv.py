@@ -130,8 +130,8 @@ def _prune_int8(configs: list, named_args: dict, **kwargs: object) -> list:
     mine = list(dict.fromkeys(c for c in configs if c in pool and not (small and c.kwargs.get("M1_DOT"))
                               and (c.kwargs.get("WORDS", False) == words_ok or c.kwargs.get("M1_DOT"))))
     rope_d = int(kwargs["ROPE_D"] if "ROPE_D" in kwargs else named_args.get("ROPE_D", 0))
-    if rope_d:  # a rope tile holds pairs of one head
-        mine = [c for c in mine if c.kwargs["BN"] <= rope_d] or [config(16, 256, 1, 4, 2)]
+    if rope_d:  # BN <= head_dim (both pools hold tiles of 16 rows or fewer, and rope takes head_dim % 16 == 0)
+        mine = [c for c in mine if c.kwargs["BN"] <= rope_d]
     return keep_splittable(fits_k(mine, named_args["K"]), named_args["N"], named_args["K"])
 
 
@@ -547,7 +547,8 @@ def tile_rows(pid_n, BN: tl.constexpr, ROPE_D: tl.constexpr = 0):
     """The weight rows of N tile `pid_n`: BN consecutive rows; with ROPE_D (a fused q/k/v weight whose heads are
     ROPE_D rows, rope pairing row j of a head's first half with row j + ROPE_D / 2), BN / 2 consecutive rows of a
     first half and the same rows of the second half, so that tile columns i and i + BN / 2 are a rope pair
-    (BN <= ROPE_D, both powers of two: a tile never straddles heads)."""
+    (BN <= ROPE_D). Each pair's head is its own, so a tile may span two heads where BN / 2 does not divide
+    ROPE_D / 2; pairs past the last head map to rows past N, which the loads and stores mask."""
     if ROPE_D == 0:
         return pid_n * BN + tl.arange(0, BN)
     else:

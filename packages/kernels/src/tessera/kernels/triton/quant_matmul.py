@@ -264,13 +264,14 @@ def _filling(gemv: TritonGemv, like: torch.Tensor) -> Callable[[], torch.Tensor]
 
 def _choose_cuda_gemv(key: tuple, x: torch.Tensor, configs: tuple[tuple[int, int, bool], ...],
                       baseline: Callable[[], torch.Tensor], cuda_gemv: CudaGemv, y: torch.Tensor,
-                      names: tuple[str, str] = ("triton", "cuda"),
-                      baseline_timed: Callable[[], object] | None = None) -> tuple[int, int, bool] | None:
+                      names: tuple[str, str] = ("triton", "cuda"), baseline_timed: Callable[[], object] | None = None,
+                      fusion: bool = False) -> tuple[int, int, bool] | shape_choice.Fusion | None:
     """The CUDA GEMV's fastest config for this shape if it beats `baseline` (the tuned Triton GEMV, or what
     else computes y; it returns its result) in CUDA-graph time, else None; None too, with a warning, when the
-    extension does not build. `baseline_timed`, where given, is what is timed instead of `baseline` (the same
-    launches without assembling y). The times go to `cuda_gemv_timings` under `names` (the baseline's, the CUDA
-    GEMV's)."""
+    extension does not build or the GEMV disagrees. `fusion` (a GEMV that replaces several launches): a
+    `shape_choice.Fusion` of the config and whether it won, whichever did. `baseline_timed`, where given, is what
+    is timed instead of `baseline` (the same launches without assembling y). The times go to `cuda_gemv_timings`
+    under `names` (the baseline's, the CUDA GEMV's)."""
     from tessera.kernels import cuda
     from tessera.kernels.triton.tuning import graph_bench
 
@@ -295,6 +296,8 @@ def _choose_cuda_gemv(key: tuple, x: torch.Tensor, configs: tuple[tuple[int, int
     won = shape_choice.faster(what, start, cuda_gemv_timings, key, (names[0], baseline_timed or baseline),
                               (names[1], lambda: cuda_gemv(y, best, mode)))
     cuda_gemv_timings[key]["cuda_config"] = list(best)
+    if fusion:
+        return shape_choice.Fusion(best, won)
     return best if won else None
 
 
@@ -304,9 +307,9 @@ def cuda_gemv_choices() -> dict[str, dict[str, object]]:
     timed q/k/v shape with rope ('int4 qkv rope ...'): 'cuda' (rope and cache write in the GEMV) or 'unfused'."""
     out = {_label(key): {"backend": "triton" if config is None else "cuda", **cuda_gemv_timings.get(key, {})}
            for key, config in _cuda_gemv.items() if config is not shape_choice.UNSET}
-    out.update({_label(key): {"backend": "unfused" if config is None else "cuda", **cuda_gemv_timings.get(key, {})}
-                for table in (_swiglu_gemv, _rope_gemv) for key, config in table.items()
-                if config is not shape_choice.UNSET})
+    out.update({_label(key): {"backend": "cuda" if choice is not None and choice.won else "unfused",
+                              **cuda_gemv_timings.get(key, {})}
+                for table in (_swiglu_gemv, _rope_gemv) for key, choice in table.items()})
     return out
 
 
@@ -322,11 +325,11 @@ def _halves(gu: torch.Tensor) -> torch.Tensor:
     return swiglu.silu_mul(gu[:, :k], gu[:, k:])
 
 
-#: Per decode shape: whether the gated GEMV beat silu_mul + the plain GEMV, and both times (us).
-_gated_wins: dict[tuple, bool] = {}
+#: Per decode shape: the gated GEMV's `shape_choice.Fusion` against silu_mul + the plain GEMV, and both times (us).
+_gated_wins: dict[tuple, shape_choice.Fusion] = {}
 gated_timings: dict[tuple, dict[str, float]] = {}
-#: Per decode shape: whether the normalised GEMV beat rms_norm_residual + the plain GEMV, and both times (us).
-_normed_wins: dict[tuple, bool] = {}
+#: Per decode shape: the normalised GEMV's Fusion against rms_norm_residual + the plain GEMV, and both times (us).
+_normed_wins: dict[tuple, shape_choice.Fusion] = {}
 normed_timings: dict[tuple, dict[str, float]] = {}
 
 
@@ -338,32 +341,32 @@ def _prefer_fused(wins: dict, timings: dict, what: str, names: tuple[str, str], 
                   fused: Callable[[], object], unfused: Callable[[], object]) -> bool:
     """Whether a decode shape takes a fused GEMV (gated or normalised, `names`[1]) rather than the separate
     launches (`names`[0]): the faster of the two (`shape_choice`), chosen at the shape's first call and kept
-    in `wins`, the times in `timings`; the fused one under the "always" `shape_choice.fusion_policy`. Always fused
-    off CUDA (the interpreter, for tests); never chosen inside
-    a capture, where the shape stays unfused."""
+    in `wins` (a `shape_choice.Fusion`), the times in `timings`; the fused one under the "always" fusion policy
+    (`shape_choice.take`). Always fused off CUDA (the interpreter, for tests); never chosen inside a capture, where
+    the shape stays unfused."""
     if device.type != "cuda":
         return True
 
-    def choose() -> bool:
+    def choose() -> shape_choice.Fusion:
         start = time.perf_counter()
         fused()
         unfused()  # both tuned before they are timed
-        return shape_choice.faster(f"{what}, {_label(key)}", start, timings, key, (names[0], unfused),
-                                   (names[1], fused))
+        return shape_choice.Fusion(True, shape_choice.faster(f"{what}, {_label(key)}", start, timings, key,
+                                                             (names[0], unfused), (names[1], fused)))
 
-    return shape_choice.fused(shape_choice.remembered(wins, key, choose))
+    return shape_choice.take(shape_choice.remembered(wins, key, choose)) is True
 
 
 def gated_choices() -> dict[str, dict[str, object]]:
     """Per timed shape ('int8 M<=b N=n K=k', 'int4 ... g=G'): gated GEMV or silu_mul + GEMV, and the times."""
-    return {_label(key): {"backend": "gated" if won else "unfused", **gated_timings.get(key, {})}
-            for key, won in _gated_wins.items()}
+    return {_label(key): {"backend": "gated" if choice.won else "unfused", **gated_timings.get(key, {})}
+            for key, choice in _gated_wins.items()}
 
 
 def normed_choices() -> dict[str, dict[str, object]]:
     """Per timed shape: normalised GEMV or rms_norm_residual + GEMV ('normed' or 'unfused'), and the times."""
-    return {_label(key): {"backend": "normed" if won else "unfused", **normed_timings.get(key, {})}
-            for key, won in _normed_wins.items()}
+    return {_label(key): {"backend": "normed" if choice.won else "unfused", **normed_timings.get(key, {})}
+            for key, choice in _normed_wins.items()}
 
 
 def _gated_or_unfused(gu: torch.Tensor, n: int, key: tuple, launch: Callable[[torch.Tensor], None],
@@ -384,21 +387,10 @@ def _gated_or_unfused(gu: torch.Tensor, n: int, key: tuple, launch: Callable[[to
     return gated() if fused else unfused()
 
 
-#: Per SwiGLU decode shape ('int4 swiglu', M bucket, 2N, K, group, dtype): the CUDA GEMV's config where storing
-#: silu_mul from the GEMV beat the GEMV and a silu_mul launch, else None (times in `cuda_gemv_timings`).
-_swiglu_gemv: dict[tuple, tuple[int, int, bool] | None] = {}
-
-
-def _fusion_config(table: dict, key: tuple) -> tuple[int, int, bool] | object | None:
-    """The CUDA GEMV config a fused decode shape (`table`: SwiGLU's or the q/k/v rope's) runs with: the remembered
-    one where it beat the separate launches, and under the "always" `shape_choice.fusion_policy` also one that
-    agreed with them but lost (`cuda_gemv_timings` keeps its config); None for the separate launches, UNSET before
-    the shape's choice."""
-    config = table.get(key, shape_choice.UNSET)
-    if config is None and shape_choice.fusion_policy() == "always":
-        agreed = cuda_gemv_timings.get(key, {}).get("cuda_config")
-        return None if agreed is None else tuple(agreed)
-    return config
+#: Per SwiGLU decode shape ('int4 swiglu', M bucket, 2N, K, group, dtype): the CUDA GEMV's `shape_choice.Fusion`
+#: (its config, and whether storing silu_mul from it beat the GEMV and a silu_mul launch), or None where it cannot
+#: run (times in `cuda_gemv_timings`).
+_swiglu_gemv: dict[tuple, shape_choice.Fusion | None] = {}
 
 
 def _int4_swiglu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -420,18 +412,17 @@ def _int4_swiglu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     qweight, scales, zeros = _rows(qweight), _rows(scales), _rows(zeros)
     key = _shape_key("int4 swiglu", m, n2, 2 * qweight.shape[1], x.dtype, group_size)
     # a shape decided for the two launches skips the CUDA kernel's input checks
-    if _fusion_config(_swiglu_gemv, key) is None or cuda.int4_gemv_reasons(x, qweight, scales, zeros, group_size,
-                                                                          swiglu=True):
+    if shape_choice.take(_swiglu_gemv.get(key, shape_choice.UNSET)) is None or cuda.int4_gemv_reasons(
+            x, qweight, scales, zeros, group_size, swiglu=True):
         return unfused()
     y = torch.empty((m, n2 // 2), dtype=x.dtype, device=x.device)
 
     def launch(out: torch.Tensor, config: tuple[int, int, bool], mode: int) -> None:
         cuda.int4_gemv(x, qweight, scales, zeros, out, *config, pdl=mode, swiglu=True)
 
-    shape_choice.remembered(
+    config = shape_choice.take(shape_choice.remembered(
         _swiglu_gemv, key, lambda: _choose_cuda_gemv(key, x, cuda.int4_gemv_configs(*x.shape), unfused, launch, y,
-                                                     ("unfused", "cuda")))
-    config = _fusion_config(_swiglu_gemv, key)
+                                                     ("unfused", "cuda"), fusion=True)))
     if config is shape_choice.UNSET or config is None:
         return unfused()
     launch(y, config, _cuda_pdl(x.device))
@@ -448,9 +439,9 @@ def matmul_int4_awq_swiglu(x: torch.Tensor, qweight: torch.Tensor, scales: torch
 
 
 #: Per decode shape of the q/k/v GEMV with rope and the cache write ('int4 qkv rope', M bucket, N, K, group, dtype):
-#: the CUDA GEMV's config where doing both in its epilogue beat the GEMV, the rope and the cache-write launches,
-#: else None (times in `cuda_gemv_timings`).
-_rope_gemv: dict[tuple, tuple[int, int, bool] | None] = {}
+#: the CUDA GEMV's `shape_choice.Fusion` against the GEMV, the rope and the cache-write launches, or None where it
+#: cannot run (times in `cuda_gemv_timings`).
+_rope_gemv: dict[tuple, shape_choice.Fusion | None] = {}
 
 
 def _int4_qkv_rope(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -481,7 +472,7 @@ def _int4_qkv_rope(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     qweight, scales, zeros = _rows(qweight), _rows(scales), _rows(zeros)
     key = _shape_key("int4 qkv rope", m, n, 2 * qweight.shape[1], x.dtype, group_size)
     # a shape decided for the separate launches skips the CUDA kernel's input checks
-    if _fusion_config(_rope_gemv, key) is None or cuda.int4_gemv_rope_reasons(
+    if shape_choice.take(_rope_gemv.get(key, shape_choice.UNSET)) is None or cuda.int4_gemv_rope_reasons(
             x, qweight, scales, zeros, cos, sin, k_cache, v_cache, slot_mapping, n_q_heads, n_kv_heads):
         return unfused()
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -493,15 +484,15 @@ def _int4_qkv_rope(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     def whole_unfused() -> torch.Tensor:  # what the GEMV's y is checked against: q, and k and v as written
         return torch.cat(unfused_heads(), dim=1).view(m, n)
 
-    def choose() -> tuple[int, int, bool] | None:
+    def choose() -> shape_choice.Fusion | None:
         configs = cuda.int4_gemv_configs(*x.shape)
         if not _rope_writes_agree(x, qweight, scales, zeros, group_size, cos, sin, k_cache, n_q_heads, n_kv_heads,
                                   configs, key):
             return None
-        return _choose_cuda_gemv(key, x, configs, whole_unfused, launch, y, ("unfused", "cuda"), baseline_timed=unfused)
+        return _choose_cuda_gemv(key, x, configs, whole_unfused, launch, y, ("unfused", "cuda"), baseline_timed=unfused,
+                                 fusion=True)
 
-    shape_choice.remembered(_rope_gemv, key, choose)
-    config = _fusion_config(_rope_gemv, key)
+    config = shape_choice.take(shape_choice.remembered(_rope_gemv, key, choose))
     if config is shape_choice.UNSET or config is None:
         return unfused()
     launch(y, config, _cuda_pdl(x.device))
@@ -552,7 +543,7 @@ def matmul_int4_awq_qkv_rope(x: torch.Tensor, qweight: torch.Tensor, scales: tor
 
 #: Per decode shape of the int8 q/k/v GEMV with rope and the cache write ('int8 qkv rope', M bucket, N, K, dtype):
 #: whether it beat the plain op, the Triton rope and the Triton cache write, and both times (us).
-_rope_wins: dict[tuple, bool] = {}
+_rope_wins: dict[tuple, shape_choice.Fusion] = {}
 rope_timings: dict[tuple, dict[str, float]] = {}
 
 
@@ -601,8 +592,8 @@ def matmul_int8_weight_only_qkv_rope(x: torch.Tensor, w_q: torch.Tensor, scale: 
 def rope_choices() -> dict[str, dict[str, object]]:
     """Per timed int8 q/k/v shape ('int8 qkv rope M<=b N=n K=k dtype'): the GEMV with rope and the cache write in
     its epilogue ('rope') or the separate launches ('unfused'), and the times."""
-    return {_label(key): {"backend": "rope" if won else "unfused", **rope_timings.get(key, {})}
-            for key, won in _rope_wins.items()}
+    return {_label(key): {"backend": "rope" if choice.won else "unfused", **rope_timings.get(key, {})}
+            for key, choice in _rope_wins.items()}
 
 
 def _int8_gated(gu: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
